@@ -1,0 +1,98 @@
+"""Convert a `.gguf` file once into a Hugging Face directory, so later loads skip dequantizing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import InputError
+
+MARKER = "llm_heatmap_gguf.json"
+
+
+def cache_root() -> Path:
+    root = os.environ.get("LLM_HEATMAP_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "llm-heatmap"
+
+
+def gguf_file_type(path: Path) -> str:
+    """The GGUF quantization name (e.g. `Q4_1`), read from the file's header."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as error:  # the gguf reader raises many kinds on a corrupt file
+        raise InputError(
+            f"GGUF file {path} cannot be read ({error}); check the file is complete and a GGUF model."
+        ) from None
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        value = int(field.parts[field.data[0]][0])
+        try:
+            return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_")
+        except ValueError:
+            return f"type {value}"
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    return "/".join(sorted(kinds))
+
+
+def cache_dir_for(path: Path) -> Path:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{digest}"
+
+
+def converted_dir(path: Path, *, progress=None) -> Path:
+    """The safetensors directory for `path`, converting on first use.
+
+    The conversion is written to a temporary sibling directory and renamed into place, so an
+    interrupted conversion never leaves a half-written cache entry.
+    """
+    target = cache_dir_for(path)
+    if (target / MARKER).exists():
+        return target
+    file_type = gguf_file_type(path)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress(f"converting {path.name} ({file_type}) to safetensors once, into {target}")
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as error:
+        raise InputError(
+            f"GGUF file {path} is not a model transformers can read ({error}); "
+            "use a GGUF of a supported architecture (Llama, Mistral, Qwen2/3, Gemma, ...)."
+        ) from None
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    auto = AutoModelForCausalLM if causal or not config.architectures else AutoModel
+    dequantized = auto.from_pretrained(str(path.parent), gguf_file=path.name)
+    # A model loaded from GGUF refuses save_pretrained; a fresh one built from its config
+    # and given its (already dequantized) weights saves as plain safetensors.
+    config.quantization_config = None
+    model = auto.from_config(config)
+    model.load_state_dict(dequantized.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / MARKER).write_text(json.dumps({"source": str(path.resolve()), "gguf_type": file_type}))
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def gguf_type_of(directory: Path) -> str | None:
+    marker = directory / MARKER
+    return json.loads(marker.read_text())["gguf_type"] if marker.exists() else None

@@ -1,0 +1,152 @@
+"""`load_model`: one entry point for hub ids, local directories, GGUF files and offline models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import InputError
+from .gguf_cache import converted_dir, gguf_type_of
+from .offline import OFFLINE_MODELS
+from .spec import ModelSpec, spec_from_model
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise InputError(f"dtype '{dtype}' is not known; use one of {', '.join(sorted(_DTYPES))}.")
+    return _DTYPES[dtype]
+
+
+def _offline_names() -> str:
+    return ", ".join(OFFLINE_MODELS)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _quantization_config(quantize: str | None):
+    if quantize is None:
+        return None
+    if quantize not in ("4bit", "8bit"):
+        raise InputError(f"quantize='{quantize}' is not supported; use '4bit' or '8bit'.")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as error:
+        raise InputError(
+            f"quantize='{quantize}' needs bitsandbytes, which cannot run here ({error}); "
+            "install bitsandbytes or load the model without quantize."
+        ) from None
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def resolve_source(source: str | os.PathLike, *, progress=None) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is local)."""
+    text = str(source)
+    if text in OFFLINE_MODELS:
+        path = OFFLINE_MODELS[text].require_path()
+        return resolve_source(path, progress=progress)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"model source {text} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id.")
+        return str(converted_dir(path, progress=progress)), True
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise InputError(
+                f"directory {text} is not a Hugging Face model (it has no config.json); "
+                "pass a directory written by save_pretrained, a .gguf file, or one of: " + _offline_names() + "."
+            )
+        return str(path), True
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise InputError(f"model source {text} does not exist; check the path, or use one of: {_offline_names()}.")
+    return text, False
+
+
+def _load_from_hub_or_cache(loader, source: str, **kwargs):
+    try:
+        return loader(source, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise InputError(
+            f"model '{source}' is neither a local path nor in the Hugging Face cache, and the hub cannot be reached; "
+            f"use an offline model ({_offline_names()}), a local directory or a .gguf file."
+        ) from None
+    try:
+        return loader(source, **kwargs)
+    except OSError as error:
+        raise InputError(f"model '{source}' could not be loaded from the hub ({str(error).splitlines()[0]}).") from None
+
+
+def load_model(
+    source: str | os.PathLike = "smollm2-135m",
+    *,
+    dtype=None,
+    device_map=None,
+    quantize: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    progress=None,
+):
+    """Load a model in eval mode with its tokenizer and `ModelSpec`.
+
+    `source`: an offline model name (`smollm2-135m`, `minilm-l6`), a local Hugging Face
+    directory, a `.gguf` file (converted once into a safetensors cache), or a hub id.
+    `quantize`: '4bit' (bitsandbytes NF4) or '8bit'. `device_map` goes to accelerate, so a
+    model larger than one device is sharded. `trust_remote_code` stays off unless asked.
+    `attn_implementation` is passed through (None keeps transformers' default, usually sdpa).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    name, local = resolve_source(source, progress=progress)
+    common = {"trust_remote_code": trust_remote_code}
+    load = (lambda loader, **kw: loader(name, **common, **kw)) if local else (
+        lambda loader, **kw: _load_from_hub_or_cache(loader, name, **common, **kw))
+    try:
+        config = load(AutoConfig.from_pretrained)
+    except ValueError as error:
+        raise InputError(f"model '{source}' has a config transformers cannot use ({error}).") from None
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    auto = AutoModelForCausalLM if causal else AutoModel
+    kwargs = {"dtype": parse_dtype(dtype) or (None if quantize else torch.float32)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    quantization_config = _quantization_config(quantize)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs.setdefault("device_map", "cpu" if not torch.cuda.is_available() else "auto")
+    if progress:
+        progress(f"loading {source}")
+    model = load(auto.from_pretrained, **kwargs)
+    tokenizer = load(AutoTokenizer.from_pretrained)
+    model.eval()
+    gguf_type = gguf_type_of(Path(name)) if local else None
+    if gguf_type:
+        model._llm_heatmap_gguf_type = gguf_type
+    spec = spec_from_model(model)
+    return model, tokenizer, spec

@@ -1,0 +1,189 @@
+"""`ModelSpec`: what a model's attention looks like, read from its config and modules."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The attention geometry of one model, never typed in by hand.
+
+    `attention_modules` holds the dotted module path of each layer's attention module (the
+    module the attention kernel receives), so probes can find them again with
+    `model.get_submodule(path)`.
+    """
+
+    model_type: str
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    layer_types: tuple[str, ...]
+    sliding_window: int | None = None
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    quantization: str | None = None
+    max_positions: int | None = None
+    attn_softcap: float | None = None
+    attention_modules: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def attention_kind(self) -> str:
+        if self.num_kv_heads == self.num_heads:
+            return "MHA"
+        if self.num_kv_heads == 1:
+            return "MQA"
+        return "GQA"
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+    def kv_group(self, head: int) -> int:
+        """The KV head that query head `head` reads (transformers' `repeat_kv` order)."""
+        return head // self.group_size
+
+    def kv_groups(self) -> torch.Tensor:
+        return torch.arange(self.num_heads) // self.group_size
+
+    def window(self, layer: int) -> int | None:
+        """Sliding-window size of `layer`, or None for full attention."""
+        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+
+    @property
+    def summary(self) -> str:
+        """One line, e.g. `dense decoder, GQA 9q:3kv x 30 layers, GGUF Q4_1`."""
+        body = "MoE" if self.is_moe else "dense"
+        role = "decoder" if self.causal else "encoder"
+        parts = [f"{body} {role}", f"{self.attention_kind} {self.num_heads}q:{self.num_kv_heads}kv x {self.num_layers} layers"]
+        if self.is_moe:
+            parts.append(f"{self.num_experts} experts, top-{self.experts_per_token}")
+        sliding = sum(t == SLIDING for t in self.layer_types)
+        if sliding:
+            parts.append(f"{sliding}/{self.num_layers} layers sliding window {self.sliding_window}")
+        if self.attn_softcap:
+            parts.append(f"softcap {self.attn_softcap:g}")
+        if self.quantization:
+            parts.append(self.quantization)
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        data = dict(data)
+        for key in ("layer_types", "attention_modules"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+
+def _first(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each layer's self-attention module, in layer order.
+
+    The attention module is the innermost module named `*Attention` that carries a
+    `layer_idx` (transformers passes exactly that module to the attention kernel);
+    cross-attention modules are left out.
+    """
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if "Attention" not in cls or "Cross" in cls or getattr(module, "layer_idx", None) is None:
+            continue
+        if getattr(module, "is_cross_attention", False):
+            continue
+        found = [(n, m) for n, m in found if not name.startswith(n + ".")]
+        found.append((name, module))
+    found.sort(key=lambda item: item[1].layer_idx)
+    return found
+
+
+def _quantization(model: nn.Module, config) -> str | None:
+    gguf_type = getattr(model, "_llm_heatmap_gguf_type", None) or getattr(config, "_llm_heatmap_gguf_type", None)
+    if gguf_type:
+        return f"GGUF {gguf_type}"
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("load_in_4bit"):
+        return f"4-bit {str(quant.get('bnb_4bit_quant_type', 'nf4')).upper()}"
+    if quant.get("load_in_8bit"):
+        return "8-bit LLM.int8"
+    return str(quant.get("quant_method", "quantized"))
+
+
+def _layer_types(config, modules: list[nn.Module], num_layers: int) -> tuple[tuple[str, ...], int | None]:
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        types = [SLIDING if window else FULL] * num_layers
+    types = [SLIDING if t == SLIDING and window else FULL for t in types]
+    for i, module in enumerate(modules):
+        if hasattr(module, "sliding_window"):
+            module_window = module.sliding_window
+            types[i] = SLIDING if module_window else FULL
+            window = module_window or window
+    return tuple(types), (window if SLIDING in types else None)
+
+
+def spec_from_model(model: nn.Module) -> ModelSpec:
+    """Read a `ModelSpec` from a transformers model's config and attention modules."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    attention = find_attention_modules(model)
+    if not attention:
+        raise ValueError(
+            f"model {type(model).__name__} has no self-attention modules that llm-heatmap can find; "
+            "pass a transformer model whose attention modules carry a layer_idx."
+        )
+    modules = [m for _, m in attention]
+    num_heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    num_kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=num_heads)
+    if getattr(config, "multi_query", False):
+        num_kv_heads = 1
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    head_dim = _first(config, "head_dim", default=hidden // num_heads)
+    layer_types, window = _layer_types(config, modules, len(modules))
+    causal = bool(getattr(modules[0], "is_causal", getattr(config, "is_decoder", False)))
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    return ModelSpec(
+        model_type=str(getattr(config, "model_type", "unknown")),
+        architecture=architecture,
+        num_layers=len(modules),
+        num_heads=int(num_heads),
+        num_kv_heads=int(num_kv_heads),
+        head_dim=int(head_dim),
+        causal=causal,
+        layer_types=layer_types,
+        sliding_window=window,
+        num_experts=_first(config, "num_experts", "num_local_experts", "n_routed_experts"),
+        experts_per_token=_first(config, "num_experts_per_tok", "moe_topk", "num_experts_per_token"),
+        quantization=_quantization(model, config),
+        max_positions=_first(config, "max_position_embeddings", "n_positions"),
+        attn_softcap=_first(config, "attn_logit_softcapping"),
+        attention_modules=tuple(name for name, _ in attention),
+    )

@@ -1,0 +1,221 @@
+"""`AttentionCube`: every captured attention pattern as one `[layer, head, query, key]` tensor."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import einops
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llm_heatmap.models import InputError, ModelSpec
+
+FORMAT = "llm-heatmap-cube"
+FORMAT_VERSION = 1
+
+
+def attendable_mask(spec: ModelSpec, layers, query_positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Which keys each query row may attend to, as bool `"l q k"`.
+
+    A key counts when it is real (not padding), not in the future of a causal query, and
+    inside the layer's sliding window (`q - k < window`, as transformers' masks define it).
+    """
+    q = query_positions.to(key_mask.device)[:, None]
+    k = torch.arange(key_mask.shape[-1], device=key_mask.device)[None, :]
+    base = key_mask[None, :].expand(q.shape[0], -1)
+    if spec.causal:
+        base = base & (k <= q)
+    masks = []
+    for layer in layers:
+        window = spec.window(layer)
+        masks.append(base & (q - k < window) if window else base)
+    return torch.stack(masks)
+
+
+@dataclass
+class AttentionCube:
+    """Attention patterns of one forward pass.
+
+    `pattern` is `"l h q k"` (or `"b l h q k"` for a batch). Axis `l` holds the model layers
+    listed in `layers`, axis `h` the query heads in `heads`, axis `q` the query rows at
+    `query_positions` (all positions unless only the last rows were kept), axis `k` every key
+    position. `key_mask`/`query_mask` mark real (non-padding) positions, `generated` marks
+    tokens produced by `generate()`.
+    """
+
+    pattern: torch.Tensor
+    spec: ModelSpec
+    tokens: list
+    token_ids: torch.Tensor
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    query_positions: torch.Tensor
+    key_mask: torch.Tensor
+    query_mask: torch.Tensor
+    generated: torch.Tensor | None = None
+    prompt: str | list | None = None
+    source: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    # ---- shape ------------------------------------------------------------------------
+    @property
+    def batched(self) -> bool:
+        return self.pattern.ndim == 5
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def num_queries(self) -> int:
+        return self.pattern.shape[-2]
+
+    @property
+    def num_keys(self) -> int:
+        return self.pattern.shape[-1]
+
+    @property
+    def kv_groups(self) -> torch.Tensor:
+        """KV group of each head on axis `h`."""
+        return torch.tensor([self.spec.kv_group(h) for h in self.heads])
+
+    def __len__(self) -> int:
+        return self.pattern.shape[0] if self.batched else 1
+
+    # ---- views ------------------------------------------------------------------------
+    def attendable(self) -> torch.Tensor:
+        """bool `"l q k"`: keys each row may attend to (see `attendable_mask`)."""
+        if self.batched:
+            raise ValueError("attendable() needs one sequence; take cube.item(i) first.")
+        return attendable_mask(self.spec, self.layers, self.query_positions, self.key_mask.bool())
+
+    def by_kv_group(self) -> torch.Tensor:
+        """`"l (g r) q k -> l g r q k"`: heads grouped by the KV head they share."""
+        if tuple(self.heads) != tuple(range(self.spec.num_heads)):
+            raise ValueError("by_kv_group() needs every head of the layer; this cube holds a head subset.")
+        return einops.rearrange(self.pattern, "... l (g r) q k -> ... l g r q k", r=self.spec.group_size)
+
+    def canvas(self) -> torch.Tensor:
+        """`"l h q k -> (l q) (h k)"`: the whole grid as one 2-D image."""
+        if self.batched:
+            raise ValueError("canvas() needs one sequence; take cube.item(i) first.")
+        return einops.rearrange(self.pattern, "l h q k -> (l q) (h k)")
+
+    def select(self, layers=None, heads=None) -> "AttentionCube":
+        """A cube holding only the given model layers and heads (in the order given)."""
+        pattern = self.pattern
+        new_layers, new_heads = self.layers, self.heads
+        if layers is not None:
+            index = [self._index(self.layers, layer, "layer") for layer in layers]
+            pattern = pattern.index_select(-4, torch.tensor(index))
+            new_layers = tuple(layers)
+        if heads is not None:
+            index = [self._index(self.heads, head, "head") for head in heads]
+            pattern = pattern.index_select(-3, torch.tensor(index))
+            new_heads = tuple(heads)
+        return replace(self, pattern=pattern, layers=tuple(new_layers), heads=tuple(new_heads))
+
+    @staticmethod
+    def _index(values, value, what) -> int:
+        try:
+            return list(values).index(value)
+        except ValueError:
+            raise InputError(f"{what} {value} is not in this cube (it holds {what}s {list(values)}).") from None
+
+    def item(self, index: int) -> "AttentionCube":
+        """Sequence `index` of a batch, with its padding rows and keys removed."""
+        if not self.batched:
+            if index != 0:
+                raise IndexError(index)
+            return self
+        keys = self.key_mask[index].bool()
+        rows = self.query_mask[index].bool()
+        key_index = keys.nonzero().squeeze(-1)
+        # positions are renumbered so the first real token is position 0
+        shift = int(key_index[0]) if len(key_index) else 0
+        pattern = self.pattern[index][..., rows, :][..., key_index]
+        tokens = [t for t, keep in zip(self.tokens[index], keys.tolist()) if keep]
+        prompt = self.prompt[index] if isinstance(self.prompt, list) else self.prompt
+        generated = None if self.generated is None else self.generated[index][key_index]
+        return replace(
+            self,
+            pattern=pattern,
+            tokens=tokens,
+            token_ids=self.token_ids[index][key_index],
+            query_positions=self.query_positions[rows] - shift,
+            key_mask=torch.ones(len(key_index), dtype=torch.bool),
+            query_mask=torch.ones(int(rows.sum()), dtype=torch.bool),
+            generated=generated,
+            prompt=prompt,
+        )
+
+    def to(self, dtype: torch.dtype) -> "AttentionCube":
+        return replace(self, pattern=self.pattern.to(dtype))
+
+    # ---- files ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file: tensors plus JSON metadata in its header."""
+        path = Path(path)
+        tensors = {
+            "pattern": self.pattern.contiguous(),
+            "token_ids": self.token_ids.contiguous(),
+            "query_positions": self.query_positions.contiguous(),
+            "key_mask": self.key_mask.contiguous(),
+            "query_mask": self.query_mask.contiguous(),
+        }
+        if self.generated is not None:
+            tensors["generated"] = self.generated.contiguous()
+        header = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "spec": self.spec.to_dict(),
+            "tokens": self.tokens,
+            "layers": list(self.layers),
+            "heads": list(self.heads),
+            "prompt": self.prompt,
+            "source": self.source,
+            "metadata": self.metadata,
+        }
+        save_file(tensors, str(path), metadata={"llm_heatmap": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttentionCube":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"cube file {path} does not exist; pass a file written by AttentionCube.save or `llm-heatmap grid`.")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("llm_heatmap")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise InputError(f"cube file {path} is truncated or not a safetensors file ({error}); write it again.") from None
+        if raw is None or "pattern" not in tensors:
+            raise InputError(f"file {path} is a safetensors file but not an llm-heatmap cube; pass a cube written by llm-heatmap.")
+        header = json.loads(raw)
+        if header.get("format") != FORMAT or header.get("version", 0) > FORMAT_VERSION:
+            raise InputError(f"file {path} holds format {header.get('format')} v{header.get('version')}, which this llm-heatmap cannot read.")
+        return cls(
+            pattern=tensors["pattern"],
+            spec=ModelSpec.from_dict(header["spec"]),
+            tokens=header["tokens"],
+            token_ids=tensors["token_ids"],
+            layers=tuple(header["layers"]),
+            heads=tuple(header["heads"]),
+            query_positions=tensors["query_positions"],
+            key_mask=tensors["key_mask"],
+            query_mask=tensors["query_mask"],
+            generated=tensors.get("generated"),
+            prompt=header.get("prompt"),
+            source=header.get("source"),
+            metadata=header.get("metadata", {}),
+        )
