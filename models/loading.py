@@ -127,6 +127,8 @@ def load_model(
         lambda loader, **kw: _load_from_hub_or_cache(loader, name, **common, **kw))
     try:
         config = load(AutoConfig.from_pretrained)
+    except InputError:
+        raise
     except ValueError as error:
         raise InputError(f"model '{source}' has a config transformers cannot use ({error}).") from None
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
