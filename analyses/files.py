@@ -1,0 +1,38 @@
+"""Output files that are either complete or absent: write to a temporary name, then rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from llm_heatmap.models import InputError
+
+
+def check_writable(path: Path, *, force: bool) -> None:
+    """Refuse early (before any work) when `path` exists or its folder cannot be written."""
+    if path.exists() and not force:
+        raise InputError(f"output file {path} already exists; pass --force to overwrite it or choose another --out/--name.")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"output directory {folder} cannot be created ({error.strerror}); choose another --out.") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output directory {folder} is not writable; choose another --out.")
+
+
+@contextmanager
+def atomic_output(path: str | Path, *, force: bool = False):
+    """Yield a temporary path beside `path` (same suffix); rename it to `path` only on success."""
+    path = Path(path)
+    check_writable(path, force=force)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes[-1:]))
+    os.close(handle)
+    temp = Path(temp)
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
