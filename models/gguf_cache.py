@@ -14,6 +14,10 @@ from .errors import InputError
 MARKER = "llm_heatmap_gguf.json"
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+
+
 def cache_root() -> Path:
     root = os.environ.get("LLM_HEATMAP_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "llm-heatmap"
@@ -27,13 +31,13 @@ def gguf_file_type(path: Path) -> str:
         reader = gguf.GGUFReader(str(path))
     except Exception as error:  # the gguf reader raises many kinds on a corrupt file
         raise InputError(
-            f"GGUF file {path} cannot be read ({error}); check the file is complete and a GGUF model."
+            f"GGUF file {path} cannot be read ({_first_line(error)}); check the file is complete and a GGUF model."
         ) from None
     field = reader.fields.get("general.file_type")
     if field is not None:
         value = int(field.parts[field.data[0]][0])
         try:
-            return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_")
+            return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             return f"type {value}"
     kinds = {t.tensor_type.name for t in reader.tensors}
@@ -65,24 +69,35 @@ def converted_dir(path: Path, *, progress=None) -> Path:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as error:
         raise InputError(
-            f"GGUF file {path} is not a model transformers can read ({error}); "
+            f"GGUF file {path} is not a model transformers can read ({_first_line(error)}); "
             "use a GGUF of a supported architecture (Llama, Mistral, Qwen2/3, Gemma, ...)."
         ) from None
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal or not config.architectures else AutoModel
-    dequantized = auto.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        dequantized = auto.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except MemoryError:
+        raise
+    except Exception as error:  # truncated tensors, missing tokenizer fields, unknown tensor types ...
+        raise InputError(
+            f"GGUF file {path} could not be dequantized ({_first_line(error)}); check the file is complete "
+            "and of an architecture transformers reads from GGUF."
+        ) from None
     # A model loaded from GGUF refuses save_pretrained; a fresh one built from its config
     # and given its (already dequantized) weights saves as plain safetensors.
     config.quantization_config = None
     model = auto.from_config(config)
     model.load_state_dict(dequantized.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    del dequantized
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps({"source": str(path.resolve()), "gguf_type": file_type}))
+        if target.exists() and not (target / MARKER).exists():
+            shutil.rmtree(target)  # left by an older, non-atomic writer: never trust it
         try:
             staging.rename(target)
         except OSError:  # another process finished first

@@ -26,16 +26,28 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+
+
 def _offline_names() -> str:
     return ", ".join(OFFLINE_MODELS)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    """Whether a TCP connection to the hub endpoint opens within `timeout` seconds.
+
+    One socket probe instead of huggingface_hub's HTTP retries, so a machine without a hub
+    fails in seconds. HF_HUB_OFFLINE and HF_ENDPOINT are read from the environment now,
+    not from huggingface_hub's constants frozen at import time.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off"):
         return False
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    if not url.hostname:
+        return False
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
@@ -52,10 +64,11 @@ def _quantization_config(quantize: str | None):
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
-    except Exception as error:
+    except Exception as error:  # ImportError, or a RuntimeError from a build without this platform's backend
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise InputError(
-            f"quantize='{quantize}' needs bitsandbytes, which cannot run here ({error}); "
-            "install bitsandbytes or load the model without quantize."
+            f"quantize='{quantize}' needs bitsandbytes, which cannot run here ({reason}); "
+            "install a bitsandbytes build for this machine (pip install bitsandbytes) or load the model without quantize."
         ) from None
     if quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -69,6 +82,8 @@ def resolve_source(source: str | os.PathLike, *, progress=None) -> tuple[str, bo
         path = OFFLINE_MODELS[text].require_path()
         return resolve_source(path, progress=progress)
     path = Path(text).expanduser()
+    if path.suffix == ".gguf" and not path.exists():
+        raise InputError(f"GGUF file {text} does not exist; check the path, or use one of: {_offline_names()}.")
     if path.is_file():
         if path.suffix != ".gguf":
             raise InputError(f"model source {text} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id.")
@@ -98,7 +113,10 @@ def _load_from_hub_or_cache(loader, source: str, **kwargs):
     try:
         return loader(source, **kwargs)
     except OSError as error:
-        raise InputError(f"model '{source}' could not be loaded from the hub ({str(error).splitlines()[0]}).") from None
+        raise InputError(
+            f"model '{source}' could not be loaded from the hub ({_first_line(error)}); "
+            f"check the model id, or use an offline model ({_offline_names()}), a local directory or a .gguf file."
+        ) from None
 
 
 def load_model(
@@ -129,8 +147,11 @@ def load_model(
         config = load(AutoConfig.from_pretrained)
     except InputError:
         raise
-    except ValueError as error:
-        raise InputError(f"model '{source}' has a config transformers cannot use ({error}).") from None
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"model '{source}' has a config transformers cannot use ({_first_line(error)}); "
+            "pass a directory written by save_pretrained, a .gguf file, or one of: " + _offline_names() + "."
+        ) from None
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal else AutoModel
     kwargs = {"dtype": parse_dtype(dtype) or (None if quantize else torch.float32)}
@@ -144,8 +165,16 @@ def load_model(
         kwargs.setdefault("device_map", "cpu" if not torch.cuda.is_available() else "auto")
     if progress:
         progress(f"loading {source}")
-    model = load(auto.from_pretrained, **kwargs)
-    tokenizer = load(AutoTokenizer.from_pretrained)
+    try:
+        model = load(auto.from_pretrained, **kwargs)
+        tokenizer = load(AutoTokenizer.from_pretrained)
+    except InputError:
+        raise
+    except OSError as error:  # missing or unreadable weight / tokenizer files
+        raise InputError(
+            f"model '{source}' could not be loaded ({_first_line(error)}); "
+            "check that the directory holds the weights and tokenizer files save_pretrained writes."
+        ) from None
     model.eval()
     gguf_type = gguf_type_of(Path(name)) if local else None
     if gguf_type:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .errors import InputError
+
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 
@@ -121,18 +123,18 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _quantization(model: nn.Module, config) -> str | None:
-    gguf_type = getattr(model, "_llm_heatmap_gguf_type", None) or getattr(config, "_llm_heatmap_gguf_type", None)
-    if gguf_type:
-        return f"GGUF {gguf_type}"
+    """How the weights in memory are stored: bitsandbytes first (it re-quantizes whatever was
+    loaded, a dequantized GGUF included), then the GGUF type the weights were converted from."""
     quant = getattr(config, "quantization_config", None)
-    if quant is None:
-        return None
-    quant = quant if isinstance(quant, dict) else quant.to_dict()
-    if quant.get("load_in_4bit"):
-        return f"4-bit {str(quant.get('bnb_4bit_quant_type', 'nf4')).upper()}"
-    if quant.get("load_in_8bit"):
-        return "8-bit LLM.int8"
-    return str(quant.get("quant_method", "quantized"))
+    if quant is not None:
+        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        if quant.get("load_in_4bit"):
+            return f"4-bit {str(quant.get('bnb_4bit_quant_type', 'nf4')).upper()}"
+        if quant.get("load_in_8bit"):
+            return "8-bit LLM.int8"
+        return str(quant.get("quant_method", "quantized"))
+    gguf_type = getattr(model, "_llm_heatmap_gguf_type", None) or getattr(config, "_llm_heatmap_gguf_type", None)
+    return f"GGUF {gguf_type}" if gguf_type else None
 
 
 def _layer_types(config, modules: list[nn.Module], num_layers: int) -> tuple[tuple[str, ...], int | None]:
@@ -153,15 +155,27 @@ def _layer_types(config, modules: list[nn.Module], num_layers: int) -> tuple[tup
 
 def spec_from_model(model: nn.Module) -> ModelSpec:
     """Read a `ModelSpec` from a transformers model's config and attention modules."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise InputError(
+            f"model {name} has no Hugging Face config, so its attention cannot be described; "
+            "pass a transformers model (from load_model or from_pretrained/from_config)."
+        )
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     attention = find_attention_modules(model)
     if not attention:
-        raise ValueError(
-            f"model {type(model).__name__} has no self-attention modules that llm-heatmap can find; "
+        raise InputError(
+            f"model {name} has no self-attention modules that llm-heatmap can find; "
             "pass a transformer model whose attention modules carry a layer_idx."
         )
     modules = [m for _, m in attention]
     num_heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    if num_heads is None:
+        raise InputError(
+            f"model {name} has attention modules but its config names no head count; "
+            "pass a transformers model whose config sets num_attention_heads."
+        )
     num_kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=num_heads)
     if getattr(config, "multi_query", False):
         num_kv_heads = 1

@@ -33,13 +33,23 @@ FAMILIES = {
                                    query_pre_attn_scalar=16)),
 }
 
+# More shapes for models/ tests, kept out of FAMILIES so suites parametrized over FAMILIES do not grow:
+# Qwen2 mixing full and sliding layers through max_window_layers, and GPT-BigCode's multi-query attention.
+EXTRA_FAMILIES = {
+    "qwen2_sliding": ("qwen2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=64, max_position_embeddings=64, use_sliding_window=True,
+                                    sliding_window=3, max_window_layers=1)),
+    "gpt_bigcode": ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True,
+                                        bos_token_id=0, eos_token_id=0)),
+}
+
 ENCODERS = {"bert"}
 # transformers refuses sdpa for these (softcap): they run eager only.
 SDPA_UNSUPPORTED = {"gemma2"}
 
 
 def tiny_config(family: str):
-    model_type, overrides = FAMILIES[family]
+    model_type, overrides = FAMILIES[family] if family in FAMILIES else EXTRA_FAMILIES[family]
     return AutoConfig.for_model(model_type, vocab_size=VOCAB, **overrides)
 
 
@@ -50,3 +60,67 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", dtype=torch.float
     auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
     model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-to-unicode table: the 256 single-byte tokens of a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_tiny_gguf(path, arch: str = "llama", *, layers: int = 2, hidden: int = 32, heads: int = 4,
+                    kv_heads: int = 2, ffn: int = 64, context: int = 64, seed: int = 0):
+    """Write a seeded random Llama-layout GGUF (F32 tensors, byte-level BPE tokenizer of 257 tokens).
+
+    Converting it takes about a second, so GGUF cache behaviour can be tested without the real
+    model. `arch` only changes the declared architecture (an unknown one makes an unsupported file).
+    """
+    import gguf
+    import numpy as np
+
+    tokens = _byte_level_alphabet() + ["<|endoftext|>"]
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(context)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_embedding_length(hidden)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 1) + [3])
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+
+    def random(name, *shape):
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    random("token_embd.weight", len(tokens), hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        random(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
+        random(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
+        random(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        random(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
+        random(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        random(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        random(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,5 +1,5 @@
 """Subcommands of the CLI: each module has `register(subparsers)`, which sets `run` on its parser."""
 
-from . import models_command
+from . import grid_command, models_command, render_command
 
-COMMANDS = [models_command]
+COMMANDS = [grid_command, render_command, models_command]

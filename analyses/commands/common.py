@@ -66,8 +66,61 @@ def load(args):
 
 def slug(text: str, limit: int = 40) -> str:
     words = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return words[:limit].rstrip("-") or "prompt"
+    if len(words) > limit:
+        cut = words[:limit + 1]
+        words = cut[:cut.rfind("-")] if "-" in cut else words[:limit]
+    return words.rstrip("-") or "prompt"
 
 
 def base_name(args, prompt: str) -> str:
     return args.name or f"{slug(Path(str(args.model)).stem, 24)}_{slug(prompt)}"
+
+
+def parse_indices(text: str | None, what: str) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]."""
+    if text is None:
+        return None
+    values = []
+    try:
+        for piece in text.split(","):
+            start, _, stop = piece.strip().partition("-")
+            values.extend(range(int(start), int(stop) + 1) if stop else [int(start)])
+    except ValueError:
+        raise InputError(f"--{what} '{text}' is not a list of indices; write it like 0,2,5-7.") from None
+    return values
+
+
+def parse_size(text: str | None):
+    if text is None:
+        return None
+    width, _, height = text.lower().partition("x")
+    try:
+        return (int(width), int(height)) if height else int(width)
+    except ValueError:
+        raise InputError(f"--size '{text}' is not a pixel size; write WIDTH or WIDTHxHEIGHT, e.g. 4000x6000.") from None
+
+
+def add_grid_options(parser) -> None:
+    group = parser.add_argument_group("drawing")
+    group.add_argument("--format", choices=["png", "svg", "pdf"], default="png", help="grid file format (default png)")
+    group.add_argument("--scale", choices=["linear", "log", "power", "row"], default="linear", help="colour scale")
+    group.add_argument("--gamma", type=float, default=0.5, help="exponent of --scale power (default 0.5)")
+    group.add_argument("--sink", choices=["keep", "exclude", "mask"], default="exclude",
+                       help="first-token column: keep it in the colour range, exclude it from the range (default), or mask it")
+    group.add_argument("--per-head-range", action="store_true", help="one colour range per head")
+    group.add_argument("--background", choices=["white", "transparent"], default="white")
+    group.add_argument("--cmap", default="viridis", help="any matplotlib colormap (default viridis)")
+    group.add_argument("--cell-px", type=int, help="pixels per token cell")
+    group.add_argument("--size", help="target pixel size: WIDTH or WIDTHxHEIGHT")
+    group.add_argument("--layers", help="layers to draw, e.g. 0,2,5-7 (default all)")
+    group.add_argument("--heads", help="heads to draw, e.g. 0-3 (default all)")
+    group.add_argument("--max-tokens", type=int, default=256,
+                       help="panels longer than this are area-downsampled (default 256)")
+    group.add_argument("--html", action="store_true", help="also write the interactive HTML view")
+
+
+def grid_options(args) -> dict:
+    return dict(scale=args.scale, gamma=args.gamma, sink=args.sink, per_head_range=args.per_head_range,
+                background=args.background, cmap=args.cmap, cell_px=args.cell_px, size=parse_size(args.size),
+                layers=parse_indices(args.layers, "layers"), heads=parse_indices(args.heads, "heads"),
+                max_tokens=args.max_tokens)

@@ -1,0 +1,93 @@
+"""`llm-heatmap grid`: prompt -> all-heads grid PNG, per-head metrics table and cube file."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from llm_heatmap.models import InputError, parse_dtype
+from llm_heatmap.probes import Downsampler, capture_prompt
+from llm_heatmap.probes.capture import encode_prompt
+
+from ..digest import digest_lines
+from ..files import atomic_output, check_writable
+from ..metrics import HeadMetricsReducer, head_metrics
+from ..tables import write_table
+from . import common
+
+EXAMPLE = 'example: llm-heatmap grid "the sky is blue" --model minilm-l6 --out heatmaps/ --html'
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "grid", help="draw every attention head for a prompt, with its metrics table and cube",
+        description="Capture every attention head of a model for PROMPT and write NAME.png (all-heads grid), "
+        f"NAME.metrics.csv (one row per head) and NAME.cube.safetensors (re-render with `render`).\n\n{EXAMPLE}")
+    common.add_prompt_options(parser)
+    common.add_model_options(parser)
+    common.add_output_options(parser)
+    common.add_grid_options(parser)
+    parser.add_argument("--stream", action="store_true",
+                        help="long prompts: keep one layer at a time; the saved cube is downsampled to --max-tokens")
+    parser.add_argument("--cube-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="dtype of the captured cube (default float32)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(run=run)
+
+
+def output_paths(args, name: str) -> dict:
+    paths = {"grid": args.out / f"{name}.{args.format}", "metrics": args.out / f"{name}.metrics.csv",
+             "cube": args.out / f"{name}.cube.safetensors"}
+    if args.html:
+        paths["html"] = args.out / f"{name}.html"
+    return paths
+
+
+def capture_for_grid(args, model, tokenizer, spec, prompt):
+    """(cube to draw and save, per-head metrics table); streaming keeps one layer at a time."""
+    ids, _ = encode_prompt(tokenizer, prompt, chat=args.chat)
+    if spec.max_positions and ids.shape[-1] > spec.max_positions:
+        raise InputError(f"the prompt is {ids.shape[-1]} tokens, longer than {args.model}'s context of "
+                         f"{spec.max_positions}; shorten it.")
+    options = dict(spec=spec, chat=args.chat, source=str(args.model), dtype=parse_dtype(args.cube_dtype))
+    if not args.stream:
+        cube = capture_prompt(model, tokenizer, prompt, **options)
+        return cube, head_metrics(cube)
+    downsampler, reducer = Downsampler(args.max_tokens), HeadMetricsReducer()
+    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **options)
+    return downsampler.cube(), reducer.table()
+
+
+def run(args) -> int:
+    from llm_heatmap.viz import save_grid
+    from llm_heatmap.viz.html import write_html
+
+    prompt = common.read_prompt(args)
+    name = common.base_name(args, prompt)
+    paths = output_paths(args, name)
+    for path in paths.values():
+        check_writable(path, force=args.force)
+    options = common.grid_options(args)
+    model, tokenizer, spec = common.load(args)
+    with torch.no_grad():
+        cube, metrics = capture_for_grid(args, model, tokenizer, spec, prompt)
+    with atomic_output(paths["grid"], force=args.force) as temp:
+        save_grid(cube, temp, **options)
+    write_table(metrics, paths["metrics"], force=args.force)
+    with atomic_output(paths["cube"], force=args.force) as temp:
+        cube.save(temp)
+    if "html" in paths:
+        with atomic_output(paths["html"], force=args.force) as temp:
+            write_html(cube, temp, metrics=metrics, max_tokens=args.max_tokens)
+    digest = digest_lines(metrics, spec)
+    if args.json:
+        print(json.dumps({"spec": spec.summary, "tokens": len(cube.tokens), "files": {k: str(v) for k, v in paths.items()},
+                          "digest": digest}, indent=2))
+    else:
+        print(f"{args.model}: {spec.summary}")
+        print(f"{len(cube.tokens)} tokens; wrote " + ", ".join(str(p) for p in paths.values()))
+        print("\n".join(digest))
+    sys.stdout.flush()
+    return 0

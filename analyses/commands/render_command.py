@@ -1,0 +1,42 @@
+"""`llm-heatmap render`: re-draw a saved cube with other options; no model needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llm_heatmap.probes import AttentionCube
+
+from ..files import atomic_output
+from . import common
+
+EXAMPLE = "example: llm-heatmap render heatmaps/run.cube.safetensors --scale log --sink mask --name run-log"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "render", help="re-draw a saved cube with other drawing options (no model needed)",
+        description=f"Draw the all-heads grid of a cube file written by `grid` (or AttentionCube.save).\n\n{EXAMPLE}")
+    parser.add_argument("cube", type=Path, help="a .cube.safetensors file")
+    common.add_output_options(parser)
+    common.add_grid_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from llm_heatmap.viz import save_grid
+    from llm_heatmap.viz.html import write_html
+
+    cube = AttentionCube.load(args.cube)
+    name = args.name or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
+    options = common.grid_options(args)
+    grid_path = args.out / f"{name}.{args.format}"
+    with atomic_output(grid_path, force=args.force) as temp:
+        save_grid(cube, temp, **options)
+    written = [grid_path]
+    if args.html:
+        html_path = args.out / f"{name}.html"
+        with atomic_output(html_path, force=args.force) as temp:
+            write_html(cube, temp, max_tokens=args.max_tokens)
+        written.append(html_path)
+    print(f"{cube.spec.summary}\nwrote " + ", ".join(str(p) for p in written))
+    return 0

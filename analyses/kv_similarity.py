@@ -1,0 +1,205 @@
+"""Do heads that share a KV head attend alike? Head-by-head similarities and a permutation test.
+
+Head similarity, for heads a, b of one layer, over the *spread rows* R (real query rows with
+at least two attendable keys, as in `metrics`) and the attendable keys M_i of each row:
+
+- `js`: 1 - JS_ab / ln 2, a similarity in [0, 1] (1 = identical rows), where
+  JS_ab = mean_{i in R} JS(P_ai, P_bi) and JS(P, Q) = H((P+Q)/2) - (H(P) + H(Q)) / 2 in nats
+  (0 <= JS <= ln 2), with P_ai = A_a[i, M_i] (renormalised when the first-token column is dropped).
+- `cosine`: cosine of the two heads' weight vectors restricted to the entries {(i, j): i in R,
+  j in M_i}; the causal zero triangle and padding are not entries.
+- `pearson`: Pearson correlation over the same entries (means taken over those entries only,
+  so the zero triangle cannot inflate it).
+
+`first_token="dropped"` removes the first real key from every M_i before all three (rows are
+renormalised for `js` only; rows left with fewer than two keys or no mass are left out).
+
+Group statistic of one layer, from its head x head similarity S and a grouping g:
+within = mean S_ab over pairs a < b with g_a = g_b; between = mean over pairs with g_a != g_b;
+gap = within - between; p_value = (1 + #{perm: gap_perm >= gap}) / (1 + n_permutations), where
+each permutation shuffles the head-to-group assignment (seeded), so the group sizes are kept.
+For GQA the groups are the KV groups (`grouping="kv"`). For MHA (and MQA, whose one group has
+no between pairs) consecutive heads form pseudo-groups of `pseudo_group_size`
+(`grouping="pseudo"`), so GQA and MHA models can sit in one table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llm_heatmap.models import InputError
+
+MEASURES = ("js", "cosine", "pearson")
+FIRST_TOKEN = ("kept", "dropped")
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_and_weights(pattern: torch.Tensor, mask: torch.Tensor, drop_first: int | None):
+    """(weights `"h q k"` zeroed outside attendable entries, entry mask `"q k"`) for one layer."""
+    mask = mask.clone()
+    if drop_first is not None:
+        mask[:, drop_first] = False
+    mask &= (mask.sum(-1) >= 2)[:, None]
+    return pattern.double() * mask, mask
+
+
+def js_divergence_matrix(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean row-wise Jensen-Shannon divergence (nats) between heads: `"a q k"`, `"b q k"` -> `"a b"`.
+
+    Rows are distributions over keys (zeros outside attendable keys); a row that is all zero
+    in either head (not a spread row, or no mass left) is left out of that pair's mean.
+    """
+    q = p if q is None else q
+    entropy_p = -torch.special.xlogy(p, p).sum(-1)  # a q
+    entropy_q = -torch.special.xlogy(q, q).sum(-1)
+    valid_p, valid_q = (p.sum(-1) > 0).double(), (q.sum(-1) > 0).double()
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, q[..., 0, :].numel() * p.shape[-2]))
+    out = torch.empty(p.shape[0], q.shape[0], dtype=torch.float64)
+    for start in range(0, p.shape[0], chunk):
+        a = slice(start, start + chunk)
+        middle = (p[a, None] + q[None]) / 2  # a b q k
+        js = -torch.special.xlogy(middle, middle).sum(-1) - (entropy_p[a, None] + entropy_q[None]) / 2
+        both = valid_p[a, None] * valid_q[None]
+        out[a] = (js.clamp(min=0) * both).sum(-1) / both.sum(-1).clamp(min=1)
+    return out
+
+
+def layer_similarity(pattern: torch.Tensor, mask: torch.Tensor, measure: str, drop_first: int | None = None) -> torch.Tensor:
+    """Head x head similarity `"h h"` of one layer's `"h q k"` pattern (module docstring)."""
+    weights, entries = _rows_and_weights(pattern, mask, drop_first)
+    if measure == "js":
+        mass = weights.sum(-1, keepdim=True)
+        rows = weights / mass.clamp(min=1e-300)
+        return 1 - js_divergence_matrix(rows) / math.log(2)
+    vectors = weights[:, entries]  # h e
+    if measure == "pearson":
+        vectors = vectors - vectors.mean(-1, keepdim=True)
+    elif measure != "cosine":
+        raise InputError(f"similarity measure {measure!r} is not known; use one of {', '.join(MEASURES)}.")
+    norms = vectors.norm(dim=-1)
+    return (vectors @ vectors.T) / (norms[:, None] * norms[None, :]).clamp(min=1e-300)
+
+
+def group_gap(similarity: torch.Tensor, groups, n_permutations: int = 1000, seed: int = 0) -> dict:
+    """within, between, gap and permutation p-value of a head x head similarity (module docstring)."""
+    groups = torch.as_tensor(groups)
+    heads = len(groups)
+    upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)
+    same = groups[:, None] == groups[None, :]
+    if not (same & upper).any() or not (~same & upper).any():
+        raise InputError("the KV-group statistic needs at least one pair of heads in the same group and one in different groups; "
+                         "pass more heads or another pseudo_group_size.")
+
+    def stats(same_group):
+        inside = (same_group & upper).double()
+        outside = (~same_group & upper).double()
+        within = (similarity * inside).sum((-1, -2)) / inside.sum((-1, -2))
+        between = (similarity * outside).sum((-1, -2)) / outside.sum((-1, -2))
+        return within, between
+
+    within, between = stats(same)
+    gap = within - between
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.rand(n_permutations, heads, generator=generator).argsort(-1)
+    shuffled = groups[order]  # p h
+    perm_within, perm_between = stats(shuffled[:, :, None] == shuffled[:, None, :])
+    exceed = int(((perm_within - perm_between) >= gap - 1e-12).sum())
+    return {"within": float(within), "between": float(between), "gap": float(gap),
+            "p_value": (1 + exceed) / (1 + n_permutations)}
+
+
+def head_groups(cube, pseudo_group_size: int = 3) -> tuple[torch.Tensor, str]:
+    """(group of each head on axis h, "kv" or "pseudo"): KV groups for GQA, consecutive pseudo-groups otherwise."""
+    spec = cube.spec
+    if 1 < spec.group_size < spec.num_heads:
+        return cube.kv_groups, "kv"
+    if pseudo_group_size < 2:
+        raise InputError(f"pseudo_group_size must be at least 2, got {pseudo_group_size}.")
+    return torch.tensor(cube.heads) // pseudo_group_size, "pseudo"
+
+
+def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = 3, n_permutations: int = 1000,
+                        seed: int = 0) -> pd.DataFrame:
+    """Within- vs between-group head similarity per layer, measure and first-token handling.
+
+    Columns: layer, measure, first_token ("kept"/"dropped"), grouping ("kv"/"pseudo"),
+    group_size, within, between, gap, p_value, n_permutations. `js` rows are similarities
+    1 - JS/ln 2 (module docstring).
+    """
+    if cube.batched:
+        raise InputError("kv_group_similarity needs one sequence; pass cube.item(i) for each sequence of the batch.")
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown:
+        raise InputError(f"similarity measure {unknown[0]!r} is not known; use one of {', '.join(MEASURES)}.")
+    groups, grouping = head_groups(cube, pseudo_group_size)
+    size = cube.spec.group_size if grouping == "kv" else pseudo_group_size
+    attendable = cube.attendable() & cube.query_mask.bool()[None, :, None]
+    first = int(cube.key_mask.bool().nonzero()[0])
+    records = []
+    for index, layer in enumerate(cube.layers):
+        for first_token in FIRST_TOKEN:
+            drop = first if first_token == "dropped" else None
+            for measure in measures:
+                similarity = layer_similarity(cube.pattern[index], attendable[index], measure, drop)
+                result = group_gap(similarity, groups, n_permutations, seed)
+                records.append({"layer": layer, "measure": measure, "first_token": first_token, "grouping": grouping,
+                                "group_size": size, **result, "n_permutations": n_permutations})
+    return pd.DataFrame.from_records(records)
+
+
+@dataclass
+class HeadSimilarity:
+    """JS similarity of every head with every other head of a cube, in hierarchical-clustering order.
+
+    `divergence` is the mean row-wise JS divergence in nats `[N, N]`, `similarity` = 1 -
+    divergence / ln 2; `labels[i]` = (layer, head) of index i; `order` lists the indices in the
+    leaf order of average-linkage clustering on `divergence`; `linkage` is scipy's matrix.
+    """
+
+    labels: list[tuple[int, int]]
+    divergence: torch.Tensor
+    similarity: torch.Tensor
+    order: list[int]
+    linkage: np.ndarray
+
+    def frame(self, ordered: bool = True) -> pd.DataFrame:
+        """The similarity as a DataFrame indexed by `L{layer}.H{head}`, rows/columns in clustering order."""
+        index = self.order if ordered else list(range(len(self.labels)))
+        names = [f"L{self.labels[i][0]}.H{self.labels[i][1]}" for i in index]
+        values = self.similarity[index][:, index].numpy()
+        return pd.DataFrame(values, index=names, columns=names)
+
+
+def head_similarity_matrix(cube, *, drop_first_token: bool = False, max_rows: int | None = None) -> HeadSimilarity:
+    """JS similarity between all heads of all layers (module docstring) plus a clustering order.
+
+    Costs heads^2 x rows x keys; `max_rows` keeps that many evenly spaced query rows.
+    """
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if cube.batched:
+        raise InputError("head_similarity_matrix needs one sequence; pass cube.item(i).")
+    if cube.num_layers * cube.num_heads < 2:
+        raise InputError("head_similarity_matrix needs at least two heads in the cube.")
+    rows = torch.arange(cube.num_queries)
+    if max_rows is not None and max_rows < cube.num_queries:
+        rows = torch.linspace(0, cube.num_queries - 1, max_rows).round().long().unique()
+    attendable = (cube.attendable() & cube.query_mask.bool()[None, :, None])[:, rows]
+    first = int(cube.key_mask.bool().nonzero()[0]) if drop_first_token else None
+    distributions = []
+    for index in range(cube.num_layers):
+        weights, _ = _rows_and_weights(cube.pattern[index][:, rows], attendable[index], first)
+        distributions.append(weights / weights.sum(-1, keepdim=True).clamp(min=1e-300))
+    p = torch.cat(distributions)  # (l h) q k
+    divergence = js_divergence_matrix(p)
+    divergence = ((divergence + divergence.T) / 2).fill_diagonal_(0)
+    tree = linkage(squareform(divergence.numpy(), checks=False), method="average")
+    labels = [(layer, head) for layer in cube.layers for head in cube.heads]
+    return HeadSimilarity(labels=labels, divergence=divergence, similarity=1 - divergence / math.log(2),
+                          order=leaves_list(tree).tolist(), linkage=tree)

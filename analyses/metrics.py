@@ -1,0 +1,247 @@
+"""Per-head attention metrics as a streaming reducer: one table row per layer x head.
+
+Notation, for one head of one layer: A_ij is the weight query row i (at absolute position
+q_i) gives key position j; M_i is the set of keys row i may attend to (`cube.attendable()`:
+real, not in the future of a causal query, inside the sliding window) and n_i = |M_i|.
+Weights outside M_i and padded query rows never count. The *spread rows* R are the real rows
+with n_i >= 2; every "mean" below is over R (a row with one attendable key has nothing to
+spread over, so it is left out instead of giving NaN), unless said otherwise. f is the first
+real key position (position 0 without left padding).
+
+- entropy:              H_i = -sum_{j in M_i} A_ij ln A_ij (nats), mean over R.
+- norm_entropy:         H_i / ln n_i, mean over R (0 = one key, 1 = uniform).
+- effective_keys:       exp(H_i), mean over R; effective_keys_frac: exp(H_i) / n_i, mean over R.
+- max_weight:           max_j A_ij, mean over R.
+- sink_score:           A_if, mean over the real rows that can attend to f, query f included.
+- sink_score_no_q0:     the same without the row at position f; sink_head = sink_score_no_q0 >= 0.3.
+  (0 when no such row exists, which only happens with sliding windows and last-N rows.)
+- prev_token_mass:      A_i,q_i-1; current_token_mass: A_i,q_i; next_token_mass: A_i,q_i+1
+  (0 where that key is not attendable, so next_token_mass is 0 for causal models), means over R.
+- mean_distance:        D_i = sum_j A_ij |q_i - j|, mean over R.
+- distance_ratio:       D_i / U_i with U_i = (1/n_i) sum_{j in M_i} |q_i - j| (the uniform-attention
+                        distance), mean over R (1 = as far as uniform, < 1 = local).
+- special_mass:         sum_{j in M_i, j special} A_ij, mean over R (special: `patterns.is_special_token`).
+- local_mass:           sum_{j in M_i, |q_i - j| <= 1} A_ij, mean over R.
+- diagonal_score, block_score, vertical_score (+ vertical_key, the column achieving it),
+  pattern_class: see `llm_heatmap.analyses.patterns`.
+- previous_token_score, duplicate_token_score, induction_score: TransformerLens's "mul"
+  head-detector scores (see `llm_heatmap.analyses.head_detector`).
+- n_rows: |R|.
+
+Every quantity is a sum over rows divided by a count, so feeding a cube in any split of
+layers and row blocks gives the same table (up to float64 summation order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import torch
+
+from llm_heatmap.models import InputError
+
+from .head_detector import DETECTORS, SCORE_COLUMNS, detection_patterns, detector_sums
+from .patterns import classify_heads, segment_ids, special_token_mask
+
+SINK_THRESHOLD = 0.3
+# per-head row sums, each divided by |R| at the end
+_ROW_MEANS = ("entropy", "norm_entropy", "effective_keys", "effective_keys_frac", "max_weight",
+              "prev_token_mass", "current_token_mass", "next_token_mass", "mean_distance",
+              "distance_ratio", "special_mass", "local_mass")
+COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_score_no_q0", "sink_head",
+           *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
+           *SCORE_COLUMNS, "pattern_class", "n_rows")
+
+
+class _LayerSums:
+    def __init__(self, heads: int, keys: int):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+        self.rows = zeros(())
+        self.sums = {name: zeros(heads) for name in _ROW_MEANS}
+        self.uniform_local = zeros(())
+        self.uniform_block = zeros(())
+        self.block = zeros(heads)
+        self.sink = zeros(2, heads)
+        self.sink_rows = zeros(2)
+        self.column = zeros(heads, keys)
+        self.column_rows = zeros(keys)
+        self.column_uniform = zeros(keys)
+        self.detector = zeros(heads, len(DETECTORS))
+        self.detector_total = zeros(heads)
+
+
+class HeadMetricsReducer:
+    """Streaming consumer: `consume(part)` per layer/row block, then `table()` (module docstring).
+
+    A part is an unbatched `AttentionCube` (usually one layer and a block of query rows, as
+    `capture(consumers=[...])` delivers them); all parts must hold the same heads and keys.
+    """
+
+    def __init__(self, *, sink_threshold: float = SINK_THRESHOLD, exclude_bos: bool = False,
+                 exclude_current_token: bool = False, thresholds: dict | None = None):
+        self.sink_threshold = sink_threshold
+        self.exclude_bos = exclude_bos
+        self.exclude_current_token = exclude_current_token
+        self.thresholds = thresholds
+        self._layers: dict[int, _LayerSums] = {}
+        self._context = None
+
+    # ---- streaming ---------------------------------------------------------------------
+    def consume(self, part) -> None:
+        if part.batched:
+            raise InputError("HeadMetricsReducer takes one sequence per part; pass cube.item(i) for each sequence.")
+        context = self._prepare(part)
+        attendable = part.attendable()
+        for index, layer in enumerate(part.layers):
+            sums = self._layers.setdefault(layer, _LayerSums(part.num_heads, part.num_keys))
+            self._accumulate(sums, part.pattern[index], attendable[index], part, context)
+
+    def finish(self) -> None:
+        """Nothing to flush; present so the reducer fits the consumer protocol."""
+
+    def _prepare(self, part):
+        key_mask = part.key_mask.bool()
+        if len(part.tokens) != part.num_keys or len(part.token_ids) != part.num_keys:
+            raise InputError(f"the cube has {part.num_keys} keys but {len(part.tokens)} tokens; they must match.")
+        signature = (tuple(part.heads), part.num_keys, tuple(key_mask.tolist()), tuple(part.token_ids.tolist()))
+        if self._context is not None:
+            if self._context["signature"] != signature:
+                raise InputError("parts fed to one HeadMetricsReducer must hold the same heads and sequence; use one reducer per prompt.")
+            return self._context
+        real = key_mask.nonzero().squeeze(-1)
+        if len(real) == 0:
+            raise InputError("the cube has no real (non-padding) key; pass a cube with at least one token.")
+        segments = segment_ids(part.tokens)
+        self._context = {
+            "signature": signature,
+            "spec": part.spec,
+            "heads": tuple(part.heads),
+            "first": int(real[0]),
+            "special": special_token_mask(part.tokens).double(),
+            "segments": segments,
+            "detection": detection_patterns(part.token_ids),
+        }
+        return self._context
+
+    def _accumulate(self, sums: _LayerSums, pattern: torch.Tensor, attendable: torch.Tensor, part, context) -> None:
+        rows_real = part.query_mask.bool()
+        mask = attendable & rows_real[:, None]  # q k
+        weights = pattern.double() * mask  # h q k; float64 so row sums do not depend on the block split
+        n = mask.sum(-1)  # q
+        spread = (n >= 2).double()
+        positions = part.query_positions.long()
+        keys = torch.arange(part.num_keys)
+        distance = (positions[:, None] - keys[None, :]).abs()
+
+        entropy = -torch.special.xlogy(weights, weights).sum(-1)  # h q
+        n_safe = n.clamp(min=2).double()
+        per_row = {
+            "entropy": entropy.double(),
+            "norm_entropy": entropy.double() / n_safe.log(),
+            "effective_keys": entropy.double().exp(),
+            "effective_keys_frac": entropy.double().exp() / n_safe,
+            "max_weight": weights.amax(-1).double(),
+        }
+        for name, offset in (("prev_token_mass", -1), ("current_token_mass", 0), ("next_token_mass", 1)):
+            target = positions + offset
+            valid = (target >= 0) & (target < part.num_keys)
+            column = target.clamp(0, part.num_keys - 1)
+            picked = weights.gather(-1, column[None, :, None].expand(weights.shape[0], -1, 1)).squeeze(-1)
+            per_row[name] = picked.double() * valid
+        mean_distance = (weights * distance).sum(-1).double()
+        uniform_distance = (mask * distance).sum(-1).double() / n_safe
+        per_row["mean_distance"] = mean_distance
+        per_row["distance_ratio"] = mean_distance / uniform_distance.clamp(min=1e-12)
+        per_row["special_mass"] = (weights @ context["special"]).double()
+        local = mask & (distance <= 1)
+        per_row["local_mass"] = (weights * local).sum(-1).double()
+        for name, values in per_row.items():
+            sums.sums[name] += values @ spread
+        sums.rows += spread.sum()
+        sums.uniform_local += (local.sum(-1).double() / n_safe) @ spread
+
+        segments = context["segments"]
+        same = mask & (segments[positions][:, None] == segments[None, :])
+        sums.block += (weights * same).sum(-1).double() @ spread
+        sums.uniform_block += (same.sum(-1).double() / n_safe) @ spread
+
+        first = context["first"]
+        sees = mask[:, first]
+        for slot, rows in enumerate((sees, sees & (positions != first))):
+            sums.sink[slot] += weights[:, :, first].double() @ rows.double()
+            sums.sink_rows[slot] += rows.sum()
+
+        sums.column += torch.einsum("hqk,q->hk", weights.double(), spread)
+        sums.column_rows += mask.double().T @ spread
+        sums.column_uniform += (mask.double() / n_safe[:, None]).T @ spread
+
+        numerators, denominators = detector_sums(
+            pattern[None], part.token_ids, positions, part.key_mask, part.query_mask,
+            exclude_bos=self.exclude_bos, exclude_current_token=self.exclude_current_token,
+            patterns=context["detection"])
+        sums.detector += numerators[0]
+        sums.detector_total += denominators[0]
+
+    # ---- result ------------------------------------------------------------------------
+    def table(self) -> pd.DataFrame:
+        """One row per layer x head, columns `COLUMNS` (definitions in the module docstring)."""
+        if not self._layers:
+            raise InputError("no attention was fed to the metrics reducer; run a capture with it as consumer first.")
+        spec, heads = self._context["spec"], self._context["heads"]
+        frames = []
+        for layer in sorted(self._layers):
+            s = self._layers[layer]
+            if s.rows == 0:
+                raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
+            columns = {"layer": [layer] * len(heads), "head": list(heads),
+                       "kv_group": [spec.kv_group(h) for h in heads]}
+            means = {name: (total / s.rows) for name, total in s.sums.items()}
+            for name in _ROW_MEANS[:5]:
+                columns[name] = means[name]
+            sink = torch.where(s.sink_rows[:, None] > 0, s.sink / s.sink_rows.clamp(min=1)[:, None], torch.zeros_like(s.sink))
+            columns["sink_score"], columns["sink_score_no_q0"] = sink[0], sink[1]
+            columns["sink_head"] = (sink[1] >= self.sink_threshold).numpy()
+            for name in _ROW_MEANS[5:]:
+                columns[name] = means[name]
+            columns["diagonal_score"] = means["local_mass"] - s.uniform_local / s.rows
+            columns["block_score"] = s.block / s.rows - s.uniform_block / s.rows
+            seen = s.column_rows >= 0.5 * s.rows
+            lift = (s.column - s.column_uniform) / s.column_rows.clamp(min=1)
+            lift = lift.masked_fill(~seen, float("-inf"))
+            best = lift.max(-1)
+            columns["vertical_score"], columns["vertical_key"] = best.values, best.indices.numpy()
+            detector = s.detector / s.detector_total[:, None]
+            for i, name in enumerate(SCORE_COLUMNS):
+                columns[name] = detector[:, i]
+            columns["n_rows"] = [int(s.rows)] * len(heads)
+            frames.append(pd.DataFrame({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
+        table = pd.concat(frames, ignore_index=True)
+        table["pattern_class"] = classify_heads(table, self.thresholds)
+        return table[list(COLUMNS)]
+
+
+def head_metrics(cube, *, row_block: int | None = None, **options) -> pd.DataFrame:
+    """Per-head metrics of an unbatched cube: its layers, in row blocks, through `HeadMetricsReducer`.
+
+    `row_block` rows per part (default: as many as keep a part near 64 MiB of float32);
+    `options` go to `HeadMetricsReducer` (sink_threshold, exclude_bos, exclude_current_token,
+    thresholds).
+    """
+    if cube.batched:
+        raise InputError("head_metrics needs one sequence; pass cube.item(i) for each sequence of the batch.")
+    if row_block is None:
+        row_block = max(1, (64 << 20) // (4 * max(1, cube.num_heads * cube.num_keys)))
+    reducer = HeadMetricsReducer(**options)
+    for part in iter_parts(cube, row_block):
+        reducer.consume(part)
+    return reducer.table()
+
+
+def iter_parts(cube, row_block: int):
+    """Unbatched parts of `cube` the way streaming capture delivers them: one layer, a row block each."""
+    for index, layer in enumerate(cube.layers):
+        for start in range(0, cube.num_queries, row_block):
+            rows = slice(start, start + row_block)
+            yield replace(cube, pattern=cube.pattern[index:index + 1, :, rows], layers=(layer,),
+                          query_positions=cube.query_positions[rows], query_mask=cube.query_mask[rows])

@@ -1,0 +1,140 @@
+"""Prompt files: TXT (one prompt per line) or JSONL (`{"prompt": ..., "id": ..., "group": ...}`).
+
+`read_prompts` returns `Prompt` records in file order. A prompt without an id gets its
+zero-based position in the file as id, so a resumed or sharded batch names prompts the same
+way every time it reads the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_heatmap.models import InputError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    group: str | None = None
+
+
+def check_prompt(text, where: str = "the prompt") -> str:
+    """`text` if it is a non-empty string, else an `InputError` naming `where`."""
+    if not isinstance(text, str):
+        raise InputError(f"{where} is {type(text).__name__}, not text; give the prompt as a string.")
+    if not text.strip():
+        raise InputError(f"{where} is empty; give a prompt with at least one non-space character.")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"prompt file {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise InputError(f"prompt file {path} is a directory; pass a .txt or .jsonl file.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {path} is not UTF-8 text; save it as UTF-8.") from None
+    except OSError as error:
+        raise InputError(f"prompt file {path} cannot be read ({error.strerror}); check its permissions.") from None
+
+
+def read_prompt_text(path: str | Path) -> str:
+    """The whole file as one prompt (trailing newlines dropped), for `--prompt-file`."""
+    path = Path(path)
+    return check_prompt(_read_text(path).rstrip("\r\n"), f"prompt file {path}")
+
+
+def _lines(text: str) -> list[str]:
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def _from_txt(path: Path, text: str) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(_lines(text), start=1):
+        check_prompt(line, f"line {number} of {path}")
+        prompts.append(Prompt(id=str(len(prompts)), text=line))
+    return prompts
+
+
+def _from_jsonl(path: Path, text: str) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(_lines(text), start=1):
+        where = f"line {number} of {path}"
+        if not line.strip():
+            raise InputError(f"{where} is empty; remove blank lines from the JSONL file.")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{where} is not valid JSON ({error.msg}); write one JSON object per line.") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise InputError(f'{where} has no "prompt" field; write objects like {{"prompt": "...", "id": "..."}}.')
+        check_prompt(record["prompt"], f'the "prompt" on {where}')
+        prompt_id = record.get("id", len(prompts))
+        group = record.get("group")
+        prompts.append(Prompt(id=str(prompt_id), text=record["prompt"], group=None if group is None else str(group)))
+    return prompts
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts of a `.jsonl`/`.ndjson` file (JSON object per line) or of any other text file (line per prompt)."""
+    path = Path(path)
+    text = _read_text(path)
+    prompts = _from_jsonl(path, text) if path.suffix.lower() in JSONL_SUFFIXES else _from_txt(path, text)
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts; write one prompt per line.")
+    seen: dict[str, int] = {}
+    for position, prompt in enumerate(prompts):
+        if prompt.id in seen:
+            raise InputError(
+                f"prompt file {path} uses id '{prompt.id}' twice (prompts {seen[prompt.id] + 1} and {position + 1}); make ids unique."
+            )
+        seen[prompt.id] = position
+    return prompts
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"i/n"` -> `(i, n)` with `0 <= i < n`."""
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise InputError(f"shard '{text}' is not of the form i/n (e.g. 0/4); give the shard index and count.") from None
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"shard '{text}' is out of range; use i/n with 0 <= i < n.")
+    return index, count
+
+
+def shard_prompts(prompts: list[Prompt], shard: tuple[int, int] | None) -> list[Prompt]:
+    """The prompts of shard `(i, n)`: prompt k (file order) goes to shard `k % n`."""
+    if shard is None:
+        return list(prompts)
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"shard ({index}, {count}) is out of range; use 0 <= i < n.")
+    return [prompt for k, prompt in enumerate(prompts) if k % count == index]
+
+
+def encode(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
+    """Token ids of `prompt` exactly as `capture_prompt` feeds them (`chat`: through the chat template)."""
+    from llm_heatmap.probes.capture import encode_prompt
+
+    return encode_prompt(tokenizer, prompt, chat=chat)[0][0].tolist()
+
+
+def check_length(tokenizer, spec, prompt: str, *, chat: bool = False, where: str = "the prompt") -> int:
+    """The prompt's token count; `InputError` when the model's context (`spec.max_positions`) cannot hold it."""
+    count = len(encode(tokenizer, check_prompt(prompt, where), chat=chat))
+    if spec.max_positions and count > spec.max_positions:
+        raise InputError(
+            f"{where} has {count} tokens but the model's context holds {spec.max_positions}; shorten the prompt."
+        )
+    return count

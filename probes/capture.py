@@ -1,0 +1,422 @@
+"""`capture`: record every attention pattern of a model's forward pass into an `AttentionCube`.
+
+    with capture(model) as probe:
+        model(input_ids)
+    cube = probe.cube(input_ids, tokenizer=tokenizer)
+
+The probe taps the attention kernel the model is configured with (see `tap.py`), so the model
+runs its usual kernel and produces exactly its usual output; forward hooks on the attention
+modules check that every selected layer went through the tap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from importlib import metadata as importlib_metadata
+
+import torch
+import transformers
+from torch import nn
+
+from llm_heatmap.models import InputError, ModelSpec, spec_from_model
+
+from . import tap
+from .cube import AttentionCube
+from .stream import auto_chunk_rows
+
+# Refuse a kept cube larger than this share of the available memory.
+MEMORY_SHARE = 0.8
+
+
+def estimate_cube_bytes(spec: ModelSpec, num_tokens: int, num_layers: int | None = None, num_heads: int | None = None,
+                        num_queries: int | None = None, dtype: torch.dtype = torch.float32, batch_size: int = 1) -> int:
+    """Bytes of a kept cube: batch x layers x heads x query rows x keys x bytes per element."""
+    layers = spec.num_layers if num_layers is None else num_layers
+    heads = spec.num_heads if num_heads is None else num_heads
+    queries = num_tokens if num_queries is None else min(num_queries, num_tokens)
+    return batch_size * layers * heads * queries * num_tokens * torch.finfo(dtype).bits // 8
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
+
+
+def check_cube_fits(size: int, num_tokens: int, max_bytes: int | None = None) -> None:
+    """Raise InputError when a cube of `size` bytes would not fit `max_bytes` or the available memory."""
+    if max_bytes is None:
+        available = available_memory_bytes()
+        if available is None:
+            return
+        limit, where = int(available * MEMORY_SHARE), f"{MEMORY_SHARE:.0%} of the {_gib(available)} of memory available"
+    else:
+        limit, where = int(max_bytes), f"max_bytes={_gib(int(max_bytes))}"
+    if size > limit:
+        raise InputError(
+            f"the attention cube for {num_tokens} tokens needs {_gib(size)}, more than {where}; "
+            "stream it instead (consumers=[Downsampler(512)], keep=False), capture in fp16, "
+            "or capture a subset of layers/heads or the last N query rows."
+        )
+
+
+def library_versions() -> dict:
+    try:
+        ours = importlib_metadata.version("llm-heatmap")
+    except importlib_metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "llm-heatmap": ours}
+
+
+def _selection(values, total: int, what: str) -> tuple[int, ...]:
+    if values is None:
+        return tuple(range(total))
+    chosen = tuple(int(v) for v in ([values] if isinstance(values, int) else values))
+    bad = [v for v in chosen if not 0 <= v < total]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
+        raise InputError(f"{what}s {list(chosen)} are not distinct indices in 0..{total - 1}; pass {what}s of this model.")
+    return chosen
+
+
+class Probe:
+    """One capture session on one model; use through `capture(...)`.
+
+    After each forward pass inside the `with` block the probe holds that pass's patterns
+    (`keep=True`) in one preallocated tensor `"b l h q k"`; `cube()` wraps the last pass.
+    """
+
+    def __init__(self, model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None,
+                 last_queries: int | None = None, dtype: torch.dtype = torch.float32, consumers=None,
+                 keep: bool = True, chunk_rows: int | None = None, max_bytes: int | None = None, tokenizer=None):
+        self.model = model
+        self.spec = spec or spec_from_model(model)
+        if not self.spec.attention_modules:
+            raise InputError("the spec has no attention_modules; build it with spec_from_model(model).")
+        self.layers = _selection(layers, self.spec.num_layers, "layer")
+        self.heads = _selection(heads, self.spec.num_heads, "head")
+        if last_queries is not None and int(last_queries) < 1:
+            raise InputError(f"last_queries={last_queries} must be a positive number of query rows.")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise InputError(f"cube dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
+        if not keep and not consumers:
+            raise InputError("keep=False without consumers would capture nothing; pass consumers or keep=True.")
+        self.last_queries = None if last_queries is None else int(last_queries)
+        self.dtype = dtype
+        self.consumers = list(consumers or [])
+        self.keep = keep
+        self.chunk_rows = chunk_rows
+        self.max_bytes = max_bytes
+        self.tokenizer = tokenizer
+        self.kernels: dict[int, str] = {}
+        self._modules = {self._module(layer): layer for layer in self.layers}
+        self._head_index = torch.tensor(self.heads)
+        self._stack: contextlib.ExitStack | None = None
+        self._buffer: torch.Tensor | None = None
+        self._pass = -1
+        self._seen: set[int] = set()
+        self._pending: set[nn.Module] = set()
+        self._positions: torch.Tensor | None = None
+        self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._part_tokens = None
+
+    def _module(self, layer: int) -> nn.Module:
+        try:
+            return self.model.get_submodule(self.spec.attention_modules[layer])
+        except AttributeError:
+            raise InputError(
+                f"the spec names attention module '{self.spec.attention_modules[layer]}', which this model lacks; "
+                "pass the spec read from this model (spec_from_model(model))."
+            ) from None
+
+    # ---- attach / detach -----------------------------------------------------------------
+    def __enter__(self) -> "Probe":
+        stack = contextlib.ExitStack()
+        try:
+            for module, layer in self._modules.items():
+                key = tap.kernel_key(module, self.model)
+                if key == "eager" and key not in tap.AttentionInterface._global_mapping:
+                    tap.eager_default(module)
+                self.kernels[layer] = key
+                tap.acquire(key)
+                stack.callback(tap.release, key)
+                tap.listen(module, self._on_kernel)
+                stack.callback(tap.unlisten, module, self._on_kernel)
+                stack.callback(module.register_forward_pre_hook(self._before_layer).remove)
+                stack.callback(module.register_forward_hook(self._after_layer).remove)
+            stack.callback(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True).remove)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        stack, self._stack = self._stack, None
+        self._pending.clear()
+        if stack is not None:
+            stack.close()
+        if exc_type is None:
+            for consumer in self.consumers:
+                getattr(consumer, "finish", lambda: None)()
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _before_model(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        ids = ids if isinstance(ids, torch.Tensor) else None
+        self._inputs = (ids, mask if isinstance(mask, torch.Tensor) else None)
+        self._new_pass()
+        if ids is not None:
+            shape = (1, ids.shape[0]) if ids.ndim == 1 else ids.shape[:2]
+        elif isinstance(embeds, torch.Tensor):
+            shape = (1, embeds.shape[0]) if embeds.ndim == 2 else embeds.shape[:2]
+        else:
+            return
+        if self.keep:
+            self._check_fits(shape[0], shape[1], shape[1])
+
+    def _check_fits(self, batch: int, queries: int, keys: int) -> None:
+        rows = queries if self.last_queries is None else min(self.last_queries, queries)
+        size = batch * len(self.layers) * len(self.heads) * rows * keys * torch.finfo(self.dtype).bits // 8
+        check_cube_fits(size, keys, self.max_bytes)
+
+    def _before_layer(self, module, args):
+        self._pending.add(module)
+
+    def _after_layer(self, module, args, output):
+        if module in self._pending:
+            self._pending.discard(module)
+            raise InputError(
+                f"layer {self._modules[module]} ({type(module).__name__}) ran without calling the attention kernel "
+                f"registry, so its pattern cannot be tapped; load the model with attn_implementation='sdpa' or 'eager' "
+                "and leave options that bypass it (such as GPT-2's reorder_and_upcast_attn) off."
+            )
+
+    def _new_pass(self) -> None:
+        self._pass += 1
+        self._seen.clear()
+        self._buffer = None
+        self._positions = None
+        self._part_tokens = None
+
+    def _on_kernel(self, module, kernel, query, key, mask, arguments) -> None:
+        layer = self._modules[module]
+        self._pending.discard(module)
+        if layer in self._seen or self._pass < 0:
+            self._new_pass()
+        self._seen.add(layer)
+        with torch.no_grad():
+            call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments)
+            batch, queries, keys = call.batch_size, call.num_queries, call.num_keys
+            if self.consumers and batch != 1:
+                raise InputError(
+                    f"streaming to consumers needs one sequence per forward pass, got a batch of {batch}; "
+                    "run the prompts one at a time or use keep=True without consumers."
+                )
+            first_row = 0 if self.last_queries is None else max(0, queries - self.last_queries)
+            positions = torch.arange(first_row, queries) + (keys - queries)
+            if self.keep:
+                buffer = self._ensure_buffer(batch, positions, keys)
+            step = auto_chunk_rows(batch, len(self.heads), keys, queries - first_row, self.chunk_rows)
+            slot = self.layers.index(layer)
+            for start in range(first_row, queries, step):
+                stop = min(queries, start + step)
+                block = call.pattern(self._head_index, start, stop)
+                if self.keep:
+                    buffer[:, slot, :, start - first_row : stop - first_row] = block
+                if self.consumers:
+                    part = self._part(layer, block.to(self.dtype), positions[start - first_row : stop - first_row],
+                                      start - first_row, len(positions))
+                    for consumer in self.consumers:
+                        consumer.consume(part)
+                del block
+
+    def _ensure_buffer(self, batch: int, positions: torch.Tensor, keys: int) -> torch.Tensor:
+        shape = (batch, len(self.layers), len(self.heads), len(positions), keys)
+        if self._buffer is None:
+            self._check_fits(batch, len(positions), keys)
+            self._buffer = torch.empty(shape, dtype=self.dtype)
+            self._positions = positions
+        elif tuple(self._buffer.shape) != shape:
+            raise InputError(
+                f"attention of one forward pass changed shape between layers ({tuple(self._buffer.shape)} vs {shape}); "
+                "capture without a KV cache (use_cache=False)."
+            )
+        return self._buffer
+
+    # ---- results -------------------------------------------------------------------------
+    def _part(self, layer: int, block: torch.Tensor, positions: torch.Tensor, row_start: int, rows: int) -> AttentionCube:
+        ids, mask = self._inputs
+        keys = block.shape[-1]
+        if ids is not None and ids.ndim == 2 and ids.shape[-1] == keys:
+            token_ids = ids[0].detach().cpu()
+        else:
+            token_ids = torch.zeros(0, dtype=torch.long)
+        key_mask = mask[0].detach().cpu().bool() if mask is not None and mask.ndim == 2 and mask.shape[-1] == keys \
+            else torch.ones(keys, dtype=torch.bool)
+        if self._part_tokens is None:
+            self._part_tokens = _token_strings(token_ids, self.tokenizer)
+        return AttentionCube(
+            pattern=block.cpu(),
+            spec=self.spec,
+            tokens=self._part_tokens,
+            token_ids=token_ids,
+            layers=(layer,),
+            heads=self.heads,
+            query_positions=positions,
+            key_mask=key_mask,
+            query_mask=key_mask[positions],
+            metadata={**self._metadata(), "stream": {"pass": self._pass, "row_start": row_start,
+                                                     "row_stop": row_start + block.shape[-2], "num_queries": rows}},
+        )
+
+    def _metadata(self) -> dict:
+        kernels = sorted(set(self.kernels.values()))
+        return {
+            "versions": library_versions(),
+            "kernel": kernels[0] if len(kernels) == 1 else kernels,
+            "model_dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "cube_dtype": str(self.dtype).removeprefix("torch."),
+            "last_queries": self.last_queries,
+        }
+
+    def cube(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, tokenizer=None,
+             prompt=None, source: str | None = None) -> AttentionCube:
+        """The cube of the last forward pass (`"l h q k"` for one sequence, `"b l h q k"` for a batch)."""
+        if not self.keep:
+            raise InputError("this probe streamed to consumers with keep=False, so it holds no cube; use keep=True.")
+        if self._buffer is None:
+            raise InputError("no forward pass was captured; call the model inside the `with capture(model)` block first.")
+        missing = [layer for layer in self.layers if layer not in self._seen]
+        if missing:
+            raise InputError(f"layers {missing} did not run in the last forward pass; run a full forward pass inside the block.")
+        ids = self._inputs[0] if input_ids is None else torch.as_tensor(input_ids)
+        if attention_mask is None and input_ids is None:
+            attention_mask = self._inputs[1]
+        if ids is None:
+            raise InputError("probe.cube() needs the input_ids of the forward pass (the model was called with inputs_embeds).")
+        ids = ids.detach().cpu()
+        ids = ids[None] if ids.ndim == 1 else ids
+        batch, _, _, _, keys = self._buffer.shape
+        if tuple(ids.shape) != (batch, keys):
+            raise InputError(
+                f"input_ids of shape {tuple(ids.shape)} do not match the captured pass ({batch} sequences of {keys} keys); "
+                "pass the input_ids the model was called with."
+            )
+        if attention_mask is None:
+            key_mask = torch.ones(batch, keys, dtype=torch.bool)
+        else:
+            key_mask = torch.as_tensor(attention_mask).detach().cpu().bool().reshape(batch, -1)[:, -keys:]
+        tokenizer = tokenizer or self.tokenizer
+        tokens = [_token_strings(row, tokenizer) for row in ids]
+        source = source or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        cube = AttentionCube(
+            pattern=self._buffer,
+            spec=self.spec,
+            tokens=tokens,
+            token_ids=ids,
+            layers=self.layers,
+            heads=self.heads,
+            query_positions=self._positions,
+            key_mask=key_mask,
+            query_mask=key_mask[:, self._positions],
+            prompt=prompt,
+            source=source,
+            metadata=self._metadata(),
+        )
+        if batch > 1:
+            return cube
+        if bool(key_mask.all()):
+            return AttentionCube(
+                pattern=self._buffer[0], spec=self.spec, tokens=tokens[0], token_ids=ids[0], layers=self.layers,
+                heads=self.heads, query_positions=self._positions, key_mask=key_mask[0],
+                query_mask=key_mask[0, self._positions], prompt=prompt[0] if isinstance(prompt, list) else prompt,
+                source=source, metadata=cube.metadata,
+            )
+        return cube.item(0)
+
+
+def _token_strings(ids: torch.Tensor, tokenizer) -> list[str]:
+    ids = [int(i) for i in ids]
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def capture(model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None, last_queries: int | None = None,
+            dtype: torch.dtype = torch.float32, consumers=None, keep: bool = True, chunk_rows: int | None = None,
+            max_bytes: int | None = None, tokenizer=None) -> Probe:
+    """A context manager that records the attention patterns of every forward pass run inside it.
+
+    layers / heads: model layer and head indices to keep (default all); last_queries: keep only
+    the last N query rows (only those are computed); dtype: the cube's dtype; consumers: objects
+    with `consume(part)` (and optionally `finish()`) that receive one layer's rows at a time;
+    keep=False keeps no cube (streaming only); chunk_rows: query rows computed at once (default:
+    automatic, past `stream.CHUNK_BYTES` per layer); max_bytes: refuse a kept cube above this size
+    (default: 80% of the available memory); tokenizer: turns ids into token strings.
+    """
+    return Probe(model, spec=spec, layers=layers, heads=heads, last_queries=last_queries, dtype=dtype,
+                 consumers=consumers, keep=keep, chunk_rows=chunk_rows, max_bytes=max_bytes, tokenizer=tokenizer)
+
+
+def encode_prompt(tokenizer, prompt, *, chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a prompt (a string, a list of strings, or chat messages)."""
+    if tokenizer is None:
+        raise InputError("a tokenizer is needed to encode a prompt; pass the tokenizer load_model returned.")
+    if not prompt:
+        raise InputError("the prompt is empty; pass some text.")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("this tokenizer has no chat template, so chat=True cannot be used; pass chat=False.")
+        messages = prompt if isinstance(prompt, list) and isinstance(prompt[0], dict) else [{"role": "user", "content": prompt}]
+        if not isinstance(messages[0].get("content"), str):
+            raise InputError("chat=True takes one prompt string or a list of {'role', 'content'} messages.")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    elif isinstance(prompt, (list, tuple)):
+        if tokenizer.pad_token is None:
+            raise InputError("the tokenizer has no pad token, so a list of prompts cannot be batched; capture them one by one.")
+        encoded = tokenizer(list(prompt), padding=True, return_tensors="pt")
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    ids = encoded["input_ids"]
+    mask = encoded.get("attention_mask")
+    return ids, (torch.ones_like(ids) if mask is None else mask)
+
+
+def forward_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """Arguments for a capture forward: no KV cache, only the last logits row, positions that skip padding."""
+    device = next(model.parameters()).device
+    kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    accepted = inspect.signature(model.forward).parameters
+    if "use_cache" in accepted:
+        kwargs["use_cache"] = False
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = 1
+    if "position_ids" in accepted and not bool(attention_mask.bool().all()):
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
+    return kwargs
+
+
+def capture_prompt(model: nn.Module, tokenizer, prompt, *, spec: ModelSpec | None = None, chat: bool = False,
+                   consumers=None, keep: bool = True, source: str | None = None, **capture_options) -> AttentionCube | None:
+    """Tokenize `prompt`, run one forward pass under `capture`, and return its cube (None when keep=False)."""
+    input_ids, attention_mask = encode_prompt(tokenizer, prompt, chat=chat)
+    probe = capture(model, spec=spec, consumers=consumers, keep=keep, tokenizer=tokenizer, **capture_options)
+    with torch.no_grad(), probe:
+        model(**forward_kwargs(model, input_ids, attention_mask))
+    if not keep:
+        return None
+    return probe.cube(input_ids, attention_mask, tokenizer=tokenizer, prompt=prompt, source=source)

@@ -1,0 +1,259 @@
+"""The kernel tap: wrap the attention function a model runs, through transformers' `AttentionInterface`.
+
+While at least one probe listens, the registry entry of each tapped kernel key (`sdpa`, `eager`,
+`flash_attention_2`, ...) is a wrapper that calls the original kernel with its arguments unchanged
+and then hands those same arguments (query, key, mask, scaling, softcap, ...) to the listeners of
+the calling module. The registry is restored exactly as found when the last listener leaves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from llm_heatmap.models import InputError
+
+_MISSING = object()
+
+
+@dataclass
+class _Tap:
+    key: str
+    original_global: object
+    original_local: object
+    wrapper: Callable
+    count: int = 0
+
+
+_taps: dict[str, _Tap] = {}
+_listeners: dict[nn.Module, list[Callable]] = {}
+_signatures: dict[Callable, inspect.Signature] = {}
+
+
+def kernel_key(module: nn.Module, model: nn.Module | None = None) -> str:
+    """The registry key the module's attention kernel is looked up under."""
+    config = getattr(module, "config", None) or getattr(model, "config", None)
+    key = getattr(config, "_attn_implementation", None)
+    if key is None:
+        raise InputError(
+            f"attention module {type(module).__name__} has no configured attention implementation; "
+            "load the model with from_pretrained/from_config so config._attn_implementation is set."
+        )
+    if key.startswith("paged|") and key != "paged|eager":
+        key = key.removeprefix("paged|")
+    return key
+
+
+def eager_default(module: nn.Module) -> Callable:
+    """The `eager_attention_forward` a module falls back to when "eager" is not in the registry."""
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise InputError(
+            f"{type(module).__name__} runs eager attention without a module-level eager_attention_forward, "
+            "so llm-heatmap cannot tap it; load the model with attn_implementation='sdpa'."
+        )
+    return function
+
+
+def _original(tap: _Tap, module: nn.Module) -> Callable:
+    if tap.original_local is not _MISSING:
+        return tap.original_local
+    if tap.original_global is not _MISSING:
+        return tap.original_global
+    return eager_default(module)
+
+
+def _named_arguments(function: Callable, args: tuple, kwargs: dict) -> dict:
+    """kwargs plus any extra positional arguments, named by the kernel's own signature."""
+    if not args:
+        return kwargs
+    signature = _signatures.get(function)
+    if signature is None:
+        signature = _signatures[function] = inspect.signature(function)
+    names = [p for p in signature.parameters][5:]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _make_wrapper(key: str) -> Callable:
+    def tapped_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
+        tap = _taps[key]
+        kernel = _original(tap, module)
+        output = kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
+        listeners = _listeners.get(module)
+        if listeners:
+            arguments = _named_arguments(kernel, args, kwargs)
+            for listener in list(listeners):
+                listener(module, key, query, key_states, attention_mask, arguments)
+        return output
+
+    tapped_attention.__name__ = f"llm_heatmap_tapped_{key.replace('|', '_')}"
+    return tapped_attention
+
+
+def acquire(key: str) -> None:
+    """Put the wrapper under `key` in the registry (refcounted)."""
+    tap = _taps.get(key)
+    if tap is None:
+        local = ALL_ATTENTION_FUNCTIONS._local_mapping
+        tap = _Tap(
+            key=key,
+            original_global=AttentionInterface._global_mapping.get(key, _MISSING),
+            original_local=local.get(key, _MISSING),
+            wrapper=_make_wrapper(key),
+        )
+        _taps[key] = tap
+        AttentionInterface.register(key, tap.wrapper)
+        if tap.original_local is not _MISSING:
+            local[key] = tap.wrapper
+    tap.count += 1
+
+
+def release(key: str) -> None:
+    """Undo one `acquire`; the last one puts the registry back exactly as found."""
+    tap = _taps[key]
+    tap.count -= 1
+    if tap.count > 0:
+        return
+    del _taps[key]
+    if tap.original_global is _MISSING:
+        AttentionInterface._global_mapping.pop(key, None)
+    else:
+        AttentionInterface._global_mapping[key] = tap.original_global
+    if tap.original_local is not _MISSING:
+        ALL_ATTENTION_FUNCTIONS._local_mapping[key] = tap.original_local
+
+
+def listen(module: nn.Module, listener: Callable) -> None:
+    _listeners.setdefault(module, []).append(listener)
+
+
+def unlisten(module: nn.Module, listener: Callable) -> None:
+    listeners = _listeners.get(module, [])
+    if listener in listeners:
+        listeners.remove(listener)
+    if not listeners:
+        _listeners.pop(module, None)
+
+
+def _slice_mask(mask: torch.Tensor, heads: torch.Tensor, start: int, stop: int, num_keys: int) -> torch.Tensor:
+    """A `"b h q k"` mask or bias (any of b, h, q may be 1 for broadcasting) cut to heads, rows and keys."""
+    if mask.shape[1] > 1:
+        mask = mask.index_select(1, heads.to(mask.device))
+    if mask.shape[2] > 1:
+        mask = mask[:, :, start:stop]
+    return mask[..., :num_keys]
+
+
+@dataclass
+class KernelCall:
+    """The arguments one attention-kernel call received, enough to recompute its pattern.
+
+    `causal` is how the kernel applies causality when it gets no mask: "top_left" (SDPA's
+    `is_causal`, row i sees keys <= i), "bottom_right" (flash kernels: row i sees keys
+    <= i + keys - queries) or None. `window` is the sliding window flash kernels apply
+    themselves (sdpa/eager get it inside the mask).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float
+    softcap: float | None = None
+    position_bias: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
+    causal: str | None = None
+    window: int | None = None
+
+    @classmethod
+    def from_arguments(cls, module, kernel: str, query, key, mask, arguments: dict) -> "KernelCall":
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise InputError(
+                f"attention kernel '{kernel}' got a {type(mask).__name__} mask, which llm-heatmap cannot read; "
+                "load the model with attn_implementation='sdpa' or 'eager'."
+            )
+        scaling = arguments.get("scaling")
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        is_causal = arguments.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        causal, window = None, None
+        if "flash" in kernel:
+            causal = "bottom_right" if is_causal else None
+            window = arguments.get("sliding_window")
+        elif kernel == "sdpa" and mask is None and query.shape[2] > 1 and is_causal:
+            causal = "top_left"
+        return cls(
+            query=query.detach(),
+            key=key.detach(),
+            mask=None if mask is None else mask.detach(),
+            scaling=float(scaling),
+            softcap=arguments.get("softcap"),
+            position_bias=arguments.get("position_bias"),
+            sinks=arguments.get("s_aux"),
+            causal=causal,
+            window=window,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def num_keys(self) -> int:
+        return self.key.shape[2]
+
+    def pattern(self, heads: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
+
+        softmax(q k^T * scaling, softcapped, + position bias, + mask) with each query head
+        reading its KV head (`"b g k d -> b (g r) k d"`, here as an index so head subsets work).
+        """
+        query, key = self.query, self.key
+        heads = heads.to(query.device)
+        group = query.shape[1] // key.shape[1]
+        q = query.index_select(1, heads)[:, :, start:stop]
+        k = key.index_select(1, torch.div(heads, group, rounding_mode="floor"))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.position_bias is not None:
+            scores = scores + _slice_mask(self.position_bias, heads, start, stop, self.num_keys)
+        floor = torch.finfo(scores.dtype).min
+        mask = self.mask
+        if mask is not None and mask.ndim == 2:  # flash kernels get the 2-D padding mask
+            scores = scores.masked_fill(~mask[:, None, None, : self.num_keys].bool(), floor)
+        elif mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~_slice_mask(mask, heads, start, stop, self.num_keys), floor)
+        elif mask is not None:
+            scores = scores + _slice_mask(mask, heads, start, stop, self.num_keys)
+        blocked = self._rule_mask(start, stop, scores.device)
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, floor)
+        if self.sinks is not None:
+            sinks = self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
+            sinks = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
+            return torch.softmax(torch.cat([scores, sinks], -1), dim=-1, dtype=torch.float32)[..., :-1]
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+    def _rule_mask(self, start: int, stop: int, device) -> torch.Tensor | None:
+        """bool `"q k"`, True where the kernel's own causal/window rule blocks a key."""
+        if self.causal is None and not self.window:
+            return None
+        offset = self.num_keys - self.num_queries if self.causal == "bottom_right" else 0
+        row = torch.arange(start, stop, device=device)[:, None] + offset
+        col = torch.arange(self.num_keys, device=device)[None, :]
+        blocked = torch.zeros(stop - start, self.num_keys, dtype=torch.bool, device=device)
+        if self.causal is not None:
+            blocked |= col > row
+        if self.window and self.num_keys > self.window:
+            blocked |= (row - col >= self.window) | (col - row >= self.window)
+        return blocked

@@ -1,0 +1,194 @@
+"""Comparisons: two prompts (deltas, difference cube) and two prompt sets (bootstrap, permutation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from llm_heatmap.analyses.compare import (bh_adjust, compare_cubes, compare_groups, compare_sets, difference_cube,
+                                          metric_deltas, select_metrics, set_statistics)
+from llm_heatmap.models import InputError
+
+
+# ---- set statistics --------------------------------------------------------------------------
+def test_hand_checkable_case():
+    # A = {0, 1}, B = {2, 3}: delta 2. Of the 6 ways to label two of four values "A", two give
+    # |delta*| = 2 ({0,1} and {2,3}), so the exact p-value is 1/3. Bootstrap means of A lie in
+    # {0, .5, 1} (probabilities 1/4, 1/2, 1/4), of B in {2, 2.5, 3}; the smallest and largest
+    # delta (1 and 3) each have probability 1/16 > 2.5%, so the 95% interval is [1, 3].
+    result = set_statistics(np.array([[0.0], [1.0]]), np.array([[2.0], [3.0]]))
+    assert result["delta"][0] == 2.0
+    assert result["p_value"][0] == pytest.approx(1 / 3)
+    assert (result["ci_low"][0], result["ci_high"][0]) == (1.0, 3.0)
+    assert (result["mean_a"][0], result["mean_b"][0]) == (0.5, 2.5)
+
+
+def test_monte_carlo_p_value_matches_exact():
+    x_a, x_b = np.array([[0.0], [1.0], [4.0]]), np.array([[2.0], [3.0], [5.0]])
+    exact = set_statistics(x_a, x_b)["p_value"][0]  # C(6, 3) = 20 splits, enumerated
+    sampled = set_statistics(x_a, x_b, n_permutations=10, seed=3)  # 20 > 10: random relabellings
+    many = set_statistics(x_a, x_b, n_permutations=19, seed=3)
+    assert exact == pytest.approx(sum(abs(d) >= 5 / 3 - 1e-12 for d in _all_split_deltas(x_a, x_b)) / 20)
+    assert 0 < sampled["p_value"][0] <= 1 and 0 < many["p_value"][0] <= 1
+    mc = set_statistics(np.tile(x_a, (3, 1)), np.tile(x_b, (3, 1)), n_permutations=20000, seed=1)["p_value"][0]
+    brute = _brute_p(np.tile(x_a, (3, 1)), np.tile(x_b, (3, 1)))
+    assert mc == pytest.approx(brute, abs=0.01)
+
+
+def _all_split_deltas(x_a, x_b):
+    import itertools
+
+    pooled = np.concatenate([x_a[:, 0], x_b[:, 0]])
+    n = len(pooled)
+    for members in itertools.combinations(range(n), len(x_a)):
+        mask = np.zeros(n, bool)
+        mask[list(members)] = True
+        yield pooled[~mask].mean() - pooled[mask].mean()
+
+
+def _brute_p(x_a, x_b):
+    observed = abs(x_b.mean() - x_a.mean())
+    deltas = np.array(list(_all_split_deltas(x_a, x_b)))
+    return float(np.mean(np.abs(deltas) >= observed - 1e-12))
+
+
+def test_nan_entries_are_left_out():
+    x_a = np.array([[0.0, 1.0], [1.0, np.nan]])
+    x_b = np.array([[2.0, np.nan], [3.0, np.nan]])
+    result = set_statistics(x_a, x_b)
+    assert result["delta"][0] == 2.0 and result["p_value"][0] == pytest.approx(1 / 3)
+    assert np.isnan(result["delta"][1]) and np.isnan(result["p_value"][1])
+    assert list(result["n_a"]) == [2, 1] and list(result["n_b"]) == [2, 0]
+
+
+def test_bh_adjust_matches_definition():
+    p = np.array([0.01, 0.04, 0.03, 0.2, np.nan])
+    q = bh_adjust(p)
+    # sorted 0.01, 0.03, 0.04, 0.2 (m = 4): 0.04, min(0.06, 0.0533), 0.0533, 0.2
+    assert q[:4] == pytest.approx([0.04, 4 * 0.04 / 3, 4 * 0.04 / 3, 0.2])
+    assert np.isnan(q[4])
+
+
+def _synthetic(n_prompts, effect, rng, name, heads=None):
+    heads = heads or [(l, h) for l in range(4) for h in range(6)]
+    rows = []
+    for k in range(n_prompts):
+        for layer, head in heads:
+            shift = effect if (layer, head) == (1, 2) else 0.0
+            rows.append({"prompt_id": f"{name}{k}", "layer": layer, "head": head, "kv_group": head // 3,
+                         "entropy": rng.normal(1.0 + shift, 0.3), "sink": rng.uniform(), "pattern": "block"})
+    return pd.DataFrame(rows)
+
+
+def test_known_effect_is_found():
+    rng = np.random.default_rng(0)
+    result = compare_sets(_synthetic(12, 0.0, rng, "a"), _synthetic(12, 1.0, rng, "b"), n_resamples=1000,
+                          n_permutations=1000)
+    heads = result.heads.set_index(["metric", "layer", "head"])
+    hit = heads.loc[("entropy", 1, 2)]
+    assert hit["delta"] == pytest.approx(1.0, abs=0.3)
+    assert hit["p_value"] < 0.01 and hit["ci_low"] > 0
+    assert hit["q_value"] < 0.05
+    assert hit["kv_group"] == 0 and hit["n_a"] == 12 and hit["n_b"] == 12
+    assert set(result.heads["metric"]) == {"entropy", "sink"}  # the string column is not a metric
+    layer = result.layers.set_index(["metric", "layer"]).loc[("entropy", 1)]
+    assert layer["delta"] == pytest.approx(hit["delta"] / 6 + np.mean(
+        [heads.loc[("entropy", 1, h), "delta"] for h in range(6) if h != 2]) * 5 / 6)
+    assert layer["ci_low"] > 0
+
+
+def test_no_effect_gives_uniform_p_and_covering_intervals():
+    rng = np.random.default_rng(1)
+    heads = [(l, h) for l in range(10) for h in range(30)]
+    result = compare_sets(_synthetic(10, 0.0, rng, "a", heads), _synthetic(10, 0.0, rng, "b", heads),
+                          metrics=["entropy", "sink"], n_resamples=500, n_permutations=500, seed=2)
+    p = result.heads["p_value"].to_numpy()
+    assert stats.kstest(p, "uniform").pvalue > 0.001
+    assert 0.02 < np.mean(p < 0.05) < 0.09
+    covers = (result.heads["ci_low"] <= 0) & (result.heads["ci_high"] >= 0)
+    assert 0.88 < covers.mean() < 0.98  # a percentile bootstrap at n=10 is a little narrow
+
+
+def test_seeded_and_vectorised_shapes():
+    rng = np.random.default_rng(4)
+    a, b = _synthetic(5, 0.0, rng, "a"), _synthetic(6, 0.5, rng, "b")
+    first = compare_sets(a, b, n_resamples=200, n_permutations=200, seed=7)
+    second = compare_sets(a, b, n_resamples=200, n_permutations=200, seed=7)
+    pd.testing.assert_frame_equal(first.heads, second.heads)
+    assert len(first.heads) == 4 * 6 * 2 and len(first.layers) == 4 * 2
+    grouped = compare_groups(pd.concat([a.assign(group="simple"), b.assign(group="complex")]), "simple", "complex",
+                             n_resamples=200, n_permutations=200, seed=7)
+    pd.testing.assert_frame_equal(grouped.heads, first.heads)
+    with pytest.raises(InputError, match="group 'hard' has no prompts"):
+        compare_groups(a.assign(group="simple"), "simple", "hard")
+
+
+def test_unknown_metric_lists_valid_names():
+    table = pd.DataFrame({"layer": [0], "head": [0], "kv_group": [0], "entropy": [1.0], "flag": [True]})
+    assert select_metrics(table) == ["entropy"]
+    with pytest.raises(InputError, match="metric 'entropi' does not exist; valid metrics are: entropy."):
+        select_metrics(table, ["entropi"])
+
+
+# ---- two prompts -----------------------------------------------------------------------------
+def test_metric_deltas_join_on_layer_and_head():
+    a = pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "kv_group": [0, 0, 0], "entropy": [1.0, 2.0, 3.0]})
+    b = a.iloc[::-1].assign(entropy=[30.0, 20.0, 10.0])  # same heads, other order
+    deltas = metric_deltas(a, b)
+    assert list(deltas.columns) == ["layer", "head", "kv_group", "metric", "a", "b", "delta"]
+    assert deltas["delta"].tolist() == [9.0, 18.0, 27.0]
+    with pytest.raises(InputError, match="different \\(layer, head\\) pairs"):
+        metric_deltas(a, b.iloc[:2])
+
+
+def _eager_cube(model, tokenizer, spec, prompt):
+    from llm_heatmap.probes import AttentionCube
+
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    pattern = torch.stack(out.attentions, 1)[0]
+    n = pattern.shape[-1]
+    return AttentionCube(pattern=pattern, spec=spec, tokens=tokenizer.convert_ids_to_tokens(inputs["input_ids"][0]),
+                         token_ids=inputs["input_ids"][0], layers=tuple(range(spec.num_layers)),
+                         heads=tuple(range(spec.num_heads)), query_positions=torch.arange(n),
+                         key_mask=torch.ones(n, dtype=torch.bool), query_mask=torch.ones(n, dtype=torch.bool),
+                         prompt=prompt)
+
+
+@pytest.mark.slow
+def test_compare_seed_experiment_2_on_smollm2(smollm2_eager):
+    model, tokenizer, spec = smollm2_eager
+    simple = _eager_cube(model, tokenizer, spec, "Tell me a very simple short story.")
+    complex_ = _eager_cube(model, tokenizer, spec, "Explain the core idea behind quantum entanglement.")
+    assert simple.num_keys == complex_.num_keys == 8  # the seed's point: same length, different difficulty
+    result = compare_cubes(simple, complex_)
+    assert result.difference.pattern.shape == simple.pattern.shape
+    torch.testing.assert_close(result.difference.pattern, complex_.pattern - simple.pattern)
+    # difference of two row-stochastic patterns: every row sums to 0
+    torch.testing.assert_close(result.difference.pattern.sum(-1), torch.zeros(simple.pattern.shape[:-1]),
+                               atol=1e-5, rtol=0)
+    assert len(result.table_a) == spec.num_layers * spec.num_heads
+    wide = result.wide()
+    metric = select_metrics(result.table_a)[0]
+    expected = result.table_b.set_index(["layer", "head"])[metric] - result.table_a.set_index(["layer", "head"])[metric]
+    got = wide.set_index(["layer", "head"])[metric]
+    np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), equal_nan=True)
+
+
+@pytest.mark.slow
+def test_different_token_counts(minilm_eager):
+    # the seed's 8-token pair is not length-matched under BERT's WordPiece: "entanglement" is 3 pieces
+    model, tokenizer, spec = minilm_eager
+    a = _eager_cube(model, tokenizer, spec, "Tell me a very simple short story.")
+    b = _eager_cube(model, tokenizer, spec, "Explain the core idea behind quantum entanglement.")
+    with pytest.raises(InputError, match=r"prompt A has 10 tokens and prompt B has 12.*--metrics-only"):
+        compare_cubes(a, b)
+    with pytest.raises(InputError, match="metrics_only"):
+        difference_cube(a, b)
+    result = compare_cubes(a, b, metrics_only=True)
+    assert result.difference is None
+    assert len(result.deltas) == len(result.table_a) * len(select_metrics(result.table_a))

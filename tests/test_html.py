@@ -1,0 +1,272 @@
+"""viz.html: the self-contained interactive page (decoded in Python, and driven in headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.probes.cube import AttentionCube
+from llm_heatmap.viz.html import write_html
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+WORDS = ["<s>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "ĠIt", "Ġwas", "Ġwarm", "\n", "http://x.io/a"]
+
+
+def make_spec(layers, heads, kv_heads, *, causal=True, sliding=None, sliding_layers=()):
+    types = tuple("sliding_attention" if i in sliding_layers else "full_attention" for i in range(layers))
+    return ModelSpec(
+        model_type="llama", architecture="LlamaForCausalLM", num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=16, causal=causal, layer_types=types, sliding_window=sliding,
+    )
+
+
+def make_cube(layers=3, heads=4, kv_heads=2, tokens=None, *, causal=True, seed=0, key_mask=None, **spec_options):
+    """A cube of random softmax patterns that respect the spec's attendable mask (zeros elsewhere)."""
+    tokens = list(WORDS if tokens is None else tokens)
+    n = len(tokens)
+    spec = make_spec(layers, heads, kv_heads, causal=causal, **spec_options)
+    key_mask = torch.ones(n, dtype=torch.bool) if key_mask is None else key_mask
+    positions = torch.arange(n)
+    from llm_heatmap.probes.cube import attendable_mask
+
+    allowed = attendable_mask(spec, tuple(range(layers)), positions, key_mask)
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(layers, heads, n, n, generator=generator) * 2.5
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    pattern = torch.softmax(logits, -1).nan_to_num(0.0)
+    return AttentionCube(
+        pattern=pattern, spec=spec, tokens=tokens, token_ids=torch.arange(n), layers=tuple(range(layers)),
+        heads=tuple(range(heads)), query_positions=positions, key_mask=key_mask, query_mask=key_mask.clone(),
+        prompt="The cat sat on the mat. It was warm", source="synthetic",
+    )
+
+
+def embedded(page: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(meta, data bytes, mask bytes) read back from the page's script blocks."""
+    def block(name):
+        return re.search(rf'<script id="{name}" type="[^"]+">(.*?)</script>', page, re.S).group(1)
+
+    meta = json.loads(block("hm-meta"))
+    data = np.frombuffer(base64.b64decode(block("hm-data")), dtype=np.uint8)
+    mask = np.frombuffer(base64.b64decode(block("hm-mask")), dtype=np.uint8)
+    return meta, data, mask
+
+
+def decode(page: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The pattern `"l h q k"` (NaN where empty) and the mask `"l q k"`, following the documented format."""
+    meta, data, packed = embedded(page)
+    layers, heads, rows, cols = len(meta["layers"]), len(meta["heads"]), len(meta["rows"]), len(meta["cols"])
+    mask = np.unpackbits(packed.reshape(layers, -1), axis=1)[:, : rows * cols].reshape(layers, rows, cols).astype(bool)
+    levels = data if meta["bits"] == 8 else data.view("<u2")
+    scales = np.array(meta["scales"]).reshape(layers, heads)
+    out = np.full((layers, heads, rows, cols), np.nan)
+    start = 0
+    for layer in range(layers):
+        count = int(mask[layer].sum())
+        for head in range(heads):
+            out[layer, head][mask[layer]] = levels[start : start + count] * scales[layer, head] / (2 ** meta["bits"] - 1)
+            start += count
+    assert start == len(levels)
+    return out, mask, meta
+
+
+# ---- the file ----------------------------------------------------------------------------
+def test_page_is_self_contained(tmp_path):
+    cube = make_cube()
+    page = write_html(cube, tmp_path / "page.html", title="A </script> <b>title</b> http://x.io").read_text()
+    assert not re.search(r"https?://", page), "no URL of any kind, not even inside token text"
+    assert not re.search(r"<(link|iframe|img|object|embed)\b", page, re.I)
+    assert not re.search(r"\b(src|href)\s*=", page, re.I)
+    assert "url(" not in page and "@import" not in page and "fetch(" not in page
+    assert page.count("</script>") == page.count("<script")
+    meta, _, _ = embedded(page)
+    assert [c["t"] for c in meta["cols"]] == WORDS
+    assert meta["title"] == "A </script> <b>title</b> http://x.io"
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_embedded_pattern_decodes_within_quantization_error(tmp_path, bits):
+    cube = make_cube(layers=4, heads=6, kv_heads=2)
+    decoded, mask, meta = decode(write_html(cube, tmp_path / "p.html", bits=bits).read_text())
+    pattern = cube.pattern.numpy()
+    assert np.array_equal(mask, cube.attendable().numpy())
+    assert np.isnan(decoded[:, :, ~mask[0]]).all(), "the causal future is empty, not zero"
+    step = pattern.max(axis=(-2, -1)) / (2**bits - 1)
+    error = np.abs(np.where(mask[:, None], decoded - pattern, 0.0)).max(axis=(-2, -1))
+    assert (error <= step / 2 + 1e-7).all()
+    assert error.max() > 0 if bits == 8 else True
+    assert meta["kv"] == [0, 0, 0, 1, 1, 1]
+
+
+def test_padding_and_sliding_window_are_empty(tmp_path):
+    key_mask = torch.tensor([False, False] + [True] * 11)
+    cube = make_cube(layers=2, key_mask=key_mask, sliding=4, sliding_layers=(1,))
+    decoded, mask, _ = decode(write_html(cube, tmp_path / "p.html").read_text())
+    assert not mask[:, :2].any() and not mask[:, :, :2].any(), "padding rows and keys are empty"
+    assert mask[0, 12, 2] and not mask[1, 12, 2], "layer 1 keeps only the last 4 keys"
+    assert mask[1].sum() < mask[0].sum()
+    real = mask[:, None]
+    assert np.allclose(np.nansum(decoded, -1)[np.broadcast_to(real.any(-1), decoded.shape[:3])], 1.0, atol=0.03)
+
+
+def test_max_tokens_area_downsamples_rows_and_keys(tmp_path):
+    tokens = [f"t{i}" for i in range(16)]
+    cube = make_cube(layers=2, heads=2, kv_heads=1, tokens=tokens)
+    decoded, mask, meta = decode(write_html(cube, tmp_path / "p.html", max_tokens=8, bits=16).read_text())
+    reference = cube.pattern.reshape(2, 2, 8, 2, 8, 2).mean(3).sum(4).numpy()
+    assert decoded.shape == (2, 2, 8, 8) and meta["downsampled"]
+    assert np.allclose(np.nan_to_num(decoded), reference, atol=1e-4)
+    assert np.allclose(np.nansum(decoded, -1), 1.0, atol=1e-3), "rows still sum to 1"
+    assert mask[0, 0, 0] and not mask[0, 0, 1], "a bin is empty only when no cell in it is attendable"
+    assert meta["cols"][3]["t"] == "t6…t7" and meta["cols"][3]["p"] == [6, 7]
+
+
+def test_metrics_rows_are_embedded_per_head(tmp_path):
+    cube = make_cube(layers=2, heads=4, kv_heads=2)
+    table = pd.DataFrame(
+        [{"layer": l, "head": h, "kv_group": h // 2, "entropy": 0.5 * l + h, "sink": 1.0 / (1 + h), "kind": "x" if h else "y"}
+         for l in range(2) for h in range(4)]
+    )
+    meta, _, _ = embedded(write_html(cube, tmp_path / "p.html", metrics=table).read_text())
+    metrics = meta["metrics"]
+    assert metrics["columns"] == ["entropy", "sink", "kind"]
+    assert metrics["rows"]["1,3"] == [3.5, 0.25, "x"]
+    assert metrics["ranges"][0] == [0.0, 3.5] and metrics["ranges"][2] is None
+
+
+def test_bad_input_raises_input_error(tmp_path):
+    cube = make_cube()
+    with pytest.raises(InputError, match="layer"):
+        write_html(cube, tmp_path / "p.html", metrics=pd.DataFrame({"entropy": [1.0]}))
+    with pytest.raises(InputError, match="bits"):
+        write_html(cube, tmp_path / "p.html", bits=12)
+    with pytest.raises(InputError, match="colormap"):
+        write_html(cube, tmp_path / "p.html", cmap="no-such-map")
+    batch = AttentionCube(
+        pattern=torch.stack([cube.pattern, cube.pattern]), spec=cube.spec, tokens=[cube.tokens, cube.tokens],
+        token_ids=torch.stack([cube.token_ids] * 2), layers=cube.layers, heads=cube.heads,
+        query_positions=cube.query_positions, key_mask=torch.stack([cube.key_mask] * 2),
+        query_mask=torch.stack([cube.query_mask] * 2),
+    )
+    with pytest.raises(InputError, match="item"):
+        write_html(batch, tmp_path / "p.html")
+
+
+# ---- the browser -------------------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    profile = tempfile.mkdtemp(prefix="llm-heatmap-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1440,960"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_page(driver, path: Path, timeout=30.0) -> dict:
+    driver.get(path.resolve().as_uri())
+    deadline = time.monotonic() + timeout
+    while driver.execute_script("return document.body && document.body.dataset.ready") != "1":
+        assert time.monotonic() < deadline, f"page never finished rendering: {driver.get_log('browser')}"
+        time.sleep(0.05)
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    return driver.execute_script("return window.heatmapStats")
+
+
+def test_browser_zoom_hover_and_filter(browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    cube = make_cube(layers=6, heads=8, kv_heads=2, seed=3)
+    table = pd.DataFrame([{"layer": l, "head": h, "entropy": float(l * 10 + h)} for l in range(6) for h in range(8)])
+    path = write_html(cube, tmp_path / "page.html", metrics=table)
+    stats = open_page(browser, path)
+    assert stats["thumbs"] == 48
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid canvas")) == 48
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "html_grid.png"))
+
+    layer, head = 4, 5
+    browser.find_element(By.CSS_SELECTOR, f'#grid td[data-layer="{layer}"][data-head="{head}"] canvas').click()
+    zoom = browser.find_element(By.ID, "zoom")
+    assert zoom.is_displayed()
+    assert browser.find_element(By.ID, "z-title").text == f"Layer {layer} · Head {head} · KV group 1"
+    cols = [d.get_attribute("title").rsplit(" (#", 1)[0] for d in browser.find_elements(By.CSS_SELECTOR, "#z-cols div")]
+    rows = [d.get_attribute("title").rsplit(" (#", 1)[0] for d in browser.find_elements(By.CSS_SELECTOR, "#z-rows div")]
+    assert cols == WORDS and rows == WORDS
+    assert browser.find_element(By.CSS_SELECTOR, "#z-cols div:nth-child(3)").text == "Ġcat"
+    metric = browser.find_element(By.CSS_SELECTOR, '#z-metrics tr[data-metric="entropy"]').text
+    assert "45" in metric
+
+    canvas = browser.find_element(By.ID, "z-canvas")
+    cell = int(canvas.get_attribute("data-cell"))
+    width, height = len(WORDS) * cell, len(WORDS) * cell
+    readout = browser.find_element(By.ID, "z-readout")
+    scale = float(cube.pattern[layer, head].max())
+    for q, k in [(9, 2), (12, 12), (5, 0)]:
+        ActionChains(browser).move_to_element_with_offset(
+            canvas, int((k + 0.5) * cell - width / 2), int((q + 0.5) * cell - height / 2)
+        ).perform()
+        assert (readout.get_attribute("data-query"), readout.get_attribute("data-key")) == (str(q), str(k))
+        value = float(readout.get_attribute("data-value"))
+        assert value == pytest.approx(float(cube.pattern[layer, head, q, k]), abs=scale / 510 + 1e-6)
+        assert WORDS[q].replace("\n", "↵") in readout.text and WORDS[k] in readout.text
+    ActionChains(browser).move_to_element_with_offset(canvas, int(11.5 * cell - width / 2), int(1.5 * cell - height / 2)).perform()
+    assert readout.get_attribute("data-value") == "" and "empty" in readout.text, "the causal future reads as empty"
+    browser.save_screenshot(str(ARTIFACTS / "html_zoom.png"))
+
+    browser.find_element(By.ID, "z-close").click()
+    assert not zoom.is_displayed()
+    browser.find_element(By.ID, "f-layer").send_keys("1-2")
+    Select = __import__("selenium.webdriver.support.select", fromlist=["Select"]).Select
+    Select(browser.find_element(By.ID, "f-kv")).select_by_value("1")
+    shown = [(int(td.get_attribute("data-layer")), int(td.get_attribute("data-head")))
+             for td in browser.find_elements(By.CSS_SELECTOR, "#grid td") if td.is_displayed()]
+    assert shown == [(l, h) for l in (1, 2) for h in range(4, 8)]
+    assert browser.find_element(By.ID, "count").text == "8 of 48 heads"
+    browser.save_screenshot(str(ARTIFACTS / "html_filtered.png"))
+
+
+def test_browser_renders_448_heads_at_128_tokens(browser, tmp_path):
+    cube = make_cube(layers=28, heads=16, kv_heads=8, tokens=[f"tok{i}" for i in range(128)], seed=1)
+    start = time.perf_counter()
+    path = write_html(cube, tmp_path / "qwen3-shaped.html")
+    written = time.perf_counter() - start
+    stats = open_page(browser, path)
+    canvases = browser.execute_script("return document.querySelectorAll('#grid canvas').length")
+    size = path.stat().st_size
+    print(f"\n448 heads x 128 tokens: file {size / 2**20:.2f} MiB, written in {written:.2f} s, "
+          f"decode {stats['decodeMs']:.0f} ms, thumbnails {stats['renderMs']:.0f} ms, "
+          f"ready {stats['readyAt']:.0f} ms after navigation start")
+    assert canvases == 448
+    assert stats["readyAt"] < 10_000
+    assert size < 16 * 2**20
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "html_448_heads.png"))
+    browser.find_element("css selector", '#grid td[data-layer="27"][data-head="15"] canvas').click()
+    assert browser.find_element("id", "z-title").text == "Layer 27 · Head 15 · KV group 7"
+    assert len(browser.find_elements("css selector", "#z-cols div")) == 128
+    browser.save_screenshot(str(ARTIFACTS / "html_448_zoom.png"))

@@ -1,0 +1,44 @@
+"""Text measurement in pixels, so layouts reserve exactly the room their labels need."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
+
+_TEXT = TextToPath()
+
+
+@lru_cache(maxsize=4096)
+def text_size(text: str, px: float) -> tuple[float, float]:
+    """(width, height) in pixels of one line of `text` at a font size of `px` pixels (descent included)."""
+    width, height, descent = _TEXT.get_text_width_height_descent(text, FontProperties(size=px), ismath=False)
+    return width, height + descent
+
+
+def block_size(text: str, px: float, spacing: float = 1.2) -> tuple[float, float]:
+    """(width, height) of a possibly multi-line label."""
+    lines = text.split("\n")
+    return max(text_size(line, px)[0] for line in lines), px * spacing * len(lines)
+
+
+def fit_text(text: str, px: float, width: float) -> str:
+    """`text` cut (with an ellipsis) so that one line fits in `width` pixels."""
+    if text_size(text, px)[0] <= width:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text_size(text[:mid] + "…", px)[0] <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "…"
+
+
+def token_label(token: str, limit: int = 14) -> str:
+    """A token made printable: byte-level markers shown as spaces/newlines, long ones cut."""
+    text = str(token).replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵").replace("▁", "␣")
+    text = text.replace("$", r"\$")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
