@@ -164,6 +164,7 @@ def run_batch(
                 table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
                 table["group"] = table["group"].astype("string")
                 write_table(table, path, force=True)
+                table = pd.read_parquet(path)  # same dtypes whether a prompt was computed now or resumed
                 result.computed.append(prompt.id)
                 if on_prompt is not None:
                     on_prompt(prompt, table)

@@ -164,14 +164,16 @@ class AttentionCube:
         """Write one safetensors file: tensors plus JSON metadata in its header."""
         path = Path(path)
         tensors = {
-            "pattern": self.pattern.contiguous(),
-            "token_ids": self.token_ids.contiguous(),
-            "query_positions": self.query_positions.contiguous(),
-            "key_mask": self.key_mask.contiguous(),
-            "query_mask": self.query_mask.contiguous(),
+            "pattern": self.pattern,
+            "token_ids": self.token_ids,
+            "query_positions": self.query_positions,
+            "key_mask": self.key_mask,
+            "query_mask": self.query_mask,
         }
         if self.generated is not None:
-            tensors["generated"] = self.generated.contiguous()
+            tensors["generated"] = self.generated
+        # safetensors refuses tensors that share memory (masks are often views of one tensor)
+        tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,

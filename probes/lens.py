@@ -28,6 +28,7 @@ import torch
 
 from llm_heatmap.models import InputError, ModelSpec
 
+from .capture import library_versions
 from .cube import AttentionCube
 
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
@@ -58,8 +59,8 @@ def capture_lens(
     given (Hugging Face convention: `tokenizer(text)`, the same ids the transformers capture
     gets), otherwise by the model's own `to_tokens` (TransformerLens convention: prepends BOS
     when `cfg.default_prepend_bos`). Token strings come from `tokenizer` or the model's
-    tokenizer, one `decode([id])` per token as `to_str_tokens` does; without either they are
-    the ids as text.
+    tokenizer through `convert_ids_to_tokens` (as the transformers capture labels them, so
+    "Ġcat" rather than `to_str_tokens`' " cat"); without either they are the ids as text.
 
     The patterns are read from the `blocks.{l}.attn.hook_pattern` hook points of `layers`
     (default all), keeping `heads` (default all), cast to `dtype` and moved to the CPU as each
@@ -126,11 +127,16 @@ def capture_lens(
         heads=tuple(heads),
         query_positions=torch.arange(length),
         key_mask=masks[0] if single else masks,
-        query_mask=masks[0] if single else masks,
+        query_mask=(masks[0] if single else masks).clone(),  # its own storage: safetensors refuses shared tensors
         prompt=prompt,
         source=source or _model_name(model),
-        metadata={"capture": "transformer_lens", "lens_class": type(model).__name__,
-                  "transformer_lens": _lens_version(), "hook": PATTERN_HOOK},
+        metadata={
+            "versions": {**library_versions(), "transformer-lens": _lens_version()},
+            "capture": "transformer_lens",
+            "kernel": PATTERN_HOOK,
+            "lens_class": type(model).__name__,
+            "cube_dtype": str(dtype).removeprefix("torch."),
+        },
     )
 
 
@@ -251,10 +257,11 @@ def _token_ids(model, input, tokenizer) -> torch.Tensor:
 
 
 def _token_strings(model, token_ids: torch.Tensor, tokenizer) -> list[list[str]]:
+    # convert_ids_to_tokens, as the transformers capture does, so both captures label a prompt alike
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         return [[str(i) for i in row] for row in token_ids.tolist()]
-    return [[tokenizer.decode([i]) for i in row] for row in token_ids.tolist()]
+    return [[str(t) for t in tokenizer.convert_ids_to_tokens(row)] for row in token_ids.tolist()]
 
 
 def _model_name(model) -> str | None:
@@ -262,10 +269,10 @@ def _model_name(model) -> str | None:
     return str(name) if name else None
 
 
-def _lens_version() -> str | None:
+def _lens_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("transformer-lens")
     except PackageNotFoundError:
-        return None
+        return "unknown"

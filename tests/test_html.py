@@ -10,13 +10,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from llm_heatmap.models import InputError, ModelSpec
-from llm_heatmap.probes.cube import AttentionCube
+from llm_heatmap.probes.cube import AttentionCube, attendable_mask
 from llm_heatmap.viz.html import write_html
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -38,8 +39,6 @@ def make_cube(layers=3, heads=4, kv_heads=2, tokens=None, *, causal=True, seed=0
     spec = make_spec(layers, heads, kv_heads, causal=causal, **spec_options)
     key_mask = torch.ones(n, dtype=torch.bool) if key_mask is None else key_mask
     positions = torch.arange(n)
-    from llm_heatmap.probes.cube import attendable_mask
-
     allowed = attendable_mask(spec, tuple(range(layers)), positions, key_mask)
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(layers, heads, n, n, generator=generator) * 2.5
@@ -120,6 +119,17 @@ def test_padding_and_sliding_window_are_empty(tmp_path):
     assert np.allclose(np.nansum(decoded, -1)[np.broadcast_to(real.any(-1), decoded.shape[:3])], 1.0, atol=0.03)
 
 
+def test_last_query_rows_keep_their_positions(tmp_path):
+    from dataclasses import replace
+
+    full = make_cube(layers=2, heads=2, kv_heads=1)
+    cube = replace(full, pattern=full.pattern[:, :, -4:], query_positions=torch.arange(9, 13), query_mask=torch.ones(4, dtype=torch.bool))
+    decoded, mask, meta = decode(write_html(cube, tmp_path / "p.html").read_text())
+    assert [r["t"] for r in meta["rows"]] == WORDS[9:] and meta["rows"][0]["p"] == [9, 9]
+    assert np.array_equal(mask[0], np.tril(np.ones((13, 13), dtype=bool))[9:])
+    assert np.allclose(np.nan_to_num(decoded), cube.pattern.numpy(), atol=1 / 510 + 1e-7)
+
+
 def test_max_tokens_area_downsamples_rows_and_keys(tmp_path):
     tokens = [f"t{i}" for i in range(16)]
     cube = make_cube(layers=2, heads=2, kv_heads=1, tokens=tokens)
@@ -130,6 +140,33 @@ def test_max_tokens_area_downsamples_rows_and_keys(tmp_path):
     assert np.allclose(np.nansum(decoded, -1), 1.0, atol=1e-3), "rows still sum to 1"
     assert mask[0, 0, 0] and not mask[0, 0, 1], "a bin is empty only when no cell in it is attendable"
     assert meta["cols"][3]["t"] == "t6…t7" and meta["cols"][3]["p"] == [6, 7]
+
+
+def test_cube_pooled_by_the_downsampler_keeps_spans_and_empty_bins(tmp_path):
+    from llm_heatmap.probes.stream import bin_index, downsample
+
+    tokens = [f"w{i}" for i in range(40)]
+    full = make_cube(layers=2, heads=2, kv_heads=1, tokens=tokens, sliding=9, sliding_layers=(1,))
+    pooled = downsample(full, 8)
+    decoded, mask, meta = decode(write_html(pooled, tmp_path / "p.html", bits=16).read_text())
+    rows, keys = bin_index(40, 8), bin_index(40, 8)
+    onehot = torch.nn.functional.one_hot(rows).float()
+    reference = torch.einsum("q a, l q k, k b -> l a b", onehot, full.attendable().float(), onehot) > 0
+    assert np.array_equal(mask, reference.numpy()), "a bin is empty exactly when no pair inside it may attend"
+    assert not mask[1, 7, 0] and mask[0, 7, 0], "the sliding-window layer drops far bins"
+    assert np.allclose(np.nan_to_num(decoded), pooled.pattern.numpy(), atol=1e-4)
+    assert meta["tokens"] == 40 and meta["downsampled"]
+    assert meta["cols"][1] == {"t": "w5…", "p": [5, 9], "g": False}
+    assert [r["p"] for r in meta["rows"]] == [c["p"] for c in meta["cols"]]
+    assert meta["rows"][2]["t"] == "w10…"
+
+
+def test_automatic_limit_keeps_the_page_within_its_cell_budget():
+    from llm_heatmap.viz.html import AUTO_CELL_BUDGET, _auto_limit
+
+    assert _auto_limit((28, 16, 128, 128)) == 128, "448 heads x 128 tokens are kept whole"
+    limit = _auto_limit((28, 16, 400, 400))
+    assert limit < 400 and 28 * 16 * limit**2 <= AUTO_CELL_BUDGET < 28 * 16 * (limit + 1) ** 2
 
 
 def test_metrics_rows_are_embedded_per_head(tmp_path):
@@ -199,6 +236,7 @@ def open_page(driver, path: Path, timeout=30.0) -> dict:
 def test_browser_zoom_hover_and_filter(browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
 
     cube = make_cube(layers=6, heads=8, kv_heads=2, seed=3)
     table = pd.DataFrame([{"layer": l, "head": h, "entropy": float(l * 10 + h)} for l in range(6) for h in range(8)])
@@ -210,6 +248,18 @@ def test_browser_zoom_hover_and_filter(browser, tmp_path):
     browser.save_screenshot(str(ARTIFACTS / "html_grid.png"))
 
     layer, head = 4, 5
+    # the thumbnail's pixels are the cube's weights through the colormap, empty where masked
+    pixels = np.array(browser.execute_script(
+        f"const c = document.querySelector('#grid td[data-layer=\"{layer}\"][data-head=\"{head}\"] canvas');"
+        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);"
+    ), dtype=np.uint8).reshape(len(WORDS), len(WORDS), 4)
+    weights = cube.pattern[layer, head].numpy()
+    levels = np.round(weights / weights.max() * 255).astype(int)
+    expected = np.round(matplotlib.colormaps["viridis"](np.arange(256))[:, :3] * 255).astype(np.uint8)[levels]
+    allowed = cube.attendable()[layer].numpy()
+    assert np.array_equal(pixels[allowed][:, :3], expected[allowed])
+    assert (pixels[allowed][:, 3] == 255).all() and (pixels[~allowed] == 0).all()
+
     browser.find_element(By.CSS_SELECTOR, f'#grid td[data-layer="{layer}"][data-head="{head}"] canvas').click()
     zoom = browser.find_element(By.ID, "zoom")
     assert zoom.is_displayed()
@@ -234,14 +284,13 @@ def test_browser_zoom_hover_and_filter(browser, tmp_path):
         value = float(readout.get_attribute("data-value"))
         assert value == pytest.approx(float(cube.pattern[layer, head, q, k]), abs=scale / 510 + 1e-6)
         assert WORDS[q].replace("\n", "↵") in readout.text and WORDS[k] in readout.text
+    browser.save_screenshot(str(ARTIFACTS / "html_zoom.png"))
     ActionChains(browser).move_to_element_with_offset(canvas, int(11.5 * cell - width / 2), int(1.5 * cell - height / 2)).perform()
     assert readout.get_attribute("data-value") == "" and "empty" in readout.text, "the causal future reads as empty"
-    browser.save_screenshot(str(ARTIFACTS / "html_zoom.png"))
 
     browser.find_element(By.ID, "z-close").click()
     assert not zoom.is_displayed()
     browser.find_element(By.ID, "f-layer").send_keys("1-2")
-    Select = __import__("selenium.webdriver.support.select", fromlist=["Select"]).Select
     Select(browser.find_element(By.ID, "f-kv")).select_by_value("1")
     shown = [(int(td.get_attribute("data-layer")), int(td.get_attribute("data-head")))
              for td in browser.find_elements(By.CSS_SELECTOR, "#grid td") if td.is_displayed()]
@@ -270,3 +319,44 @@ def test_browser_renders_448_heads_at_128_tokens(browser, tmp_path):
     assert browser.find_element("id", "z-title").text == "Layer 27 · Head 15 · KV group 7"
     assert len(browser.find_elements("css selector", "#z-cols div")) == 128
     browser.save_screenshot(str(ARTIFACTS / "html_448_zoom.png"))
+
+
+def model_cube(loaded, prompt):
+    """A cube from eager `output_attentions` of a real model (the independent reference path)."""
+    model, tokenizer, spec = loaded
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**encoded, output_attentions=True)
+    ids = encoded["input_ids"][0]
+    n = len(ids)
+    return AttentionCube(
+        pattern=torch.stack(out.attentions, 1)[0].float(), spec=spec, tokens=tokenizer.convert_ids_to_tokens(ids),
+        token_ids=ids, layers=tuple(range(spec.num_layers)), heads=tuple(range(spec.num_heads)),
+        query_positions=torch.arange(n), key_mask=torch.ones(n, dtype=torch.bool),
+        query_mask=torch.ones(n, dtype=torch.bool), prompt=prompt, source="all-MiniLM-L6-v2",
+    )
+
+
+@pytest.mark.slow
+def test_browser_real_encoder_page(browser, minilm_eager, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    cube = model_cube(minilm_eager, "The quick brown fox jumps over the lazy dog because it was bored.")
+    entropy = -(cube.pattern * cube.pattern.clamp(min=1e-12).log()).sum(-1).mean(-1)
+    table = pd.DataFrame(
+        [{"layer": l, "head": h, "entropy": float(entropy[l, h]), "cls_share": float(cube.pattern[l, h, :, 0].mean())}
+         for l in range(cube.num_layers) for h in range(cube.num_heads)]
+    )
+    decoded, mask, _ = decode(write_html(cube, tmp_path / "minilm.html", metrics=table).read_text())
+    assert mask.all(), "a bidirectional encoder has no empty cells"
+    assert np.allclose(decoded, cube.pattern.numpy(), atol=cube.pattern.max().item() / 510 + 1e-7)
+
+    open_page(browser, tmp_path / "minilm.html")
+    browser.find_element(By.ID, "o-theme").click()
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "html_minilm_grid_dark.png"))
+    browser.find_element(By.CSS_SELECTOR, '#grid td[data-layer="2"][data-head="7"] canvas').click()
+    labels = [d.get_attribute("title").rsplit(" (#", 1)[0] for d in browser.find_elements(By.CSS_SELECTOR, "#z-cols div")]
+    assert labels == cube.tokens and labels[0] == "[CLS]"
+    assert f"{float(entropy[2, 7]):.3f}"[:4] in browser.find_element(By.CSS_SELECTOR, '#z-metrics tr[data-metric="entropy"]').text
+    browser.save_screenshot(str(ARTIFACTS / "html_minilm_zoom_dark.png"))

@@ -22,6 +22,7 @@ from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_f
 from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config  # noqa: E402
 
 from llm_heatmap.models import InputError, spec_from_model  # noqa: E402
+from llm_heatmap.probes import capture, capture_prompt  # noqa: E402
 from llm_heatmap.probes.lens import capture_lens, lens_spec  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -56,6 +57,18 @@ def check_rows(cube) -> None:
     assert (cube.pattern.masked_select(~allowed) == 0).all()
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails the test: building a bridge must not reach for the hub."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
 def hooks_attached(model) -> int:
     return sum(len(point.fwd_hooks) + len(point._forward_hooks) for point in model.hook_dict.values())
 
@@ -67,7 +80,8 @@ def test_hooked_transformer_matches_run_with_cache():
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError as error:
-        pytest.skip(f"HookedTransformer is absent in transformer-lens {version('transformer-lens')} (removed in 4.0): {error}")
+        pytest.skip(f"HookedTransformer is absent in transformer-lens {version('transformer-lens')} "
+                    f"(removed in 4.0): {error}")
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=50,
                                   act_fn="gelu", seed=0)
     model = HookedTransformer(cfg).eval()
@@ -109,7 +123,16 @@ def test_native_bridge_matches_run_with_cache_and_hand_computed_pattern():
     assert spec.causal and spec.attn_softcap == 3.0 and spec.sliding_window is None and spec.max_positions == 16
     assert cube.tokens == [str(i) for i in IDS.tolist()] and torch.equal(cube.token_ids, IDS)
     assert cube.metadata["capture"] == "transformer_lens"
+    assert cube.metadata["versions"]["transformer-lens"] == version("transformer-lens")
     assert hooks_attached(model) == 0
+
+
+def test_lens_cube_saves_and_loads(tmp_path):
+    cube = capture_lens(TransformerBridge.boot_native(native_config()), IDS, layers=[1], heads=[0, 2])
+    loaded = type(cube).load(cube.save(tmp_path / "lens.safetensors"))
+    assert torch.equal(loaded.pattern, cube.pattern) and loaded.spec == cube.spec
+    assert (loaded.layers, loaded.heads, loaded.tokens) == (cube.layers, cube.heads, cube.tokens)
+    assert loaded.metadata == cube.metadata
 
 
 def test_native_bridge_bidirectional():
@@ -131,8 +154,10 @@ def test_layer_and_head_subsets_batches_and_dtype():
 
     batch = torch.stack([IDS, IDS.flip(0)])
     cube = capture_lens(model, batch, dtype=torch.float16)
-    assert cube.batched and cube.pattern.shape == (2, 2, 4, len(IDS), len(IDS)) and cube.pattern.dtype == torch.float16
-    torch.testing.assert_close(cube.item(1).pattern.float(), capture_lens(model, IDS.flip(0)).pattern, rtol=0, atol=1e-3)
+    assert cube.batched and cube.pattern.dtype == torch.float16
+    assert cube.pattern.shape == (2, 2, 4, len(IDS), len(IDS))
+    single = capture_lens(model, IDS.flip(0))
+    torch.testing.assert_close(cube.item(1).pattern.float(), single.pattern, rtol=0, atol=1e-3)
     assert cube.key_mask.shape == (2, len(IDS)) and cube.key_mask.all()
 
 
@@ -183,6 +208,9 @@ def test_bridge_over_tiny_hf_model_matches_eager(family):
                                       hf_config=wrapped.config)
     cube = capture_lens(bridge, IDS)
     torch.testing.assert_close(cube.pattern, eager_patterns(reference, IDS), rtol=0, atol=1e-4)
+    with torch.no_grad(), capture(reference) as probe:
+        reference(IDS[None])
+    torch.testing.assert_close(cube.pattern, probe.cube(IDS[None]).pattern, rtol=0, atol=1e-4)
     check_rows(cube)
     spec, expected = cube.spec, spec_from_model(reference)
     for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "causal", "layer_types",
@@ -193,7 +221,7 @@ def test_bridge_over_tiny_hf_model_matches_eager(family):
 
 
 @pytest.mark.slow
-def test_bridge_booted_from_a_local_folder(smollm2):
+def test_bridge_booted_from_a_local_folder(smollm2, no_network):
     """`boot_transformers(dir, tokenizer=...)`: config and weights from disk, no hub."""
     _, tokenizer, _ = smollm2
     reference = tiny_model("llama", "eager")
@@ -202,11 +230,11 @@ def test_bridge_booted_from_a_local_folder(smollm2):
         bridge = TransformerBridge.boot_transformers(folder, tokenizer=copy.deepcopy(tokenizer), device="cpu")
     cube = capture_lens(bridge, IDS)
     torch.testing.assert_close(cube.pattern, eager_patterns(reference, IDS), rtol=0, atol=1e-4)
-    assert cube.tokens == [tokenizer.decode([i]) for i in IDS.tolist()]
+    assert cube.tokens == tokenizer.convert_ids_to_tokens(IDS.tolist())
 
 
 @pytest.mark.slow
-def test_bridge_over_smollm2_matches_eager_and_hf_capture(smollm2):
+def test_bridge_over_smollm2_matches_eager_and_hf_capture(smollm2, no_network):
     model, tokenizer, hf_spec = smollm2
     own = copy.deepcopy(model)  # the bridge rewires the model it wraps; the session fixture stays untouched
     own.set_attn_implementation("eager")
@@ -228,12 +256,10 @@ def test_bridge_over_smollm2_matches_eager_and_hf_capture(smollm2):
     assert lens_cube.token_ids[0] == tokenizer.bos_token_id and torch.equal(lens_cube.token_ids[1:], ids)
     assert lens_cube.tokens[0] == tokenizer.bos_token
 
-    from llm_heatmap import probes
-
-    if hasattr(probes, "capture_prompt"):
-        hf_cube = probes.capture_prompt(model, tokenizer, PROMPT)
-        assert torch.equal(hf_cube.token_ids, cube.token_ids)
-        torch.testing.assert_close(cube.pattern, hf_cube.pattern, rtol=0, atol=1e-4)
+    # the transformers capture of the fixture's own sdpa model: same ids, same labels, same patterns
+    hf_cube = capture_prompt(model, tokenizer, PROMPT)
+    assert torch.equal(hf_cube.token_ids, cube.token_ids) and hf_cube.tokens == cube.tokens
+    torch.testing.assert_close(cube.pattern, hf_cube.pattern, rtol=0, atol=1e-4)
     assert hooks_attached(bridge) == 0
     assert model.config._attn_implementation == "sdpa"
     assert not any("_original_component" in name for name, _ in model.named_modules())

@@ -33,6 +33,8 @@ import torch
 
 from llm_heatmap.models import InputError
 
+__all__ = ["write_html"]
+
 #: Colour tables offered in the page (the `cmap` argument is added when not listed).
 PAGE_CMAPS = ("viridis", "magma", "cividis", "inferno")
 #: With `max_tokens=None`, heads are area-downsampled once `l * h * q * k` passes this many cells.
@@ -67,8 +69,14 @@ def write_html(
         raise InputError(f"max_tokens={max_tokens!r} must be a positive integer (or None for automatic).")
 
     pattern = cube.pattern.detach().float().cpu()
-    mask = (cube.attendable() & cube.query_mask.bool()[None, :, None]).cpu()
-    rows, cols = _axis_labels(cube)
+    pooled = cube.metadata.get("downsample")
+    if pooled:
+        rows, cols, mask = _pooled_geometry(cube, pooled)
+    else:
+        rows, cols = _axis_labels(cube)
+        mask = cube.attendable().cpu()
+        if cube.query_mask.shape[-1] == cube.num_queries:
+            mask &= cube.query_mask.bool().cpu()[None, :, None]
     limit = max_tokens or _auto_limit(pattern.shape)
     downsampled = pattern.shape[-2] > limit or pattern.shape[-1] > limit
     if downsampled:
@@ -80,8 +88,8 @@ def write_html(
         "title": title or f"{cube.source or cube.spec.model_type}: attention heads",
         "summary": cube.spec.summary,
         "prompt": cube.prompt if isinstance(cube.prompt, str) else None,
-        "tokens": len(cube.tokens),
-        "downsampled": downsampled,
+        "tokens": pooled["num_keys"] if pooled else cube.num_keys,
+        "downsampled": downsampled or bool(pooled),
         "layers": [int(x) for x in cube.layers],
         "heads": [int(x) for x in cube.heads],
         "kv": [int(cube.spec.kv_group(h)) for h in cube.heads],
@@ -126,14 +134,50 @@ def _auto_limit(shape) -> int:
 
 def _axis_labels(cube) -> tuple[list[dict], list[dict]]:
     """Label of every query row and key column: `{"t": token, "p": [first, last position]}`."""
-    generated = cube.generated.tolist() if cube.generated is not None else [False] * len(cube.tokens)
+    generated = cube.generated.tolist() if cube.generated is not None else [False] * cube.num_keys
 
     def label(position):
-        return {"t": str(cube.tokens[position]), "p": [position, position], "g": bool(generated[position])}
+        return {"t": _token(cube, position), "p": [position, position], "g": bool(generated[position])}
 
     rows = [label(int(p)) for p in cube.query_positions.tolist()]
     cols = [label(k) for k in range(cube.num_keys)]
     return rows, cols
+
+
+def _token(cube, index: int) -> str:
+    return str(cube.tokens[index]) if index < len(cube.tokens) else f"#{index}"
+
+
+def _pooled_geometry(cube, info: dict) -> tuple[list[dict], list[dict], torch.Tensor]:
+    """Labels and `"l q k"` mask of a cube that probes' `Downsampler` pooled.
+
+    Its `metadata["downsample"]` holds the bin edges; the cube keeps each key bin's first token
+    and each query bin's middle position. A bin is empty only when no (row, key) pair inside
+    it may attend: the causal and sliding-window rules of `attendable_mask`, applied to the
+    bins' first and last positions.
+    """
+    q_edges, k_edges = torch.tensor(info["query_bins"]), torch.tensor(info["key_bins"])
+    shift = cube.query_positions.cpu() - (q_edges[:-1] + q_edges[1:] - 1) // 2  # row index -> position
+    p0, p1 = q_edges[:-1] + shift, q_edges[1:] - 1 + shift
+    k0, k1 = k_edges[:-1], k_edges[1:] - 1
+    generated = cube.generated.tolist() if cube.generated is not None else [False] * len(k0)
+    cols = [
+        {"t": _token(cube, i) + ("…" if b > a else ""), "p": [a, b], "g": bool(generated[i])}
+        for i, (a, b) in enumerate(zip(k0.tolist(), k1.tolist()))
+    ]
+    home = (torch.searchsorted(k_edges, p0, right=True) - 1).clamp(0, len(k0) - 1).tolist()
+    rows = [
+        {"t": _token(cube, i) + ("…" if b > a else ""), "p": [a, b], "g": bool(generated[i])}
+        for i, a, b in zip(home, p0.tolist(), p1.tolist())
+    ]
+    base = cube.query_mask.bool().cpu()[:, None] & cube.key_mask.bool().cpu()[None, :]
+    if cube.spec.causal:
+        base = base & (k0[None, :] <= p1[:, None])
+    masks = []
+    for layer in cube.layers:
+        window = cube.spec.window(layer)
+        masks.append(base & (p0[:, None] - k1[None, :] < window) if window else base)
+    return rows, cols, torch.stack(masks)
 
 
 def _pooling(n: int, bins: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,7 +289,7 @@ _TEMPLATE = """<!doctype html>
     <div id="summary" class="muted"></div>
     <div id="prompt" class="prompt"></div>
   </div>
-  <button id="o-theme" class="ghost" title="Switch light / dark">Theme</button>
+  <button id="o-theme" class="ghost theme-toggle" title="Switch light / dark">Theme</button>
 </header>
 <nav class="toolbar">
   <div class="group">
@@ -270,6 +314,7 @@ _TEMPLATE = """<!doctype html>
     <h2 id="z-title"></h2>
     <span class="zoom-tools"><button id="z-out" class="ghost" title="Smaller cells (-)">&minus;</button><button id="z-fit" class="ghost" title="Fit the window">Fit</button><button id="z-in" class="ghost" title="Larger cells (+)">+</button></span>
     <span class="muted">&larr; &rarr; head &middot; &uarr; &darr; layer &middot; Esc grid</span>
+    <button class="ghost theme-toggle" title="Switch light / dark">Theme</button>
   </div>
   <div class="zoom-body">
     <div id="z-scroll">
@@ -344,16 +389,17 @@ canvas.pixelated { image-rendering:pixelated; }
 #z-plot { display:grid; grid-template-columns:auto auto; grid-template-rows:auto auto; width:max-content; }
 .corner { display:flex; flex-direction:column; justify-content:flex-end; align-items:flex-end; padding:0 6px 6px 0;
   font-size:11px; color:var(--muted); }
-.cols { display:flex; align-items:flex-end; }
-.cols div { writing-mode:vertical-rl; transform:rotate(180deg); white-space:nowrap; overflow:hidden; text-overflow:ellipsis;
-  max-height:130px; text-align:left; padding-top:4px; }
-.rows div { white-space:nowrap; overflow:hidden; text-overflow:ellipsis; max-width:160px; text-align:right; padding-right:6px; }
+.cols, .rows { position:relative; }
+.cols div, .rows div { position:absolute; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
+.cols div { bottom:0; writing-mode:vertical-rl; transform:rotate(180deg); max-height:130px; text-align:left; padding-top:6px; }
+.rows div { right:0; max-width:170px; text-align:right; padding-right:6px; }
 .cols div, .rows div { color:var(--fg); font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 .cols div.gen, .rows div.gen { color:var(--accent); }
 .cols div.hot, .rows div.hot { color:var(--hot); font-weight:700; }
-.cols div.skip, .rows div.skip { color:transparent; }
+.cols div.skip, .rows div.skip { visibility:hidden; }
+.cols div.skip.hot, .rows div.skip.hot { visibility:visible; background:var(--bg); z-index:1; }
 #z-canvas { display:block; background:var(--empty); image-rendering:pixelated; cursor:crosshair; }
-aside { width:340px; flex:none; border-left:1px solid var(--line); padding:16px 20px; overflow:auto; background:var(--panel); }
+aside { width:380px; flex:none; border-left:1px solid var(--line); padding:16px 20px; overflow-y:auto; overflow-x:hidden; background:var(--panel); }
 .readout { min-height:64px; line-height:1.6; }
 .readout b { font-size:20px; font-weight:600; font-variant-numeric:tabular-nums; }
 .readout code { font-family:ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background:var(--bg);
@@ -365,8 +411,9 @@ aside { width:340px; flex:none; border-left:1px solid var(--line); padding:16px 
 .zoom-tools button { min-width:34px; }
 #z-metrics { width:100%; border-collapse:collapse; font-variant-numeric:tabular-nums; }
 #z-metrics td { padding:5px 4px; border-bottom:1px solid var(--line); }
+#z-metrics td:first-child { word-break:break-word; }
 #z-metrics td:nth-child(2) { text-align:right; font-weight:600; white-space:nowrap; }
-#z-metrics .bar { width:70px; height:6px; background:var(--empty); border-radius:3px; position:relative; }
+#z-metrics .bar { width:60px; height:6px; background:var(--empty); border-radius:3px; position:relative; }
 #z-metrics .bar i { position:absolute; top:-2px; width:3px; height:10px; border-radius:1px; background:var(--accent); }
 """
 
@@ -565,20 +612,26 @@ function fitCell() {
   const w = area.clientWidth - 220, hgt = area.clientHeight - 170;
   return Math.max(3, Math.min(40, Math.floor(Math.min(w / K, hgt / Q))));
 }
+// labels sit centred on their cell; when cells are smaller than the text, only every n-th shows
 function labelAxis(box, labels, cell, vertical) {
   box.textContent = "";
-  const font = Math.max(8, Math.min(13, cell - 2)), every = Math.max(1, Math.ceil((font + 2) / cell));
-  labels.forEach((label, i) => {
+  const font = Math.max(8, Math.min(13, cell - 2)), line = font + 3, every = Math.max(1, Math.ceil(line / cell));
+  const divs = labels.map((label, i) => {
     const div = document.createElement("div");
     div.textContent = showToken(label.t);
     div.title = `${label.t} (${span(label)})`;
     div.style.fontSize = font + "px";
-    if (vertical) { div.style.width = cell + "px"; div.style.lineHeight = cell + "px"; }
-    else { div.style.height = cell + "px"; div.style.lineHeight = cell + "px"; }
+    div.style.lineHeight = line + "px";
+    div.style[vertical ? "left" : "top"] = (i + 0.5) * cell - line / 2 + "px";
+    div.style[vertical ? "width" : "height"] = line + "px";
     if (label.g) div.classList.add("gen");
     if (i % every) div.classList.add("skip");
     box.appendChild(div);
+    return div;
   });
+  box.style[vertical ? "width" : "height"] = labels.length * cell + "px";
+  const extent = Math.max(0, ...divs.map((d) => (vertical ? d.offsetHeight : d.offsetWidth)));
+  box.style[vertical ? "height" : "width"] = extent + "px";
 }
 function drawZoom(hot) {
   const canvas = $("z-canvas"), ctx = canvas.getContext("2d"), c = zoom.cell, dpr = window.devicePixelRatio || 1;
@@ -699,11 +752,11 @@ $("o-gamma").addEventListener("change", (e) => { opts.gamma = +e.target.value; r
 $("o-size").addEventListener("input", (e) => sizeThumbs(+e.target.value));
 const dark = window.matchMedia && window.matchMedia("(prefers-color-scheme: dark)").matches;
 document.documentElement.dataset.theme = dark ? "dark" : "light";
-$("o-theme").addEventListener("click", () => {
+document.querySelectorAll(".theme-toggle").forEach((button) => button.addEventListener("click", () => {
   const root = document.documentElement;
   root.dataset.theme = root.dataset.theme === "dark" ? "light" : "dark";
   if (!$("zoom").hidden) drawZoom(null);
-});
+}));
 
 buildGrid();
 const fit = Math.floor((document.documentElement.clientWidth - 120) / (H + 0.3 * meta.numKv) - 3);

@@ -9,7 +9,7 @@ import torch
 
 from llm_heatmap.models import InputError, parse_dtype
 from llm_heatmap.probes import Downsampler, capture_prompt
-from llm_heatmap.probes.capture import encode_prompt
+from llm_heatmap.probes.capture import MEMORY_SHARE, available_memory_bytes, encode_prompt, estimate_cube_bytes
 
 from ..digest import digest_lines
 from ..files import atomic_output, check_writable
@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                         help="long prompts: keep one layer at a time; the saved cube is downsampled to --max-tokens")
     parser.add_argument("--cube-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="dtype of the captured cube (default float32)")
+    parser.add_argument("--max-cube-mb", type=float,
+                        help="refuse a full cube larger than this (default: 80%% of the available memory)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(run=run)
 
@@ -45,14 +47,28 @@ def output_paths(args, name: str) -> dict:
     return paths
 
 
-def capture_for_grid(args, model, tokenizer, spec, prompt):
-    """(cube to draw and save, per-head metrics table); streaming keeps one layer at a time."""
+def check_cube_memory(args, spec, num_tokens: int, dtype, layers, heads) -> None:
+    size = estimate_cube_bytes(spec, num_tokens, num_layers=len(layers) if layers else None,
+                               num_heads=len(heads) if heads else None, dtype=dtype)
+    available = available_memory_bytes()
+    limit = args.max_cube_mb * 2**20 if args.max_cube_mb else (available or float("inf")) * MEMORY_SHARE
+    if size > limit:
+        raise InputError(f"the full cube for {num_tokens} tokens needs {size / 2**20:,.2f} MiB, more than the "
+                         f"{limit / 2**20:,.2f} MiB allowed; pass --stream (one layer at a time, downsampled grid), "
+                         "--cube-dtype float16, or fewer --layers.")
+
+
+def capture_for_grid(args, model, tokenizer, spec, prompt, layers=None, heads=None):
+    """(cube to draw and save, per-head metrics table); streaming keeps one layer at a time.
+    Only the chosen layers and heads are captured."""
     ids, _ = encode_prompt(tokenizer, prompt, chat=args.chat)
     if spec.max_positions and ids.shape[-1] > spec.max_positions:
         raise InputError(f"the prompt is {ids.shape[-1]} tokens, longer than {args.model}'s context of "
                          f"{spec.max_positions}; shorten it.")
-    options = dict(spec=spec, chat=args.chat, source=str(args.model), dtype=parse_dtype(args.cube_dtype))
+    dtype = parse_dtype(args.cube_dtype)
+    options = dict(spec=spec, chat=args.chat, source=str(args.model), dtype=dtype, layers=layers, heads=heads)
     if not args.stream:
+        check_cube_memory(args, spec, ids.shape[-1], dtype, layers, heads)
         cube = capture_prompt(model, tokenizer, prompt, **options)
         return cube, head_metrics(cube)
     downsampler, reducer = Downsampler(args.max_tokens), HeadMetricsReducer()
@@ -70,9 +86,10 @@ def run(args) -> int:
     for path in paths.values():
         check_writable(path, force=args.force)
     options = common.grid_options(args)
+    layers, heads = options.pop("layers"), options.pop("heads")
     model, tokenizer, spec = common.load(args)
     with torch.no_grad():
-        cube, metrics = capture_for_grid(args, model, tokenizer, spec, prompt)
+        cube, metrics = capture_for_grid(args, model, tokenizer, spec, prompt, layers, heads)
     with atomic_output(paths["grid"], force=args.force) as temp:
         save_grid(cube, temp, **options)
     write_table(metrics, paths["metrics"], force=args.force)

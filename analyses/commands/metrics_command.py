@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
         description="Capture PROMPT layer by layer (streaming, one layer in memory) and write one row per "
         "layer x head: entropy, sink, positional, induction scores and pattern class. The table format follows "
         f"the --out extension (.csv, .parquet, .json, .md); without --out it is printed as Markdown.\n\n{EXAMPLE}",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_prompt_options(parser)
     common.add_model_options(parser)
     parser.add_argument("--out", type=Path, help="table file; its extension picks the format")

@@ -1,0 +1,88 @@
+"""`llm-heatmap kv-similarity`: do heads sharing a KV head attend alike? One table across models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from llm_heatmap.models import DEFAULT_MODEL, InputError
+
+from ..files import check_writable
+from ..kv_report import kv_report
+from ..prompts import check_prompt, read_prompts
+from ..tables import table_format, write_table
+from . import analysis_common
+
+EXAMPLE = """example:
+  llm-heatmap kv-similarity --model smollm2-135m --model minilm-l6 "the sky is blue" \\
+      "Explain the core idea behind quantum entanglement." --out kv.csv     # also writes kv.summary.csv"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "kv-similarity", help="within- vs between-KV-group head similarity, per layer, across models",
+        description="For every model and prompt, per layer: mean similarity of heads sharing a KV head (within), of "
+        "heads in different groups (between), the gap and a permutation p-value, for JS, cosine and Pearson "
+        "similarity, with and without the first-token column. MHA models use pseudo-groups of the GQA models' "
+        "group size, so GQA and MHA sit in one table. Prints a model-level summary.\n\n" + EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts")
+    parser.add_argument("--prompt-file", type=Path, help="more prompts, from a .txt (one per line) or .jsonl file")
+    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+    group = parser.add_argument_group("models")
+    group.add_argument("--model", action="append", help=f"model source; repeat for several (default: {DEFAULT_MODEL})")
+    group.add_argument("--quantize", choices=["4bit", "8bit"], help="load quantized with bitsandbytes")
+    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default float32)")
+    group.add_argument("--device", help="device or accelerate device_map, e.g. cpu, cuda, auto")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model to run")
+    parser.add_argument("--out", type=Path, help="per-layer table; the summary goes beside it as STEM.summary.EXT")
+    parser.add_argument("--pseudo-group-size", type=int,
+                        help="group size for MHA models (default: the first GQA model's, else 3)")
+    parser.add_argument("--measure", action="append", choices=["js", "cosine", "pearson"],
+                        help="similarity measure (repeat; default all three)")
+    parser.add_argument("--permutations", type=int, default=1000, help="permutations per layer (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    analysis_common.add_run_options(parser)
+    parser.set_defaults(run=run)
+
+
+def summary_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.summary{out.suffix}")
+
+
+def run(args) -> int:
+    prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
+    if args.prompt_file is not None:
+        prompts += [p.text for p in read_prompts(args.prompt_file)]
+    if not prompts:
+        raise InputError("no prompt given; pass PROMPT arguments or --prompt-file.")
+    models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
+    if args.out is not None:
+        table_format(args.out)
+        for path in (args.out, summary_path(args.out)):
+            check_writable(path, force=args.force)
+    progress = None if analysis_common.quiet(args) else (lambda message: print(message, file=sys.stderr))
+    with torch.no_grad():
+        report = kv_report(models, prompts, pseudo_group_size=args.pseudo_group_size, chat=args.chat,
+                           measures=args.measure, n_permutations=args.permutations, seed=args.seed,
+                           loader=lambda source: analysis_common.load(args, source), progress=progress)
+    files = {}
+    if args.out is not None:
+        files["layers"] = write_table(report.layers, args.out, force=args.force)
+        files["summary"] = write_table(report.summary, summary_path(args.out), force=args.force)
+    summary = report.summary
+    lines = [f"{len(models)} model(s) x {len(prompts)} prompt(s); gap = within - between (mean over prompts and layers)"]
+    for row in summary.itertuples():
+        significant = getattr(row, summary.columns[-1])
+        lines.append(f"{row.model} ({row.attention_kind}, {row.grouping} groups of {row.group_size}) {row.measure:7s} "
+                     f"first token {row.first_token:7s}: within {row.within:.3f} between {row.between:.3f} "
+                     f"gap {row.gap:+.3f}; gap > 0 in {row.share_gap_positive:.0%} of layers, p < 0.05 in {significant:.0%}")
+    if files:
+        lines.append("wrote " + ", ".join(str(p) for p in files.values()))
+    payload = {"models": models, "prompts": prompts, "files": {k: str(v) for k, v in files.items()},
+               "summary": summary.to_dict(orient="records")}
+    analysis_common.emit(args, lines, payload)
+    return 0

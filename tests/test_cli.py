@@ -1,0 +1,164 @@
+"""End to end: the CLI as a user runs it (a subprocess), on the real offline models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from llm_heatmap.analyses.cli import main
+from llm_heatmap.probes import AttentionCube
+
+SEED_PROMPT = "Run a self meta-cognitive audit where you are self-aware about being an LLM"
+
+
+def cli(*args):
+    """Run the CLI as a user does: a separate process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "llm_heatmap.analyses.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture
+def cli_in_process(capsys):
+    """The same entry point in this process (no interpreter start-up): for the many short cases."""
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    result = cli("grid", SEED_PROMPT, "--out", out, "--name", "seed", "--html")
+    return result, out
+
+
+def test_grid_writes_grid_metrics_and_cube(smollm2_run):
+    result, out = smollm2_run
+    assert result.returncode == 0, result.stderr
+    assert "dense decoder, GQA 9q:3kv x 30 layers, GGUF Q4_1" in result.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["seed.cube.safetensors", "seed.html", "seed.metrics.csv", "seed.png"]
+    metrics = pd.read_csv(out / "seed.metrics.csv")
+    assert len(metrics) == 30 * 9
+    assert {"layer", "head", "kv_group", "entropy", "sink_score", "induction_score"} <= set(metrics.columns)
+    assert metrics.groupby("kv_group")["head"].nunique().tolist() == [3, 3, 3]
+    cube = AttentionCube.load(out / "seed.cube.safetensors")
+    assert cube.pattern.shape[:2] == (30, 9)
+    assert cube.prompt == SEED_PROMPT and cube.source == "smollm2-135m"
+    assert {"torch", "transformers"} <= set(cube.metadata["versions"])
+    torch.testing.assert_close(cube.pattern.sum(-1), torch.ones(cube.pattern.shape[:-1]), atol=1e-4, rtol=0)
+    width, height = Image.open(out / "seed.png").size
+    assert width > 300 and height > width  # 30 layers down, 9 heads across
+    digest = result.stdout.strip().splitlines()[-5:]
+    assert digest[0].startswith("strongest sink heads") and digest[-1].startswith("pattern classes")
+
+
+def test_render_redraws_a_saved_cube(smollm2_run, tmp_path):
+    _, out = smollm2_run
+    same = cli("render", out / "seed.cube.safetensors", "--out", tmp_path, "--name", "again")
+    assert same.returncode == 0, same.stderr
+    original = np.asarray(Image.open(out / "seed.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), original)
+    other = cli("render", out / "seed.cube.safetensors", "--out", tmp_path, "--name", "log", "--scale", "log",
+                "--sink", "mask", "--background", "transparent")
+    assert other.returncode == 0, other.stderr
+    redrawn = np.asarray(Image.open(tmp_path / "log.png"))
+    assert redrawn.shape == original.shape and not np.array_equal(redrawn, original)
+    assert redrawn[0, 0, 3] == 0  # transparent margin
+
+
+def test_same_input_same_output(tmp_path, cli_in_process):
+    runs = [cli_in_process("grid", "the sky is blue", "--model", "minilm-l6", "--out", tmp_path / name, "--name", "x")
+            for name in ("a", "b")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    a, b = (AttentionCube.load(tmp_path / n / "x.cube.safetensors") for n in ("a", "b"))
+    assert torch.equal(a.pattern, b.pattern) and a.tokens == b.tokens
+    assert (tmp_path / "a/x.metrics.csv").read_text() == (tmp_path / "b/x.metrics.csv").read_text()
+
+
+def test_existing_files_are_kept_unless_forced(tmp_path, cli_in_process):
+    first = cli_in_process("grid", "the sky is blue", "--model", "minilm-l6", "--out", tmp_path, "--name", "x")
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "x.png").read_bytes()
+    again = cli_in_process("grid", "a different prompt", "--model", "minilm-l6", "--out", tmp_path, "--name", "x")
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    assert (tmp_path / "x.png").read_bytes() == before
+    forced = cli_in_process("grid", "a different prompt", "--model", "minilm-l6", "--out", tmp_path, "--name", "x", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "x.png").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.cube.safetensors", "x.metrics.csv", "x.png"]
+
+
+def test_streaming_grid_downsamples_long_prompts(tmp_path, cli_in_process):
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
+    result = cli_in_process("grid", prompt, "--model", "minilm-l6", "--out", tmp_path, "--name", "s", "--stream",
+                 "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    cube = AttentionCube.load(tmp_path / "s.cube.safetensors")
+    assert cube.pattern.shape == (6, 12, 8, 8)
+    torch.testing.assert_close(cube.pattern.sum(-1), torch.ones(6, 12, 8), atol=1e-4, rtol=0)
+    assert len(pd.read_csv(tmp_path / "s.metrics.csv")) == 6 * 12
+
+
+@pytest.fixture
+def not_a_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    return blocker / "sub"
+
+
+BAD_INPUTS = {  # (arguments, words the one-line message must contain)
+    "empty prompt": (["grid", "   "], "prompt is empty"),
+    "unknown model": (["grid", "hi", "--model", "./no/such/model"], "does not exist"),
+    "unreadable prompt file": (["grid", "--prompt-file", "/no/such/prompt.txt"], "cannot be read"),
+    "prompt longer than context": (["grid", "word " * 600, "--model", "minilm-l6"], "longer than"),
+    "cube too large": (["grid", "the sky is blue", "--model", "minilm-l6", "--max-cube-mb", "0.001"], "--stream"),
+    "unknown colormap": (["grid", "the sky is blue", "--model", "minilm-l6", "--cmap", "nope"], "colormap"),
+    "bad layers": (["grid", "the sky is blue", "--model", "minilm-l6", "--layers", "a-b"], "--layers"),
+    "foreign cube file": (["render", __file__], "cube"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_gets_one_sentence_and_no_files(case, tmp_path, cli_in_process):
+    args, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    result = cli_in_process(*args, "--out", out)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert expected in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unwritable_output_directory(not_a_dir, cli_in_process):
+    result = cli_in_process("grid", "the sky is blue", "--model", "minilm-l6", "--out", not_a_dir)
+    assert result.returncode == 2 and "cannot be created" in result.stderr
+
+
+def test_help_lists_commands_with_examples(capsys):
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("grid", "render", "models"):
+        assert command in result.stdout
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "example: llm-heatmap" in capsys.readouterr().out
+
+
+def test_bad_input_exit_status_from_a_real_process(tmp_path):
+    result = cli("grid", "   ", "--out", tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "prompt is empty" in result.stderr

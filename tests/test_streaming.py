@@ -1,0 +1,141 @@
+"""Streaming capture: parts in layer order and row chunks, the Downsampler, consumer protocol."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_heatmap.models import InputError
+from llm_heatmap.probes import AttentionCube, CubeConsumer, Downsampler, capture, capture_prompt, downsample, replay
+from llm_heatmap.probes import stream
+from tiny_models import VOCAB, tiny_model
+
+
+class Recorder:
+    def __init__(self):
+        self.parts, self.finished = [], 0
+
+    def consume(self, part):
+        self.parts.append(part)
+
+    def finish(self):
+        self.finished += 1
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return tiny_model("gemma3", "sdpa")
+
+
+def captured(model, ids, **options):
+    with torch.no_grad(), capture(model, **options) as probe:
+        model(input_ids=ids)
+    return probe
+
+
+def test_parts_are_layers_in_order_in_row_chunks(gemma3):
+    ids = torch.randint(0, VOCAB, (1, 12))
+    recorder = Recorder()
+    probe = captured(gemma3, ids, consumers=[recorder], chunk_rows=5)
+    cube = probe.cube(ids)
+    assert isinstance(recorder, CubeConsumer) and recorder.finished == 1
+    assert [(p.layers, p.query_positions.tolist()[0], p.num_queries) for p in recorder.parts] == [
+        ((layer,), start, rows) for layer in range(3) for start, rows in ((0, 5), (5, 5), (10, 2))
+    ]
+    for part in recorder.parts:
+        assert not part.batched and part.pattern.shape[:2] == (1, 4) and part.num_keys == 12
+        assert part.token_ids.tolist() == ids[0].tolist()
+    for layer in range(3):
+        rows = torch.cat([p.pattern for p in recorder.parts if p.layers == (layer,)], dim=-2)
+        assert torch.equal(rows[0], cube.pattern[layer])  # the same blocks fill the kept cube
+
+
+def test_automatic_chunking_past_the_threshold(gemma3, monkeypatch):
+    ids = torch.randint(0, VOCAB, (1, 16))
+    full = captured(gemma3, ids).cube(ids)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 4 * 16 * 4 * 3)  # three rows of one layer's fp32 pattern
+    assert stream.auto_chunk_rows(1, 4, 16, 16) == 3
+    recorder = Recorder()
+    chunked = captured(gemma3, ids, consumers=[recorder]).cube(ids)
+    assert max(p.num_queries for p in recorder.parts) == 3
+    torch.testing.assert_close(chunked.pattern, full.pattern, atol=1e-6, rtol=0)
+
+
+def test_streaming_without_keeping(gemma3):
+    ids = torch.randint(0, VOCAB, (1, 10))
+    recorder = Recorder()
+    probe = captured(gemma3, ids, consumers=[recorder], keep=False, last_queries=3)
+    assert len(recorder.parts) == 3 and all(p.query_positions.tolist() == [7, 8, 9] for p in recorder.parts)
+    with pytest.raises(InputError, match="keep=False"):
+        probe.cube(ids)
+
+
+def test_streaming_needs_one_sequence(gemma3):
+    with pytest.raises(InputError, match="one sequence"), torch.no_grad(), capture(gemma3, consumers=[Recorder()]):
+        gemma3(input_ids=torch.randint(0, VOCAB, (2, 6)))
+
+
+def hand_cube(pattern: torch.Tensor) -> AttentionCube:
+    from llm_heatmap.models import ModelSpec
+
+    layers, heads, q, k = pattern.shape
+    spec = ModelSpec(model_type="toy", architecture="Toy", num_layers=layers, num_heads=heads, num_kv_heads=heads,
+                     head_dim=4, causal=False, layer_types=("full_attention",) * layers)
+    return AttentionCube(pattern=pattern, spec=spec, tokens=[f"t{i}" for i in range(k)], token_ids=torch.arange(k),
+                         layers=tuple(range(layers)), heads=tuple(range(heads)), query_positions=torch.arange(q),
+                         key_mask=torch.ones(k, dtype=torch.bool), query_mask=torch.ones(q, dtype=torch.bool))
+
+
+def test_downsampler_by_hand():
+    pattern = torch.softmax(torch.randn(1, 1, 5, 5), -1)
+    small = downsample(hand_cube(pattern), 2)  # 5 -> bins of 3 and 2
+    p = pattern[0, 0]
+    expected = torch.stack([
+        torch.stack([p[0:3, 0:3].sum(1).mean(), p[0:3, 3:5].sum(1).mean()]),
+        torch.stack([p[3:5, 0:3].sum(1).mean(), p[3:5, 3:5].sum(1).mean()]),
+    ])
+    torch.testing.assert_close(small.pattern[0, 0], expected)
+    assert small.metadata["downsample"]["query_bins"] == [0, 3, 5]
+    assert small.metadata["downsample"]["key_bins"] == [0, 3, 5]
+    assert small.query_positions.tolist() == [1, 3] and small.tokens == ["t0", "t3"]
+    torch.testing.assert_close(small.pattern.sum(-1), torch.ones(1, 1, 2))
+
+
+def test_downsampler_streamed_equals_downsampled_cube(gemma3):
+    ids = torch.randint(0, VOCAB, (1, 23))
+    sampler, same_size = Downsampler(7), Downsampler(64)
+    full = captured(gemma3, ids, consumers=[sampler, same_size], chunk_rows=4).cube(ids)
+    streamed = sampler.cube()
+    assert streamed.pattern.shape == (3, 4, 7, 7) and streamed.layers == (0, 1, 2)
+    torch.testing.assert_close(streamed.pattern, downsample(full, 7).pattern, atol=1e-6, rtol=0)
+    torch.testing.assert_close(streamed.pattern.sum(-1), torch.ones(3, 4, 7), atol=1e-5, rtol=0)
+    assert torch.equal(same_size.cube().pattern, full.pattern)  # bins of one position: an exact copy
+
+
+def test_downsampler_keeps_only_the_latest_pass(gemma3):
+    sampler = Downsampler(4)
+    with torch.no_grad(), capture(gemma3, consumers=[sampler], keep=False):
+        gemma3(input_ids=torch.randint(0, VOCAB, (1, 9)))
+        gemma3(input_ids=torch.randint(0, VOCAB, (1, 6)))
+    assert sampler.cube().metadata["downsample"]["num_keys"] == 6
+    with pytest.raises(InputError):
+        Downsampler(4).cube()
+
+
+def test_replay_feeds_a_saved_cube():
+    cube = hand_cube(torch.softmax(torch.randn(2, 3, 6, 6), -1))
+    recorder = Recorder()
+    replay(cube, [recorder], chunk_rows=4)
+    assert [(p.layers, p.num_queries) for p in recorder.parts] == [((0,), 4), ((0,), 2), ((1,), 4), ((1,), 2)]
+    assert recorder.finished == 1
+
+
+@pytest.mark.slow
+def test_streamed_long_prompt_on_smollm2(smollm2):
+    model, tokenizer, _ = smollm2
+    prompt = " ".join(f"word{i}" for i in range(40))
+    sampler = Downsampler(32)
+    assert capture_prompt(model, tokenizer, prompt, consumers=[sampler], keep=False, chunk_rows=64, layers=[0, 15]) is None
+    cube = sampler.cube()
+    assert cube.pattern.shape[:3] == (2, 9, 32) and cube.metadata["downsample"]["num_keys"] > 64
+    torch.testing.assert_close(cube.pattern.sum(-1), torch.ones(2, 9, 32), atol=1e-4, rtol=0)
