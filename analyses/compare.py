@@ -17,6 +17,10 @@ Two prompt sets A and B, each a table with one row per prompt x head (what `run_
   `#{|delta*| >= |delta|} / #splits`;
 - `q_value`: Benjamini-Hochberg adjusted p-value over the heads (or layers) of one metric.
 
+With `pairs` (matched prompts, e.g. the length-matched simple/complex pairs) the statistics are
+paired: delta is the mean within-pair difference, the bootstrap resamples pairs, and the
+permutation test flips the sign of each pair's difference (`paired_statistics`).
+
 Resampling is vectorised: each resample or permutation is a row of a weight matrix, so all
 heads and metrics are averaged by one matrix product.
 """
@@ -213,13 +217,58 @@ def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000,
             "ci_low": ci_low, "ci_high": ci_high, "p_value": p_value}
 
 
-def _cube_of(table: pd.DataFrame, units: pd.MultiIndex, metrics: list[str], id_column: str) -> np.ndarray:
-    """`"prompt unit metric"` array of a long table (one row per prompt x head)."""
+def paired_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000, n_permutations: int = 2000,
+                      confidence: float = 0.95, seed: int = 0) -> dict[str, np.ndarray]:
+    """Like `set_statistics` for matched pairs: row i of `x_a` and of `x_b` belong together.
+
+    delta = mean over pairs of (b_i - a_i); the bootstrap resamples pairs; the permutation test
+    flips the sign of each pair's difference (swapping the two labels inside a pair), exactly
+    over all 2^n flips when that is at most `n_permutations`. Pairs with a NaN are left out.
+    """
+    x_a, x_b = np.asarray(x_a, float), np.asarray(x_b, float)
+    if x_a.shape != x_b.shape or len(x_a) < 1:
+        raise InputError(f"paired comparison needs the same number of prompts on both sides (got {len(x_a)} and {len(x_b)}).")
+    rng = np.random.default_rng(seed)
+    diff = x_b - x_a
+    valid = ~np.isnan(diff)
+    zero = np.nan_to_num(diff)
+    n = len(diff)
+    delta = _weighted_means(np.ones((1, n)), zero, valid)[0]
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples).astype(float)
+    boot = _weighted_means(counts, zero, valid)
+    tail = (1 - confidence) / 2 * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci_low, ci_high = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+    exact = 2 ** n <= n_permutations
+    if exact:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1).astype(float)
+    else:
+        signs = rng.choice([-1.0, 1.0], size=(n_permutations, n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        flipped = (signs @ zero) / valid.sum(0)
+    extreme = (np.abs(flipped) >= np.abs(delta) * (1 - 1e-9) - 1e-12) & np.isfinite(flipped)
+    total = np.isfinite(flipped).sum(0)
+    p_value = extreme.sum(0) / total.clip(min=1) if exact else (1 + extreme.sum(0)) / (1 + total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_a = np.nansum(np.where(valid, x_a, 0), 0) / valid.sum(0)
+        mean_b = np.nansum(np.where(valid, x_b, 0), 0) / valid.sum(0)
+    return {"n_a": valid.sum(0), "n_b": valid.sum(0), "mean_a": mean_a, "mean_b": mean_b, "delta": delta,
+            "ci_low": ci_low, "ci_high": ci_high, "p_value": np.where(np.isfinite(delta), p_value, np.nan)}
+
+
+def _cube_of(table: pd.DataFrame, units: pd.MultiIndex, metrics: list[str], id_column: str, ids=None) -> np.ndarray:
+    """`"prompt unit metric"` array of a long table (one row per prompt x head), prompts in `ids` order."""
     if id_column not in table.columns:
         raise InputError(f"the prompt-set table has no '{id_column}' column; pass tables written by `llm-heatmap batch` (one row per prompt x head).")
     if table.duplicated([id_column, *KEYS]).any():
         raise InputError(f"the prompt-set table holds a (prompt, layer, head) row twice; give each prompt a unique '{id_column}'.")
-    ids = pd.unique(table[id_column])
+    present = pd.unique(table[id_column])
+    if ids is None:
+        ids = present
+    missing = sorted(set(map(str, ids)) - set(map(str, present)))
+    if missing:
+        raise InputError(f"prompt id '{missing[0]}' of the pairs is not in its set's table; pair ids that were measured.")
     index = pd.MultiIndex.from_tuples([(i, *u) for i in ids for u in units], names=[id_column, *KEYS])
     values = table.set_index([id_column, *KEYS])[metrics].reindex(index).to_numpy(float)
     return values.reshape(len(ids), len(units), len(metrics))
@@ -257,30 +306,34 @@ def _frame(stats: dict, keys: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def compare_sets(table_a: pd.DataFrame, table_b: pd.DataFrame, *, metrics=None, n_resamples: int = 2000,
                  n_permutations: int = 2000, confidence: float = 0.95, seed: int = 0,
-                 id_column: str = "prompt_id") -> SetComparison:
+                 id_column: str = "prompt_id", pairs=None) -> SetComparison:
     """Per-head and per-layer mean deltas (B - A) with bootstrap intervals and permutation p-values.
 
     `table_a`, `table_b`: one row per prompt x head with `id_column`, `layer`, `head` and metric
     columns (a `run_batch` table, or `head_metrics` tables concatenated with a prompt id).
+    `pairs`: optional list of (id in A, id in B) matched prompts (e.g. length-matched pairs); the
+    statistics are then paired (`paired_statistics`) instead of independent (`set_statistics`).
     """
     metrics = select_metrics(table_a, metrics)
     select_metrics(table_b, metrics)
     units = pd.MultiIndex.from_frame(
         pd.concat([table_a[KEYS], table_b[KEYS]]).drop_duplicates().sort_values(KEYS))
-    x_a = _cube_of(table_a, units, metrics, id_column)
-    x_b = _cube_of(table_b, units, metrics, id_column)
+    pairs = None if pairs is None else list(pairs)
+    x_a = _cube_of(table_a, units, metrics, id_column, None if pairs is None else [a for a, _ in pairs])
+    x_b = _cube_of(table_b, units, metrics, id_column, None if pairs is None else [b for _, b in pairs])
     options = dict(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence, seed=seed)
+    statistics = set_statistics if pairs is None else paired_statistics
 
     head_keys = units.to_frame(index=False)
     if "kv_group" in table_a.columns:
         groups = table_a.drop_duplicates(KEYS).set_index(KEYS)["kv_group"]
         head_keys["kv_group"] = groups.reindex(units).to_numpy()
-    head_stats = set_statistics(x_a.reshape(len(x_a), -1), x_b.reshape(len(x_b), -1), **options)
+    head_stats = statistics(x_a.reshape(len(x_a), -1), x_b.reshape(len(x_b), -1), **options)
     heads = _frame(head_stats, head_keys, metrics)
 
     layer_values, layer_of_unit = np.unique(units.get_level_values("layer").to_numpy(), return_inverse=True)
     l_a, l_b = _layer_means(x_a, layer_of_unit, len(layer_values)), _layer_means(x_b, layer_of_unit, len(layer_values))
-    layer_stats = set_statistics(l_a.reshape(len(l_a), -1), l_b.reshape(len(l_b), -1), **options)
+    layer_stats = statistics(l_a.reshape(len(l_a), -1), l_b.reshape(len(l_b), -1), **options)
     layers = _frame(layer_stats, pd.DataFrame({"layer": layer_values}), metrics)
     return SetComparison(heads=heads, layers=layers)
 

@@ -57,8 +57,10 @@ def detector_sums(pattern: torch.Tensor, token_ids: torch.Tensor, query_position
     return numerators, denominators
 
 
-def _excluded(pattern, query_positions, key_mask, query_mask, exclude_bos, exclude_current_token):
-    keep = torch.ones(pattern.shape[-2:], dtype=torch.bool)
+def detector_keep(query_positions, num_keys, key_mask=None, query_mask=None, exclude_bos=False,
+                  exclude_current_token=False) -> torch.Tensor:
+    """bool `"q k"`: entries of A' that count (real rows and keys, minus column 0 / the diagonal if excluded)."""
+    keep = torch.ones(len(query_positions), num_keys, dtype=torch.bool)
     if key_mask is not None:
         keep &= key_mask.bool()[None, :]
     if query_mask is not None:
@@ -66,8 +68,13 @@ def _excluded(pattern, query_positions, key_mask, query_mask, exclude_bos, exclu
     if exclude_bos:
         keep[:, 0] = False
     if exclude_current_token:
-        keep &= torch.arange(pattern.shape[-1])[None, :] != query_positions.long()[:, None]
-    return pattern * keep
+        keep &= torch.arange(num_keys)[None, :] != query_positions.long()[:, None]
+    return keep
+
+
+def _excluded(pattern, query_positions, key_mask, query_mask, exclude_bos, exclude_current_token):
+    return pattern * detector_keep(query_positions, pattern.shape[-1], key_mask, query_mask, exclude_bos,
+                                   exclude_current_token)
 
 
 def head_detector_scores(cube, *, exclude_bos: bool = False, exclude_current_token: bool = False,

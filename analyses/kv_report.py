@@ -7,8 +7,8 @@ grouped by their real KV heads; MHA models by consecutive pseudo-groups of the G
 group size (3 for SmolLM2), so both kinds answer the same question in one table.
 
 The model-level summary has one row per model x measure x first-token handling: the means of
-within, between and gap over all (prompt, layer) rows, the share of rows whose gap is positive,
-and the share whose permutation p-value is below 0.05.
+within, between and gap over all (prompt, layer) rows, the share of rows whose gap is positive
+(`share_gap_positive`), and the share whose permutation p-value is below 0.05 (`share_significant`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def summarize(layers: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     summary = grouped.agg(n_prompts=("prompt", "nunique"), n_layers=("layer", "nunique"), within=("within", "mean"),
                           between=("between", "mean"), gap=("gap", "mean"), gap_positive=("gap_positive", "mean"),
                           significant=("significant", "mean")).reset_index()
-    return summary.rename(columns={"gap_positive": "share_gap_positive", "significant": f"share_p_below_{alpha:g}"})
+    return summary.rename(columns={"gap_positive": "share_gap_positive", "significant": "share_significant"})
 
 
 def _kind(spec) -> str:

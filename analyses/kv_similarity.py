@@ -48,25 +48,25 @@ def _rows_and_weights(pattern: torch.Tensor, mask: torch.Tensor, drop_first: int
     return pattern.double() * mask, mask
 
 
-def js_divergence_matrix(p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean row-wise Jensen-Shannon divergence (nats) between heads: `"a q k"`, `"b q k"` -> `"a b"`.
+def js_divergence_matrix(p: torch.Tensor) -> torch.Tensor:
+    """Mean row-wise Jensen-Shannon divergence (nats) between heads: `"h q k"` -> symmetric `"h h"`.
 
     Rows are distributions over keys (zeros outside attendable keys); a row that is all zero
     in either head (not a spread row, or no mass left) is left out of that pair's mean.
     """
-    q = p if q is None else q
-    entropy_p = -torch.special.xlogy(p, p).sum(-1)  # a q
-    entropy_q = -torch.special.xlogy(q, q).sum(-1)
-    valid_p, valid_q = (p.sum(-1) > 0).double(), (q.sum(-1) > 0).double()
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, q[..., 0, :].numel() * p.shape[-2]))
-    out = torch.empty(p.shape[0], q.shape[0], dtype=torch.float64)
-    for start in range(0, p.shape[0], chunk):
-        a = slice(start, start + chunk)
-        middle = (p[a, None] + q[None]) / 2  # a b q k
-        js = -torch.special.xlogy(middle, middle).sum(-1) - (entropy_p[a, None] + entropy_q[None]) / 2
-        both = valid_p[a, None] * valid_q[None]
-        out[a] = (js.clamp(min=0) * both).sum(-1) / both.sum(-1).clamp(min=1)
-    return out
+    heads = p.shape[0]
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # h q
+    valid = (p.sum(-1) > 0).double()
+    first, second = torch.triu_indices(heads, heads, 1)
+    out = torch.zeros(heads, heads, dtype=torch.float64)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, p[0].numel()))
+    for start in range(0, len(first), chunk):
+        a, b = first[start:start + chunk], second[start:start + chunk]
+        middle = (p[a] + p[b]) / 2  # pair q k
+        js = -torch.special.xlogy(middle, middle).sum(-1) - (entropy[a] + entropy[b]) / 2
+        both = valid[a] * valid[b]
+        out[a, b] = (js.clamp(min=0) * both).sum(-1) / both.sum(-1).clamp(min=1)
+    return out + out.T
 
 
 def layer_similarity(pattern: torch.Tensor, mask: torch.Tensor, measure: str, drop_first: int | None = None) -> torch.Tensor:
@@ -198,7 +198,6 @@ def head_similarity_matrix(cube, *, drop_first_token: bool = False, max_rows: in
         distributions.append(weights / weights.sum(-1, keepdim=True).clamp(min=1e-300))
     p = torch.cat(distributions)  # (l h) q k
     divergence = js_divergence_matrix(p)
-    divergence = ((divergence + divergence.T) / 2).fill_diagonal_(0)
     tree = linkage(squareform(divergence.numpy(), checks=False), method="average")
     labels = [(layer, head) for layer in cube.layers for head in cube.heads]
     return HeadSimilarity(labels=labels, divergence=divergence, similarity=1 - divergence / math.log(2),

@@ -25,7 +25,9 @@ real key position (position 0 without left padding).
 - diagonal_score, block_score, vertical_score (+ vertical_key, the column achieving it),
   pattern_class: see `llm_heatmap.analyses.patterns`.
 - previous_token_score, duplicate_token_score, induction_score: TransformerLens's "mul"
-  head-detector scores (see `llm_heatmap.analyses.head_detector`).
+  head-detector scores (see `llm_heatmap.analyses.head_detector`), summed over the real rows
+  and, like every metric here, over attendable keys only (a softmax under the model's mask has
+  exact zeros elsewhere, so this is TransformerLens's number).
 - n_rows: |R|.
 
 Every quantity is a sum over rows divided by a count, so feeding a cube in any split of
@@ -41,7 +43,7 @@ import torch
 
 from llm_heatmap.models import InputError
 
-from .head_detector import DETECTORS, SCORE_COLUMNS, detection_patterns, detector_sums
+from .head_detector import DETECTORS, SCORE_COLUMNS, detection_patterns, detector_keep
 from .patterns import classify_heads, segment_ids, special_token_mask
 
 SINK_THRESHOLD = 0.3
@@ -118,7 +120,7 @@ class HeadMetricsReducer:
             "spec": part.spec,
             "heads": tuple(part.heads),
             "first": int(real[0]),
-            "special": special_token_mask(part.tokens).double(),
+            "special": special_token_mask(part.tokens),
             "segments": segments,
             "detection": detection_patterns(part.token_ids),
         }
@@ -127,61 +129,66 @@ class HeadMetricsReducer:
     def _accumulate(self, sums: _LayerSums, pattern: torch.Tensor, attendable: torch.Tensor, part, context) -> None:
         rows_real = part.query_mask.bool()
         mask = attendable & rows_real[:, None]  # q k
-        weights = pattern.double() * mask  # h q k; float64 so row sums do not depend on the block split
+        # float64 so that row sums do not depend on how rows are split into blocks
+        weights = pattern.double() * mask  # h q k
         n = mask.sum(-1)  # q
         spread = (n >= 2).double()
+        n_safe = n.clamp(min=2).double()
         positions = part.query_positions.long()
         keys = torch.arange(part.num_keys)
         distance = (positions[:, None] - keys[None, :]).abs()
+        segments = context["segments"]
+        keep = detector_keep(positions, part.num_keys, part.key_mask, part.query_mask,
+                             self.exclude_bos, self.exclude_current_token)
+        # every "mass on a key set" metric is one batched matmul over rows: "h q k, q k f -> q h f"
+        features = torch.stack([
+            distance * mask,
+            mask & (distance <= 1),
+            mask & (segments[positions][:, None] == segments[None, :]),
+            mask & context["special"][None, :],
+            *(context["detection"][:, positions] * keep),
+            keep,
+        ], -1).double()
+        masses = torch.bmm(weights.transpose(0, 1), features).permute(2, 1, 0)  # f h q
+        counts = features.sum(1).T  # f q: the same masses under uniform weights x n_i
 
         entropy = -torch.special.xlogy(weights, weights).sum(-1)  # h q
-        n_safe = n.clamp(min=2).double()
         per_row = {
-            "entropy": entropy.double(),
-            "norm_entropy": entropy.double() / n_safe.log(),
-            "effective_keys": entropy.double().exp(),
-            "effective_keys_frac": entropy.double().exp() / n_safe,
-            "max_weight": weights.amax(-1).double(),
+            "entropy": entropy,
+            "norm_entropy": entropy / n_safe.log(),
+            "effective_keys": entropy.exp(),
+            "effective_keys_frac": entropy.exp() / n_safe,
+            "max_weight": weights.amax(-1),
         }
         for name, offset in (("prev_token_mass", -1), ("current_token_mass", 0), ("next_token_mass", 1)):
             target = positions + offset
             valid = (target >= 0) & (target < part.num_keys)
             column = target.clamp(0, part.num_keys - 1)
             picked = weights.gather(-1, column[None, :, None].expand(weights.shape[0], -1, 1)).squeeze(-1)
-            per_row[name] = picked.double() * valid
-        mean_distance = (weights * distance).sum(-1).double()
-        uniform_distance = (mask * distance).sum(-1).double() / n_safe
-        per_row["mean_distance"] = mean_distance
-        per_row["distance_ratio"] = mean_distance / uniform_distance.clamp(min=1e-12)
-        per_row["special_mass"] = (weights @ context["special"]).double()
-        local = mask & (distance <= 1)
-        per_row["local_mass"] = (weights * local).sum(-1).double()
+            per_row[name] = picked * valid
+        per_row["mean_distance"] = masses[0]
+        per_row["distance_ratio"] = masses[0] / (counts[0] / n_safe).clamp(min=1e-12)
+        per_row["special_mass"] = masses[3]
+        per_row["local_mass"] = masses[1]
         for name, values in per_row.items():
             sums.sums[name] += values @ spread
         sums.rows += spread.sum()
-        sums.uniform_local += (local.sum(-1).double() / n_safe) @ spread
-
-        segments = context["segments"]
-        same = mask & (segments[positions][:, None] == segments[None, :])
-        sums.block += (weights * same).sum(-1).double() @ spread
-        sums.uniform_block += (same.sum(-1).double() / n_safe) @ spread
+        sums.uniform_local += (counts[1] / n_safe) @ spread
+        sums.block += masses[2] @ spread
+        sums.uniform_block += (counts[2] / n_safe) @ spread
 
         first = context["first"]
         sees = mask[:, first]
         for slot, rows in enumerate((sees, sees & (positions != first))):
-            sums.sink[slot] += weights[:, :, first].double() @ rows.double()
+            sums.sink[slot] += weights[:, :, first] @ rows.double()
             sums.sink_rows[slot] += rows.sum()
 
-        sums.column += torch.einsum("hqk,q->hk", weights.double(), spread)
+        sums.column += torch.einsum("hqk,q->hk", weights, spread)
         sums.column_rows += mask.double().T @ spread
         sums.column_uniform += (mask.double() / n_safe[:, None]).T @ spread
 
-        numerators, denominators = detector_sums(
-            pattern[None], part.token_ids, positions, part.key_mask, part.query_mask,
-            exclude_bos=self.exclude_bos, exclude_current_token=self.exclude_current_token,
-            patterns=context["detection"])
-        sums.detector += numerators[0]
-        sums.detector_total += denominators[0]
+        sums.detector += masses[4:4 + len(DETECTORS)].sum(-1).T
+        sums.detector_total += masses[4 + len(DETECTORS)].sum(-1)
 
     # ---- result ------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from llm_heatmap.analyses.compare import (bh_adjust, compare_cubes, compare_groups, compare_sets, difference_cube,
-                                          metric_deltas, select_metrics, set_statistics)
+                                          metric_deltas, paired_statistics, select_metrics, set_statistics)
 from llm_heatmap.models import InputError
 
 
@@ -24,6 +24,32 @@ def test_hand_checkable_case():
     assert result["p_value"][0] == pytest.approx(1 / 3)
     assert (result["ci_low"][0], result["ci_high"][0]) == (1.0, 3.0)
     assert (result["mean_a"][0], result["mean_b"][0]) == (0.5, 2.5)
+
+
+def test_paired_hand_checkable_case():
+    # pair differences 1 and 3: delta 2; of the 4 sign flips (+-1, +-3) the means are 2, 1, -1, -2,
+    # so p = 2/4; resampling two pairs gives means 1, 2, 3 with probabilities 1/4, 1/2, 1/4.
+    result = paired_statistics(np.array([[0.0], [0.0]]), np.array([[1.0], [3.0]]))
+    assert result["delta"][0] == 2.0 and result["p_value"][0] == 0.5
+    assert (result["ci_low"][0], result["ci_high"][0]) == (1.0, 3.0)
+    # a consistent within-pair shift that a between-set test would drown in pair-to-pair spread
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 5, size=(12, 1))
+    shifted = base + 1 + rng.normal(0, 0.1, size=(12, 1))
+    assert paired_statistics(base, shifted)["p_value"][0] < 0.001
+    assert set_statistics(base, shifted)["p_value"][0] > 0.1
+
+
+def test_compare_sets_with_pairs():
+    rng = np.random.default_rng(5)
+    a = _synthetic(6, 0.0, rng, "a")
+    b = a.assign(prompt_id=a["prompt_id"].str.replace("a", "b"), entropy=a["entropy"] + 0.2)
+    pairs = [(f"a{k}", f"b{k}") for k in range(6)]
+    heads = compare_sets(a, b, pairs=pairs, n_permutations=100).heads.set_index(["metric", "layer", "head"])
+    assert heads.loc["entropy", "delta"].to_numpy() == pytest.approx(0.2)
+    assert (heads.loc["entropy", "p_value"] == 2 / 64).all()  # 2^6 = 64 flips enumerated; only +-all extreme
+    with pytest.raises(InputError, match="prompt id 'b9'"):
+        compare_sets(a, b, pairs=[("a0", "b9")])
 
 
 def test_monte_carlo_p_value_matches_exact():

@@ -409,9 +409,10 @@ aside { width:380px; flex:none; border-left:1px solid var(--line); padding:16px 
 .ticks { display:flex; justify-content:space-between; font-size:11px; font-variant-numeric:tabular-nums; }
 .zoom-tools { display:inline-flex; gap:4px; }
 .zoom-tools button { min-width:34px; }
-#z-metrics { width:100%; border-collapse:collapse; font-variant-numeric:tabular-nums; }
+#z-metrics { width:100%; table-layout:fixed; border-collapse:collapse; font-variant-numeric:tabular-nums; }
 #z-metrics td { padding:5px 4px; border-bottom:1px solid var(--line); }
-#z-metrics td:first-child { word-break:break-word; }
+#z-metrics td:first-child { width:56%; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
+#z-metrics td:last-child { width:70px; }
 #z-metrics td:nth-child(2) { text-align:right; font-weight:600; white-space:nowrap; }
 #z-metrics .bar { width:60px; height:6px; background:var(--empty); border-radius:3px; position:relative; }
 #z-metrics .bar i { position:absolute; top:-2px; width:3px; height:10px; border-radius:1px; background:var(--accent); }
@@ -686,7 +687,9 @@ function showMetrics(layer, head) {
   m.columns.forEach((name, i) => {
     const tr = table.insertRow();
     tr.dataset.metric = name;
-    tr.insertCell().textContent = name;
+    const label = tr.insertCell();
+    label.textContent = name;
+    label.title = name;
     tr.insertCell().textContent = fmt(row[i]);
     const bar = tr.insertCell(), range = m.ranges[i];
     if (range && typeof row[i] === "number") {

@@ -23,12 +23,12 @@ def register(subparsers) -> None:
         description="Capture every prompt of FILE (TXT: one prompt per line; JSONL: {\"prompt\", \"id\", \"group\"} "
         "per line) in streaming mode and write one row per prompt x head to OUT/heads.parquet and OUT/heads.csv. "
         "Each finished prompt is kept in OUT/parts/, so --resume recomputes only the prompts not yet done; "
-        "--shard i/n takes prompt k when k %% n == i (write shards into one OUT; their tables are "
+        "--shard i/n takes prompt k when k % n == i (write shards into one OUT; their tables are "
         f"heads.shard-i-of-n.*).\n\n{EXAMPLE}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", type=Path, metavar="FILE", help="prompt file (.txt or .jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--shard", type=parse_shard, metavar="i/n", help="only prompts k with k %% n == i")
+    parser.add_argument("--shard", metavar="i/n", help="only prompts k with k %% n == i")
     parser.add_argument("--resume", action="store_true", help="keep prompts already done in OUT, compute the rest")
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
     common.add_model_options(parser)
@@ -37,14 +37,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    shard = None if args.shard is None else parse_shard(args.shard)
     prompts = read_prompts(args.file)
     model, tokenizer, spec = analysis_common.load(args)
     with torch.no_grad():
         result = run_batch(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model), chat=args.chat,
-                           shard=args.shard, resume=args.resume, force=args.force, quiet=analysis_common.quiet(args))
-    shard = "" if args.shard is None else f" (shard {args.shard[0]}/{args.shard[1]})"
+                           shard=shard, resume=args.resume, force=args.force, quiet=analysis_common.quiet(args))
+    which = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     lines = [f"{args.model}: {spec.summary}",
-             f"{len(result.computed)} prompts computed, {len(result.skipped)} already done{shard}; "
+             f"{len(result.computed)} prompts computed, {len(result.skipped)} already done{which}; "
              f"{len(result.table)} rows",
              f"wrote {result.parquet}, {result.csv}"]
     payload = {"model": str(args.model), "spec": spec.summary, "computed": result.computed, "skipped": result.skipped,

@@ -76,10 +76,9 @@ def run(args) -> int:
     summary = report.summary
     lines = [f"{len(models)} model(s) x {len(prompts)} prompt(s); gap = within - between (mean over prompts and layers)"]
     for row in summary.itertuples():
-        significant = getattr(row, summary.columns[-1])
         lines.append(f"{row.model} ({row.attention_kind}, {row.grouping} groups of {row.group_size}) {row.measure:7s} "
                      f"first token {row.first_token:7s}: within {row.within:.3f} between {row.between:.3f} "
-                     f"gap {row.gap:+.3f}; gap > 0 in {row.share_gap_positive:.0%} of layers, p < 0.05 in {significant:.0%}")
+                     f"gap {row.gap:+.3f}; gap > 0 in {row.share_gap_positive:.0%} of layers, p < 0.05 in {row.share_significant:.0%}")
     if files:
         lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     payload = {"models": models, "prompts": prompts, "files": {k: str(v) for k, v in files.items()},

@@ -1,0 +1,213 @@
+"""The analysis subcommands (`metrics`, `compare`, `kv-similarity`, `batch`) run through the CLI's `main`.
+
+The real offline models come from the session fixtures (the CLI's loader is pointed at them), so
+these tests exercise argument parsing, files, exit codes and messages without reloading models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+
+from llm_heatmap.analyses import cli as cli_module
+from llm_heatmap.analyses.batch import run_batch
+from llm_heatmap.analyses.commands import (batch_command, common, compare_command, kv_similarity_command,
+                                           metrics_command)
+from llm_heatmap.analyses.prompts import read_prompts
+from llm_heatmap.probes import AttentionCube
+
+pytestmark = pytest.mark.slow
+MINE = [metrics_command, compare_command, kv_similarity_command, batch_command]
+
+
+@pytest.fixture
+def run(monkeypatch, capsys, smollm2, minilm):
+    models = {"smollm2-135m": smollm2, "minilm-l6": minilm,
+              "tiny-context": (smollm2[0], smollm2[1], replace(smollm2[2], max_positions=4))}
+    loads = []
+
+    def fake_load(source, **options):
+        loads.append(source)
+        return models[str(source)]
+
+    monkeypatch.setattr(common, "load_model", fake_load)
+    registered = [c for c in cli_module.COMMANDS if c not in MINE]
+    monkeypatch.setattr(cli_module, "COMMANDS", registered + MINE)
+
+    def invoke(*argv):
+        capsys.readouterr()
+        code = cli_module.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    invoke.loads = loads
+    return invoke
+
+
+def one_sentence(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"llm-heatmap {command}: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["metrics", "compare", "kv-similarity", "batch"])
+def test_help_has_an_example(run, command):
+    with pytest.raises(SystemExit) as exit_:
+        run(command, "--help")
+    assert exit_.value.code == 0
+
+
+def test_help_text(run, capsys):
+    for command in ("metrics", "compare", "kv-similarity", "batch"):
+        with pytest.raises(SystemExit):
+            cli_module.main([command, "--help"])
+        assert f"llm-heatmap {command}" in capsys.readouterr().out.split("example")[1]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "json", "md"])
+def test_metrics_writes_each_format(run, tmp_path, suffix):
+    out = tmp_path / f"sky.{suffix}"
+    code, stdout, _ = run("metrics", "the sky is blue", "--model", "minilm-l6", "--out", out,
+                          "--metric", "norm_entropy,sink_score", "--metric", "pattern_class")
+    assert code == 0
+    assert "minilm-l6: dense encoder, MHA 12q:12kv x 6 layers" in stdout and "strongest sink heads" in stdout
+    assert out.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]
+    if suffix == "md":
+        header = out.read_text().splitlines()[0]
+        assert header == "| layer | head | kv_group | norm_entropy | sink_score | pattern_class |"
+        return
+    table = {"csv": pd.read_csv, "parquet": pd.read_parquet, "json": pd.read_json}[suffix](out)
+    assert list(table.columns) == ["layer", "head", "kv_group", "norm_entropy", "sink_score", "pattern_class"]
+    assert len(table) == 72
+
+
+def test_metrics_json_and_stdout_table(run, tmp_path):
+    code, stdout, _ = run("--quiet", "metrics", "the sky is blue", "--model", "minilm-l6", "--json",
+                          "--metric", "entropy")
+    payload = json.loads(stdout)
+    assert code == 0 and payload["tokens"] == 6 and payload["heads"] == 72 and len(payload["digest"]) == 5
+    assert set(payload["table"][0]) == {"layer", "head", "kv_group", "entropy"}
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("the sky is blue\n")
+    code, stdout, _ = run("metrics", "--prompt-file", prompt_file, "--model", "minilm-l6", "--quiet")
+    assert code == 0 and "| layer | head | kv_group | entropy |" in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["metrics", "   "], "the prompt is empty"),
+    (["metrics", "--prompt-file", "/nonexistent/prompt.txt"], "cannot be read"),
+    (["metrics", "the sky", "--metric", "entropi"], "metric 'entropi' does not exist; valid metrics are: entropy, "),
+    (["metrics", "the sky is blue today", "--model", "tiny-context"],
+     "has 5 tokens but the model's context holds 4"),
+    (["metrics", "the sky", "--out", "OUT/table.xlsx"], "end it with .csv, .parquet, .json or .md"),
+    (["compare", "the sky is blue", "run a self-meta-cognitive diagnostic", "--model", "minilm-l6", "--out", "OUT/d.csv"],
+     "prompt A has 6 tokens and prompt B has 10, so their patterns cannot be subtracted; pass --metrics-only"),
+    (["compare", "", "b"], "prompt A is empty"),
+    (["kv-similarity"], "no prompt given"),
+    (["batch", "OUT/missing.txt", "--out", "OUT/b"], "does not exist"),
+    (["batch", "OUT/../prompts.txt", "--out", "OUT/b", "--shard", "2/2"], "shard '2/2' is out of range"),
+])
+def test_bad_input_exits_2_with_one_sentence_and_no_file(run, tmp_path, argv, message):
+    (tmp_path / "prompts.txt").write_text("the sky is blue\n")
+    out = tmp_path / "OUT"
+    argv = [a.replace("OUT", str(out)) for a in argv]
+    code, stdout, err = run(*argv)
+    assert code == 2
+    assert message in one_sentence(err, argv[0])
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_existing_output_needs_force(run, tmp_path):
+    out = tmp_path / "m.csv"
+    out.write_text("keep me\n")
+    code, _, err = run("metrics", "the sky", "--model", "minilm-l6", "--out", out)
+    assert code == 2 and "already exists; pass --force" in one_sentence(err, "metrics")
+    assert out.read_text() == "keep me\n" and run.loads == []  # refused before loading the model
+    code, _, _ = run("metrics", "the sky", "--model", "minilm-l6", "--out", out, "--force")
+    assert code == 0 and pd.read_csv(out).shape[0] == 72
+
+
+def test_compare_equal_length_prompts(run, tmp_path, smollm2):
+    out, cube_out = tmp_path / "exp2.csv", tmp_path / "exp2.safetensors"
+    simple, complex_ = "Tell me a very simple short story.", "Explain the core idea behind quantum entanglement."
+    code, stdout, _ = run("compare", simple, complex_, "--out", out, "--cube-out", cube_out, "--quiet")
+    assert code == 0 and "A: 8 tokens, B: 8 tokens" in stdout and "difference cube computed" in stdout
+    deltas = pd.read_csv(out)
+    assert list(deltas.columns) == ["layer", "head", "kv_group", "metric", "a", "b", "delta"]
+    assert len(deltas["metric"].unique()) > 10 and len(deltas) % 270 == 0
+    difference = AttentionCube.load(cube_out)
+    model, tokenizer, spec = smollm2
+    from llm_heatmap.probes import capture_prompt
+
+    with torch.no_grad():
+        a, b = (capture_prompt(model, tokenizer, p, spec=spec) for p in (simple, complex_))
+    torch.testing.assert_close(difference.pattern, b.pattern - a.pattern)
+    assert difference.metadata["prompt_a"] == simple and difference.metadata["prompt_b"] == complex_
+
+
+def test_compare_metrics_only_and_sets(run, tmp_path):
+    code, stdout, _ = run("compare", "the sky is blue", "run a self-meta-cognitive diagnostic", "--model",
+                          "minilm-l6", "--metrics-only", "--metric", "norm_entropy", "--json")
+    payload = json.loads(stdout)
+    assert code == 0 and payload["tokens"] == {"a": 6, "b": 10} and payload["digest"][0].startswith("norm_entropy")
+
+    simple, hard = tmp_path / "simple.txt", tmp_path / "complex.jsonl"
+    simple.write_text("the sky is blue\ncats sleep a lot\n")
+    hard.write_text('{"prompt": "define an integral"}\n{"prompt": "prove a theorem"}\n')
+    out = tmp_path / "sets.heads.csv"
+    code, stdout, _ = run("compare", simple, hard, "--sets", "--model", "minilm-l6", "--out", out,
+                          "--resamples", "200", "--permutations", "100", "--metric", "norm_entropy")
+    assert code == 0 and "set A: 2 prompts" in stdout
+    heads, layers = pd.read_csv(out), pd.read_csv(tmp_path / "sets.layers.csv")
+    assert len(heads) == 72 and len(layers) == 6
+    # 2 vs 2 prompts: 6 label splits, enumerated exactly, so p >= 1/3
+    assert (heads["p_value"] >= 1 / 3 - 1e-9).all()
+    assert (heads["ci_low"] <= heads["delta"]).all() and (heads["delta"] <= heads["ci_high"]).all()
+
+
+def test_kv_similarity_two_models(run, tmp_path):
+    out = tmp_path / "kv.csv"
+    code, stdout, _ = run("kv-similarity", "--model", "smollm2-135m", "--model", "minilm-l6", "the sky is blue",
+                          "--measure", "js", "--permutations", "50", "--out", out, "--quiet")
+    assert code == 0
+    layers, summary = pd.read_csv(out), pd.read_csv(tmp_path / "kv.summary.csv")
+    assert layers.groupby("model")["layer"].nunique().to_dict() == {"smollm2-135m": 30, "minilm-l6": 6}
+    kinds = summary.set_index("model")
+    assert kinds.loc["smollm2-135m", "grouping"].tolist() == ["kv", "kv"]
+    assert kinds.loc["minilm-l6", "grouping"].tolist() == ["pseudo", "pseudo"]
+    assert (summary["group_size"] == 3).all() and set(summary["first_token"]) == {"kept", "dropped"}
+    assert "smollm2-135m (GQA, kv groups of 3)" in stdout and "minilm-l6 (MHA, pseudo groups of 3)" in stdout
+    assert set(layers["measure"]) == {"js"} and ((layers["p_value"] > 0) & (layers["p_value"] <= 1)).all()
+
+
+def test_batch_resume_and_shards(run, tmp_path, minilm):
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("the sky is blue\ncats sleep\nhello there\n")
+    out = tmp_path / "run"
+    model, tokenizer, spec = minilm
+
+    class Stop(Exception):
+        pass
+
+    def stop(prompt, table):
+        raise Stop
+
+    with pytest.raises(Stop):  # an interrupted run: one prompt done
+        run_batch(model, tokenizer, read_prompts(prompt_file), out, spec=spec, source="minilm-l6", quiet=True,
+                  on_prompt=stop)
+    code, _, err = run("batch", prompt_file, "--out", out, "--model", "minilm-l6")
+    assert code == 2 and "--resume" in one_sentence(err, "batch")
+    code, stdout, _ = run("batch", prompt_file, "--out", out, "--model", "minilm-l6", "--resume", "--json")
+    payload = json.loads(stdout)
+    assert code == 0 and payload["skipped"] == ["0"] and payload["computed"] == ["1", "2"] and payload["rows"] == 216
+    assert pd.read_parquet(out / "heads.parquet").shape[0] == 216 and pd.read_csv(out / "heads.csv").shape[0] == 216
+
+    sharded = tmp_path / "sharded"
+    code, stdout, _ = run("batch", prompt_file, "--out", sharded, "--model", "minilm-l6", "--shard", "1/2", "--json")
+    assert code == 0 and json.loads(stdout)["computed"] == ["1"]
+    assert (sharded / "heads.shard-1-of-2.parquet").exists() and (sharded / "heads.shard-1-of-2.csv").exists()

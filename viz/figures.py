@@ -1,0 +1,356 @@
+"""Detail and summary figures: one head (or one KV group) with token labels, prompt A vs B with their
+difference, layer x head metric maps, the KV-group similarity chart and attention rollout.
+
+All functions return a `matplotlib.figure.Figure` (not managed by pyplot); `save_figure` writes one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+import matplotlib.colors as mcolors
+from matplotlib.figure import Figure
+
+from llm_heatmap.models import InputError
+
+from .grid import _one_sequence
+from .labels import fit_text, token_label
+from .raster import check_scale, get_cmap, normalise
+
+DPI = 100
+
+
+def _figure(width_in, height_in) -> Figure:
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path) -> Path:
+    """Write a figure from this module as .png, .svg or .pdf (pixel size = figure size x its dpi)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"output {path} has an unknown extension; use .png, .svg or .pdf.")
+    fig.savefig(path, dpi=fig.dpi, format=path.suffix.lower()[1:])
+    return path
+
+
+def _index(values, value, what, cube):
+    if value not in values:
+        raise InputError(f"{what} {value} is not in this cube (it holds {what}s {list(values)}); pick one of those.")
+    return list(values).index(value)
+
+
+def _token_font(n: int) -> float:
+    """Point size for n token labels along an axis of about 0.2 inch per token."""
+    return float(np.clip(13 - n / 6, 6.5, 10))
+
+
+def _panel_inches(n_rows: int, n_cols: int) -> tuple[float, float]:
+    side = float(np.clip(0.2 * max(n_rows, n_cols), 3.2, 14))
+    return side * n_cols / max(n_rows, n_cols), side * n_rows / max(n_rows, n_cols)
+
+
+def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, show_rows=True, title=None):
+    """imshow of normalised values; cells not drawn show the background; tokens on both axes."""
+    shown = np.ma.masked_array(values01, mask=~drawn)
+    cm = get_cmap(cmap).with_extremes(bad=(1, 1, 1, 0))
+    image = ax.imshow(shown, cmap=cm, vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+    n_rows, n_cols = values01.shape
+    ax.set_xticks(np.arange(n_cols))
+    ax.set_xticklabels([token_label(t) for t in col_labels], rotation=90, fontsize=_token_font(n_cols))
+    ax.set_yticks(np.arange(n_rows))
+    if show_rows:
+        ax.set_yticklabels([token_label(t) for t in row_labels], fontsize=_token_font(n_rows))
+    else:
+        ax.set_yticklabels([])
+    ax.tick_params(length=2, pad=1)
+    ax.set_xlabel("key", fontsize=9)
+    if show_rows:
+        ax.set_ylabel("query", fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=11)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return image
+
+
+def _head_values(cube, heads_index, layer_index, *, scale, gamma, vmin, vmax, sink):
+    """Normalised `"h q k"` values of some heads of one layer, one shared range, plus drawn mask and scale."""
+    check_scale(scale, sink, gamma)
+    values = cube.pattern[layer_index][heads_index].detach().float().cpu().numpy()
+    drawn = np.broadcast_to(cube.attendable()[layer_index].cpu().numpy(), values.shape)
+    in_range = drawn.copy()
+    if sink != "keep":
+        in_range[..., 0] = False
+    out, color = normalise(values, in_range, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax)
+    if sink == "mask":
+        drawn = drawn.copy()
+        drawn[..., 0] = False
+    return out, drawn, color
+
+
+def _query_labels(cube):
+    return [cube.tokens[int(p)] for p in cube.query_positions]
+
+
+def _colorbar(fig, ax, color, cmap, label):
+    bar = fig.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(cmap)), cax=ax)
+    bar.set_label(label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    return bar
+
+
+def _suptitle(fig, cube, text):
+    width_px = fig.get_figwidth() * DPI * 0.95
+    spec = cube.spec.summary
+    prompt = cube.prompt if isinstance(cube.prompt, str) else " ".join(map(str, cube.tokens))
+    lines = [fit_text(text, 13, width_px), fit_text(f"{cube.source or cube.spec.model_type} · {spec}", 10.5, width_px),
+             fit_text(f'"{" ".join(prompt.split())}"', 10.5, width_px)]
+    fig.suptitle("\n".join(lines), fontsize=10, linespacing=1.4, y=1 - 0.1 / fig.get_figheight(), va="top")
+
+
+def plot_head(cube, layer: int, head: int, *, scale="linear", gamma=0.5, vmin=None, vmax=None, sink="keep",
+              cmap="viridis") -> Figure:
+    """One head in detail: every query row and key column labelled with its token (readable at 50 tokens)."""
+    return plot_heads(cube, layer, [head], scale=scale, gamma=gamma, vmin=vmin, vmax=vmax, sink=sink, cmap=cmap)
+
+
+def plot_kv_group(cube, layer: int, group: int, **options) -> Figure:
+    """The query heads that share KV head `group` in `layer`, side by side on one colour range."""
+    cube = _one_sequence(cube)
+    heads = [h for h in cube.heads if cube.spec.kv_group(h) == group]
+    if not heads:
+        raise InputError(f"KV group {group} has no heads in this cube (groups 0..{cube.spec.num_kv_heads - 1}).")
+    return plot_heads(cube, layer, heads, title=f"layer {layer}, KV group {group}", **options)
+
+
+def _panel_row(n_panels, w, h, margin, colorbars, top=1.35, gap=0.3):
+    """A figure with `n_panels` axes of w x h inches in one row and colorbar axes after the panels listed in
+    `colorbars` (panel index -> colorbar after it); `margin` inches for token labels left and below."""
+    bar_w, bar_gap, bar_room = 0.15, 0.2, 0.95
+    width = margin + n_panels * w + (n_panels - 1) * gap + len(colorbars) * (bar_gap + bar_w + bar_room) + 0.2
+    height = margin + h + top
+    fig = _figure(width, height)
+    axes, bars, x = [], [], margin
+    for i in range(n_panels):
+        axes.append(fig.add_axes((x / width, margin / height, w / width, h / height)))
+        x += w
+        if i in colorbars:
+            bars.append(fig.add_axes(((x + bar_gap) / width, margin / height, bar_w / width, h / height)))
+            x += bar_gap + bar_w + bar_room + (gap if i < n_panels - 1 else 0)
+        else:
+            x += gap
+    return fig, axes, bars
+
+
+def _label_margin(tokens) -> float:
+    return 0.75 + 0.075 * max(len(token_label(t)) for t in tokens)
+
+
+def plot_heads(cube, layer: int, heads, *, scale="linear", gamma=0.5, vmin=None, vmax=None, sink="keep",
+               cmap="viridis", title=None) -> Figure:
+    """Several heads of one layer side by side (shared colour range), tokens on both axes."""
+    cube = _one_sequence(cube)
+    if len(cube.tokens) != cube.num_keys:
+        raise InputError("this cube's tokens do not match its key axis (it was downsampled); "
+                         "detail figures need a full-resolution cube.")
+    li = _index(cube.layers, layer, "layer", cube)
+    hi = [_index(cube.heads, h, "head", cube) for h in heads]
+    values, drawn, color = _head_values(cube, hi, li, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax, sink=sink)
+    w, h = _panel_inches(*values.shape[-2:])
+    fig, axes, bars = _panel_row(len(hi), w, h, _label_margin(cube.tokens), {len(hi) - 1})
+    for i, (ax, head) in enumerate(zip(axes, heads)):
+        group = cube.spec.kv_group(head)
+        label = f"L{layer} H{head}" + (f" / KV{group}" if cube.spec.group_size > 1 else "")
+        _draw_matrix(ax, values[i], drawn[i], cmap=cmap, row_labels=_query_labels(cube), col_labels=cube.tokens,
+                     show_rows=i == 0, title=label)
+    _colorbar(fig, bars[0], color, cmap, color.label())
+    _suptitle(fig, cube, title or (f"layer {layer}, head {heads[0]}" if len(heads) == 1 else f"layer {layer}"))
+    return fig
+
+
+def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", diff_cmap="RdBu_r",
+                    labels=("A", "B")) -> Figure:
+    """Prompt A, prompt B (one shared linear range) and A - B on a diverging map with a symmetric range.
+
+    The prompts must have the same number of tokens (compare position by position).
+    """
+    cube_a, cube_b = _one_sequence(cube_a), _one_sequence(cube_b)
+    if cube_a.pattern.shape != cube_b.pattern.shape:
+        raise InputError(f"prompts A and B give cubes of shapes {tuple(cube_a.pattern.shape)} and "
+                         f"{tuple(cube_b.pattern.shape)}; compare prompts with the same number of tokens "
+                         "(and the same layers/heads).")
+    li = _index(cube_a.layers, layer, "layer", cube_a)
+    hi = _index(cube_a.heads, head, "head", cube_a)
+    a = cube_a.pattern[li, hi].float().cpu().numpy()
+    b = cube_b.pattern[li, hi].float().cpu().numpy()
+    drawn = cube_a.attendable()[li].cpu().numpy() & cube_b.attendable()[li].cpu().numpy()
+    top = float(max(a[drawn].max(), b[drawn].max()))
+    diff = a - b
+    bound = float(np.abs(diff[drawn]).max()) or 1e-6
+    w, h = _panel_inches(*a.shape)
+    q_a, q_b = _query_labels(cube_a), _query_labels(cube_b)
+    both = [x if x == y else f"{token_label(x, 7)}/{token_label(y, 7)}" for x, y in zip(cube_a.tokens, cube_b.tokens)]
+    both_q = [x if x == y else f"{token_label(x, 7)}/{token_label(y, 7)}" for x, y in zip(q_a, q_b)]
+    margin = _label_margin(list(cube_a.tokens) + list(cube_b.tokens) + both)
+    fig, axes, bars = _panel_row(3, w, h, margin, {1, 2}, top=1.6, gap=margin)
+    _draw_matrix(axes[0], a / top, drawn, cmap=cmap, row_labels=q_a, col_labels=cube_a.tokens, title=labels[0])
+    _draw_matrix(axes[1], b / top, drawn, cmap=cmap, row_labels=q_b, col_labels=cube_b.tokens, title=labels[1])
+    _draw_matrix(axes[2], (diff + bound) / (2 * bound), drawn, cmap=diff_cmap, row_labels=both_q, col_labels=both,
+                 title=f"{labels[0]} − {labels[1]}")
+    same = fig.colorbar(ScalarMappable(mcolors.Normalize(0, top), get_cmap(cmap)), cax=bars[0])
+    same.set_label(f"attention ({labels[0]} and {labels[1]})", fontsize=9)
+    delta = fig.colorbar(ScalarMappable(mcolors.Normalize(-bound, bound), get_cmap(diff_cmap)), cax=bars[1])
+    delta.set_label(f"{labels[0]} − {labels[1]}", fontsize=9)
+    for bar in (same, delta):
+        bar.ax.tick_params(labelsize=8)
+    width_px = fig.get_figwidth() * DPI * 0.95
+    text = [f"layer {layer}, head {head}: {labels[0]} vs {labels[1]}",
+            fit_text(f"{cube_a.source or cube_a.spec.model_type} · {cube_a.spec.summary}", 10.5, width_px)]
+    for name, cube in zip(labels, (cube_a, cube_b)):
+        prompt = cube.prompt if isinstance(cube.prompt, str) else " ".join(map(str, cube.tokens))
+        text.append(fit_text(f'{name}: "{" ".join(prompt.split())}"', 10.5, width_px))
+    fig.suptitle("\n".join(text), fontsize=10, linespacing=1.4, y=1 - 0.1 / fig.get_figheight(), va="top")
+    return fig
+
+
+def _pivot(table, metric):
+    missing = [c for c in ("layer", "head", metric) if c not in table.columns]
+    if missing:
+        raise InputError(f"the table lacks column(s) {missing}; pass a per-head table with columns layer, head and "
+                         f"the metric (it has {list(table.columns)}).")
+    grid = table.pivot_table(index="layer", columns="head", values=metric, aggfunc="mean")
+    return grid
+
+
+def _format(value: float) -> str:
+    if not np.isfinite(value):
+        return ""
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.0e}"
+
+
+def plot_metric_map(table, metric: str, *, cmap=None, annotate=None, title=None, center=None) -> Figure:
+    """Layer x head heatmap of one column of a per-head table (columns layer, head, <metric>[, kv_group]).
+
+    Values are written into the cells while they stay readable (annotate=None: up to 24 heads).
+    A signed column (or `center=0`) uses a diverging map centred on `center`.
+    """
+    grid = _pivot(table, metric)
+    values = grid.to_numpy(dtype=float)
+    layers, heads = list(grid.index), list(grid.columns)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise InputError(f"column {metric!r} has no finite values to draw.")
+    if center is None and finite.min() < 0 < finite.max():
+        center = 0.0
+    if center is not None:
+        bound = float(np.abs(finite - center).max()) or 1.0
+        norm = mcolors.Normalize(center - bound, center + bound)
+        cmap = cmap or "RdBu_r"
+    else:
+        norm = mcolors.Normalize(finite.min(), finite.max() if finite.max() > finite.min() else finite.min() + 1e-9)
+        cmap = cmap or "viridis"
+    cm = get_cmap(cmap)
+    annotate = len(heads) <= 24 if annotate is None else annotate
+    cell_w = 0.62 if annotate else 0.32
+    cell_h = 0.34 if annotate else 0.22
+    fig = _figure(len(heads) * cell_w + 2.2, len(layers) * cell_h + 1.9)
+    ax = fig.add_axes((1.0 / fig.get_figwidth(), 0.7 / fig.get_figheight(),
+                       len(heads) * cell_w / fig.get_figwidth(), len(layers) * cell_h / fig.get_figheight()))
+    ax.imshow(np.ma.masked_invalid(values), cmap=cm, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(len(heads)))
+    if "kv_group" in table.columns and table["kv_group"].nunique() < table["head"].nunique():
+        groups = table.drop_duplicates("head").set_index("head")["kv_group"]
+        ax.set_xticklabels([f"H{h}\nKV{groups[h]}" for h in heads], fontsize=8)
+    else:
+        ax.set_xticklabels([f"H{h}" for h in heads], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(np.arange(len(layers)))
+    ax.set_yticklabels([f"L{layer}" for layer in layers], fontsize=8)
+    ax.tick_params(length=0)
+    if annotate:
+        rgba = cm(norm(np.nan_to_num(values)))
+        luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, _format(value), ha="center", va="center", fontsize=7.5,
+                    color="black" if luminance[i, j] > 0.5 else "white")
+    bar = fig.colorbar(ScalarMappable(norm, cm), cax=fig.add_axes(
+        ((len(heads) * cell_w + 1.15) / fig.get_figwidth(), 0.7 / fig.get_figheight(), 0.15 / fig.get_figwidth(),
+         len(layers) * cell_h / fig.get_figheight())))
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(metric, fontsize=9)
+    width_px = fig.get_figwidth() * DPI * 0.95
+    fig.suptitle(fit_text(title or f"{metric} per head", 12 * 1.4, width_px), fontsize=12,
+                 y=1 - 0.15 / fig.get_figheight(), va="top")
+    return fig
+
+
+def plot_kv_similarity(table, *, title=None) -> Figure:
+    """Per layer: mean similarity of heads that share a KV head ("within") vs heads that do not ("across").
+
+    `table` has a `layer` column plus one column whose name contains "within" and one containing
+    "across" (as `analyses.kv_group_similarity` returns).
+    """
+    if "layer" not in table.columns:
+        raise InputError(f"the KV-similarity table needs a 'layer' column (it has {list(table.columns)}).")
+    within = [c for c in table.columns if "within" in str(c)]
+    across = [c for c in table.columns if "across" in str(c)]
+    if not within or not across:
+        raise InputError(f"the KV-similarity table needs a 'within...' and an 'across...' column "
+                         f"(it has {list(table.columns)}).")
+    data = table.sort_values("layer")
+    layers = data["layer"].to_numpy()
+    fig = _figure(float(np.clip(0.22 * len(layers) + 3, 6, 14)), 4.2)
+    ax = fig.add_axes((0.09, 0.14, 0.88, 0.72))
+    ax.plot(layers, data[within[0]], marker="o", ms=4, label=f"{within[0]} (heads sharing a KV head)", color="#1f77b4")
+    ax.plot(layers, data[across[0]], marker="s", ms=4, label=f"{across[0]} (heads of different KV heads)",
+            color="#ff7f0e")
+    ax.fill_between(layers, data[within[0]], data[across[0]], color="#1f77b4", alpha=0.12, lw=0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("similarity")
+    ax.set_xticks(layers if len(layers) <= 32 else layers[:: int(np.ceil(len(layers) / 32))])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best", frameon=False)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.suptitle(title or "KV-group similarity per layer", fontsize=12, y=0.97)
+    return fig
+
+
+def plot_rollout(rollout, tokens, *, cmap="viridis", scale="linear", gamma=0.5, title=None) -> Figure:
+    """Attention rollout (a 2-D `[query, key]` tensor or array) with token labels on both axes."""
+    values = rollout.detach().float().cpu().numpy() if isinstance(rollout, torch.Tensor) else np.asarray(rollout, float)
+    if values.ndim != 2:
+        raise InputError(f"rollout has shape {values.shape}; pass a 2-D [query, key] matrix.")
+    if values.shape[1] != len(tokens):
+        raise InputError(f"rollout has {values.shape[1]} key columns but {len(tokens)} tokens were given; "
+                         "pass the tokens of the cube it came from.")
+    check_scale(scale, "keep", gamma)
+    drawn = np.isfinite(values)
+    out, color = normalise(np.nan_to_num(values), drawn, scale=scale, gamma=gamma)
+    rows = list(tokens)[-values.shape[0]:]
+    w, h = _panel_inches(*values.shape)
+    margin = 0.9 + 0.075 * max(len(token_label(t)) for t in tokens)
+    fig = _figure(w + margin + 1.4, h + margin + 0.9)
+    ax = fig.add_axes((margin / fig.get_figwidth(), margin / fig.get_figheight(), w / fig.get_figwidth(),
+                       h / fig.get_figheight()))
+    _draw_matrix(ax, out, drawn, cmap=cmap, row_labels=rows, col_labels=tokens)
+    cax = fig.add_axes(((margin + w + 0.2) / fig.get_figwidth(), margin / fig.get_figheight(),
+                        0.15 / fig.get_figwidth(), h / fig.get_figheight()))
+    bar = fig.colorbar(ScalarMappable(color.norm(), get_cmap(cmap)), cax=cax)
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label("rollout" if scale == "linear" else f"rollout ({scale})", fontsize=9)
+    fig.suptitle(title or "attention rollout", fontsize=12, y=1 - 0.2 / fig.get_figheight(), va="top")
+    return fig
