@@ -55,15 +55,17 @@ def js_divergence_matrix(p: torch.Tensor) -> torch.Tensor:
     in either head (not a spread row, or no mass left) is left out of that pair's mean.
     """
     heads = p.shape[0]
-    entropy = -torch.special.xlogy(p, p).sum(-1)  # h q
     valid = (p.sum(-1) > 0).double()
+    # logarithms in float32 (the costly part), per-row results and means in float64
+    p = p.float()
+    entropy = -torch.special.xlogy(p, p).sum(-1).double()  # h q
     first, second = torch.triu_indices(heads, heads, 1)
     out = torch.zeros(heads, heads, dtype=torch.float64)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, p[0].numel()))
     for start in range(0, len(first), chunk):
         a, b = first[start:start + chunk], second[start:start + chunk]
         middle = (p[a] + p[b]) / 2  # pair q k
-        js = -torch.special.xlogy(middle, middle).sum(-1) - (entropy[a] + entropy[b]) / 2
+        js = -torch.special.xlogy(middle, middle).sum(-1).double() - (entropy[a] + entropy[b]) / 2
         both = valid[a] * valid[b]
         out[a, b] = (js.clamp(min=0) * both).sum(-1) / both.sum(-1).clamp(min=1)
     return out + out.T

@@ -126,21 +126,20 @@ class HeadMetricsReducer:
         }
         return self._context
 
-    def _accumulate(self, sums: _LayerSums, pattern: torch.Tensor, attendable: torch.Tensor, part, context) -> None:
-        rows_real = part.query_mask.bool()
-        mask = attendable & rows_real[:, None]  # q k
-        # float64 so that row sums do not depend on how rows are split into blocks
-        weights = pattern.double() * mask  # h q k
-        n = mask.sum(-1)  # q
-        spread = (n >= 2).double()
-        n_safe = n.clamp(min=2).double()
+    def _rows(self, attendable: torch.Tensor, part, context) -> dict:
+        """Everything about a block of rows that does not depend on the heads; reused across
+        layers with the same mask (cache of one: streaming parts come layer by layer)."""
+        key = (tuple(part.query_positions.tolist()), tuple(part.query_mask.tolist()), attendable.numpy().tobytes())
+        cached = context.get("rows")
+        if cached is not None and cached["key"] == key:
+            return cached
+        mask = attendable & part.query_mask.bool()[:, None]  # q k
+        n = mask.sum(-1)
         positions = part.query_positions.long()
-        keys = torch.arange(part.num_keys)
-        distance = (positions[:, None] - keys[None, :]).abs()
+        distance = (positions[:, None] - torch.arange(part.num_keys)[None, :]).abs()
         segments = context["segments"]
         keep = detector_keep(positions, part.num_keys, part.key_mask, part.query_mask,
                              self.exclude_bos, self.exclude_current_token)
-        # every "mass on a key set" metric is one batched matmul over rows: "h q k, q k f -> q h f"
         features = torch.stack([
             distance * mask,
             mask & (distance <= 1),
@@ -148,24 +147,41 @@ class HeadMetricsReducer:
             mask & context["special"][None, :],
             *(context["detection"][:, positions] * keep),
             keep,
-        ], -1).double()
-        masses = torch.bmm(weights.transpose(0, 1), features).permute(2, 1, 0)  # f h q
-        counts = features.sum(1).T  # f q: the same masses under uniform weights x n_i
+        ], -1).float()
+        n_safe = n.clamp(min=2).double()
+        spread = (n >= 2).double()
+        rows = {
+            "key": key, "mask": mask, "positions": positions, "spread": spread, "n_safe": n_safe,
+            "features": features, "mask_float": mask.float(),
+            "counts": features.double().sum(1).T,  # f q: the same masses under uniform weights x n_i
+            "column_rows": mask.double().T @ spread,
+            "column_uniform": (mask.double() / n_safe[:, None]).T @ spread,
+        }
+        context["rows"] = rows
+        return rows
 
-        entropy = -torch.special.xlogy(weights, weights).sum(-1)  # h q
+    def _accumulate(self, sums: _LayerSums, pattern: torch.Tensor, attendable: torch.Tensor, part, context) -> None:
+        block = self._rows(attendable, part, context)
+        mask, positions, spread, n_safe, counts = (block[k] for k in ("mask", "positions", "spread", "n_safe", "counts"))
+        # float32 per row (each row's numbers do not depend on the block it came in);
+        # everything summed over rows in float64
+        weights = pattern.float() * block["mask_float"]  # h q k
+        # every "mass on a key set" metric is one batched matmul over rows: "h q k, q k f -> q h f"
+        masses = torch.bmm(weights.transpose(0, 1), block["features"]).permute(2, 1, 0).double()  # f h q
+        entropy = -torch.special.xlogy(weights, weights).sum(-1).double()  # h q
         per_row = {
             "entropy": entropy,
             "norm_entropy": entropy / n_safe.log(),
             "effective_keys": entropy.exp(),
             "effective_keys_frac": entropy.exp() / n_safe,
-            "max_weight": weights.amax(-1),
+            "max_weight": weights.amax(-1).double(),
         }
         for name, offset in (("prev_token_mass", -1), ("current_token_mass", 0), ("next_token_mass", 1)):
             target = positions + offset
             valid = (target >= 0) & (target < part.num_keys)
             column = target.clamp(0, part.num_keys - 1)
             picked = weights.gather(-1, column[None, :, None].expand(weights.shape[0], -1, 1)).squeeze(-1)
-            per_row[name] = picked * valid
+            per_row[name] = picked.double() * valid
         per_row["mean_distance"] = masses[0]
         per_row["distance_ratio"] = masses[0] / (counts[0] / n_safe).clamp(min=1e-12)
         per_row["special_mass"] = masses[3]
@@ -180,12 +196,12 @@ class HeadMetricsReducer:
         first = context["first"]
         sees = mask[:, first]
         for slot, rows in enumerate((sees, sees & (positions != first))):
-            sums.sink[slot] += weights[:, :, first] @ rows.double()
+            sums.sink[slot] += weights[:, :, first].double() @ rows.double()
             sums.sink_rows[slot] += rows.sum()
 
-        sums.column += torch.einsum("hqk,q->hk", weights, spread)
-        sums.column_rows += mask.double().T @ spread
-        sums.column_uniform += (mask.double() / n_safe[:, None]).T @ spread
+        sums.column += torch.matmul(spread, weights.double())  # "q, h q k -> h k"
+        sums.column_rows += block["column_rows"]
+        sums.column_uniform += block["column_uniform"]
 
         sums.detector += masses[4:4 + len(DETECTORS)].sum(-1).T
         sums.detector_total += masses[4 + len(DETECTORS)].sum(-1)

@@ -173,10 +173,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--permutations", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # one thread by default: the naive baselines run on one core too, and on a shared 2-core box
+    # torch's intra-op threads spin against other processes and distort every timing
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     cube = smollm2_cube(args.tokens)
     print(f"cube: SmolLM2-135M eager, {cube.num_layers} layers x {cube.num_heads} heads x {args.tokens} x {args.tokens}, "
           f"torch threads {torch.get_num_threads()}")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -23,23 +24,83 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "llm-heatmap"
 
 
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _header_file_type(path: Path) -> int | None:
+    """`general.file_type` from the key/value header, read without parsing the whole file.
+
+    gguf.GGUFReader builds every field (a tokenizer's ~100k strings) and every tensor view,
+    seconds per call; the conversion reads the file through transformers anyway.
+    """
+    with open(path, "rb") as file:
+        def read(fmt):
+            size = struct.calcsize(fmt)
+            data = file.read(size)
+            if len(data) != size:
+                raise ValueError("the header ends early")
+            return struct.unpack(fmt, data)
+
+        def skip(kind):
+            if kind == _STRING:
+                file.seek(read("<Q")[0], 1)
+            elif kind == _ARRAY:
+                item, count = read("<IQ")
+                if item in _SCALARS:
+                    file.seek(struct.calcsize(_SCALARS[item]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in _SCALARS:
+                read("<" + _SCALARS[kind])
+            else:
+                raise ValueError(f"unknown value type {kind}")
+
+        if file.read(4) != b"GGUF":
+            raise ValueError("GGUF magic invalid")
+        version, _, count = read("<IQQ")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old")
+        for _ in range(count):
+            length = read("<Q")[0]
+            if length > 1 << 16:
+                raise ValueError("a header key is implausibly long")
+            key = file.read(length).decode("utf-8", "replace")
+            kind = read("<I")[0]
+            if key == "general.file_type" and kind in _SCALARS:
+                return int(read("<" + _SCALARS[kind])[0])
+            skip(kind)
+    return None
+
+
+def _file_type_name(value: int) -> str:
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"type {value}"
+
+
 def gguf_file_type(path: Path) -> str:
     """The GGUF quantization name (e.g. `Q4_1`), read from the file's header."""
     import gguf
 
+    try:
+        value = _header_file_type(path)
+    except (OSError, ValueError, struct.error) as error:
+        raise InputError(
+            f"GGUF file {path} cannot be read ({_first_line(error)}); check the file is complete and a GGUF model."
+        ) from None
+    if value is not None:
+        return _file_type_name(value)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as error:  # the gguf reader raises many kinds on a corrupt file
         raise InputError(
             f"GGUF file {path} cannot be read ({_first_line(error)}); check the file is complete and a GGUF model."
         ) from None
-    field = reader.fields.get("general.file_type")
-    if field is not None:
-        value = int(field.parts[field.data[0]][0])
-        try:
-            return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            return f"type {value}"
     kinds = {t.tensor_type.name for t in reader.tensors}
     return "/".join(sorted(kinds))
 
@@ -70,12 +131,12 @@ def converted_dir(path: Path, *, progress=None) -> Path:
     except Exception as error:
         raise InputError(
             f"GGUF file {path} is not a model transformers can read ({_first_line(error)}); "
-            "use a GGUF of a supported architecture (Llama, Mistral, Qwen2/3, Gemma, ...)."
+            "check the file is complete and use a GGUF of a supported architecture (Llama, Mistral, Qwen2/3, Gemma, ...)."
         ) from None
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal or not config.architectures else AutoModel
     try:
-        dequantized = auto.from_pretrained(str(path.parent), gguf_file=path.name)
+        dequantized = auto.from_pretrained(str(path.parent), gguf_file=path.name, config=config)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except MemoryError:
         raise

@@ -12,7 +12,7 @@ import torch
 from .errors import InputError
 from .gguf_cache import converted_dir, gguf_type_of
 from .offline import OFFLINE_MODELS
-from .spec import ModelSpec, spec_from_model
+from .spec import spec_from_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -17,7 +17,7 @@ from llm_heatmap.models import InputError
 from .cube import AttentionCube
 
 # Past this many bytes of fp32 pattern per layer, rows are computed in chunks.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 
 
 @runtime_checkable

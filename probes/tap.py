@@ -216,44 +216,71 @@ class KernelCall:
 
         softmax(q k^T * scaling, softcapped, + position bias, + mask) with each query head
         reading its KV head (`"b g k d -> b (g r) k d"`, here as an index so head subsets work).
+        The steps and their order are eager attention's, so on an eager model the result is
+        eager's `output_attentions` bit for bit.
         """
-        query, key = self.query, self.key
-        heads = heads.to(query.device)
-        group = query.shape[1] // key.shape[1]
-        q = query.index_select(1, heads)[:, :, start:stop]
-        k = key.index_select(1, torch.div(heads, group, rounding_mode="floor"))
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        heads = heads.to(self.query.device)
+        q = self.query[:, :, start:stop]
+        if not self._all_heads(heads):
+            q = q.index_select(1, heads)
+        # under the kernel's own causal rule, keys after the chunk's last row get no weight: skip them
+        keys = self.num_keys
+        if self.causal is not None:
+            keys = min(keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
+        scores = torch.matmul(q, self._keys(heads)[:, :, :keys].transpose(-1, -2)).mul_(self.scaling)
         if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
+            scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if self.position_bias is not None:
-            scores = scores + _slice_mask(self.position_bias, heads, start, stop, self.num_keys)
+            scores.add_(_slice_mask(self.position_bias, heads, start, stop, keys))
         floor = torch.finfo(scores.dtype).min
         mask = self.mask
         if mask is not None and mask.ndim == 2:  # flash kernels get the 2-D padding mask
-            scores = scores.masked_fill(~mask[:, None, None, : self.num_keys].bool(), floor)
+            scores.masked_fill_(~mask[:, None, None, :keys].bool(), floor)
         elif mask is not None and mask.dtype == torch.bool:
-            scores = scores.masked_fill(~_slice_mask(mask, heads, start, stop, self.num_keys), floor)
+            scores.masked_fill_(~_slice_mask(mask, heads, start, stop, keys), floor)
         elif mask is not None:
-            scores = scores + _slice_mask(mask, heads, start, stop, self.num_keys)
-        blocked = self._rule_mask(start, stop, scores.device)
+            scores.add_(_slice_mask(mask, heads, start, stop, keys))
+        blocked = self._rule_mask(start, stop, keys, scores.device)
         if blocked is not None:
-            scores = scores.masked_fill(blocked, floor)
+            scores.masked_fill_(blocked, floor)
         if self.sinks is not None:
             sinks = self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
             sinks = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
-            return torch.softmax(torch.cat([scores, sinks], -1), dim=-1, dtype=torch.float32)[..., :-1]
-        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+            probs = torch.softmax(torch.cat([scores, sinks], -1), dim=-1, dtype=torch.float32)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if keys == self.num_keys:
+            return probs
+        del scores
+        full = probs.new_zeros(*probs.shape[:-1], self.num_keys)
+        full[..., :keys] = probs
+        return full
 
-    def _rule_mask(self, start: int, stop: int, device) -> torch.Tensor | None:
-        """bool `"q k"`, True where the kernel's own causal/window rule blocks a key."""
+    def _all_heads(self, heads: torch.Tensor) -> bool:
+        return len(heads) == self.query.shape[1] and bool((heads == torch.arange(len(heads), device=heads.device)).all())
+
+    def _keys(self, heads: torch.Tensor) -> torch.Tensor:
+        """Keys repeated to the given query heads, built once per call and reused by every row chunk."""
+        cached = getattr(self, "_key_cache", None)
+        if cached is None or not torch.equal(cached[0], heads):
+            group = self.query.shape[1] // self.key.shape[1]
+            if group == 1 and self._all_heads(heads):
+                keys = self.key
+            else:
+                keys = self.key.index_select(1, torch.div(heads, group, rounding_mode="floor"))
+            cached = self._key_cache = (heads, keys)
+        return cached[1]
+
+    def _rule_mask(self, start: int, stop: int, keys: int, device) -> torch.Tensor | None:
+        """bool `"q k"` over the first `keys` keys, True where the kernel's own causal/window rule blocks a key."""
         if self.causal is None and not self.window:
             return None
         offset = self.num_keys - self.num_queries if self.causal == "bottom_right" else 0
-        row = torch.arange(start, stop, device=device)[:, None] + offset
-        col = torch.arange(self.num_keys, device=device)[None, :]
-        blocked = torch.zeros(stop - start, self.num_keys, dtype=torch.bool, device=device)
+        diagonal = start + offset  # key index of row `start`'s own position
+        ones = torch.ones(stop - start, keys, dtype=torch.bool, device=device)
+        blocked = torch.zeros_like(ones)
         if self.causal is not None:
-            blocked |= col > row
+            blocked |= ones.triu(diagonal + 1)
         if self.window and self.num_keys > self.window:
-            blocked |= (row - col >= self.window) | (col - row >= self.window)
+            blocked |= ones.tril(diagonal - self.window) | ones.triu(diagonal + self.window)
         return blocked

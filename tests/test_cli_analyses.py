@@ -211,3 +211,27 @@ def test_batch_resume_and_shards(run, tmp_path, minilm):
     code, stdout, _ = run("batch", prompt_file, "--out", sharded, "--model", "minilm-l6", "--shard", "1/2", "--json")
     assert code == 0 and json.loads(stdout)["computed"] == ["1"]
     assert (sharded / "heads.shard-1-of-2.parquet").exists() and (sharded / "heads.shard-1-of-2.csv").exists()
+
+
+def test_prompt_sets_experiment_script(monkeypatch, tmp_path, minilm, capsys):
+    from llm_heatmap.analyses.experiments import prompt_sets
+
+    monkeypatch.setattr(prompt_sets, "load_model", lambda source: minilm)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "s1", "group": "simple", "pair": 1, "prompt": "the cat sat"},
+        {"id": "c1", "group": "complex", "pair": 1, "prompt": "define integrals"},
+        {"id": "s2", "group": "simple", "pair": 2, "prompt": "dogs run fast"},
+        {"id": "c2", "group": "complex", "pair": 2, "prompt": "prove the theorem"}]) + "\n")
+    out = tmp_path / "out"
+    code = prompt_sets.main(["--model", "minilm-l6", "--out", str(out), "--pairs", str(pairs), "--resamples", "100",
+                             "--permutations", "100", "--quiet"])
+    assert code == 0
+    heads = pd.read_csv(out / "sets.heads.csv")
+    assert len(heads) == 72 * heads["metric"].nunique() and (heads["p_value"] >= 0.5).all()  # 2 pairs: 4 flips
+    assert (out / "sets.layers.md").read_text().startswith("| layer | metric |")
+    assert pd.read_csv(out / "seed_exp2.deltas.csv")["metric"].nunique() > 10
+    assert not (out / "seed_exp2.difference.safetensors").exists()  # 10 vs 12 WordPiece tokens on MiniLM
+    reading = (out / "reading.md").read_text()
+    assert "2 length-matched pairs" in reading and "token counts differ: metrics only" in reading
+    assert reading == capsys.readouterr().out

@@ -36,7 +36,7 @@ def test_paired_hand_checkable_case():
     rng = np.random.default_rng(0)
     base = rng.normal(0, 5, size=(12, 1))
     shifted = base + 1 + rng.normal(0, 0.1, size=(12, 1))
-    assert paired_statistics(base, shifted)["p_value"][0] < 0.001
+    assert paired_statistics(base, shifted)["p_value"][0] < 0.01  # only the all-+ and all-- flips reach it
     assert set_statistics(base, shifted)["p_value"][0] > 0.1
 
 
@@ -218,3 +218,26 @@ def test_different_token_counts(minilm_eager):
     result = compare_cubes(a, b, metrics_only=True)
     assert result.difference is None
     assert len(result.deltas) == len(result.table_a) * len(select_metrics(result.table_a))
+
+
+@pytest.mark.slow
+def test_kv_report_gqa_and_mha_in_one_table(smollm2, minilm):
+    from llm_heatmap.analyses.kv_report import kv_report
+
+    # MHA listed first: it waits for the GQA model's group size (3) before it is measured
+    report = kv_report({"minilm": minilm, "smollm2": smollm2}, ["the sky is blue"], measures=["js"],
+                       n_permutations=50)
+    layers = report.layers
+    assert list(pd.unique(layers["model"])) == ["minilm", "smollm2"]
+    assert layers.groupby("model")["grouping"].unique().map(list).to_dict() == {"minilm": ["pseudo"], "smollm2": ["kv"]}
+    assert (layers["group_size"] == 3).all()
+    assert len(layers) == (6 + 30) * 2  # layers x first-token handling, one measure, one prompt
+    np.testing.assert_allclose(layers["gap"], layers["within"] - layers["between"])
+    summary = report.summary.set_index(["model", "first_token"])
+    mean_gap = layers[(layers["model"] == "smollm2") & (layers["first_token"] == "kept")]["gap"].mean()
+    assert summary.loc[("smollm2", "kept"), "gap"] == pytest.approx(mean_gap)
+    assert summary.loc[("minilm", "kept"), "attention_kind"] == "MHA"
+    alone = kv_report({"minilm": minilm}, ["the sky is blue"], measures=["js"], n_permutations=20, pseudo_group_size=4)
+    assert (alone.layers["group_size"] == 4).all()
+    with pytest.raises(InputError, match="at least one prompt"):
+        kv_report({"minilm": minilm}, [])

@@ -190,12 +190,26 @@ def test_vector_formats(minilm_cube, tmp_path):
     assert not (tmp_path / "huge.svg").exists()
 
 
+def undrawn_tick_labels(fig):
+    """Tick labels matplotlib keeps but does not draw (their tick lies outside the axis' view interval)."""
+    skip = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            span = (high - low) * 1e-9
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - span <= tick.get_loc() <= high + span:
+                    skip.update({id(tick.label1), id(tick.label2)})
+    return skip
+
+
 def text_boxes(fig):
     renderer = fig.canvas.get_renderer()
     fig.draw(renderer)
     boxes = []
+    skip = undrawn_tick_labels(fig)
     for text in fig.findobj(Text):
-        if text.get_visible() and text.get_text().strip():
+        if text.get_visible() and text.get_text().strip() and id(text) not in skip:
             box = text.get_window_extent(renderer)
             boxes.append((text.get_text(), box))
     return boxes

@@ -108,13 +108,14 @@ REFERENCE_COLUMNS = ["entropy", "norm_entropy", "effective_keys", "effective_key
                      "distance_ratio", "special_mass", "local_mass", "diagonal_score", "block_score"]
 
 
-def assert_matches_reference(cube, atol=1e-9):
+def assert_matches_reference(cube, atol=1e-6):
+    """Metrics are computed per row in float32 (summed in float64): agreement to float32 precision."""
     table = head_metrics(cube)
     expected = reference_metrics(cube)
     assert list(table.columns) == list(COLUMNS)
     assert table[["layer", "head"]].values.tolist() == expected[["layer", "head"]].values.tolist()
     np.testing.assert_allclose(table[REFERENCE_COLUMNS].to_numpy(float), expected[REFERENCE_COLUMNS].to_numpy(float),
-                               atol=atol, rtol=0)
+                               atol=atol, rtol=1e-5)
     assert not table[REFERENCE_COLUMNS].isna().any().any()
     return table
 
@@ -184,7 +185,7 @@ def test_padding_changes_nothing():
                        key_mask=key_mask, query_mask=key_mask.clone())
     a, b = head_metrics(plain), head_metrics(padded)
     numeric = [c for c in COLUMNS if c not in ("vertical_key", "pattern_class", "sink_head")]
-    np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-9)
+    np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-6, rtol=1e-5)
     assert (b.vertical_key - a.vertical_key == pad).all()
 
 
@@ -274,7 +275,7 @@ def test_real_minilm_cube(minilm_eager):
                          tokens=tokenizer.convert_ids_to_tokens(ids), token_ids=ids, layers=tuple(range(spec.num_layers)),
                          heads=tuple(range(spec.num_heads)), query_positions=torch.arange(keys),
                          key_mask=torch.ones(keys, dtype=torch.bool), query_mask=torch.ones(keys, dtype=torch.bool))
-    table = assert_matches_reference(cube, atol=1e-7)
+    table = assert_matches_reference(cube)
     assert len(table) == 6 * 12 and (table.n_rows == keys).all()
     # BERT heads are known to park attention on [CLS]/[SEP]/punctuation
     assert table.special_mass.max() > 0.5

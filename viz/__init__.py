@@ -1,5 +1,10 @@
 """Turning attention cubes and per-head tables into images: the all-heads grid and detail figures."""
 
+from .figures import (plot_comparison, plot_head, plot_heads, plot_kv_group, plot_kv_similarity, plot_metric_map,
+                      plot_rollout, save_figure)
 from .grid import GridLayout, plot_grid, save_grid
 
-__all__ = ["GridLayout", "plot_grid", "save_grid"]
+# viz/html.py (interactive HTML, another engineer) adds: from .html import write_html
+
+__all__ = ["GridLayout", "plot_comparison", "plot_grid", "plot_head", "plot_heads", "plot_kv_group",
+           "plot_kv_similarity", "plot_metric_map", "plot_rollout", "save_figure", "save_grid"]

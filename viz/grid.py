@@ -298,7 +298,7 @@ def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape) -> str:
 
 def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
            background="white", cmap="viridis", cell_px=None, size=None, layers=None, heads=None, title=None,
-           max_tokens=None, hide_unattendable=True, vector=False):
+           max_tokens=None, hide_unattendable=True, vector=False, attach_image=True):
     check_scale(scale, sink, gamma)
     if background not in ("white", "transparent"):
         raise InputError(f"background {background!r} is unknown; use 'white' or 'transparent'.")
@@ -371,8 +371,9 @@ def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_ra
         ax.set_ylim(height + 0.25, 0)
     else:
         canvas = compose(index, table, plan.rows, plan.cols)
-        # figimage offsets count from the bottom-left corner
-        fig.figimage(canvas, xo=gx0, yo=height - gy1, origin="upper")
+        if attach_image:  # save_grid pastes the raster itself; figimage would copy and re-check it
+            # figimage offsets count from the bottom-left corner
+            fig.figimage(canvas, xo=gx0, yo=height - gy1, origin="upper")
         fig._llm_heatmap_raster = (canvas, gx0, gy0)
 
     # title
@@ -463,7 +464,10 @@ def write_png(fig: Figure, path) -> None:
         fig.images = images
     buffer = np.asarray(fig.canvas.buffer_rgba())
     buffer[y0:y0 + canvas.shape[0], x0:x0 + canvas.shape[1]] = canvas
-    PIL.Image.fromarray(buffer, "RGBA").save(path, format="png")
+    image = PIL.Image.fromarray(buffer, "RGBA")
+    if fig.patch.get_alpha() != 0 and fig.get_facecolor()[3] == 1 and (buffer[::97, ::89, 3] == 255).all():
+        image = image.convert("RGB")  # opaque: an alpha channel would only cost encoding time and bytes
+    image.save(path, format="png")
 
 
 def save_grid(cube, path, **options) -> GridLayout:
@@ -475,7 +479,7 @@ def save_grid(cube, path, **options) -> GridLayout:
     if suffix not in (".png", ".svg", ".pdf"):
         raise InputError(f"output {path} has an unknown extension; use .png, .svg or .pdf.")
     if suffix == ".png":
-        fig, layout = _build(cube, **options)
+        fig, layout = _build(cube, attach_image=False, **options)
         write_png(fig, path)
     else:
         probe = _one_sequence(cube)
