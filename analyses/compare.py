@@ -148,6 +148,12 @@ def _weighted_means(weights: np.ndarray, values: np.ndarray, valid: np.ndarray) 
         return (weights @ values) / (weights @ valid)
 
 
+def _column_blocks(columns: int, rows: int, budget: int = 1 << 24):
+    """Column slices whose "rows x block" float64 temporaries stay near `budget` elements (128 MiB)."""
+    step = max(1, budget // max(1, rows))
+    return [slice(start, min(columns, start + step)) for start in range(0, columns, step)]
+
+
 def bh_adjust(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (NaN entries stay NaN and are not counted)."""
     p = np.asarray(p, float)
@@ -186,14 +192,7 @@ def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000,
     # bootstrap: resample counts of each prompt, one row per resample
     counts_a = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=n_resamples).astype(float)
     counts_b = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=n_resamples).astype(float)
-    boot = _weighted_means(counts_b, zero_b, valid_b) - _weighted_means(counts_a, zero_a, valid_a)
-    tail = (1 - confidence) / 2 * 100
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a metric undefined everywhere)
-        ci_low, ci_high = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
-
     # permutation: which pooled prompts are labelled A, one row per relabelling
-    pooled, pooled_valid = np.vstack([zero_a, zero_b]), np.vstack([valid_a, valid_b])
     n = n_a + n_b
     exact = math.comb(n, n_a) <= n_permutations
     if exact:
@@ -204,14 +203,22 @@ def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000,
         order = rng.permuted(np.tile(np.arange(n), (n_permutations, 1)), axis=1)
         labels_a = np.zeros((n_permutations, n))
         np.put_along_axis(labels_a, order[:, :n_a], 1.0, axis=1)
-    permuted = _weighted_means(1 - labels_a, pooled, pooled_valid) - _weighted_means(labels_a, pooled, pooled_valid)
-    # a relative tolerance so that splits equal to the observed one count despite rounding
-    extreme = np.abs(permuted) >= np.abs(delta) * (1 - 1e-9) - 1e-12
-    extreme &= np.isfinite(permuted)
-    if exact:
-        p_value = extreme.sum(0) / np.isfinite(permuted).sum(0).clip(min=1)
-    else:
-        p_value = (1 + extreme.sum(0)) / (1 + np.isfinite(permuted).sum(0))
+    pooled, pooled_valid = np.vstack([zero_a, zero_b]), np.vstack([valid_a, valid_b])
+
+    ci_low, ci_high, p_value = (np.full(delta.shape, np.nan) for _ in range(3))
+    tail = (1 - confidence) / 2 * 100
+    for block in _column_blocks(delta.size, max(n_resamples, len(labels_a))):
+        boot = _weighted_means(counts_b, zero_b[:, block], valid_b[:, block]) - _weighted_means(
+            counts_a, zero_a[:, block], valid_a[:, block])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a metric undefined everywhere)
+            ci_low[block], ci_high[block] = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+        permuted = (_weighted_means(1 - labels_a, pooled[:, block], pooled_valid[:, block])
+                    - _weighted_means(labels_a, pooled[:, block], pooled_valid[:, block]))
+        # a relative tolerance so that splits equal to the observed one count despite rounding
+        extreme = (np.abs(permuted) >= np.abs(delta[block]) * (1 - 1e-9) - 1e-12) & np.isfinite(permuted)
+        total = np.isfinite(permuted).sum(0)
+        p_value[block] = extreme.sum(0) / total.clip(min=1) if exact else (1 + extreme.sum(0)) / (1 + total)
     p_value = np.where(np.isfinite(delta), p_value, np.nan)
     return {"n_a": valid_a.sum(0), "n_b": valid_b.sum(0), "mean_a": mean_a, "mean_b": mean_b, "delta": delta,
             "ci_low": ci_low, "ci_high": ci_high, "p_value": p_value}

@@ -29,13 +29,19 @@ SCORE_COLUMNS = tuple(f"{name}_score" for name in DETECTORS)
 def detection_patterns(token_ids: torch.Tensor) -> torch.Tensor:
     """float `"d q k"`, d in `DETECTORS` order: TransformerLens's detection patterns for `token_ids`."""
     ids = torch.as_tensor(token_ids).reshape(-1)
-    pos = torch.arange(len(ids))
-    q, k = pos[:, None], pos[None, :]
+    return detection_rows(ids, torch.arange(len(ids)))
+
+
+def detection_rows(token_ids: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """float `"d q k"`: the rows of `detection_patterns` at `query_positions`, without building all T x T."""
+    ids = torch.as_tensor(token_ids).reshape(-1)
+    q = query_positions.long()[:, None]
+    k = torch.arange(len(ids))[None, :]
     previous = k == q - 1
-    duplicate = (ids[:, None] == ids[None, :]) & (k < q)
-    shifted = torch.zeros_like(duplicate)
-    shifted[:, 1:] = duplicate[:, :-1]
-    return torch.stack([previous, duplicate, shifted & (k <= q)]).float()
+    duplicate = (ids[q] == ids[k]) & (k < q)
+    before = torch.cat([ids[:1], ids[:-1]])  # token at k - 1 (k = 0 is masked out below)
+    induction = (before[k] == ids[q]) & (k >= 1) & (k <= q)
+    return torch.stack([previous, duplicate, induction]).float()
 
 
 def detector_sums(pattern: torch.Tensor, token_ids: torch.Tensor, query_positions: torch.Tensor,

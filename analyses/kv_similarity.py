@@ -67,7 +67,7 @@ def js_divergence_matrix(p: torch.Tensor) -> torch.Tensor:
         middle = (p[a] + p[b]) / 2  # pair q k
         js = -torch.special.xlogy(middle, middle).sum(-1).double() - (entropy[a] + entropy[b]) / 2
         both = valid[a] * valid[b]
-        out[a, b] = (js.clamp(min=0) * both).sum(-1) / both.sum(-1).clamp(min=1)
+        out[a, b] = (js.clamp(0, math.log(2)) * both).sum(-1) / both.sum(-1).clamp(min=1)
     return out + out.T
 
 

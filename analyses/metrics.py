@@ -43,7 +43,7 @@ import torch
 
 from llm_heatmap.models import InputError
 
-from .head_detector import DETECTORS, SCORE_COLUMNS, detection_patterns, detector_keep
+from .head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep
 from .patterns import classify_heads, segment_ids, special_token_mask
 
 SINK_THRESHOLD = 0.3
@@ -122,7 +122,6 @@ class HeadMetricsReducer:
             "first": int(real[0]),
             "special": special_token_mask(part.tokens),
             "segments": segments,
-            "detection": detection_patterns(part.token_ids),
         }
         return self._context
 
@@ -145,7 +144,7 @@ class HeadMetricsReducer:
             mask & (distance <= 1),
             mask & (segments[positions][:, None] == segments[None, :]),
             mask & context["special"][None, :],
-            *(context["detection"][:, positions] * keep),
+            *(detection_rows(part.token_ids, positions) * keep),
             keep,
         ], -1).float()
         n_safe = n.clamp(min=2).double()
@@ -229,7 +228,7 @@ class HeadMetricsReducer:
                 columns[name] = means[name]
             columns["diagonal_score"] = means["local_mass"] - s.uniform_local / s.rows
             columns["block_score"] = s.block / s.rows - s.uniform_block / s.rows
-            seen = s.column_rows >= 0.5 * s.rows
+            seen = s.column_rows >= 0.5 * s.column_rows.max()
             lift = (s.column - s.column_uniform) / s.column_rows.clamp(min=1)
             lift = lift.masked_fill(~seen, float("-inf"))
             best = lift.max(-1)

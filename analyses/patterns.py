@@ -21,9 +21,10 @@ A run of consecutive separators closes the current segment; the next token opens
 
 Pattern classes (thresholds in `PATTERN_THRESHOLDS`, on columns of `head_metrics`):
 
-- `vertical_score`: the largest, over key columns j seen by at least half of the
-  spread rows, of (mean attention those rows give j) - (mean attention uniform attention
-  over each row's attendable keys would give j). A sink/vertical-stripe head scores near
+- `vertical_score`: the largest, over key columns j seen by at least half as many spread
+  rows as the most-seen column (all rows for full attention, about a window for sliding
+  windows), of (mean attention those rows give j) - (mean attention uniform attention over
+  each row's attendable keys would give j); `vertical_key` is that j. A sink/vertical-stripe head scores near
   its stripe mass, uniform attention scores 0.
 - `diagonal_score`: mean over spread rows of the mass within |i - j| <= 1 minus the same
   mass under uniform attention.

@@ -252,8 +252,9 @@ class KernelCall:
         if keys == self.num_keys:
             return probs
         del scores
-        full = probs.new_zeros(*probs.shape[:-1], self.num_keys)
+        full = probs.new_empty(*probs.shape[:-1], self.num_keys)
         full[..., :keys] = probs
+        full[..., keys:] = 0
         return full
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
@@ -273,14 +274,13 @@ class KernelCall:
 
     def _rule_mask(self, start: int, stop: int, keys: int, device) -> torch.Tensor | None:
         """bool `"q k"` over the first `keys` keys, True where the kernel's own causal/window rule blocks a key."""
-        if self.causal is None and not self.window:
+        window = self.window if self.window and self.num_keys > self.window else None
+        if self.causal is None and window is None:
             return None
         offset = self.num_keys - self.num_queries if self.causal == "bottom_right" else 0
         diagonal = start + offset  # key index of row `start`'s own position
         ones = torch.ones(stop - start, keys, dtype=torch.bool, device=device)
-        blocked = torch.zeros_like(ones)
-        if self.causal is not None:
-            blocked |= ones.triu(diagonal + 1)
-        if self.window and self.num_keys > self.window:
-            blocked |= ones.tril(diagonal - self.window) | ones.triu(diagonal + self.window)
+        blocked = ones.triu(diagonal + 1 if self.causal is not None else diagonal + window)
+        if window:
+            blocked |= ones.tril(diagonal - window)
         return blocked

@@ -10,7 +10,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from llm_heatmap.models import InputError
 from llm_heatmap.probes import capture, capture_generate, capture_prompt, estimate_cube_bytes
-from llm_heatmap.probes.tap import KernelCall
+from llm_heatmap.probes.tap import KernelCall, _named_arguments
 from tiny_models import FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model
 
 CASES = [(f, k) for f in FAMILIES for k in ("eager", "sdpa") if not (k == "sdpa" and f in SDPA_UNSUPPORTED)]
@@ -149,6 +149,13 @@ def test_kernel_call_by_hand():
     allowed = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
     expected = torch.softmax(scores[:, 1:].masked_fill(~allowed, float("-inf")), -1)
     torch.testing.assert_close(got, expected)
+
+
+def test_positional_kernel_arguments_are_named_by_the_kernel_signature():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    named = _named_arguments(sdpa_attention_forward, (0.0, 0.125), {"softcap": None})
+    assert named == {"dropout": 0.0, "scaling": 0.125, "softcap": None}
 
 
 def test_nothing_stays_attached_and_registry_is_restored():

@@ -90,6 +90,21 @@ def test_nan_entries_are_left_out():
     assert list(result["n_a"]) == [2, 1] and list(result["n_b"]) == [2, 0]
 
 
+def test_column_blocks_do_not_change_results(monkeypatch):
+    from llm_heatmap.analyses import compare
+
+    rng = np.random.default_rng(3)
+    x_a, x_b = rng.normal(size=(7, 300)), rng.normal(0.3, size=(9, 300))
+    x_a[2, 5] = np.nan
+    whole = set_statistics(x_a, x_b, n_resamples=300, n_permutations=300)
+    blocks = compare._column_blocks
+    monkeypatch.setattr(compare, "_column_blocks", lambda columns, rows: blocks(columns, rows, budget=rows * 7))
+    assert len(compare._column_blocks(300, 300)) == 43
+    split = set_statistics(x_a, x_b, n_resamples=300, n_permutations=300)
+    for name in whole:
+        np.testing.assert_array_equal(whole[name], split[name])
+
+
 def test_bh_adjust_matches_definition():
     p = np.array([0.01, 0.04, 0.03, 0.2, np.nan])
     q = bh_adjust(p)

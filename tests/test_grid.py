@@ -155,8 +155,8 @@ def test_sink_exclusion_changes_the_range(smol_cube, tmp_path):
     masked = save_grid(smol_cube, tmp_path / "mask.png", cell_px=2, layers=[10], sink="mask")
     assert masked.color.vmax == pytest.approx(exclude.color.vmax)
     cells = panel_cells(mimage.imread(tmp_path / "mask.png"), masked, 10, 0)
-    assert np.allclose(cells[:, 0], np.array(MASK_RGBA) / 255)
-    assert not np.allclose(cells[1:, 1], np.array(MASK_RGBA) / 255)
+    assert np.allclose(cells[:, 0, :3], np.array(MASK_RGBA[:3]) / 255)
+    assert not np.allclose(cells[1:, 1, :3], np.array(MASK_RGBA[:3]) / 255)
 
 
 def test_per_head_range_uses_each_heads_maximum(minilm_cube, tmp_path):

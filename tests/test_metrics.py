@@ -164,8 +164,9 @@ def test_matches_reference_bidirectional_with_padding_and_windows():
     cube.pattern[..., 9, :] = 0.5
     table = assert_matches_reference(cube)
     assert (table.next_token_mass > 0).all()  # bidirectional: the next token is attendable
-    sliding = random_cube(make_spec(layers=2, heads=2, window=3), 9, seed=1)
-    assert_matches_reference(sliding)
+    sliding = random_cube(make_spec(layers=2, heads=2, window=3), 16, seed=1)
+    table = assert_matches_reference(sliding)
+    assert np.isfinite(table.vertical_score).all()  # no column is seen by half the rows; the window is the yardstick
 
 
 def test_last_rows_only_cube_matches_reference():
@@ -280,3 +281,18 @@ def test_real_minilm_cube(minilm_eager):
     # BERT heads are known to park attention on [CLS]/[SEP]/punctuation
     assert table.special_mass.max() > 0.5
     assert table.next_token_mass.max() > 0.5
+
+
+def test_real_smollm2_cube(smollm2_eager):
+    model, tokenizer, spec = smollm2_eager
+    ids = tokenizer("Attention sinks appear early. Most heads of a decoder park weight on the first token.",
+                    return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    keys = ids.shape[1]
+    cube = make_cube(torch.stack(out.attentions, 1)[0], spec, tokens=tokenizer.convert_ids_to_tokens(ids[0]), ids=ids[0])
+    table = assert_matches_reference(cube)
+    assert len(table) == 30 * 9 and (table.n_rows == keys - 1).all()
+    assert table.kv_group.tolist() == [h // 3 for h in range(9)] * 30
+    assert (table.next_token_mass == 0).all()  # causal
+    assert table.sink_head.sum() > 0 and (table.vertical_key[table.pattern_class == "vertical"] == 0).mean() > 0.5

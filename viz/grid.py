@@ -180,7 +180,7 @@ def _plan(cube, nq, nk, c, *, show_tokens, n_title_lines, colorbar_label, extra_
     separators = _has_groups(groups)
     boundaries = [separators and a != b for a, b in zip(groups, groups[1:])]
     gutter = int(np.clip(round(0.06 * min(nq, nk) * c), 2, 16))
-    sep_width = max(1, round(gutter * 0.6))
+    sep_width = max(1, round(gutter * 0.4))
     cols, col_starts = _axis_map(H, nk, c, gutter, boundaries, sep_width)
     rows, row_starts = _axis_map(L, nq, c, gutter, [False] * (L - 1), sep_width)
     grid_w, grid_h = len(cols), len(rows)

@@ -1,5 +1,7 @@
 """Subcommands of the CLI: each module has `register(subparsers)`, which sets `run` on its parser."""
 
-from . import grid_command, models_command, render_command
+from . import (batch_command, compare_command, grid_command, kv_similarity_command, metrics_command, models_command,
+               render_command)
 
-COMMANDS = [grid_command, render_command, models_command]
+COMMANDS = [grid_command, render_command, metrics_command, compare_command, kv_similarity_command, batch_command,
+            models_command]

@@ -331,8 +331,10 @@ def run(out: Path, *, models=MODELS, experiments=None, loader=None, figures: boo
             results.append(result)
             row = {"attention_kind": spec.attention_kind, **result.summary()}
             summaries.append(row)
-            cubes += list(result.cubes)
-            prompts += [experiment.simple, experiment.complex]
+            for prompt, cube in zip((experiment.simple, experiment.complex), result.cubes):
+                if prompt not in prompts:  # a prompt used twice counts once in the KV statistic
+                    cubes.append(cube)
+                    prompts.append(prompt)
             if progress:
                 progress(f"{name} experiment {experiment.number}: {result.n_tokens[0]} vs {result.n_tokens[1]} tokens, "
                          + ("difference cube" if result.difference is not None else "metrics only (token counts differ)"))
