@@ -25,7 +25,7 @@ browser:
 	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 demo: setup
-	$(BIN)/llm-heatmap grid "$(PROMPT)"
+	$(BIN)/llm-heatmap grid "$(PROMPT)" --html --force
 
 test: setup browser
 	$(BIN)/pytest -q

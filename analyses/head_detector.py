@@ -50,13 +50,11 @@ def detector_sums(pattern: torch.Tensor, token_ids: torch.Tensor, query_position
                   patterns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """("mul" numerators `"l h d"`, denominators `"l h"`) summed over the given rows of `"l h q k"`.
 
+    `patterns`: the detection rows `"d q k"` at `query_positions`, if already built.
+
     Sums add across row blocks, which is what the streaming reducer relies on.
     """
-    if patterns is None:
-        if len(token_ids) != pattern.shape[-1]:
-            raise InputError(f"the cube has {pattern.shape[-1]} keys but {len(token_ids)} token ids; they must match.")
-        patterns = detection_patterns(token_ids)
-    rows = patterns[:, query_positions.long()]  # d q k
+    rows = detection_rows(token_ids, query_positions) if patterns is None else patterns  # d q k
     masked = _excluded(pattern.float(), query_positions, key_mask, query_mask, exclude_bos, exclude_current_token)
     numerators = torch.einsum("lhqk,dqk->lhd", masked.double(), rows.double())
     denominators = masked.double().sum((-1, -2))
@@ -93,20 +91,27 @@ def head_detector_scores(cube, *, exclude_bos: bool = False, exclude_current_tok
         raise InputError("head_detector_scores needs one sequence; pass cube.item(i) for each sequence of the batch.")
     if error_measure not in ("mul", "abs"):
         raise InputError(f"error_measure {error_measure!r} is not known; use 'mul' or 'abs'.")
-    patterns = detection_patterns(cube.token_ids)
-    if error_measure == "mul":
-        numerators, denominators = detector_sums(
-            cube.pattern, cube.token_ids, cube.query_positions, cube.key_mask, cube.query_mask,
-            exclude_bos=exclude_bos, exclude_current_token=exclude_current_token, patterns=patterns)
-        scores = numerators / denominators[..., None]
-    else:
-        if cube.num_queries != cube.num_keys or not torch.equal(cube.query_positions.long(), torch.arange(cube.num_keys)):
-            raise InputError("the 'abs' head-detector measure needs every query row; capture without last_queries.")
-        # "l 1 h q k" against "1 d 1 q k" -> "l d h q k"
-        diff = (cube.pattern.double()[:, None] - patterns.double()[None, :, None]).abs()
-        diff = _excluded(diff, cube.query_positions, None, None, exclude_bos, exclude_current_token)
-        raw = diff.sum((-1, -2)) / cube.num_keys
-        scores = (1 - torch.round(raw, decimals=3)).transpose(1, 2)
+    if len(cube.token_ids) != cube.num_keys:
+        raise InputError(f"the cube has {cube.num_keys} keys but {len(cube.token_ids)} token ids; they must match.")
+    full = cube.num_queries == cube.num_keys and torch.equal(cube.query_positions.long(), torch.arange(cube.num_keys))
+    if error_measure == "abs" and not full:
+        raise InputError("the 'abs' head-detector measure needs every query row; capture without last_queries.")
+    rows = detection_rows(cube.token_ids, cube.query_positions)
+    scores = []
+    for index in range(cube.num_layers):  # one layer at a time keeps memory at one layer's pattern
+        layer = cube.pattern[index:index + 1]
+        if error_measure == "mul":
+            numerators, denominators = detector_sums(
+                layer, cube.token_ids, cube.query_positions, cube.key_mask, cube.query_mask,
+                exclude_bos=exclude_bos, exclude_current_token=exclude_current_token, patterns=rows)
+            scores.append(numerators / denominators[..., None])
+        else:
+            # "1 1 h q k" against "1 d 1 q k" -> "1 d h q k"
+            diff = (layer.double()[:, None] - rows.double()[None, :, None]).abs()
+            diff = _excluded(diff, cube.query_positions, None, None, exclude_bos, exclude_current_token)
+            raw = diff.sum((-1, -2)) / cube.num_keys
+            scores.append((1 - torch.round(raw, decimals=3)).transpose(1, 2))
+    scores = torch.cat(scores)
     return _frame(cube, scores)
 
 
