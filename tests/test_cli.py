@@ -120,10 +120,11 @@ def not_a_dir(tmp_path):
 
 
 BAD_INPUTS = {  # (arguments, words the one-line message must contain)
-    "empty prompt": (["grid", "   "], "prompt is empty"),
+    "empty prompt": (["grid", "   "], "is empty"),
     "unknown model": (["grid", "hi", "--model", "./no/such/model"], "does not exist"),
-    "unreadable prompt file": (["grid", "--prompt-file", "/no/such/prompt.txt"], "cannot be read"),
-    "prompt longer than context": (["grid", "word " * 600, "--model", "minilm-l6"], "longer than"),
+    "missing prompt file": (["grid", "--prompt-file", "/no/such/prompt.txt"], "does not exist"),
+    "unreadable prompt file": (["grid", "--prompt-file", "/"], "is a directory"),
+    "prompt longer than context": (["grid", "word " * 600, "--model", "minilm-l6"], "context holds"),
     "cube too large": (["grid", "the sky is blue", "--model", "minilm-l6", "--max-cube-mb", "0.001"], "--stream"),
     "unknown colormap": (["grid", "the sky is blue", "--model", "minilm-l6", "--cmap", "nope"], "colormap"),
     "bad layers": (["grid", "the sky is blue", "--model", "minilm-l6", "--layers", "a-b"], "--layers"),
@@ -161,4 +162,4 @@ def test_help_lists_commands_with_examples(capsys):
 
 def test_bad_input_exit_status_from_a_real_process(tmp_path):
     result = cli("grid", "   ", "--out", tmp_path)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "prompt is empty" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is empty" in result.stderr

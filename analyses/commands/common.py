@@ -8,6 +8,8 @@ from pathlib import Path
 
 from llm_heatmap.models import DEFAULT_MODEL, InputError, load_model
 
+from ..prompts import check_prompt, read_prompt_text
+
 
 def add_model_options(parser) -> None:
     group = parser.add_argument_group("model")
@@ -32,19 +34,14 @@ def add_output_options(parser, *, default_out: str = "heatmaps") -> None:
 
 
 def read_prompt(args) -> str:
+    """The prompt from PROMPT or --prompt-file (exactly one of them), never empty."""
     if args.prompt_file is not None:
         if args.prompt is not None:
             raise InputError("give the prompt either as an argument or with --prompt-file, not both.")
-        try:
-            prompt = args.prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise InputError(f"prompt file {args.prompt_file} cannot be read ({error}); pass a readable UTF-8 text file.") from None
-        prompt = prompt.strip("\n")
-    else:
-        prompt = args.prompt
-    if prompt is None or not prompt.strip():
+        return read_prompt_text(args.prompt_file)
+    if args.prompt is None:
         raise InputError("the prompt is empty; pass some text as PROMPT or with --prompt-file.")
-    return prompt
+    return check_prompt(args.prompt)
 
 
 def progress_printer(args):

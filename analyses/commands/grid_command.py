@@ -9,11 +9,12 @@ import torch
 
 from llm_heatmap.models import InputError, parse_dtype
 from llm_heatmap.probes import Downsampler, capture_prompt
-from llm_heatmap.probes.capture import MEMORY_SHARE, available_memory_bytes, encode_prompt, estimate_cube_bytes
+from llm_heatmap.probes.capture import MEMORY_SHARE, available_memory_bytes, estimate_cube_bytes
 
 from ..digest import digest_lines
 from ..files import atomic_output, check_writable
 from ..metrics import HeadMetricsReducer, head_metrics
+from ..prompts import check_length
 from ..tables import write_table
 from . import common
 
@@ -61,14 +62,11 @@ def check_cube_memory(args, spec, num_tokens: int, dtype, layers, heads) -> None
 def capture_for_grid(args, model, tokenizer, spec, prompt, layers=None, heads=None):
     """(cube to draw and save, per-head metrics table); streaming keeps one layer at a time.
     Only the chosen layers and heads are captured."""
-    ids, _ = encode_prompt(tokenizer, prompt, chat=args.chat)
-    if spec.max_positions and ids.shape[-1] > spec.max_positions:
-        raise InputError(f"the prompt is {ids.shape[-1]} tokens, longer than {args.model}'s context of "
-                         f"{spec.max_positions}; shorten it.")
+    num_tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
     dtype = parse_dtype(args.cube_dtype)
     options = dict(spec=spec, chat=args.chat, source=str(args.model), dtype=dtype, layers=layers, heads=heads)
     if not args.stream:
-        check_cube_memory(args, spec, ids.shape[-1], dtype, layers, heads)
+        check_cube_memory(args, spec, num_tokens, dtype, layers, heads)
         cube = capture_prompt(model, tokenizer, prompt, **options)
         return cube, head_metrics(cube)
     downsampler, reducer = Downsampler(args.max_tokens), HeadMetricsReducer()
