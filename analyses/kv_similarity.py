@@ -36,7 +36,7 @@ from llm_heatmap.models import InputError
 
 MEASURES = ("js", "cosine", "pearson")
 FIRST_TOKEN = ("kept", "dropped")
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 20  # pairs x rows x keys per step: small enough to stay in cache
 
 
 def _rows_and_weights(pattern: torch.Tensor, mask: torch.Tensor, drop_first: int | None):
@@ -46,6 +46,11 @@ def _rows_and_weights(pattern: torch.Tensor, mask: torch.Tensor, drop_first: int
         mask[:, drop_first] = False
     mask &= (mask.sum(-1) >= 2)[:, None]
     return pattern.double() * mask, mask
+
+
+def _plogp(p: torch.Tensor) -> torch.Tensor:
+    """p ln p with 0 ln 0 = 0 (faster than `xlogy` on CPU: the clamp keeps log finite, 0 x finite = 0)."""
+    return p * p.clamp_min(torch.finfo(p.dtype).tiny).log()
 
 
 def js_divergence_matrix(p: torch.Tensor) -> torch.Tensor:
@@ -58,14 +63,14 @@ def js_divergence_matrix(p: torch.Tensor) -> torch.Tensor:
     valid = (p.sum(-1) > 0).double()
     # logarithms in float32 (the costly part), per-row results and means in float64
     p = p.float()
-    entropy = -torch.special.xlogy(p, p).sum(-1).double()  # h q
+    entropy = -_plogp(p).sum(-1).double()  # h q
     first, second = torch.triu_indices(heads, heads, 1)
     out = torch.zeros(heads, heads, dtype=torch.float64)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, p[0].numel()))
     for start in range(0, len(first), chunk):
         a, b = first[start:start + chunk], second[start:start + chunk]
         middle = (p[a] + p[b]) / 2  # pair q k
-        js = -torch.special.xlogy(middle, middle).sum(-1).double() - (entropy[a] + entropy[b]) / 2
+        js = -_plogp(middle).sum(-1).double() - (entropy[a] + entropy[b]) / 2
         both = valid[a] * valid[b]
         out[a, b] = (js.clamp(0, math.log(2)) * both).sum(-1) / both.sum(-1).clamp(min=1)
     return out + out.T
@@ -73,18 +78,27 @@ def js_divergence_matrix(p: torch.Tensor) -> torch.Tensor:
 
 def layer_similarity(pattern: torch.Tensor, mask: torch.Tensor, measure: str, drop_first: int | None = None) -> torch.Tensor:
     """Head x head similarity `"h h"` of one layer's `"h q k"` pattern (module docstring)."""
+    return layer_similarities(pattern, mask, (measure,), drop_first)[measure]
+
+
+def layer_similarities(pattern: torch.Tensor, mask: torch.Tensor, measures=MEASURES,
+                       drop_first: int | None = None) -> dict[str, torch.Tensor]:
+    """{measure: head x head similarity} of one layer, sharing the masked weights between measures."""
     weights, entries = _rows_and_weights(pattern, mask, drop_first)
-    if measure == "js":
-        mass = weights.sum(-1, keepdim=True)
-        rows = weights / mass.clamp(min=1e-300)
-        return 1 - js_divergence_matrix(rows) / math.log(2)
-    vectors = weights[:, entries]  # h e
-    if measure == "pearson":
-        vectors = vectors - vectors.mean(-1, keepdim=True)
-    elif measure != "cosine":
-        raise InputError(f"similarity measure {measure!r} is not known; use one of {', '.join(MEASURES)}.")
-    norms = vectors.norm(dim=-1)
-    return (vectors @ vectors.T) / (norms[:, None] * norms[None, :]).clamp(min=1e-300)
+    out = {}
+    for measure in measures:
+        if measure == "js":
+            rows = weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)
+            out[measure] = 1 - js_divergence_matrix(rows) / math.log(2)
+            continue
+        if measure not in ("cosine", "pearson"):
+            raise InputError(f"similarity measure {measure!r} is not known; use one of {', '.join(MEASURES)}.")
+        vectors = weights[:, entries]  # h e
+        if measure == "pearson":
+            vectors = vectors - vectors.mean(-1, keepdim=True)
+        norms = vectors.norm(dim=-1)
+        out[measure] = (vectors @ vectors.T) / (norms[:, None] * norms[None, :]).clamp(min=1e-300)
+    return out
 
 
 def group_gap(similarity: torch.Tensor, groups, n_permutations: int = 1000, seed: int = 0) -> dict:
@@ -146,9 +160,9 @@ def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = 3, 
     for index, layer in enumerate(cube.layers):
         for first_token in FIRST_TOKEN:
             drop = first if first_token == "dropped" else None
+            similarities = layer_similarities(cube.pattern[index], attendable[index], measures, drop)
             for measure in measures:
-                similarity = layer_similarity(cube.pattern[index], attendable[index], measure, drop)
-                result = group_gap(similarity, groups, n_permutations, seed)
+                result = group_gap(similarities[measure], groups, n_permutations, seed)
                 records.append({"layer": layer, "measure": measure, "first_token": first_token, "grouping": grouping,
                                 "group_size": size, **result, "n_permutations": n_permutations})
     return pd.DataFrame.from_records(records)
