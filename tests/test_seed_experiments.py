@@ -15,7 +15,7 @@ from llm_heatmap.analyses.experiments import seed_experiments as se
 from llm_heatmap.probes import capture_prompt
 
 pytestmark = pytest.mark.slow
-EQUAL = se.Experiment(3, "the sky is blue", "the grass is green")  # 6 and 6 tokens under WordPiece
+EQUAL = se.Experiment("exp3", "Exp. 3", "the sky is blue", "the grass is green")  # 6 and 6 tokens under WordPiece
 PERMUTATIONS = 200
 
 
@@ -30,8 +30,8 @@ def run(minilm, tmp_path_factory):
 
 def test_seed_prompts_are_the_readme_pairs():
     one, two = se.seed_prompts()
-    assert (one.simple, one.complex) == ("the sky is blue", "run a self-meta-cognitive diagnostic")
-    assert (two.simple, two.complex) == ("Tell me a very simple short story.",
+    assert (one.name, one.a, one.b) == ("exp1", "the sky is blue", "run a self-meta-cognitive diagnostic")
+    assert (two.name, two.a, two.b) == ("exp2", "Tell me a very simple short story.",
                                          "Explain the core idea behind quantum entanglement.")
 
 
@@ -58,13 +58,13 @@ def test_unequal_token_counts_compare_metrics_only(run):
     folder = out / "minilm-l6"
     summary = pd.read_csv(out / "experiments.csv").set_index("experiment")
     # Experiment 1: 6 vs 10 WordPiece tokens ([CLS] and [SEP] included): no position-by-position difference
-    assert (summary.loc[1, "tokens_simple"], summary.loc[1, "tokens_complex"]) == (6, 10)
-    assert not summary.loc[1, "difference"]
+    assert (summary.loc["exp1", "tokens_a"], summary.loc["exp1", "tokens_b"]) == (6, 10)
+    assert not summary.loc["exp1", "difference"]
     assert not (folder / "exp1.difference.grid.png").exists() and not (folder / "exp1.comparison.png").exists()
     assert result["results"][0].difference is None
     # equal counts: the difference cube B - A and its figures exist
-    assert (summary.loc[3, "tokens_simple"], summary.loc[3, "tokens_complex"]) == (6, 6)
-    assert summary.loc[3, "difference"]
+    assert (summary.loc["exp3", "tokens_a"], summary.loc["exp3", "tokens_b"]) == (6, 6)
+    assert summary.loc["exp3", "difference"]
     assert (folder / "exp3.difference.grid.png").is_file() and (folder / "exp3.comparison.png").is_file()
     equal = result["results"][1]
     torch.testing.assert_close(equal.difference.pattern, equal.cubes[1].pattern - equal.cubes[0].pattern)
@@ -76,23 +76,24 @@ def test_deltas_are_b_minus_a_of_separate_head_metrics(run, minilm, experiment):
     model, tokenizer, spec = minilm
     with torch.no_grad():
         a, b = (head_metrics(capture_prompt(model, tokenizer, p, spec=spec))
-                for p in (experiment.simple, experiment.complex))
+                for p in (experiment.a, experiment.b))
     metrics = metric_columns(a)
-    deltas = pd.read_csv(out / "minilm-l6" / f"exp{experiment.number}.deltas.csv")
+    deltas = pd.read_csv(out / "minilm-l6" / f"{experiment.name}.deltas.csv")
     assert list(deltas.columns) == ["layer", "head", "kv_group", *metrics]
     assert len(deltas) == spec.num_layers * spec.num_heads == 72
     expected = (b.set_index(["layer", "head"])[metrics] - a.set_index(["layer", "head"])[metrics])
     got = deltas.set_index(["layer", "head"])[metrics]
-    np.testing.assert_allclose(got.to_numpy(float), expected.loc[got.index].to_numpy(float), rtol=0, atol=1e-9)
+    # the CSV keeps 6 significant digits (se.CSV_DIGITS)
+    np.testing.assert_allclose(got.to_numpy(float), expected.loc[got.index].to_numpy(float), rtol=1e-5, atol=1e-9)
 
-    layers = pd.read_csv(out / "minilm-l6" / f"exp{experiment.number}.layers.csv")
+    layers = pd.read_csv(out / "minilm-l6" / f"{experiment.name}.layers.csv")
     assert list(layers.columns) == ["layer", "metric", "mean_a", "mean_b", "delta", "mean_abs_delta"]
     assert len(layers) == spec.num_layers * len(metrics)
     entropy = layers[layers["metric"] == "norm_entropy"].set_index("layer")
-    np.testing.assert_allclose(entropy["delta"], expected["norm_entropy"].groupby(level="layer").mean(), atol=1e-9)
-    np.testing.assert_allclose(entropy["mean_b"] - entropy["mean_a"], entropy["delta"], atol=1e-9)
+    np.testing.assert_allclose(entropy["delta"], expected["norm_entropy"].groupby(level="layer").mean(), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(entropy["mean_b"] - entropy["mean_a"], entropy["delta"], rtol=1e-5, atol=1e-6)
 
-    markdown = (out / "minilm-l6" / f"exp{experiment.number}.deltas.md").read_text().splitlines()
+    markdown = (out / "minilm-l6" / f"{experiment.name}.deltas.md").read_text().splitlines()
     assert markdown[0] == "| " + " | ".join(["layer", "head", "kv_group", *se.KEY_METRICS]) + " |"
     assert len(markdown) == 2 + 72
 
@@ -102,7 +103,7 @@ def test_kv_tables(run):
     pooled = pd.read_csv(out / "minilm-l6" / "kv_similarity.layers.csv")
     assert len(pooled) == 6 * 3 * 2
     assert set(pooled["grouping"]) == {"pseudo"} and set(pooled["group_size"]) == {3}
-    np.testing.assert_allclose(pooled["within"] - pooled["across"], pooled["gap"], atol=1e-12)
+    np.testing.assert_allclose(pooled["within"] - pooled["across"], pooled["gap"], atol=2e-6)
     assert ((pooled["p_value"] > 0) & (pooled["p_value"] <= 1)).all()
     # the pooled within/across are the means over the 4 prompts of each prompt's own values
     per_prompt = pd.read_csv(out / "minilm-l6" / "kv_similarity.csv")
@@ -112,13 +113,13 @@ def test_kv_tables(run):
     assert len(per_prompt) == 3 * 6 * 3 * 2 and set(pooled["n_prompts"]) == {3}
     means = per_prompt.groupby(["layer", "measure", "first_token"])[["within", "across"]].mean()
     joined = pooled.set_index(["layer", "measure", "first_token"])[["within", "across"]]
-    np.testing.assert_allclose(joined.to_numpy(), means.loc[joined.index].to_numpy(), atol=1e-12)
+    np.testing.assert_allclose(joined.to_numpy(), means.loc[joined.index].to_numpy(), atol=2e-6)
 
     summary = pd.read_csv(out / "kv_summary.csv")
     assert len(summary) == 6 and set(summary["attention_kind"]) == {"MHA"}
     layer_means = pooled.groupby(["measure", "first_token"])["gap"].mean()
     np.testing.assert_allclose(summary.set_index(["measure", "first_token"])["gap"],
-                               layer_means.loc[list(zip(summary["measure"], summary["first_token"]))], atol=1e-12)
+                               layer_means.loc[list(zip(summary["measure"], summary["first_token"]))], atol=2e-6)
     assert (summary["n_permutations"] == PERMUTATIONS).all()
 
 
@@ -133,3 +134,9 @@ def test_model_gap_by_hand():
     assert result["p_value"] == pytest.approx(1 / 9, abs=0.03)
     flat = se.model_gap(torch.full((2, 4, 4), 0.5, dtype=torch.float64), groups, n_permutations=100)
     assert flat["gap"] == pytest.approx(0.0) and flat["p_value"] == 1.0
+
+
+def test_control_pair_has_equal_token_counts(minilm):
+    _, tokenizer, _ = minilm
+    counts = [len(tokenizer(p)["input_ids"]) for p in (se.CONTROL.a, se.CONTROL.b)]
+    assert counts == [10, 10]

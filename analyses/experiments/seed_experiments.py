@@ -3,28 +3,30 @@
     python -m llm_heatmap.analyses.experiments.seed_experiments --out docs/experiments
 
 For each model (`minilm-l6` standing in for bert-base-uncased, `smollm2-135m` for Qwen3-0.6B) and
-each experiment (the prompt pairs of `data/seed_experiments.jsonl`, A = simple, B = complex) it
-writes into `OUT/MODEL/`:
+each experiment (the prompt pairs of `data/seed_experiments.jsonl`, A = simple, B = complex, plus
+`CONTROL`, two simple prompts of equal length, A = simple-a, B = simple-b) it writes into `OUT/MODEL/`
+(STEM = exp1, exp2, control; LABEL = the experiment's two labels):
 
-- `expN.simple.grid.png`, `expN.complex.grid.png`: all heads of both prompts (`viz.save_grid`).
-- when A and B have the same token count: `expN.difference.grid.png` (pattern B - A, all heads,
-  diverging colours on a symmetric range) and `expN.comparison.png` (the head whose pattern
-  changes most, A, B and their difference with token labels). When the counts differ there is no
+- `STEM.LABEL.grid.png`: all heads of each prompt (`viz.save_grid`).
+- when A and B have the same token count: `STEM.difference.grid.png` (pattern B - A, all heads,
+  diverging colours on a symmetric range) and `STEM.comparison.png` (the head whose pattern
+  changes most: B, A and B - A with token labels). When the counts differ there is no
   position-by-position difference: the experiment compares metrics only (`compare_cubes(...,
   metrics_only=True)`) and its summary row says so (`difference` = False).
-- `expN.metrics.simple.csv`, `expN.metrics.complex.csv`: `head_metrics` of each prompt.
-- `expN.deltas.csv` (every metric) and `.md` (`KEY_METRICS`): one row per head, value B - A.
-- `expN.layers.csv` and `.md`: per layer and metric, the means over the layer's heads of A, B and
-  B - A, and the mean |B - A|.
-- `expN.delta_norm_entropy.png`: the layer x head map of the norm_entropy delta.
-- `kv_similarity.csv`: `kv_group_similarity` of each of the four prompts (every layer, measure and
+- `STEM.metrics.LABEL.csv`: `head_metrics` of each prompt.
+- `STEM.deltas.csv` (every metric) and `.md` (`KEY_METRICS`): one row per head, value B - A.
+- `STEM.layers.csv`: per layer and metric, the means over the layer's heads of A, B and B - A, and
+  the mean |B - A|; `STEM.layers.md`: the per-layer mean deltas of `KEY_METRICS`.
+- `STEM.delta_norm_entropy.png`: the layer x head map of the norm_entropy delta.
+- `kv_similarity.csv`: `kv_group_similarity` of each distinct prompt (every layer, measure and
   first-token handling; SmolLM2 grouped by its real KV heads, MiniLM by pseudo-groups of
   `PSEUDO_GROUP_SIZE` consecutive heads); `kv_similarity.layers.csv`/`.md`: the per-layer
-  statistic pooled over the prompts (`pooled_kv_layers`); `kv_similarity.js.{kept,dropped}.png`.
+  statistic pooled over the prompts (`kv_tables`); `kv_similarity.js.{kept,dropped}.png`.
 
 and into `OUT/`: `experiments.csv`/`.md` (one row per model x experiment: token counts, whether a
 difference cube exists, mean and mean-absolute deltas of `KEY_METRICS`), `kv_summary.csv`/`.md`
-(one row per model x measure x first-token handling, `model_kv_summary`) and `summary.json`.
+(one row per model x measure x first-token handling, `model_gap`) and `summary.json`. CSV files
+hold floats to `CSV_DIGITS` significant digits.
 
 Pooled KV statistic of one layer: S_p is the head x head similarity of prompt p
 (`kv_similarity.layer_similarity`) and S = mean_p S_p. within, across and gap are those of S
@@ -62,16 +64,27 @@ KEY_METRICS = ("norm_entropy", "effective_keys_frac", "max_weight", "sink_score_
                "distance_ratio", "special_mass")
 PSEUDO_GROUP_SIZE = 3
 N_PERMUTATIONS = 2000
-LABELS = ("simple", "complex")
+CSV_DIGITS = 6
 
 
 @dataclass
 class Experiment:
-    """One prompt pair: A (simple, the baseline) and B (complex); deltas are B - A."""
+    """One prompt pair: A (the baseline, `labels[0]`) and B (`labels[1]`); deltas are B - A.
 
-    number: int
-    simple: str
-    complex: str
+    `name` is the file stem (`exp1`), `title` names it in figures (`Exp. 1`).
+    """
+
+    name: str
+    title: str
+    a: str
+    b: str
+    labels: tuple[str, str] = ("simple", "complex")
+
+
+# Two simple prompts of equal token count on both models (10 WordPiece / 8 SmolLM2 tokens): how much one
+# prompt pair's metrics differ when nothing about difficulty changes.
+CONTROL = Experiment("control", "Control", "Tell me a very simple short story.", "Describe a sunny day at the beach.",
+                     labels=("simple-a", "simple-b"))
 
 
 @dataclass
@@ -87,9 +100,10 @@ class ExperimentResult:
     files: list[Path] = field(default_factory=list)
 
     def summary(self) -> dict:
-        row = {"model": self.model, "experiment": self.experiment.number, "simple": self.experiment.simple,
-               "complex": self.experiment.complex, "tokens_simple": self.n_tokens[0],
-               "tokens_complex": self.n_tokens[1], "difference": self.difference is not None}
+        e = self.experiment
+        row = {"model": self.model, "experiment": e.name, "label_a": e.labels[0], "label_b": e.labels[1],
+               "prompt_a": e.a, "prompt_b": e.b, "tokens_a": self.n_tokens[0], "tokens_b": self.n_tokens[1],
+               "difference": self.difference is not None}
         if self.difference is not None:
             row["max_abs_pattern_diff"] = float(self.difference.pattern.abs().max())
         for metric in KEY_METRICS:
@@ -102,7 +116,7 @@ def seed_prompts() -> list[Experiment]:
     """Experiments 1 and 2 of the seed README, from `analyses/data/seed_experiments.jsonl`."""
     path = Path(str(files("llm_heatmap.analyses") / "data" / "seed_experiments.jsonl"))
     prompts = {p.id: p.text for p in read_prompts(path)}
-    return [Experiment(n, prompts[f"exp{n}-simple"], prompts[f"exp{n}-complex"]) for n in (1, 2)]
+    return [Experiment(f"exp{n}", f"Exp. {n}", prompts[f"exp{n}-simple"], prompts[f"exp{n}-complex"]) for n in (1, 2)]
 
 
 # ---- one prompt pair ------------------------------------------------------------------------
@@ -134,7 +148,7 @@ def run_experiment(model, tokenizer, spec, experiment: Experiment, *, name: str)
 
     with torch.no_grad():
         cubes = tuple(capture_prompt(model, tokenizer, p, spec=spec, source=name)
-                      for p in (experiment.simple, experiment.complex))
+                      for p in (experiment.a, experiment.b))
     counts = (cubes[0].num_keys, cubes[1].num_keys)
     comparison = compare_cubes(*cubes, metrics_only=counts[0] != counts[1], head_metrics=head_metrics)
     tables = (comparison.table_a, comparison.table_b)
@@ -145,19 +159,28 @@ def run_experiment(model, tokenizer, spec, experiment: Experiment, *, name: str)
 
 def write_experiment(result: ExperimentResult, folder: Path, *, figures: bool = True) -> list[Path]:
     """Write the tables (and figures) of one experiment into `folder` (module docstring)."""
-    stem = f"exp{result.experiment.number}"
+    stem, labels = result.experiment.name, result.experiment.labels
     written = [
-        write_table(result.tables[0], folder / f"{stem}.metrics.simple.csv", force=True),
-        write_table(result.tables[1], folder / f"{stem}.metrics.complex.csv", force=True),
-        write_table(result.deltas, folder / f"{stem}.deltas.csv", force=True),
+        write_csv(result.tables[0], folder / f"{stem}.metrics.{labels[0]}.csv"),
+        write_csv(result.tables[1], folder / f"{stem}.metrics.{labels[1]}.csv"),
+        write_csv(result.deltas, folder / f"{stem}.deltas.csv"),
         write_table(result.deltas[["layer", "head", "kv_group", *KEY_METRICS]], folder / f"{stem}.deltas.md", force=True),
-        write_table(result.layers, folder / f"{stem}.layers.csv", force=True),
+        write_csv(result.layers, folder / f"{stem}.layers.csv"),
         write_table(layer_markdown(result.layers), folder / f"{stem}.layers.md", force=True),
     ]
     if figures:
         written += write_experiment_figures(result, folder)
     result.files = written
     return written
+
+
+def write_csv(table: pd.DataFrame, path: Path, digits: int = CSV_DIGITS) -> Path:
+    """`write_table` to CSV with floats rounded to `digits` significant digits (keeps the committed files small)."""
+    table = table.copy()
+    for column in table.columns:
+        if pd.api.types.is_float_dtype(table[column]):
+            table[column] = [float(f"{value:.{digits}g}") for value in table[column]]
+    return write_table(table, path, force=True)
 
 
 def layer_markdown(layers: pd.DataFrame) -> pd.DataFrame:
@@ -169,36 +192,37 @@ def layer_markdown(layers: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_experiment_figures(result: ExperimentResult, folder: Path) -> list[Path]:
-    # analyses/ does not import viz/ at module level (DESIGN.md); like the CLI, this report script draws.
+    # DESIGN.md keeps analyses/ and viz/ apart except for the CLI; this script is a command-line entry point like
+    # analyses/commands and imports viz/ only here, so the table functions above stay usable without it.
     from llm_heatmap.viz import plot_comparison, plot_metric_map, save_figure, save_grid
 
-    stem = f"exp{result.experiment.number}"
+    experiment = result.experiment
+    stem, (label_a, label_b) = experiment.name, experiment.labels
     written = []
-    for label, cube in zip(LABELS, result.cubes):
+    for label, cube in zip(experiment.labels, result.cubes):
         path = folder / f"{stem}.{label}.grid.png"
-        save_grid(cube, path, cell_px=_cell_px(cube), title=f"{result.model} · Experiment {result.experiment.number}, "
-                  f"{label} prompt")
+        save_grid(cube, path, cell_px=_cell_px(cube), title=f"{result.model} · {experiment.title}, {label} prompt")
         written.append(path)
     if result.difference is not None:
         diff = result.difference
         bound = max(float(diff.pattern.abs().max()), 1e-6)
         path = folder / f"{stem}.difference.grid.png"
         save_grid(diff, path, cell_px=_cell_px(diff), cmap="RdBu_r", vmin=-bound, vmax=bound,
-                  title=f"{result.model} · Exp. {result.experiment.number}: complex − simple")
+                  title=f"{result.model} · {experiment.title}: {label_b} − {label_a}")
         written.append(path)
         layer, head = most_changed_head(diff)
-        fig = plot_comparison(result.cubes[1], result.cubes[0], layer, head, labels=("complex", "simple"))
+        fig = plot_comparison(result.cubes[1], result.cubes[0], layer, head, labels=(label_b, label_a))
         written.append(save_figure(fig, folder / f"{stem}.comparison.png"))
     fig = plot_metric_map(result.deltas, "norm_entropy", center=0.0,
-                          title=f"{result.model} · Exp. {result.experiment.number}: norm_entropy complex − simple")
+                          title=f"{result.model} · {experiment.title}: norm_entropy {label_b} − {label_a}")
     written.append(save_figure(fig, folder / f"{stem}.delta_norm_entropy.png"))
     return written
 
 
 def _cell_px(cube) -> int:
-    """Token cell size that keeps a grid of this cube near 1400 px on its long side."""
+    """Token cell size that keeps a grid of this cube near 1800 px on its long side (at most 12 px)."""
     long_side = max(cube.num_layers * cube.num_queries, cube.num_heads * cube.num_keys)
-    return int(np.clip(1400 // max(long_side, 1), 2, 12))
+    return int(np.clip(1800 // max(long_side, 1), 2, 12))
 
 
 def most_changed_head(difference) -> tuple[int, int]:
@@ -284,8 +308,7 @@ def model_gap(similarity: torch.Tensor, groups, n_permutations: int = N_PERMUTAT
 
 
 def write_kv(model_name: str, per_prompt, pooled, folder: Path, *, figures: bool = True) -> list[Path]:
-    written = [write_table(per_prompt, folder / "kv_similarity.csv", force=True),
-               write_table(pooled, folder / "kv_similarity.layers.csv", force=True)]
+    written = [write_csv(per_prompt, folder / "kv_similarity.csv"), write_csv(pooled, folder / "kv_similarity.layers.csv")]
     js = pooled[pooled["measure"] == "js"]
     md = js.pivot(index="layer", columns="first_token", values=["within", "across", "gap", "p_value"])
     md.columns = [f"{value} ({first})" for value, first in md.columns]
@@ -299,9 +322,9 @@ def write_kv(model_name: str, per_prompt, pooled, folder: Path, *, figures: bool
             part = js[js["first_token"] == first_token]
             size, prompts = int(part["group_size"].iloc[0]), int(part["n_prompts"].iloc[0])
             note = (f"real KV groups of {size} heads" if real else
-                    f"MHA: 'KV head' = pseudo-group of {size} consecutive heads")
+                    f"MHA: 'KV head' = pseudo-group of {size}")
             fig = plot_kv_similarity(part, title=f"{model_name}: JS similarity, first token {first_token}\n"
-                                     f"{note}; mean of {prompts} prompts")
+                                     f"{note}; {prompts} prompts")
             written.append(save_figure(fig, folder / f"kv_similarity.js.{first_token}.png"))
     return written
 
@@ -317,7 +340,7 @@ def run(out: Path, *, models=MODELS, experiments=None, loader=None, figures: boo
     """
     if loader is None:
         from llm_heatmap.models import load_model as loader
-    experiments = list(experiments or seed_prompts())
+    experiments = list(experiments or [*seed_prompts(), CONTROL])
     out = Path(out)
     results, summaries, kv_models, kv_layers = [], [], [], []
     for name in models:
@@ -331,12 +354,12 @@ def run(out: Path, *, models=MODELS, experiments=None, loader=None, figures: boo
             results.append(result)
             row = {"attention_kind": spec.attention_kind, **result.summary()}
             summaries.append(row)
-            for prompt, cube in zip((experiment.simple, experiment.complex), result.cubes):
+            for prompt, cube in zip((experiment.a, experiment.b), result.cubes):
                 if prompt not in prompts:  # a prompt used twice counts once in the KV statistic
                     cubes.append(cube)
                     prompts.append(prompt)
             if progress:
-                progress(f"{name} experiment {experiment.number}: {result.n_tokens[0]} vs {result.n_tokens[1]} tokens, "
+                progress(f"{name} {experiment.name}: {result.n_tokens[0]} vs {result.n_tokens[1]} tokens, "
                          + ("difference cube" if result.difference is not None else "metrics only (token counts differ)"))
         per_prompt, pooled, model_table = kv_tables(cubes, prompts, n_permutations=n_permutations, seed=seed)
         write_kv(name, per_prompt, pooled, folder, figures=figures)
@@ -347,11 +370,11 @@ def run(out: Path, *, models=MODELS, experiments=None, loader=None, figures: boo
         del model
     summary = pd.DataFrame.from_records(summaries)
     kv_summary = pd.concat(kv_models, ignore_index=True)
-    write_table(summary, out / "experiments.csv", force=True)
-    md_columns = ["model", "experiment", "tokens_simple", "tokens_complex", "difference",
-                  *[f"{m}_delta" for m in KEY_METRICS[:4]]]
+    write_csv(summary, out / "experiments.csv")
+    md_columns = ["model", "experiment", "tokens_a", "tokens_b", "difference",
+                  *[f"{m}_{kind}" for m in KEY_METRICS[:4] for kind in ("delta", "abs_delta")]]
     write_table(summary[md_columns], out / "experiments.md", force=True)
-    write_table(kv_summary, out / "kv_summary.csv", force=True)
+    write_csv(kv_summary, out / "kv_summary.csv")
     write_table(kv_summary.drop(columns=["n_permutations"]), out / "kv_summary.md", force=True)
     with atomic_output(out / "summary.json", force=True) as temp:
         temp.write_text(json.dumps({"experiments": summary.to_dict(orient="records"),
