@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import itertools
 
-import matplotlib
-import matplotlib.colors as mcolors
 import matplotlib.image as mimage
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from matplotlib.image import AxesImage
-from matplotlib.text import Text
 
 from llm_heatmap.models import InputError
 from llm_heatmap.viz import (plot_comparison, plot_head, plot_kv_group, plot_kv_similarity, plot_metric_map,

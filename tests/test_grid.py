@@ -14,7 +14,7 @@ from matplotlib.text import Text
 
 from llm_heatmap.models import InputError, ModelSpec
 from llm_heatmap.probes import AttentionCube
-from llm_heatmap.viz import plot_grid, save_grid
+from llm_heatmap.viz import plot_grid, plot_grid_difference, save_grid, save_grid_difference
 from llm_heatmap.viz.raster import MASK_RGBA, area_downsample
 
 VIRIDIS = matplotlib.colormaps["viridis"]
@@ -79,7 +79,7 @@ def assert_colors(actual, expected, where):
 def test_png_size_follows_cell_px(minilm_cube, tmp_path):
     layout = save_grid(minilm_cube, tmp_path / "grid.png", cell_px=7)
     png = mimage.imread(tmp_path / "grid.png")
-    assert png.shape[:2] == (layout.height, layout.width)
+    assert png.shape == (layout.height, layout.width, 3)  # a white background is written without alpha
     t = minilm_cube.num_keys
     assert layout.panel_shape == (t, t) and layout.cell_px == 7
     x0, y0, x1, y1 = layout.grid_box
@@ -172,8 +172,8 @@ def test_transparent_background(smol_cube, tmp_path):
     png = mimage.imread(tmp_path / "grid.png")
     x0, y0, x1, y1 = layout.grid_box
     assert png[layout.height - 1, 0, 3] == 0 and png[0, layout.width - 1, 3] == 0  # margins
-    px0, py0, px1, _ = layout.panel(0, 0)
-    assert png[py0, px1 + layout.gutter // 2 - 1 + 1, 3] == 0 or png[py0, px1, 3] == 0  # gutter
+    px0, py0, px1, py1 = layout.panel(0, 0)
+    assert (png[py0:py1, px1:px1 + layout.gutter, 3] == 0).all()  # gutter between H0 and H1
     assert (png[py0:py0 + 2, px0 + 2 * layout.cell_px + 1, 3] == 0).all()  # a future key: not attendable
     assert png[py0 + 1, px0 + 1, 3] == 1.0  # the first key of the first row is drawn
 
@@ -263,3 +263,36 @@ def test_bad_options_raise_input_error(minilm_cube, tmp_path):
         save_grid(minilm_cube, tmp_path / "grid.bmp")
     with pytest.raises(InputError, match="layer"):
         plot_grid(minilm_cube, layers=[99])
+
+
+def test_difference_grid_is_symmetric_and_diverging(smol_cube, tmp_path):
+    other = synthetic_cube(30, 9, 3, tokens=smol_cube.num_keys, seed=5)
+    other.spec = smol_cube.spec
+    layout = save_grid_difference(smol_cube, other, tmp_path / "diff.png", cell_px=2, layers=[4, 20])
+    png = mimage.imread(tmp_path / "diff.png")
+    diff = (smol_cube.pattern[[4, 20]] - other.pattern[[4, 20]]).numpy()
+    attendable = smol_cube.attendable()[[4, 20]].numpy()
+    bound = np.abs(diff[np.broadcast_to(attendable[:, None], diff.shape)]).max()
+    assert (layout.color.vmin, layout.color.vmax) == pytest.approx((-bound, bound))
+    reference = matplotlib.colormaps["RdBu_r"](mcolors.Normalize(-bound, bound)(diff[1, 7]))
+    assert_colors(panel_cells(png, layout, 20, 7), reference, attendable[1])
+    shorter = synthetic_cube(30, 9, 3, tokens=smol_cube.num_keys - 1)
+    with pytest.raises(InputError, match="same number of tokens"):
+        plot_grid_difference(smol_cube, shorter)
+
+
+def test_probes_downsampled_cube_draws_its_causal_shape(tmp_path):
+    """A long cube pooled by probes' Downsampler: pooled cells above the diagonal stay background."""
+    from llm_heatmap.probes import downsample
+
+    long = synthetic_cube(2, 4, 2, tokens=300)
+    pooled = downsample(long, 60)
+    assert pooled.pattern.shape[-2:] == (60, 60)
+    layout = save_grid(pooled, tmp_path / "pooled.png", cell_px=3)
+    assert layout.downsampled and not layout.token_labels and layout.panel_shape == (60, 60)
+    png = mimage.imread(tmp_path / "pooled.png")
+    cells = panel_cells(png, layout, 1, 2)
+    above = np.triu(np.ones((60, 60), bool), 1)
+    assert np.allclose(cells[above], 1.0) and not np.allclose(cells[~above], 1.0)
+    expected = VIRIDIS(mcolors.Normalize(0, layout.color.vmax)(pooled.pattern[1, 2].numpy()))
+    assert_colors(cells, expected, ~above)

@@ -2,9 +2,10 @@
 
 from .figures import (plot_comparison, plot_head, plot_heads, plot_kv_group, plot_kv_similarity, plot_metric_map,
                       plot_rollout, save_figure)
-from .grid import GridLayout, plot_grid, save_grid
+from .grid import GridLayout, plot_grid, plot_grid_difference, save_grid, save_grid_difference
 
-# viz/html.py (interactive HTML, another engineer) adds: from .html import write_html
+from .html import write_html
 
-__all__ = ["GridLayout", "plot_comparison", "plot_grid", "plot_head", "plot_heads", "plot_kv_group",
-           "plot_kv_similarity", "plot_metric_map", "plot_rollout", "save_figure", "save_grid"]
+__all__ = ["GridLayout", "plot_comparison", "plot_grid", "plot_grid_difference", "plot_head", "plot_heads", "plot_kv_group",
+           "plot_kv_similarity", "plot_metric_map", "plot_rollout", "save_figure", "save_grid", "save_grid_difference",
+           "write_html"]

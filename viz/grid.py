@@ -24,7 +24,7 @@ from llm_heatmap.models import InputError
 
 from .labels import block_size, fit_text, text_size, token_label
 from .raster import (BACKGROUND, MASKED, area_downsample, check_scale, ColorScale, compose, lookup_table,
-                     lut_index, normalise)
+                     lut_index, normalise, normalise_difference)
 
 DPI = 100
 DEFAULT_LONG_SIDE = 2400  # default canvas: cells sized so the grid's long side is about this many pixels
@@ -67,6 +67,27 @@ class GridLayout:
 
 # ---- data -----------------------------------------------------------------------------------
 
+def _pooled(cube) -> dict | None:
+    """The bin record of a cube area-pooled by probes' `Downsampler` (None for a full-resolution cube)."""
+    return (cube.metadata or {}).get("downsample")
+
+
+def _attendable(cube) -> np.ndarray:
+    """bool `"l q k"`. For a pooled cube a cell counts when any of its rows may attend any of its keys:
+    its keys are real and, causally, the key bin starts at or before the query bin's last row."""
+    pooled = _pooled(cube)
+    if pooled is None:
+        return cube.attendable().cpu().numpy()
+    key_start = np.asarray(pooled["key_bins"][:-1])
+    row_end = np.asarray(pooled["query_bins"][1:]) - 1
+    # query bins are rows of the kept queries; their positions run from query_positions' offset
+    offset = int(cube.query_positions[0]) - (int(pooled["query_bins"][0]) + int(pooled["query_bins"][1]) - 1) // 2
+    keep = np.broadcast_to(cube.key_mask.cpu().numpy().astype(bool), (len(row_end), len(key_start)))
+    if cube.spec.causal:
+        keep = keep & (key_start[None, :] <= (row_end + offset)[:, None])
+    return np.broadcast_to(keep, (cube.num_layers,) + keep.shape)
+
+
 def _one_sequence(cube):
     if cube.batched:
         if len(cube) != 1:
@@ -75,15 +96,17 @@ def _one_sequence(cube):
     return cube
 
 
-def _prepare(cube, *, layers, heads, scale, gamma, vmin, vmax, per_head_range, sink, max_tokens, hide_unattendable):
-    """Cube -> (LUT index `"l h q k"`, ColorScale, cube actually drawn, downsampled?)."""
-    cube = _one_sequence(cube)
-    if layers is not None or heads is not None:
-        cube = cube.select(layers=layers, heads=heads)
+def _prepare(cube, *, scale, gamma, vmin, vmax, per_head_range, sink, max_tokens, hide_unattendable,
+             subtract=None):
+    """Cube (minus `subtract`, for a difference grid) -> (LUT index `"l h q k"`, ColorScale, downsampled?)."""
     if cube.num_layers == 0 or cube.num_heads == 0 or cube.num_keys == 0:
         raise InputError("the cube has no layers, heads or tokens to draw; capture a non-empty prompt.")
     values = cube.pattern.detach().float().cpu().numpy()
-    drawn = cube.attendable().cpu().numpy()[:, None] if hide_unattendable else np.ones((1, 1) + values.shape[-2:], bool)
+    drawn = _attendable(cube)[:, None] if hide_unattendable else np.ones((1, 1) + values.shape[-2:], bool)
+    if subtract is not None:
+        values = values - subtract.pattern.detach().float().cpu().numpy()
+        if hide_unattendable:
+            drawn = drawn & _attendable(subtract)[:, None]
     drawn = np.broadcast_to(drawn, values.shape)
     first_key = int(np.argmax(cube.key_mask.cpu().numpy())) if cube.key_mask.any() else 0
     sink_column = np.zeros(values.shape[-1], dtype=bool)
@@ -91,18 +114,21 @@ def _prepare(cube, *, layers, heads, scale, gamma, vmin, vmax, per_head_range, s
         sink_column[first_key] = True
     masked = np.broadcast_to(sink_column, values.shape) if sink == "mask" else np.zeros(values.shape, bool)
     in_range = drawn & ~np.broadcast_to(sink_column, values.shape)
-    downsampled = max(values.shape[-2:]) > max_tokens
+    downsampled = max(values.shape[-2:]) > max_tokens or _pooled(cube) is not None
     if downsampled:
         stack = np.stack([drawn, in_range, masked])
         values, kept = area_downsample(values, np.broadcast_to(stack, (3,) + values.shape), max_tokens)
         drawn, in_range, masked = kept
         masked = masked & ~in_range  # a bin that mixes the sink with other keys stays coloured
-    normalised, color = normalise(values, in_range, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax,
-                                  per_head=per_head_range)
+    if subtract is not None:
+        normalised, color = normalise_difference(values, in_range, vmax=vmax, per_head=per_head_range)
+    else:
+        normalised, color = normalise(values, in_range, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax,
+                                      per_head=per_head_range)
     index = lut_index(normalised)
     index[~drawn] = BACKGROUND
     index[masked & drawn] = MASKED
-    return index, color, cube, downsampled
+    return index, color, downsampled
 
 
 # ---- geometry -------------------------------------------------------------------------------
@@ -270,21 +296,29 @@ def _fit_cells(cube, nq, nk, cell_px, size, **plan_options) -> tuple[_Plan, int,
 
 # ---- figure ---------------------------------------------------------------------------------
 
-def _title_lines(cube, title, scale_text, width, px):
-    spec = cube.spec
-    head = title if title is not None else " · ".join(x for x in (cube.source, spec.summary) if x)
+def _prompt_text(cube) -> str:
     prompt = cube.prompt if isinstance(cube.prompt, str) else None
     if prompt is None and cube.tokens:
         prompt = " ".join(str(t) for t in cube.tokens)
-    prompt = " ".join((prompt or "").split())
-    suffix = f" · {cube.num_keys} tokens · {scale_text}"
-    room = width - text_size(suffix, px)[0] - text_size('""', px)[0]
-    prompt_line = f'"{fit_text(prompt, px, max(room, 40))}"{suffix}'
+    return " ".join((prompt or "").split())
+
+
+def _title_lines(cube, title, scale_text, width, px, subtract=None):
+    spec = cube.spec
+    head = title if title is not None else " · ".join(x for x in (cube.source, spec.summary) if x)
+    suffix = f" · {(_pooled(cube) or {}).get('num_keys', cube.num_keys)} tokens · {scale_text}"
+    if subtract is None:
+        room = width - text_size(suffix, px)[0] - text_size('""', px)[0]
+        prompt_line = f'"{fit_text(_prompt_text(cube), px, max(room, 40))}"{suffix}'
+    else:
+        room = (width - text_size(suffix, px)[0] - text_size('A: "" − B: ""', px)[0]) / 2
+        a, b = (fit_text(_prompt_text(c), px, max(room, 40)) for c in (cube, subtract))
+        prompt_line = f'A: "{a}" − B: "{b}"{suffix}'
     return [fit_text(head, px * 1.1, width), fit_text(prompt_line, px, width)]
 
 
 def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape) -> str:
-    parts = [color.scale if color.scale != "power" else f"power {color.gamma:g}"]
+    parts = [{"power": f"power {color.gamma:g}", "difference": "A − B, symmetric range"}.get(color.scale, color.scale)]
     if color.per_head:
         parts.append("range per head")
     if sink == "exclude":
@@ -298,7 +332,7 @@ def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape) -> str:
 
 def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
            background="white", cmap="viridis", cell_px=None, size=None, layers=None, heads=None, title=None,
-           max_tokens=None, hide_unattendable=True, vector=False, attach_image=True):
+           max_tokens=None, hide_unattendable=True, vector=False, attach_image=True, subtract=None):
     check_scale(scale, sink, gamma)
     if background not in ("white", "transparent"):
         raise InputError(f"background {background!r} is unknown; use 'white' or 'transparent'.")
@@ -309,18 +343,27 @@ def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_ra
     cube = _one_sequence(cube)
     if layers is not None or heads is not None:
         cube = cube.select(layers=layers, heads=heads)
+    if subtract is not None:
+        subtract = _one_sequence(subtract)
+        if layers is not None or heads is not None:
+            subtract = subtract.select(layers=layers, heads=heads)
+        if subtract.pattern.shape != cube.pattern.shape:
+            raise InputError(f"prompts A and B give cubes of shapes {tuple(cube.pattern.shape)} and "
+                             f"{tuple(subtract.pattern.shape)}; compare prompts with the same number of tokens "
+                             "(and the same layers/heads).")
     limit = MAX_TOKENS if max_tokens is None else int(max_tokens)
     if limit < 2:
         raise InputError(f"max_tokens {max_tokens} must be at least 2.")
     nq, nk = min(cube.num_queries, limit), min(cube.num_keys, limit)
     labels_ok = cube.num_keys <= limit and isinstance(cube.tokens, list) and len(cube.tokens) == cube.num_keys
+    labels_ok = labels_ok and (subtract is None or list(subtract.tokens) == list(cube.tokens)) and not _pooled(cube)
     options = dict(show_tokens=labels_ok, n_title_lines=2, colorbar_label="")
     plan, nq, nk = _fit_cells(cube, nq, nk, cell_px, size, **options)
     if labels_ok and (nq, nk) != (cube.num_queries, cube.num_keys):
         options["show_tokens"] = False
         plan, nq, nk = _fit_cells(cube, nq, nk, cell_px, size, **options)
-    index, color, cube, downsampled = _prepare(
-        cube, layers=None, heads=None, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax, per_head_range=per_head_range,
+    index, color, downsampled = _prepare(
+        cube, subtract=subtract, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax, per_head_range=per_head_range,
         sink=sink, max_tokens=max(nq, nk) if (nq, nk) != (cube.num_queries, cube.num_keys) else limit,
         hide_unattendable=hide_unattendable)
     if index.shape[-2:] != (nq, nk):  # unequal axes: downsample shrinks both to the larger bound
@@ -378,7 +421,7 @@ def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_ra
 
     # title
     scale_text = _scale_text(color, sink, downsampled, (nq, nk))
-    lines = _title_lines(cube, title, scale_text, width - 2 * plan.pad, plan.title_px)
+    lines = _title_lines(cube, title, scale_text, width - 2 * plan.pad, plan.title_px, subtract)
     y = extra_y + plan.pad
     for i, line in enumerate(lines):
         px = plan.title_px * (1.1 if i == 0 else 1.0)
@@ -400,7 +443,7 @@ def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_ra
             x0, _, _, y1 = layout.panels[(cube.layers[-1], head)]
             for k, token in enumerate(cube.tokens):
                 put(x0 + (k + 0.5) * plan.c, y1 + 0.3 * plan.label_px, token_label(token), plan.token_px,
-                    ha="center", va="top", rotation=90, rotation_mode="anchor" if False else "default")
+                    ha="center", va="top", rotation=90)
     # colorbar beside the grid
     cbar_h = plan.grid_h if plan.grid_h <= 1200 else max(1200, plan.grid_h // 2)
     cbar_w = max(10, plan.label_px)
@@ -474,6 +517,23 @@ def save_grid(cube, path, **options) -> GridLayout:
     """Write `plot_grid(cube, **options)` to `path`: .png at any size; .svg/.pdf while the grid has at
     most `VECTOR_MAX_CELLS` token cells (each panel is embedded at one pixel per cell, text stays vector).
     Returns the `GridLayout` with `path` set."""
+    return _save(cube, path, options)
+
+
+def plot_grid_difference(cube_a, cube_b, *, cmap="RdBu_r", **options) -> Figure:
+    """The grid of `A - B` (same layers, heads and token count) on a diverging colormap with a symmetric
+    range (`vmax` bounds |A - B|; `per_head_range` gives each head its own bound). Other options as
+    `plot_grid` (scale/gamma do not apply)."""
+    fig, _ = _build(cube_a, subtract=cube_b, cmap=cmap, **options)
+    return fig
+
+
+def save_grid_difference(cube_a, cube_b, path, *, cmap="RdBu_r", **options) -> GridLayout:
+    """Write `plot_grid_difference` to .png (or .svg/.pdf for small grids); returns the `GridLayout`."""
+    return _save(cube_a, path, dict(options, cmap=cmap, subtract=cube_b))
+
+
+def _save(cube, path, options) -> GridLayout:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".svg", ".pdf"):

@@ -73,6 +73,8 @@ class ColorScale:
 
     def norm(self) -> mcolors.Normalize:
         """The matplotlib norm for a colorbar (unit range when per head or per row)."""
+        if self.scale == "difference":
+            return mcolors.Normalize(-1.0, 1.0) if self.per_head else mcolors.Normalize(self.vmin, self.vmax)
         if self.scale == "row" or self.per_head:
             if self.scale == "power":
                 return mcolors.PowerNorm(self.gamma, 0.0, 1.0)
@@ -84,6 +86,8 @@ class ColorScale:
         return mcolors.Normalize(self.vmin, self.vmax)
 
     def label(self) -> str:
+        if self.scale == "difference":
+            return "A − B, over each head's largest |A − B|" if self.per_head else "attention A − B"
         if self.scale == "row":
             return "attention / row maximum"
         name = {"linear": "attention", "log": "attention (log)", "power": f"attention (power {self.gamma:g})"}[self.scale]
@@ -140,6 +144,23 @@ def normalise(values: np.ndarray, in_range: np.ndarray, *, scale: str, gamma: fl
     else:
         color = ColorScale(scale, float(lo), float(hi), gamma)
     return out, color
+
+
+def normalise_difference(values: np.ndarray, in_range: np.ndarray, *, vmax=None,
+                         per_head: bool = False) -> tuple[np.ndarray, ColorScale]:
+    """Signed `"l h q k"` differences -> [0, 1] on a symmetric range `[-m, m]`, `m` = max |value| in range
+    (or `vmax`), 0 at the middle of the colormap."""
+    axes = (-2, -1) if per_head else None
+    mask = np.broadcast_to(in_range, values.shape)
+    if vmax is None:
+        bound = np.where(mask, np.abs(values), 0.0).max(axis=axes, keepdims=per_head)
+    else:
+        bound = np.asarray(float(vmax))
+    bound = np.where(bound > 0, bound, 1e-12)
+    out = (values / bound + 1.0) / 2.0
+    if per_head:
+        return out, ColorScale("difference", -bound, bound, per_head=True)
+    return out, ColorScale("difference", -float(bound), float(bound))
 
 
 def _bins(n: int, size: int) -> np.ndarray:

@@ -75,8 +75,7 @@ def capture_for_grid(args, model, tokenizer, spec, prompt, layers=None, heads=No
 
 
 def run(args) -> int:
-    from llm_heatmap.viz import save_grid
-    from llm_heatmap.viz.html import write_html
+    from llm_heatmap.viz import save_grid, write_html
 
     prompt = common.read_prompt(args)
     name = common.base_name(args, prompt)

@@ -23,8 +23,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.viz import save_grid
-    from llm_heatmap.viz.html import write_html
+    from llm_heatmap.viz import save_grid, write_html
 
     cube = AttentionCube.load(args.cube)
     name = args.name or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
