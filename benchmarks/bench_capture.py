@@ -2,7 +2,8 @@
 
     /work/venv/bin/python benchmarks/bench_capture.py [--lengths 128 512 2048] [--reps 3]
 
-Time: median of interleaved repetitions of (plain sdpa forward, sdpa forward under `capture`
+Time (one torch thread by default, so process CPU seconds measure the work even on a busy shared
+machine where wall time is noise): median wall-clock and CPU seconds of interleaved repetitions of (plain sdpa forward, sdpa forward under `capture`
 keeping the full fp32 cube, eager forward with output_attentions=True), same process, same
 inputs. Memory: peak resident set (VmHWM) of a fresh subprocess per mode, each loading the
 model and running one forward: plain sdpa, eager output_attentions, and streaming capture
@@ -92,17 +93,19 @@ def time_modes(sdpa_model, eager_model, ids, reps: int) -> dict:
         "capture": captured,
         "eager": lambda: forward(eager_model, ids, output_attentions=True),
     }
-    for run in modes.values():  # warm-up
-        del_result = run()
-        del del_result
-    times = {name: [] for name in modes}
+    for run in modes.values():  # warm-up; each result is dropped before the next run
+        run()
+    wall = {name: [] for name in modes}
+    cpu = {name: [] for name in modes}
     for _ in range(reps):
         for name, run in modes.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             result = run()
-            times[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
             del result
-    return {name: statistics.median(values) for name, values in times.items()}
+    return ({name: statistics.median(values) for name, values in wall.items()},
+            {name: statistics.median(values) for name, values in cpu.items()})
 
 
 def main() -> None:
@@ -111,6 +114,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--memory-length", type=int, default=2048)
     parser.add_argument("--long-length", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the timing table (1: CPU seconds then measure work, not spin-waiting)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -119,17 +124,22 @@ def main() -> None:
 
     from llm_heatmap.models import load_model
 
+    torch.set_num_threads(args.threads)
     sdpa_model, tokenizer, _ = load_model("smollm2-135m")
     eager_model, _, _ = load_model("smollm2-135m", attn_implementation="eager")
     print(f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("\nforward time (s, median of interleaved reps; capture keeps the full fp32 cube)")
-    print(f"{'tokens':>7} {'plain sdpa':>11} {'capture':>9} {'eager+attn':>11} {'capture/plain':>14} {'eager/plain':>12}")
+    print("\nforward time, median of interleaved reps (capture keeps the full fp32 cube).")
+    print("wall = seconds on the clock; cpu = process CPU seconds, the steadier measure on a shared machine")
+    print(f"{'tokens':>7} {'reps':>5} {'plain wall':>11} {'capture':>8} {'eager':>8} {'plain cpu':>10} {'capture':>8} "
+          f"{'eager':>8} {'capture/plain (wall, cpu)':>26} {'eager/plain (wall, cpu)':>24}")
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
-        reps = args.reps if length <= 512 else max(1, args.reps - 1)
-        t = time_modes(sdpa_model, eager_model, ids, reps)
-        print(f"{length:>7} {t['plain']:>11.3f} {t['capture']:>9.3f} {t['eager']:>11.3f} "
-              f"{t['capture'] / t['plain']:>13.2f}x {t['eager'] / t['plain']:>11.2f}x", flush=True)
+        reps = args.reps + 2 if length <= 128 else args.reps if length <= 512 else max(1, args.reps - 1)
+        wall, cpu = time_modes(sdpa_model, eager_model, ids, reps)
+        print(f"{length:>7} {reps:>5} {wall['plain']:>11.3f} {wall['capture']:>8.3f} {wall['eager']:>8.3f} "
+              f"{cpu['plain']:>10.3f} {cpu['capture']:>8.3f} {cpu['eager']:>8.3f} "
+              f"{wall['capture'] / wall['plain']:>17.2f}x {cpu['capture'] / cpu['plain']:>6.2f}x "
+              f"{wall['eager'] / wall['plain']:>15.2f}x {cpu['eager'] / cpu['plain']:>6.2f}x", flush=True)
     del sdpa_model, eager_model
 
     print(f"\npeak resident memory (MiB, fresh process per mode; 'loaded' = peak after loading the model)")

@@ -233,10 +233,14 @@ class Probe:
             slot = self.layers.index(layer)
             for start in range(first_row, queries, step):
                 stop = min(queries, start + step)
-                block = call.pattern(self._head_index, start, stop)
+                block = call.pattern(self._head_index, start, stop, pad=False)
                 if self.keep:
-                    buffer[:, slot, :, start - first_row : stop - first_row] = block
+                    rows = buffer[:, slot, :, start - first_row : stop - first_row]
+                    rows[..., : block.shape[-1]] = block
+                    rows[..., block.shape[-1] :] = 0
                 if self.consumers:
+                    if block.shape[-1] < keys:
+                        block = torch.nn.functional.pad(block, (0, keys - block.shape[-1]))
                     part = self._part(layer, block.to(self.dtype), positions[start - first_row : stop - first_row],
                                       start - first_row, len(positions))
                     for consumer in self.consumers:

@@ -17,7 +17,7 @@ from llm_heatmap.models import InputError
 from .cube import AttentionCube
 
 # Past this many bytes of fp32 pattern per layer, rows are computed in chunks.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 8 * 2**20
 
 
 @runtime_checkable
@@ -109,7 +109,8 @@ class Downsampler:
 
     def _reset(self, stream_pass) -> None:
         self._pass = stream_pass
-        self._sums: dict[int, torch.Tensor] = {}
+        self._sums: dict[int, torch.Tensor | None] = {}
+        self._result: torch.Tensor | None = None
         self._first: AttentionCube | None = None
         self._query_bins = self._key_bins = None
         self._positions = self._query_mask = None
@@ -127,6 +128,10 @@ class Downsampler:
         start, stop = info["row_start"], info["row_stop"]
         self._positions[start:stop] = part.query_positions.cpu()
         self._query_mask[start:stop] = part.query_mask.cpu().bool()
+        if self._result is not None:  # more parts after cube(): turn the result back into running sums
+            counts = torch.bincount(self._query_bins).float()[None, :, None]
+            self._sums = {layer: self._result[i] * counts for i, layer in enumerate(sorted(self._sums))}
+            self._result = None
         layer = part.layers[0]
         heads, bins_q, bins_k = part.num_heads, int(self._query_bins[-1]) + 1, int(self._key_bins[-1]) + 1
         if layer not in self._sums:
@@ -144,7 +149,11 @@ class Downsampler:
         first, layers = self._first, sorted(self._sums)
         qbins, kbins = self._query_bins, self._key_bins
         counts = torch.bincount(qbins).float()
-        pattern = torch.stack([self._sums[layer] for layer in layers]) / counts[None, None, :, None]
+        if self._result is None:
+            # the pooled cube replaces the running sums, so the result is held once, not twice
+            self._result = torch.stack([self._sums[layer] for layer in layers]).div_(counts[None, None, :, None])
+            self._sums = {layer: None for layer in layers}
+        pattern = self._result
         q_edges, k_edges = bin_edges(qbins), bin_edges(kbins)
         middles = torch.tensor([(a + b - 1) // 2 for a, b in zip(q_edges, q_edges[1:])])
         starts = torch.tensor(k_edges[:-1])

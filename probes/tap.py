@@ -211,19 +211,18 @@ class KernelCall:
     def num_keys(self) -> int:
         return self.key.shape[2]
 
-    def pattern(self, heads: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True) -> torch.Tensor:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
         softmax(q k^T * scaling, softcapped, + position bias, + mask) with each query head
         reading its KV head (`"b g k d -> b (g r) k d"`, here as an index so head subsets work).
-        The steps and their order are eager attention's, so on an eager model the result is
-        eager's `output_attentions` bit for bit.
+        With `pad=False` the keys past the last one the kernel's causal rule lets these rows see
+        are left out (they are 0); the caller fills them.
         """
         heads = heads.to(self.query.device)
         q = self.query[:, :, start:stop]
         if not self._all_heads(heads):
             q = q.index_select(1, heads)
-        # under the kernel's own causal rule, keys after the chunk's last row get no weight: skip them
         keys = self.num_keys
         if self.causal is not None:
             keys = min(keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
@@ -242,14 +241,15 @@ class KernelCall:
             scores.add_(_slice_mask(mask, heads, start, stop, keys))
         blocked = self._rule_mask(start, stop, keys, scores.device)
         if blocked is not None:
-            scores.masked_fill_(blocked, floor)
+            first, blocked = blocked
+            scores[..., first:].masked_fill_(blocked, floor)
         if self.sinks is not None:
             sinks = self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
             sinks = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
             probs = torch.softmax(torch.cat([scores, sinks], -1), dim=-1, dtype=torch.float32)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        if keys == self.num_keys:
+        if keys == self.num_keys or not pad:
             return probs
         del scores
         full = probs.new_empty(*probs.shape[:-1], self.num_keys)
@@ -272,15 +272,20 @@ class KernelCall:
             cached = self._key_cache = (heads, keys)
         return cached[1]
 
-    def _rule_mask(self, start: int, stop: int, keys: int, device) -> torch.Tensor | None:
-        """bool `"q k"` over the first `keys` keys, True where the kernel's own causal/window rule blocks a key."""
+    def _rule_mask(self, start: int, stop: int, keys: int, device) -> tuple[int, torch.Tensor] | None:
+        """(first key, bool `"q k"` over keys first..keys-1): True where the kernel's own causal/window rule blocks a key.
+
+        Keys before `first` are all allowed (without a window, a causal chunk only blocks keys
+        after its first row's position), so the mask covers only the rest.
+        """
         window = self.window if self.window and self.num_keys > self.window else None
         if self.causal is None and window is None:
             return None
         offset = self.num_keys - self.num_queries if self.causal == "bottom_right" else 0
         diagonal = start + offset  # key index of row `start`'s own position
-        ones = torch.ones(stop - start, keys, dtype=torch.bool, device=device)
-        blocked = ones.triu(diagonal + 1 if self.causal is not None else diagonal + window)
+        first = min(keys, diagonal + 1) if self.causal is not None and window is None else 0
+        ones = torch.ones(stop - start, keys - first, dtype=torch.bool, device=device)
+        blocked = ones.triu(diagonal - first + 1 if self.causal is not None else diagonal - first + window)
         if window:
-            blocked |= ones.tril(diagonal - window)
-        return blocked
+            blocked |= ones.tril(diagonal - first - window)
+        return first, blocked
