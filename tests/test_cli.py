@@ -75,7 +75,8 @@ def test_render_redraws_a_saved_cube(smollm2_run, tmp_path):
                 "--sink", "mask", "--background", "transparent")
     assert other.returncode == 0, other.stderr
     redrawn = np.asarray(Image.open(tmp_path / "log.png"))
-    assert redrawn.shape == original.shape and not np.array_equal(redrawn, original)
+    assert redrawn.shape[:2] == original.shape[:2] and redrawn.shape[2] == 4  # RGBA: the background is transparent
+    assert not np.array_equal(redrawn[..., :3], original[..., :3])
     assert redrawn[0, 0, 3] == 0  # transparent margin
 
 

@@ -100,7 +100,7 @@ def test_metrics_json_and_stdout_table(run, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["metrics", "   "], "the prompt is empty"),
-    (["metrics", "--prompt-file", "/nonexistent/prompt.txt"], "cannot be read"),
+    (["metrics", "--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
     (["metrics", "the sky", "--metric", "entropi"], "metric 'entropi' does not exist; valid metrics are: entropy, "),
     (["metrics", "the sky is blue today", "--model", "tiny-context"],
      "has 5 tokens but the model's context holds 4"),
