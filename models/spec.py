@@ -122,10 +122,10 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _quantization(model: nn.Module, config) -> str | None:
-    """How the weights in memory are stored: bitsandbytes first (it re-quantizes whatever was
-    loaded, a dequantized GGUF included), then the GGUF type the weights were converted from."""
-    quant = getattr(config, "quantization_config", None)
+def quantization_label(quant, gguf_type: str | None) -> str | None:
+    """How the weights in memory are stored, from a `quantization_config` and the GGUF type they were
+    converted from: bitsandbytes first (it re-quantizes whatever was loaded, a dequantized GGUF
+    included), then the GGUF type."""
     if quant is not None:
         quant = quant if isinstance(quant, dict) else quant.to_dict()
         if quant.get("load_in_4bit"):
@@ -133,8 +133,12 @@ def _quantization(model: nn.Module, config) -> str | None:
         if quant.get("load_in_8bit"):
             return "8-bit LLM.int8"
         return str(quant.get("quant_method", "quantized"))
-    gguf_type = getattr(model, "_llm_heatmap_gguf_type", None) or getattr(config, "_llm_heatmap_gguf_type", None)
     return f"GGUF {gguf_type}" if gguf_type else None
+
+
+def _quantization(model: nn.Module, config) -> str | None:
+    gguf_type = getattr(model, "_llm_heatmap_gguf_type", None) or getattr(config, "_llm_heatmap_gguf_type", None)
+    return quantization_label(getattr(config, "quantization_config", None), gguf_type)
 
 
 def _layer_types(config, modules: list[nn.Module], num_layers: int) -> tuple[tuple[str, ...], int | None]:

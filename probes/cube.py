@@ -156,6 +156,14 @@ class AttentionCube:
             prompt=prompt,
         )
 
+    def one_sequence(self) -> "AttentionCube":
+        """This cube as one unbatched sequence: a batch of one is unwrapped, a larger batch refused."""
+        if not self.batched:
+            return self
+        if len(self) != 1:
+            raise InputError(f"this cube holds a batch of {len(self)} sequences; pass cube.item(i) for one of them.")
+        return self.item(0)
+
     def to(self, dtype: torch.dtype) -> "AttentionCube":
         return replace(self, pattern=self.pattern.to(dtype))
 

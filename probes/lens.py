@@ -27,6 +27,7 @@ from functools import partial
 import torch
 
 from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.models.spec import quantization_label
 
 from .capture import library_versions
 from .cube import AttentionCube
@@ -212,18 +213,9 @@ def _hf_config(model):
 
 
 def _quantization(model, cfg, hf_config) -> str | None:
-    gguf = getattr(_wrapped(model), "_llm_heatmap_gguf_type", None)
-    if gguf:
-        return f"GGUF {gguf}"
     quant = getattr(hf_config, "quantization_config", None) if hf_config is not None else None
-    if quant is not None:
-        quant = quant if isinstance(quant, dict) else quant.to_dict()
-        if quant.get("load_in_4bit"):
-            return f"4-bit {str(quant.get('bnb_4bit_quant_type', 'nf4')).upper()}"
-        if quant.get("load_in_8bit"):
-            return "8-bit LLM.int8"
-        return str(quant.get("quant_method", "quantized"))
-    return "4-bit" if getattr(cfg, "load_in_4bit", False) else None
+    label = quantization_label(quant, getattr(_wrapped(model), "_llm_heatmap_gguf_type", None))
+    return label or ("4-bit" if getattr(cfg, "load_in_4bit", False) else None)
 
 
 def _indices(chosen, total: int, what: str) -> list[int]:

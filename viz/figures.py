@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 
 from llm_heatmap.models import InputError
 
-from .grid import _one_sequence
 from .labels import fit_text, token_label
 from .raster import check_scale, get_cmap, normalise
 
@@ -122,7 +121,7 @@ def plot_head(cube, layer: int, head: int, *, scale="linear", gamma=0.5, vmin=No
 
 def plot_kv_group(cube, layer: int, group: int, **options) -> Figure:
     """The query heads that share KV head `group` in `layer`, side by side on one colour range."""
-    cube = _one_sequence(cube)
+    cube = cube.one_sequence()
     heads = [h for h in cube.heads if cube.spec.kv_group(h) == group]
     if not heads:
         raise InputError(f"KV group {group} has no heads in this cube (groups 0..{cube.spec.num_kv_heads - 1}).")
@@ -155,7 +154,7 @@ def _label_margin(tokens) -> float:
 def plot_heads(cube, layer: int, heads, *, scale="linear", gamma=0.5, vmin=None, vmax=None, sink="keep",
                cmap="viridis", title=None) -> Figure:
     """Several heads of one layer side by side (shared colour range), tokens on both axes."""
-    cube = _one_sequence(cube)
+    cube = cube.one_sequence()
     if len(cube.tokens) != cube.num_keys:
         raise InputError("this cube's tokens do not match its key axis (it was downsampled); "
                          "detail figures need a full-resolution cube.")
@@ -180,7 +179,7 @@ def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", di
 
     The prompts must have the same number of tokens (compare position by position).
     """
-    cube_a, cube_b = _one_sequence(cube_a), _one_sequence(cube_b)
+    cube_a, cube_b = cube_a.one_sequence(), cube_b.one_sequence()
     if cube_a.pattern.shape != cube_b.pattern.shape:
         raise InputError(f"prompts A and B give cubes of shapes {tuple(cube_a.pattern.shape)} and "
                          f"{tuple(cube_b.pattern.shape)}; compare prompts with the same number of tokens "

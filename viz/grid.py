@@ -88,14 +88,6 @@ def _attendable(cube) -> np.ndarray:
     return np.broadcast_to(keep, (cube.num_layers,) + keep.shape)
 
 
-def _one_sequence(cube):
-    if cube.batched:
-        if len(cube) != 1:
-            raise InputError(f"this cube holds a batch of {len(cube)} sequences; pass cube.item(i) for one of them.")
-        cube = cube.item(0)
-    return cube
-
-
 def _prepare(cube, *, scale, gamma, vmin, vmax, per_head_range, sink, max_tokens, hide_unattendable,
              subtract=None):
     """Cube (minus `subtract`, for a difference grid) -> (LUT index `"l h q k"`, ColorScale, downsampled?)."""
@@ -340,11 +332,11 @@ def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_ra
         raise InputError("give cell_px or size, not both (size picks the largest cell_px that fits).")
     if size is not None and (np.size(size) not in (1, 2) or np.min(size) < 16):
         raise InputError(f"size {size} must be a width in pixels or (width, height), each at least 16.")
-    cube = _one_sequence(cube)
+    cube = cube.one_sequence()
     if layers is not None or heads is not None:
         cube = cube.select(layers=layers, heads=heads)
     if subtract is not None:
-        subtract = _one_sequence(subtract)
+        subtract = subtract.one_sequence()
         if layers is not None or heads is not None:
             subtract = subtract.select(layers=layers, heads=heads)
         if subtract.pattern.shape != cube.pattern.shape:
@@ -542,7 +534,7 @@ def _save(cube, path, options) -> GridLayout:
         fig, layout = _build(cube, attach_image=False, **options)
         write_png(fig, path)
     else:
-        probe = _one_sequence(cube)
+        probe = cube.one_sequence()
         if options.get("layers") is not None or options.get("heads") is not None:
             probe = probe.select(layers=options.get("layers"), heads=options.get("heads"))
         limit = options.get("max_tokens") or MAX_TOKENS

@@ -60,7 +60,7 @@ def write_html(
     every row still sums to 1); `None` keeps every token unless the page would hold more than
     `AUTO_CELL_BUDGET` cells. `bits` (8 or 16) is the precision of the embedded weights.
     """
-    cube = _single_sequence(cube)
+    cube = cube.one_sequence()
     if bits not in (8, 16):
         raise InputError(f"bits={bits!r} is not supported; pass bits=8 (smaller file) or bits=16 (finer readout).")
     if cmap not in matplotlib.colormaps:
@@ -117,14 +117,6 @@ def write_html(
 
 
 # ---- data ------------------------------------------------------------------------------
-def _single_sequence(cube):
-    if cube.batched:
-        if len(cube) != 1:
-            raise InputError(f"write_html draws one sequence but the cube holds a batch of {len(cube)}; pass cube.item(i).")
-        cube = cube.item(0)
-    return cube
-
-
 def _auto_limit(shape) -> int:
     layers, heads, queries, keys = shape
     if layers * heads * queries * keys <= AUTO_CELL_BUDGET:
