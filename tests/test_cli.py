@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -164,3 +167,30 @@ def test_help_lists_commands_with_examples(capsys):
 def test_bad_input_exit_status_from_a_real_process(tmp_path):
     result = cli("grid", "   ", "--out", tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is empty" in result.stderr
+
+
+def test_batch_interrupted_then_resumed(tmp_path):
+    """Ctrl-C in the middle of a batch keeps the finished prompts; --resume computes only the rest."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i} about the sky, the sea and the hills\n" for i in range(300)))
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "llm_heatmap.analyses.cli", "batch", str(prompts), "--out",
+                                str(out), "--model", "minilm-l6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list((out / "parts").glob("*.parquet")) if (out / "parts").exists() else True:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    done = len(list((out / "parts").glob("*.parquet")))
+    assert 0 < done < 300 and not (out / "heads.csv").exists()
+
+    resumed = cli("batch", prompts, "--out", out, "--model", "minilm-l6", "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert len(summary["skipped"]) == done and len(summary["computed"]) == 300 - done
+    table = pd.read_csv(out / "heads.csv")
+    assert len(table) == 300 * 6 * 12 and table.groupby("prompt_id").size().eq(72).all()
