@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -135,9 +137,12 @@ def converted_dir(path: Path, *, progress=None) -> Path:
         ) from None
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal or not config.architectures else AutoModel
+    # transformers draws its own tqdm bar while dequantizing; without a progress callback it stays quiet
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        dequantized = auto.from_pretrained(str(path.parent), gguf_file=path.name, config=config)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with quiet:
+            dequantized = auto.from_pretrained(str(path.parent), gguf_file=path.name, config=config)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except MemoryError:
         raise
     except Exception as error:  # truncated tensors, missing tokenizer fields, unknown tensor types ...

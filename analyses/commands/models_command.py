@@ -6,6 +6,8 @@ import json
 
 from llm_heatmap.models import DEFAULT_MODEL, OFFLINE_MODELS, load_model
 
+from .common import progress_printer
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -22,14 +24,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    progress = progress_printer(args)
     if args.source:
-        _, _, spec = load_model(args.source, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+        _, _, spec = load_model(args.source, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                progress=progress)
         print(json.dumps(spec.to_dict(), indent=2) if args.json else f"{args.source}: {spec.summary}")
         return 0
     rows = []
     for name, offline in OFFLINE_MODELS.items():
         installed = offline.path() is not None
-        summary = load_model(name)[2].summary if installed else None
+        summary = load_model(name, progress=progress)[2].summary if installed else None
         rows.append({"name": name, "default": name == DEFAULT_MODEL, "installed": installed,
                      "description": offline.description, "spec": summary, "install": offline.install_command})
     if args.json:
