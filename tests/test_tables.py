@@ -73,17 +73,22 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unwritable_folder(tmp_path, table):
+def test_unwritable_folder(tmp_path, table, monkeypatch):
     folder = tmp_path / "ro"
     folder.mkdir()
-    os.chmod(folder, 0o500)
-    try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
-        with pytest.raises(InputError, match="not writable"):
-            write_table(table, folder / "t.csv")
-    finally:
-        os.chmod(folder, 0o700)
+    # root may write anywhere, so the permission check itself is what is made to say no
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(folder) else real_access(path, mode))
+    with pytest.raises(InputError, match="not writable"):
+        write_table(table, folder / "t.csv")
+    assert list(folder.iterdir()) == []
+
+
+def test_folder_that_cannot_be_created(tmp_path, table):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot be created"):
+        write_table(table, blocker / "sub" / "t.csv")
 
 
 # ---- prompt files ----------------------------------------------------------------------------
