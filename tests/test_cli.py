@@ -178,14 +178,17 @@ def test_batch_interrupted_then_resumed(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "llm_heatmap.analyses.cli", "batch", str(prompts), "--out",
                                 str(out), "--model", "minilm-l6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
+    def finished_parts():  # a part being written is a hidden temporary file until it is renamed
+        return [p for p in (out / "parts").glob("*.parquet") if not p.name.startswith(".")]
+
     deadline = time.monotonic() + 300
-    while not list((out / "parts").glob("*.parquet")) if (out / "parts").exists() else True:
+    while not (out / "parts").exists() or not finished_parts():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    done = len(list((out / "parts").glob("*.parquet")))
+    done = len(finished_parts())
     assert 0 < done < 300 and not (out / "heads.csv").exists()
 
     resumed = cli("batch", prompts, "--out", out, "--model", "minilm-l6", "--resume", "--json")

@@ -288,7 +288,7 @@ def test_probes_downsampled_cube_draws_its_causal_shape(tmp_path):
     long = synthetic_cube(2, 4, 2, tokens=300)
     pooled = downsample(long, 60)
     assert pooled.pattern.shape[-2:] == (60, 60)
-    layout = save_grid(pooled, tmp_path / "pooled.png", cell_px=3)
+    layout = save_grid(pooled, tmp_path / "pooled.png", cell_px=3, scale="linear")
     assert layout.downsampled and not layout.token_labels and layout.panel_shape == (60, 60)
     png = mimage.imread(tmp_path / "pooled.png")
     cells = panel_cells(png, layout, 1, 2)
@@ -296,3 +296,13 @@ def test_probes_downsampled_cube_draws_its_causal_shape(tmp_path):
     assert np.allclose(cells[above], 1.0) and not np.allclose(cells[~above], 1.0)
     expected = VIRIDIS(mcolors.Normalize(0, layout.color.vmax)(pooled.pattern[1, 2].numpy()))
     assert_colors(cells, expected, ~above)
+
+
+def test_auto_scale_is_linear_for_short_and_log_for_downsampled_panels(tmp_path):
+    from llm_heatmap.probes import downsample
+
+    short = synthetic_cube(2, 4, 2, tokens=12)
+    assert plot_grid(short).grid_layout.color.scale == "linear"
+    pooled = downsample(synthetic_cube(2, 4, 2, tokens=300), 60)
+    assert plot_grid(pooled).grid_layout.color.scale == "log"
+    assert plot_grid(pooled, scale="power").grid_layout.color.scale == "power"

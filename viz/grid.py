@@ -115,6 +115,8 @@ def _prepare(cube, *, scale, gamma, vmin, vmax, per_head_range, sink, max_tokens
     if subtract is not None:
         normalised, color = normalise_difference(values, in_range, vmax=vmax, per_head=per_head_range)
     else:
+        if scale == "auto":  # long prompts: a few near-1 cells and ~1/T elsewhere, which only a log scale shows
+            scale = "log" if downsampled else "linear"
         normalised, color = normalise(values, in_range, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax,
                                       per_head=per_head_range)
     index = lut_index(normalised)
@@ -322,7 +324,7 @@ def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape) -> str:
     return ", ".join(parts)
 
 
-def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
+def _build(cube, *, scale="auto", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
            background="white", cmap="viridis", cell_px=None, size=None, layers=None, heads=None, title=None,
            max_tokens=None, hide_unattendable=True, vector=False, attach_image=True, subtract=None):
     check_scale(scale, sink, gamma)
@@ -458,12 +460,13 @@ def _build(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_ra
     return fig, layout
 
 
-def plot_grid(cube, *, scale="linear", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
+def plot_grid(cube, *, scale="auto", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
               background="white", cmap="viridis", cell_px=None, size=None, layers=None, heads=None, title=None,
               max_tokens=None, hide_unattendable=True) -> Figure:
     """All heads of all layers as one labelled raster; the Figure is exactly the PNG's pixel size at its dpi.
 
-    - scale: "linear", "log", "power" (`gamma`) or "row" (each query row over its maximum).
+    - scale: "linear", "log", "power" (`gamma`) or "row" (each query row over its maximum); "auto"
+      (default) is linear, or log where the panels are downsampled (long prompts).
     - vmin/vmax: colour range (default: from the cells drawn; one range for the whole grid, or one per
       head with `per_head_range`).
     - sink: "keep", "exclude" (first-token column left out of the automatic range, still drawn) or

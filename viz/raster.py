@@ -95,8 +95,8 @@ class ColorScale:
 
 
 def check_scale(scale: str, sink: str, gamma: float) -> None:
-    if scale not in SCALES:
-        raise InputError(f"scale {scale!r} is unknown; use one of {', '.join(SCALES)}.")
+    if scale not in SCALES and scale != "auto":
+        raise InputError(f"scale {scale!r} is unknown; use auto or one of {', '.join(SCALES)}.")
     if sink not in SINK_MODES:
         raise InputError(f"sink {sink!r} is unknown; use one of {', '.join(SINK_MODES)}.")
     if not gamma > 0:

@@ -100,7 +100,8 @@ def parse_size(text: str | None):
 def add_grid_options(parser) -> None:
     group = parser.add_argument_group("drawing")
     group.add_argument("--format", choices=["png", "svg", "pdf"], default="png", help="grid file format (default png)")
-    group.add_argument("--scale", choices=["linear", "log", "power", "row"], default="linear", help="colour scale")
+    group.add_argument("--scale", choices=["auto", "linear", "log", "power", "row"], default="auto",
+                       help="colour scale (default auto: linear, or log where long prompts are downsampled)")
     group.add_argument("--gamma", type=float, default=0.5, help="exponent of --scale power (default 0.5)")
     group.add_argument("--sink", choices=["keep", "exclude", "mask"], default="exclude",
                        help="first-token column: keep it in the colour range, exclude it from the range (default), or mask it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -71,7 +72,7 @@ def capture_for_grid(args, model, tokenizer, spec, prompt, layers=None, heads=No
         return cube, head_metrics(cube)
     downsampler, reducer = Downsampler(args.max_tokens), HeadMetricsReducer()
     capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **options)
-    return downsampler.cube(), reducer.table()
+    return replace(downsampler.cube(), prompt=prompt, source=options["source"]), reducer.table()
 
 
 def run(args) -> int:
@@ -96,12 +97,14 @@ def run(args) -> int:
         with atomic_output(paths["html"], force=args.force) as temp:
             write_html(cube, temp, metrics=metrics, max_tokens=args.max_tokens)
     digest = digest_lines(metrics, spec)
+    num_tokens = cube.metadata.get("downsample", {}).get("num_keys", len(cube.tokens))
+    drawn = f" (drawn downsampled to {cube.num_keys} x {cube.num_keys} per head)" if cube.num_keys < num_tokens else ""
     if args.json:
-        print(json.dumps({"spec": spec.summary, "tokens": len(cube.tokens), "files": {k: str(v) for k, v in paths.items()},
+        print(json.dumps({"spec": spec.summary, "tokens": num_tokens, "files": {k: str(v) for k, v in paths.items()},
                           "digest": digest}, indent=2))
     else:
         print(f"{args.model}: {spec.summary}")
-        print(f"{len(cube.tokens)} tokens; wrote " + ", ".join(str(p) for p in paths.values()))
+        print(f"{num_tokens} tokens{drawn}; wrote " + ", ".join(str(p) for p in paths.values()))
         print("\n".join(digest))
     sys.stdout.flush()
     return 0
