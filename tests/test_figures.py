@@ -145,3 +145,13 @@ def test_rollout_heatmap(tmp_path):
     save_figure(fig, tmp_path / "rollout.png")
     with pytest.raises(InputError, match="tokens"):
         plot_rollout(rollout, tokens[:5])
+
+
+def test_kv_similarity_legend_names_real_or_pseudo_groups():
+    import pandas as pd
+
+    table = pd.DataFrame({"layer": [0, 1], "within": [0.8, 0.7], "between": [0.7, 0.6]})
+    legend = lambda fig: [t.get_text() for t in fig.axes[0].get_legend().get_texts()]  # noqa: E731
+    assert legend(plot_kv_similarity(table)) == ["within (heads sharing a KV head)", "between (heads of different KV heads)"]
+    pseudo = plot_kv_similarity(table.assign(grouping="pseudo"))
+    assert legend(pseudo) == ["within (heads in one pseudo-group)", "between (heads in different pseudo-groups)"]

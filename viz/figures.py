@@ -300,22 +300,27 @@ def plot_kv_similarity(table, *, title=None) -> Figure:
     """Per layer: mean similarity of heads that share a KV head ("within") vs heads that do not ("across").
 
     `table` has a `layer` column plus one column whose name contains "within" and one containing
-    "across" (as `analyses.kv_group_similarity` returns).
+    "across" or "between" (as `analyses.kv_group_similarity` returns); a `grouping` column of
+    "pseudo" (MHA heads grouped by position) changes the legend accordingly.
     """
     if "layer" not in table.columns:
         raise InputError(f"the KV-similarity table needs a 'layer' column (it has {list(table.columns)}).")
     within = [c for c in table.columns if "within" in str(c)]
-    across = [c for c in table.columns if "across" in str(c)]
+    across = [c for c in table.columns if "across" in str(c) or "between" in str(c)]
     if not within or not across:
-        raise InputError(f"the KV-similarity table needs a 'within...' and an 'across...' column "
+        raise InputError(f"the KV-similarity table needs a 'within...' and an 'across...' (or 'between...') column "
                          f"(it has {list(table.columns)}).")
     data = table.sort_values("layer")
     layers = data["layer"].to_numpy()
-    fig = _figure(float(np.clip(0.22 * len(layers) + 3, 6, 14)), 4.2)
-    ax = fig.add_axes((0.09, 0.14, 0.88, 0.72))
-    ax.plot(layers, data[within[0]], marker="o", ms=4, label=f"{within[0]} (heads sharing a KV head)", color="#1f77b4")
-    ax.plot(layers, data[across[0]], marker="s", ms=4, label=f"{across[0]} (heads of different KV heads)",
-            color="#ff7f0e")
+    pseudo = "grouping" in data.columns and (data["grouping"] == "pseudo").all()
+    same, other = (("heads in one pseudo-group", "heads in different pseudo-groups") if pseudo
+                   else ("heads sharing a KV head", "heads of different KV heads"))
+    width = float(np.clip(0.22 * len(layers) + 3, 6, 14))
+    fig = _figure(width, 4.2)
+    left = 0.75 / width  # room for the y label, whatever the width
+    ax = fig.add_axes((left, 0.14, 0.97 - left, 0.72))
+    ax.plot(layers, data[within[0]], marker="o", ms=4, label=f"{within[0]} ({same})", color="#1f77b4")
+    ax.plot(layers, data[across[0]], marker="s", ms=4, label=f"{across[0]} ({other})", color="#ff7f0e")
     ax.fill_between(layers, data[within[0]], data[across[0]], color="#1f77b4", alpha=0.12, lw=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("similarity")
