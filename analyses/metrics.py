@@ -37,12 +37,11 @@ computed in float32 on its own, sums over rows accumulate in float64.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pandas as pd
 import torch
 
 from llm_heatmap.models import InputError
+from llm_heatmap.probes.stream import replay
 
 from .head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep
 from .patterns import classify_heads, segment_ids, special_token_mask
@@ -257,15 +256,5 @@ def head_metrics(cube, *, row_block: int | None = None, **options) -> pd.DataFra
     if row_block is None:
         row_block = max(1, (64 << 20) // (4 * max(1, cube.num_heads * cube.num_keys)))
     reducer = HeadMetricsReducer(**options)
-    for part in iter_parts(cube, row_block):
-        reducer.consume(part)
+    replay(cube, [reducer], chunk_rows=row_block)
     return reducer.table()
-
-
-def iter_parts(cube, row_block: int):
-    """Unbatched parts of `cube` the way streaming capture delivers them: one layer, a row block each."""
-    for index, layer in enumerate(cube.layers):
-        for start in range(0, cube.num_queries, row_block):
-            rows = slice(start, start + row_block)
-            yield replace(cube, pattern=cube.pattern[index:index + 1, :, rows], layers=(layer,),
-                          query_positions=cube.query_positions[rows], query_mask=cube.query_mask[rows])

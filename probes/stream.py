@@ -50,17 +50,16 @@ def stream_info(part: AttentionCube) -> dict:
     return info
 
 
-def replay(cube: AttentionCube, consumers: Iterable, chunk_rows: int | None = None, finish: bool = True) -> None:
-    """Stream a kept (unbatched) cube to consumers as if it were being captured."""
+def iter_parts(cube: AttentionCube, chunk_rows: int | None = None):
+    """The parts streaming capture would deliver for a kept (unbatched) cube: one layer, a row block each."""
     if cube.batched:
-        raise InputError("replay() streams one sequence; pass cube.item(i) for a batched cube.")
-    consumers = list(consumers)
+        raise InputError("streaming takes one sequence; pass cube.item(i) for a batched cube.")
     rows = cube.num_queries
     step = auto_chunk_rows(1, cube.num_heads, cube.num_keys, rows, chunk_rows)
     for slot, layer in enumerate(cube.layers):
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            part = replace(
+            yield replace(
                 cube,
                 pattern=cube.pattern[slot : slot + 1, :, start:stop],
                 layers=(layer,),
@@ -68,8 +67,14 @@ def replay(cube: AttentionCube, consumers: Iterable, chunk_rows: int | None = No
                 query_mask=cube.query_mask[start:stop],
                 metadata={**cube.metadata, "stream": {"pass": 0, "row_start": start, "row_stop": stop, "num_queries": rows}},
             )
-            for consumer in consumers:
-                consumer.consume(part)
+
+
+def replay(cube: AttentionCube, consumers: Iterable, chunk_rows: int | None = None, finish: bool = True) -> None:
+    """Stream a kept (unbatched) cube to consumers as if it were being captured."""
+    consumers = list(consumers)
+    for part in iter_parts(cube, chunk_rows):
+        for consumer in consumers:
+            consumer.consume(part)
     if finish:
         for consumer in consumers:
             getattr(consumer, "finish", lambda: None)()
