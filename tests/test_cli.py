@@ -197,3 +197,14 @@ def test_batch_interrupted_then_resumed(tmp_path):
     assert len(summary["skipped"]) == done and len(summary["computed"]) == 300 - done
     table = pd.read_csv(out / "heads.csv")
     assert len(table) == 300 * 6 * 12 and table.groupby("prompt_id").size().eq(72).all()
+
+
+def test_metrics_with_induction_probe(tmp_path, cli_in_process):
+    out = tmp_path / "m.csv"
+    result = cli_in_process("metrics", "the cat sat on the mat", "--out", out, "--induction-probe", "20",
+                            "--metric", "sink_score")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["layer", "head", "kv_group", "sink_score", "probe_previous_token_score",
+                                   "probe_duplicate_token_score", "probe_induction_score"]
+    assert "strongest induction heads on 20 repeated random tokens" in result.stdout

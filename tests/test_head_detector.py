@@ -158,3 +158,25 @@ def test_real_smollm2_patterns_equal_transformer_lens(smollm2_eager):
         induction[name] = ours(cube, exclude_bos=True)[..., 2]
     # induction is defined on the repeated half: a few SmolLM2 heads do it, most do not
     assert induction["repeated"].max() > 0.5 and induction["repeated"].median() < 0.1
+
+
+def test_induction_probe_finds_induction_heads_on_smollm2(smollm2, smollm2_eager):
+    from llm_heatmap.analyses import induction_probe_scores
+
+    model, tokenizer, spec = smollm2
+    scores = induction_probe_scores(model, tokenizer, spec=spec, length=30)
+    assert len(scores) == spec.num_layers * spec.num_heads
+    assert list(scores.columns[3:]) == ["probe_previous_token_score", "probe_duplicate_token_score",
+                                        "probe_induction_score"]
+    # copying the repeated half is what a trained decoder learns: some heads do it, most do not
+    assert scores["probe_induction_score"].max() > 0.5 > scores["probe_induction_score"].median()
+    # reference: TransformerLens's own score on eager output_attentions of the same sequence
+    ids = repeated_random_tokens(tokenizer, 30, 0)
+    with torch.no_grad():
+        attentions = smollm2_eager[0](input_ids=ids, output_attentions=True).attentions
+    detection = tl.get_induction_head_detection_pattern(ids[0]).float()
+    for row in scores.nlargest(3, "probe_induction_score").itertuples():
+        pattern = attentions[row.layer][0, row.head].float()
+        expected = tl.compute_head_attention_similarity_score(pattern, detection, exclude_bos=True,
+                                                              exclude_current_token=False, error_measure="mul")
+        assert abs(row.probe_induction_score - expected) < 1e-3

@@ -10,6 +10,7 @@ import torch
 from ..batch import stream_head_metrics
 from ..digest import digest_lines
 from ..files import check_writable
+from ..induction_probe import induction_probe_scores
 from ..prompts import check_length
 from ..tables import table_format, to_markdown, write_table
 from . import analysis_common, common
@@ -28,6 +29,8 @@ def register(subparsers) -> None:
     common.add_prompt_options(parser)
     common.add_model_options(parser)
     parser.add_argument("--out", type=Path, help="table file; its extension picks the format")
+    parser.add_argument("--induction-probe", type=int, metavar="N", default=0,
+                        help="also score every head on BOS + N random tokens repeated twice (probe_* columns)")
     analysis_common.add_metric_option(parser)
     analysis_common.add_run_options(parser)
     parser.set_defaults(run=run)
@@ -44,8 +47,15 @@ def run(args) -> int:
     with torch.no_grad():
         table = stream_head_metrics(model, tokenizer, prompt, spec=spec, chat=args.chat)
     digest = digest_lines(table, spec)
+    if args.induction_probe:
+        probe = induction_probe_scores(model, tokenizer, spec=spec, length=args.induction_probe)
+        table = table.merge(probe, on=["layer", "head", "kv_group"])
+        digest.append(f"strongest induction heads on {args.induction_probe} repeated random tokens: "
+                      + ", ".join(f"L{r.layer}H{r.head} ({r.probe_induction_score:.2f})"
+                                  for r in probe.nlargest(3, "probe_induction_score").itertuples()))
     if metrics is not None:
-        table = table[["layer", "head", "kv_group", *metrics]]
+        probe_columns = [c for c in table.columns if c.startswith("probe_")]
+        table = table[["layer", "head", "kv_group", *metrics, *probe_columns]]
     if args.out is not None:
         write_table(table, args.out, force=args.force)
     lines = [f"{args.model}: {spec.summary}", f"{tokens} tokens, {len(table)} heads"
