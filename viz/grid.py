@@ -505,7 +505,13 @@ def write_png(fig: Figure, path) -> None:
     image = PIL.Image.fromarray(buffer, "RGBA")
     if fig.patch.get_alpha() != 0 and fig.get_facecolor()[3] == 1 and (buffer[::97, ::89, 3] == 255).all():
         image = image.convert("RGB")  # opaque: an alpha channel would only cost encoding time and bytes
-    image.save(path, format="png")
+    image.save(path, format="png", compress_level=png_compress_level(buffer.shape[0] * buffer.shape[1]))
+
+
+def png_compress_level(pixels: int) -> int:
+    """zlib level for a PNG of `pixels`: the default 6 below 16 megapixels; above, level 1, which encodes
+    a grid (flat colour cells) about 40% faster for files about 2.5x larger."""
+    return 6 if pixels < 16_000_000 else 1
 
 
 def save_grid(cube, path, **options) -> GridLayout:
