@@ -44,9 +44,35 @@ def read_prompt(args) -> str:
     return check_prompt(args.prompt)
 
 
+def progress_off(args) -> bool:
+    """Progress output goes to stderr only on a terminal and without --quiet."""
+    return bool(getattr(args, "quiet", False)) or not sys.stderr.isatty()
+
+
+class Steps:
+    """A progress bar over the named steps of a command: `step(name)` starts the next one."""
+
+    def __init__(self, args, names: list[str]):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), file=sys.stderr, leave=False, disable=progress_off(args),
+                        bar_format="{desc} {bar:20} {n}/{total}")
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_description_str(name)
+
+    def close(self) -> None:
+        self.bar.update()
+        self.bar.close()
+
+
 def progress_printer(args):
     """A function printing progress lines to stderr, or None when quiet or not on a terminal."""
-    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+    if progress_off(args):
         from transformers.utils import logging
 
         logging.disable_progress_bar()

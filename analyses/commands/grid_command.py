@@ -85,17 +85,25 @@ def run(args) -> int:
         check_writable(path, force=args.force)
     options = common.grid_options(args)
     layers, heads = options.pop("layers"), options.pop("heads")
+    step = common.Steps(args, ["loading model", "capturing", "drawing grid", "writing metrics and cube"]
+                        + (["writing HTML"] if "html" in paths else []))
+    step("loading model")
     model, tokenizer, spec = common.load(args)
+    step("capturing")
     with torch.no_grad():
         cube, metrics = capture_for_grid(args, model, tokenizer, spec, prompt, layers, heads)
+    step("drawing grid")
     with atomic_output(paths["grid"], force=args.force) as temp:
         save_grid(cube, temp, **options)
+    step("writing metrics and cube")
     write_table(metrics, paths["metrics"], force=args.force)
     with atomic_output(paths["cube"], force=args.force) as temp:
         cube.save(temp)
     if "html" in paths:
+        step("writing HTML")
         with atomic_output(paths["html"], force=args.force) as temp:
             write_html(cube, temp, metrics=metrics, max_tokens=args.max_tokens)
+    step.close()
     digest = digest_lines(metrics, spec)
     num_tokens = cube.metadata.get("downsample", {}).get("num_keys", len(cube.tokens))
     drawn = f" (drawn downsampled to {cube.num_keys} x {cube.num_keys} per head)" if cube.num_keys < num_tokens else ""

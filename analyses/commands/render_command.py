@@ -6,7 +6,7 @@ from pathlib import Path
 
 from llm_heatmap.probes import AttentionCube
 
-from ..files import atomic_output
+from ..files import atomic_output, check_writable
 from . import common
 
 EXAMPLE = "example: llm-heatmap render heatmaps/run.cube.safetensors --scale log --sink mask --name run-log"
@@ -25,17 +25,21 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from llm_heatmap.viz import save_grid, write_html
 
-    cube = AttentionCube.load(args.cube)
     name = args.name or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
+    paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
+    for path in paths:
+        check_writable(path, force=args.force)
     options = common.grid_options(args)
-    grid_path = args.out / f"{name}.{args.format}"
-    with atomic_output(grid_path, force=args.force) as temp:
+    step = common.Steps(args, ["reading cube", "drawing grid"] + (["writing HTML"] if args.html else []))
+    step("reading cube")
+    cube = AttentionCube.load(args.cube)
+    step("drawing grid")
+    with atomic_output(paths[0], force=args.force) as temp:
         save_grid(cube, temp, **options)
-    written = [grid_path]
     if args.html:
-        html_path = args.out / f"{name}.html"
-        with atomic_output(html_path, force=args.force) as temp:
+        step("writing HTML")
+        with atomic_output(paths[1], force=args.force) as temp:
             write_html(cube, temp, max_tokens=args.max_tokens)
-        written.append(html_path)
-    print(f"{cube.spec.summary}\nwrote " + ", ".join(str(p) for p in written))
+    step.close()
+    print(f"{cube.spec.summary}\nwrote " + ", ".join(str(p) for p in paths))
     return 0
