@@ -48,13 +48,9 @@ def eager_cube(name: str) -> AttentionCube:
     encoded = tokenizer(PROMPTS[name], return_tensors="pt")
     with torch.no_grad():
         out = model(**encoded, output_attentions=True)
-    pattern = torch.stack(out.attentions, 1)[0].float()
-    n = pattern.shape[-1]
     ids = encoded["input_ids"][0]
-    return AttentionCube(pattern=pattern, spec=spec, tokens=tokenizer.convert_ids_to_tokens(ids), token_ids=ids,
-                         layers=tuple(range(spec.num_layers)), heads=tuple(range(spec.num_heads)),
-                         query_positions=torch.arange(n), key_mask=torch.ones(n, dtype=torch.bool),
-                         query_mask=torch.ones(n, dtype=torch.bool), prompt=PROMPTS[name], source=name)
+    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0].float(), spec, ids,
+                                      tokenizer.convert_ids_to_tokens(ids), prompt=PROMPTS[name], source=name)
 
 
 def seed_baseline(cube: AttentionCube, path: Path, inches_per_head: float, dpi: int) -> None:

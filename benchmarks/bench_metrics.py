@@ -46,11 +46,8 @@ def smollm2_cube(tokens: int) -> AttentionCube:
     ids = tokenizer(TEXT * (tokens // 40 + 2), return_tensors="pt")["input_ids"][:, :tokens]
     with torch.no_grad():
         out = model(ids, output_attentions=True)
-    pattern = torch.stack(out.attentions, 1)[0].float()
-    return AttentionCube(pattern=pattern, spec=spec, tokens=tokenizer.convert_ids_to_tokens(ids[0]), token_ids=ids[0],
-                         layers=tuple(range(spec.num_layers)), heads=tuple(range(spec.num_heads)),
-                         query_positions=torch.arange(tokens), key_mask=torch.ones(tokens, dtype=torch.bool),
-                         query_mask=torch.ones(tokens, dtype=torch.bool))
+    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0].float(), spec, ids[0],
+                                      tokenizer.convert_ids_to_tokens(ids[0]))
 
 
 def naive_head_metrics(cube: AttentionCube) -> pd.DataFrame:

@@ -60,6 +60,19 @@ class AttentionCube:
     source: str | None = None
     metadata: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_pattern(cls, pattern: torch.Tensor, spec: ModelSpec, token_ids: torch.Tensor, tokens=None,
+                     **fields) -> "AttentionCube":
+        """A one-sequence cube of every layer, head and row from a `"l h q k"` pattern, e.g.
+        `torch.stack(output.attentions, 1)[0]` of an eager `output_attentions=True` forward.
+        `tokens` default to the ids as text; `fields` (prompt, source, metadata, ...) pass through."""
+        layers, heads, rows, keys = pattern.shape
+        token_ids = torch.as_tensor(token_ids).reshape(-1)
+        return cls(pattern=pattern, spec=spec, tokens=list(tokens) if tokens is not None else [str(int(i)) for i in token_ids],
+                   token_ids=token_ids, layers=tuple(range(layers)), heads=tuple(range(heads)),
+                   query_positions=torch.arange(keys - rows, keys), key_mask=torch.ones(keys, dtype=torch.bool),
+                   query_mask=torch.ones(rows, dtype=torch.bool), **fields)
+
     # ---- shape ------------------------------------------------------------------------
     @property
     def batched(self) -> bool:

@@ -191,13 +191,9 @@ def _eager_cube(model, tokenizer, spec, prompt):
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
-    pattern = torch.stack(out.attentions, 1)[0]
-    n = pattern.shape[-1]
-    return AttentionCube(pattern=pattern, spec=spec, tokens=tokenizer.convert_ids_to_tokens(inputs["input_ids"][0]),
-                         token_ids=inputs["input_ids"][0], layers=tuple(range(spec.num_layers)),
-                         heads=tuple(range(spec.num_heads)), query_positions=torch.arange(n),
-                         key_mask=torch.ones(n, dtype=torch.bool), query_mask=torch.ones(n, dtype=torch.bool),
-                         prompt=prompt)
+    ids = inputs["input_ids"][0]
+    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0], spec, ids,
+                                      tokenizer.convert_ids_to_tokens(ids), prompt=prompt)
 
 
 @pytest.mark.slow

@@ -108,3 +108,18 @@ def test_item_removes_padding(batch):
     assert torch.equal(batch.item(1).pattern, batch.pattern[1])
     with pytest.raises(ValueError):
         batch.canvas()
+
+
+def test_from_pattern_builds_a_full_one_sequence_cube(minilm_eager):
+    model, tokenizer, spec = minilm_eager
+    encoded = tokenizer("the sky is blue", return_tensors="pt")
+    with torch.no_grad():
+        attentions = model(**encoded, output_attentions=True).attentions
+    ids = encoded["input_ids"][0]
+    cube = AttentionCube.from_pattern(torch.stack(attentions, 1)[0], spec, ids, prompt="the sky is blue")
+    assert cube.pattern.shape == (6, 12, len(ids), len(ids)) and not cube.batched
+    assert cube.layers == tuple(range(6)) and cube.heads == tuple(range(12))
+    assert cube.tokens == [str(int(i)) for i in ids] and cube.prompt == "the sky is blue"
+    assert cube.query_positions.tolist() == list(range(len(ids))) and bool(cube.attendable().all())
+    last_rows = AttentionCube.from_pattern(cube.pattern[:, :, -2:], spec, ids)
+    assert last_rows.query_positions.tolist() == [len(ids) - 2, len(ids) - 1]

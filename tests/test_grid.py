@@ -25,13 +25,9 @@ def eager_cube(loaded, prompt, source):
     encoded = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model(**encoded, output_attentions=True)
-    pattern = torch.stack(out.attentions, 1)[0].float()
-    n = pattern.shape[-1]
     ids = encoded["input_ids"][0]
-    return AttentionCube(pattern=pattern, spec=spec, tokens=tokenizer.convert_ids_to_tokens(ids), token_ids=ids,
-                         layers=tuple(range(spec.num_layers)), heads=tuple(range(spec.num_heads)),
-                         query_positions=torch.arange(n), key_mask=torch.ones(n, dtype=torch.bool),
-                         query_mask=torch.ones(n, dtype=torch.bool), prompt=prompt, source=source)
+    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0].float(), spec, ids,
+                                      tokenizer.convert_ids_to_tokens(ids), prompt=prompt, source=source)
 
 
 def synthetic_cube(num_layers=28, num_heads=16, num_kv_heads=8, tokens=20, seed=0, causal=True):

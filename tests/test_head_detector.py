@@ -23,11 +23,7 @@ def causal_spec(layers, heads, kv_heads=None):
 
 
 def cube_from(pattern, spec, ids, tokens=None):
-    keys = pattern.shape[-1]
-    return AttentionCube(pattern=pattern, spec=spec, tokens=tokens or [str(int(i)) for i in ids],
-                         token_ids=torch.as_tensor(ids).long(), layers=tuple(range(pattern.shape[0])),
-                         heads=tuple(range(pattern.shape[1])), query_positions=torch.arange(keys),
-                         key_mask=torch.ones(keys, dtype=torch.bool), query_mask=torch.ones(keys, dtype=torch.bool))
+    return AttentionCube.from_pattern(pattern, spec, torch.as_tensor(ids).long(), tokens)
 
 
 def random_pattern(layers, heads, keys, seed):

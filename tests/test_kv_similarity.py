@@ -20,10 +20,7 @@ def spec_of(layers, heads, kv_heads, causal=True):
 
 def cube_of(pattern, spec):
     keys = pattern.shape[-1]
-    return AttentionCube(pattern=pattern.float(), spec=spec, tokens=[f"t{i}" for i in range(keys)],
-                         token_ids=torch.arange(keys), layers=tuple(range(pattern.shape[0])),
-                         heads=tuple(range(pattern.shape[1])), query_positions=torch.arange(keys),
-                         key_mask=torch.ones(keys, dtype=torch.bool), query_mask=torch.ones(keys, dtype=torch.bool))
+    return AttentionCube.from_pattern(pattern.float(), spec, torch.arange(keys), [f"t{i}" for i in range(keys)])
 
 
 def random_pattern(spec, keys, seed):
