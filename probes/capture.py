@@ -383,7 +383,8 @@ def encode_prompt(tokenizer, prompt, *, chat: bool = False) -> tuple[torch.Tenso
         raise InputError("the prompt is empty; pass some text.")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise InputError("this tokenizer has no chat template, so chat=True cannot be used; pass chat=False.")
+            raise InputError("this tokenizer has no chat template, so the prompt cannot be sent as a chat (chat=True, --chat); "
+                             "send it as plain text.")
         messages = prompt if isinstance(prompt, list) and isinstance(prompt[0], dict) else [{"role": "user", "content": prompt}]
         if not isinstance(messages[0].get("content"), str):
             raise InputError("chat=True takes one prompt string or a list of {'role', 'content'} messages.")

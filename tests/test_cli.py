@@ -84,8 +84,8 @@ def test_render_redraws_a_saved_cube(smollm2_run, tmp_path):
 
 
 def test_same_input_same_output(tmp_path, cli_in_process):
-    runs = [cli_in_process("grid", "the sky is blue", "--model", "minilm-l6", "--out", tmp_path / name, "--name", "x")
-            for name in ("a", "b")]
+    runs = [cli_in_process("grid", "the sky is blue", "--model", "minilm-l6", "--out", tmp_path / name, "--name", "x",
+                           "--quiet") for name in ("a", "b")]
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     a, b = (AttentionCube.load(tmp_path / n / "x.cube.safetensors") for n in ("a", "b"))
     assert torch.equal(a.pattern, b.pattern) and a.tokens == b.tokens
@@ -133,6 +133,7 @@ BAD_INPUTS = {  # (arguments, words the one-line message must contain)
     "unknown colormap": (["grid", "the sky is blue", "--model", "minilm-l6", "--cmap", "nope"], "colormap"),
     "bad layers": (["grid", "the sky is blue", "--model", "minilm-l6", "--layers", "a-b"], "--layers"),
     "foreign cube file": (["render", __file__], "cube"),
+    "chat without a template": (["grid", "the sky is blue", "--model", "minilm-l6", "--chat"], "chat template"),
 }
 
 

@@ -15,9 +15,7 @@ def add_run_options(parser, *, json_help: str = "print the summary as JSON") -> 
     """--force, --json and --quiet (the last also accepted before the subcommand name)."""
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--json", action="store_true", help=json_help)
-    # SUPPRESS keeps `llm-heatmap --quiet metrics ...` working: the subparser must not reset it
-    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress output on stderr")
+    common.add_quiet_option(parser)
 
 
 def quiet(args) -> bool:

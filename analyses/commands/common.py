@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -27,10 +28,16 @@ def add_prompt_options(parser, *, required: bool = True) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
 
 
+def add_quiet_option(parser) -> None:
+    """--quiet after the subcommand; SUPPRESS keeps `llm-heatmap --quiet grid ...` working as well."""
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output on stderr")
+
+
 def add_output_options(parser, *, default_out: str = "heatmaps") -> None:
     parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output directory (default: ./{default_out}/)")
     parser.add_argument("--name", help="base name of the output files (default: from the model and prompt)")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_quiet_option(parser)
 
 
 def read_prompt(args) -> str:
