@@ -12,10 +12,14 @@ from llm_heatmap.models import DEFAULT_MODEL, InputError, load_model
 from ..prompts import check_prompt, read_prompt_text
 
 
-def add_model_options(parser) -> None:
+def add_model_options(parser, *, several: bool = False) -> None:
+    """--model (repeatable when `several`; then None means the default model) and how to load it."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"offline model name, local directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    source = "offline model name, local directory, .gguf file or hub id"
+    if several:
+        group.add_argument("--model", action="append", help=f"{source}; repeat for several (default: {DEFAULT_MODEL})")
+    else:
+        group.add_argument("--model", default=DEFAULT_MODEL, help=f"{source} (default: {DEFAULT_MODEL})")
     group.add_argument("--quantize", choices=["4bit", "8bit"], help="load quantized with bitsandbytes")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default float32)")
     group.add_argument("--device", help="device or accelerate device_map, e.g. cpu, cuda, auto")

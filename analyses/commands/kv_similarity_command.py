@@ -14,7 +14,7 @@ from ..files import check_writable
 from ..kv_report import kv_report
 from ..prompts import check_prompt, read_prompts
 from ..tables import table_format, write_table
-from . import analysis_common
+from . import analysis_common, common
 
 EXAMPLE = """example:
   llm-heatmap kv-similarity --model smollm2-135m --model minilm-l6 "the sky is blue" \\
@@ -32,12 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts")
     parser.add_argument("--prompt-file", type=Path, help="more prompts, from a .txt (one per line) or .jsonl file")
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
-    group = parser.add_argument_group("models")
-    group.add_argument("--model", action="append", help=f"model source; repeat for several (default: {DEFAULT_MODEL})")
-    group.add_argument("--quantize", choices=["4bit", "8bit"], help="load quantized with bitsandbytes")
-    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default float32)")
-    group.add_argument("--device", help="device or accelerate device_map, e.g. cpu, cuda, auto")
-    group.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model to run")
+    common.add_model_options(parser, several=True)
     parser.add_argument("--out", type=Path, help="per-layer table; the summary goes beside it as STEM.summary.EXT")
     parser.add_argument("--pseudo-group-size", type=int,
                         help="group size for MHA models (default: the first GQA model's, else 3)")
