@@ -128,7 +128,7 @@ def _prepare(cube, *, scale, gamma, vmin, vmax, per_head_range, sink, max_tokens
 # ---- geometry -------------------------------------------------------------------------------
 
 def _groups(cube) -> list[int]:
-    return [cube.spec.kv_group(h) for h in cube.heads]
+    return cube.kv_groups.tolist()
 
 
 def _has_groups(groups) -> bool:

@@ -92,7 +92,7 @@ def write_html(
         "downsampled": downsampled or bool(pooled),
         "layers": [int(x) for x in cube.layers],
         "heads": [int(x) for x in cube.heads],
-        "kv": [int(cube.spec.kv_group(h)) for h in cube.heads],
+        "kv": cube.kv_groups.tolist(),
         "numKv": int(cube.spec.num_kv_heads),
         "rows": rows,
         "cols": cols,
