@@ -142,7 +142,7 @@ def main() -> None:
               f"{wall['eager'] / wall['plain']:>15.2f}x {cpu['eager'] / cpu['plain']:>6.2f}x", flush=True)
     del sdpa_model, eager_model
 
-    print(f"\npeak resident memory (MiB, fresh process per mode; 'loaded' = peak after loading the model)")
+    print("\npeak resident memory (MiB, fresh process per mode; 'loaded' = peak after loading the model)")
     print(f"{'mode':>30} {'tokens':>7} {'loaded':>8} {'peak':>8} {'seconds':>8}")
     rows = [("plain", args.memory_length), ("eager", args.memory_length), ("stream", args.memory_length),
             ("stream", args.long_length)]

@@ -149,7 +149,7 @@ def test_cube_pooled_by_the_downsampler_keeps_spans_and_empty_bins(tmp_path):
     full = make_cube(layers=2, heads=2, kv_heads=1, tokens=tokens, sliding=9, sliding_layers=(1,))
     pooled = downsample(full, 8)
     decoded, mask, meta = decode(write_html(pooled, tmp_path / "p.html", bits=16).read_text())
-    rows, keys = bin_index(40, 8), bin_index(40, 8)
+    rows = bin_index(40, 8)
     onehot = torch.nn.functional.one_hot(rows).float()
     reference = torch.einsum("q a, l q k, k b -> l a b", onehot, full.attendable().float(), onehot) > 0
     assert np.array_equal(mask, reference.numpy()), "a bin is empty exactly when no pair inside it may attend"

@@ -23,7 +23,7 @@ from transformer_lens.model_bridge.sources._hf_format import determine_architect
 
 from llm_heatmap.models import InputError, spec_from_model  # noqa: E402
 from llm_heatmap.probes import capture, capture_prompt  # noqa: E402
-from llm_heatmap.probes.lens import capture_lens, lens_spec  # noqa: E402
+from llm_heatmap.probes.lens import capture_lens  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 IDS = torch.tensor([3, 5, 7, 9, 11, 13, 2, 4, 6, 8, 10, 12])

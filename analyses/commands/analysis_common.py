@@ -18,10 +18,6 @@ def add_run_options(parser, *, json_help: str = "print the summary as JSON") -> 
     common.add_quiet_option(parser)
 
 
-def quiet(args) -> bool:
-    return bool(getattr(args, "quiet", False)) or not sys.stderr.isatty()
-
-
 def add_metric_option(parser) -> None:
     parser.add_argument("--metric", action="append", metavar="NAME",
                         help="keep only this metric column (repeat, or separate names with commas); default: all")

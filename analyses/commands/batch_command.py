@@ -42,7 +42,7 @@ def run(args) -> int:
     model, tokenizer, spec = analysis_common.load(args)
     with torch.no_grad():
         result = run_batch(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model), chat=args.chat,
-                           shard=shard, resume=args.resume, force=args.force, quiet=analysis_common.quiet(args))
+                           shard=shard, resume=args.resume, force=args.force, quiet=common.progress_off(args))
     which = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     lines = [f"{args.model}: {spec.summary}",
              f"{len(result.computed)} prompts computed, {len(result.skipped)} already done{which}; "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -59,7 +58,7 @@ def run(args) -> int:
         table_format(args.out)
         for path in (args.out, summary_path(args.out)):
             check_writable(path, force=args.force)
-    progress = None if analysis_common.quiet(args) else (lambda message: print(message, file=sys.stderr))
+    progress = common.progress_printer(args)
     with torch.no_grad():
         report = kv_report(models, prompts, pseudo_group_size=args.pseudo_group_size, chat=args.chat,
                            measures=args.measure, n_permutations=args.permutations, seed=args.seed,
