@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import itertools
+import re
 
 import matplotlib
 import matplotlib.colors as mcolors
@@ -184,6 +186,27 @@ def test_vector_formats(minilm_cube, tmp_path):
     with pytest.raises(InputError, match="png"):
         save_grid(huge, tmp_path / "huge.svg")
     assert not (tmp_path / "huge.svg").exists()
+
+
+def test_vector_labels_sit_where_the_png_puts_them(minilm_cube, tmp_path):
+    """SVG/PDF lay out at 72 points per inch, the PNG at 100 px: every label must scale with the page."""
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # keep labels as <text x= y=> elements
+        layout = save_grid(minilm_cube, tmp_path / "grid.svg", layers=[0, 1], heads=[0, 1, 2])
+    svg = (tmp_path / "grid.svg").read_text()
+    view_w, view_h = map(float, re.search(r'viewBox="0 0 ([\d.]+) ([\d.]+)"', svg).groups())
+    texts = {html.unescape(t): (float(x), float(y))
+             for x, y, t in re.findall(r'<text[^>]* x="([-\d.]+)" y="([-\d.]+)"[^>]*>([^<]*)</text>', svg)}
+    pt = 72 / 100  # points per PNG pixel
+    assert view_w == pytest.approx(layout.width * pt, abs=1)
+    for head in (0, 1, 2):
+        x0, y0, x1, _ = layout.panel(0, head)
+        x, y = texts[f"H{head}"]
+        assert x == pytest.approx((x0 + x1) / 2 * pt, abs=1) and y < y0 * pt
+    for layer in (0, 1):
+        x0, y0, _, y1 = layout.panel(layer, 0)
+        x, y = texts[f"L{layer}"]
+        assert x < x0 * pt and y0 * pt < y < y1 * pt
+    assert all(0 <= x <= view_w and 0 <= y <= view_h for x, y in texts.values())
 
 
 def undrawn_tick_labels(fig):

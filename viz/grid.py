@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.transforms import IdentityTransform
 
 from llm_heatmap.models import InputError
 
 from .labels import block_size, fit_text, text_size, token_label
+from .png import encode_png
 from .raster import (BACKGROUND, MASKED, area_downsample, check_scale, ColorScale, compose, lookup_table,
                      lut_index, normalise, normalise_difference)
 
@@ -377,10 +376,10 @@ def _build(cube, *, scale="auto", gamma=0.5, vmin=None, vmax=None, per_head_rang
     fig = Figure(figsize=((width + 0.25) / DPI, (height + 0.25) / DPI), dpi=DPI, facecolor=facecolor)
     FigureCanvasAgg(fig)
     table = lookup_table(cmap, bg)
-    ident = IdentityTransform()
+    fig_w, fig_h = width + 0.25, height + 0.25
 
-    def put(x, y, text, px, **kw):  # (x, y) from the top-left, in pixels
-        return fig.text(x, height - y, text, transform=ident, fontsize=px * 72 / DPI, **kw)
+    def put(x, y, text, px, **kw):  # (x, y) in pixels from the top-left; figure fractions also hold in SVG/PDF
+        return fig.text(x / fig_w, (height - y) / fig_h, text, fontsize=px * 72 / DPI, **kw)
 
     layout = GridLayout(width=width, height=height, cell_px=plan.c, gutter=plan.gutter,
                         grid_box=(gx0, gy0, gx1, gy1), panel_shape=(nq, nk), layers=tuple(cube.layers),
@@ -502,16 +501,7 @@ def write_png(fig: Figure, path) -> None:
         fig.images = images
     buffer = np.asarray(fig.canvas.buffer_rgba())
     buffer[y0:y0 + canvas.shape[0], x0:x0 + canvas.shape[1]] = canvas
-    image = PIL.Image.fromarray(buffer, "RGBA")
-    if fig.patch.get_alpha() != 0 and fig.get_facecolor()[3] == 1 and (buffer[::97, ::89, 3] == 255).all():
-        image = image.convert("RGB")  # opaque: an alpha channel would only cost encoding time and bytes
-    image.save(path, format="png", compress_level=png_compress_level(buffer.shape[0] * buffer.shape[1]))
-
-
-def png_compress_level(pixels: int) -> int:
-    """zlib level for a PNG of `pixels`: the default 6 below 16 megapixels; above, level 1, which encodes
-    a grid (flat colour cells) about 40% faster for files about 2.5x larger."""
-    return 6 if pixels < 16_000_000 else 1
+    encode_png(buffer, path, dpi=fig.dpi)
 
 
 def save_grid(cube, path, **options) -> GridLayout:

@@ -190,7 +190,8 @@ def compose(index: np.ndarray, table: np.ndarray, rows: np.ndarray, cols: np.nda
 
     `rows[y]` is the `(l q)` row drawn at pixel row y, `cols[x]` the `(h k)` column at pixel column x;
     `-1` means gutter (background), `-2` a KV-group separator. Integer repeats of each index give
-    crisp square cells; two `take`s over a `uint32` view keep it to one pass over the output.
+    crisp square cells; two `take`s over a `uint32` view, columns first so that the full-size pass
+    copies whole rows.
     """
     native = table[einops.rearrange(index, "l h q k -> (l q) (h k)")]
     n_rows, n_cols = native.shape
@@ -201,5 +202,5 @@ def compose(index: np.ndarray, table: np.ndarray, rows: np.ndarray, cols: np.nda
     extended[n_rows, :n_cols] = table[BACKGROUND]
     col_index = np.where(cols == -1, n_cols, np.where(cols == -2, n_cols + 1, cols))
     row_index = np.where(rows < 0, n_rows, rows)
-    canvas = extended.take(row_index, axis=0).take(col_index, axis=1)
+    canvas = extended.take(col_index, axis=1).take(row_index, axis=0)
     return canvas.view(np.uint8).reshape(len(rows), len(cols), 4)
