@@ -41,10 +41,8 @@ def synthetic_cube(num_layers=28, num_heads=16, num_kv_heads=8, tokens=20, seed=
     logits[..., 0] += 3
     if causal:
         logits = logits.masked_fill(~torch.ones(tokens, tokens, dtype=torch.bool).tril(), float("-inf"))
-    return AttentionCube(pattern=logits.softmax(-1), spec=spec, tokens=[f"t{i}" for i in range(tokens)],
-                         token_ids=torch.arange(tokens), layers=tuple(range(num_layers)), heads=tuple(range(num_heads)),
-                         query_positions=torch.arange(tokens), key_mask=torch.ones(tokens, dtype=torch.bool),
-                         query_mask=torch.ones(tokens, dtype=torch.bool), prompt="synthetic", source="synthetic")
+    return AttentionCube.from_pattern(logits.softmax(-1), spec, torch.arange(tokens), [f"t{i}" for i in range(tokens)],
+                                      prompt="synthetic", source="synthetic")
 
 
 @pytest.fixture(scope="module")

@@ -328,13 +328,8 @@ def model_cube(loaded, prompt):
     with torch.no_grad():
         out = model(**encoded, output_attentions=True)
     ids = encoded["input_ids"][0]
-    n = len(ids)
-    return AttentionCube(
-        pattern=torch.stack(out.attentions, 1)[0].float(), spec=spec, tokens=tokenizer.convert_ids_to_tokens(ids),
-        token_ids=ids, layers=tuple(range(spec.num_layers)), heads=tuple(range(spec.num_heads)),
-        query_positions=torch.arange(n), key_mask=torch.ones(n, dtype=torch.bool),
-        query_mask=torch.ones(n, dtype=torch.bool), prompt=prompt, source="all-MiniLM-L6-v2",
-    )
+    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0].float(), spec, ids,
+                                      tokenizer.convert_ids_to_tokens(ids), prompt=prompt, source="all-MiniLM-L6-v2")
 
 
 @pytest.mark.slow

@@ -273,10 +273,7 @@ def test_real_minilm_cube(minilm_eager):
         out = model(**encoded, output_attentions=True)
     ids = encoded["input_ids"][0]
     keys = len(ids)
-    cube = AttentionCube(pattern=torch.stack(out.attentions, 1)[0], spec=spec,
-                         tokens=tokenizer.convert_ids_to_tokens(ids), token_ids=ids, layers=tuple(range(spec.num_layers)),
-                         heads=tuple(range(spec.num_heads)), query_positions=torch.arange(keys),
-                         key_mask=torch.ones(keys, dtype=torch.bool), query_mask=torch.ones(keys, dtype=torch.bool))
+    cube = AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0], spec, ids, tokenizer.convert_ids_to_tokens(ids))
     table = assert_matches_reference(cube)
     assert len(table) == 6 * 12 and (table.n_rows == keys).all()
     # BERT heads are known to park attention on [CLS]/[SEP]/punctuation

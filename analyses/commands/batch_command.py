@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--shard", metavar="i/n", help="only prompts k with k %% n == i")
     parser.add_argument("--resume", action="store_true", help="keep prompts already done in OUT, compute the rest")
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+    common.add_chat_option(parser)
     common.add_model_options(parser)
     analysis_common.add_run_options(parser)
     parser.set_defaults(run=run)

@@ -29,6 +29,10 @@ def add_model_options(parser, *, several: bool = False) -> None:
 def add_prompt_options(parser, *, required: bool = True) -> None:
     parser.add_argument("prompt", nargs="?", help="the prompt text")
     parser.add_argument("--prompt-file", type=Path, help="read the prompt from this file instead")
+    add_chat_option(parser)
+
+
+def add_chat_option(parser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
 
 

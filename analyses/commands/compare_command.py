@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--metrics-only", action="store_true",
                         help="compare metrics only (allows prompts with different token counts)")
     parser.add_argument("--sets", action="store_true", help="A and B are prompt files: compare the two sets")
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+    common.add_chat_option(parser)
     common.add_model_options(parser)
     parser.add_argument("--out", type=Path, help="delta table (with --sets: per-head table; the per-layer table "
                         "goes beside it as STEM.layers.EXT)")

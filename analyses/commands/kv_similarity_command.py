@@ -30,7 +30,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts")
     parser.add_argument("--prompt-file", type=Path, help="more prompts, from a .txt (one per line) or .jsonl file")
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+    common.add_chat_option(parser)
     common.add_model_options(parser, several=True)
     parser.add_argument("--out", type=Path, help="per-layer table; the summary goes beside it as STEM.summary.EXT")
     parser.add_argument("--pseudo-group-size", type=int,
