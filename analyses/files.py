@@ -31,11 +31,11 @@ def atomic_output(path: str | Path, *, force: bool = False):
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes[-1:]))
     os.close(handle)
     temp = Path(temp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual mode
     try:
         yield temp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp (and writers that replace the file) leave 0600
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -207,6 +208,9 @@ class AttentionCube:
             "metadata": self.metadata,
         }
         save_file(tensors, str(path), metadata={"llm_heatmap": json.dumps(header)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes through a private (0600) temporary file
         return path
 
     @classmethod

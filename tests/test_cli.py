@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -53,6 +54,9 @@ def test_grid_writes_grid_metrics_and_cube(smollm2_run):
     assert "dense decoder, GQA 9q:3kv x 30 layers, GGUF Q4_1" in result.stdout
     files = sorted(p.name for p in out.iterdir())
     assert files == ["seed.cube.safetensors", "seed.html", "seed.metrics.csv", "seed.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(stat.S_IMODE((out / name).stat().st_mode)) for name in files} == {oct(0o666 & ~umask)}
     metrics = pd.read_csv(out / "seed.metrics.csv")
     assert len(metrics) == 30 * 9
     assert {"layer", "head", "kv_group", "entropy", "sink_score", "induction_score"} <= set(metrics.columns)

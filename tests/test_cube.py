@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -48,6 +51,9 @@ def test_save_load_roundtrip(cube, dtype, tmp_path):
     original = cube.to(dtype)
     loaded = AttentionCube.load(original.save(tmp_path / "cube.safetensors"))
     assert_same_cube(loaded, original)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "cube.safetensors").stat().st_mode) == 0o666 & ~umask  # like any new file
     assert loaded.metadata["kernel"] == "sdpa" and "transformers" in loaded.metadata["versions"]
     assert torch.equal(loaded.attendable(), original.attendable())  # no model needed after loading
 
