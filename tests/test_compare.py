@@ -11,6 +11,7 @@ from scipy import stats
 from llm_heatmap.analyses.compare import (bh_adjust, compare_cubes, compare_groups, compare_sets, difference_cube,
                                           metric_deltas, paired_statistics, select_metrics, set_statistics)
 from llm_heatmap.models import InputError
+from eager_reference import eager_cube
 
 
 # ---- set statistics --------------------------------------------------------------------------
@@ -185,22 +186,11 @@ def test_metric_deltas_join_on_layer_and_head():
         metric_deltas(a, b.iloc[:2])
 
 
-def _eager_cube(model, tokenizer, spec, prompt):
-    from llm_heatmap.probes import AttentionCube
-
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model(**inputs, output_attentions=True)
-    ids = inputs["input_ids"][0]
-    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0], spec, ids,
-                                      tokenizer.convert_ids_to_tokens(ids), prompt=prompt)
-
-
 @pytest.mark.slow
 def test_compare_seed_experiment_2_on_smollm2(smollm2_eager):
-    model, tokenizer, spec = smollm2_eager
-    simple = _eager_cube(model, tokenizer, spec, "Tell me a very simple short story.")
-    complex_ = _eager_cube(model, tokenizer, spec, "Explain the core idea behind quantum entanglement.")
+    spec = smollm2_eager[2]
+    simple = eager_cube(smollm2_eager, "Tell me a very simple short story.")
+    complex_ = eager_cube(smollm2_eager, "Explain the core idea behind quantum entanglement.")
     assert simple.num_keys == complex_.num_keys == 8  # the seed's point: same length, different difficulty
     result = compare_cubes(simple, complex_)
     assert result.difference.pattern.shape == simple.pattern.shape
@@ -219,9 +209,8 @@ def test_compare_seed_experiment_2_on_smollm2(smollm2_eager):
 @pytest.mark.slow
 def test_different_token_counts(minilm_eager):
     # the seed's 8-token pair is not length-matched under BERT's WordPiece: "entanglement" is 3 pieces
-    model, tokenizer, spec = minilm_eager
-    a = _eager_cube(model, tokenizer, spec, "Tell me a very simple short story.")
-    b = _eager_cube(model, tokenizer, spec, "Explain the core idea behind quantum entanglement.")
+    a = eager_cube(minilm_eager, "Tell me a very simple short story.")
+    b = eager_cube(minilm_eager, "Explain the core idea behind quantum entanglement.")
     with pytest.raises(InputError, match=r"prompt A has 10 tokens and prompt B has 12.*--metrics-only"):
         compare_cubes(a, b)
     with pytest.raises(InputError, match="metrics_only"):

@@ -18,18 +18,9 @@ from llm_heatmap.models import InputError, ModelSpec
 from llm_heatmap.probes import AttentionCube
 from llm_heatmap.viz import plot_grid, plot_grid_difference, save_grid, save_grid_difference
 from llm_heatmap.viz.raster import MASK_RGBA, area_downsample
+from eager_reference import eager_cube
 
 VIRIDIS = matplotlib.colormaps["viridis"]
-
-
-def eager_cube(loaded, prompt, source):
-    model, tokenizer, spec = loaded
-    encoded = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model(**encoded, output_attentions=True)
-    ids = encoded["input_ids"][0]
-    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0].float(), spec, ids,
-                                      tokenizer.convert_ids_to_tokens(ids), prompt=prompt, source=source)
 
 
 def synthetic_cube(num_layers=28, num_heads=16, num_kv_heads=8, tokens=20, seed=0, causal=True):
@@ -47,13 +38,13 @@ def synthetic_cube(num_layers=28, num_heads=16, num_kv_heads=8, tokens=20, seed=
 
 @pytest.fixture(scope="module")
 def minilm_cube(minilm_eager):
-    return eager_cube(minilm_eager, "Explain the core idea behind quantum entanglement.", "minilm-l6")
+    return eager_cube(minilm_eager, "Explain the core idea behind quantum entanglement.", source="minilm-l6")
 
 
 @pytest.fixture(scope="module")
 def smol_cube(smollm2_eager):
     return eager_cube(smollm2_eager, "Run a self meta-cognitive audit where you are self-aware about being an LLM",
-                      "smollm2-135m")
+                      source="smollm2-135m")
 
 
 def panel_cells(png, layout, layer, head):

@@ -19,6 +19,7 @@ import torch
 from llm_heatmap.models import InputError, ModelSpec
 from llm_heatmap.probes.cube import AttentionCube, attendable_mask
 from llm_heatmap.viz.html import write_html
+from eager_reference import eager_cube
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 WORDS = ["<s>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "ĠIt", "Ġwas", "Ġwarm", "\n", "http://x.io/a"]
@@ -321,22 +322,12 @@ def test_browser_renders_448_heads_at_128_tokens(browser, tmp_path):
     browser.save_screenshot(str(ARTIFACTS / "html_448_zoom.png"))
 
 
-def model_cube(loaded, prompt):
-    """A cube from eager `output_attentions` of a real model (the independent reference path)."""
-    model, tokenizer, spec = loaded
-    encoded = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model(**encoded, output_attentions=True)
-    ids = encoded["input_ids"][0]
-    return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0].float(), spec, ids,
-                                      tokenizer.convert_ids_to_tokens(ids), prompt=prompt, source="all-MiniLM-L6-v2")
-
-
 @pytest.mark.slow
 def test_browser_real_encoder_page(browser, minilm_eager, tmp_path):
     from selenium.webdriver.common.by import By
 
-    cube = model_cube(minilm_eager, "The quick brown fox jumps over the lazy dog because it was bored.")
+    cube = eager_cube(minilm_eager, "The quick brown fox jumps over the lazy dog because it was bored.",
+                      source="all-MiniLM-L6-v2")
     entropy = -(cube.pattern * cube.pattern.clamp(min=1e-12).log()).sum(-1).mean(-1)
     table = pd.DataFrame(
         [{"layer": l, "head": h, "entropy": float(entropy[l, h]), "cls_share": float(cube.pattern[l, h, :, 0].mean())}

@@ -15,6 +15,7 @@ from llm_heatmap.analyses.metrics import COLUMNS
 from llm_heatmap.probes.stream import iter_parts
 from llm_heatmap.models import InputError, ModelSpec
 from llm_heatmap.probes import AttentionCube, attendable_mask
+from eager_reference import eager_cube
 
 
 def make_spec(layers=1, heads=2, kv_heads=None, causal=True, window=None, layer_types=None):
@@ -267,13 +268,8 @@ def test_special_token_rule_and_segments():
 
 
 def test_real_minilm_cube(minilm_eager):
-    model, tokenizer, spec = minilm_eager
-    encoded = tokenizer("The cat sat on the mat. It was happy.", return_tensors="pt")
-    with torch.no_grad():
-        out = model(**encoded, output_attentions=True)
-    ids = encoded["input_ids"][0]
-    keys = len(ids)
-    cube = AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0], spec, ids, tokenizer.convert_ids_to_tokens(ids))
+    cube = eager_cube(minilm_eager, "The cat sat on the mat. It was happy.")
+    keys = cube.num_keys
     table = assert_matches_reference(cube)
     assert len(table) == 6 * 12 and (table.n_rows == keys).all()
     # BERT heads are known to park attention on [CLS]/[SEP]/punctuation
