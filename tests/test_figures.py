@@ -15,13 +15,14 @@ from llm_heatmap.models import InputError
 from llm_heatmap.viz import (plot_comparison, plot_head, plot_kv_group, plot_kv_similarity, plot_metric_map,
                              plot_rollout, save_figure)
 
-from test_grid import eager_cube, synthetic_cube, text_boxes
+from eager_reference import eager_cube
+from test_grid import synthetic_cube, text_boxes
 
 
 @pytest.fixture(scope="module")
 def smol_cube(smollm2_eager):
     return eager_cube(smollm2_eager, "Run a self meta-cognitive audit where you are self-aware about being an LLM",
-                      "smollm2-135m")
+                      source="smollm2-135m")
 
 
 def visible_texts(fig):
