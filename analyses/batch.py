@@ -24,7 +24,7 @@ from typing import Callable
 
 import pandas as pd
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .files import atomic_output, check_writable
 from .prompts import Prompt, check_length, shard_prompts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .commands import COMMANDS
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 KEYS = ["layer", "head"]
 # columns that describe a row rather than measure a head

@@ -7,7 +7,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 
 def check_writable(path: Path, *, force: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
 SCORE_COLUMNS = tuple(f"{name}_score" for name in DETECTORS)

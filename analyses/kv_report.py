@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .prompts import check_length
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 MEASURES = ("js", "cosine", "pearson")
 FIRST_TOKEN = ("kept", "dropped")

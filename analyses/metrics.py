@@ -40,7 +40,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
 from .head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 

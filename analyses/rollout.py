@@ -14,7 +14,7 @@ from __future__ import annotations
 import einops
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 
 def rollout(cube, *, residual: float = 0.5) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .files import atomic_output
 

@@ -1,9 +1,16 @@
 """Loading models and describing their attention: `load_model`, `ModelSpec`."""
 
-from .errors import InputError
-from .loading import load_model, parse_dtype
-from .offline import DEFAULT_MODEL, OFFLINE_MODELS
-from .spec import ModelSpec, find_attention_modules, spec_from_model
+from llm_heatmap.lazy import lazy_exports
 
-__all__ = ["DEFAULT_MODEL", "InputError", "ModelSpec", "OFFLINE_MODELS", "find_attention_modules",
-           "load_model", "parse_dtype", "spec_from_model"]
+from .offline import DEFAULT_MODEL, OFFLINE_MODELS
+
+_EXPORTS = {
+    "load_model": ".loading",
+    "parse_dtype": ".loading",
+    "ModelSpec": ".spec",
+    "find_attention_modules": ".spec",
+    "spec_from_model": ".spec",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["DEFAULT_MODEL", "OFFLINE_MODELS", *_EXPORTS]

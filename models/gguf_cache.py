@@ -12,7 +12,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .errors import InputError
+from llm_heatmap.errors import InputError
 
 MARKER = "llm_heatmap_gguf.json"
 

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import InputError
+from llm_heatmap.errors import InputError
 from .gguf_cache import converted_dir, gguf_type_of
 from .offline import OFFLINE_MODELS
 from .spec import spec_from_model

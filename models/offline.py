@@ -10,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from llm_heatmap.errors import InputError
 
 
 @dataclass(frozen=True)

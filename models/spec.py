@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import InputError
+from llm_heatmap.errors import InputError
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"

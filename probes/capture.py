@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from importlib import metadata as importlib_metadata
 
 import torch
 import transformers
 from torch import nn
 
-from llm_heatmap.models import InputError, ModelSpec, spec_from_model
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec, spec_from_model
 
 from . import tap
 from .cube import AttentionCube
@@ -72,11 +72,9 @@ def check_cube_fits(size: int, num_tokens: int, max_bytes: int | None = None) ->
 
 
 def library_versions() -> dict:
-    try:
-        ours = importlib_metadata.version("llm-heatmap")
-    except importlib_metadata.PackageNotFoundError:
-        ours = "unknown"
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "llm-heatmap": ours}
+    import llm_heatmap
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "llm-heatmap": llm_heatmap.__version__}
 
 
 def _selection(values, total: int, what: str) -> tuple[int, ...]:

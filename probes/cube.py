@@ -12,7 +12,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec
 
 FORMAT = "llm-heatmap-cube"
 FORMAT_VERSION = 1

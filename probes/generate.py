@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .capture import capture, encode_prompt, forward_kwargs
 from .cube import AttentionCube

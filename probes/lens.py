@@ -26,7 +26,8 @@ from functools import partial
 
 import torch
 
-from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec
 from llm_heatmap.models.spec import quantization_label
 
 from .capture import library_versions

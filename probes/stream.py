@@ -12,7 +12,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .cube import AttentionCube
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 _MISSING = object()
 

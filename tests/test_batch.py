@@ -12,7 +12,7 @@ import torch
 from llm_heatmap.analyses.batch import output_paths, read_batch, run_batch, stream_head_metrics
 from llm_heatmap.analyses.metrics import head_metrics
 from llm_heatmap.analyses.prompts import Prompt, read_prompts
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 from llm_heatmap.probes import capture_prompt
 
 pytestmark = pytest.mark.slow

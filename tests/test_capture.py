@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 from llm_heatmap.probes import capture, capture_generate, capture_prompt, estimate_cube_bytes
 from llm_heatmap.probes.tap import KernelCall, _named_arguments
 from tiny_models import FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model

@@ -10,7 +10,7 @@ from scipy import stats
 
 from llm_heatmap.analyses.compare import (bh_adjust, compare_cubes, compare_groups, compare_sets, difference_cube,
                                           metric_deltas, paired_statistics, select_metrics, set_statistics)
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 from eager_reference import eager_cube
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 from llm_heatmap.probes import AttentionCube, capture
 from tiny_models import VOCAB, tiny_model
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from matplotlib.image import AxesImage
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 from llm_heatmap.viz import (plot_comparison, plot_head, plot_kv_group, plot_kv_similarity, plot_metric_map,
                              plot_rollout, save_figure)
 

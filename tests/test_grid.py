@@ -14,7 +14,8 @@ import pytest
 import torch
 from matplotlib.text import Text
 
-from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube
 from llm_heatmap.viz import plot_grid, plot_grid_difference, save_grid, save_grid_difference
 from llm_heatmap.viz.raster import MASK_RGBA, area_downsample

@@ -10,7 +10,8 @@ import torch
 from transformer_lens import head_detector as tl
 
 from llm_heatmap.analyses import HeadMetricsReducer, detection_patterns, head_detector_scores, repeated_random_tokens
-from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube
 
 NAMES = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",

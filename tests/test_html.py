@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes.cube import AttentionCube, attendable_mask
 from llm_heatmap.viz.html import write_html
 from eager_reference import eager_cube

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import group_gap, head_similarity_matrix, kv_group_similarity, layer_similarity
-from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube, attendable_mask
 
 

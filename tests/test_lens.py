@@ -21,7 +21,8 @@ from transformer_lens.config import TransformerBridgeConfig  # noqa: E402
 from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module  # noqa: E402
 from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config  # noqa: E402
 
-from llm_heatmap.models import InputError, spec_from_model  # noqa: E402
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import spec_from_model  # noqa: E402
 from llm_heatmap.probes import capture, capture_prompt  # noqa: E402
 from llm_heatmap.probes.lens import capture_lens  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm_heatmap.models import InputError, ModelSpec, OFFLINE_MODELS, load_model, spec_from_model
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec, OFFLINE_MODELS, load_model, spec_from_model
 from llm_heatmap.models import gguf_cache, loading
 from tiny_models import tiny_config, tiny_model, write_tiny_gguf
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import rollout
-from llm_heatmap.models import InputError, ModelSpec
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube
 
 

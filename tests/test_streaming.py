@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 from llm_heatmap.probes import AttentionCube, CubeConsumer, Downsampler, capture, capture_prompt, downsample, replay
 from llm_heatmap.probes import stream
 from tiny_models import VOCAB, tiny_model

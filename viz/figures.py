@@ -15,7 +15,7 @@ from matplotlib.cm import ScalarMappable
 import matplotlib.colors as mcolors
 from matplotlib.figure import Figure
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .labels import fit_text, token_label
 from .raster import check_scale, get_cmap, normalise

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from .labels import block_size, fit_text, text_size, token_label
 from .png import encode_png

@@ -31,7 +31,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 __all__ = ["write_html"]
 

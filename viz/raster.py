@@ -14,7 +14,7 @@ import matplotlib
 import matplotlib.colors as mcolors
 import numpy as np
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 SCALES = ("linear", "log", "power", "row")
 SINK_MODES = ("keep", "exclude", "mask")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from . import common
 

@@ -7,7 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from llm_heatmap.models import DEFAULT_MODEL, InputError, load_model
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import DEFAULT_MODEL, load_model
 
 from ..prompts import check_prompt, read_prompt_text
 

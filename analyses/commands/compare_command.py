@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from ..batch import stream_head_metrics
 from ..compare import compare_cubes, compare_sets, compare_tables

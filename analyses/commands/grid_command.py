@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import torch
 
-from llm_heatmap.models import InputError, parse_dtype
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import parse_dtype
 from llm_heatmap.probes import Downsampler, capture_prompt
 from llm_heatmap.probes.capture import MEMORY_SHARE, available_memory_bytes, estimate_cube_bytes
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from llm_heatmap.models import DEFAULT_MODEL, InputError
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import DEFAULT_MODEL
 
 from ..files import check_writable
 from ..kv_report import kv_report

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from llm_heatmap.models import DEFAULT_MODEL, InputError, load_model
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import DEFAULT_MODEL, load_model
 
 from ..batch import run_batch
 from ..compare import compare_cubes, compare_sets

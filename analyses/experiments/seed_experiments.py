@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llm_heatmap.models import InputError
+from llm_heatmap.errors import InputError
 
 from ..compare import compare_cubes, metric_columns
 from ..files import atomic_output
