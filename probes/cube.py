@@ -97,6 +97,12 @@ class AttentionCube:
         return self.pattern.shape[-1]
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens of the prompt: the key count, or before area-pooling for a downsampled cube."""
+        pooled = self.metadata.get("downsample")
+        return pooled["num_keys"] if pooled else self.num_keys
+
+    @property
     def kv_groups(self) -> torch.Tensor:
         """KV group of each head on axis `h`."""
         return torch.tensor([self.spec.kv_group(h) for h in self.heads])

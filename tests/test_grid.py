@@ -88,7 +88,7 @@ def test_png_size_follows_target_size(smol_cube, tmp_path, size):
 
 
 def test_panel_pixels_reproduce_pattern(smol_cube, tmp_path):
-    layout = save_grid(smol_cube, tmp_path / "grid.png", cell_px=3)
+    layout = save_grid(smol_cube, tmp_path / "grid.png", cell_px=3, sink="keep")
     png = mimage.imread(tmp_path / "grid.png")
     attendable = smol_cube.attendable().numpy()
     vmax = smol_cube.pattern.numpy()[np.broadcast_to(attendable[:, None], smol_cube.pattern.shape)].max()
@@ -113,7 +113,7 @@ def test_panels_keep_their_layer_and_head(minilm_cube, tmp_path):
 
 @pytest.mark.parametrize("scale", ["log", "power", "row"])
 def test_scales_map_through_their_norm(smol_cube, tmp_path, scale):
-    layout = save_grid(smol_cube, tmp_path / "grid.png", cell_px=2, scale=scale, gamma=0.4, layers=[3, 12])
+    layout = save_grid(smol_cube, tmp_path / "grid.png", cell_px=2, scale=scale, gamma=0.4, layers=[3, 12], sink="keep")
     png = mimage.imread(tmp_path / "grid.png")
     pattern = smol_cube.pattern[12, 5].numpy().astype(np.float64)
     attendable = smol_cube.attendable()[12].numpy()
@@ -133,7 +133,7 @@ def test_scales_map_through_their_norm(smol_cube, tmp_path, scale):
 
 
 def test_sink_exclusion_changes_the_range(smol_cube, tmp_path):
-    keep = save_grid(smol_cube, tmp_path / "keep.png", cell_px=2, layers=[10])
+    keep = save_grid(smol_cube, tmp_path / "keep.png", cell_px=2, layers=[10], sink="keep")
     exclude = save_grid(smol_cube, tmp_path / "exclude.png", cell_px=2, layers=[10], sink="exclude")
     pattern = smol_cube.pattern[10].numpy()
     attendable = np.broadcast_to(smol_cube.attendable()[10].numpy(), pattern.shape)
@@ -148,7 +148,7 @@ def test_sink_exclusion_changes_the_range(smol_cube, tmp_path):
 
 
 def test_per_head_range_uses_each_heads_maximum(minilm_cube, tmp_path):
-    layout = save_grid(minilm_cube, tmp_path / "grid.png", cell_px=2, per_head_range=True)
+    layout = save_grid(minilm_cube, tmp_path / "grid.png", cell_px=2, per_head_range=True, sink="keep")
     png = mimage.imread(tmp_path / "grid.png")
     pattern = minilm_cube.pattern[1, 7].numpy()
     cells = panel_cells(png, layout, 1, 7)
@@ -277,7 +277,7 @@ def test_bad_options_raise_input_error(minilm_cube, tmp_path):
 def test_difference_grid_is_symmetric_and_diverging(smol_cube, tmp_path):
     other = synthetic_cube(30, 9, 3, tokens=smol_cube.num_keys, seed=5)
     other.spec = smol_cube.spec
-    layout = save_grid_difference(smol_cube, other, tmp_path / "diff.png", cell_px=2, layers=[4, 20])
+    layout = save_grid_difference(smol_cube, other, tmp_path / "diff.png", cell_px=2, layers=[4, 20], sink="keep")
     png = mimage.imread(tmp_path / "diff.png")
     diff = (smol_cube.pattern[[4, 20]] - other.pattern[[4, 20]]).numpy()
     attendable = smol_cube.attendable()[[4, 20]].numpy()

@@ -163,14 +163,6 @@ def test_cube_pooled_by_the_downsampler_keeps_spans_and_empty_bins(tmp_path):
     assert meta["rows"][2]["t"] == "w10…"
 
 
-def test_automatic_limit_keeps_the_page_within_its_cell_budget():
-    from llm_heatmap.viz.html import AUTO_CELL_BUDGET, _auto_limit
-
-    assert _auto_limit((28, 16, 128, 128)) == 128, "448 heads x 128 tokens are kept whole"
-    limit = _auto_limit((28, 16, 400, 400))
-    assert limit < 400 and 28 * 16 * limit**2 <= AUTO_CELL_BUDGET < 28 * 16 * (limit + 1) ** 2
-
-
 def test_metrics_rows_are_embedded_per_head(tmp_path):
     cube = make_cube(layers=2, heads=4, kv_heads=2)
     table = pd.DataFrame(

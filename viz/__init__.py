@@ -5,7 +5,8 @@ from .figures import (plot_comparison, plot_head, plot_heads, plot_kv_group, plo
 from .grid import GridLayout, plot_grid, plot_grid_difference, save_grid, save_grid_difference
 
 from .html import write_html
+from .style import GridStyle
 
-__all__ = ["GridLayout", "plot_comparison", "plot_grid", "plot_grid_difference", "plot_head", "plot_heads", "plot_kv_group",
+__all__ = ["GridLayout", "GridStyle", "plot_comparison", "plot_grid", "plot_grid_difference", "plot_head", "plot_heads", "plot_kv_group",
            "plot_kv_similarity", "plot_metric_map", "plot_rollout", "save_figure", "save_grid", "save_grid_difference",
            "write_html"]

@@ -22,13 +22,13 @@ from llm_heatmap.errors import InputError
 
 from .labels import block_size, fit_text, text_size, token_label
 from .png import encode_png
+from .style import GridStyle, style_of
 from .raster import (BACKGROUND, MASKED, area_downsample, check_scale, ColorScale, compose, lookup_table,
                      lut_index, normalise, normalise_difference)
 
 DPI = 100
 DEFAULT_LONG_SIDE = 2400  # default canvas: cells sized so the grid's long side is about this many pixels
 MIN_PANEL_PX = 40
-MAX_TOKENS = 256  # per panel axis before area downsampling
 VECTOR_MAX_CELLS = 1_000_000  # SVG/PDF embed every token cell; above this the file stops being editable
 MIN_LABEL_PX = 8
 PAD_FRACTION = 0.6  # margins, in label heights
@@ -323,16 +323,11 @@ def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape) -> str:
     return ", ".join(parts)
 
 
-def _build(cube, *, scale="auto", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
-           background="white", cmap="viridis", cell_px=None, size=None, layers=None, heads=None, title=None,
-           max_tokens=None, hide_unattendable=True, vector=False, attach_image=True, subtract=None):
-    check_scale(scale, sink, gamma)
-    if background not in ("white", "transparent"):
-        raise InputError(f"background {background!r} is unknown; use 'white' or 'transparent'.")
-    if cell_px is not None and size is not None:
-        raise InputError("give cell_px or size, not both (size picks the largest cell_px that fits).")
-    if size is not None and (np.size(size) not in (1, 2) or np.min(size) < 16):
-        raise InputError(f"size {size} must be a width in pixels or (width, height), each at least 16.")
+def _build(cube, style, *, layers=None, heads=None, title=None, vector=False, attach_image=True, subtract=None):
+    scale, gamma, vmin, vmax, per_head_range, sink = (style.scale, style.gamma, style.vmin, style.vmax,
+                                                      style.per_head_range, style.sink)
+    background, cmap, cell_px, size, max_tokens = style.background, style.cmap, style.cell_px, style.size, style.max_tokens
+    hide_unattendable = style.hide_unattendable
     cube = cube.one_sequence()
     if layers is not None or heads is not None:
         cube = cube.select(layers=layers, heads=heads)
@@ -344,9 +339,7 @@ def _build(cube, *, scale="auto", gamma=0.5, vmin=None, vmax=None, per_head_rang
             raise InputError(f"prompts A and B give cubes of shapes {tuple(cube.pattern.shape)} and "
                              f"{tuple(subtract.pattern.shape)}; compare prompts with the same number of tokens "
                              "(and the same layers/heads).")
-    limit = MAX_TOKENS if max_tokens is None else int(max_tokens)
-    if limit < 2:
-        raise InputError(f"max_tokens {max_tokens} must be at least 2.")
+    limit = max_tokens
     nq, nk = min(cube.num_queries, limit), min(cube.num_keys, limit)
     labels_ok = cube.num_keys <= limit and isinstance(cube.tokens, list) and len(cube.tokens) == cube.num_keys
     labels_ok = labels_ok and (subtract is None or list(subtract.tokens) == list(cube.tokens)) and not _pooled(cube)
@@ -459,30 +452,16 @@ def _build(cube, *, scale="auto", gamma=0.5, vmin=None, vmax=None, per_head_rang
     return fig, layout
 
 
-def plot_grid(cube, *, scale="auto", gamma=0.5, vmin=None, vmax=None, per_head_range=False, sink="keep",
-              background="white", cmap="viridis", cell_px=None, size=None, layers=None, heads=None, title=None,
-              max_tokens=None, hide_unattendable=True) -> Figure:
+def plot_grid(cube, style: GridStyle | None = None, *, layers=None, heads=None, title=None, **style_options) -> Figure:
     """All heads of all layers as one labelled raster; the Figure is exactly the PNG's pixel size at its dpi.
 
-    - scale: "linear", "log", "power" (`gamma`) or "row" (each query row over its maximum); "auto"
-      (default) is linear, or log where the panels are downsampled (long prompts).
-    - vmin/vmax: colour range (default: from the cells drawn; one range for the whole grid, or one per
-      head with `per_head_range`).
-    - sink: "keep", "exclude" (first-token column left out of the automatic range, still drawn) or
-      "mask" (also drawn grey).
-    - background: "white" or "transparent" (gutters, margins and non-attendable cells).
-    - cell_px: pixels per token cell; or size: target width, or (width, height), in pixels.
-    - layers/heads: model layer and head indices to draw. title: replaces the first title line.
-    - max_tokens: panels longer than this (default 256) are area-downsampled (rows still sum to 1)
-      and lose their token labels.
-    - hide_unattendable: cells a query may not attend to (future keys, padding, outside a sliding
-      window) draw as background instead of the lowest colour.
+    `style` (a `GridStyle`, default `GridStyle()`) says how to draw; keyword `style_options`
+    override its fields (`plot_grid(cube, scale="log")`). layers/heads: model layer and head
+    indices to draw. title: replaces the first title line.
 
     `fig.grid_layout` is the `GridLayout` (pixel boxes of every panel, the colour scale used).
     """
-    fig, _ = _build(cube, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax, per_head_range=per_head_range, sink=sink,
-                    background=background, cmap=cmap, cell_px=cell_px, size=size, layers=layers, heads=heads,
-                    title=title, max_tokens=max_tokens, hide_unattendable=hide_unattendable)
+    fig, _ = _build(cube, style_of(style, style_options), layers=layers, heads=heads, title=title)
     return fig
 
 
@@ -504,45 +483,50 @@ def write_png(fig: Figure, path) -> None:
     encode_png(buffer, path, dpi=fig.dpi)
 
 
-def save_grid(cube, path, **options) -> GridLayout:
-    """Write `plot_grid(cube, **options)` to `path`: .png at any size; .svg/.pdf while the grid has at
+def save_grid(cube, path, style: GridStyle | None = None, *, layers=None, heads=None, title=None,
+              **style_options) -> GridLayout:
+    """Write `plot_grid(cube, style, ...)` to `path`: .png at any size; .svg/.pdf while the grid has at
     most `VECTOR_MAX_CELLS` token cells (each panel is embedded at one pixel per cell, text stays vector).
     Returns the `GridLayout` with `path` set."""
-    return _save(cube, path, options)
+    return _save(cube, path, style_of(style, style_options), dict(layers=layers, heads=heads, title=title))
 
 
-def plot_grid_difference(cube_a, cube_b, *, cmap="RdBu_r", **options) -> Figure:
-    """The grid of `A - B` (same layers, heads and token count) on a diverging colormap with a symmetric
-    range (`vmax` bounds |A - B|; `per_head_range` gives each head its own bound). Other options as
-    `plot_grid` (scale/gamma do not apply)."""
-    fig, _ = _build(cube_a, subtract=cube_b, cmap=cmap, **options)
+def plot_grid_difference(cube_a, cube_b, style: GridStyle | None = None, *, layers=None, heads=None, title=None,
+                         **style_options) -> Figure:
+    """The grid of `A - B` (same layers, heads and token count) on a diverging colormap (default RdBu_r)
+    with a symmetric range (`vmax` bounds |A - B|; `per_head_range` gives each head its own bound).
+    Other options as `plot_grid` (scale/gamma do not apply)."""
+    style = style_of(style, {"cmap": "RdBu_r", **style_options})
+    fig, _ = _build(cube_a, style, subtract=cube_b, layers=layers, heads=heads, title=title)
     return fig
 
 
-def save_grid_difference(cube_a, cube_b, path, *, cmap="RdBu_r", **options) -> GridLayout:
+def save_grid_difference(cube_a, cube_b, path, style: GridStyle | None = None, *, layers=None, heads=None,
+                         title=None, **style_options) -> GridLayout:
     """Write `plot_grid_difference` to .png (or .svg/.pdf for small grids); returns the `GridLayout`."""
-    return _save(cube_a, path, dict(options, cmap=cmap, subtract=cube_b))
+    style = style_of(style, {"cmap": "RdBu_r", **style_options})
+    return _save(cube_a, path, style, dict(layers=layers, heads=heads, title=title, subtract=cube_b))
 
 
-def _save(cube, path, options) -> GridLayout:
+def _save(cube, path, style, options) -> GridLayout:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".svg", ".pdf"):
         raise InputError(f"output {path} has an unknown extension; use .png, .svg or .pdf.")
     if suffix == ".png":
-        fig, layout = _build(cube, attach_image=False, **options)
+        fig, layout = _build(cube, style, attach_image=False, **options)
         write_png(fig, path)
     else:
         probe = cube.one_sequence()
         if options.get("layers") is not None or options.get("heads") is not None:
             probe = probe.select(layers=options.get("layers"), heads=options.get("heads"))
-        limit = options.get("max_tokens") or MAX_TOKENS
+        limit = style.max_tokens
         cells = probe.num_layers * probe.num_heads * min(probe.num_queries, limit) * min(probe.num_keys, limit)
         if cells > VECTOR_MAX_CELLS:
             raise InputError(f"{suffix[1:].upper()} output of this grid would embed {cells:,} token cells "
                              f"(limit {VECTOR_MAX_CELLS:,}); write a .png instead, or pass fewer layers/heads "
                              "or a smaller max_tokens.")
-        fig, layout = _build(cube, vector=True, **options)
+        fig, layout = _build(cube, style, vector=True, **options)
         fig.savefig(path, dpi=DPI, format=suffix[1:])
     layout.path = path
     return layout

@@ -33,12 +33,12 @@ import torch
 
 from llm_heatmap.errors import InputError
 
+from .style import GridStyle, style_of
+
 __all__ = ["write_html"]
 
 #: Colour tables offered in the page (the `cmap` argument is added when not listed).
 PAGE_CMAPS = ("viridis", "magma", "cividis", "inferno")
-#: With `max_tokens=None`, heads are area-downsampled once `l * h * q * k` passes this many cells.
-AUTO_CELL_BUDGET = 2**25
 
 
 def write_html(
@@ -47,26 +47,24 @@ def write_html(
     *,
     metrics=None,
     title: str | None = None,
-    max_tokens: int | None = None,
-    cmap: str = "viridis",
+    style: GridStyle | None = None,
     bits: int = 8,
+    **style_options,
 ) -> Path:
     """Write `cube` as one self-contained interactive HTML file and return its path.
 
     `metrics` is an optional pandas DataFrame with one row per head and columns `layer`,
     `head` (model indices, as in `cube.layers` / `cube.heads`) plus any metric columns; the
-    zoomed view lists the selected head's row. `max_tokens` caps the query and key axes:
-    longer axes are area-downsampled into that many bins (queries averaged, keys summed, so
-    every row still sums to 1); `None` keeps every token unless the page would hold more than
-    `AUTO_CELL_BUDGET` cells. `bits` (8 or 16) is the precision of the embedded weights.
+    zoomed view lists the selected head's row. `style` (a `GridStyle`; keyword `style_options`
+    override its fields) is shared with the grid: the page opens with its colormap, and axes
+    longer than its `max_tokens` are area-downsampled into that many bins (queries averaged, keys
+    summed, so every row still sums to 1). `bits` (8 or 16) is the precision of the embedded weights.
     """
     cube = cube.one_sequence()
+    style = style_of(style, style_options)
+    cmap, max_tokens = style.cmap, style.max_tokens
     if bits not in (8, 16):
         raise InputError(f"bits={bits!r} is not supported; pass bits=8 (smaller file) or bits=16 (finer readout).")
-    if cmap not in matplotlib.colormaps:
-        raise InputError(f"colormap {cmap!r} is unknown to matplotlib; pass a name such as 'viridis' or 'magma'.")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise InputError(f"max_tokens={max_tokens!r} must be a positive integer (or None for automatic).")
 
     pattern = cube.pattern.detach().float().cpu()
     pooled = cube.metadata.get("downsample")
@@ -77,7 +75,7 @@ def write_html(
         mask = cube.attendable().cpu()
         if cube.query_mask.shape[-1] == cube.num_queries:
             mask &= cube.query_mask.bool().cpu()[None, :, None]
-    limit = max_tokens or _auto_limit(pattern.shape)
+    limit = max_tokens
     downsampled = pattern.shape[-2] > limit or pattern.shape[-1] > limit
     if downsampled:
         pattern, mask, rows, cols = _downsample(pattern, mask, rows, cols, cube.query_mask.bool().cpu(), limit)
@@ -117,13 +115,6 @@ def write_html(
 
 
 # ---- data ------------------------------------------------------------------------------
-def _auto_limit(shape) -> int:
-    layers, heads, queries, keys = shape
-    if layers * heads * queries * keys <= AUTO_CELL_BUDGET:
-        return max(queries, keys)
-    return max(16, int(math.sqrt(AUTO_CELL_BUDGET / (layers * heads))))
-
-
 def _axis_labels(cube) -> tuple[list[dict], list[dict]]:
     """Label of every query row and key column: `{"t": token, "p": [first, last position]}`."""
     generated = cube.generated.tolist() if cube.generated is not None else [False] * cube.num_keys

@@ -159,16 +159,11 @@ def add_grid_options(parser) -> None:
     group.add_argument("--html", action="store_true", help="also write the interactive HTML view")
 
 
-def check_colormap(name: str) -> str:
-    import matplotlib
+def grid_style(args):
+    """(GridStyle, layers, heads) from the drawing options."""
+    from llm_heatmap.viz import GridStyle
 
-    if name not in matplotlib.colormaps:
-        raise InputError(f"--cmap '{name}' is not a matplotlib colormap; try viridis, magma, inferno or Blues.")
-    return name
-
-
-def grid_options(args) -> dict:
-    return dict(scale=args.scale, gamma=args.gamma, sink=args.sink, per_head_range=args.per_head_range,
-                background=args.background, cmap=check_colormap(args.cmap), cell_px=args.cell_px, size=parse_size(args.size),
-                layers=parse_indices(args.layers, "layers"), heads=parse_indices(args.heads, "heads"),
-                max_tokens=args.max_tokens)
+    style = GridStyle(scale=args.scale, gamma=args.gamma, sink=args.sink, per_head_range=args.per_head_range,
+                      background=args.background, cmap=args.cmap, cell_px=args.cell_px, size=parse_size(args.size),
+                      max_tokens=args.max_tokens)
+    return style, parse_indices(args.layers, "layers"), parse_indices(args.heads, "heads")

@@ -84,8 +84,7 @@ def run(args) -> int:
     paths = output_paths(args, name)
     for path in paths.values():
         check_writable(path, force=args.force)
-    options = common.grid_options(args)
-    layers, heads = options.pop("layers"), options.pop("heads")
+    style, layers, heads = common.grid_style(args)
     step = common.Steps(args, ["loading model", "capturing", "drawing grid", "writing metrics and cube"]
                         + (["writing HTML"] if "html" in paths else []))
     step("loading model")
@@ -95,7 +94,7 @@ def run(args) -> int:
         cube, metrics = capture_for_grid(args, model, tokenizer, spec, prompt, layers, heads)
     step("drawing grid")
     with atomic_output(paths["grid"], force=args.force) as temp:
-        save_grid(cube, temp, **options)
+        save_grid(cube, temp, style, layers=layers, heads=heads)
     step("writing metrics and cube")
     write_table(metrics, paths["metrics"], force=args.force)
     with atomic_output(paths["cube"], force=args.force) as temp:
@@ -103,7 +102,7 @@ def run(args) -> int:
     if "html" in paths:
         step("writing HTML")
         with atomic_output(paths["html"], force=args.force) as temp:
-            write_html(cube, temp, metrics=metrics, max_tokens=args.max_tokens)
+            write_html(cube, temp, metrics=metrics, style=style)
     step.close()
     digest = digest_lines(metrics, spec)
     num_tokens = cube.metadata.get("downsample", {}).get("num_keys", len(cube.tokens))

@@ -29,17 +29,17 @@ def run(args) -> int:
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
     for path in paths:
         check_writable(path, force=args.force)
-    options = common.grid_options(args)
+    style, layers, heads = common.grid_style(args)
     step = common.Steps(args, ["reading cube", "drawing grid"] + (["writing HTML"] if args.html else []))
     step("reading cube")
     cube = AttentionCube.load(args.cube)
     step("drawing grid")
     with atomic_output(paths[0], force=args.force) as temp:
-        save_grid(cube, temp, **options)
+        save_grid(cube, temp, style, layers=layers, heads=heads)
     if args.html:
         step("writing HTML")
         with atomic_output(paths[1], force=args.force) as temp:
-            write_html(cube, temp, max_tokens=args.max_tokens)
+            write_html(cube, temp, style=style)
     step.close()
     print(f"{cube.spec.summary}\nwrote " + ", ".join(str(p) for p in paths))
     return 0
