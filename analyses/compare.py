@@ -87,8 +87,7 @@ def metric_deltas(table_a: pd.DataFrame, table_b: pd.DataFrame, metrics=None) ->
 
 def difference_cube(cube_a, cube_b):
     """An `AttentionCube` whose pattern is B - A; needs the same layers, heads, queries and keys."""
-    if cube_a.batched or cube_b.batched:
-        raise InputError("difference_cube needs single-sequence cubes; take cube.item(i) first.")
+    cube_a, cube_b = cube_a.one_sequence(), cube_b.one_sequence()
     if cube_a.num_keys != cube_b.num_keys or cube_a.num_queries != cube_b.num_queries:
         raise InputError(
             f"prompt A has {cube_a.num_keys} tokens and prompt B has {cube_b.num_keys}, so their patterns cannot be "

@@ -22,6 +22,8 @@ import torch
 
 from llm_heatmap.errors import InputError
 
+from .sequences import per_sequence
+
 DETECTORS = ("previous_token", "duplicate_token", "induction")
 SCORE_COLUMNS = tuple(f"{name}_score" for name in DETECTORS)
 
@@ -81,14 +83,13 @@ def _excluded(pattern, query_positions, key_mask, query_mask, exclude_bos, exclu
                                    exclude_current_token)
 
 
+@per_sequence
 def head_detector_scores(cube, *, exclude_bos: bool = False, exclude_current_token: bool = False,
                          error_measure: str = "mul") -> pd.DataFrame:
     """Previous-token, duplicate-token and induction scores of every head (module docstring).
 
     Columns: layer, head, kv_group, previous_token_score, duplicate_token_score, induction_score.
     """
-    if cube.batched:
-        raise InputError("head_detector_scores needs one sequence; pass cube.item(i) for each sequence of the batch.")
     if error_measure not in ("mul", "abs"):
         raise InputError(f"error_measure {error_measure!r} is not known; use 'mul' or 'abs'.")
     if len(cube.token_ids) != cube.num_keys:

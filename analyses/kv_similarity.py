@@ -34,6 +34,8 @@ import torch
 
 from llm_heatmap.errors import InputError
 
+from .sequences import per_sequence
+
 MEASURES = ("js", "cosine", "pearson")
 FIRST_TOKEN = ("kept", "dropped")
 _CHUNK_ELEMENTS = 1 << 20  # pairs x rows x keys per step: small enough to stay in cache
@@ -139,6 +141,7 @@ def head_groups(cube, pseudo_group_size: int = 3) -> tuple[torch.Tensor, str]:
     return torch.tensor(cube.heads) // pseudo_group_size, "pseudo"
 
 
+@per_sequence
 def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = 3, n_permutations: int = 1000,
                         seed: int = 0) -> pd.DataFrame:
     """Within- vs between-group head similarity per layer, measure and first-token handling.
@@ -147,15 +150,13 @@ def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = 3, 
     group_size, within, between, gap, p_value, n_permutations. `js` rows are similarities
     1 - JS/ln 2 (module docstring).
     """
-    if cube.batched:
-        raise InputError("kv_group_similarity needs one sequence; pass cube.item(i) for each sequence of the batch.")
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise InputError(f"similarity measure {unknown[0]!r} is not known; use one of {', '.join(MEASURES)}.")
     groups, grouping = head_groups(cube, pseudo_group_size)
     size = cube.spec.group_size if grouping == "kv" else pseudo_group_size
-    attendable = cube.attendable() & cube.query_mask.bool()[None, :, None]
-    first = int(cube.key_mask.bool().nonzero()[0])
+    attendable = cube.attendable()
+    first = cube.first_key
     records = []
     for index, layer in enumerate(cube.layers):
         for first_token in FIRST_TOKEN:
@@ -199,15 +200,14 @@ def head_similarity_matrix(cube, *, drop_first_token: bool = False, max_rows: in
     from scipy.cluster.hierarchy import leaves_list, linkage
     from scipy.spatial.distance import squareform
 
-    if cube.batched:
-        raise InputError("head_similarity_matrix needs one sequence; pass cube.item(i).")
+    cube = cube.one_sequence()
     if cube.num_layers * cube.num_heads < 2:
         raise InputError("head_similarity_matrix needs at least two heads in the cube.")
     rows = torch.arange(cube.num_queries)
     if max_rows is not None and max_rows < cube.num_queries:
         rows = torch.linspace(0, cube.num_queries - 1, max_rows).round().long().unique()
-    attendable = (cube.attendable() & cube.query_mask.bool()[None, :, None])[:, rows]
-    first = int(cube.key_mask.bool().nonzero()[0]) if drop_first_token else None
+    attendable = cube.attendable()[:, rows]
+    first = cube.first_key if drop_first_token else None
     distributions = []
     for index in range(cube.num_layers):
         weights, _ = _rows_and_weights(cube.pattern[index][:, rows], attendable[index], first)

@@ -45,6 +45,7 @@ from llm_heatmap.probes.stream import replay
 
 from .head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep
 from .patterns import classify_heads, segment_ids, special_token_mask
+from .sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
 # per-head row sums, each divided by |R| at the end
@@ -91,8 +92,9 @@ class HeadMetricsReducer:
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:
-        if part.batched:
-            raise InputError("HeadMetricsReducer takes one sequence per part; pass cube.item(i) for each sequence.")
+        part = part.one_sequence()
+        if part.pooling is not None:
+            raise InputError("this cube is area-pooled, so per-head metrics would mix tokens; measure the full cube.")
         context = self._prepare(part)
         attendable = part.attendable()
         for index, layer in enumerate(part.layers):
@@ -111,15 +113,14 @@ class HeadMetricsReducer:
             if self._context["signature"] != signature:
                 raise InputError("parts fed to one HeadMetricsReducer must hold the same heads and sequence; use one reducer per prompt.")
             return self._context
-        real = key_mask.nonzero().squeeze(-1)
-        if len(real) == 0:
+        if not key_mask.any():
             raise InputError("the cube has no real (non-padding) key; pass a cube with at least one token.")
         segments = segment_ids(part.tokens)
         self._context = {
             "signature": signature,
             "spec": part.spec,
             "heads": tuple(part.heads),
-            "first": int(real[0]),
+            "first": part.first_key,
             "special": special_token_mask(part.tokens),
             "segments": segments,
         }
@@ -132,7 +133,7 @@ class HeadMetricsReducer:
         cached = context.get("rows")
         if cached is not None and cached["key"] == key:
             return cached
-        mask = attendable & part.query_mask.bool()[:, None]  # q k
+        mask = attendable  # q k
         n = mask.sum(-1)
         positions = part.query_positions.long()
         distance = (positions[:, None] - torch.arange(part.num_keys)[None, :]).abs()
@@ -244,15 +245,14 @@ class HeadMetricsReducer:
         return table[list(COLUMNS)]
 
 
+@per_sequence
 def head_metrics(cube, *, row_block: int | None = None, **options) -> pd.DataFrame:
-    """Per-head metrics of an unbatched cube: its layers, in row blocks, through `HeadMetricsReducer`.
+    """Per-head metrics of a cube: its layers, in row blocks, through `HeadMetricsReducer`.
 
     `row_block` rows per part (default: as many as keep a part near 64 MiB of float32);
     `options` go to `HeadMetricsReducer` (sink_threshold, exclude_bos, exclude_current_token,
     thresholds).
     """
-    if cube.batched:
-        raise InputError("head_metrics needs one sequence; pass cube.item(i) for each sequence of the batch.")
     if row_block is None:
         row_block = max(1, (64 << 20) // (4 * max(1, cube.num_heads * cube.num_keys)))
     reducer = HeadMetricsReducer(**options)

@@ -19,8 +19,7 @@ from llm_heatmap.errors import InputError
 
 def rollout(cube, *, residual: float = 0.5) -> torch.Tensor:
     """float64 `"l q k"`: rollout through the cube's first l + 1 layers (the last entry is the full rollout)."""
-    if cube.batched:
-        raise InputError("rollout needs one sequence; pass cube.item(i).")
+    cube = cube.one_sequence()
     if cube.num_queries != cube.num_keys or not torch.equal(cube.query_positions.long(), torch.arange(cube.num_keys)):
         raise InputError("rollout needs every query row, but this cube keeps only some; capture without last_queries.")
     layers = list(cube.layers)
@@ -29,7 +28,7 @@ def rollout(cube, *, residual: float = 0.5) -> torch.Tensor:
     if not 0.0 <= residual <= 1.0:
         raise InputError(f"residual must be between 0 and 1, got {residual}.")
     real = cube.key_mask.bool() & cube.query_mask.bool()
-    keep = (cube.attendable() & real[None, :, None]).double()
+    keep = cube.attendable().double()
     mean = einops.reduce(cube.pattern.double(), "l h q k -> l q k", "mean") * keep
     identity = torch.diag(real.double())
     mixed = residual * mean + (1 - residual) * identity

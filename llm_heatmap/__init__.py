@@ -16,27 +16,13 @@ from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "load_model": "llm_heatmap.models",
-    "ModelSpec": "llm_heatmap.models",
-    "spec_from_model": "llm_heatmap.models",
-    "AttentionCube": "llm_heatmap.probes",
-    "capture": "llm_heatmap.probes",
-    "capture_prompt": "llm_heatmap.probes",
-    "capture_generate": "llm_heatmap.probes",
-    "capture_lens": "llm_heatmap.probes",
-    "Downsampler": "llm_heatmap.probes",
-    "head_metrics": "llm_heatmap.analyses",
-    "HeadMetricsReducer": "llm_heatmap.analyses",
-    "kv_group_similarity": "llm_heatmap.analyses",
-    "head_similarity_matrix": "llm_heatmap.analyses",
-    "rollout": "llm_heatmap.analyses",
-    "compare_cubes": "llm_heatmap.analyses",
-    "GridStyle": "llm_heatmap.viz",
-    "plot_grid": "llm_heatmap.viz",
-    "save_grid": "llm_heatmap.viz",
-    "write_html": "llm_heatmap.viz",
+_MODULES = {
+    "llm_heatmap.models": ("load_model", "ModelSpec", "spec_from_model"),
+    "llm_heatmap.probes": ("AttentionCube", "capture", "capture_prompt", "capture_generate", "capture_lens", "Downsampler"),
+    "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "kv_group_similarity", "head_similarity_matrix",
+                             "rollout", "compare_cubes"),
+    "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "write_html"),
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = ["InputError", "__version__", *_EXPORTS]
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)
+__all__ = ["InputError", "__version__", *(name for names in _MODULES.values() for name in names)]

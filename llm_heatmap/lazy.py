@@ -6,8 +6,9 @@ import importlib
 import sys
 
 
-def lazy_exports(package: str, exports: dict[str, str]):
-    """`(__getattr__, __dir__)` for `package`: `exports` maps each public name to the module defining it."""
+def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]):
+    """`(__getattr__, __dir__)` for `package`: `modules` maps each module to the public names it defines."""
+    exports = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str):
         if name not in exports:

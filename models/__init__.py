@@ -4,13 +4,7 @@ from llm_heatmap.lazy import lazy_exports
 
 from .offline import DEFAULT_MODEL, OFFLINE_MODELS
 
-_EXPORTS = {
-    "load_model": ".loading",
-    "parse_dtype": ".loading",
-    "ModelSpec": ".spec",
-    "find_attention_modules": ".spec",
-    "spec_from_model": ".spec",
-}
+_MODULES = {".loading": ("load_model", "parse_dtype"), ".spec": ("ModelSpec", "find_attention_modules", "spec_from_model")}
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = ["DEFAULT_MODEL", "OFFLINE_MODELS", *_EXPORTS]
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)
+__all__ = ["DEFAULT_MODEL", "OFFLINE_MODELS", *(name for names in _MODULES.values() for name in names)]

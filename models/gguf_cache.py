@@ -175,5 +175,8 @@ def converted_dir(path: Path, *, progress=None) -> Path:
 
 
 def gguf_type_of(directory: Path) -> str | None:
-    marker = directory / MARKER
-    return json.loads(marker.read_text())["gguf_type"] if marker.exists() else None
+    """The GGUF type a cache directory was converted from, or None for any other directory."""
+    try:
+        return json.loads((Path(directory) / MARKER).read_text()).get("gguf_type")
+    except (OSError, ValueError, AttributeError):
+        return None

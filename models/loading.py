@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import torch
 
 from llm_heatmap.errors import InputError
-from .gguf_cache import converted_dir, gguf_type_of
+from .gguf_cache import converted_dir
 from .offline import OFFLINE_MODELS
 from .spec import spec_from_model
 
@@ -176,8 +176,5 @@ def load_model(
             "check that the directory holds the weights and tokenizer files save_pretrained writes."
         ) from None
     model.eval()
-    gguf_type = gguf_type_of(Path(name)) if local else None
-    if gguf_type:
-        model._llm_heatmap_gguf_type = gguf_type
     spec = spec_from_model(model)
     return model, tokenizer, spec

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from llm_heatmap.errors import InputError
+
+from .gguf_cache import gguf_type_of
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -136,16 +139,20 @@ def quantization_label(quant, gguf_type: str | None) -> str | None:
     return f"GGUF {gguf_type}" if gguf_type else None
 
 
-def _quantization(model: nn.Module, config) -> str | None:
-    gguf_type = getattr(model, "_llm_heatmap_gguf_type", None) or getattr(config, "_llm_heatmap_gguf_type", None)
+def config_quantization(config) -> str | None:
+    """The quantization label of a transformers config: its `quantization_config`, and the GGUF type of
+    the file it was converted from when it was loaded from llm-heatmap's GGUF cache."""
+    gguf_type = gguf_type_of(Path(config.name_or_path)) if getattr(config, "name_or_path", None) else None
     return quantization_label(getattr(config, "quantization_config", None), gguf_type)
 
 
-def _layer_types(config, modules: list[nn.Module], num_layers: int) -> tuple[tuple[str, ...], int | None]:
+def layer_types(config, num_layers: int, modules: list[nn.Module] = (), declared=None) -> tuple[tuple[str, ...], int | None]:
+    """(full or sliding for each layer, the window) from a transformers config: `layer_types` (or
+    `declared`), `sliding_window`, `use_sliding_window`; an attention module's own `sliding_window` wins."""
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None
-    types = getattr(config, "layer_types", None)
+    types = declared or getattr(config, "layer_types", None)
     if types is None:
         types = [SLIDING if window else FULL] * num_layers
     types = [SLIDING if t == SLIDING and window else FULL for t in types]
@@ -185,7 +192,7 @@ def spec_from_model(model: nn.Module) -> ModelSpec:
         num_kv_heads = 1
     hidden = _first(config, "hidden_size", "n_embd", "d_model")
     head_dim = _first(config, "head_dim", default=hidden // num_heads)
-    layer_types, window = _layer_types(config, modules, len(modules))
+    types, window = layer_types(config, len(modules), modules)
     causal = bool(getattr(modules[0], "is_causal", getattr(config, "is_decoder", False)))
     architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     return ModelSpec(
@@ -196,11 +203,11 @@ def spec_from_model(model: nn.Module) -> ModelSpec:
         num_kv_heads=int(num_kv_heads),
         head_dim=int(head_dim),
         causal=causal,
-        layer_types=layer_types,
+        layer_types=types,
         sliding_window=window,
         num_experts=_first(config, "num_experts", "num_local_experts", "n_routed_experts"),
         experts_per_token=_first(config, "num_experts_per_tok", "moe_topk", "num_experts_per_token"),
-        quantization=_quantization(model, config),
+        quantization=config_quantization(config),
         max_positions=_first(config, "max_position_embeddings", "n_positions"),
         attn_softcap=_first(config, "attn_logit_softcapping"),
         attention_modules=tuple(name for name, _ in attention),

@@ -1,11 +1,12 @@
 """Capturing attention patterns from a running model into an `AttentionCube`."""
 
 from .capture import Probe, capture, capture_prompt, estimate_cube_bytes
-from .cube import AttentionCube, attendable_mask
+from .cube import AttentionCube, Pooling, StreamPart
+from .geometry import attendable_mask
 from .generate import capture_generate
 from .lens import capture_lens, lens_spec
 from .stream import CubeConsumer, Downsampler, downsample, replay
 
-__all__ = ["AttentionCube", "CubeConsumer", "Downsampler", "Probe", "attendable_mask", "capture", "capture_generate",
+__all__ = ["AttentionCube", "CubeConsumer", "Downsampler", "Pooling", "Probe", "StreamPart", "attendable_mask", "capture", "capture_generate",
            "capture_lens",
            "capture_prompt", "downsample", "estimate_cube_bytes", "lens_spec", "replay"]

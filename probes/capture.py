@@ -22,20 +22,25 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec, spec_from_model
 
 from . import tap
-from .cube import AttentionCube
+from .cube import AttentionCube, StreamPart
 from .stream import auto_chunk_rows
 
 # Refuse a kept cube larger than this share of the available memory.
 MEMORY_SHARE = 0.8
 
 
+def cube_bytes(batch: int, layers: int, heads: int, queries: int, keys: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a kept pattern `"b l h q k"` of `dtype`."""
+    return batch * layers * heads * queries * keys * torch.finfo(dtype).bits // 8
+
+
 def estimate_cube_bytes(spec: ModelSpec, num_tokens: int, num_layers: int | None = None, num_heads: int | None = None,
                         num_queries: int | None = None, dtype: torch.dtype = torch.float32, batch_size: int = 1) -> int:
-    """Bytes of a kept cube: batch x layers x heads x query rows x keys x bytes per element."""
+    """Bytes of the cube of a prompt of `num_tokens` (every layer, head and row unless fewer are given)."""
     layers = spec.num_layers if num_layers is None else num_layers
     heads = spec.num_heads if num_heads is None else num_heads
     queries = num_tokens if num_queries is None else min(num_queries, num_tokens)
-    return batch_size * layers * heads * queries * num_tokens * torch.finfo(dtype).bits // 8
+    return cube_bytes(batch_size, layers, heads, queries, num_tokens, dtype)
 
 
 def available_memory_bytes() -> int | None:
@@ -77,21 +82,35 @@ def library_versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "llm-heatmap": llm_heatmap.__version__}
 
 
-def _selection(values, total: int, what: str) -> tuple[int, ...]:
+def select_indices(values, total: int, what: str) -> tuple[int, ...]:
+    """Distinct `what` indices in `0..total-1` (None: all of them; one int: that one)."""
     if values is None:
         return tuple(range(total))
     chosen = tuple(int(v) for v in ([values] if isinstance(values, int) else values))
+    if not chosen:
+        raise InputError(f"{what}s is empty; pass at least one {what} index, or None for all {total}.")
     bad = [v for v in chosen if not 0 <= v < total]
-    if bad or not chosen or len(set(chosen)) != len(chosen):
-        raise InputError(f"{what}s {list(chosen)} are not distinct indices in 0..{total - 1}; pass {what}s of this model.")
+    if bad:
+        raise InputError(f"{what} {bad[0]} does not exist; this model has {what}s 0..{total - 1}.")
+    repeated = sorted({v for v in chosen if chosen.count(v) > 1})
+    if repeated:
+        raise InputError(f"{what}s {list(chosen)} name {what} {repeated[0]} twice; pass each {what} once.")
     return chosen
 
 
 class Probe:
-    """One capture session on one model; use through `capture(...)`.
+    """One capture session on one model; use through `capture(model, **options)`.
 
     After each forward pass inside the `with` block the probe holds that pass's patterns
     (`keep=True`) in one preallocated tensor `"b l h q k"`; `cube()` wraps the last pass.
+
+    Options: spec (default: read from the model); layers / heads: model layer and head indices to
+    keep (default all); last_queries: keep only the last N query rows (only those are computed);
+    dtype: the cube's dtype; consumers: objects with `consume(part)` (and optionally `finish()`)
+    that receive one layer's rows at a time; keep=False keeps no cube (streaming only);
+    chunk_rows: query rows computed at once (default: automatic, past `stream.CHUNK_BYTES` per
+    layer); max_bytes: refuse a kept cube above this size (default: 80% of the available
+    memory); tokenizer: turns ids into token strings.
     """
 
     def __init__(self, model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None,
@@ -101,8 +120,8 @@ class Probe:
         self.spec = spec or spec_from_model(model)
         if not self.spec.attention_modules:
             raise InputError("the spec has no attention_modules; build it with spec_from_model(model).")
-        self.layers = _selection(layers, self.spec.num_layers, "layer")
-        self.heads = _selection(heads, self.spec.num_heads, "head")
+        self.layers = select_indices(layers, self.spec.num_layers, "layer")
+        self.heads = select_indices(heads, self.spec.num_heads, "head")
         if last_queries is not None and int(last_queries) < 1:
             raise InputError(f"last_queries={last_queries} must be a positive number of query rows.")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -143,8 +162,7 @@ class Probe:
         try:
             for module, layer in self._modules.items():
                 key = tap.kernel_key(module, self.model)
-                if key == "eager" and key not in tap.AttentionInterface._global_mapping:
-                    tap.eager_default(module)
+                tap.check_tappable(module, key)
                 self.kernels[layer] = key
                 tap.acquire(key)
                 stack.callback(tap.release, key)
@@ -187,8 +205,7 @@ class Probe:
 
     def _check_fits(self, batch: int, queries: int, keys: int) -> None:
         rows = queries if self.last_queries is None else min(self.last_queries, queries)
-        size = batch * len(self.layers) * len(self.heads) * rows * keys * torch.finfo(self.dtype).bits // 8
-        check_cube_fits(size, keys, self.max_bytes)
+        check_cube_fits(cube_bytes(batch, len(self.layers), len(self.heads), rows, keys, self.dtype), keys, self.max_bytes)
 
     def _before_layer(self, module, args):
         self._pending.add(module)
@@ -269,7 +286,7 @@ class Probe:
         key_mask = mask[0].detach().cpu().bool() if mask is not None and mask.ndim == 2 and mask.shape[-1] == keys \
             else torch.ones(keys, dtype=torch.bool)
         if self._part_tokens is None:
-            self._part_tokens = _token_strings(token_ids, self.tokenizer)
+            self._part_tokens = token_strings(token_ids, self.tokenizer)
         return AttentionCube(
             pattern=block.cpu(),
             spec=self.spec,
@@ -280,8 +297,9 @@ class Probe:
             query_positions=positions,
             key_mask=key_mask,
             query_mask=key_mask[positions],
-            metadata={**self._metadata(), "stream": {"pass": self._pass, "row_start": row_start,
-                                                     "row_stop": row_start + block.shape[-2], "num_queries": rows}},
+            metadata=self._metadata(),
+            stream=StreamPart(pass_index=self._pass, row_start=row_start, row_stop=row_start + block.shape[-2],
+                              num_queries=rows),
         )
 
     def _metadata(self) -> dict:
@@ -322,7 +340,7 @@ class Probe:
         else:
             key_mask = torch.as_tensor(attention_mask).detach().cpu().bool().reshape(batch, -1)[:, -keys:]
         tokenizer = tokenizer or self.tokenizer
-        tokens = [_token_strings(row, tokenizer) for row in ids]
+        tokens = [token_strings(row, tokenizer) for row in ids]
         source = source or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         cube = AttentionCube(
             pattern=self._buffer,
@@ -350,27 +368,18 @@ class Probe:
         return cube.item(0)
 
 
-def _token_strings(ids: torch.Tensor, tokenizer) -> list[str]:
+def token_strings(ids: torch.Tensor, tokenizer) -> list[str]:
+    """Token strings as the tokenizer names them (`convert_ids_to_tokens`: "Ġcat"), or the ids as text."""
     ids = [int(i) for i in ids]
     if tokenizer is None:
         return [str(i) for i in ids]
     return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
-def capture(model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None, last_queries: int | None = None,
-            dtype: torch.dtype = torch.float32, consumers=None, keep: bool = True, chunk_rows: int | None = None,
-            max_bytes: int | None = None, tokenizer=None) -> Probe:
-    """A context manager that records the attention patterns of every forward pass run inside it.
-
-    layers / heads: model layer and head indices to keep (default all); last_queries: keep only
-    the last N query rows (only those are computed); dtype: the cube's dtype; consumers: objects
-    with `consume(part)` (and optionally `finish()`) that receive one layer's rows at a time;
-    keep=False keeps no cube (streaming only); chunk_rows: query rows computed at once (default:
-    automatic, past `stream.CHUNK_BYTES` per layer); max_bytes: refuse a kept cube above this size
-    (default: 80% of the available memory); tokenizer: turns ids into token strings.
-    """
-    return Probe(model, spec=spec, layers=layers, heads=heads, last_queries=last_queries, dtype=dtype,
-                 consumers=consumers, keep=keep, chunk_rows=chunk_rows, max_bytes=max_bytes, tokenizer=tokenizer)
+def capture(model: nn.Module, **options) -> Probe:
+    """A context manager that records the attention patterns of every forward pass run inside it:
+    `with capture(model, layers=[0, 1]) as probe: model(ids)`. The options are `Probe`'s."""
+    return Probe(model, **options)
 
 
 def encode_prompt(tokenizer, prompt, *, chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import einops
@@ -15,26 +15,58 @@ from safetensors.torch import load_file, save_file
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 
+from . import geometry
+
 FORMAT = "llm-heatmap-cube"
 FORMAT_VERSION = 1
 
 
-def attendable_mask(spec: ModelSpec, layers, query_positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Which keys each query row may attend to, as bool `"l q k"`.
+@dataclass(frozen=True)
+class Pooling:
+    """How the axes of an area-pooled cube (`stream.downsample`, `Downsampler`) map onto the prompt.
 
-    A key counts when it is real (not padding), not in the future of a causal query, and
-    inside the layer's sliding window (`q - k < window`, as transformers' masks define it).
+    Query bin b stands for the original query rows `query_edges[b]:query_edges[b + 1]`, at positions
+    `query_first[b]..query_last[b]`; key bin b for the key positions `key_edges[b]:key_edges[b + 1]`.
+    Bins are cut by `geometry.bin_edges`.
     """
-    q = query_positions.to(key_mask.device)[:, None]
-    k = torch.arange(key_mask.shape[-1], device=key_mask.device)[None, :]
-    base = key_mask[None, :].expand(q.shape[0], -1)
-    if spec.causal:
-        base = base & (k <= q)
-    masks = []
-    for layer in layers:
-        window = spec.window(layer)
-        masks.append(base & (q - k < window) if window else base)
-    return torch.stack(masks)
+
+    query_edges: tuple[int, ...]
+    key_edges: tuple[int, ...]
+    query_first: tuple[int, ...]
+    query_last: tuple[int, ...]
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_edges[-1]
+
+    @property
+    def num_keys(self) -> int:
+        return self.key_edges[-1]
+
+    def query_spans(self) -> geometry.Spans:
+        return geometry.Spans(torch.tensor(self.query_first), torch.tensor(self.query_last))
+
+    def key_spans(self) -> geometry.Spans:
+        return geometry.Spans.from_edges(self.key_edges)
+
+    def row_counts(self) -> torch.Tensor:
+        """How many original query rows each pooled row stands for."""
+        return torch.tensor(self.query_edges).diff()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Pooling":
+        return cls(**{f.name: tuple(int(x) for x in data[f.name]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class StreamPart:
+    """Where a streamed part sits: query rows `row_start:row_stop` of the `num_queries` rows of one
+    layer of forward pass `pass_index` (see `stream.py`)."""
+
+    pass_index: int
+    row_start: int
+    row_stop: int
+    num_queries: int
 
 
 @dataclass
@@ -45,7 +77,10 @@ class AttentionCube:
     listed in `layers`, axis `h` the query heads in `heads`, axis `q` the query rows at
     `query_positions` (all positions unless only the last rows were kept), axis `k` every key
     position. `key_mask`/`query_mask` mark real (non-padding) positions, `generated` marks
-    tokens produced by `generate()`.
+    tokens produced by `generate()`. `pooling` is set when the axes are area-pooled bins (then
+    each entry of `q` / `k` is a bin; tokens and ids are those of each key bin's first position,
+    query positions those of each query bin's middle row); `stream` when the cube is one streamed
+    block of rows.
     """
 
     pattern: torch.Tensor
@@ -61,6 +96,8 @@ class AttentionCube:
     prompt: str | list | None = None
     source: str | None = None
     metadata: dict = field(default_factory=dict)
+    pooling: Pooling | None = None
+    stream: StreamPart | None = None
 
     @classmethod
     def from_pattern(cls, pattern: torch.Tensor, spec: ModelSpec, token_ids: torch.Tensor, tokens=None,
@@ -98,9 +135,14 @@ class AttentionCube:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens of the prompt: the key count, or before area-pooling for a downsampled cube."""
-        pooled = self.metadata.get("downsample")
-        return pooled["num_keys"] if pooled else self.num_keys
+        """Tokens of the prompt: the key count, or before area-pooling for a pooled cube."""
+        return self.pooling.num_keys if self.pooling else self.num_keys
+
+    @property
+    def first_key(self) -> int:
+        """Index on the key axis of the first real key (the attention-sink column of most decoders)."""
+        real = self.one_sequence().key_mask.bool().nonzero()
+        return int(real[0]) if len(real) else 0
 
     @property
     def kv_groups(self) -> torch.Tensor:
@@ -111,11 +153,19 @@ class AttentionCube:
         return self.pattern.shape[0] if self.batched else 1
 
     # ---- views ------------------------------------------------------------------------
+    def query_spans(self) -> geometry.Spans:
+        """First and last prompt position of each entry of the query axis."""
+        return self.pooling.query_spans() if self.pooling else geometry.Spans.points(self.query_positions)
+
+    def key_spans(self) -> geometry.Spans:
+        return self.pooling.key_spans() if self.pooling else geometry.Spans.points(torch.arange(self.num_keys))
+
     def attendable(self) -> torch.Tensor:
-        """bool `"l q k"`: keys each row may attend to (see `attendable_mask`)."""
-        if self.batched:
-            raise ValueError("attendable() needs one sequence; take cube.item(i) first.")
-        return attendable_mask(self.spec, self.layers, self.query_positions, self.key_mask.bool())
+        """bool `"l q k"`: the cells that may carry attention (`geometry.attendable`): real rows and
+        keys, causal, inside each layer's sliding window; for a pooled cube, per bin."""
+        cube = self.one_sequence()
+        return geometry.attendable(cube.spec, cube.layers, cube.query_spans(), cube.key_spans(), cube.key_mask,
+                                   cube.query_mask)
 
     def by_kv_group(self) -> torch.Tensor:
         """`"l (g r) q k -> l g r q k"`: heads grouped by the KV head they share."""
@@ -213,6 +263,8 @@ class AttentionCube:
             "prompt": self.prompt,
             "source": self.source,
             "metadata": self.metadata,
+            "pooling": None if self.pooling is None else asdict(self.pooling),
+            "stream": None if self.stream is None else asdict(self.stream),
         }
         save_file(tensors, str(path), metadata={"llm_heatmap": json.dumps(header)})
         umask = os.umask(0)
@@ -252,4 +304,6 @@ class AttentionCube:
             prompt=header.get("prompt"),
             source=header.get("source"),
             metadata=header.get("metadata", {}),
+            pooling=None if header.get("pooling") is None else Pooling.from_dict(header["pooling"]),
+            stream=None if header.get("stream") is None else StreamPart(**header["stream"]),
         )

@@ -28,14 +28,12 @@ import torch
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
-from llm_heatmap.models.spec import quantization_label
+from llm_heatmap.models.spec import FULL, SLIDING, config_quantization, layer_types
 
-from .capture import library_versions
+from .capture import library_versions, select_indices, token_strings
 from .cube import AttentionCube
 
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
-FULL = "full_attention"
-SLIDING = "sliding_attention"
 
 
 def is_lens_model(model) -> bool:
@@ -79,8 +77,8 @@ def capture_lens(
             f"{type(model).__name__}; for a transformers model use llm_heatmap.probes.capture_prompt."
         )
     spec = lens_spec(model)
-    layers = _indices(layers, spec.num_layers, "layer")
-    heads = _indices(heads, spec.num_heads, "head")
+    layers = list(select_indices(layers, spec.num_layers, "layer"))
+    heads = list(select_indices(heads, spec.num_heads, "head"))
     token_ids = _token_ids(model, input, tokenizer)
     names = [PATTERN_HOOK.format(layer=layer) for layer in layers]
     missing = [name for name in names if name not in model.hook_dict]
@@ -115,7 +113,8 @@ def capture_lens(
     # "b l h q k": one hook tensor per layer is "b h q k"
     pattern = torch.stack([captured[layer] for layer in layers], dim=1)
     batch, length = token_ids.shape
-    strings = _token_strings(model, token_ids, tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    strings = [token_strings(row, tokenizer) for row in token_ids]
     masks = torch.ones(batch, length, dtype=torch.bool)
     single = batch == 1
     if isinstance(input, str) and prompt is None:
@@ -155,7 +154,7 @@ def lens_spec(model) -> ModelSpec:
     cfg = model.cfg
     num_layers, num_heads = int(cfg.n_layers), int(cfg.n_heads)
     hf_config = _hf_config(model)
-    layer_types, window = _layer_types(cfg, hf_config, num_layers)
+    types, window = _layer_types(cfg, hf_config, num_layers)
     softcap = getattr(cfg, "attn_scores_soft_cap", None)
     architecture = (
         getattr(cfg, "original_architecture", None)
@@ -170,11 +169,11 @@ def lens_spec(model) -> ModelSpec:
         num_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or num_heads),
         head_dim=int(cfg.d_head),
         causal=getattr(cfg, "attention_dir", "causal") == "causal",
-        layer_types=layer_types,
+        layer_types=types,
         sliding_window=window,
         num_experts=getattr(cfg, "num_experts", None),
         experts_per_token=getattr(cfg, "experts_per_token", None),
-        quantization=_quantization(model, cfg, hf_config),
+        quantization=_quantization(cfg, hf_config),
         max_positions=getattr(cfg, "n_ctx", None),
         attn_softcap=float(softcap) if softcap and softcap > 0 else None,
         attention_modules=tuple(f"blocks.{layer}.attn" for layer in range(num_layers)),
@@ -182,20 +181,16 @@ def lens_spec(model) -> ModelSpec:
 
 
 def _layer_types(cfg, hf_config, num_layers: int) -> tuple[tuple[str, ...], int | None]:
+    """TransformerLens's own `attn_types` ("global"/"local") with `window_size`, else the wrapped
+    transformers config's layer types."""
     window = getattr(cfg, "window_size", None)
     attn_types = getattr(cfg, "attn_types", None)
     if attn_types and window:
-        types = [SLIDING if kind == "local" else FULL for kind in attn_types]
-    elif hf_config is not None:
-        window = getattr(hf_config, "sliding_window", None)
-        if getattr(hf_config, "use_sliding_window", True) is False:
-            window = None
-        types = getattr(cfg, "layer_types", None) or getattr(hf_config, "layer_types", None)
-        types = list(types) if types else [SLIDING] * num_layers
-    else:
-        window, types = None, [FULL] * num_layers
-    types = tuple(SLIDING if kind == SLIDING and window else FULL for kind in types)
-    return types, (int(window) if SLIDING in types else None)
+        types = tuple(SLIDING if kind == "local" else FULL for kind in attn_types)
+        return types, (int(window) if SLIDING in types else None)
+    if hf_config is not None:
+        return layer_types(hf_config, num_layers, declared=getattr(cfg, "layer_types", None))
+    return (FULL,) * num_layers, None
 
 
 def _wrapped(model):
@@ -213,22 +208,9 @@ def _hf_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _quantization(model, cfg, hf_config) -> str | None:
-    quant = getattr(hf_config, "quantization_config", None) if hf_config is not None else None
-    label = quantization_label(quant, getattr(_wrapped(model), "_llm_heatmap_gguf_type", None))
+def _quantization(cfg, hf_config) -> str | None:
+    label = config_quantization(hf_config) if hf_config is not None else None
     return label or ("4-bit" if getattr(cfg, "load_in_4bit", False) else None)
-
-
-def _indices(chosen, total: int, what: str) -> list[int]:
-    if chosen is None:
-        return list(range(total))
-    chosen = [int(i) for i in chosen]
-    if not chosen:
-        raise InputError(f"{what}s is empty; pass at least one {what} index or None for all {total}.")
-    bad = [i for i in chosen if not 0 <= i < total]
-    if bad:
-        raise InputError(f"{what} {bad[0]} does not exist; this model has {what}s 0..{total - 1}.")
-    return chosen
 
 
 def _token_ids(model, input, tokenizer) -> torch.Tensor:
@@ -247,14 +229,6 @@ def _token_ids(model, input, tokenizer) -> torch.Tensor:
             f"input must be a string or integer token ids shaped [T] or [B, T], got {ids.dtype} {tuple(ids.shape)}."
         )
     return (ids[None] if ids.ndim == 1 else ids).long().cpu()
-
-
-def _token_strings(model, token_ids: torch.Tensor, tokenizer) -> list[list[str]]:
-    # convert_ids_to_tokens, as the transformers capture does, so both captures label a prompt alike
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        return [[str(i) for i in row] for row in token_ids.tolist()]
-    return [[str(t) for t in tokenizer.convert_ids_to_tokens(row)] for row in token_ids.tolist()]
 
 
 def _model_name(model) -> str | None:

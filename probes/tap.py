@@ -3,7 +3,15 @@
 While at least one probe listens, the registry entry of each tapped kernel key (`sdpa`, `eager`,
 `flash_attention_2`, ...) is a wrapper that calls the original kernel with its arguments unchanged
 and then hands those same arguments (query, key, mask, scaling, softcap, ...) to the listeners of
-the calling module. The registry is restored exactly as found when the last listener leaves.
+the calling module. The key stays the same, so everything transformers decides by the name of the
+kernel is unchanged.
+
+Only the registry's public surface is used. A key of the class-wide map (`sdpa`, flash kernels) is
+swapped with `AttentionInterface.register`, so every registry instance that does not override it
+sees the wrapper; a key the shared `ALL_ATTENTION_FUNCTIONS` instance overrides, or one that no map
+holds (`eager`, which models take from their own module when it is missing), is set as an item of
+that instance and, on release, set back or deleted. The last listener to leave restores the
+registry exactly as found.
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ _MISSING = object()
 @dataclass
 class _Tap:
     key: str
-    original_global: object
-    original_local: object
+    original_global: object  # what the class-wide map held under the key, or _MISSING
+    original_local: object  # what ALL_ATTENTION_FUNCTIONS itself overrode it with, or _MISSING
     wrapper: Callable
     count: int = 0
 
@@ -59,6 +67,14 @@ def eager_default(module: nn.Module) -> Callable:
             "so llm-heatmap cannot tap it; load the model with attn_implementation='sdpa'."
         )
     return function
+
+
+def check_tappable(module: nn.Module, key: str) -> None:
+    """Raise `InputError` before the forward when no kernel can be found for `module` under `key`."""
+    tap = _taps.get(key)
+    local = tap.original_local if tap else ALL_ATTENTION_FUNCTIONS.get(key, _MISSING)
+    if local is _MISSING and _class_wide(key) is _MISSING:
+        eager_default(module)
 
 
 def _original(tap: _Tap, module: nn.Module) -> Callable:
@@ -96,21 +112,24 @@ def _make_wrapper(key: str) -> Callable:
     return tapped_attention
 
 
+def _class_wide(key: str):
+    """The class-wide registry entry under `key`: a fresh instance has no overrides of its own."""
+    return AttentionInterface().get(key, _MISSING)
+
+
 def acquire(key: str) -> None:
     """Put the wrapper under `key` in the registry (refcounted)."""
     tap = _taps.get(key)
     if tap is None:
-        local = ALL_ATTENTION_FUNCTIONS._local_mapping
-        tap = _Tap(
-            key=key,
-            original_global=AttentionInterface._global_mapping.get(key, _MISSING),
-            original_local=local.get(key, _MISSING),
-            wrapper=_make_wrapper(key),
-        )
+        original_global = _class_wide(key)
+        current = ALL_ATTENTION_FUNCTIONS.get(key, _MISSING)
+        tap = _Tap(key=key, original_global=original_global,
+                   original_local=_MISSING if current is original_global else current, wrapper=_make_wrapper(key))
         _taps[key] = tap
-        AttentionInterface.register(key, tap.wrapper)
-        if tap.original_local is not _MISSING:
-            local[key] = tap.wrapper
+        if original_global is not _MISSING:
+            AttentionInterface.register(key, tap.wrapper)
+        if tap.original_local is not _MISSING or original_global is _MISSING:
+            ALL_ATTENTION_FUNCTIONS[key] = tap.wrapper
     tap.count += 1
 
 
@@ -121,12 +140,12 @@ def release(key: str) -> None:
     if tap.count > 0:
         return
     del _taps[key]
-    if tap.original_global is _MISSING:
-        AttentionInterface._global_mapping.pop(key, None)
-    else:
-        AttentionInterface._global_mapping[key] = tap.original_global
+    if tap.original_global is not _MISSING:
+        AttentionInterface.register(key, tap.original_global)
     if tap.original_local is not _MISSING:
-        ALL_ATTENTION_FUNCTIONS._local_mapping[key] = tap.original_local
+        ALL_ATTENTION_FUNCTIONS[key] = tap.original_local
+    elif tap.original_global is _MISSING:
+        del ALL_ATTENTION_FUNCTIONS[key]
 
 
 def listen(module: nn.Module, listener: Callable) -> None:

@@ -43,7 +43,8 @@ def run_captured(model, ids, **options):
 
 
 def registry_state():
-    return dict(AttentionInterface._global_mapping), dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    """(class-wide entries, as a fresh registry sees them; entries of the shared instance)."""
+    return dict(AttentionInterface().items()), dict(ALL_ATTENTION_FUNCTIONS.items())
 
 
 def hook_count(model) -> int:
@@ -164,7 +165,8 @@ def test_nothing_stays_attached_and_registry_is_restored():
     assert "eager" not in registry[0]
     ids = torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad(), capture(model):
-        assert hook_count(model) > hooks and "eager" in AttentionInterface._global_mapping
+        assert hook_count(model) > hooks and "eager" in ALL_ATTENTION_FUNCTIONS
+        assert "eager" not in AttentionInterface(), "a key no map held is set on the shared instance only"
         model(input_ids=ids)
     assert registry_state() == registry and hook_count(model) == hooks
 
@@ -185,6 +187,31 @@ def test_nothing_stays_attached_and_registry_is_restored():
     assert not boom.finished
     with torch.no_grad():  # a plain forward after the failure still works
         model(input_ids=ids)
+
+
+def test_an_override_of_the_shared_registry_is_wrapped_and_put_back():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def custom_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    model = model_of("llama", "sdpa")
+    ids = torch.randint(0, VOCAB, (1, 5))
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = custom_sdpa
+    try:
+        registry = registry_state()
+        with torch.no_grad(), capture(model) as probe:
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not custom_sdpa
+            model(input_ids=ids)
+        assert len(calls) == 2, "the wrapper calls the override the model would have run, once per layer"
+        assert registry_state() == registry and ALL_ATTENTION_FUNCTIONS["sdpa"] is custom_sdpa
+        torch.testing.assert_close(probe.cube(ids).pattern, eager_reference("llama", ids)[0])
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
 
 
 def test_two_probes_on_two_models_at_once():

@@ -43,7 +43,7 @@ def images(fig):
 
 
 def test_head_detail_shows_its_pattern_and_tokens(smol_cube, tmp_path):
-    fig = plot_head(smol_cube, 3, 4)
+    fig = plot_head(smol_cube, 3, 4, sink="keep")
     image = images(fig)[0]
     pattern = smol_cube.pattern[3, 4].numpy()
     attendable = smol_cube.attendable()[3].numpy()
@@ -69,7 +69,7 @@ def test_head_detail_readable_at_50_tokens(tmp_path):
 
 
 def test_kv_group_puts_its_heads_side_by_side(smol_cube):
-    fig = plot_kv_group(smol_cube, 5, 1)
+    fig = plot_kv_group(smol_cube, 5, 1, sink="keep")
     shown = images(fig)
     assert [im.axes.get_title() for im in shown] == ["L5 H3 / KV1", "L5 H4 / KV1", "L5 H5 / KV1"]
     top = max(smol_cube.pattern[5, 3:6].max().item(), 0)

@@ -18,7 +18,7 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube
 from llm_heatmap.viz import plot_grid, plot_grid_difference, save_grid, save_grid_difference
-from llm_heatmap.viz.raster import MASK_RGBA, area_downsample
+from llm_heatmap.viz.raster import MASK_RGBA
 from eager_reference import eager_cube
 
 VIRIDIS = matplotlib.colormaps["viridis"]
@@ -228,9 +228,9 @@ def text_boxes(fig):
 def test_labels_do_not_overlap(shape, minilm_cube, smol_cube):
     layers, heads, kv, tokens = shape
     cube = {6: minilm_cube, 30: smol_cube}.get(layers) or synthetic_cube(layers, heads, kv, tokens)
-    fig = plot_grid(cube)
-    layout = fig.grid_layout
-    boxes = text_boxes(fig)
+    drawn = plot_grid(cube)
+    layout = drawn.layout
+    boxes = text_boxes(drawn.figure)
     texts = [t for t, _ in boxes]
     assert sum(t.startswith("L") and t[1:].isdigit() for t in texts) == layers
     head_labels = [t for t in texts if t.startswith("H") and t[1:].split()[0].split("\n")[0].isdigit()]
@@ -255,7 +255,9 @@ def test_long_prompt_is_area_downsampled(tmp_path):
     assert layout.downsampled and not layout.token_labels
     assert max(layout.panel_shape) <= 256
     assert mimage.imread(tmp_path / "long.png").shape[1] == 900
-    values, _ = area_downsample(cube.pattern.numpy(), np.ones((600, 600), bool), 100)
+    from llm_heatmap.probes import downsample
+
+    values = downsample(cube, 100).pattern.numpy()
     assert values.shape == (2, 4, 100, 100)
     assert np.allclose(values.sum(-1), 1.0, atol=1e-5)
     assert np.allclose(values[0, 0, 0, 0], cube.pattern[0, 0, :6, :6].sum(-1).mean().item(), atol=1e-6)
@@ -311,7 +313,27 @@ def test_auto_scale_is_linear_for_short_and_log_for_downsampled_panels(tmp_path)
     from llm_heatmap.probes import downsample
 
     short = synthetic_cube(2, 4, 2, tokens=12)
-    assert plot_grid(short).grid_layout.color.scale == "linear"
+    assert plot_grid(short).layout.color.scale == "linear"
     pooled = downsample(synthetic_cube(2, 4, 2, tokens=300), 60)
-    assert plot_grid(pooled).grid_layout.color.scale == "log"
-    assert plot_grid(pooled, scale="power").grid_layout.color.scale == "power"
+    assert plot_grid(pooled).layout.color.scale == "log"
+    assert plot_grid(pooled, scale="power").layout.color.scale == "power"
+
+
+@pytest.mark.parametrize("heads", [None, [0]])
+def test_titles_fit_the_image_for_a_long_path_and_a_long_prompt(heads):
+    """A .gguf path is named by its file, the prompt is shortened to fit (on its own line when the scale
+    text leaves it too little room), and no title line runs past the image edge."""
+    cube = synthetic_cube(2, 4, 2, tokens=600)  # downsampled: the longest scale text
+    cube.source = "/home/someone/models/" + "very-long-folder-name/" * 6 + "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cube.prompt = " ".join(f"word{i}" for i in range(400))
+    drawn = plot_grid(cube, heads=heads, per_head_range=True, sink="mask")
+    head, prompt = drawn.layout.title_lines[:2]
+    assert head.startswith("SmolLM2-135M-Instruct.Q4_1 · ") and "/" not in head.split(" · ")[0]
+    assert prompt.startswith('"word0 word1 word2') and "…" in prompt, prompt
+    if heads:  # a narrow image: the facts go to a third line so the prompt keeps its room
+        assert len(drawn.layout.title_lines) == 3 and drawn.layout.title_lines[2].startswith("600 tokens")
+    layout = drawn.layout
+    for text, box in text_boxes(drawn.figure):
+        if text in layout.title_lines:
+            assert 0 <= box.x0 and box.x1 <= layout.width, f"title line {text!r} runs past the image edge"
+    assert sum(text in layout.title_lines for text, _ in text_boxes(drawn.figure)) == len(layout.title_lines)

@@ -18,7 +18,8 @@ import torch
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
-from llm_heatmap.probes.cube import AttentionCube, attendable_mask
+from llm_heatmap.probes import AttentionCube, attendable_mask
+from llm_heatmap.viz import GridStyle
 from llm_heatmap.viz.html import write_html
 from eager_reference import eager_cube
 
@@ -141,11 +142,12 @@ def test_max_tokens_area_downsamples_rows_and_keys(tmp_path):
     assert np.allclose(np.nan_to_num(decoded), reference, atol=1e-4)
     assert np.allclose(np.nansum(decoded, -1), 1.0, atol=1e-3), "rows still sum to 1"
     assert mask[0, 0, 0] and not mask[0, 0, 1], "a bin is empty only when no cell in it is attendable"
-    assert meta["cols"][3]["t"] == "t6…t7" and meta["cols"][3]["p"] == [6, 7]
+    assert meta["cols"][3]["t"] == "t6…" and meta["cols"][3]["p"] == [6, 7]
 
 
 def test_cube_pooled_by_the_downsampler_keeps_spans_and_empty_bins(tmp_path):
-    from llm_heatmap.probes.stream import bin_index, downsample
+    from llm_heatmap.probes import downsample
+    from llm_heatmap.probes.geometry import bin_index
 
     tokens = [f"w{i}" for i in range(40)]
     full = make_cube(layers=2, heads=2, kv_heads=1, tokens=tokens, sliding=9, sliding_layers=(1,))
@@ -242,16 +244,11 @@ def test_browser_zoom_hover_and_filter(browser, tmp_path):
     browser.save_screenshot(str(ARTIFACTS / "html_grid.png"))
 
     layer, head = 4, 5
-    # the thumbnail's pixels are the cube's weights through the colormap, empty where masked
-    pixels = np.array(browser.execute_script(
-        f"const c = document.querySelector('#grid td[data-layer=\"{layer}\"][data-head=\"{head}\"] canvas');"
-        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);"
-    ), dtype=np.uint8).reshape(len(WORDS), len(WORDS), 4)
-    weights = cube.pattern[layer, head].numpy()
-    levels = np.round(weights / weights.max() * 255).astype(int)
-    expected = np.round(matplotlib.colormaps["viridis"](np.arange(256))[:, :3] * 255).astype(np.uint8)[levels]
+    # the thumbnail's pixels are the grid's colours for the same style (shared linear range, first token
+    # out of the range), empty where nothing may be attended
+    pixels = thumbnail_pixels(browser, layer, head)
     allowed = cube.attendable()[layer].numpy()
-    assert np.array_equal(pixels[allowed][:, :3], expected[allowed])
+    assert_same_colours(pixels, grid_colours(cube, layer, head, GridStyle()), allowed, "viridis")
     assert (pixels[allowed][:, 3] == 255).all() and (pixels[~allowed] == 0).all()
 
     browser.find_element(By.CSS_SELECTOR, f'#grid td[data-layer="{layer}"][data-head="{head}"] canvas').click()
@@ -291,6 +288,85 @@ def test_browser_zoom_hover_and_filter(browser, tmp_path):
     assert shown == [(l, h) for l in (1, 2) for h in range(4, 8)]
     assert browser.find_element(By.ID, "count").text == "8 of 48 heads"
     browser.save_screenshot(str(ARTIFACTS / "html_filtered.png"))
+
+
+def test_browser_colours_follow_the_grid_rules_for_every_option(browser, tmp_path):
+    """The page opens with a cube's GridStyle and, switched to other options, colours as the PNG grid would."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    cube = make_cube(layers=3, heads=4, kv_heads=2, seed=7, sliding=5, sliding_layers=(2,))
+    style = GridStyle(scale="log", sink="mask", per_head_range=True, cmap="magma")
+    open_page(browser, write_html(cube, tmp_path / "page.html", style=style, bits=16))
+    allowed = cube.attendable()[2].numpy()
+    assert_same_colours(thumbnail_pixels(browser, 2, 3), grid_colours(cube, 2, 3, style, bits=16), allowed, style.cmap)
+    for options in ({"o-scale": "power", "o-gamma": "0.25", "o-range": "shared", "o-sink": "keep"},
+                    {"o-scale": "row", "o-sink": "exclude"}, {"o-scale": "linear", "o-cmap": "viridis"}):
+        for control, value in options.items():
+            Select(browser.find_element(By.ID, control)).select_by_value(value)
+        time.sleep(0.3)
+        style = style.but(scale=Select(browser.find_element(By.ID, "o-scale")).first_selected_option.get_attribute("value"),
+                          gamma=float(Select(browser.find_element(By.ID, "o-gamma")).first_selected_option.get_attribute("value")),
+                          per_head_range=Select(browser.find_element(By.ID, "o-range")).first_selected_option.get_attribute("value") == "head",
+                          sink=Select(browser.find_element(By.ID, "o-sink")).first_selected_option.get_attribute("value"),
+                          cmap=Select(browser.find_element(By.ID, "o-cmap")).first_selected_option.get_attribute("value"))
+        for layer, head in ((0, 0), (2, 3)):
+            allowed = cube.attendable()[layer].numpy()
+            assert_same_colours(thumbnail_pixels(browser, layer, head), grid_colours(cube, layer, head, style, bits=16),
+                                allowed, style.cmap)
+
+
+def thumbnail_pixels(browser, layer, head) -> np.ndarray:
+    data = browser.execute_script(
+        f"const c = document.querySelector('#grid td[data-layer=\"{layer}\"][data-head=\"{head}\"] canvas');"
+        "return [c.height, c.width, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];")
+    return np.array(data[2], dtype=np.uint8).reshape(data[0], data[1], 4)
+
+
+def grid_colours(cube, layer, head, style, bits=8) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) LUT index the PNG grid's rules (viz.raster) give each cell of one head when its
+    weight is known to the page's embedded precision (half a quantization step either way); -1 where
+    the grid draws grey."""
+    from llm_heatmap.viz.raster import lut_index, normalise, range_and_grey
+
+    values = cube.pattern.numpy()
+    drawn = np.broadcast_to(cube.attendable().numpy()[:, None], values.shape)
+    in_range, grey = range_and_grey(drawn, cube.first_key, style.sink)
+    half = np.where(drawn, values, 0).max(axis=(-2, -1), keepdims=True) / (2**bits - 1) / 2
+    _, color = normalise(values, in_range, scale=style.resolved_scale(False), per_head=style.per_head_range)
+    lo, hi = (np.broadcast_to(bound, values.shape[:2] + (1, 1)) for bound in (color.vmin, color.vmax))
+    indices = []
+    for shifted in (np.clip(values - half, 0, None), values + half):
+        if style.scale == "row":
+            normalised, _ = normalise(shifted, in_range, scale="row")
+        else:  # the range comes from the exact weights, as the page receives it
+            normalised = _normalised(shifted, lo, hi, color.scale, style.gamma)
+        index = lut_index(normalised[layer, head]).astype(int).clip(0, 255)
+        index[grey[layer, head]] = -1
+        indices.append(index)
+    return indices[0], indices[1]
+
+
+def _normalised(values, lo, hi, scale, gamma):
+    if scale == "log":
+        return (np.log(np.where(values > 0, values, lo)) - np.log(lo)) / (np.log(hi) - np.log(lo))
+    out = (values - lo) / (hi - lo)
+    return np.clip(out, 0, None) ** gamma if scale == "power" else out
+
+
+def assert_same_colours(pixels, expected, where, cmap):
+    """The page's colour of every drawn cell is a colormap entry the grid's rules allow for the embedded
+    precision (at most one entry beyond, for rounding at a bin edge); grey where the grid draws grey."""
+    from llm_heatmap.viz.raster import MASK_RGBA, colormap_bytes
+
+    table = colormap_bytes(cmap)[:, :3].astype(int)
+    rgb = pixels[where][:, :3].astype(int)
+    shown = np.abs(rgb[:, None, :] - table[None]).sum(-1).argmin(-1)
+    is_grey = (rgb == MASK_RGBA[:3]).all(-1)
+    low, high = expected[0][where], expected[1][where]
+    assert np.array_equal(is_grey, low == -1), "grey exactly where the grid masks the first token"
+    inside = (shown >= np.minimum(low, high) - 1) & (shown <= np.maximum(low, high) + 1)
+    assert inside[~is_grey].all(), f"{(~inside[~is_grey]).sum()} cells coloured outside the grid's range"
 
 
 def test_browser_renders_448_heads_at_128_tokens(browser, tmp_path):

@@ -29,9 +29,12 @@ def test_manifest_declares_identity(manifest):
     assert len(manifest["description"].split()) >= 10
 
 
-def test_manifest_version_matches_pyproject(manifest):
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    assert manifest["version"] == project["version"]
+def test_manifest_version_matches_the_package(manifest):
+    import llm_heatmap
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "llm_heatmap.__version__"}
+    assert manifest["version"] == llm_heatmap.__version__
     assert re.fullmatch(r"\d+\.\d+\.\d+", manifest["version"])
 
 

@@ -216,12 +216,13 @@ def test_spec_round_trips_through_json(tiny, family):
     assert back.summary == spec.summary
 
 
-def test_quantization_label_prefers_bitsandbytes_over_gguf_origin(tiny):
+def test_quantization_label_prefers_bitsandbytes_over_gguf_origin(tiny, tmp_path):
     """A GGUF-converted model re-quantized by bitsandbytes holds NF4 weights, so NF4 is what the spec says."""
     from transformers import BitsAndBytesConfig
 
     model, _ = tiny("llama")
-    model._llm_heatmap_gguf_type = "Q4_1"
+    (tmp_path / gguf_cache.MARKER).write_text('{"source": "x.gguf", "gguf_type": "Q4_1"}')
+    model.config.name_or_path = str(tmp_path)  # where a model converted from GGUF is loaded from
     try:
         assert spec_from_model(model).quantization == "GGUF Q4_1"
         model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
@@ -229,7 +230,7 @@ def test_quantization_label_prefers_bitsandbytes_over_gguf_origin(tiny):
         model.config.quantization_config = BitsAndBytesConfig(load_in_8bit=True)
         assert spec_from_model(model).summary.endswith(", 8-bit LLM.int8")
     finally:
-        del model._llm_heatmap_gguf_type
+        model.config.name_or_path = ""
         model.config.quantization_config = None
 
 

@@ -95,8 +95,9 @@ def test_downsampler_by_hand():
         torch.stack([p[3:5, 0:3].sum(1).mean(), p[3:5, 3:5].sum(1).mean()]),
     ])
     torch.testing.assert_close(small.pattern[0, 0], expected)
-    assert small.metadata["downsample"]["query_bins"] == [0, 3, 5]
-    assert small.metadata["downsample"]["key_bins"] == [0, 3, 5]
+    assert small.pooling.query_edges == (0, 3, 5) and small.pooling.key_edges == (0, 3, 5)
+    assert small.pooling.query_first == (0, 3) and small.pooling.query_last == (2, 4)
+    assert small.num_tokens == 5 and small.num_keys == 2
     assert small.query_positions.tolist() == [1, 3] and small.tokens == ["t0", "t3"]
     torch.testing.assert_close(small.pattern.sum(-1), torch.ones(1, 1, 2))
 
@@ -117,7 +118,7 @@ def test_downsampler_keeps_only_the_latest_pass(gemma3):
     with torch.no_grad(), capture(gemma3, consumers=[sampler], keep=False):
         gemma3(input_ids=torch.randint(0, VOCAB, (1, 9)))
         gemma3(input_ids=torch.randint(0, VOCAB, (1, 6)))
-    assert sampler.cube().metadata["downsample"]["num_keys"] == 6
+    assert sampler.cube().num_tokens == 6
     with pytest.raises(InputError):
         Downsampler(4).cube()
 
@@ -137,5 +138,5 @@ def test_streamed_long_prompt_on_smollm2(smollm2):
     sampler = Downsampler(32)
     assert capture_prompt(model, tokenizer, prompt, consumers=[sampler], keep=False, chunk_rows=64, layers=[0, 15]) is None
     cube = sampler.cube()
-    assert cube.pattern.shape[:3] == (2, 9, 32) and cube.metadata["downsample"]["num_keys"] > 64
+    assert cube.pattern.shape[:3] == (2, 9, 32) and cube.num_tokens > 64
     torch.testing.assert_close(cube.pattern.sum(-1), torch.ones(2, 9, 32), atol=1e-4, rtol=0)

@@ -17,8 +17,9 @@ from matplotlib.figure import Figure
 
 from llm_heatmap.errors import InputError
 
-from .labels import fit_text, token_label
-from .raster import check_scale, get_cmap, normalise
+from .labels import fit_text, model_name, prompt_text, token_label
+from .raster import get_cmap, normalise, range_and_grey
+from .style import GridStyle, style_of
 
 DPI = 100
 
@@ -78,19 +79,15 @@ def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, show_rows
     return image
 
 
-def _head_values(cube, heads_index, layer_index, *, scale, gamma, vmin, vmax, sink):
-    """Normalised `"h q k"` values of some heads of one layer, one shared range, plus drawn mask and scale."""
-    check_scale(scale, sink, gamma)
+def _head_values(cube, heads_index, layer_index, style: GridStyle):
+    """Normalised `"h q k"` values of some heads of one layer on one shared range, the cells to colour
+    (attendable, minus a masked sink column) and the `ColorScale`."""
     values = cube.pattern[layer_index][heads_index].detach().float().cpu().numpy()
     drawn = np.broadcast_to(cube.attendable()[layer_index].cpu().numpy(), values.shape)
-    in_range = drawn.copy()
-    if sink != "keep":
-        in_range[..., 0] = False
-    out, color = normalise(values, in_range, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax)
-    if sink == "mask":
-        drawn = drawn.copy()
-        drawn[..., 0] = False
-    return out, drawn, color
+    in_range, grey = range_and_grey(drawn, cube.first_key, style.sink)
+    out, color = normalise(values, in_range, scale=style.resolved_scale(False), gamma=style.gamma, vmin=style.vmin,
+                           vmax=style.vmax)
+    return out, drawn & ~grey, color
 
 
 def _query_labels(cube):
@@ -104,19 +101,21 @@ def _colorbar(fig, ax, color, cmap, label):
     return bar
 
 
+def _model_line(cube) -> str:
+    return f"{model_name(cube.source) or cube.spec.model_type} · {cube.spec.summary}"
+
+
 def _suptitle(fig, cube, text):
     width_px = fig.get_figwidth() * DPI * 0.95
-    spec = cube.spec.summary
-    prompt = cube.prompt if isinstance(cube.prompt, str) else " ".join(map(str, cube.tokens))
-    lines = [fit_text(text, 13, width_px), fit_text(f"{cube.source or cube.spec.model_type} · {spec}", 10.5, width_px),
-             fit_text(f'"{" ".join(prompt.split())}"', 10.5, width_px)]
+    lines = [fit_text(text, 13, width_px), fit_text(_model_line(cube), 10.5, width_px),
+             fit_text(f'"{prompt_text(cube)}"', 10.5, width_px)]
     fig.suptitle("\n".join(lines), fontsize=10, linespacing=1.4, y=1 - 0.1 / fig.get_figheight(), va="top")
 
 
-def plot_head(cube, layer: int, head: int, *, scale="linear", gamma=0.5, vmin=None, vmax=None, sink="keep",
-              cmap="viridis") -> Figure:
-    """One head in detail: every query row and key column labelled with its token (readable at 50 tokens)."""
-    return plot_heads(cube, layer, [head], scale=scale, gamma=gamma, vmin=vmin, vmax=vmax, sink=sink, cmap=cmap)
+def plot_head(cube, layer: int, head: int, style: GridStyle | None = None, **style_options) -> Figure:
+    """One head in detail: every query row and key column labelled with its token (readable at 50 tokens).
+    Drawing options as the grid's (`GridStyle`: scale, gamma, vmin/vmax, sink, cmap)."""
+    return plot_heads(cube, layer, [head], style, **style_options)
 
 
 def plot_kv_group(cube, layer: int, group: int, **options) -> Figure:
@@ -151,24 +150,24 @@ def _label_margin(tokens) -> float:
     return 0.75 + 0.075 * max(len(token_label(t)) for t in tokens)
 
 
-def plot_heads(cube, layer: int, heads, *, scale="linear", gamma=0.5, vmin=None, vmax=None, sink="keep",
-               cmap="viridis", title=None) -> Figure:
+def plot_heads(cube, layer: int, heads, style: GridStyle | None = None, *, title=None, **style_options) -> Figure:
     """Several heads of one layer side by side (shared colour range), tokens on both axes."""
+    style = style_of(style, style_options)
     cube = cube.one_sequence()
-    if len(cube.tokens) != cube.num_keys:
+    if cube.pooling is not None or len(cube.tokens) != cube.num_keys:
         raise InputError("this cube's tokens do not match its key axis (it was downsampled); "
                          "detail figures need a full-resolution cube.")
     li = _index(cube.layers, layer, "layer", cube)
     hi = [_index(cube.heads, h, "head", cube) for h in heads]
-    values, drawn, color = _head_values(cube, hi, li, scale=scale, gamma=gamma, vmin=vmin, vmax=vmax, sink=sink)
+    values, drawn, color = _head_values(cube, hi, li, style)
     w, h = _panel_inches(*values.shape[-2:])
     fig, axes, bars = _panel_row(len(hi), w, h, _label_margin(cube.tokens), {len(hi) - 1})
     for i, (ax, head) in enumerate(zip(axes, heads)):
         group = cube.spec.kv_group(head)
         label = f"L{layer} H{head}" + (f" / KV{group}" if cube.spec.group_size > 1 else "")
-        _draw_matrix(ax, values[i], drawn[i], cmap=cmap, row_labels=_query_labels(cube), col_labels=cube.tokens,
+        _draw_matrix(ax, values[i], drawn[i], cmap=style.cmap, row_labels=_query_labels(cube), col_labels=cube.tokens,
                      show_rows=i == 0, title=label)
-    _colorbar(fig, bars[0], color, cmap, color.label())
+    _colorbar(fig, bars[0], color, style.cmap, color.label())
     _suptitle(fig, cube, title or (f"layer {layer}, head {heads[0]}" if len(heads) == 1 else f"layer {layer}"))
     return fig
 
@@ -210,10 +209,9 @@ def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", di
         bar.ax.tick_params(labelsize=8)
     width_px = fig.get_figwidth() * DPI * 0.95
     text = [f"layer {layer}, head {head}: {labels[0]} vs {labels[1]}",
-            fit_text(f"{cube_a.source or cube_a.spec.model_type} · {cube_a.spec.summary}", 10.5, width_px)]
+            fit_text(_model_line(cube_a), 10.5, width_px)]
     for name, cube in zip(labels, (cube_a, cube_b)):
-        prompt = cube.prompt if isinstance(cube.prompt, str) else " ".join(map(str, cube.tokens))
-        text.append(fit_text(f'{name}: "{" ".join(prompt.split())}"', 10.5, width_px))
+        text.append(fit_text(f'{name}: "{prompt_text(cube)}"', 10.5, width_px))
     fig.suptitle("\n".join(text), fontsize=10, linespacing=1.4, y=1 - 0.1 / fig.get_figheight(), va="top")
     return fig
 
@@ -333,7 +331,7 @@ def plot_kv_similarity(table, *, title=None) -> Figure:
     return fig
 
 
-def plot_rollout(rollout, tokens, *, cmap="viridis", scale="linear", gamma=0.5, title=None) -> Figure:
+def plot_rollout(rollout, tokens, style: GridStyle | None = None, *, title=None, **style_options) -> Figure:
     """Attention rollout (a 2-D `[query, key]` tensor or array) with token labels on both axes."""
     values = rollout.detach().float().cpu().numpy() if isinstance(rollout, torch.Tensor) else np.asarray(rollout, float)
     if values.ndim != 2:
@@ -341,19 +339,20 @@ def plot_rollout(rollout, tokens, *, cmap="viridis", scale="linear", gamma=0.5, 
     if values.shape[1] != len(tokens):
         raise InputError(f"rollout has {values.shape[1]} key columns but {len(tokens)} tokens were given; "
                          "pass the tokens of the cube it came from.")
-    check_scale(scale, "keep", gamma)
+    style = style_of(style, style_options)
+    scale = style.resolved_scale(False)
     drawn = np.isfinite(values)
-    out, color = normalise(np.nan_to_num(values), drawn, scale=scale, gamma=gamma)
+    out, color = normalise(np.nan_to_num(values), drawn, scale=scale, gamma=style.gamma, vmin=style.vmin, vmax=style.vmax)
     rows = list(tokens)[-values.shape[0]:]
     w, h = _panel_inches(*values.shape)
     margin = 0.9 + 0.075 * max(len(token_label(t)) for t in tokens)
     fig = _figure(w + margin + 1.4, h + margin + 0.9)
     ax = fig.add_axes((margin / fig.get_figwidth(), margin / fig.get_figheight(), w / fig.get_figwidth(),
                        h / fig.get_figheight()))
-    _draw_matrix(ax, out, drawn, cmap=cmap, row_labels=rows, col_labels=tokens)
+    _draw_matrix(ax, out, drawn, cmap=style.cmap, row_labels=rows, col_labels=tokens)
     cax = fig.add_axes(((margin + w + 0.2) / fig.get_figwidth(), margin / fig.get_figheight(),
                         0.15 / fig.get_figwidth(), h / fig.get_figheight()))
-    bar = fig.colorbar(ScalarMappable(color.norm(), get_cmap(cmap)), cax=cax)
+    bar = fig.colorbar(ScalarMappable(color.norm(), get_cmap(style.cmap)), cax=cax)
     bar.ax.tick_params(labelsize=8)
     bar.set_label("rollout" if scale == "linear" else f"rollout ({scale})", fontsize=9)
     fig.suptitle(title or "attention rollout", fontsize=12, y=1 - 0.2 / fig.get_figheight(), va="top")

@@ -11,9 +11,10 @@ _TEXT = TextToPath()
 
 
 @lru_cache(maxsize=4096)
-def text_size(text: str, px: float) -> tuple[float, float]:
+def text_size(text: str, px: float, weight: str = "normal") -> tuple[float, float]:
     """(width, height) in pixels of one line of `text` at a font size of `px` pixels (descent included)."""
-    width, height, descent = _TEXT.get_text_width_height_descent(text, FontProperties(size=px), ismath=False)
+    font = FontProperties(size=px, weight=weight)
+    width, height, descent = _TEXT.get_text_width_height_descent(text, font, ismath=False)
     return width, height + descent
 
 
@@ -23,14 +24,14 @@ def block_size(text: str, px: float, spacing: float = 1.2) -> tuple[float, float
     return max(text_size(line, px)[0] for line in lines), px * spacing * len(lines)
 
 
-def fit_text(text: str, px: float, width: float) -> str:
+def fit_text(text: str, px: float, width: float, weight: str = "normal") -> str:
     """`text` cut (with an ellipsis) so that one line fits in `width` pixels."""
-    if text_size(text, px)[0] <= width:
+    if text_size(text, px, weight)[0] <= width:
         return text
     lo, hi = 0, len(text)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if text_size(text[:mid] + "…", px)[0] <= width:
+        if text_size(text[:mid] + "…", px, weight)[0] <= width:
             lo = mid
         else:
             hi = mid - 1
@@ -42,3 +43,22 @@ def token_label(token: str, limit: int = 14) -> str:
     text = str(token).replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵").replace("▁", "␣")
     text = text.replace("$", r"\$")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def model_name(source) -> str:
+    """A short name for a model source: a path (a directory, a `.gguf` file, a cache folder) by its
+    last part, an offline name or hub id (`Qwen/Qwen3-0.6B`) as it is."""
+    text = str(source or "")
+    looks_like_path = text.startswith(("/", "~", ".")) or text.count("/") > 1 or "\\" in text or text.endswith(".gguf")
+    if not looks_like_path:
+        return text
+    name = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".gguf")
+
+
+def prompt_text(cube) -> str:
+    """The cube's prompt on one line (its tokens joined when it has no prompt)."""
+    prompt = cube.prompt if isinstance(cube.prompt, str) else None
+    if prompt is None and cube.tokens:
+        prompt = " ".join(str(t) for t in cube.tokens)
+    return " ".join((prompt or "").split())

@@ -25,6 +25,13 @@ ADLER_BASE = 65521
 
 def encode_png(rgba: np.ndarray, path, *, dpi: float | None = None) -> None:
     """Write an `(height, width, 4)` uint8 RGBA array to `path` as a PNG: RGB when every pixel is opaque."""
+    data = png_bytes(rgba, dpi=dpi)
+    with open(path, "wb") as file:
+        file.write(data)
+
+
+def png_bytes(rgba: np.ndarray, *, dpi: float | None = None) -> bytes:
+    """The PNG file of an `(height, width, 4)` uint8 RGBA array (see the module docstring)."""
     if rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[2] != 4 or 0 in rgba.shape:
         raise ValueError(f"encode_png takes a non-empty (height, width, 4) uint8 array, not {rgba.dtype} {rgba.shape}")
     height, width = rgba.shape[:2]
@@ -65,8 +72,7 @@ def encode_png(rgba: np.ndarray, path, *, dpi: float | None = None) -> None:
         per_metre = round(dpi / 0.0254)
         chunks.append(_chunk(b"pHYs", struct.pack(">IIB", per_metre, per_metre, 1)))
     chunks += [_chunk(b"IDAT", b"".join(pieces)), _chunk(b"IEND", b"")]
-    with open(path, "wb") as file:
-        file.write(SIGNATURE + b"".join(chunks))
+    return SIGNATURE + b"".join(chunks)
 
 
 def _sub_filter(rows: np.ndarray, bytes_per_pixel: int) -> np.ndarray:

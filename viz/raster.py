@@ -1,5 +1,5 @@
-"""Pixels without artists: colour scales, a 256-entry colormap lookup table, area downsampling and
-the gather that lays every head's panel onto one canvas with gutters.
+"""Pixels without artists: colour scales, the first-token (sink) rule, a 256-entry colormap lookup
+table and the gather that lays every head's panel onto one canvas with gutters.
 
 Everything here is numpy over the whole `"l h q k"` array at once; matplotlib only supplies
 colormaps and `Normalize` objects (for colorbars and as the reference the tests compare with).
@@ -16,8 +16,6 @@ import numpy as np
 
 from llm_heatmap.errors import InputError
 
-SCALES = ("linear", "log", "power", "row")
-SINK_MODES = ("keep", "exclude", "mask")
 LUT_SIZE = 256
 # extra LUT rows after the colormap: cells that are not drawn with a colour
 BACKGROUND, MASKED, SEPARATOR = LUT_SIZE, LUT_SIZE + 1, LUT_SIZE + 2
@@ -36,12 +34,15 @@ def get_cmap(cmap) -> mcolors.Colormap:
         raise InputError(f"cmap {cmap!r} is not a matplotlib colormap; pass a name such as 'viridis' or 'magma'.") from None
 
 
-def lookup_table(cmap, background_rgba) -> np.ndarray:
-    """`uint32` view of RGBA bytes: 256 colormap entries, then background, masked and separator colours.
+def colormap_bytes(cmap) -> np.ndarray:
+    """`(256, 4)` uint8 RGBA: entry i is the colour matplotlib gives a normalised value in `[i/256, (i+1)/256)`."""
+    return get_cmap(cmap).resampled(LUT_SIZE)(np.arange(LUT_SIZE), bytes=True)
 
-    Entry i is `cmap(i / 256)` exactly as matplotlib maps a normalised value in `[i/256, (i+1)/256)`.
-    """
-    colors = get_cmap(cmap).resampled(LUT_SIZE)(np.arange(LUT_SIZE), bytes=True)
+
+def lookup_table(cmap, background_rgba) -> np.ndarray:
+    """`uint32` view of RGBA bytes: 256 colormap entries (`colormap_bytes`), then background, masked and
+    separator colours."""
+    colors = colormap_bytes(cmap)
     extra = np.array([background_rgba, MASK_RGBA, SEPARATOR_RGBA], dtype=np.uint8)
     table = np.ascontiguousarray(np.concatenate([colors, extra]).astype(np.uint8))
     return table.view(np.uint32).reshape(-1)
@@ -92,15 +93,6 @@ class ColorScale:
             return "attention / row maximum"
         name = {"linear": "attention", "log": "attention (log)", "power": f"attention (power {self.gamma:g})"}[self.scale]
         return f"{name}, each head's own range" if self.per_head else name
-
-
-def check_scale(scale: str, sink: str, gamma: float) -> None:
-    if scale not in SCALES and scale != "auto":
-        raise InputError(f"scale {scale!r} is unknown; use auto or one of {', '.join(SCALES)}.")
-    if sink not in SINK_MODES:
-        raise InputError(f"sink {sink!r} is unknown; use one of {', '.join(SINK_MODES)}.")
-    if not gamma > 0:
-        raise InputError(f"gamma {gamma} must be positive (0.5 brightens small weights).")
 
 
 def normalise(values: np.ndarray, in_range: np.ndarray, *, scale: str, gamma: float = 0.5, vmin=None, vmax=None,
@@ -163,26 +155,16 @@ def normalise_difference(values: np.ndarray, in_range: np.ndarray, *, vmax=None,
     return out, ColorScale("difference", -float(bound), float(bound))
 
 
-def _bins(n: int, size: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n, size + 1).round().astype(int))[:-1]
-
-
-def area_downsample(values: np.ndarray, keep: np.ndarray, max_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shrink the last two axes to at most `max_size` each by area: query rows are averaged, keys summed.
-
-    A row that summed to 1 still sums to 1. `keep` (bool `"... q k"`) is shrunk with "any".
-    """
-    q, k = values.shape[-2:]
-    if q > max_size:
-        starts = _bins(q, max_size)
-        counts = np.diff(np.append(starts, q))
-        values = np.add.reduceat(values, starts, axis=-2) / counts[:, None]
-        keep = np.logical_or.reduceat(keep, starts, axis=-2)
-    if k > max_size:
-        starts = _bins(k, max_size)
-        values = np.add.reduceat(values, starts, axis=-1)
-        keep = np.logical_or.reduceat(keep, starts, axis=-1)
-    return values, keep
+def range_and_grey(drawn: np.ndarray, sink_column: int, sink: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cells that set an automatic colour range, cells drawn grey) for the `sink` option of a
+    `"... q k"` mask of drawn cells: "keep" puts the first-token column in the range, "exclude" leaves
+    it out of the range (still coloured), "mask" also draws it grey."""
+    column = np.zeros(drawn.shape[-1], dtype=bool)
+    if sink != "keep":
+        column[sink_column] = True
+    in_range = drawn & ~column
+    grey = drawn & column if sink == "mask" else np.zeros(drawn.shape, bool)
+    return in_range, grey
 
 
 def compose(index: np.ndarray, table: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

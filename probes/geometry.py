@@ -1,0 +1,116 @@
+"""Which cells of a pattern a query may attend to, and how positions are cut into bins.
+
+This is the one place every room asks: capture, streaming, metrics, similarities, the grid and the
+HTML view. A cube's query and key axes are either at full resolution (one row per query position,
+one column per key position) or area-pooled into bins of consecutive positions. Both are *spans*:
+entry b covers positions `first[b]..last[b]` (first == last at full resolution).
+
+The rule is transformers' mask: key j is attendable from query i when both are real (not padding),
+`j <= i` for a causal model, and `i - j < window` on a sliding-window layer. A pooled cell (A, B)
+is attendable when some query of A may attend some key of B: both hold a real position, causally
+`first(B) <= last(A)`, and with a window `first(A) - last(B) < window`. For full resolution
+these are the same test.
+
+Binning: n positions go into `m = min(n, max_size)` bins, position i into bin `i * m // n`, so bins
+hold floor(n/m) or ceil(n/m) consecutive positions. Pooling averages the query rows of a bin and
+sums its keys, so every pooled row still sums to what its rows summed to (1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Spans:
+    """First and last position of every entry of one axis (long `[n]` each)."""
+
+    first: torch.Tensor
+    last: torch.Tensor
+
+    @classmethod
+    def points(cls, positions) -> "Spans":
+        positions = torch.as_tensor(positions).long().cpu()
+        return cls(positions, positions)
+
+    @classmethod
+    def from_edges(cls, edges, positions=None) -> "Spans":
+        """Bins `edges[b]:edges[b + 1]` of an axis whose entry i sits at `positions[i]` (default i)."""
+        edges = torch.as_tensor(edges).long()
+        positions = torch.arange(int(edges[-1])) if positions is None else torch.as_tensor(positions).long().cpu()
+        return cls(positions[edges[:-1]], positions[edges[1:] - 1])
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def attendable(spec, layers, queries: Spans, keys: Spans, key_real: torch.Tensor,
+               query_real: torch.Tensor | None = None) -> torch.Tensor:
+    """bool `"l q k"`: which (query entry, key entry) cells of each layer may carry attention (module doc).
+
+    `key_real` / `query_real` (bool per entry) mark entries holding at least one real position.
+    """
+    key_real = key_real.bool().cpu()
+    base = key_real[None, :].expand(len(queries), -1)
+    if query_real is not None:
+        base = base & query_real.bool().cpu()[:, None]
+    if spec.causal:
+        base = base & (keys.first[None, :] <= queries.last[:, None])
+    distance = queries.first[:, None] - keys.last[None, :]  # the smallest i - j of a cell
+    masks = []
+    for layer in layers:
+        window = spec.window(layer)
+        masks.append(base & (distance < window) if window else base)
+    return torch.stack(masks)
+
+
+def attendable_mask(spec, layers, query_positions, key_mask: torch.Tensor) -> torch.Tensor:
+    """`attendable` at full resolution: rows at `query_positions`, one key per position of `key_mask`."""
+    return attendable(spec, layers, Spans.points(query_positions), Spans.points(torch.arange(len(key_mask))), key_mask)
+
+
+def bin_index(n: int, max_size: int) -> torch.Tensor:
+    """long `[n]`: the bin of each of `n` positions for at most `max_size` bins (module doc)."""
+    bins = min(n, max_size)
+    return torch.arange(n) * bins // n
+
+
+def bin_edges(n: int, max_size: int) -> list[int]:
+    """First position of each bin, then `n`: `[0, s1, ..., n]`."""
+    index = bin_index(n, max_size)
+    return torch.searchsorted(index, torch.arange(int(index[-1]) + 2)).tolist()
+
+
+def edges_index(edges) -> torch.Tensor:
+    """long `[n]`: the bin of each position, from bin edges."""
+    edges = torch.as_tensor(edges).long()
+    return torch.repeat_interleave(torch.arange(len(edges) - 1), edges.diff())
+
+
+def pool_sums(values: torch.Tensor, row_bins: torch.Tensor, num_row_bins: int, key_bins: torch.Tensor,
+              num_key_bins: int) -> torch.Tensor:
+    """`"... q k -> ... a b"`: the sum of every (row bin, key bin) block; `row_bins`/`key_bins` give
+    each row's and key's bin (rows may be a block of the axis, with their bins)."""
+    shape = values.shape[:-2]
+    keys = values.new_zeros(*shape, values.shape[-2], num_key_bins).index_add_(-1, key_bins.to(values.device), values)
+    return keys.new_zeros(*shape, num_row_bins, num_key_bins).index_add_(-2, row_bins.to(values.device), keys)
+
+
+def area_pool(values: torch.Tensor, row_edges, key_edges, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`"... q k -> ... a b"`: mean over the rows of each row bin (weighted by `row_weights`, e.g. how
+    many original rows a pooled row stands for) of the sum over the keys of each key bin."""
+    row_bins, key_bins = edges_index(row_edges), edges_index(key_edges)
+    weights = torch.ones(values.shape[-2]) if row_weights is None else row_weights.float().cpu()
+    weighted = values.float() * weights.to(values.device)[:, None]
+    sums = pool_sums(weighted, row_bins, len(row_edges) - 1, key_bins, len(key_edges) - 1)
+    totals = torch.zeros(len(row_edges) - 1).index_add_(0, row_bins, weights)
+    return sums / totals.clamp(min=1e-30).to(sums.device)[:, None]
+
+
+def any_in_bins(flags: torch.Tensor, edges) -> torch.Tensor:
+    """bool per bin: does any position of the bin have the flag."""
+    index = edges_index(edges)
+    counts = torch.zeros(len(edges) - 1, dtype=torch.long).index_add_(0, index, flags.cpu().long())
+    return counts > 0
