@@ -38,8 +38,7 @@ import torch  # noqa: E402
 
 from llm_heatmap.models import load_model  # noqa: E402
 from llm_heatmap.probes import AttentionCube  # noqa: E402
-from llm_heatmap.viz import save_grid  # noqa: E402
-from llm_heatmap.viz.grid import _build  # noqa: E402
+from llm_heatmap.viz import plot_grid, save_grid  # noqa: E402
 from llm_heatmap.viz.png import encode_png  # noqa: E402
 
 PROMPTS = {
@@ -117,7 +116,7 @@ def main() -> int:
                 assert image.size == size, (image.size, size)
                 mode = image.mode
                 canvas = np.ascontiguousarray(np.asarray(image.convert("RGBA")))
-            t_fig = timed(lambda: _build(cube, size=size), repeat)
+            t_fig = timed(lambda: plot_grid(cube, size=size), repeat)
             t_ours = timed(lambda: encode_png(canvas, tmp / "floor.png"), repeat)
             pil_image = PIL.Image.fromarray(canvas, "RGBA")
             if mode == "RGB":
