@@ -11,6 +11,7 @@ from torch import nn
 from llm_heatmap.errors import InputError
 
 from .gguf_cache import gguf_type_of
+from .output_projection import find_output_projection
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -22,7 +23,8 @@ class ModelSpec:
 
     `attention_modules` holds the dotted module path of each layer's attention module (the
     module the attention kernel receives), so probes can find them again with
-    `model.get_submodule(path)`.
+    `model.get_submodule(path)`; `output_projections` the path of each layer's output projection
+    W_O ("" where none was found; see `output_projection.py`).
     """
 
     model_type: str
@@ -40,6 +42,7 @@ class ModelSpec:
     max_positions: int | None = None
     attn_softcap: float | None = None
     attention_modules: tuple[str, ...] = field(default=(), compare=False)
+    output_projections: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def group_size(self) -> int:
@@ -92,7 +95,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
         data = dict(data)
-        for key in ("layer_types", "attention_modules"):
+        for key in ("layer_types", "attention_modules", "output_projections"):
             data[key] = tuple(data.get(key, ()))
         return cls(**data)
 
@@ -211,4 +214,6 @@ def spec_from_model(model: nn.Module) -> ModelSpec:
         max_positions=_first(config, "max_position_embeddings", "n_positions"),
         attn_softcap=_first(config, "attn_logit_softcapping"),
         attention_modules=tuple(name for name, _ in attention),
+        output_projections=tuple(find_output_projection(model, name, int(num_heads) * int(head_dim)) or ""
+                                 for name, _ in attention),
     )

@@ -19,6 +19,13 @@ from . import geometry
 
 FORMAT = "llm-heatmap-cube"
 FORMAT_VERSION = 1
+WEIGHTINGS = ("weights", "norms")
+
+# Optional tensors captured beside the pattern, with the axes they share with it (l: the cube's
+# layers, h: its heads, g: the model's KV heads, q: its query rows, k: its keys, d: head size):
+# the norm of what each head writes from each key (`||v_j W_O^h||`, Kobayashi et al. 2020), the
+# norm of each head's output for each row, and the post-RoPE queries and keys the kernel received.
+SIDE_TENSORS = {"value_norms": "l h k", "output_norms": "l h q", "queries": "l h q d", "keys": "l g k d"}
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,9 @@ class AttentionCube:
     tokens produced by `generate()`. `pooling` is set when the axes are area-pooled bins (then
     each entry of `q` / `k` is a bin; tokens and ids are those of each key bin's first position,
     query positions those of each query bin's middle row); `stream` when the cube is one streamed
-    block of rows.
+    block of rows. `weighting` says what `pattern` holds: attention weights, or "norms", the
+    norm-weighted pattern `||alpha_ij v_j W_O^h||` (`norm_weighted()`). The optional
+    `SIDE_TENSORS` travel with the pattern through `select`, `item` and files.
     """
 
     pattern: torch.Tensor
@@ -98,6 +107,11 @@ class AttentionCube:
     metadata: dict = field(default_factory=dict)
     pooling: Pooling | None = None
     stream: StreamPart | None = None
+    weighting: str = "weights"
+    value_norms: torch.Tensor | None = None
+    output_norms: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
     @classmethod
     def from_pattern(cls, pattern: torch.Tensor, spec: ModelSpec, token_ids: torch.Tensor, tokens=None,
@@ -179,19 +193,49 @@ class AttentionCube:
             raise ValueError("canvas() needs one sequence; take cube.item(i) first.")
         return einops.rearrange(self.pattern, "l h q k -> (l q) (h k)")
 
+    def side_tensors(self) -> dict[str, torch.Tensor]:
+        """The `SIDE_TENSORS` this cube holds."""
+        return {name: getattr(self, name) for name in SIDE_TENSORS if getattr(self, name) is not None}
+
+    def _take(self, axis: str, index: torch.Tensor | slice, tensors: dict | None = None) -> dict[str, torch.Tensor]:
+        """The pattern and every side tensor with axis `axis` (a letter of `"l h q k"`) cut to `index`
+        (positions, or a slice, which gives views)."""
+        tensors = {"pattern": self.pattern, **self.side_tensors()} if tensors is None else tensors
+        taken = {}
+        for name, tensor in tensors.items():
+            letters = ("l h q k" if name == "pattern" else SIDE_TENSORS[name]).split()
+            if axis in letters:
+                dim = tensor.ndim - len(letters) + letters.index(axis)
+                if isinstance(index, slice):
+                    tensor = tensor.narrow(dim, index.start, index.stop - index.start)
+                else:
+                    tensor = tensor.index_select(dim, index.to(tensor.device))
+            taken[name] = tensor
+        return taken
+
     def select(self, layers=None, heads=None) -> "AttentionCube":
         """A cube holding only the given model layers and heads (in the order given)."""
-        pattern = self.pattern
+        tensors = None
         new_layers, new_heads = self.layers, self.heads
         if layers is not None:
             index = [self._index(self.layers, layer, "layer") for layer in layers]
-            pattern = pattern.index_select(-4, torch.tensor(index))
+            tensors = self._take("l", torch.tensor(index))
             new_layers = tuple(layers)
         if heads is not None:
             index = [self._index(self.heads, head, "head") for head in heads]
-            pattern = pattern.index_select(-3, torch.tensor(index))
+            tensors = self._take("h", torch.tensor(index), tensors)
             new_heads = tuple(heads)
-        return replace(self, pattern=pattern, layers=tuple(new_layers), heads=tuple(new_heads))
+        return replace(self, **(tensors or {}), layers=tuple(new_layers), heads=tuple(new_heads))
+
+    def norm_weighted(self) -> "AttentionCube":
+        """This cube with `pattern` = `alpha_ij ||v_j W_O^h||`, the norm of what each key's value adds to
+        each row's output through each head (Kobayashi et al. 2020), `weighting` "norms"."""
+        if self.weighting == "norms":
+            return self
+        if self.value_norms is None:
+            raise InputError("this cube holds no value norms; capture with value_norms=True (the default) to draw "
+                             "norm-weighted attention.")
+        return replace(self, pattern=self.pattern.float() * self.value_norms.float()[..., None, :], weighting="norms")
 
     @staticmethod
     def _index(values, value, what) -> int:
@@ -211,13 +255,15 @@ class AttentionCube:
         key_index = keys.nonzero().squeeze(-1)
         # positions are renumbered so the first real token is position 0
         shift = int(key_index[0]) if len(key_index) else 0
-        pattern = self.pattern[index][..., rows, :][..., key_index]
+        tensors = {name: tensor[index] for name, tensor in {"pattern": self.pattern, **self.side_tensors()}.items()}
+        tensors = self._take("q", rows.nonzero().squeeze(-1), tensors)
+        tensors = self._take("k", key_index, tensors)
         tokens = [t for t, keep in zip(self.tokens[index], keys.tolist()) if keep]
         prompt = self.prompt[index] if isinstance(self.prompt, list) else self.prompt
         generated = None if self.generated is None else self.generated[index][key_index]
         return replace(
             self,
-            pattern=pattern,
+            **tensors,
             tokens=tokens,
             token_ids=self.token_ids[index][key_index],
             query_positions=self.query_positions[rows] - shift,
@@ -251,6 +297,7 @@ class AttentionCube:
         }
         if self.generated is not None:
             tensors["generated"] = self.generated
+        tensors.update(self.side_tensors())
         # safetensors refuses tensors that share memory (masks are often views of one tensor)
         tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
         header = {
@@ -263,6 +310,7 @@ class AttentionCube:
             "prompt": self.prompt,
             "source": self.source,
             "metadata": self.metadata,
+            "weighting": self.weighting,
             "pooling": None if self.pooling is None else asdict(self.pooling),
             "stream": None if self.stream is None else asdict(self.stream),
         }
@@ -304,6 +352,8 @@ class AttentionCube:
             prompt=header.get("prompt"),
             source=header.get("source"),
             metadata=header.get("metadata", {}),
+            weighting=header.get("weighting", "weights"),
+            **{name: tensors[name] for name in SIDE_TENSORS if name in tensors},
             pooling=None if header.get("pooling") is None else Pooling.from_dict(header["pooling"]),
             stream=None if header.get("stream") is None else StreamPart(**header["stream"]),
         )

@@ -15,7 +15,7 @@ import torch
 from llm_heatmap.errors import InputError
 
 from . import geometry
-from .cube import AttentionCube, Pooling, StreamPart
+from .cube import SIDE_TENSORS, AttentionCube, Pooling, StreamPart
 
 # Past this many bytes of fp32 pattern per layer, rows are computed in chunks.
 CHUNK_BYTES = 8 * 2**20
@@ -52,11 +52,12 @@ def iter_parts(cube: AttentionCube, chunk_rows: int | None = None):
     rows = cube.num_queries
     step = auto_chunk_rows(1, cube.num_heads, cube.num_keys, rows, chunk_rows)
     for slot, layer in enumerate(cube.layers):
+        layer_tensors = cube._take("l", slice(slot, slot + 1))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             yield replace(
                 cube,
-                pattern=cube.pattern[slot : slot + 1, :, start:stop],
+                **cube._take("q", slice(start, stop), layer_tensors),
                 layers=(layer,),
                 query_positions=cube.query_positions[start:stop],
                 query_mask=cube.query_mask[start:stop],
@@ -103,6 +104,7 @@ def pooled_cube(source: AttentionCube, pattern: torch.Tensor, row_edges: list[in
         generated=None if source.generated is None else geometry.any_in_bins(source.generated, key_edges),
         pooling=pooling,
         stream=None,
+        **{name: None for name in SIDE_TENSORS},  # per-key and per-row vectors do not pool
     )
 
 
