@@ -82,7 +82,7 @@ def _check_settings(path: Path, settings: dict, *, resume: bool) -> None:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             raise InputError(
                 f"{path.parent} holds a batch run with other settings ({', '.join(changed)} differ); "
-                "resume with the same options, or use another --out."
+                "resume with the same options, or use another out_dir."
             )
     with atomic_output(path, force=True) as temp:
         temp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -129,8 +129,8 @@ def run_batch(
         for path in [parquet_path, csv_path, *part_paths.values()]:
             if path.exists():
                 raise InputError(
-                    f"{out_dir} already holds results of a batch ({path.name}); pass --resume to continue it, "
-                    "--force to recompute, or choose another --out."
+                    f"{out_dir} already holds results of a batch ({path.name}); pass resume=True to continue it, "
+                    "force=True to recompute, or choose another out_dir."
                 )
     for path in (parquet_path, csv_path):
         check_writable(path, force=True)
@@ -153,7 +153,7 @@ def run_batch(
                 if table["prompt"].iloc[0] != prompt.text:
                     raise InputError(
                         f"prompt '{prompt.id}' changed since the interrupted run; resume with the same prompt file, "
-                        "or pass --force to recompute."
+                        "or pass force=True to recompute."
                     )
                 result.skipped.append(prompt.id)
             else:

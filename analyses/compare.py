@@ -91,7 +91,7 @@ def difference_cube(cube_a, cube_b):
     if cube_a.num_keys != cube_b.num_keys or cube_a.num_queries != cube_b.num_queries:
         raise InputError(
             f"prompt A has {cube_a.num_keys} tokens and prompt B has {cube_b.num_keys}, so their patterns cannot be "
-            "subtracted; compare prompts of equal token count, or compare metrics only (metrics_only=True, --metrics-only)."
+            "subtracted; compare prompts of equal token count, or compare metrics only (metrics_only=True)."
         )
     if tuple(cube_a.layers) != tuple(cube_b.layers) or tuple(cube_a.heads) != tuple(cube_b.heads):
         raise InputError("the two cubes hold different layers or heads; capture both prompts with the same layers and heads.")

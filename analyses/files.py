@@ -13,14 +13,14 @@ from llm_heatmap.errors import InputError
 def check_writable(path: Path, *, force: bool) -> None:
     """Refuse early (before any work) when `path` exists or its folder cannot be written."""
     if path.exists() and not force:
-        raise InputError(f"output file {path} already exists; pass --force to overwrite it or choose another --out/--name.")
+        raise InputError(f"output file {path} already exists; pass force=True to overwrite it or choose another path.")
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"output directory {folder} cannot be created ({error.strerror}); choose another --out.") from None
+        raise InputError(f"output directory {folder} cannot be created ({error.strerror}); choose another directory.") from None
     if not os.access(folder, os.W_OK):
-        raise InputError(f"output directory {folder} is not writable; choose another --out.")
+        raise InputError(f"output directory {folder} is not writable; choose another directory.")
 
 
 @contextmanager

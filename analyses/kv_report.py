@@ -60,9 +60,9 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
-        raise InputError("the KV report needs at least one prompt; pass PROMPT arguments or --prompt-file.")
+        raise InputError("the KV report needs at least one prompt; pass prompts, a list of strings.")
     if not models:
-        raise InputError("the KV report needs at least one model; pass --model.")
+        raise InputError("the KV report needs at least one model; pass models, a list of sources or a dict of loaded models.")
     measures = tuple(measures or MEASURES)
     from llm_heatmap.models import load_model
 

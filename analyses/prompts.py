@@ -46,7 +46,7 @@ def _read_text(path: Path) -> str:
 
 
 def read_prompt_text(path: str | Path) -> str:
-    """The whole file as one prompt (trailing newlines dropped), for `--prompt-file`."""
+    """The whole file as one prompt (trailing newlines dropped)."""
     path = Path(path)
     return check_prompt(_read_text(path).rstrip("\r\n"), f"prompt file {path}")
 

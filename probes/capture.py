@@ -390,7 +390,7 @@ def encode_prompt(tokenizer, prompt, *, chat: bool = False) -> tuple[torch.Tenso
         raise InputError("the prompt is empty; pass some text.")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise InputError("this tokenizer has no chat template, so the prompt cannot be sent as a chat (chat=True, --chat); "
+            raise InputError("this tokenizer has no chat template, so the prompt cannot be sent as a chat (chat=True); "
                              "send it as plain text.")
         messages = prompt if isinstance(prompt, list) and isinstance(prompt[0], dict) else [{"role": "user", "content": prompt}]
         if not isinstance(messages[0].get("content"), str):

@@ -78,7 +78,7 @@ def test_interrupt_then_resume(minilm, uninterrupted, tmp_path):
     parquet, csv = output_paths(tmp_path)
     assert not parquet.exists() and not csv.exists()  # no partial final table
 
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="resume=True"):
         run_batch(model, tokenizer, PROMPTS, tmp_path, spec=spec, source="minilm-l6", quiet=True)
 
     calls = []

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llm_heatmap.analyses.cli import main
+from llm_heatmap.cli import main
 from llm_heatmap.probes import AttentionCube
 
 SEED_PROMPT = "Run a self meta-cognitive audit where you are self-aware about being an LLM"
@@ -25,7 +25,7 @@ SEED_PROMPT = "Run a self meta-cognitive audit where you are self-aware about be
 def cli(*args):
     """Run the CLI as a user does: a separate process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "llm_heatmap.analyses.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "llm_heatmap.cli", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -180,7 +180,7 @@ def test_batch_interrupted_then_resumed(tmp_path):
     prompts.write_text("".join(f"prompt number {i} about the sky, the sea and the hills\n" for i in range(300)))
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "llm_heatmap.analyses.cli", "batch", str(prompts), "--out",
+    process = subprocess.Popen([sys.executable, "-m", "llm_heatmap.cli", "batch", str(prompts), "--out",
                                 str(out), "--model", "minilm-l6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
     def finished_parts():  # a part being written is a hidden temporary file until it is renamed

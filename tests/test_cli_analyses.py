@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.analyses import cli as cli_module
+from llm_heatmap import cli as cli_module
 from llm_heatmap.analyses.batch import run_batch
-from llm_heatmap.analyses.commands import (batch_command, common, compare_command, kv_similarity_command,
-                                           metrics_command)
 from llm_heatmap.analyses.prompts import read_prompts
+from llm_heatmap.cli import batch as batch_command
+from llm_heatmap.cli import compare as compare_command
+from llm_heatmap.cli import kv_similarity as kv_similarity_command
+from llm_heatmap.cli import metrics as metrics_command
 from llm_heatmap.probes import AttentionCube
 
 pytestmark = pytest.mark.slow
@@ -34,7 +36,7 @@ def run(monkeypatch, capsys, smollm2, minilm):
         loads.append(source)
         return models[str(source)]
 
-    monkeypatch.setattr(common, "load_model", fake_load)
+    monkeypatch.setattr("llm_heatmap.models.load_model", fake_load)
     registered = [c for c in cli_module.COMMANDS if c not in MINE]
     monkeypatch.setattr(cli_module, "COMMANDS", registered + MINE)
 
@@ -214,9 +216,9 @@ def test_batch_resume_and_shards(run, tmp_path, minilm):
 
 
 def test_prompt_sets_experiment_script(monkeypatch, tmp_path, minilm, capsys):
-    from llm_heatmap.analyses.experiments import prompt_sets
+    from llm_heatmap.cli.experiments import prompt_sets
 
-    monkeypatch.setattr(prompt_sets, "load_model", lambda source: minilm)
+    monkeypatch.setattr("llm_heatmap.models.load_model", lambda source, **options: minilm)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in [
         {"id": "s1", "group": "simple", "pair": 1, "prompt": "the cat sat"},

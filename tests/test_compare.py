@@ -211,7 +211,7 @@ def test_different_token_counts(minilm_eager):
     # the seed's 8-token pair is not length-matched under BERT's WordPiece: "entanglement" is 3 pieces
     a = eager_cube(minilm_eager, "Tell me a very simple short story.")
     b = eager_cube(minilm_eager, "Explain the core idea behind quantum entanglement.")
-    with pytest.raises(InputError, match=r"prompt A has 10 tokens and prompt B has 12.*--metrics-only"):
+    with pytest.raises(InputError, match=r"prompt A has 10 tokens and prompt B has 12.*metrics_only=True"):
         compare_cubes(a, b)
     with pytest.raises(InputError, match="metrics_only"):
         difference_cube(a, b)

@@ -58,7 +58,7 @@ def test_format_by_name_overrides_extension(tmp_path, table):
 def test_refuses_to_overwrite_unless_forced(tmp_path, table):
     path = write_table(table, tmp_path / "t.csv")
     before = path.read_text()
-    with pytest.raises(InputError, match="already exists.*--force"):
+    with pytest.raises(InputError, match="already exists.*force=True"):
         write_table(table.head(1), path)
     assert path.read_text() == before
     write_table(table.head(1), path, force=True)

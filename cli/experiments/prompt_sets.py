@@ -1,6 +1,6 @@
 """Simple vs complex prompts as a measured result: the seed's experiments plus 8 length-matched pairs.
 
-    python -m llm_heatmap.analyses.experiments.prompt_sets [--model minilm-l6] [--out prompt_sets/]
+    python -m llm_heatmap.cli.experiments.prompt_sets [--model minilm-l6] [--out prompt_sets/]
 
 1. The 16 prompts of `data/length_matched_pairs.jsonl` (8 simple/complex pairs with equal token
    counts on SmolLM2) go through `run_batch` (streaming capture, resumable: a rerun reuses them).
@@ -24,14 +24,16 @@ from pathlib import Path
 
 import torch
 
+from llm_heatmap.analyses.batch import run_batch
+from llm_heatmap.analyses.compare import compare_cubes, compare_sets
+from llm_heatmap.analyses.files import atomic_output
+from llm_heatmap.analyses.prompts import check_length, read_prompts
+from llm_heatmap.analyses.tables import write_table
 from llm_heatmap.errors import InputError
-from llm_heatmap.models import DEFAULT_MODEL, load_model
 
-from ..batch import run_batch
-from ..compare import compare_cubes, compare_sets
-from ..files import atomic_output
-from ..prompts import check_length, read_prompts
-from ..tables import write_table
+from .. import options
+from ..errors import cli_message
+from ..run import load, progress_off
 
 KEY_METRICS = ("norm_entropy", "sink_score_no_q0", "prev_token_mass", "mean_distance", "special_mass")
 
@@ -78,21 +80,20 @@ def seed_reading(name, comparison, tokens) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.analyses.experiments.prompt_sets",
+    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.cli.experiments.prompt_sets",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"offline model or source (default {DEFAULT_MODEL})")
+    options.add_model_options(parser)
     parser.add_argument("--out", type=Path, default=Path("prompt_sets"), help="output folder (default ./prompt_sets/)")
     parser.add_argument("--pairs", type=Path, default=None, help="JSONL with id, group (simple/complex), pair, prompt")
     parser.add_argument("--resamples", type=int, default=2000)
-    parser.add_argument("--permutations", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="recompute and overwrite everything in OUT")
-    parser.add_argument("--quiet", action="store_true")
+    options.add_permutation_options(parser, default=2000, help="sign-flip permutations")
+    options.add_force_option(parser, help="recompute and overwrite everything in OUT")
+    options.add_quiet_option(parser)
     args = parser.parse_args(argv)
     try:
         return run(args)
     except InputError as error:
-        print(f"prompt_sets: {error}", file=sys.stderr)
+        print(f"prompt_sets: {cli_message(str(error))}", file=sys.stderr)
         return 2
 
 
@@ -100,11 +101,11 @@ def run(args) -> int:
     pairs_file = args.pairs or data_path("length_matched_pairs.jsonl")
     prompts = read_prompts(pairs_file)
     pairs = read_pairs(pairs_file)
-    model, tokenizer, spec = load_model(args.model)
+    model, tokenizer, spec = load(args)
     out = args.out
     with torch.no_grad():
         batch = run_batch(model, tokenizer, prompts, out / "batch", spec=spec, source=str(args.model),
-                          resume=not args.force, force=args.force, quiet=args.quiet)
+                          resume=not args.force, force=args.force, quiet=progress_off(args))
     table = batch.table
     result = compare_sets(table[table["group"] == "simple"], table[table["group"] == "complex"], pairs=pairs,
                           n_resamples=args.resamples, n_permutations=args.permutations, seed=args.seed)

@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import torch
-
-from ..batch import stream_head_metrics
-from ..digest import digest_lines
-from ..files import check_writable
-from ..induction_probe import induction_probe_scores
-from ..prompts import check_length
-from ..tables import table_format, to_markdown, write_table
-from . import analysis_common, common
+from . import options
+from .run import emit, load
 
 EXAMPLE = ('example: llm-heatmap metrics "the sky is blue" --model minilm-l6 --out sky.metrics.csv '
            "--metric norm_entropy --metric sink_score")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "metrics", help="per-head metrics of one prompt as a table",
+    parser = options.add_command(
+        subparsers, "metrics", run, summary="per-head metrics of one prompt as a table",
         description="Capture PROMPT layer by layer (streaming, one layer in memory) and write one row per "
         "layer x head: entropy, sink, positional, induction scores and pattern class. The table format follows "
-        f"the --out extension (.csv, .parquet, .json, .md); without --out it is printed as Markdown.\n\n{EXAMPLE}",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_prompt_options(parser)
-    common.add_model_options(parser)
+        "the --out extension (.csv, .parquet, .json, .md); without --out it is printed as Markdown.", example=EXAMPLE)
+    options.add_prompt_options(parser)
+    options.add_model_options(parser)
     parser.add_argument("--out", type=Path, help="table file; its extension picks the format")
     parser.add_argument("--induction-probe", type=int, metavar="N", default=0,
                         help="also score every head on BOS + N random tokens repeated twice (probe_* columns)")
-    analysis_common.add_metric_option(parser)
-    analysis_common.add_run_options(parser)
-    parser.set_defaults(run=run)
+    options.add_metric_option(parser)
+    options.add_run_options(parser)
 
 
 def run(args) -> int:
-    prompt = common.read_prompt(args)
-    metrics = analysis_common.selected_metrics(args)
+    import torch
+
+    from llm_heatmap.analyses.batch import stream_head_metrics
+    from llm_heatmap.analyses.digest import digest_lines
+    from llm_heatmap.analyses.files import check_writable
+    from llm_heatmap.analyses.induction_probe import induction_probe_scores
+    from llm_heatmap.analyses.prompts import check_length
+    from llm_heatmap.analyses.tables import table_format, to_markdown, write_table
+
+    prompt = options.read_prompt(args)
+    metrics = options.selected_metrics(args)
     if args.out is not None:
         table_format(args.out)
         check_writable(args.out, force=args.force)
-    model, tokenizer, spec = analysis_common.load(args)
+    model, tokenizer, spec = load(args)
     tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
     with torch.no_grad():
         table = stream_head_metrics(model, tokenizer, prompt, spec=spec, chat=args.chat)
@@ -66,5 +65,5 @@ def run(args) -> int:
                "out": None if args.out is None else str(args.out), "digest": digest}
     if args.out is None:
         payload["table"] = table.to_dict(orient="records")
-    analysis_common.emit(args, lines, payload)
+    emit(args, lines, payload)
     return 0

@@ -4,33 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm_heatmap.probes import AttentionCube
-
-from ..files import atomic_output, check_writable
-from . import common
+from . import options
+from .run import Steps
 
 EXAMPLE = "example: llm-heatmap render heatmaps/run.cube.safetensors --scale log --sink mask --name run-log"
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "render", help="re-draw a saved cube with other drawing options (no model needed)",
-        description=f"Draw the all-heads grid of a cube file written by `grid` (or AttentionCube.save).\n\n{EXAMPLE}")
+    parser = options.add_command(
+        subparsers, "render", run, summary="re-draw a saved cube with other drawing options (no model needed)",
+        description="Draw the all-heads grid of a cube file written by `grid` (or AttentionCube.save).", example=EXAMPLE)
     parser.add_argument("cube", type=Path, help="a .cube.safetensors file")
-    common.add_output_options(parser)
-    common.add_grid_options(parser)
-    parser.set_defaults(run=run)
+    options.add_output_options(parser)
+    options.add_drawing_options(parser)
 
 
 def run(args) -> int:
-    from llm_heatmap.viz import save_grid, write_html
+    from llm_heatmap.analyses.files import atomic_output, check_writable
 
     name = args.name or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
     for path in paths:
         check_writable(path, force=args.force)
-    style, layers, heads = common.grid_style(args)
-    step = common.Steps(args, ["reading cube", "drawing grid"] + (["writing HTML"] if args.html else []))
+    # imported after the checks above, so that a bad output path can fail before torch loads
+    from llm_heatmap.probes import AttentionCube
+    from llm_heatmap.viz import save_grid, write_html
+
+    style, layers, heads = options.grid_style(args)
+    step = Steps(args, ["reading cube", "drawing grid"] + (["writing HTML"] if args.html else []))
     step("reading cube")
     cube = AttentionCube.load(args.cube)
     step("drawing grid")

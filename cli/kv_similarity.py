@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import torch
-
 from llm_heatmap.errors import InputError
-from llm_heatmap.models import DEFAULT_MODEL
+from llm_heatmap.models.offline import DEFAULT_MODEL
 
-from ..files import check_writable
-from ..kv_report import kv_report
-from ..prompts import check_prompt, read_prompts
-from ..tables import table_format, write_table
-from . import analysis_common, common
+from . import options
+from .run import emit, load, progress_printer
 
 EXAMPLE = """example:
   llm-heatmap kv-similarity --model smollm2-135m --model minilm-l6 "the sky is blue" \\
@@ -22,26 +16,24 @@ EXAMPLE = """example:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "kv-similarity", help="within- vs between-KV-group head similarity, per layer, across models",
+    parser = options.add_command(
+        subparsers, "kv-similarity", run,
+        summary="within- vs between-KV-group head similarity, per layer, across models",
         description="For every model and prompt, per layer: mean similarity of heads sharing a KV head (within), of "
         "heads in different groups (between), the gap and a permutation p-value, for JS, cosine and Pearson "
         "similarity, with and without the first-token column. MHA models use pseudo-groups of the GQA models' "
-        "group size, so GQA and MHA sit in one table. Prints a model-level summary.\n\n" + EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "group size, so GQA and MHA sit in one table. Prints a model-level summary.", example=EXAMPLE)
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts")
-    parser.add_argument("--prompt-file", type=Path, help="more prompts, from a .txt (one per line) or .jsonl file")
-    common.add_chat_option(parser)
-    common.add_model_options(parser, several=True)
+    options.add_prompt_file_option(parser, help="more prompts, from a .txt (one per line) or .jsonl file")
+    options.add_chat_option(parser)
+    options.add_model_options(parser, several=True)
     parser.add_argument("--out", type=Path, help="per-layer table; the summary goes beside it as STEM.summary.EXT")
     parser.add_argument("--pseudo-group-size", type=int,
                         help="group size for MHA models (default: the first GQA model's, else 3)")
-    parser.add_argument("--measure", action="append", choices=["js", "cosine", "pearson"],
+    parser.add_argument("--measure", action="append", choices=options.MEASURES,
                         help="similarity measure (repeat; default all three)")
-    parser.add_argument("--permutations", type=int, default=1000, help="permutations per layer (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    analysis_common.add_run_options(parser)
-    parser.set_defaults(run=run)
+    options.add_permutation_options(parser, default=1000, help="permutations per layer")
+    options.add_run_options(parser)
 
 
 def summary_path(out: Path) -> Path:
@@ -49,6 +41,13 @@ def summary_path(out: Path) -> Path:
 
 
 def run(args) -> int:
+    import torch
+
+    from llm_heatmap.analyses.files import check_writable
+    from llm_heatmap.analyses.kv_report import kv_report
+    from llm_heatmap.analyses.prompts import check_prompt, read_prompts
+    from llm_heatmap.analyses.tables import table_format, write_table
+
     prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
     if args.prompt_file is not None:
         prompts += [p.text for p in read_prompts(args.prompt_file)]
@@ -59,11 +58,11 @@ def run(args) -> int:
         table_format(args.out)
         for path in (args.out, summary_path(args.out)):
             check_writable(path, force=args.force)
-    progress = common.progress_printer(args)
+    progress = progress_printer(args)
     with torch.no_grad():
         report = kv_report(models, prompts, pseudo_group_size=args.pseudo_group_size, chat=args.chat,
                            measures=args.measure, n_permutations=args.permutations, seed=args.seed,
-                           loader=lambda source: analysis_common.load(args, source), progress=progress)
+                           loader=lambda source: load(args, source), progress=progress)
     files = {}
     if args.out is not None:
         files["layers"] = write_table(report.layers, args.out, force=args.force)
@@ -78,5 +77,5 @@ def run(args) -> int:
         lines.append("wrote " + ", ".join(str(p) for p in files.values()))
     payload = {"models": models, "prompts": prompts, "files": {k: str(v) for k, v in files.items()},
                "summary": summary.to_dict(orient="records")}
-    analysis_common.emit(args, lines, payload)
+    emit(args, lines, payload)
     return 0

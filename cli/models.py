@@ -4,36 +4,31 @@ from __future__ import annotations
 
 import json
 
-from llm_heatmap.models import DEFAULT_MODEL, OFFLINE_MODELS, load_model
+from llm_heatmap.models.offline import DEFAULT_MODEL, OFFLINE_MODELS
 
-from .common import progress_printer
+from . import options
+from .run import load
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "models",
-        help="list the offline models, or print the spec of a model source",
-        description="List the offline models (installed or not) with their specs, or print the spec of SOURCE.\n\n"
-        "example: llm-heatmap models smollm2-135m --json",
-    )
+    parser = options.add_command(
+        subparsers, "models", run, summary="list the offline models, or print the spec of a model source",
+        description="List the offline models (installed or not) with their specs, or print the spec of SOURCE.",
+        example="example: llm-heatmap models smollm2-135m --json")
     parser.add_argument("source", nargs="?", help="offline model name, local directory, .gguf file or hub id")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--quantize", choices=["4bit", "8bit"], help="load quantized with bitsandbytes")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model to run")
-    parser.set_defaults(run=run)
+    options.add_json_option(parser, help="print JSON instead of text")
+    options.add_loading_options(parser)
 
 
 def run(args) -> int:
-    progress = progress_printer(args)
     if args.source:
-        _, _, spec = load_model(args.source, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
-                                progress=progress)
+        spec = load(args, args.source)[2]
         print(json.dumps(spec.to_dict(), indent=2) if args.json else f"{args.source}: {spec.summary}")
         return 0
     rows = []
     for name, offline in OFFLINE_MODELS.items():
         installed = offline.path() is not None
-        summary = load_model(name, progress=progress)[2].summary if installed else None
+        summary = load(args, name)[2].summary if installed else None
         rows.append({"name": name, "default": name == DEFAULT_MODEL, "installed": installed,
                      "description": offline.description, "spec": summary, "install": offline.install_command})
     if args.json:

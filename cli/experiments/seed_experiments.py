@@ -1,6 +1,6 @@
 """The seed README's Experiments 1 and 2, reproduced on the offline models, plus its MHA/GQA claim as a measurement.
 
-    python -m llm_heatmap.analyses.experiments.seed_experiments --out docs/experiments
+    python -m llm_heatmap.cli.experiments.seed_experiments --out docs/experiments
 
 For each model (`minilm-l6` standing in for bert-base-uncased, `smollm2-135m` for Qwen3-0.6B) and
 each experiment (the prompt pairs of `data/seed_experiments.jsonl`, A = simple, B = complex, plus
@@ -49,14 +49,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llm_heatmap.analyses.compare import compare_cubes, metric_columns
+from llm_heatmap.analyses.files import atomic_output
+from llm_heatmap.analyses.kv_similarity import (FIRST_TOKEN, MEASURES, group_gap, head_groups, kv_group_similarity,
+                                                layer_similarity)
+from llm_heatmap.analyses.metrics import head_metrics
+from llm_heatmap.analyses.prompts import read_prompts
+from llm_heatmap.analyses.tables import write_table
 from llm_heatmap.errors import InputError
 
-from ..compare import compare_cubes, metric_columns
-from ..files import atomic_output
-from ..kv_similarity import FIRST_TOKEN, MEASURES, group_gap, head_groups, layer_similarity
-from ..metrics import head_metrics
-from ..prompts import read_prompts
-from ..tables import write_table
+from .. import options
+from ..errors import cli_message
 
 MODELS = ("minilm-l6", "smollm2-135m")
 STANDS_IN_FOR = {"minilm-l6": "bert-base-uncased", "smollm2-135m": "Qwen3-0.6B"}
@@ -192,8 +195,7 @@ def layer_markdown(layers: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_experiment_figures(result: ExperimentResult, folder: Path) -> list[Path]:
-    # DESIGN.md keeps analyses/ and viz/ apart except for the CLI; this script is a command-line entry point like
-    # analyses/commands and imports viz/ only here, so the table functions above stay usable without it.
+    # viz (matplotlib) is imported only where figures are drawn, so --no-figures runs without it.
     from llm_heatmap.viz import plot_comparison, plot_metric_map, save_figure, save_grid
 
     experiment = result.experiment
@@ -249,8 +251,6 @@ def similarity_stack(cubes, measure: str, first_token: str) -> torch.Tensor:
 def kv_tables(cubes, prompts, *, pseudo_group_size: int = PSEUDO_GROUP_SIZE, n_permutations: int = N_PERMUTATIONS,
               seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per prompt x layer table, pooled per-layer table, model-level table) for one model's cubes."""
-    from ..kv_similarity import kv_group_similarity
-
     groups, grouping = head_groups(cubes[0], pseudo_group_size)
     per_prompt = []
     for cube, prompt in zip(cubes, prompts):
@@ -386,19 +386,18 @@ def run(out: Path, *, models=MODELS, experiments=None, loader=None, figures: boo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.analyses.experiments.seed_experiments",
+    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.cli.experiments.seed_experiments",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output folder (default docs/experiments)")
     parser.add_argument("--model", action="append", help=f"model to run (repeatable; default {' and '.join(MODELS)})")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
-    parser.add_argument("--permutations", type=int, default=N_PERMUTATIONS, help=f"permutations (default {N_PERMUTATIONS})")
-    parser.add_argument("--seed", type=int, default=0)
+    options.add_permutation_options(parser, default=N_PERMUTATIONS, help="KV-group permutations")
     args = parser.parse_args(argv)
     try:
         result = run(args.out, models=tuple(args.model or MODELS), figures=not args.no_figures,
                      n_permutations=args.permutations, seed=args.seed)
     except InputError as error:
-        print(f"seed_experiments: {error}", file=sys.stderr)
+        print(f"seed_experiments: {cli_message(str(error))}", file=sys.stderr)
         return 2
     columns = ["model", "measure", "first_token", "within", "across", "gap", "p_value"]
     print(result["kv_summary"][columns].to_string(index=False))

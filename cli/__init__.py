@@ -1,4 +1,5 @@
-"""`llm-heatmap`: the command line. Each subcommand lives in `analyses/commands/<name>.py`."""
+"""`llm-heatmap`: the command line. Each command is a module here with `register(subparsers)`, which
+sets `run` on its parser; `run` imports torch and the library only when the command runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import sys
 
 from llm_heatmap.errors import InputError
 
-from .commands import COMMANDS
+from . import batch, compare, grid, kv_similarity, metrics, models, render
+from .errors import cli_message
+from .options import add_quiet_option
+
+COMMANDS = [grid, render, metrics, compare, kv_similarity, batch, models]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capture every attention head of a transformer and turn it into heatmap grids and metric tables.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    add_quiet_option(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)
@@ -34,12 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         if args.debug:
             raise
-        print(f"llm-heatmap {args.command}: {error}", file=sys.stderr)
+        print(f"llm-heatmap {args.command}: {cli_message(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llm-heatmap {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

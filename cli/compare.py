@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-
-import pandas as pd
-import torch
 
 from llm_heatmap.errors import InputError
 
-from ..batch import stream_head_metrics
-from ..compare import compare_cubes, compare_sets, compare_tables
-from ..files import atomic_output, check_writable
-from ..prompts import check_length, check_prompt, read_prompts
-from ..tables import table_format, write_table
-from . import analysis_common, common
+from . import options
+from .run import emit, load
 
 EXAMPLE = """examples:
   llm-heatmap compare "Tell me a very simple short story." "Explain the core idea behind quantum entanglement." \\
@@ -26,38 +18,37 @@ DIGEST_METRICS = ("norm_entropy", "sink_score_no_q0", "prev_token_mass", "mean_d
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare", help="compare two prompts (or two prompt files with --sets) head by head",
+    parser = options.add_command(
+        subparsers, "compare", run, summary="compare two prompts (or two prompt files with --sets) head by head",
         description="Per-head metric deltas B - A of two prompts, joined on (layer, head), and, when both have the "
         "same number of tokens, the difference cube (pattern B - A). With --sets, A and B are prompt files "
         "(TXT, one prompt per line, or JSONL) and the result is per-head and per-layer mean deltas with "
-        f"bootstrap confidence intervals and permutation p-values.\n\n{EXAMPLE}",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "bootstrap confidence intervals and permutation p-values.", example=EXAMPLE)
     parser.add_argument("a", metavar="A", help="prompt A (the baseline), or a prompt file with --sets")
     parser.add_argument("b", metavar="B", help="prompt B, or a prompt file with --sets")
     parser.add_argument("--metrics-only", action="store_true",
                         help="compare metrics only (allows prompts with different token counts)")
     parser.add_argument("--sets", action="store_true", help="A and B are prompt files: compare the two sets")
-    common.add_chat_option(parser)
-    common.add_model_options(parser)
+    options.add_chat_option(parser)
+    options.add_model_options(parser)
     parser.add_argument("--out", type=Path, help="delta table (with --sets: per-head table; the per-layer table "
                         "goes beside it as STEM.layers.EXT)")
     parser.add_argument("--cube-out", type=Path, help="save the difference cube (B - A) as safetensors")
-    analysis_common.add_metric_option(parser)
+    options.add_metric_option(parser)
     stats = parser.add_argument_group("set statistics (--sets)")
     stats.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    stats.add_argument("--permutations", type=int, default=2000, help="label permutations (default 2000)")
     stats.add_argument("--confidence", type=float, default=0.95, help="confidence level (default 0.95)")
-    stats.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    analysis_common.add_run_options(parser)
-    parser.set_defaults(run=run)
+    options.add_permutation_options(stats, default=2000, help="label permutations")
+    options.add_run_options(parser)
 
 
 def layers_path(out: Path) -> Path:
     return out.with_name(f"{out.stem.removesuffix('.heads')}.layers{out.suffix}")
 
 
-def _top_lines(deltas: pd.DataFrame, count: int = 3) -> list[str]:
+def _top_lines(deltas, count: int = 3) -> list[str]:
+    import pandas as pd
+
     lines = []
     for metric in [m for m in DIGEST_METRICS if m in set(deltas["metric"])] or list(pd.unique(deltas["metric"]))[:4]:
         part = deltas[deltas["metric"] == metric]
@@ -68,11 +59,20 @@ def _top_lines(deltas: pd.DataFrame, count: int = 3) -> list[str]:
 
 
 def _run_pair(args, metrics) -> tuple[list[str], dict]:
+    import torch
+
+    from llm_heatmap.analyses.batch import stream_head_metrics
+    from llm_heatmap.analyses.compare import compare_cubes, compare_tables
+    from llm_heatmap.analyses.files import atomic_output
+    from llm_heatmap.analyses.prompts import check_length, check_prompt
+    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.probes import capture_prompt
+
     a = check_prompt(args.a, "prompt A")
     b = check_prompt(args.b, "prompt B")
     if args.cube_out is not None and args.metrics_only:
         raise InputError("--cube-out needs the difference cube, which --metrics-only skips; drop one of them.")
-    model, tokenizer, spec = analysis_common.load(args)
+    model, tokenizer, spec = load(args)
     count_a = check_length(tokenizer, spec, a, chat=args.chat, where="prompt A")
     count_b = check_length(tokenizer, spec, b, chat=args.chat, where="prompt B")
     if count_a != count_b and not args.metrics_only:
@@ -83,8 +83,6 @@ def _run_pair(args, metrics) -> tuple[list[str], dict]:
             tables = [stream_head_metrics(model, tokenizer, p, spec=spec, chat=args.chat) for p in (a, b)]
             result = compare_tables(*tables, metrics=metrics)
         else:
-            from llm_heatmap.probes import capture_prompt
-
             cubes = [capture_prompt(model, tokenizer, p, spec=spec, chat=args.chat, source=str(args.model)) for p in (a, b)]
             result = compare_cubes(*cubes, metrics=metrics)
     files = {}
@@ -104,6 +102,10 @@ def _run_pair(args, metrics) -> tuple[list[str], dict]:
 
 
 def _set_table(model, tokenizer, spec, prompts, chat, name):
+    import pandas as pd
+
+    from llm_heatmap.analyses.batch import stream_head_metrics
+
     frames = []
     for prompt in prompts:
         table = stream_head_metrics(model, tokenizer, prompt.text, spec=spec, chat=chat)
@@ -113,13 +115,20 @@ def _set_table(model, tokenizer, spec, prompts, chat, name):
 
 
 def _run_sets(args, metrics) -> tuple[list[str], dict]:
+    import torch
+
+    from llm_heatmap.analyses.compare import compare_sets
+    from llm_heatmap.analyses.files import check_writable
+    from llm_heatmap.analyses.prompts import check_length, read_prompts
+    from llm_heatmap.analyses.tables import write_table
+
     if args.cube_out is not None:
         raise InputError("--cube-out applies to two prompts, not to --sets; drop --cube-out.")
     set_a, set_b = read_prompts(args.a), read_prompts(args.b)
     layer_out = None if args.out is None else layers_path(args.out)
     if layer_out is not None:
         check_writable(layer_out, force=args.force)
-    model, tokenizer, spec = analysis_common.load(args)
+    model, tokenizer, spec = load(args)
     for name, prompts in (("A", set_a), ("B", set_b)):
         for prompt in prompts:
             check_length(tokenizer, spec, prompt.text, chat=args.chat, where=f"prompt '{prompt.id}' of set {name}")
@@ -151,12 +160,15 @@ def _run_sets(args, metrics) -> tuple[list[str], dict]:
 
 
 def run(args) -> int:
-    metrics = analysis_common.selected_metrics(args)
+    from llm_heatmap.analyses.files import check_writable
+    from llm_heatmap.analyses.tables import table_format
+
+    metrics = options.selected_metrics(args)
     for path in (args.out, args.cube_out):
         if path is not None:
             check_writable(path, force=args.force)
     if args.out is not None:
         table_format(args.out)
     lines, payload = (_run_sets if args.sets else _run_pair)(args, metrics)
-    analysis_common.emit(args, lines, payload)
+    emit(args, lines, payload)
     return 0

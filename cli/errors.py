@@ -1,0 +1,37 @@
+"""Library messages name API parameters (`pass force=True`); a CLI user reads the flags (`pass --force`).
+
+`API_TO_FLAG` is the one place that knows which parameter each flag sets. An entry ending in "=True"
+is a switch; one ending in "=" is followed by its value in the message ("max_tokens=1" -> "--max-tokens 1");
+any other is a name or phrase that stands alone. Entries match only where no identifier character
+precedes them (so "size=" leaves "pseudo_group_size=" alone).
+"""
+
+from __future__ import annotations
+
+import re
+
+API_TO_FLAG = {
+    "consumers=[Downsampler(512)], keep=False": "--stream",
+    "force=True": "--force",
+    "resume=True": "--resume",
+    "metrics_only=True": "--metrics-only",
+    "chat=True": "--chat",
+    "out_dir": "--out",
+    "max_bytes=": "--max-cube-mb ",
+    "quantize=": "--quantize ",
+    "max_tokens=": "--max-tokens ",
+    "gamma=": "--gamma ",
+    "cmap": "--cmap",
+    "cell_px=": "--cell-px ",
+    "size=": "--size ",
+    "cell_px or size": "--cell-px or --size",
+}
+
+_API_TEXT = re.compile("|".join(
+    rf"(?<![\w.]){re.escape(api)}" + ("" if api.endswith("=") else r"(?!\w)")
+    for api in sorted(API_TO_FLAG, key=len, reverse=True)))
+
+
+def cli_message(message: str) -> str:
+    """`message` with the API parameters it names written as the CLI's flags."""
+    return _API_TEXT.sub(lambda match: API_TO_FLAG[match.group(0)], message)

@@ -1,0 +1,104 @@
+"""`llm-heatmap grid`: prompt -> all-heads grid PNG, per-head metrics table and cube file."""
+
+from __future__ import annotations
+
+from . import options
+from .run import Steps, emit, load
+
+EXAMPLE = 'example: llm-heatmap grid "the sky is blue" --model minilm-l6 --out heatmaps/ --html'
+
+
+def register(subparsers) -> None:
+    parser = options.add_command(
+        subparsers, "grid", run, summary="draw every attention head for a prompt, with its metrics table and cube",
+        description="Capture every attention head of a model for PROMPT and write NAME.png (all-heads grid), "
+        "NAME.metrics.csv (one row per head) and NAME.cube.safetensors (re-render with `render`).", example=EXAMPLE)
+    options.add_prompt_options(parser)
+    options.add_model_options(parser)
+    options.add_output_options(parser)
+    options.add_drawing_options(parser)
+    parser.add_argument("--stream", action="store_true",
+                        help="long prompts: keep one layer at a time; the saved cube is downsampled to --max-tokens")
+    parser.add_argument("--cube-dtype", choices=options.DTYPES, default="float32",
+                        help="dtype of the captured cube (default float32)")
+    parser.add_argument("--max-cube-mb", type=float,
+                        help="refuse a full cube larger than this (default: 80%% of the available memory)")
+    options.add_json_option(parser)
+
+
+def output_paths(args, name: str) -> dict:
+    paths = {"grid": args.out / f"{name}.{args.format}", "metrics": args.out / f"{name}.metrics.csv",
+             "cube": args.out / f"{name}.cube.safetensors"}
+    if args.html:
+        paths["html"] = args.out / f"{name}.html"
+    return paths
+
+
+def capture_for_grid(args, model, tokenizer, spec, prompt, layers=None, heads=None):
+    """(cube to draw and save, per-head metrics table); streaming keeps one layer at a time.
+    Only the chosen layers and heads are captured."""
+    from dataclasses import replace
+
+    from llm_heatmap.analyses.metrics import HeadMetricsReducer, head_metrics
+    from llm_heatmap.analyses.prompts import check_length
+    from llm_heatmap.models import parse_dtype
+    from llm_heatmap.probes import Downsampler, capture_prompt
+    from llm_heatmap.probes.capture import check_cube_fits, estimate_cube_bytes
+
+    num_tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
+    dtype = parse_dtype(args.cube_dtype)
+    capture_options = dict(spec=spec, chat=args.chat, source=str(args.model), dtype=dtype, layers=layers, heads=heads)
+    if not args.stream:
+        size = estimate_cube_bytes(spec, num_tokens, num_layers=len(layers) if layers else None,
+                                   num_heads=len(heads) if heads else None, dtype=dtype)
+        check_cube_fits(size, num_tokens, max_bytes=None if args.max_cube_mb is None else int(args.max_cube_mb * 2**20))
+        cube = capture_prompt(model, tokenizer, prompt, **capture_options)
+        return cube, head_metrics(cube)
+    downsampler, reducer = Downsampler(args.max_tokens), HeadMetricsReducer()
+    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **capture_options)
+    return replace(downsampler.cube(), prompt=prompt, source=capture_options["source"]), reducer.table()
+
+
+def run(args) -> int:
+    from llm_heatmap.analyses.files import atomic_output, check_writable
+
+    prompt = options.read_prompt(args)
+    paths = output_paths(args, options.base_name(args, prompt))
+    for path in paths.values():
+        check_writable(path, force=args.force)
+    # imported after the checks above, so that a bad prompt or output path can fail before torch loads
+    import torch
+
+    from llm_heatmap.analyses.digest import digest_lines
+    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.viz import save_grid, write_html
+
+    style, layers, heads = options.grid_style(args)
+    step = Steps(args, ["loading model", "capturing", "drawing grid", "writing metrics and cube"]
+                 + (["writing HTML"] if "html" in paths else []))
+    step("loading model")
+    model, tokenizer, spec = load(args)
+    step("capturing")
+    with torch.no_grad():
+        cube, metrics = capture_for_grid(args, model, tokenizer, spec, prompt, layers, heads)
+    step("drawing grid")
+    with atomic_output(paths["grid"], force=args.force) as temp:
+        save_grid(cube, temp, style, layers=layers, heads=heads)
+    step("writing metrics and cube")
+    write_table(metrics, paths["metrics"], force=args.force)
+    with atomic_output(paths["cube"], force=args.force) as temp:
+        cube.save(temp)
+    if "html" in paths:
+        step("writing HTML")
+        with atomic_output(paths["html"], force=args.force) as temp:
+            write_html(cube, temp, metrics=metrics, style=style)
+    step.close()
+    digest = digest_lines(metrics, spec)
+    num_tokens = cube.metadata.get("downsample", {}).get("num_keys", len(cube.tokens))
+    drawn = f" (drawn downsampled to {cube.num_keys} x {cube.num_keys} per head)" if cube.num_keys < num_tokens else ""
+    lines = [f"{args.model}: {spec.summary}",
+             f"{num_tokens} tokens{drawn}; wrote " + ", ".join(str(p) for p in paths.values()), *digest]
+    payload = {"spec": spec.summary, "tokens": num_tokens, "files": {k: str(v) for k, v in paths.items()},
+               "digest": digest}
+    emit(args, lines, payload)
+    return 0

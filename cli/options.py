@@ -1,0 +1,202 @@
+"""Every flag that several commands share, declared once here, and the functions that read them back.
+
+Nothing imported at module level may import torch, transformers or matplotlib: `--help` and argument
+errors must not. So the choices below repeat the library's (`viz.style`, `analyses.kv_similarity`,
+`models.loading`), and tests/test_cli_imports.py checks that they agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+from llm_heatmap.errors import InputError
+from llm_heatmap.models.offline import DEFAULT_MODEL
+
+SCALES = ["auto", "linear", "log", "power", "row"]
+SINK_MODES = ["keep", "exclude", "mask"]
+BACKGROUNDS = ["white", "transparent"]
+DTYPES = ["float32", "float16", "bfloat16"]
+QUANTIZE = ["4bit", "8bit"]
+MEASURES = ["js", "cosine", "pearson"]
+
+
+def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):
+    """The parser of one command that does `run(args)`: `summary` in the list of commands; in its --help,
+    `description` wrapped to the terminal, then `example` as written."""
+    width = min(shutil.get_terminal_size().columns - 2, 100)
+    parser = subparsers.add_parser(name, help=summary, description=f"{textwrap.fill(description, width)}\n\n{example}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def add_quiet_option(parser) -> None:
+    """--quiet on the main parser and after each command; SUPPRESS keeps a value given before the command."""
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output on stderr")
+
+
+def add_force_option(parser, help: str = "overwrite existing output files") -> None:
+    parser.add_argument("--force", action="store_true", help=help)
+
+
+def add_json_option(parser, help: str = "print the summary as JSON") -> None:
+    parser.add_argument("--json", action="store_true", help=help)
+
+
+def add_run_options(parser) -> None:
+    """--force, --json and --quiet: what every command that writes files and prints a summary takes."""
+    add_force_option(parser)
+    add_json_option(parser)
+    add_quiet_option(parser)
+
+
+def add_loading_options(parser) -> None:
+    """How to load a model: quantization, dtype, device and remote code."""
+    parser.add_argument("--quantize", choices=QUANTIZE, help="load quantized with bitsandbytes")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float32)")
+    parser.add_argument("--device", help="device or accelerate device_map, e.g. cpu, cuda, auto")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with a hub model to run")
+
+
+def add_model_options(parser, *, several: bool = False) -> None:
+    """--model (repeatable when `several`; then None means the default model) and how to load it."""
+    group = parser.add_argument_group("model")
+    source = "offline model name, local directory, .gguf file or hub id"
+    if several:
+        group.add_argument("--model", action="append", help=f"{source}; repeat for several (default: {DEFAULT_MODEL})")
+    else:
+        group.add_argument("--model", default=DEFAULT_MODEL, help=f"{source} (default: {DEFAULT_MODEL})")
+    add_loading_options(group)
+
+
+def add_chat_option(parser) -> None:
+    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+
+
+def add_prompt_file_option(parser, help: str = "read the prompt from this file instead") -> None:
+    parser.add_argument("--prompt-file", type=Path, help=help)
+
+
+def add_prompt_options(parser) -> None:
+    """PROMPT or --prompt-file, and --chat."""
+    parser.add_argument("prompt", nargs="?", help="the prompt text")
+    add_prompt_file_option(parser)
+    add_chat_option(parser)
+
+
+def add_output_options(parser, *, default_out: str = "heatmaps") -> None:
+    """An output directory and base name for commands that write several files, with --force and --quiet."""
+    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output directory (default: ./{default_out}/)")
+    parser.add_argument("--name", help="base name of the output files (default: from the model and prompt)")
+    add_force_option(parser)
+    add_quiet_option(parser)
+
+
+def add_metric_option(parser) -> None:
+    parser.add_argument("--metric", action="append", metavar="NAME",
+                        help="keep only this metric column (repeat, or separate names with commas); default: all")
+
+
+def add_permutation_options(parser, *, default: int, help: str) -> None:
+    """--permutations (`help` says what is permuted) and the --seed of the random draws."""
+    parser.add_argument("--permutations", type=int, default=default, help=f"{help} (default {default})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def add_drawing_options(parser) -> None:
+    """The fields of `viz.GridStyle`, the layers and heads to draw, and --html."""
+    group = parser.add_argument_group("drawing")
+    group.add_argument("--format", choices=["png", "svg", "pdf"], default="png", help="grid file format (default png)")
+    group.add_argument("--scale", choices=SCALES, default="auto",
+                       help="colour scale (default auto: linear, or log where long prompts are downsampled)")
+    group.add_argument("--gamma", type=float, default=0.5, help="exponent of --scale power (default 0.5)")
+    group.add_argument("--sink", choices=SINK_MODES, default="exclude",
+                       help="first-token column: keep it in the colour range, exclude it from the range (default), or mask it")
+    group.add_argument("--per-head-range", action="store_true", help="one colour range per head")
+    group.add_argument("--background", choices=BACKGROUNDS, default="white")
+    group.add_argument("--cmap", default="viridis", help="any matplotlib colormap (default viridis)")
+    group.add_argument("--cell-px", type=int, help="pixels per token cell")
+    group.add_argument("--size", help="target pixel size: WIDTH or WIDTHxHEIGHT")
+    group.add_argument("--layers", help="layers to draw, e.g. 0,2,5-7 (default all)")
+    group.add_argument("--heads", help="heads to draw, e.g. 0-3 (default all)")
+    group.add_argument("--max-tokens", type=int, default=256,
+                       help="panels longer than this are area-downsampled (default 256)")
+    group.add_argument("--html", action="store_true", help="also write the interactive HTML view")
+
+
+def read_prompt(args) -> str:
+    """The prompt from PROMPT or --prompt-file (exactly one of them), never empty."""
+    from llm_heatmap.analyses.prompts import check_prompt, read_prompt_text
+
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise InputError("give the prompt either as an argument or with --prompt-file, not both.")
+        return read_prompt_text(args.prompt_file)
+    if args.prompt is None:
+        raise InputError("the prompt is empty; pass some text as PROMPT or with --prompt-file.")
+    return check_prompt(args.prompt)
+
+
+def selected_metrics(args) -> list[str] | None:
+    """The `--metric` names, checked before any work; None when all metrics are wanted."""
+    if not args.metric:
+        return None
+    from llm_heatmap.analyses.metrics import COLUMNS
+
+    valid = [c for c in COLUMNS if c not in ("layer", "head", "kv_group")]
+    names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise InputError(f"metric '{unknown[0]}' does not exist; valid metrics are: {', '.join(valid)}.")
+    return list(dict.fromkeys(names))
+
+
+def slug(text: str, limit: int = 40) -> str:
+    words = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    if len(words) > limit:
+        cut = words[:limit + 1]
+        words = cut[:cut.rfind("-")] if "-" in cut else words[:limit]
+    return words.rstrip("-") or "prompt"
+
+
+def base_name(args, prompt: str) -> str:
+    """--name, or one made from the model and the prompt."""
+    return args.name or f"{slug(Path(str(args.model)).stem, 24)}_{slug(prompt)}"
+
+
+def parse_indices(text: str | None, flag: str) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]."""
+    if text is None:
+        return None
+    values = []
+    try:
+        for piece in text.split(","):
+            start, _, stop = piece.strip().partition("-")
+            values.extend(range(int(start), int(stop) + 1) if stop else [int(start)])
+    except ValueError:
+        raise InputError(f"{flag} '{text}' is not a list of indices; write it like 0,2,5-7.") from None
+    return values
+
+
+def parse_size(text: str | None):
+    if text is None:
+        return None
+    width, _, height = text.lower().partition("x")
+    try:
+        return (int(width), int(height)) if height else int(width)
+    except ValueError:
+        raise InputError(f"--size '{text}' is not a pixel size; write WIDTH or WIDTHxHEIGHT, e.g. 4000x6000.") from None
+
+
+def grid_style(args):
+    """(GridStyle, layers, heads) from the drawing options."""
+    from llm_heatmap.viz import GridStyle
+
+    style = GridStyle(scale=args.scale, gamma=args.gamma, sink=args.sink, per_head_range=args.per_head_range,
+                      background=args.background, cmap=args.cmap, cell_px=args.cell_px, size=parse_size(args.size),
+                      max_tokens=args.max_tokens)
+    return style, parse_indices(args.layers, "--layers"), parse_indices(args.heads, "--heads")
