@@ -28,6 +28,7 @@ import html
 import json
 import math
 from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +42,46 @@ from .labels import model_name
 from .raster import LOG_FLOOR, colormap_bytes, range_and_grey
 from .style import GridStyle, style_of
 
-__all__ = ["write_html"]
+__all__ = ["HtmlView", "html_view", "write_html"]
 
 #: Colour tables offered in the page (the `cmap` argument is added when not listed).
 PAGE_CMAPS = ("viridis", "magma", "cividis", "inferno")
 
 
-def write_html(
+@dataclass(frozen=True)
+class HtmlView:
+    """The interactive view as one self-contained page; it displays itself inline in notebooks
+    (an iframe holding the page, so its script and styles stay apart from the notebook's)."""
+
+    page: str
+    height: int = 720
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.page, encoding="utf-8")
+        return path
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe srcdoc="{html.escape(self.page, quote=True)}" sandbox="allow-scripts" '
+                f'style="width:100%; height:{self.height}px; border:1px solid #ddd; border-radius:4px"></iframe>')
+
+
+def write_html(cube, path, **options) -> Path:
+    """Write `html_view(cube, **options)` to `path` and return the path."""
+    return html_view(cube, **options).save(path)
+
+
+def html_view(
     cube,
-    path,
     *,
     metrics=None,
     title: str | None = None,
     style: GridStyle | None = None,
     bits: int | None = None,
     **style_options,
-) -> Path:
-    """Write `cube` as one self-contained interactive HTML file and return its path.
+) -> HtmlView:
+    """`cube` as one self-contained interactive HTML page (`HtmlView`: `.save(path)`, inline in notebooks).
 
     `metrics` is an optional pandas DataFrame with one row per head and columns `layer`,
     `head` (model indices, as in `cube.layers` / `cube.heads`) plus any metric columns; the
@@ -108,10 +132,7 @@ def write_html(
         .replace("__MASK__", base64.b64encode(packed.tobytes()).decode("ascii"))
         .replace("__DATA__", base64.b64encode(data.tobytes()).decode("ascii"))
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return HtmlView(page)
 
 
 def _asset(name: str) -> str:
