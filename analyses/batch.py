@@ -27,21 +27,11 @@ import pandas as pd
 from llm_heatmap.errors import InputError
 
 from .files import atomic_output, check_writable
+from .measure import stream_head_metrics
 from .prompts import Prompt, check_length, shard_prompts
 from .tables import write_table
 
 ROW_COLUMNS = ["model", "prompt_id", "group", "prompt", "n_tokens"]
-
-
-def stream_head_metrics(model, tokenizer, prompt: str, *, spec=None, chat: bool = False, **capture_options) -> pd.DataFrame:
-    """Per-head metric table of one prompt, captured in streaming mode (one layer in memory at a time)."""
-    from llm_heatmap.probes import capture_prompt
-
-    from .metrics import HeadMetricsReducer
-
-    reducer = HeadMetricsReducer()
-    capture_prompt(model, tokenizer, prompt, spec=spec, chat=chat, consumers=[reducer], keep=False, **capture_options)
-    return reducer.table()
 
 
 def part_key(prompt_id: str) -> str:

@@ -61,7 +61,7 @@ def _top_lines(deltas, count: int = 3) -> list[str]:
 def _run_pair(args, metrics) -> tuple[list[str], dict]:
     import torch
 
-    from llm_heatmap.analyses.batch import stream_head_metrics
+    from llm_heatmap.analyses.measure import stream_head_metrics
     from llm_heatmap.analyses.compare import compare_cubes, compare_tables
     from llm_heatmap.analyses.files import atomic_output
     from llm_heatmap.analyses.prompts import check_length, check_prompt
@@ -104,7 +104,7 @@ def _run_pair(args, metrics) -> tuple[list[str], dict]:
 def _set_table(model, tokenizer, spec, prompts, chat, name):
     import pandas as pd
 
-    from llm_heatmap.analyses.batch import stream_head_metrics
+    from llm_heatmap.analyses.measure import stream_head_metrics
 
     frames = []
     for prompt in prompts:

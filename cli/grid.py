@@ -34,31 +34,6 @@ def output_paths(args, name: str) -> dict:
     return paths
 
 
-def capture_for_grid(args, model, tokenizer, spec, prompt, layers=None, heads=None):
-    """(cube to draw and save, per-head metrics table); streaming keeps one layer at a time.
-    Only the chosen layers and heads are captured."""
-    from dataclasses import replace
-
-    from llm_heatmap.analyses.metrics import HeadMetricsReducer, head_metrics
-    from llm_heatmap.analyses.prompts import check_length
-    from llm_heatmap.models import parse_dtype
-    from llm_heatmap.probes import Downsampler, capture_prompt
-    from llm_heatmap.probes.capture import check_cube_fits, estimate_cube_bytes
-
-    num_tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
-    dtype = parse_dtype(args.cube_dtype)
-    capture_options = dict(spec=spec, chat=args.chat, source=str(args.model), dtype=dtype, layers=layers, heads=heads)
-    if not args.stream:
-        size = estimate_cube_bytes(spec, num_tokens, num_layers=len(layers) if layers else None,
-                                   num_heads=len(heads) if heads else None, dtype=dtype)
-        check_cube_fits(size, num_tokens, max_bytes=None if args.max_cube_mb is None else int(args.max_cube_mb * 2**20))
-        cube = capture_prompt(model, tokenizer, prompt, **capture_options)
-        return cube, head_metrics(cube)
-    downsampler, reducer = Downsampler(args.max_tokens), HeadMetricsReducer()
-    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **capture_options)
-    return replace(downsampler.cube(), prompt=prompt, source=capture_options["source"]), reducer.table()
-
-
 def run(args) -> int:
     from llm_heatmap.analyses.files import atomic_output, check_writable
 
@@ -70,7 +45,9 @@ def run(args) -> int:
     import torch
 
     from llm_heatmap.analyses.digest import digest_lines
+    from llm_heatmap.analyses.measure import measure_prompt
     from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.models import parse_dtype
     from llm_heatmap.viz import save_grid, write_html
 
     style, layers, heads = options.grid_style(args)
@@ -80,7 +57,10 @@ def run(args) -> int:
     model, tokenizer, spec = load(args)
     step("capturing")
     with torch.no_grad():
-        cube, metrics = capture_for_grid(args, model, tokenizer, spec, prompt, layers, heads)
+        cube, metrics = measure_prompt(
+            model, tokenizer, spec, prompt, stream=args.stream, max_tokens=args.max_tokens, chat=args.chat,
+            dtype=parse_dtype(args.cube_dtype), layers=layers, heads=heads, source=str(args.model),
+            max_bytes=None if args.max_cube_mb is None else int(args.max_cube_mb * 2**20))
     step("drawing grid")
     with atomic_output(paths["grid"], force=args.force) as temp:
         save_grid(cube, temp, style, layers=layers, heads=heads)
@@ -94,8 +74,8 @@ def run(args) -> int:
             write_html(cube, temp, metrics=metrics, style=style)
     step.close()
     digest = digest_lines(metrics, spec)
-    num_tokens = cube.metadata.get("downsample", {}).get("num_keys", len(cube.tokens))
-    drawn = f" (drawn downsampled to {cube.num_keys} x {cube.num_keys} per head)" if cube.num_keys < num_tokens else ""
+    num_tokens = cube.num_tokens
+    drawn = f" (drawn downsampled to {cube.num_keys} x {cube.num_keys} per head)" if cube.pooling else ""
     lines = [f"{args.model}: {spec.summary}",
              f"{num_tokens} tokens{drawn}; wrote " + ", ".join(str(p) for p in paths.values()), *digest]
     payload = {"spec": spec.summary, "tokens": num_tokens, "files": {k: str(v) for k, v in paths.items()},

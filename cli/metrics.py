@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from llm_heatmap.analyses.batch import stream_head_metrics
+    from llm_heatmap.analyses.measure import stream_head_metrics
     from llm_heatmap.analyses.digest import digest_lines
     from llm_heatmap.analyses.files import check_writable
     from llm_heatmap.analyses.induction_probe import induction_probe_scores

@@ -59,16 +59,26 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
 
 
+def _cube_limit(max_bytes: int | None) -> tuple[int | None, str]:
+    """(largest cube in bytes, where that limit comes from); None when no limit can be known."""
+    if max_bytes is not None:
+        return int(max_bytes), f"max_bytes={_gib(int(max_bytes))}"
+    available = available_memory_bytes()
+    if available is None:
+        return None, ""
+    return int(available * MEMORY_SHARE), f"{MEMORY_SHARE:.0%} of the {_gib(available)} of memory available"
+
+
+def cube_fits(size: int, max_bytes: int | None = None) -> bool:
+    """Whether a cube of `size` bytes fits `max_bytes` (default: a share of the available memory)."""
+    limit, _ = _cube_limit(max_bytes)
+    return limit is None or size <= limit
+
+
 def check_cube_fits(size: int, num_tokens: int, max_bytes: int | None = None) -> None:
     """Raise InputError when a cube of `size` bytes would not fit `max_bytes` or the available memory."""
-    if max_bytes is None:
-        available = available_memory_bytes()
-        if available is None:
-            return
-        limit, where = int(available * MEMORY_SHARE), f"{MEMORY_SHARE:.0%} of the {_gib(available)} of memory available"
-    else:
-        limit, where = int(max_bytes), f"max_bytes={_gib(int(max_bytes))}"
-    if size > limit:
+    limit, where = _cube_limit(max_bytes)
+    if limit is not None and size > limit:
         raise InputError(
             f"the attention cube for {num_tokens} tokens needs {_gib(size)}, more than {where}; "
             "stream it instead (consumers=[Downsampler(512)], keep=False), capture in fp16, "

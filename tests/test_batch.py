@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.analyses.batch import output_paths, read_batch, run_batch, stream_head_metrics
+from llm_heatmap.analyses.batch import output_paths, read_batch, run_batch
+from llm_heatmap.analyses.measure import stream_head_metrics
 from llm_heatmap.analyses.metrics import head_metrics
 from llm_heatmap.analyses.prompts import Prompt, read_prompts
 from llm_heatmap.errors import InputError

@@ -72,3 +72,18 @@ def test_table_functions_take_batched_cubes_sequence_by_sequence():
     assert (head_metrics(batch).query("sequence == 1")["n_rows"] == 5).all(), "padding rows never count"
     with pytest.raises(InputError, match="batch of 2"):
         batch.attendable()
+
+
+def test_exported_names_are_not_shadowed_by_their_modules():
+    """A lazily exported function named like a module of its package would be replaced by that module as soon
+    as the module is imported; no room may have such a name."""
+    import importlib
+    import pkgutil
+
+    for room in ("models", "probes", "analyses", "viz", "cli"):
+        package = importlib.import_module(f"llm_heatmap.{room}")
+        modules = {info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")}
+        for module in modules:
+            importlib.import_module(f"llm_heatmap.{room}.{module}")
+        for name in getattr(package, "__all__", []):
+            assert not isinstance(getattr(package, name), type(importlib)), f"llm_heatmap.{room}.{name} is a module"

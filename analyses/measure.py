@@ -1,0 +1,47 @@
+"""A prompt captured and measured in one call: the cube to draw and its per-head table, kept whole
+when it fits in memory, else streamed one layer at a time into a pooled cube."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import torch
+
+from llm_heatmap.probes import Downsampler, capture_prompt
+from llm_heatmap.probes.capture import check_cube_fits, cube_fits, estimate_cube_bytes
+
+from .metrics import HeadMetricsReducer, head_metrics
+from .prompts import check_length
+
+
+def stream_head_metrics(model, tokenizer, prompt: str, *, spec=None, chat: bool = False, **capture_options) -> pd.DataFrame:
+    """Per-head metric table of one prompt, captured in streaming mode (one layer in memory at a time)."""
+    reducer = HeadMetricsReducer()
+    capture_prompt(model, tokenizer, prompt, spec=spec, chat=chat, consumers=[reducer], keep=False, **capture_options)
+    return reducer.table()
+
+
+def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None = None, max_tokens: int = 256,
+                   chat: bool = False, dtype: torch.dtype = torch.float32, layers=None, heads=None,
+                   max_bytes: int | None = None, source: str | None = None):
+    """(cube, per-head metrics table) of `prompt`, only the chosen layers and heads captured.
+
+    stream=False keeps the full cube (refused with the numbers and the way out when it would not fit
+    `max_bytes`, default 80% of the available memory); stream=True keeps one layer at a time, the cube
+    area-pooled to `max_tokens` per axis and the table from the streaming reducer; stream=None
+    streams only when the full cube would not fit.
+    """
+    num_tokens = check_length(tokenizer, spec, prompt, chat=chat)
+    size = estimate_cube_bytes(spec, num_tokens, num_layers=len(layers) if layers else None,
+                               num_heads=len(heads) if heads else None, dtype=dtype)
+    if stream is None:
+        stream = not cube_fits(size, max_bytes)
+    options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads)
+    if not stream:
+        check_cube_fits(size, num_tokens, max_bytes)
+        cube = capture_prompt(model, tokenizer, prompt, **options)
+        return cube, head_metrics(cube)
+    downsampler, reducer = Downsampler(max_tokens), HeadMetricsReducer()
+    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **options)
+    return replace(downsampler.cube(), prompt=prompt, source=source), reducer.table()
