@@ -8,6 +8,7 @@ from dataclasses import replace
 import pandas as pd
 import torch
 
+from llm_heatmap.models.offline import source_name
 from llm_heatmap.probes import Downsampler, capture_prompt
 from llm_heatmap.probes.capture import check_cube_fits, cube_fits, estimate_cube_bytes
 
@@ -33,6 +34,7 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     streams only when the full cube would not fit.
     """
     num_tokens = check_length(tokenizer, spec, prompt, chat=chat)
+    source = source or source_name(model)
     size = estimate_cube_bytes(spec, num_tokens, num_layers=len(layers) if layers else None,
                                num_heads=len(heads) if heads else None, dtype=dtype)
     if stream is None:

@@ -174,9 +174,19 @@ def converted_dir(path: Path, *, progress=None) -> Path:
     return target
 
 
+def _marker(directory) -> dict:
+    try:
+        record = json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def gguf_type_of(directory: Path) -> str | None:
     """The GGUF type a cache directory was converted from, or None for any other directory."""
-    try:
-        return json.loads((Path(directory) / MARKER).read_text()).get("gguf_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _marker(directory).get("gguf_type")
+
+
+def gguf_source_of(directory: Path) -> str | None:
+    """The .gguf file a cache directory was converted from, or None for any other directory."""
+    return _marker(directory).get("source")

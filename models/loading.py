@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -136,7 +137,29 @@ def load_model(
     `quantize`: '4bit' (bitsandbytes NF4) or '8bit'. `device_map` goes to accelerate, so a
     model larger than one device is sharded. `trust_remote_code` stays off unless asked.
     `attn_implementation` is passed through (None keeps transformers' default, usually sdpa).
+    `progress(message)` receives progress lines; without it loading is silent (transformers' own
+    progress bars included).
     """
+    with contextlib.nullcontext() if progress else _transformers_bars_off():
+        return _load_model(source, dtype=dtype, device_map=device_map, quantize=quantize,
+                           trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                           progress=progress)
+
+
+@contextlib.contextmanager
+def _transformers_bars_off():
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
+def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_implementation, progress):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     name, local = resolve_source(source, progress=progress)

@@ -64,3 +64,19 @@ OFFLINE_MODELS = {
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def source_name(model) -> str | None:
+    """How to name where a loaded model came from: its offline name, the .gguf file it was converted from,
+    or the directory / hub id transformers loaded it from."""
+    from .gguf_cache import gguf_source_of
+
+    loaded_from = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    if loaded_from is None:
+        return None
+    origin = Path(gguf_source_of(loaded_from) or loaded_from)
+    for name, offline in OFFLINE_MODELS.items():
+        path = offline.path()
+        if path is not None and origin.exists() and path.resolve() == origin.resolve():
+            return name
+    return str(origin)

@@ -20,6 +20,7 @@ from torch import nn
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec, spec_from_model
+from llm_heatmap.models.offline import source_name
 
 from . import tap
 from .cube import AttentionCube, StreamPart
@@ -351,7 +352,7 @@ class Probe:
             key_mask = torch.as_tensor(attention_mask).detach().cpu().bool().reshape(batch, -1)[:, -keys:]
         tokenizer = tokenizer or self.tokenizer
         tokens = [token_strings(row, tokenizer) for row in ids]
-        source = source or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        source = source or source_name(self.model)
         cube = AttentionCube(
             pattern=self._buffer,
             spec=self.spec,

@@ -9,6 +9,7 @@ _MODULES = {
     ".html": ("HtmlView", "html_view", "write_html"),
     ".qk_figures": ("plot_qk_map", "plot_qk_maps"),
     ".style": ("GridStyle",),
+    ".tables": ("metric_table",),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _MODULES)

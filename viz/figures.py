@@ -6,6 +6,7 @@ All functions return a `matplotlib.figure.Figure` (not managed by pyplot); `save
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,17 @@ from .style import GridStyle, style_of
 DPI = 100
 
 
+class InlineFigure(Figure):
+    """A matplotlib Figure that shows itself as a PNG in notebooks, without pyplot's inline backend."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=self.dpi)
+        return buffer.getvalue()
+
+
 def _figure(width_in, height_in) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI, facecolor="white")
+    fig = InlineFigure(figsize=(width_in, height_in), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
     return fig
 

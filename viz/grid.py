@@ -26,7 +26,7 @@ from matplotlib.patches import Rectangle
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import downsample
 
-from .grid_layout import MIN_LABEL_PX, Plan, fit_cells, plan_grid
+from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, plan_grid
 from .labels import fit_text, model_name, prompt_text, text_size, token_label
 from .png import png_bytes
 from .raster import (BACKGROUND, MASKED, ColorScale, compose, get_cmap, lookup_table, lut_index, normalise,
@@ -164,6 +164,25 @@ def _save(cube, path, style: GridStyle, options: dict) -> GridLayout:
                          f"(limit {VECTOR_MAX_CELLS:,}); write a .png instead, or pass fewer layers/heads "
                          "or a smaller max_tokens.")
     return _draw(cube, style, panels="vector", **options).save(path)
+
+
+def grid_thumbnail(cube, style: GridStyle | None = None, *, width: int = 420, height: int = 640,
+                   **style_options) -> bytes:
+    """A PNG of every panel and nothing else (no labels) within `width` x `height` pixels, for summaries
+    such as a cube's notebook display. Colours as the full-size grid's (a prompt pooled only to fit the
+    thumbnail keeps the full grid's scale)."""
+    style = style_of(style, style_options)
+    cube, _ = _selected(cube, None, None, None)
+    style = style.but(scale=style.resolved_scale(cube.pooling is not None or cube.num_keys > style.max_tokens))
+    layers, heads = cube.num_layers, cube.num_heads
+    cells = max(2, min(style.max_tokens, (height - layers + 1) // layers, (width - heads + 1) // heads))
+    index, _, _ = _cells(cube, None, style, cells)
+    nq, nk = index.shape[-2:]
+    c = max(1, min((height - layers + 1) // (layers * nq), (width - heads + 1) // (heads * nk)))
+    rows, _ = axis_map(layers, nq, c, 1, [False] * layers, 1)
+    cols, _ = axis_map(heads, nk, c, 1, [False] * heads, 1)
+    background = (255, 255, 255, 255) if style.background == "white" else (255, 255, 255, 0)
+    return png_bytes(compose(index, lookup_table(style.cmap, background), rows, cols))
 
 
 # ---- steps ----------------------------------------------------------------------------------

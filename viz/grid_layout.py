@@ -22,7 +22,7 @@ def _has_groups(groups) -> bool:
     return any(a == b for a, b in zip(groups, groups[1:]))
 
 
-def _axis_map(n_panels, cells, c, gutter, boundaries, sep_width):
+def axis_map(n_panels, cells, c, gutter, boundaries, sep_width):
     """Pixel -> source index along one axis: panel cells repeated `c` times, gutters -1, separators -2.
 
     Returns (map, panel start offsets).
@@ -92,8 +92,8 @@ def plan_grid(cube, nq, nk, c, *, show_tokens: bool, n_title_lines: int) -> Plan
     boundaries = [separators and a != b for a, b in zip(groups, groups[1:])]
     gutter = int(np.clip(round(0.06 * min(nq, nk) * c), 2, 16))
     sep_width = max(1, round(gutter * 0.4))
-    cols, col_starts = _axis_map(H, nk, c, gutter, boundaries, sep_width)
-    rows, row_starts = _axis_map(L, nq, c, gutter, [False] * (L - 1), sep_width)
+    cols, col_starts = axis_map(H, nk, c, gutter, boundaries, sep_width)
+    rows, row_starts = axis_map(L, nq, c, gutter, [False] * (L - 1), sep_width)
     grid_w, grid_h = len(cols), len(rows)
     pitch_x, pitch_y = nk * c + gutter, nq * c + gutter
     label_px = _label_px(min(pitch_x, pitch_y), grid_w)

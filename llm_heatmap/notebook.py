@@ -1,0 +1,90 @@
+"""Notebook entry points: one line from a model and a prompt to the inline view or grid, and the rich
+display of a cube (a summary with an all-heads thumbnail).
+
+    import llm_heatmap as lh
+    lh.view("smollm2-135m", "The cat sat on the mat.")       # the interactive view, inline
+    lh.grid(model, "The cat sat on the mat.", tokenizer=tok)  # the grid of an already loaded model
+
+Both capture through `analyses.measure_prompt` (streaming when the full cube would not fit) and
+return objects that display themselves (`HtmlView`, `DrawnGrid`) and can be saved.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+
+
+def _cube_and_table(model, prompt, tokenizer, *, chat: bool, max_tokens: int):
+    from llm_heatmap.analyses import measure_prompt
+    from llm_heatmap.errors import InputError
+    from llm_heatmap.models import load_model, spec_from_model
+
+    if isinstance(model, str):
+        source = model
+        model, tokenizer, spec = load_model(model)
+    else:
+        if tokenizer is None:
+            raise InputError("a loaded model needs its tokenizer; pass tokenizer=... (or a model name such as "
+                             "'smollm2-135m' instead of the model).")
+        source, spec = getattr(model.config, "name_or_path", None), spec_from_model(model)
+    import torch
+
+    with torch.no_grad():
+        return measure_prompt(model, tokenizer, spec, prompt, stream=None, max_tokens=max_tokens, chat=chat,
+                              source=source)
+
+
+def view(model, prompt: str, *, tokenizer=None, chat: bool = False, style=None, **style_options):
+    """The interactive view of every head for `prompt` (an `HtmlView`, shown inline; `.save(path)`).
+    `model` is a source for `load_model` or a loaded model with its `tokenizer`."""
+    from llm_heatmap.viz import html_view
+    from llm_heatmap.viz.style import style_of
+
+    style = style_of(style, style_options)
+    cube, table = _cube_and_table(model, prompt, tokenizer, chat=chat, max_tokens=style.max_tokens)
+    return html_view(cube, metrics=table, style=style)
+
+
+def grid(model, prompt: str, *, tokenizer=None, chat: bool = False, style=None, **style_options):
+    """The all-heads grid for `prompt` (a `DrawnGrid`, shown inline; `.save(path)`)."""
+    from llm_heatmap.viz import plot_grid
+    from llm_heatmap.viz.style import style_of
+
+    style = style_of(style, style_options)
+    cube, _ = _cube_and_table(model, prompt, tokenizer, chat=chat, max_tokens=style.max_tokens)
+    return plot_grid(cube, style)
+
+
+THUMBNAIL_WIDTH, THUMBNAIL_HEIGHT = 420, 640
+
+
+def cube_html(cube) -> str:
+    """A cube's notebook display: what it holds, in a few lines, beside a small all-heads grid."""
+    from llm_heatmap.viz.grid import grid_thumbnail
+    from llm_heatmap.viz.labels import model_name, prompt_text
+
+    one = cube.one_sequence() if not cube.batched or len(cube) == 1 else cube.item(0)
+    thumbnail = grid_thumbnail(one, width=THUMBNAIL_WIDTH, height=THUMBNAIL_HEIGHT)
+    rows = {
+        "model": model_name(cube.source) or cube.spec.architecture,
+        "spec": cube.spec.summary,
+        "tokens": f"{one.num_tokens}" + (f" (pooled to {one.num_keys} x {one.num_queries} bins)" if one.pooling else ""),
+        "pattern": f'{" x ".join(map(str, cube.pattern.shape))} ({"b " if cube.batched else ""}l h q k), '
+                   f"{str(cube.pattern.dtype).removeprefix('torch.')}, {cube.pattern.numel() * cube.pattern.element_size() / 2**20:,.1f} MiB",
+        "holds": ", ".join([cube.weighting, *cube.side_tensors()]),
+        "prompt": prompt_text(one)[:300],
+    }
+    table = "".join(f"<tr><th style='text-align:left;padding-right:12px'>{html.escape(k)}</th>"
+                    f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows.items())
+    image = base64.b64encode(thumbnail).decode("ascii")
+    return (f"<div style='display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap'>"
+            f"<table style='font-size:12px'><caption style='text-align:left;font-weight:600'>AttentionCube</caption>"
+            f"{table}</table><img alt='all heads' style='max-width:{THUMBNAIL_WIDTH}px' "
+            f"src='data:image/png;base64,{image}'></div>")
+
+
+def register(shell) -> None:
+    """Teach a running IPython to show cubes with `cube_html` (by name, so nothing heavy is imported now)."""
+    formatter = shell.display_formatter.formatters["text/html"]
+    formatter.for_type_by_name("llm_heatmap.probes.cube", "AttentionCube", cube_html)
