@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from llm_heatmap.errors import InputError
 
 from .labels import fit_text, model_name, prompt_text, token_label
-from .raster import get_cmap, normalise, range_and_grey
+from .raster import QUANTITIES, get_cmap, normalise, range_and_grey
 from .style import GridStyle, style_of
 
 DPI = 100
@@ -163,7 +163,7 @@ def _label_margin(tokens) -> float:
 def plot_heads(cube, layer: int, heads, style: GridStyle | None = None, *, title=None, **style_options) -> Figure:
     """Several heads of one layer side by side (shared colour range), tokens on both axes."""
     style = style_of(style, style_options)
-    cube = cube.one_sequence()
+    cube = style.weighted(cube.one_sequence())
     if cube.pooling is not None or len(cube.tokens) != cube.num_keys:
         raise InputError("this cube's tokens do not match its key axis (it was downsampled); "
                          "detail figures need a full-resolution cube.")
@@ -177,7 +177,7 @@ def plot_heads(cube, layer: int, heads, style: GridStyle | None = None, *, title
         label = f"L{layer} H{head}" + (f" / KV{group}" if cube.spec.group_size > 1 else "")
         _draw_matrix(ax, values[i], drawn[i], cmap=style.cmap, row_labels=_query_labels(cube), col_labels=cube.tokens,
                      show_rows=i == 0, title=label)
-    _colorbar(fig, bars[0], color, style.cmap, color.label())
+    _colorbar(fig, bars[0], color, style.cmap, color.label(QUANTITIES[cube.weighting]))
     _suptitle(fig, cube, title or (f"layer {layer}, head {heads[0]}" if len(heads) == 1 else f"layer {layer}"))
     return fig
 

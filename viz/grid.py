@@ -29,7 +29,7 @@ from llm_heatmap.probes.stream import downsample
 from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, plan_grid
 from .labels import fit_text, model_name, prompt_text, text_size, token_label
 from .png import png_bytes
-from .raster import (BACKGROUND, MASKED, ColorScale, compose, get_cmap, lookup_table, lut_index, normalise,
+from .raster import (BACKGROUND, MASKED, QUANTITIES, ColorScale, compose, get_cmap, lookup_table, lut_index, normalise,
                      normalise_difference, range_and_grey)
 from .style import GridStyle, style_of
 
@@ -176,7 +176,7 @@ def grid_thumbnail(cube, style: GridStyle | None = None, *, width: int = 420, he
     style = style.but(scale=style.resolved_scale(cube.pooling is not None or cube.num_keys > style.max_tokens))
     layers, heads = cube.num_layers, cube.num_heads
     cells = max(2, min(style.max_tokens, (height - layers + 1) // layers, (width - heads + 1) // heads))
-    index, _, _ = _cells(cube, None, style, cells)
+    index = _cells(cube, None, style, cells)[0]
     nq, nk = index.shape[-2:]
     c = max(1, min((height - layers + 1) // (layers * nq), (width - heads + 1) // (heads * nk)))
     rows, _ = axis_map(layers, nq, c, 1, [False] * layers, 1)
@@ -206,14 +206,14 @@ def _selected(cube, subtract, layers, heads):
 
 
 def _cells(cube, subtract, style: GridStyle, limit: int):
-    """(LUT index `"l h q k"` of every cell, the `ColorScale` used, whether the panels are pooled),
-    with long axes first area-pooled to at most `limit` entries."""
-    cube = downsample(cube, limit)
+    """(LUT index `"l h q k"` of every cell, the `ColorScale` used, whether the panels are pooled, what
+    the cells hold), with long axes first area-pooled to at most `limit` entries."""
+    cube = downsample(style.weighted(cube), limit)
     pooled = cube.pooling is not None
     values = cube.pattern.detach().float().cpu().numpy()
     drawn = cube.attendable().numpy()[:, None] if style.hide_unattendable else np.ones((1, 1) + values.shape[-2:], bool)
     if subtract is not None:
-        subtract = downsample(subtract, limit)
+        subtract = downsample(style.weighted(subtract), limit)
         values = values - subtract.pattern.detach().float().cpu().numpy()
         if style.hide_unattendable:
             drawn = drawn & subtract.attendable().numpy()[:, None]
@@ -227,7 +227,7 @@ def _cells(cube, subtract, style: GridStyle, limit: int):
     index = lut_index(normalised)
     index[~drawn] = BACKGROUND
     index[grey] = MASKED
-    return index, color, pooled
+    return index, color, pooled, QUANTITIES[cube.weighting]
 
 
 def _draw(cube, style: GridStyle, *, layers=None, heads=None, title=None, subtract=None,
@@ -245,12 +245,12 @@ def _draw(cube, style: GridStyle, *, layers=None, heads=None, title=None, subtra
         options["show_tokens"] = False
         plan, nq, nk = fit_cells(cube, nq, nk, style.cell_px, style.size, **options)
     pool_to = max(nq, nk) if (nq, nk) != (cube.num_queries, cube.num_keys) else limit
-    index, color, pooled = _cells(cube, subtract, style, pool_to)
+    index, color, pooled, quantity = _cells(cube, subtract, style, pool_to)
     if index.shape[-2:] != (nq, nk):  # unequal axes: pooling shrinks both to the larger bound
         nq, nk = index.shape[-2:]
         plan = plan_grid(cube, nq, nk, plan.c, **options)
 
-    scale_text = _scale_text(color, style.sink, pooled, (nq, nk))
+    scale_text = _scale_text(color, style.sink, pooled, (nq, nk), quantity)
     width = _image_size(plan, style.size)[0]
     lines = _title_lines(cube, title, scale_text, width - 2 * plan.pad, plan.title_px, subtract)
     if len(lines) != options["n_title_lines"]:
@@ -261,7 +261,7 @@ def _draw(cube, style: GridStyle, *, layers=None, heads=None, title=None, subtra
     raster = _draw_panels(figure, layout, plan, index, style, panels)
     _draw_title(put, layout, plan)
     _draw_axis_labels(put, layout, plan, cube)
-    _draw_colorbar(figure, layout, plan, color, style)
+    _draw_colorbar(figure, layout, plan, color, style, quantity)
     return DrawnGrid(figure, layout, raster)
 
 
@@ -356,7 +356,7 @@ def _draw_axis_labels(put, layout: GridLayout, plan: Plan, cube) -> None:
                     ha="center", va="top", rotation=90)
 
 
-def _draw_colorbar(figure, layout: GridLayout, plan: Plan, color: ColorScale, style: GridStyle) -> None:
+def _draw_colorbar(figure, layout: GridLayout, plan: Plan, color: ColorScale, style: GridStyle, quantity: str) -> None:
     gx1, gy0 = layout.grid_box[2], layout.grid_box[1]
     bar_h = plan.grid_h if plan.grid_h <= 1200 else max(1200, plan.grid_h // 2)
     bar_w = max(10, plan.label_px)
@@ -368,7 +368,7 @@ def _draw_colorbar(figure, layout: GridLayout, plan: Plan, color: ColorScale, st
     bar.ax.tick_params(labelsize=plan.label_px * 0.9 * 72 / DPI, length=plan.label_px * 0.4 * 72 / DPI,
                        width=max(0.5, plan.label_px / 20))
     bar.outline.set_linewidth(max(0.5, plan.label_px / 20))
-    label, label_px = color.label(), plan.label_px
+    label, label_px = color.label(quantity), plan.label_px
     while text_size(label, label_px)[0] > bar_h * 0.95 and label_px > MIN_LABEL_PX:
         label_px -= 0.5 * DPI / 72
     bar.set_label(fit_text(label, label_px, bar_h * 0.95), fontsize=label_px * 72 / DPI)
@@ -394,8 +394,10 @@ def _title_lines(cube, title, scale_text, width, px, subtract=None) -> list[str]
     return [fit_text(head, px * 1.1, width, "bold")] + [fit_text(line, px, width) for line in body]
 
 
-def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape) -> str:
+def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape, quantity: str) -> str:
     parts = [{"power": f"power {color.gamma:g}", "difference": "A − B, symmetric range"}.get(color.scale, color.scale)]
+    if quantity != QUANTITIES["weights"]:
+        parts.insert(0, f"norm-weighted {quantity}")
     if color.per_head:
         parts.append("range per head")
     if sink == "exclude":

@@ -79,6 +79,7 @@ def html_view(
     title: str | None = None,
     style: GridStyle | None = None,
     bits: int | None = None,
+    qk_maps=None,
     **style_options,
 ) -> HtmlView:
     """`cube` as one self-contained interactive HTML page (`HtmlView`: `.save(path)`, inline in notebooks).
@@ -90,6 +91,9 @@ def html_view(
     first-token handling and colormap, and axes longer than its `max_tokens` are area-pooled
     (`probes.stream.downsample`). `bits` (8 or 16) is the precision of the embedded weights;
     by default 16 where the page opens on a log scale (small weights matter there), else 8.
+    A cube with value norms gets a weights / norm-weighted switch (opening on `style.weighting`);
+    `qk_maps` (`analyses.qk_map` results, one per layer and KV group) adds each head's query-key map
+    to its zoomed view.
     """
     style = style_of(style, style_options)
     cube = downsample(cube.one_sequence(), style.max_tokens)
@@ -99,6 +103,9 @@ def html_view(
         raise InputError(f"bits={bits!r} is not supported; pass bits=8 (smaller file) or bits=16 (finer readout).")
 
     pattern = cube.pattern.detach().float().cpu()
+    norms = None if cube.value_norms is None else cube.value_norms.detach().float().cpu()
+    if style.weighting == "norms" and norms is None and cube.weighting != "norms":
+        cube.norm_weighted()  # raises: this cube holds no value norms
     mask = cube.attendable()
     data, scales = _quantize(pattern, mask, bits)
     packed = np.packbits(mask.numpy().reshape(mask.shape[0], -1), axis=1)
@@ -118,9 +125,13 @@ def html_view(
         "bits": bits,
         "scales": [float(s) for s in scales.reshape(-1)],
         "sinkColumn": cube.first_key,
-        "ranges": {sink: _ranges(pattern.numpy(), mask.numpy(), cube.first_key, sink) for sink in ("keep", "exclude")},
+        "weighting": cube.weighting,
+        "valueNorms": None if norms is None else base64.b64encode(norms.numpy().astype("<f4").tobytes()).decode("ascii"),
+        "ranges": _all_ranges(pattern, norms, mask, cube.first_key),
         "style": {"scale": scale, "gamma": style.gamma, "sink": style.sink, "perHead": style.per_head_range,
-                  "vmin": style.vmin, "vmax": style.vmax, "cmap": style.cmap, "logFloor": LOG_FLOOR},
+                  "vmin": style.vmin, "vmax": style.vmax, "cmap": style.cmap, "logFloor": LOG_FLOOR,
+                  "weighting": "norms" if norms is not None and style.weighting == "norms" else "weights"},
+        "qk": _qk_payload(qk_maps, cube),
         "cmaps": _colour_tables(style.cmap),
         "metrics": _metrics_payload(metrics, cube.layers, cube.heads),
     }
@@ -155,6 +166,33 @@ def _axis_labels(cube) -> tuple[list[dict], list[dict]]:
     home = (torch.searchsorted(keys.first, queries.first, right=True) - 1).clamp(0, cube.num_keys - 1).tolist()
     rows = [label(a, b, k) for k, a, b in zip(home, queries.first.tolist(), queries.last.tolist())]
     return rows, cols
+
+
+def _all_ranges(pattern: torch.Tensor, norms: torch.Tensor | None, mask: torch.Tensor, sink_column: int) -> dict:
+    """`_ranges` for each first-token handling, of the weights and (with value norms) of the norm-weighted pattern."""
+    patterns = {"weights": pattern.numpy()}
+    if norms is not None:
+        patterns["norms"] = (pattern * norms[:, :, None, :]).numpy()
+    return {weighting: {sink: _ranges(values, mask.numpy(), sink_column, sink) for sink in ("keep", "exclude")}
+            for weighting, values in patterns.items()}
+
+
+def _qk_payload(maps, cube) -> dict | None:
+    """Points of each (layer, KV group) map as base64 float32 `"n 2"`, queries head by head (the cube's
+    query rows in order), then the keys."""
+    if not maps:
+        return None
+    payload = {}
+    for qk in maps:
+        if qk.layer not in cube.layers:
+            continue
+        payload[f"{qk.layer},{qk.group}"] = {
+            "heads": [int(h) for h in qk.heads], "method": qk.method,
+            "explained": None if qk.explained is None else [float(x) for x in qk.explained],
+            "positions": [int(p) for p in qk.position.tolist()], "keys": int(qk.is_key.sum()),
+            "points": base64.b64encode(qk.points.float().numpy().astype("<f4").tobytes()).decode("ascii"),
+        }
+    return payload
 
 
 def _ranges(pattern: np.ndarray, mask: np.ndarray, sink_column: int, sink: str) -> dict:

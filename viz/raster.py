@@ -86,12 +86,13 @@ class ColorScale:
             return mcolors.PowerNorm(self.gamma, self.vmin, self.vmax)
         return mcolors.Normalize(self.vmin, self.vmax)
 
-    def label(self) -> str:
+    def label(self, quantity: str = "attention") -> str:
+        """The colorbar label for `quantity` (what the cells hold) on this scale."""
         if self.scale == "difference":
-            return "A − B, over each head's largest |A − B|" if self.per_head else "attention A − B"
+            return "A − B, over each head's largest |A − B|" if self.per_head else f"{quantity} A − B"
         if self.scale == "row":
-            return "attention / row maximum"
-        name = {"linear": "attention", "log": "attention (log)", "power": f"attention (power {self.gamma:g})"}[self.scale]
+            return f"{quantity} / row maximum"
+        name = {"linear": quantity, "log": f"{quantity} (log)", "power": f"{quantity} (power {self.gamma:g})"}[self.scale]
         return f"{name}, each head's own range" if self.per_head else name
 
 
@@ -153,6 +154,9 @@ def normalise_difference(values: np.ndarray, in_range: np.ndarray, *, vmax=None,
     if per_head:
         return out, ColorScale("difference", -bound, bound, per_head=True)
     return out, ColorScale("difference", -float(bound), float(bound))
+
+
+QUANTITIES = {"weights": "attention", "norms": "‖α f(x)‖"}
 
 
 def range_and_grey(drawn: np.ndarray, sink_column: int, sink: str) -> tuple[np.ndarray, np.ndarray]:

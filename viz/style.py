@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from llm_heatmap.errors import InputError
 
 SCALES = ("auto", "linear", "log", "power", "row")
+WEIGHTINGS = ("weights", "norms")
 SINK_MODES = ("keep", "exclude", "mask")
 BACKGROUNDS = ("white", "transparent")
 
@@ -41,6 +42,9 @@ class GridStyle:
       sliding window) draw as background instead of the lowest colour.
     - cell_px or size: pixels per token cell, or a target width / (width, height) in pixels
       (grid only; None picks a size near 2400 px on the long side).
+    - weighting: "weights" draws attention weights alpha_ij; "norms" draws the norm-weighted pattern
+      `||alpha_ij v_j W_O^h||` (Kobayashi et al. 2020), what each key's value really adds to the row's
+      output (needs a cube captured with value norms).
     """
 
     scale: str = "auto"
@@ -55,9 +59,11 @@ class GridStyle:
     hide_unattendable: bool = True
     cell_px: int | None = None
     size: int | tuple[int, int] | None = None
+    weighting: str = "weights"
 
     def __post_init__(self):
         _choice("scale", self.scale, SCALES)
+        _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("sink", self.sink, SINK_MODES)
         _choice("background", self.background, BACKGROUNDS)
         if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
@@ -88,6 +94,10 @@ class GridStyle:
         if unknown:
             raise InputError(f"{unknown[0]!r} is not a drawing option; use one of {', '.join(f.name for f in fields(self))}.")
         return replace(self, **changes) if changes else self
+
+    def weighted(self, cube):
+        """`cube` with the pattern this style draws: as captured, or norm-weighted (`cube.norm_weighted()`)."""
+        return cube.norm_weighted() if self.weighting == "norms" else cube
 
     def resolved_scale(self, downsampled: bool) -> str:
         """The scale actually drawn: "auto" is log where the panels are downsampled (a few near-1 cells

@@ -54,15 +54,21 @@ for (const [name, b64] of Object.entries(meta.cmaps)) {
 const style = meta.style;
 const GREY = (255 << 24) | (158 << 16) | (158 << 8) | 158;
 const opts = { cmap: style.cmap, scale: style.scale, gamma: style.gamma, range: style.perHead ? "head" : "shared",
-  sink: style.sink };
-function extremes(name) {  // "keep" ranges include the first-token column, "exclude" ranges do not
-  const r = meta.ranges[name];
-  return { high: r.high, low: r.low, maxHigh: Math.max(...r.high),
+  sink: style.sink, weighting: style.weighting };
+// value norms ||v_j W_O^h|| ("l h k"): the norm-weighted pattern is alpha_ij times the key's norm
+const norms = meta.valueNorms ? new Float32Array(fromBase64(meta.valueNorms).buffer) : null;
+function weight(l, h, k) { return opts.weighting === "norms" ? norms[(l * H + h) * K + k] : 1; }
+function extremes(r) {  // "keep" ranges include the first-token column, "exclude" ranges do not
+  return { high: r.high, low: r.low, maxHigh: Math.max(...r.high.map((v) => (v === null ? -Infinity : v))),
     minLow: Math.min(...r.low.map((v) => (v === null ? Infinity : v))) };
 }
-const rangeSets = { keep: extremes("keep"), exclude: extremes("exclude") };
+const rangeSets = {};
+for (const [weighting, sinks] of Object.entries(meta.ranges)) {
+  rangeSets[weighting] = { keep: extremes(sinks.keep), exclude: extremes(sinks.exclude) };
+}
 function headRange(l, h) {
-  const r = rangeSets[opts.sink === "keep" ? "keep" : "exclude"], i = l * H + h, perHead = opts.range === "head";
+  const r = rangeSets[opts.weighting][opts.sink === "keep" ? "keep" : "exclude"], i = l * H + h;
+  const perHead = opts.range === "head";
   let hi = style.vmax !== null ? style.vmax : (perHead ? r.high[i] : r.maxHigh);
   if (hi === null || !isFinite(hi)) hi = 1;
   let lo;
@@ -87,19 +93,21 @@ function headImage(l, h) {
   const image = new ImageData(K, Q), px = new Uint32Array(image.data.buffer);
   const lut = tables[opts.cmap], list = cells[l], base = offsets[l] + h * list.length;
   const step = meta.scales[l * H + h] / topLevel, sink = meta.sinkColumn;
+  const value = (c) => values[base + c] * step * weight(l, h, list[c] % K);
   const counted = (flat) => opts.sink === "keep" || flat % K !== sink;
   if (opts.scale === "row") {
     const rowMax = new Float64Array(Q);
     for (let c = 0; c < list.length; c++) {
-      if (counted(list[c])) rowMax[(list[c] / K) | 0] = Math.max(rowMax[(list[c] / K) | 0], values[base + c] * step);
+      const q = (list[c] / K) | 0;
+      if (counted(list[c])) rowMax[q] = Math.max(rowMax[q], value(c));
     }
     for (let c = 0; c < list.length; c++) {
       const m = rowMax[(list[c] / K) | 0];
-      px[list[c]] = lut[lutIndex(m > 0 ? values[base + c] * step / m : 0)];
+      px[list[c]] = lut[lutIndex(m > 0 ? value(c) / m : 0)];
     }
   } else {
     const [lo, hi] = headRange(l, h), norm = normaliser(lo, hi);
-    for (let c = 0; c < list.length; c++) px[list[c]] = lut[lutIndex(norm(values[base + c] * step))];
+    for (let c = 0; c < list.length; c++) px[list[c]] = lut[lutIndex(norm(value(c)))];
   }
   if (opts.sink === "mask") for (let c = 0; c < list.length; c++) if (list[c] % K === sink) px[list[c]] = GREY;
   return image;
@@ -136,6 +144,7 @@ function showToken(t) {
 function span(label) { return label.p[0] === label.p[1] ? `#${label.p[0]}` : `#${label.p[0]}–${label.p[1]}`; }
 $("title").textContent = meta.title;
 $("summary").textContent = `${meta.summary} · ${meta.tokens} tokens · ${L} layers × ${H} heads`
+  + (meta.weighting === "norms" ? " · norm-weighted ‖α f(x)‖" : "")
   + (meta.downsampled ? ` · downsampled to ${Q} × ${K} bins` : "");
 $("prompt").textContent = meta.prompt || "";
 document.title = meta.title;
@@ -298,11 +307,13 @@ function openZoom(l, h) {
   $("z-min").textContent = lo;
   $("z-max").textContent = hi;
   const sinkText = { keep: "", exclude: ", first token out of the range", mask: ", first token masked" }[opts.sink];
-  $("z-scale").textContent = `${opts.scale}${opts.scale === "power" ? " " + opts.gamma : ""}, `
+  $("z-scale").textContent = `${opts.weighting === "norms" ? "norm-weighted ‖α f(x)‖, " : ""}`
+    + `${opts.scale}${opts.scale === "power" ? " " + opts.gamma : ""}, `
     + `${opts.range === "shared" ? "shared" : "this head's"} colour range${sinkText}`
     + ` · weights embedded as ${meta.bits}-bit (±${fmt(scale / topLevel / 2)})`;
   $("z-readout").innerHTML = '<span class="muted">Hover a cell to read its weight.</span>';
   showMetrics(layer, head);
+  showQk(layer, head, meta.kv[h]);
 }
 function closeZoom() { $("zoom").hidden = true; }
 function showMetrics(layer, head) {
@@ -350,7 +361,79 @@ function hover(event) {
   codes[0].textContent = showToken(row.t); codes[1].textContent = showToken(col.t);
   out.querySelector(".value").innerHTML = v === null ? '<span class="muted">empty (masked: future, padding or outside the window)</span>' : `<b></b>`;
   if (v !== null) out.querySelector("b").textContent = fmt(v);
+  if (v !== null && norms) {
+    const weighted = v * norms[(zoom.l * H + zoom.h) * K + k];
+    out.dataset.weighted = weighted;
+    const line = document.createElement("div");
+    line.className = "muted";
+    line.textContent = `‖α f(x)‖ ${fmt(weighted)} (key's value norm ${fmt(norms[(zoom.l * H + zoom.h) * K + k])})`;
+    out.appendChild(line);
+  }
 }
+
+// ---- query-key map of the zoomed head's KV group ----
+const qkMaps = {};
+for (const [id, m] of Object.entries(meta.qk || {})) qkMaps[id] = { ...m, xy: new Float32Array(fromBase64(m.points).buffer) };
+const qk = { map: null, head: -1, placed: [] };
+function drawQk(hot) {
+  const canvas = $("z-qk"), ctx = canvas.getContext("2d"), m = qk.map, w = canvas.width, hgt = canvas.height;
+  ctx.clearRect(0, 0, w, hgt);
+  if (!m) return;
+  const n = m.positions.length, lut = tables[opts.cmap], last = Math.max(1, Math.max(...m.positions));
+  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+  for (let i = 0; i < n; i++) {
+    x0 = Math.min(x0, m.xy[2 * i]); x1 = Math.max(x1, m.xy[2 * i]);
+    y0 = Math.min(y0, m.xy[2 * i + 1]); y1 = Math.max(y1, m.xy[2 * i + 1]);
+  }
+  const span = Math.max(x1 - x0, y1 - y0) || 1, pad = 12, scale = (Math.min(w, hgt) - 2 * pad) / span;
+  const perHead = (n - m.keys) / m.heads.length;
+  qk.placed = [];
+  const colour = (p) => { const c = lut[Math.min(255, Math.floor(256 * p / last))]; return `rgb(${c & 255},${(c >> 8) & 255},${(c >> 16) & 255})`; };
+  for (let i = 0; i < n; i++) {
+    const isKey = i >= n - m.keys, head = isKey ? -1 : m.heads[Math.floor(i / perHead)];
+    const x = pad + (m.xy[2 * i] - x0) * scale, y = hgt - pad - (m.xy[2 * i + 1] - y0) * scale;
+    qk.placed.push({ x, y, isKey, head, position: m.positions[i] });
+    ctx.globalAlpha = isKey || head === qk.head ? 1 : 0.18;
+    ctx.fillStyle = colour(m.positions[i]);
+    ctx.beginPath();
+    if (isKey) { ctx.moveTo(x, y - 4.5); ctx.lineTo(x + 4, y + 3); ctx.lineTo(x - 4, y + 3); ctx.closePath(); }
+    else ctx.arc(x, y, 3.2, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+  ctx.globalAlpha = 1;
+  if (hot) {
+    ctx.strokeStyle = getComputedStyle(document.documentElement).getPropertyValue("--hot");
+    ctx.lineWidth = 2;
+    ctx.beginPath(); ctx.arc(hot.x, hot.y, 7, 0, 2 * Math.PI); ctx.stroke();
+  }
+}
+function showQk(layer, head, group) {
+  qk.map = qkMaps[`${layer},${group}`] || null;
+  qk.head = head;
+  for (const id of ["z-qk-title", "z-qk", "z-qk-readout"]) $(id).hidden = !qk.map;
+  if (!qk.map) return;
+  const shares = qk.map.explained ? `, PCA ${qk.map.explained.map((x) => Math.round(100 * x) + "%").join(" + ")}` : "";
+  $("z-qk-title").textContent = `Query-key map · KV group ${group}${shares}`;
+  $("z-qk-readout").textContent = "Dots: this head's queries (other heads of the group faint); triangles: keys. Hover a point.";
+  drawQk(null);
+}
+$("z-qk").addEventListener("mousemove", (event) => {
+  const rect = $("z-qk").getBoundingClientRect(), sx = $("z-qk").width / rect.width;
+  const x = (event.clientX - rect.left) * sx, y = (event.clientY - rect.top) * sx;
+  let best = null, bestD = 64;
+  for (const p of qk.placed) {
+    if (!p.isKey && p.head !== qk.head) continue;
+    const d = (p.x - x) ** 2 + (p.y - y) ** 2;
+    if (d < bestD) { best = p; bestD = d; }
+  }
+  if (!best) return;
+  drawQk(best);
+  const token = showToken(meta.cols[best.position] ? meta.cols[best.position].t : `#${best.position}`);
+  const out = $("z-qk-readout");
+  out.dataset.kind = best.isKey ? "key" : "query";
+  out.dataset.position = best.position;
+  out.textContent = `${best.isKey ? "key" : `query (H${best.head})`} ${token} #${best.position}`;
+});
 $("z-canvas").addEventListener("mousemove", hover);
 $("z-close").addEventListener("click", closeZoom);
 function setCell(cell) { zoom.cell = Math.max(2, Math.min(48, cell)); layoutZoom(); }
@@ -375,7 +458,9 @@ document.addEventListener("keydown", (e) => {
 for (const name of Object.keys(tables)) $("o-cmap").add(new Option(name, name));
 $("o-cmap").value = opts.cmap;
 if (![...$("o-gamma").options].some((o) => +o.value === opts.gamma)) $("o-gamma").add(new Option(String(opts.gamma), String(opts.gamma)));
-for (const [id, key] of [["o-scale", "scale"], ["o-gamma", "gamma"], ["o-range", "range"], ["o-sink", "sink"]]) {
+$("o-weighting-box").hidden = !norms;
+for (const [id, key] of [["o-scale", "scale"], ["o-gamma", "gamma"], ["o-range", "range"], ["o-sink", "sink"],
+                         ["o-weighting", "weighting"]]) {
   $(id).value = String(opts[key]);
   $(id).addEventListener("change", (e) => { opts[key] = key === "gamma" ? +e.target.value : e.target.value; rerender(); });
 }
