@@ -9,7 +9,8 @@ The rule is transformers' mask: key j is attendable from query i when both are r
 `j <= i` for a causal model, and `i - j < window` on a sliding-window layer. A pooled cell (A, B)
 is attendable when some query of A may attend some key of B: both hold a real position, causally
 `first(B) <= last(A)`, and with a window `first(A) - last(B) < window`. For full resolution
-these are the same test.
+these are the same test. Either way the keys a query entry may attend are one contiguous range of
+key entries (`key_ranges`) minus the padding, which lets metrics work on ranges instead of masks.
 
 Binning: n positions go into `m = min(n, max_size)` bins, position i into bin `i * m // n`, so bins
 hold floor(n/m) or ceil(n/m) consecutive positions. Pooling averages the query rows of a bin and
@@ -46,6 +47,22 @@ class Spans:
         return len(self.first)
 
 
+def key_ranges(spec, layer: int, queries: Spans, keys: Spans) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), long `[q]` each: query entry i may attend key entries `lo[i]..hi[i]` (inclusive; none
+    when hi < lo) of `layer`, padding aside: causally those with `first(B) <= last(A)`, with a
+    window those with `first(A) - last(B) < window` (module doc). Key spans must be in order."""
+    if spec.causal:
+        hi = torch.searchsorted(keys.first, queries.last, right=True) - 1
+    else:
+        hi = torch.full((len(queries),), len(keys) - 1, dtype=torch.long)
+    window = spec.window(layer)
+    if window:
+        lo = torch.searchsorted(keys.last, queries.first - window, right=True)
+    else:
+        lo = torch.zeros(len(queries), dtype=torch.long)
+    return lo, hi
+
+
 def attendable(spec, layers, queries: Spans, keys: Spans, key_real: torch.Tensor,
                query_real: torch.Tensor | None = None) -> torch.Tensor:
     """bool `"l q k"`: which (query entry, key entry) cells of each layer may carry attention (module doc).
@@ -56,13 +73,11 @@ def attendable(spec, layers, queries: Spans, keys: Spans, key_real: torch.Tensor
     base = key_real[None, :].expand(len(queries), -1)
     if query_real is not None:
         base = base & query_real.bool().cpu()[:, None]
-    if spec.causal:
-        base = base & (keys.first[None, :] <= queries.last[:, None])
-    distance = queries.first[:, None] - keys.last[None, :]  # the smallest i - j of a cell
+    index = torch.arange(len(keys))
     masks = []
     for layer in layers:
-        window = spec.window(layer)
-        masks.append(base & (distance < window) if window else base)
+        lo, hi = key_ranges(spec, layer, queries, keys)
+        masks.append(base & (index[None, :] >= lo[:, None]) & (index[None, :] <= hi[:, None]))
     return torch.stack(masks)
 
 
