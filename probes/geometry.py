@@ -107,10 +107,14 @@ def edges_index(edges) -> torch.Tensor:
 def pool_sums(values: torch.Tensor, row_bins: torch.Tensor, num_row_bins: int, key_bins: torch.Tensor,
               num_key_bins: int) -> torch.Tensor:
     """`"... q k -> ... a b"`: the sum of every (row bin, key bin) block; `row_bins`/`key_bins` give
-    each row's and key's bin (rows may be a block of the axis, with their bins)."""
+    each row's and key's bin (rows may be a block of the axis, with their bins).
+
+    Whole rows are added into their bins first (contiguous, fast), so the key axis, whose bins are
+    gathered column by column, is pooled on the already pooled rows only.
+    """
     shape = values.shape[:-2]
-    keys = values.new_zeros(*shape, values.shape[-2], num_key_bins).index_add_(-1, key_bins.to(values.device), values)
-    return keys.new_zeros(*shape, num_row_bins, num_key_bins).index_add_(-2, row_bins.to(values.device), keys)
+    rows = values.new_zeros(*shape, num_row_bins, values.shape[-1]).index_add_(-2, row_bins.to(values.device), values)
+    return rows.new_zeros(*shape, num_row_bins, num_key_bins).index_add_(-1, key_bins.to(values.device), rows)
 
 
 def area_pool(values: torch.Tensor, row_edges, key_edges, row_weights: torch.Tensor | None = None) -> torch.Tensor:
