@@ -31,8 +31,17 @@ real key position (position 0 without left padding).
 - n_rows: |R|.
 
 Every quantity is a sum over rows divided by a count, so feeding a cube in any split of
-layers and row blocks gives the same table (up to float64 summation order): each row is
-computed in float32 on its own, sums over rows accumulate in float64.
+layers and row blocks gives the same table up to float32 rounding: a block of rows is reduced
+in float32, the sums over blocks accumulate in float64.
+
+How (`HeadMetricsReducer.consume`): per layer and block of rows, a few passes over the block's
+weights `"h q k"`, restricted to the keys the rows may attend (`row_blocks.RowBlock`; a causal
+block never reads the keys after its last row): the row maxima, -sum A ln A, one matmul with a
+few key features shared by all rows (mass, distance and segment of the keys before the block's
+first row, special tokens), the distance and segment of the keys from the first row on (a
+square for a causal block), one gather for the previous / current / next / sink / 0th key, the
+duplicate-token and induction pairs, and the column sums. Everything stays on the device of the
+parts until `table()`.
 """
 
 from __future__ import annotations
@@ -43,8 +52,10 @@ import torch
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
-from .head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep
-from .patterns import classify_heads, segment_ids, special_token_mask
+from .head_detector import DETECTORS, SCORE_COLUMNS
+from .patterns import classify_heads
+from .row_blocks import (ALL, FAR, FAR_DISTANCE, FAR_SEGMENT, FIRST, PREVIOUS, SPECIAL, UNIFORM_TOTALS, RowBlock,
+                         SequenceIndex)
 from .sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
@@ -58,18 +69,15 @@ COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_sco
 
 
 class _LayerSums:
-    def __init__(self, heads: int, keys: int):
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
-        self.rows = zeros(())
-        self.sums = {name: zeros(heads) for name in _ROW_MEANS}
-        self.uniform_local = zeros(())
-        self.uniform_block = zeros(())
+    def __init__(self, heads: int, keys: int, device):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+        self.means = zeros(len(_ROW_MEANS), heads)  # the row sums of every `_ROW_MEANS` metric
+        self.totals = zeros(len(UNIFORM_TOTALS))
         self.block = zeros(heads)
         self.sink = zeros(2, heads)
-        self.sink_rows = zeros(2)
         self.column = zeros(heads, keys)
-        self.column_rows = zeros(keys)
-        self.column_uniform = zeros(keys)
+        # the spread rows that may attend each key, and their 1 / n_i, as steps along the key axis
+        self.column_steps = zeros(2, keys + 1)
         self.detector = zeros(heads, len(DETECTORS))
         self.detector_total = zeros(heads)
 
@@ -81,6 +89,8 @@ class HeadMetricsReducer:
     `capture(consumers=[...])` delivers them); all parts must hold the same heads and keys.
     """
 
+    takes_trimmed_parts = True
+
     def __init__(self, *, sink_threshold: float = SINK_THRESHOLD, exclude_bos: bool = False,
                  exclude_current_token: bool = False, thresholds: dict | None = None):
         self.sink_threshold = sink_threshold
@@ -89,6 +99,7 @@ class HeadMetricsReducer:
         self.thresholds = thresholds
         self._layers: dict[int, _LayerSums] = {}
         self._context = None
+        self._blocks: dict[tuple, RowBlock] = {}
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:
@@ -96,116 +107,92 @@ class HeadMetricsReducer:
         if part.pooling is not None:
             raise InputError("this cube is area-pooled, so per-head metrics would mix tokens; measure the full cube.")
         context = self._prepare(part)
-        attendable = part.attendable()
+        real = part.query_mask.bool().cpu()
+        rows = None if bool(real.all()) else real.nonzero().squeeze(-1)
+        positions = part.query_positions.long().cpu()
+        positions = positions if rows is None else positions[rows]
+        info = part.stream
+        width = part.pattern.shape[-1] if info is None or info.key_stop is None else min(part.pattern.shape[-1], info.key_stop)
+        device = part.pattern.device
         for index, layer in enumerate(part.layers):
-            sums = self._layers.setdefault(layer, _LayerSums(part.num_heads, part.num_keys))
-            self._accumulate(sums, part.pattern[index], attendable[index], part, context)
+            sums = self._layers.get(layer)
+            if sums is None:
+                sums = self._layers[layer] = _LayerSums(part.num_heads, part.num_keys, device)
+            if not len(positions):
+                continue
+            weights = part.pattern[index] if rows is None else part.pattern[index].index_select(1, rows.to(device))
+            self._accumulate(sums, weights, self._block(part, layer, positions, width, context))
 
     def finish(self) -> None:
         """Nothing to flush; present so the reducer fits the consumer protocol."""
 
-    def _prepare(self, part):
-        key_mask = part.key_mask.bool()
+    def _prepare(self, part) -> dict:
+        context = self._context
+        if context is not None:
+            if not (context["heads"] == tuple(part.heads) and _same(context["token_ids"], part.token_ids)
+                    and _same(context["key_mask"], part.key_mask)):
+                raise InputError("parts fed to one HeadMetricsReducer must hold the same heads and sequence; use one reducer per prompt.")
+            return context
+        key_mask = part.key_mask.cpu().bool()
         if len(part.tokens) != part.num_keys or len(part.token_ids) != part.num_keys:
             raise InputError(f"the cube has {part.num_keys} keys but {len(part.tokens)} tokens; they must match.")
-        signature = (tuple(part.heads), part.num_keys, tuple(key_mask.tolist()), tuple(part.token_ids.tolist()))
-        if self._context is not None:
-            if self._context["signature"] != signature:
-                raise InputError("parts fed to one HeadMetricsReducer must hold the same heads and sequence; use one reducer per prompt.")
-            return self._context
         if not key_mask.any():
             raise InputError("the cube has no real (non-padding) key; pass a cube with at least one token.")
-        segments = segment_ids(part.tokens)
         self._context = {
-            "signature": signature,
+            "token_ids": part.token_ids,
+            "key_mask": part.key_mask,
             "spec": part.spec,
             "heads": tuple(part.heads),
-            "first": part.first_key,
-            "special": special_token_mask(part.tokens),
-            "segments": segments,
+            "sequence": SequenceIndex.build(part.tokens, part.token_ids, key_mask),
         }
         return self._context
 
-    def _rows(self, attendable: torch.Tensor, part, context) -> dict:
-        """Everything about a block of rows that does not depend on the heads; reused across
-        layers with the same mask (cache of one: streaming parts come layer by layer)."""
-        key = (tuple(part.query_positions.tolist()), tuple(part.query_mask.tolist()), attendable.numpy().tobytes())
-        cached = context.get("rows")
-        if cached is not None and cached["key"] == key:
-            return cached
-        mask = attendable  # q k
-        n = mask.sum(-1)
-        positions = part.query_positions.long()
-        distance = (positions[:, None] - torch.arange(part.num_keys)[None, :]).abs()
-        segments = context["segments"]
-        keep = detector_keep(positions, part.num_keys, part.key_mask, part.query_mask,
-                             self.exclude_bos, self.exclude_current_token)
-        features = torch.stack([
-            distance * mask,
-            mask & (distance <= 1),
-            mask & (segments[positions][:, None] == segments[None, :]),
-            mask & context["special"][None, :],
-            *(detection_rows(part.token_ids, positions) * keep),
-            keep,
-        ], -1).float()
-        n_safe = n.clamp(min=2).double()
-        spread = (n >= 2).double()
-        rows = {
-            "key": key, "mask": mask, "positions": positions, "spread": spread, "n_safe": n_safe,
-            "features": features, "mask_float": mask.float(),
-            "counts": features.double().sum(1).T,  # f q: the same masses under uniform weights x n_i
-            "column_rows": mask.double().T @ spread,
-            "column_uniform": (mask.double() / n_safe[:, None]).T @ spread,
-        }
-        context["rows"] = rows
-        return rows
+    def _block(self, part, layer: int, positions: torch.Tensor, width: int, context: dict) -> RowBlock:
+        """The `RowBlock` of these rows, shared by every layer with the same window (cached per prompt)."""
+        key = (part.spec.window(layer), width, positions.numpy().tobytes())
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = RowBlock.build(
+                part.spec, layer, positions, context["sequence"], width, part.pattern.device,
+                exclude_bos=self.exclude_bos, exclude_current_token=self.exclude_current_token)
+        return block
 
-    def _accumulate(self, sums: _LayerSums, pattern: torch.Tensor, attendable: torch.Tensor, part, context) -> None:
-        block = self._rows(attendable, part, context)
-        mask, positions, spread, n_safe, counts = (block[k] for k in ("mask", "positions", "spread", "n_safe", "counts"))
-        # float32 per row (each row's numbers do not depend on the block it came in);
-        # everything summed over rows in float64
-        weights = pattern.float() * block["mask_float"]  # h q k
-        # every "mass on a key set" metric is one batched matmul over rows: "h q k, q k f -> q h f"
-        masses = torch.bmm(weights.transpose(0, 1), block["features"]).permute(2, 1, 0).double()  # f h q
-        # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0 (faster than xlogy)
-        entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum(-1).double()  # h q
-        per_row = {
-            "entropy": entropy,
-            "norm_entropy": entropy / n_safe.log(),
-            "effective_keys": entropy.exp(),
-            "effective_keys_frac": entropy.exp() / n_safe,
-            "max_weight": weights.amax(-1).double(),
-        }
-        for name, offset in (("prev_token_mass", -1), ("current_token_mass", 0), ("next_token_mass", 1)):
-            target = positions + offset
-            valid = (target >= 0) & (target < part.num_keys)
-            column = target.clamp(0, part.num_keys - 1)
-            picked = weights.gather(-1, column[None, :, None].expand(weights.shape[0], -1, 1)).squeeze(-1)
-            per_row[name] = picked.double() * valid
-        per_row["mean_distance"] = masses[0]
-        per_row["distance_ratio"] = masses[0] / (counts[0] / n_safe).clamp(min=1e-12)
-        per_row["special_mass"] = masses[3]
-        per_row["local_mass"] = masses[1]
-        for name, values in per_row.items():
-            sums.sums[name] += values @ spread
-        sums.rows += spread.sum()
-        sums.uniform_local += (counts[1] / n_safe) @ spread
-        sums.block += masses[2] @ spread
-        sums.uniform_block += (counts[2] / n_safe) @ spread
+    def _accumulate(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock) -> None:
+        """Add one layer's block of rows, `weights` `"h q k"`, to the layer's sums."""
+        weights = weights[..., block.key_start:block.key_stop].float()
+        if not block.outside_is_zero(weights):
+            weights = weights * block.inside(weights.device)
+        heads, rows = weights.shape[:2]
+        peak = weights.amax(-1)  # h q
+        masses = torch.matmul(weights, block.features).double()  # "h q k, k f -> h q f"
+        near = weights[..., block.near_start - block.key_start:]
+        picked = weights.gather(-1, block.picks.expand(heads, -1, -1)).mul_(block.pick_valid)  # h q 5
+        # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
+        entropy = -weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights).sum(-1).double()
+        per_row = torch.empty(len(_ROW_MEANS), heads, rows, dtype=torch.float64, device=weights.device)
+        per_row[0] = entropy
+        torch.div(entropy, block.log_keys, out=per_row[1])
+        torch.exp(entropy, out=per_row[2])
+        torch.div(per_row[2], block.keys, out=per_row[3])
+        per_row[4] = peak
+        per_row[5:8] = picked[..., PREVIOUS:PREVIOUS + 3].permute(2, 0, 1)
+        torch.sum(per_row[5:8], 0, out=per_row[11])  # |q_i - j| <= 1: the previous, current and next key
+        torch.add(masses[..., FAR_DISTANCE], torch.linalg.vecdot(near, block.near_distance), out=per_row[8])
+        per_row[8].addcmul_(masses[..., FAR], block.offset)
+        torch.div(per_row[8], block.uniform_distance, out=per_row[9])
+        per_row[10] = masses[..., SPECIAL]
+        sums.means += per_row @ block.spread64
+        segment = torch.linalg.vecdot(near, block.near_segment).double().addcmul_(masses[..., FAR_SEGMENT], block.in_first_segment)
+        sums.block += segment @ block.spread64
+        sums.sink += block.sink_rows @ picked[..., FIRST].double().T
+        sums.totals += block.totals
+        sums.column[:, block.key_start:block.key_stop] += torch.matmul(block.spread, weights).double()  # "q, h q k -> h k"
+        sums.column_steps.index_add_(1, block.column_index, block.column_steps)
 
-        first = context["first"]
-        sees = mask[:, first]
-        for slot, rows in enumerate((sees, sees & (positions != first))):
-            sums.sink[slot] += weights[:, :, first].double() @ rows.double()
-            sums.sink_rows[slot] += rows.sum()
-
-        sums.column += torch.matmul(spread, weights.double())  # "q, h q k -> h k"
-        sums.column_rows += block["column_rows"]
-        sums.column_uniform += block["column_uniform"]
-
-        sums.detector += masses[4:4 + len(DETECTORS)].sum(-1).T
-        sums.detector_total += masses[4 + len(DETECTORS)].sum(-1)
+        sums.detector[:, 0] += picked[..., PREVIOUS] @ block.previous_kept
+        for slot, (pair_rows, pair_keys) in enumerate((block.duplicate, block.induction), start=1):
+            sums.detector[:, slot] += weights[:, pair_rows, pair_keys].sum(-1)
+        sums.detector_total += masses[..., ALL].sum(-1) - (picked * block.detector_dropped).sum((-1, -2))
 
     # ---- result ------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
@@ -216,45 +203,52 @@ class HeadMetricsReducer:
         frames = []
         for layer in sorted(self._layers):
             s = self._layers[layer]
-            if s.rows == 0:
+            totals = dict(zip(UNIFORM_TOTALS, s.totals))
+            rows = totals["rows"]
+            if rows == 0:
                 raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
             columns = {"layer": [layer] * len(heads), "head": list(heads),
                        "kv_group": [spec.kv_group(h) for h in heads]}
-            means = {name: (total / s.rows) for name, total in s.sums.items()}
+            means = {name: total / rows for name, total in zip(_ROW_MEANS, s.means)}
             for name in _ROW_MEANS[:5]:
                 columns[name] = means[name]
-            sink = torch.where(s.sink_rows[:, None] > 0, s.sink / s.sink_rows.clamp(min=1)[:, None], torch.zeros_like(s.sink))
+            sink_rows = s.totals[-2:, None]
+            sink = torch.where(sink_rows > 0, s.sink / sink_rows.clamp(min=1), torch.zeros_like(s.sink))
             columns["sink_score"], columns["sink_score_no_q0"] = sink[0], sink[1]
-            columns["sink_head"] = (sink[1] >= self.sink_threshold).numpy()
+            columns["sink_head"] = (sink[1] >= self.sink_threshold).cpu().numpy()
             for name in _ROW_MEANS[5:]:
                 columns[name] = means[name]
-            columns["diagonal_score"] = means["local_mass"] - s.uniform_local / s.rows
-            columns["block_score"] = s.block / s.rows - s.uniform_block / s.rows
-            seen = s.column_rows >= 0.5 * s.column_rows.max()
-            lift = (s.column - s.column_uniform) / s.column_rows.clamp(min=1)
+            columns["diagonal_score"] = means["local_mass"] - totals["uniform_local"] / rows
+            columns["block_score"] = s.block / rows - totals["uniform_block"] / rows
+            column_rows, column_uniform = s.column_steps.cumsum(1)[:, :-1] * self._context["sequence"].real.to(s.column.device)
+            seen = column_rows >= 0.5 * column_rows.max()
+            lift = (s.column - column_uniform) / column_rows.clamp(min=1)
             lift = lift.masked_fill(~seen, float("-inf"))
             best = lift.max(-1)
-            columns["vertical_score"], columns["vertical_key"] = best.values, best.indices.numpy()
+            columns["vertical_score"], columns["vertical_key"] = best.values, best.indices.cpu().numpy()
             detector = s.detector / s.detector_total[:, None]
             for i, name in enumerate(SCORE_COLUMNS):
                 columns[name] = detector[:, i]
-            columns["n_rows"] = [int(s.rows)] * len(heads)
-            frames.append(pd.DataFrame({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
+            columns["n_rows"] = [int(rows)] * len(heads)
+            frames.append(pd.DataFrame({k: (v.cpu().numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
         table = pd.concat(frames, ignore_index=True)
         table["pattern_class"] = classify_heads(table, self.thresholds)
         return table[list(COLUMNS)]
+
+
+def _same(kept: torch.Tensor, new: torch.Tensor) -> bool:
+    """Parts of one capture share these tensors, so identity answers without comparing every key."""
+    return kept is new or (kept.shape == new.shape and torch.equal(kept.cpu().long(), new.cpu().long()))
 
 
 @per_sequence
 def head_metrics(cube, *, row_block: int | None = None, **options) -> pd.DataFrame:
     """Per-head metrics of a cube: its layers, in row blocks, through `HeadMetricsReducer`.
 
-    `row_block` rows per part (default: as many as keep a part near 64 MiB of float32);
+    `row_block` rows per part (default: the streaming capture's row blocks, `stream.auto_chunk_rows`);
     `options` go to `HeadMetricsReducer` (sink_threshold, exclude_bos, exclude_current_token,
     thresholds).
     """
-    if row_block is None:
-        row_block = max(1, (64 << 20) // (4 * max(1, cube.num_heads * cube.num_keys)))
     reducer = HeadMetricsReducer(**options)
     replay(cube, [reducer], chunk_rows=row_block)
     return reducer.table()

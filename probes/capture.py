@@ -142,6 +142,7 @@ class Probe:
         self.last_queries = None if last_queries is None else int(last_queries)
         self.dtype = dtype
         self.consumers = list(consumers or [])
+        self._trimmed_parts = all(getattr(consumer, "takes_trimmed_parts", False) for consumer in self.consumers)
         self.keep = keep
         self.chunk_rows = chunk_rows
         self.max_bytes = max_bytes
@@ -156,7 +157,7 @@ class Probe:
         self._pending: set[nn.Module] = set()
         self._positions: torch.Tensor | None = None
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        self._part_tokens = None
+        self._sequence: dict | None = None
 
     def _module(self, layer: int) -> nn.Module:
         try:
@@ -235,7 +236,7 @@ class Probe:
         self._seen.clear()
         self._buffer = None
         self._positions = None
-        self._part_tokens = None
+        self._sequence = None
 
     def _on_kernel(self, module, kernel, query, key, mask, arguments) -> None:
         layer = self._modules[module]
@@ -260,15 +261,21 @@ class Probe:
             for start in range(first_row, queries, step):
                 stop = min(queries, start + step)
                 block = call.pattern(self._head_index, start, stop, pad=False)
+                width = block.shape[-1]
                 if self.keep:
                     rows = buffer[:, slot, :, start - first_row : stop - first_row]
-                    rows[..., : block.shape[-1]] = block
-                    rows[..., block.shape[-1] :] = 0
+                    rows[..., :width] = block
+                    rows[..., width:] = 0
                 if self.consumers:
-                    if block.shape[-1] < keys:
-                        block = torch.nn.functional.pad(block, (0, keys - block.shape[-1]))
-                    part = self._part(layer, block.to(self.dtype), positions[start - first_row : stop - first_row],
-                                      start - first_row, len(positions))
+                    if self.keep:
+                        pattern = rows
+                    elif self._trimmed_parts:
+                        pattern = block.to(self.dtype)
+                    else:
+                        pattern = torch.nn.functional.pad(block, (0, keys - width)).to(self.dtype)
+                    stream = StreamPart(pass_index=self._pass, row_start=start - first_row, row_stop=stop - first_row,
+                                        num_queries=len(positions), key_stop=width)
+                    part = self._part(layer, pattern, positions[start - first_row : stop - first_row], stream, keys)
                     for consumer in self.consumers:
                         consumer.consume(part)
                 del block
@@ -287,30 +294,33 @@ class Probe:
         return self._buffer
 
     # ---- results -------------------------------------------------------------------------
-    def _part(self, layer: int, block: torch.Tensor, positions: torch.Tensor, row_start: int, rows: int) -> AttentionCube:
-        ids, mask = self._inputs
-        keys = block.shape[-1]
-        if ids is not None and ids.ndim == 2 and ids.shape[-1] == keys:
-            token_ids = ids[0].detach().cpu()
-        else:
-            token_ids = torch.zeros(0, dtype=torch.long)
-        key_mask = mask[0].detach().cpu().bool() if mask is not None and mask.ndim == 2 and mask.shape[-1] == keys \
-            else torch.ones(keys, dtype=torch.bool)
-        if self._part_tokens is None:
-            self._part_tokens = token_strings(token_ids, self.tokenizer)
+    def _part(self, layer: int, pattern: torch.Tensor, positions: torch.Tensor, stream: StreamPart,
+              keys: int) -> AttentionCube:
+        """One layer's block of rows, on the device it was computed on; the sequence fields are built
+        once per pass."""
+        if self._sequence is None:
+            ids, mask = self._inputs
+            if ids is not None and ids.ndim == 2 and ids.shape[-1] == keys:
+                token_ids = ids[0].detach().cpu()
+            else:
+                token_ids = torch.zeros(0, dtype=torch.long)
+            key_mask = mask[0].detach().cpu().bool() if mask is not None and mask.ndim == 2 and mask.shape[-1] == keys \
+                else torch.ones(keys, dtype=torch.bool)
+            self._sequence = {"tokens": token_strings(token_ids, self.tokenizer), "token_ids": token_ids,
+                              "key_mask": key_mask, "metadata": self._metadata()}
+        sequence = self._sequence
         return AttentionCube(
-            pattern=block.cpu(),
+            pattern=pattern,
             spec=self.spec,
-            tokens=self._part_tokens,
-            token_ids=token_ids,
+            tokens=sequence["tokens"],
+            token_ids=sequence["token_ids"],
             layers=(layer,),
             heads=self.heads,
             query_positions=positions,
-            key_mask=key_mask,
-            query_mask=key_mask[positions],
-            metadata=self._metadata(),
-            stream=StreamPart(pass_index=self._pass, row_start=row_start, row_stop=row_start + block.shape[-2],
-                              num_queries=rows),
+            key_mask=sequence["key_mask"],
+            query_mask=sequence["key_mask"][positions],
+            metadata=dict(sequence["metadata"]),
+            stream=stream,
         )
 
     def _metadata(self) -> dict:

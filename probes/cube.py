@@ -68,12 +68,17 @@ class Pooling:
 @dataclass(frozen=True)
 class StreamPart:
     """Where a streamed part sits: query rows `row_start:row_stop` of the `num_queries` rows of one
-    layer of forward pass `pass_index` (see `stream.py`)."""
+    layer of forward pass `pass_index` (see `stream.py`).
+
+    `key_stop`: every key from this one on has weight 0 in every row of the part (the capture did not
+    compute them); a part sent to a consumer that takes trimmed parts holds only the keys before it.
+    """
 
     pass_index: int
     row_start: int
     row_stop: int
     num_queries: int
+    key_stop: int | None = None
 
 
 @dataclass
@@ -145,7 +150,8 @@ class AttentionCube:
 
     @property
     def num_keys(self) -> int:
-        return self.pattern.shape[-1]
+        """Entries of the key axis (a trimmed streamed part holds only the first `stream.key_stop` of them)."""
+        return self.key_mask.shape[-1]
 
     @property
     def num_tokens(self) -> int:

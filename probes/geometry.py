@@ -9,7 +9,8 @@ The rule is transformers' mask: key j is attendable from query i when both are r
 `j <= i` for a causal model, and `i - j < window` on a sliding-window layer. A pooled cell (A, B)
 is attendable when some query of A may attend some key of B: both hold a real position, causally
 `first(B) <= last(A)`, and with a window `first(A) - last(B) < window`. For full resolution
-these are the same test.
+these are the same test. Either way the keys a query entry may attend are one contiguous range of
+key entries (`key_ranges`) minus the padding, which lets metrics work on ranges instead of masks.
 
 Binning: n positions go into `m = min(n, max_size)` bins, position i into bin `i * m // n`, so bins
 hold floor(n/m) or ceil(n/m) consecutive positions. Pooling averages the query rows of a bin and
@@ -46,6 +47,22 @@ class Spans:
         return len(self.first)
 
 
+def key_ranges(spec, layer: int, queries: Spans, keys: Spans) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), long `[q]` each: query entry i may attend key entries `lo[i]..hi[i]` (inclusive; none
+    when hi < lo) of `layer`, padding aside: causally those with `first(B) <= last(A)`, with a
+    window those with `first(A) - last(B) < window` (module doc). Key spans must be in order."""
+    if spec.causal:
+        hi = torch.searchsorted(keys.first, queries.last, right=True) - 1
+    else:
+        hi = torch.full((len(queries),), len(keys) - 1, dtype=torch.long)
+    window = spec.window(layer)
+    if window:
+        lo = torch.searchsorted(keys.last, queries.first - window, right=True)
+    else:
+        lo = torch.zeros(len(queries), dtype=torch.long)
+    return lo, hi
+
+
 def attendable(spec, layers, queries: Spans, keys: Spans, key_real: torch.Tensor,
                query_real: torch.Tensor | None = None) -> torch.Tensor:
     """bool `"l q k"`: which (query entry, key entry) cells of each layer may carry attention (module doc).
@@ -56,13 +73,11 @@ def attendable(spec, layers, queries: Spans, keys: Spans, key_real: torch.Tensor
     base = key_real[None, :].expand(len(queries), -1)
     if query_real is not None:
         base = base & query_real.bool().cpu()[:, None]
-    if spec.causal:
-        base = base & (keys.first[None, :] <= queries.last[:, None])
-    distance = queries.first[:, None] - keys.last[None, :]  # the smallest i - j of a cell
+    index = torch.arange(len(keys))
     masks = []
     for layer in layers:
-        window = spec.window(layer)
-        masks.append(base & (distance < window) if window else base)
+        lo, hi = key_ranges(spec, layer, queries, keys)
+        masks.append(base & (index[None, :] >= lo[:, None]) & (index[None, :] <= hi[:, None]))
     return torch.stack(masks)
 
 
@@ -92,10 +107,14 @@ def edges_index(edges) -> torch.Tensor:
 def pool_sums(values: torch.Tensor, row_bins: torch.Tensor, num_row_bins: int, key_bins: torch.Tensor,
               num_key_bins: int) -> torch.Tensor:
     """`"... q k -> ... a b"`: the sum of every (row bin, key bin) block; `row_bins`/`key_bins` give
-    each row's and key's bin (rows may be a block of the axis, with their bins)."""
+    each row's and key's bin (rows may be a block of the axis, with their bins).
+
+    Whole rows are added into their bins first (contiguous, fast), so the key axis, whose bins are
+    gathered column by column, is pooled on the already pooled rows only.
+    """
     shape = values.shape[:-2]
-    keys = values.new_zeros(*shape, values.shape[-2], num_key_bins).index_add_(-1, key_bins.to(values.device), values)
-    return keys.new_zeros(*shape, num_row_bins, num_key_bins).index_add_(-2, row_bins.to(values.device), keys)
+    rows = values.new_zeros(*shape, num_row_bins, values.shape[-1]).index_add_(-2, row_bins.to(values.device), values)
+    return rows.new_zeros(*shape, num_row_bins, num_key_bins).index_add_(-1, key_bins.to(values.device), rows)
 
 
 def area_pool(values: torch.Tensor, row_edges, key_edges, row_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,6 +3,10 @@
 A *part* is an unbatched `AttentionCube` holding ONE layer and a block of query rows
 (`"1 h q k"`, all keys); `part.stream` (a `StreamPart`) says which pass it belongs to and which
 rows of how many it holds. Parts arrive in layer order, rows in order within a layer.
+
+A causal block of rows sees no key past its last row, so the capture computes only those keys
+and says where they stop (`StreamPart.key_stop`); a consumer whose `takes_trimmed_parts` is True
+gets the pattern cut there instead of padded with zeros to every key.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ class CubeConsumer(Protocol):
     """What a probe streams to: `consume(part)` for every part, `finish()` once at the end.
 
     The probe calls `finish()` (when the consumer has one) once, when its `with` block exits
-    without an error, after every part of every forward pass run inside the block.
+    without an error, after every part of every forward pass run inside the block. A consumer with
+    `takes_trimmed_parts = True` accepts parts whose pattern holds only the keys before
+    `part.stream.key_stop` (module doc).
     """
 
     def consume(self, part: AttentionCube) -> None: ...
@@ -114,7 +120,10 @@ class Downsampler:
     Bins and pooling are `geometry`'s: a pooled cell is the mean over the query rows of its bin of
     the sum over the key columns of its bin, so every pooled row still sums to what the original
     rows summed to (1). `cube()` gives the pooled `AttentionCube` (its `pooling` records the bins).
+    The running sums stay on the device the parts come from until `cube()`.
     """
+
+    takes_trimmed_parts = True
 
     def __init__(self, max_size: int):
         if int(max_size) < 1:
@@ -136,12 +145,14 @@ class Downsampler:
             raise InputError("this cube is not a streamed part; feed a kept cube with replay(cube, consumers).")
         if info.pass_index != self._pass:
             self._reset(info.pass_index)
+        device = part.pattern.device
         if self._first is None:
-            self._first = part
+            self._first = replace(part, pattern=part.pattern.new_empty(0), stream=None)  # the sequence, not its rows
             self._row_edges = geometry.bin_edges(info.num_queries, self.max_size)
             self._key_edges = geometry.bin_edges(part.num_keys, self.max_size)
             self._row_bins = geometry.edges_index(self._row_edges)
             self._key_bins = geometry.edges_index(self._key_edges)
+            self._bins_on_device = (self._row_bins.to(device), self._key_bins.to(device))
             self._positions = torch.zeros(info.num_queries, dtype=torch.long)
             self._query_mask = torch.zeros(info.num_queries, dtype=torch.bool)
         start, stop = info.row_start, info.row_stop
@@ -149,12 +160,21 @@ class Downsampler:
         self._query_mask[start:stop] = part.query_mask.cpu().bool()
         if self._result is not None:  # more parts after cube(): turn the result back into running sums
             counts = self._row_bins.bincount().float()[None, :, None]
-            self._sums = {layer: self._result[i] * counts for i, layer in enumerate(sorted(self._sums))}
+            self._sums = {layer: (self._result[i] * counts).to(device) for i, layer in enumerate(sorted(self._sums))}
             self._result = None
         layer = part.layers[0]
-        sums = geometry.pool_sums(part.pattern[0].detach().float(), self._row_bins[start:stop], len(self._row_edges) - 1,
-                                  self._key_bins, len(self._key_edges) - 1).cpu()
-        self._sums[layer] = sums if self._sums.get(layer) is None else self._sums[layer].add_(sums)
+        sums = self._sums.get(layer)
+        if sums is None:
+            sums = self._sums[layer] = torch.zeros(part.num_heads, len(self._row_edges) - 1, len(self._key_edges) - 1,
+                                                   device=device)
+        keys = min(part.pattern.shape[-1], part.num_keys if info.key_stop is None else info.key_stop)
+        # only the bins this block of rows and its computed keys fall into
+        first_bin, last_bin = int(self._row_bins[start]), int(self._row_bins[stop - 1])
+        key_bin_count = int(self._key_bins[keys - 1]) + 1
+        row_bins, key_bins = self._bins_on_device
+        block = geometry.pool_sums(part.pattern[0, ..., :keys].detach().float(), row_bins[start:stop] - first_bin,
+                                   last_bin - first_bin + 1, key_bins[:keys], key_bin_count)
+        sums[:, first_bin:last_bin + 1, :key_bin_count] += block
 
     def finish(self) -> None:
         """Nothing to flush: pooling happens as parts arrive."""
@@ -166,7 +186,7 @@ class Downsampler:
         if self._result is None:
             # the pooled cube replaces the running sums, so the result is held once, not twice
             counts = self._row_bins.bincount().float()
-            self._result = torch.stack([self._sums[layer] for layer in layers]).div_(counts[None, None, :, None])
+            self._result = torch.stack([self._sums[layer] for layer in layers]).cpu().div_(counts[None, None, :, None])
             self._sums = {layer: None for layer in layers}
         source = replace(self._first, layers=tuple(layers), query_positions=self._positions, query_mask=self._query_mask,
                          stream=None)

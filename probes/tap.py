@@ -233,7 +233,7 @@ class KernelCall:
     def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True) -> torch.Tensor:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
-        softmax(q k^T * scaling, softcapped, + position bias, + mask) with each query head
+        softmax((q * scaling) k^T, softcapped, + position bias, + mask) with each query head
         reading its KV head (`"b g k d -> b (g r) k d"`, here as an index so head subsets work).
         With `pad=False` the keys past the last one the kernel's causal rule lets these rows see
         are left out (they are 0); the caller fills them.
@@ -245,7 +245,7 @@ class KernelCall:
         keys = self.num_keys
         if self.causal is not None:
             keys = min(keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
-        scores = torch.matmul(q, self._keys(heads)[:, :, :keys].transpose(-1, -2)).mul_(self.scaling)
+        scores = torch.matmul(q * self.scaling, self._keys(heads)[:, :, :keys].transpose(-1, -2))
         if self.softcap is not None:
             scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if self.position_bias is not None:

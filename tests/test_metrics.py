@@ -208,7 +208,9 @@ def test_streaming_parts_split_by_hand_equal_in_memory():
     reducer.finish()
     streamed = reducer.table()
     numeric = whole.select_dtypes("number").columns
-    np.testing.assert_allclose(whole[numeric].to_numpy(float), streamed[numeric].to_numpy(float), atol=1e-12, rtol=0)
+    # a block's rows are reduced together in float32 (column sums, the keys before its first row), so
+    # another split differs by float32 rounding only
+    np.testing.assert_allclose(whole[numeric].to_numpy(float), streamed[numeric].to_numpy(float), atol=1e-6, rtol=0)
     assert whole.pattern_class.tolist() == streamed.pattern_class.tolist()
     assert len(list(iter_parts(cube, 4))) == 3 * 3
 
