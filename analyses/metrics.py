@@ -30,6 +30,17 @@ real key position (position 0 without left padding).
   exact zeros elsewhere, so this is TransformerLens's number).
 - n_rows: |R|.
 
+With value norms (a cube or parts captured with `value_norms`; `n_j = ||v_j W_O^h||`, what key j's value
+writes through the head, Kobayashi et al. 2020), the norm-weighted pattern is W_ij = A_ij n_j and
+P'_ij = W_ij / sum_j W_ij, and five more columns follow:
+
+- norm_sink_score, norm_sink_score_no_q0: P'_if, over the same rows as sink_score / sink_score_no_q0:
+  the first token's share of what the head writes rather than of its weight.
+- noop_sink:            sink_score_no_q0 >= 0.3 and norm_sink_score_no_q0 < 0.3: a sink by weight that
+                        writes little from the sink (its weight there is a no-op).
+- norm_weighted_entropy: -sum_j P'_ij ln P'_ij, mean over R.
+- output_norm:          ||sum_j A_ij v_j W_O^h||, the norm of what the head writes at row i, mean over R.
+
 Every quantity is a sum over rows divided by a count, so feeding a cube in any split of
 layers and row blocks gives the same table up to float32 rounding: a block of rows is reduced
 in float32, the sums over blocks accumulate in float64.
@@ -66,6 +77,7 @@ _ROW_MEANS = ("entropy", "norm_entropy", "effective_keys", "effective_keys_frac"
 COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_score_no_q0", "sink_head",
            *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
            *SCORE_COLUMNS, "pattern_class", "n_rows")
+NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_weighted_entropy", "output_norm")
 
 
 class _LayerSums:
@@ -80,6 +92,9 @@ class _LayerSums:
         self.column_steps = zeros(2, keys + 1)
         self.detector = zeros(heads, len(DETECTORS))
         self.detector_total = zeros(heads)
+        self.norm_sink = zeros(2, heads)
+        self.norm_means = zeros(2, heads)  # row sums of norm_weighted_entropy and output_norm
+        self.has_norms = False
 
 
 class HeadMetricsReducer:
@@ -121,7 +136,11 @@ class HeadMetricsReducer:
             if not len(positions):
                 continue
             weights = part.pattern[index] if rows is None else part.pattern[index].index_select(1, rows.to(device))
-            self._accumulate(sums, weights, self._block(part, layer, positions, width, context))
+            norms = None
+            if part.value_norms is not None and part.output_norms is not None:
+                outputs = part.output_norms[index]
+                norms = (part.value_norms[index], outputs if rows is None else outputs.index_select(1, rows.to(device)))
+            self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms)
 
     def finish(self) -> None:
         """Nothing to flush; present so the reducer fits the consumer protocol."""
@@ -157,8 +176,9 @@ class HeadMetricsReducer:
                 exclude_bos=self.exclude_bos, exclude_current_token=self.exclude_current_token)
         return block
 
-    def _accumulate(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock) -> None:
-        """Add one layer's block of rows, `weights` `"h q k"`, to the layer's sums."""
+    def _accumulate(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock, norms=None) -> None:
+        """Add one layer's block of rows, `weights` `"h q k"`, to the layer's sums; `norms` is (value norms
+        `"h k"`, output norms `"h q"`) where the capture recorded them."""
         weights = weights[..., block.key_start:block.key_stop].float()
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
@@ -168,7 +188,11 @@ class HeadMetricsReducer:
         near = weights[..., block.near_start - block.key_start:]
         picked = weights.gather(-1, block.picks.expand(heads, -1, -1)).mul_(block.pick_valid)  # h q 5
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
-        entropy = -weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights).sum(-1).double()
+        plogp = weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights)
+        entropy = -plogp.sum(-1).double()
+        if norms is not None:
+            self._accumulate_norms(sums, weights, plogp, picked[..., FIRST], block, *norms)
+        del plogp
         per_row = torch.empty(len(_ROW_MEANS), heads, rows, dtype=torch.float64, device=weights.device)
         per_row[0] = entropy
         torch.div(entropy, block.log_keys, out=per_row[1])
@@ -193,6 +217,23 @@ class HeadMetricsReducer:
         for slot, (pair_rows, pair_keys) in enumerate((block.duplicate, block.induction), start=1):
             sums.detector[:, slot] += weights[:, pair_rows, pair_keys].sum(-1)
         sums.detector_total += masses[..., ALL].sum(-1) - (picked * block.detector_dropped).sum((-1, -2))
+
+    def _accumulate_norms(self, sums: _LayerSums, weights, plogp, first_weight, block: RowBlock, value_norms,
+                          output_norms):
+        """The norm-weighted columns (module docstring) from the same block: with W = A n,
+        -sum P' ln P' = ln T - (sum_j (A ln A)_j n_j + sum_j A_j n_j ln n_j) / T, T = sum_j A_j n_j."""
+        n = value_norms.float().to(weights.device)
+        in_block = n[:, block.key_start:block.key_stop]  # h k
+        total = torch.einsum("hqk,hk->hq", weights, in_block).double()
+        safe = total.clamp_min(1e-30)
+        logs = torch.einsum("hqk,hk->hq", plogp, in_block) + torch.einsum("hqk,hk->hq", weights, torch.xlogy(in_block, in_block))
+        weighted_entropy = safe.log() - logs.double() / safe
+        sums.norm_means[0] += weighted_entropy @ block.spread64
+        sums.norm_means[1] += output_norms.double().to(weights.device) @ block.spread64
+        first = self._context["sequence"].first
+        sink_share = first_weight.double() * n[:, first].double()[:, None] / safe  # h q
+        sums.norm_sink += block.sink_rows @ sink_share.T
+        sums.has_norms = True
 
     # ---- result ------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
@@ -230,10 +271,15 @@ class HeadMetricsReducer:
             for i, name in enumerate(SCORE_COLUMNS):
                 columns[name] = detector[:, i]
             columns["n_rows"] = [int(rows)] * len(heads)
+            if s.has_norms:
+                norm_sink = torch.where(sink_rows > 0, s.norm_sink / sink_rows.clamp(min=1), torch.zeros_like(s.norm_sink))
+                columns["norm_sink_score"], columns["norm_sink_score_no_q0"] = norm_sink[0], norm_sink[1]
+                columns["noop_sink"] = ((sink[1] >= self.sink_threshold) & (norm_sink[1] < self.sink_threshold)).cpu().numpy()
+                columns["norm_weighted_entropy"], columns["output_norm"] = s.norm_means / rows
             frames.append(pd.DataFrame({k: (v.cpu().numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
         table = pd.concat(frames, ignore_index=True)
         table["pattern_class"] = classify_heads(table, self.thresholds)
-        return table[list(COLUMNS)]
+        return table[list(COLUMNS) + [c for c in NORM_COLUMNS if c in table.columns]]
 
 
 def _same(kept: torch.Tensor, new: torch.Tensor) -> bool:

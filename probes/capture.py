@@ -24,6 +24,7 @@ from llm_heatmap.models.offline import source_name
 
 from . import tap
 from .cube import AttentionCube, StreamPart
+from .value_norms import HeadWriters
 from .stream import auto_chunk_rows
 
 # Refuse a kept cube larger than this share of the available memory.
@@ -121,12 +122,17 @@ class Probe:
     that receive one layer's rows at a time; keep=False keeps no cube (streaming only);
     chunk_rows: query rows computed at once (default: automatic, past `stream.CHUNK_BYTES` per
     layer); max_bytes: refuse a kept cube above this size (default: 80% of the available
-    memory); tokenizer: turns ids into token strings.
+    memory); tokenizer: turns ids into token strings; value_norms: also record what every head
+    writes (`value_norms` "l h k" and `output_norms` "l h q", see `value_norms.py`): None (the
+    default) where the model's output projections are known, True to require it, False for
+    neither; queries_and_keys: also keep the post-RoPE queries ("l h q d") and keys ("l g k d")
+    the kernel received, for query-key maps.
     """
 
     def __init__(self, model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None,
                  last_queries: int | None = None, dtype: torch.dtype = torch.float32, consumers=None,
-                 keep: bool = True, chunk_rows: int | None = None, max_bytes: int | None = None, tokenizer=None):
+                 keep: bool = True, chunk_rows: int | None = None, max_bytes: int | None = None, tokenizer=None,
+                 value_norms: bool | None = None, queries_and_keys: bool = False):
         self.model = model
         self.spec = spec or spec_from_model(model)
         if not self.spec.attention_modules:
@@ -158,6 +164,20 @@ class Probe:
         self._positions: torch.Tensor | None = None
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._sequence: dict | None = None
+        self.queries_and_keys = bool(queries_and_keys)
+        self._writers = self._head_writers(value_norms)
+        self._side: dict[str, torch.Tensor] = {}
+
+    def _head_writers(self, value_norms: bool | None) -> dict[int, HeadWriters]:
+        """What each layer's heads write, for value and output norms ({} when not recorded)."""
+        if value_norms is False:
+            return {}
+        try:
+            return {layer: HeadWriters.for_layer(self.model, self.spec, layer, self.heads) for layer in self.layers}
+        except InputError:
+            if value_norms:
+                raise
+            return {}
 
     def _module(self, layer: int) -> nn.Module:
         try:
@@ -217,7 +237,10 @@ class Probe:
 
     def _check_fits(self, batch: int, queries: int, keys: int) -> None:
         rows = queries if self.last_queries is None else min(self.last_queries, queries)
-        check_cube_fits(cube_bytes(batch, len(self.layers), len(self.heads), rows, keys, self.dtype), keys, self.max_bytes)
+        size = cube_bytes(batch, len(self.layers), len(self.heads), rows, keys, self.dtype)
+        if self.queries_and_keys:  # "b l h q d" queries and "b l g k d" keys, in float32
+            size += batch * len(self.layers) * (len(self.heads) * rows + self.spec.num_kv_heads * keys) * self.spec.head_dim * 4
+        check_cube_fits(size, keys, self.max_bytes)
 
     def _before_layer(self, module, args):
         self._pending.add(module)
@@ -233,12 +256,13 @@ class Probe:
 
     def _new_pass(self) -> None:
         self._pass += 1
+        self._side = {}
         self._seen.clear()
         self._buffer = None
         self._positions = None
         self._sequence = None
 
-    def _on_kernel(self, module, kernel, query, key, mask, arguments) -> None:
+    def _on_kernel(self, module, kernel, query, key, value, mask, arguments, output) -> None:
         layer = self._modules[module]
         self._pending.discard(module)
         if layer in self._seen or self._pass < 0:
@@ -254,8 +278,10 @@ class Probe:
                 )
             first_row = 0 if self.last_queries is None else max(0, queries - self.last_queries)
             positions = torch.arange(first_row, queries) + (keys - queries)
+            side = self._side_tensors(layer, call, value, output, first_row)
             if self.keep:
                 buffer = self._ensure_buffer(batch, positions, keys)
+                self._keep_side(batch, layer, side)
             step = auto_chunk_rows(batch, len(self.heads), keys, queries - first_row, self.chunk_rows)
             slot = self.layers.index(layer)
             for start in range(first_row, queries, step):
@@ -275,10 +301,32 @@ class Probe:
                         pattern = torch.nn.functional.pad(block, (0, keys - width)).to(self.dtype)
                     stream = StreamPart(pass_index=self._pass, row_start=start - first_row, row_stop=stop - first_row,
                                         num_queries=len(positions), key_stop=width)
-                    part = self._part(layer, pattern, positions[start - first_row : stop - first_row], stream, keys)
+                    part = self._part(layer, pattern, positions[start - first_row : stop - first_row], stream, keys,
+                                      _part_side(side, start - first_row, stop - first_row))
                     for consumer in self.consumers:
                         consumer.consume(part)
                 del block
+
+    def _side_tensors(self, layer: int, call, value, output, first_row: int) -> dict[str, torch.Tensor]:
+        """This layer's side tensors (cube.SIDE_TENSORS), batch first, kept query rows only."""
+        side = {}
+        writers = self._writers.get(layer)
+        if writers is not None:
+            side["value_norms"] = writers.value_norms(value.detach())  # "b h k"
+            heads_out = _head_outputs(output, call.num_queries, self.spec.num_heads)
+            side["output_norms"] = writers.output_norms(heads_out, self._head_index)[..., first_row:]  # "b h q"
+        if self.queries_and_keys:
+            side["queries"] = call.query.index_select(1, self._head_index.to(call.query.device))[:, :, first_row:].float()
+            side["keys"] = call.key.float()  # "b g k d"
+        return side
+
+    def _keep_side(self, batch: int, layer: int, side: dict[str, torch.Tensor]) -> None:
+        """Copy one layer's side tensors into the pass's `"b l ..."` buffers."""
+        slot = self.layers.index(layer)
+        for name, tensor in side.items():
+            if name not in self._side:
+                self._side[name] = torch.zeros((batch, len(self.layers), *tensor.shape[1:]), dtype=torch.float32)
+            self._side[name][:, slot] = tensor.cpu()
 
     def _ensure_buffer(self, batch: int, positions: torch.Tensor, keys: int) -> torch.Tensor:
         shape = (batch, len(self.layers), len(self.heads), len(positions), keys)
@@ -295,7 +343,7 @@ class Probe:
 
     # ---- results -------------------------------------------------------------------------
     def _part(self, layer: int, pattern: torch.Tensor, positions: torch.Tensor, stream: StreamPart,
-              keys: int) -> AttentionCube:
+              keys: int, side: dict[str, torch.Tensor]) -> AttentionCube:
         """One layer's block of rows, on the device it was computed on; the sequence fields are built
         once per pass."""
         if self._sequence is None:
@@ -321,6 +369,7 @@ class Probe:
             query_mask=sequence["key_mask"][positions],
             metadata=dict(sequence["metadata"]),
             stream=stream,
+            **side,
         )
 
     def _metadata(self) -> dict:
@@ -376,6 +425,7 @@ class Probe:
             prompt=prompt,
             source=source,
             metadata=self._metadata(),
+            **self._side,
         )
         if batch > 1:
             return cube
@@ -384,9 +434,24 @@ class Probe:
                 pattern=self._buffer[0], spec=self.spec, tokens=tokens[0], token_ids=ids[0], layers=self.layers,
                 heads=self.heads, query_positions=self._positions, key_mask=key_mask[0],
                 query_mask=key_mask[0, self._positions], prompt=prompt[0] if isinstance(prompt, list) else prompt,
-                source=source, metadata=cube.metadata,
+                source=source, metadata=cube.metadata, **{name: tensor[0] for name, tensor in self._side.items()},
             )
         return cube.item(0)
+
+
+def _head_outputs(output, num_queries: int, num_heads: int) -> torch.Tensor:
+    """The kernel's per-head output as `"b q h d"` (transformers' kernels return `(output, weights)`)."""
+    heads_out = output[0] if isinstance(output, (tuple, list)) else output
+    if heads_out.shape[1] == num_heads and heads_out.shape[2] == num_queries and heads_out.shape[1] != num_queries:
+        heads_out = heads_out.transpose(1, 2)
+    return heads_out.detach()
+
+
+def _part_side(side: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """A streamed part's side tensors: the layer's (its one batch row standing for the part's one layer),
+    query-row tensors cut to the part's rows."""
+    return {name: tensor[:, :, start:stop] if name in ("output_norms", "queries") else tensor
+            for name, tensor in side.items()}
 
 
 def token_strings(ids: torch.Tensor, tokenizer) -> list[str]:

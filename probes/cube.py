@@ -239,7 +239,7 @@ class AttentionCube:
         if self.weighting == "norms":
             return self
         if self.value_norms is None:
-            raise InputError("this cube holds no value norms; capture with value_norms=True (the default) to draw "
+            raise InputError("this cube holds no value norms; capture with value_norms=True to draw "
                              "norm-weighted attention.")
         return replace(self, pattern=self.pattern.float() * self.value_norms.float()[..., None, :], weighting="norms")
 

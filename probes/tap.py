@@ -2,8 +2,8 @@
 
 While at least one probe listens, the registry entry of each tapped kernel key (`sdpa`, `eager`,
 `flash_attention_2`, ...) is a wrapper that calls the original kernel with its arguments unchanged
-and then hands those same arguments (query, key, mask, scaling, softcap, ...) to the listeners of
-the calling module. The key stays the same, so everything transformers decides by the name of the
+and then hands those same arguments (query, key, value, mask, scaling, softcap, ...) and the kernel's
+output to the listeners of the calling module. The key stays the same, so everything transformers decides by the name of the
 kernel is unchanged.
 
 Only the registry's public surface is used. A key of the class-wide map (`sdpa`, flash kernels) is
@@ -105,7 +105,7 @@ def _make_wrapper(key: str) -> Callable:
         if listeners:
             arguments = _named_arguments(kernel, args, kwargs)
             for listener in list(listeners):
-                listener(module, key, query, key_states, attention_mask, arguments)
+                listener(module, key, query, key_states, value, attention_mask, arguments, output)
         return output
 
     tapped_attention.__name__ = f"llm_heatmap_tapped_{key.replace('|', '_')}"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
-from llm_heatmap.analyses.metrics import COLUMNS
+from llm_heatmap.analyses.metrics import COLUMNS, NORM_COLUMNS
 from llm_heatmap.probes import capture
 from metrics_reference import ReferenceHeadMetrics, reference_head_metrics
 from tiny_models import FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model
@@ -26,7 +26,7 @@ NUMERIC = [c for c in COLUMNS if c not in EXACT]
 
 def assert_matches_reference(table: pd.DataFrame, reference: pd.DataFrame) -> float:
     """Compare every column; return the largest absolute deviation of the numeric ones."""
-    assert list(table.columns) == list(COLUMNS)
+    assert list(table.columns) == list(COLUMNS) + [c for c in NORM_COLUMNS if c in table.columns]  # tests/test_value_norms.py
     for column in EXACT:
         assert table[column].tolist() == reference[column].tolist(), column
     ours, expected = table[NUMERIC].to_numpy(float), reference[NUMERIC].to_numpy(float)
