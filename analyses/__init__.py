@@ -12,7 +12,7 @@ _MODULES = {
     ".measure": ("measure_prompt", "stream_head_metrics"),
     ".metrics": ("HeadMetricsReducer", "head_metrics"),
     ".patterns": ("classify_heads", "is_special_token", "segment_ids", "special_token_mask"),
-    ".qk_maps": ("QKMap", "qk_map"),
+    ".qk_maps": ("QKMap", "layer_maps", "qk_map"),
     ".rollouts": ("rollout",),
 }
 

@@ -25,13 +25,15 @@ def stream_head_metrics(model, tokenizer, prompt: str, *, spec=None, chat: bool 
 
 def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None = None, max_tokens: int = 256,
                    chat: bool = False, dtype: torch.dtype = torch.float32, layers=None, heads=None,
-                   max_bytes: int | None = None, source: str | None = None):
+                   max_bytes: int | None = None, source: str | None = None, weighting: str = "weights",
+                   queries_and_keys: bool = False):
     """(cube, per-head metrics table) of `prompt`, only the chosen layers and heads captured.
 
     stream=False keeps the full cube (refused with the numbers and the way out when it would not fit
     `max_bytes`, default 80% of the available memory); stream=True keeps one layer at a time, the cube
     area-pooled to `max_tokens` per axis and the table from the streaming reducer; stream=None
-    streams only when the full cube would not fit.
+    streams only when the full cube would not fit. weighting="norms" requires value norms (and a
+    streamed cube pools the norm-weighted pattern); queries_and_keys keeps them in a full cube.
     """
     num_tokens = check_length(tokenizer, spec, prompt, chat=chat)
     source = source or source_name(model)
@@ -39,11 +41,12 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
                                num_heads=len(heads) if heads else None, dtype=dtype)
     if stream is None:
         stream = not cube_fits(size, max_bytes)
-    options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads)
+    options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads,
+                   value_norms=True if weighting == "norms" else None)
     if not stream:
         check_cube_fits(size, num_tokens, max_bytes)
-        cube = capture_prompt(model, tokenizer, prompt, **options)
+        cube = capture_prompt(model, tokenizer, prompt, queries_and_keys=queries_and_keys, **options)
         return cube, head_metrics(cube)
-    downsampler, reducer = Downsampler(max_tokens), HeadMetricsReducer()
+    downsampler, reducer = Downsampler(max_tokens, weighting), HeadMetricsReducer()
     capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **options)
     return replace(downsampler.cube(), prompt=prompt, source=source), reducer.table()

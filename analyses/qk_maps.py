@@ -124,3 +124,11 @@ def qk_map(cube, layer: int, *, head: int | None = None, group: int | None = Non
         head=torch.cat([torch.tensor(heads).repeat_interleave(len(query_positions)), torch.full((len(keys),), -1)]),
         position=position, tokens=[str(cube.tokens[int(p)]) for p in position], explained=explained,
     )
+
+
+def layer_maps(cube, *, method: str = "pca", seed: int = 0) -> list[QKMap]:
+    """The map of every layer and KV group of the cube (of every head, for MHA, where each head is its own
+    group), for the HTML view and per-layer figures."""
+    cube = cube.one_sequence()
+    groups = sorted({cube.spec.kv_group(h) for h in cube.heads})
+    return [qk_map(cube, layer, group=group, method=method, seed=seed) for layer in cube.layers for group in groups]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llm_heatmap.errors import InputError
+
 from . import options
 from .run import Steps, emit, load
 
@@ -21,6 +23,9 @@ def register(subparsers) -> None:
                         help="long prompts: keep one layer at a time; the saved cube is downsampled to --max-tokens")
     parser.add_argument("--cube-dtype", choices=options.DTYPES, default="float32",
                         help="dtype of the captured cube (default float32)")
+    parser.add_argument("--qk", action="store_true",
+                        help="also keep the queries and keys (in the cube file) and, with --html, show each head's "
+                        "query-key map in the interactive view")
     parser.add_argument("--max-cube-mb", type=float,
                         help="refuse a full cube larger than this (default: 80%% of the available memory)")
     options.add_json_option(parser)
@@ -38,6 +43,8 @@ def run(args) -> int:
     from llm_heatmap.analyses.files import atomic_output, check_writable
 
     prompt = options.read_prompt(args)
+    if args.qk and args.stream:
+        raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
     paths = output_paths(args, options.base_name(args, prompt))
     for path in paths.values():
         check_writable(path, force=args.force)
@@ -60,7 +67,8 @@ def run(args) -> int:
         cube, metrics = measure_prompt(
             model, tokenizer, spec, prompt, stream=args.stream, max_tokens=args.max_tokens, chat=args.chat,
             dtype=parse_dtype(args.cube_dtype), layers=layers, heads=heads, source=str(args.model),
-            max_bytes=None if args.max_cube_mb is None else int(args.max_cube_mb * 2**20))
+            max_bytes=None if args.max_cube_mb is None else int(args.max_cube_mb * 2**20), weighting=style.weighting,
+            queries_and_keys=args.qk)
     step("drawing grid")
     with atomic_output(paths["grid"], force=args.force) as temp:
         save_grid(cube, temp, style, layers=layers, heads=heads)
@@ -70,8 +78,11 @@ def run(args) -> int:
         cube.save(temp)
     if "html" in paths:
         step("writing HTML")
+        from llm_heatmap.analyses.qk_maps import layer_maps
+
+        maps = layer_maps(cube) if args.qk else None
         with atomic_output(paths["html"], force=args.force) as temp:
-            write_html(cube, temp, metrics=metrics, style=style)
+            write_html(cube, temp, metrics=metrics, style=style, qk_maps=maps)
     step.close()
     digest = digest_lines(metrics, spec)
     num_tokens = cube.num_tokens

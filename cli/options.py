@@ -19,6 +19,8 @@ from llm_heatmap.models.offline import DEFAULT_MODEL
 SCALES = ["auto", "linear", "log", "power", "row"]
 SINK_MODES = ["keep", "exclude", "mask"]
 BACKGROUNDS = ["white", "transparent"]
+WEIGHTINGS = ["weights", "norms"]
+PROJECTIONS = ["pca", "tsne", "umap"]
 DTYPES = ["float32", "float16", "bfloat16"]
 QUANTIZE = ["4bit", "8bit"]
 MEASURES = ["js", "cosine", "pearson"]
@@ -125,6 +127,9 @@ def add_drawing_options(parser) -> None:
     group.add_argument("--heads", help="heads to draw, e.g. 0-3 (default all)")
     group.add_argument("--max-tokens", type=int, default=256,
                        help="panels longer than this are area-downsampled (default 256)")
+    group.add_argument("--weighting", choices=WEIGHTINGS, default="weights",
+                       help="draw attention weights, or the norm-weighted pattern ||alpha v W_O|| (what each key's "
+                       "value writes; default weights)")
     group.add_argument("--html", action="store_true", help="also write the interactive HTML view")
 
 
@@ -198,5 +203,5 @@ def grid_style(args):
 
     style = GridStyle(scale=args.scale, gamma=args.gamma, sink=args.sink, per_head_range=args.per_head_range,
                       background=args.background, cmap=args.cmap, cell_px=args.cell_px, size=parse_size(args.size),
-                      max_tokens=args.max_tokens)
+                      max_tokens=args.max_tokens, weighting=args.weighting)
     return style, parse_indices(args.layers, "--layers"), parse_indices(args.heads, "--heads")

@@ -39,8 +39,11 @@ def run(args) -> int:
         save_grid(cube, temp, style, layers=layers, heads=heads)
     if args.html:
         step("writing HTML")
+        from llm_heatmap.analyses.qk_maps import layer_maps
+
+        maps = layer_maps(cube) if cube.queries is not None else None
         with atomic_output(paths[1], force=args.force) as temp:
-            write_html(cube, temp, style=style)
+            write_html(cube, temp, style=style, qk_maps=maps)
     step.close()
     print(f"{cube.spec.summary}\nwrote " + ", ".join(str(p) for p in paths))
     return 0

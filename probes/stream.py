@@ -19,7 +19,7 @@ import torch
 from llm_heatmap.errors import InputError
 
 from . import geometry
-from .cube import SIDE_TENSORS, AttentionCube, Pooling, StreamPart
+from .cube import SIDE_TENSORS, WEIGHTINGS, AttentionCube, Pooling, StreamPart
 
 # Past this many bytes of fp32 pattern per layer, rows are computed in chunks.
 CHUNK_BYTES = 8 * 2**20
@@ -120,15 +120,20 @@ class Downsampler:
     Bins and pooling are `geometry`'s: a pooled cell is the mean over the query rows of its bin of
     the sum over the key columns of its bin, so every pooled row still sums to what the original
     rows summed to (1). `cube()` gives the pooled `AttentionCube` (its `pooling` records the bins).
-    The running sums stay on the device the parts come from until `cube()`.
+    The running sums stay on the device the parts come from until `cube()`. With
+    `weighting="norms"` it pools the norm-weighted pattern `alpha_ij ||v_j W_O^h||` instead (the parts
+    must carry value norms), since that cannot be recovered from pooled weights.
     """
 
     takes_trimmed_parts = True
 
-    def __init__(self, max_size: int):
+    def __init__(self, max_size: int, weighting: str = "weights"):
         if int(max_size) < 1:
             raise InputError(f"Downsampler max_size={max_size} must be at least 1.")
+        if weighting not in WEIGHTINGS:
+            raise InputError(f"weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}; pick one of them.")
         self.max_size = int(max_size)
+        self.weighting = weighting
         self._reset(None)
 
     def _reset(self, stream_pass) -> None:
@@ -172,8 +177,13 @@ class Downsampler:
         first_bin, last_bin = int(self._row_bins[start]), int(self._row_bins[stop - 1])
         key_bin_count = int(self._key_bins[keys - 1]) + 1
         row_bins, key_bins = self._bins_on_device
-        block = geometry.pool_sums(part.pattern[0, ..., :keys].detach().float(), row_bins[start:stop] - first_bin,
-                                   last_bin - first_bin + 1, key_bins[:keys], key_bin_count)
+        values = part.pattern[0, ..., :keys].detach().float()
+        if self.weighting == "norms":
+            if part.value_norms is None:
+                raise InputError("weighting='norms' needs parts with value norms; capture with value_norms=True.")
+            values = values * part.value_norms[0, :, None, :keys].float().to(values.device)
+        block = geometry.pool_sums(values, row_bins[start:stop] - first_bin, last_bin - first_bin + 1,
+                                   key_bins[:keys], key_bin_count)
         sums[:, first_bin:last_bin + 1, :key_bin_count] += block
 
     def finish(self) -> None:
@@ -189,7 +199,7 @@ class Downsampler:
             self._result = torch.stack([self._sums[layer] for layer in layers]).cpu().div_(counts[None, None, :, None])
             self._sums = {layer: None for layer in layers}
         source = replace(self._first, layers=tuple(layers), query_positions=self._positions, query_mask=self._query_mask,
-                         stream=None)
+                         stream=None, weighting=self.weighting)
         return pooled_cube(source, self._result, self._row_edges, self._key_edges)
 
 

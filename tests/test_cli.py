@@ -213,3 +213,39 @@ def test_metrics_with_induction_probe(tmp_path, cli_in_process):
     assert list(table.columns) == ["layer", "head", "kv_group", "sink_score", "probe_previous_token_score",
                                    "probe_duplicate_token_score", "probe_induction_score"]
     assert "strongest induction heads on 20 repeated random tokens" in result.stdout
+
+
+def test_norm_weighted_grid_with_query_key_maps(cli_in_process, tmp_path):
+    """`grid --weighting norms --qk --html`: the grid draws alpha ||v W_O||, the table has the no-op sink
+    columns, the cube keeps queries and keys, and the view embeds every KV group's map."""
+    import re
+
+    result = cli_in_process("grid", "The cat sat on the mat.", "--weighting", "norms", "--qk", "--html",
+                            "--out", tmp_path, "--name", "norms", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "no-op" in result.stdout
+    cube = AttentionCube.load(tmp_path / "norms.cube.safetensors")
+    assert cube.queries.shape[:2] == (30, 9) and cube.keys.shape[:2] == (30, 3) and cube.value_norms.shape[:2] == (30, 9)
+    table = pd.read_csv(tmp_path / "norms.metrics.csv")
+    assert {"norm_sink_score_no_q0", "noop_sink", "output_norm"} <= set(table.columns)
+    page = (tmp_path / "norms.html").read_text()
+    meta = json.loads(re.search(r'<script id="hm-meta" type="application/json">(.*?)</script>', page, re.S).group(1))
+    assert meta["style"]["weighting"] == "norms" and meta["valueNorms"] and len(meta["qk"]) == 30 * 3
+    rendered = cli_in_process("render", tmp_path / "norms.cube.safetensors", "--weighting", "norms", "--out", tmp_path,
+                              "--quiet")
+    assert rendered.returncode == 0, rendered.stderr
+    stream = cli_in_process("grid", "The cat sat on the mat.", "--qk", "--stream", "--out", tmp_path, "--quiet")
+    assert stream.returncode == 2 and "--qk" in stream.stderr and "--stream" in stream.stderr
+
+
+def test_qk_map_command(cli_in_process, tmp_path):
+    result = cli_in_process("qk-map", "The cat sat on the mat.", "--layer", "3", "--out", tmp_path, "--name", "qk",
+                            "--quiet")
+    assert result.returncode == 0, result.stderr
+    image = Image.open(tmp_path / "qk.png")
+    assert image.size[0] > 2 * image.size[1], "three KV groups side by side"
+    one = cli_in_process("qk-map", "The cat sat on the mat.", "--layer", "3", "--head", "4", "--model", "minilm-l6",
+                         "--out", tmp_path, "--name", "one", "--quiet")
+    assert one.returncode == 0, one.stderr
+    bad = cli_in_process("qk-map", "The cat sat on the mat.", "--layer", "99", "--out", tmp_path, "--quiet")
+    assert bad.returncode == 2 and "layer 99" in bad.stderr and not (tmp_path / "bad.png").exists()

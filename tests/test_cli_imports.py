@@ -88,7 +88,10 @@ def test_choices_are_the_libraries():
     from llm_heatmap.models import parse_dtype
     from llm_heatmap.viz import style
 
-    assert (options.SCALES, options.SINK_MODES, options.BACKGROUNDS) == (
-        list(style.SCALES), list(style.SINK_MODES), list(style.BACKGROUNDS))
+    assert (options.SCALES, options.SINK_MODES, options.BACKGROUNDS, options.WEIGHTINGS) == (
+        list(style.SCALES), list(style.SINK_MODES), list(style.BACKGROUNDS), list(style.WEIGHTINGS))
+    from llm_heatmap.analyses.qk_maps import METHODS
+
+    assert options.PROJECTIONS == list(METHODS)
     assert options.MEASURES == list(MEASURES)
     assert all(parse_dtype(name) is not None for name in options.DTYPES)

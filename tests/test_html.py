@@ -415,3 +415,45 @@ def test_browser_real_encoder_page(browser, minilm_eager, tmp_path):
     assert labels == cube.tokens and labels[0] == "[CLS]"
     assert f"{float(entropy[2, 7]):.3f}"[:4] in browser.find_element(By.CSS_SELECTOR, '#z-metrics tr[data-metric="entropy"]').text
     browser.save_screenshot(str(ARTIFACTS / "html_minilm_zoom_dark.png"))
+
+
+def test_browser_weighting_switch_and_query_key_map(browser, tmp_path):
+    """The page switches to the norm-weighted pattern, coloured as the grid colours it, and shows the
+    zoomed head's KV-group query-key map with a hover readout of the point's token."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    from llm_heatmap.analyses.qk_maps import layer_maps
+    from test_qk_maps import qk_cube
+
+    cube = qk_cube(layers=2, heads=4, kv_heads=2, tokens=12, seed=3)
+    cube.value_norms = torch.rand(2, 4, 12, generator=torch.Generator().manual_seed(1)) * 3 + 0.1
+    style = GridStyle(per_head_range=True)
+    open_page(browser, write_html(cube, tmp_path / "norms.html", style=style, bits=16, qk_maps=layer_maps(cube)))
+    Select(browser.find_element(By.ID, "o-weighting")).select_by_value("norms")
+    time.sleep(0.3)
+    weighted = cube.norm_weighted()
+    for layer, head in ((0, 1), (1, 3)):
+        allowed = cube.attendable()[layer].numpy()
+        assert_same_colours(thumbnail_pixels(browser, layer, head), grid_colours(weighted, layer, head, style, bits=16),
+                            allowed, style.cmap)
+    browser.find_element(By.CSS_SELECTOR, '#grid td[data-layer="1"][data-head="3"] canvas').click()
+    canvas = browser.find_element(By.ID, "z-qk")
+    assert canvas.is_displayed() and "KV GROUP 1" in browser.find_element(By.ID, "z-qk-title").text.upper()
+    readout = browser.find_element(By.ID, "z-qk-readout")
+    width = int(canvas.get_attribute("width"))
+    found = False
+    for x in range(6, width - 6, 6):  # sweep the canvas until the pointer lands on a point
+        for y in range(6, width - 6, 12):
+            ActionChains(browser).move_to_element_with_offset(canvas, x - width // 2, y - width // 2).perform()
+            if readout.get_attribute("data-position"):
+                found = True
+                break
+        if found:
+            break
+    assert found, "hovering the map finds a point"
+    position = int(readout.get_attribute("data-position"))
+    assert f"w{position}" in readout.text and readout.get_attribute("data-kind") in ("query", "key")
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "html_norms_qk.png"))

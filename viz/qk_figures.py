@@ -21,8 +21,8 @@ HEAD_EDGES = ("#1f1f1f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", 
 
 
 def _title(qk) -> str:
-    who = f"head {qk.heads[0]}" if len(qk.heads) == 1 else f"KV group {qk.group} (heads {', '.join(map(str, qk.heads))})"
-    method = f"PCA, axes {qk.explained[0]:.0%} + {qk.explained[1]:.0%} of variance" if qk.explained else qk.method
+    who = f"head {qk.heads[0]}" if len(qk.heads) == 1 else f"KV{qk.group}: H{','.join(map(str, qk.heads))}"
+    method = f"PCA {qk.explained[0]:.0%} + {qk.explained[1]:.0%} of variance" if qk.explained else qk.method
     return f"L{qk.layer} {who} · {method}"
 
 

@@ -1,0 +1,80 @@
+"""`llm-heatmap qk-map`: queries and keys of a layer's heads as points in one map (AttentionViz)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llm_heatmap.errors import InputError
+
+from . import options
+from .run import Steps, emit, load
+
+EXAMPLE = """examples:
+  llm-heatmap qk-map "The cat sat on the mat." --layer 5               # every KV group of layer 5
+  llm-heatmap qk-map "The cat sat on the mat." --layer 5 --head 3
+  llm-heatmap qk-map --cube heatmaps/run.cube.safetensors --layer 2 --group 1   # a cube saved by grid --qk"""
+
+
+def register(subparsers) -> None:
+    parser = options.add_command(
+        subparsers, "qk-map", run, summary="queries and keys of a layer's heads as points in one map",
+        description="Capture PROMPT (or read a cube saved by `grid --qk`) and draw the query-key map of LAYER: each "
+        "KV group's queries and keys in one 2-D map where nearness tracks the dot product (keys moved to the "
+        "queries' centroid and both scaled to one mean norm, which changes no attention pattern; then PCA, or "
+        "t-SNE / UMAP where installed). Writes NAME.png.", example=EXAMPLE)
+    options.add_prompt_options(parser)
+    parser.add_argument("--cube", type=Path, help="a cube file holding queries and keys, instead of PROMPT")
+    options.add_model_options(parser)
+    parser.add_argument("--layer", type=int, required=True, help="the layer to map")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--head", type=int, help="only this query head (default: every KV group, side by side)")
+    which.add_argument("--group", type=int, help="only this KV group (its query heads share one set of keys)")
+    parser.add_argument("--method", choices=options.PROJECTIONS, default="pca",
+                        help="projection (default pca; tsne and umap need pip install 'llm-heatmap[maps]')")
+    options.add_output_options(parser)
+    options.add_json_option(parser)
+
+
+def run(args) -> int:
+    from llm_heatmap.analyses.files import atomic_output, check_writable
+
+    if args.cube is None:
+        prompt = options.read_prompt(args)
+    elif args.prompt is not None or args.prompt_file is not None:
+        raise InputError("give either PROMPT (or --prompt-file) or --cube, not both.")
+    else:
+        prompt = args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
+    name = args.name or f"{options.base_name(args, prompt)}.qk-L{args.layer}"
+    path = args.out / f"{name}.png"
+    check_writable(path, force=args.force)
+    import torch
+
+    from llm_heatmap.analyses.qk_maps import qk_map
+    from llm_heatmap.probes import AttentionCube, capture_prompt
+    from llm_heatmap.viz import plot_qk_maps, save_figure
+
+    step = Steps(args, ["loading", "mapping", "drawing"])
+    step("loading")
+    if args.cube is not None:
+        cube = AttentionCube.load(args.cube)
+    else:
+        model, tokenizer, spec = load(args)
+        with torch.no_grad():
+            cube = capture_prompt(model, tokenizer, prompt, spec=spec, chat=args.chat, source=str(args.model),
+                                  layers=[args.layer] if 0 <= args.layer < spec.num_layers else None,
+                                  queries_and_keys=True, value_norms=False)
+    step("mapping")
+    if args.head is not None:
+        maps = [qk_map(cube, args.layer, head=args.head, method=args.method)]
+    elif args.group is not None:
+        maps = [qk_map(cube, args.layer, group=args.group, method=args.method)]
+    else:
+        groups = sorted({cube.spec.kv_group(h) for h in cube.heads})
+        maps = [qk_map(cube, args.layer, group=group, method=args.method) for group in groups]
+    step("drawing")
+    with atomic_output(path, force=args.force) as temp:
+        save_figure(plot_qk_maps(maps, columns=min(len(maps), 4)), temp)
+    step.close()
+    lines = [f"{cube.spec.summary}", f"layer {args.layer}: {len(maps)} map(s), {args.method}; wrote {path}"]
+    emit(args, lines, {"spec": cube.spec.summary, "layer": args.layer, "maps": len(maps), "file": str(path)})
+    return 0
