@@ -8,9 +8,9 @@ variants), `c_proj` (GPT-2's transposed `Conv1D`, GPT-BigCode), `out_proj` (OPT,
 those names inside the attention module, then in its parent, and kept only when its input width is
 `num_heads x head_dim`.
 
-The matrix is read by calling the module on the identity (minus its bias), not from its weight, so
-quantized layers (bitsandbytes 4/8-bit), `Conv1D` and plain `Linear` all give the map the model
-really applies.
+The matrix of a plain `nn.Linear` (transposed) or GPT-2's `Conv1D` is its weight; any other module
+(bitsandbytes 4/8-bit layers, adapters) is read by calling it on the identity (minus its bias), so
+the map is the one the model really applies.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def find_output_projection(model: nn.Module, attention_path: str, width: int) ->
 @torch.no_grad()
 def output_map(projection: nn.Module, width: int) -> torch.Tensor:
     """float32 `"(h d) m"`: the linear map the projection applies to a row of concatenated head outputs
-    (its bias left out), read by applying it to the `width x width` identity."""
+    (its bias left out)."""
+    if type(projection) is nn.Linear:
+        return projection.weight.detach().float().T
+    if type(projection).__name__ == "Conv1D":
+        return projection.weight.detach().float()
     weight = next(iter(projection.parameters()))
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     identity = torch.eye(width, dtype=dtype, device=weight.device)

@@ -24,7 +24,12 @@ def value_projection(model, attention_path: str, spec):
 
 
 def output_weight(projection) -> torch.Tensor:
-    """`"(h d) m"` from the module's weight: nn.Linear stores it transposed, GPT-2's Conv1D does not."""
+    """`"(h d) m"` from the module's weight: nn.Linear stores it transposed (a 4-bit one packed, dequantized
+    here with bitsandbytes' own function), GPT-2's Conv1D does not."""
+    if type(projection).__name__ == "Linear4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(projection.weight.data, projection.weight.quant_state).float().T
     return projection.weight.T if isinstance(projection, torch.nn.Linear) else projection.weight
 
 
@@ -81,6 +86,19 @@ def test_real_models_value_and_output_norms_equal_the_direct_computation(fixture
     value_norms, output_norms = direct_norms(model, spec, tokenizer(prompt, return_tensors="pt")["input_ids"])
     torch.testing.assert_close(cube.value_norms.double(), value_norms, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cube.output_norms.double(), output_norms, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_4bit_model_writes_through_its_dequantized_projection():
+    from llm_heatmap.models import load_model
+
+    model, tokenizer, spec = load_model("smollm2-135m", quantize="4bit")
+    assert type(model.get_submodule(spec.output_projections[0])).__name__ == "Linear4bit"
+    prompt = "The capital of France is Paris."
+    cube = capture_prompt(model, tokenizer, prompt, value_norms=True, layers=[0, 29])
+    value_norms, output_norms = direct_norms(model, spec, tokenizer(prompt, return_tensors="pt")["input_ids"])
+    torch.testing.assert_close(cube.value_norms.double(), value_norms[[0, 29]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cube.output_norms.double(), output_norms[[0, 29]], atol=1e-4, rtol=1e-4)
 
 
 def test_streamed_parts_carry_the_norms_of_their_layer_and_rows():
