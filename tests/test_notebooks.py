@@ -89,7 +89,7 @@ def test_example_notebook_runs_and_shows_its_outputs(name):
     kinds = [set(o.get("data", {})) for o in outputs]
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("image/png" in k for k in kinds), "a grid or figure is shown inline"
-    if name in ("quickstart", "long_prompts"):
+    if name in ("quickstart", "long_prompts", "value_norms_and_qk_maps"):
         assert any(page.startswith("<iframe srcdoc=") and "hm-meta" in page for page in html), "the interactive view"
         assert any("AttentionCube" in page for page in html), "the cube's own display"
     if name == "quickstart":
