@@ -84,7 +84,7 @@ def _from_jsonl(path: Path, text: str, column: str) -> list[Prompt]:
             hint = f'objects like {{"{column}": "...", "id": "..."}}'
             if column == TEXT_COLUMN:
                 raise InputError(f'{where} has no "{column}" field; write {hint}.')
-            raise InputError(f'{where} has no "{column}" field; write {hint}, or pass column= the field that holds the prompt.')
+            raise InputError(f'{where} has no "{column}" field; write {hint}, or pass column=NAME, the field that holds the prompt.')
         check_prompt(record[column], f'the "{column}" on {where}')
         prompt_id = record.get("id", len(prompts))
         group = record.get("group")
@@ -133,7 +133,7 @@ def _from_table(path: Path, column: str) -> list[Prompt]:
     if column not in table.columns:
         present = ", ".join(map(str, table.columns)) or "none"
         raise InputError(f"prompt file {path} has no column '{column}' (its columns: {present}); "
-                         "pass column= the column that holds the prompts.")
+                         "pass column=NAME, the column that holds the prompts.")
     prompts = []
     for number, record in enumerate(table.to_dict("records"), start=1):
         where = f"row {number} of {path}"
@@ -157,7 +157,7 @@ def read_prompts(path: str | Path, *, column: str = TEXT_COLUMN) -> list[Prompt]
     else:
         if column != TEXT_COLUMN:
             raise InputError(f"prompt file {path} holds one prompt per line, so column='{column}' does not apply; "
-                             "drop column=, or pass a .jsonl, .csv or .parquet file.")
+                             "leave it out, or pass a .jsonl, .csv or .parquet file.")
         prompts = _from_txt(path, _read_text(path))
     if not prompts:
         raise InputError(f"prompt file {path} holds no prompts; write one prompt per line.")

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import options
-from .run import emit, load, progress_off
+from .run import emit, launched, load, progress_off
 
 EXAMPLE = """examples:
   llm-heatmap batch prompts.jsonl --out runs/smollm2/
   llm-heatmap batch prompts.txt --out runs/smollm2/ --resume          # after an interruption
-  llm-heatmap batch prompts.txt --out runs/smollm2/ --shard $SLURM_ARRAY_TASK_ID/8   # one job of an array"""
+  llm-heatmap batch prompts.txt --out runs/smollm2/ --shard $SLURM_ARRAY_TASK_ID/8   # one job of an array
+  torchrun --nproc_per_node 4 -m llm_heatmap.cli batch prompts.csv --out runs/smollm2/   # 4 processes / GPUs"""
 
 
 def register(subparsers) -> None:
@@ -20,8 +21,10 @@ def register(subparsers) -> None:
         "per line) in streaming mode and write one row per prompt x head to OUT/heads.parquet and OUT/heads.csv. "
         "Each finished prompt is kept in OUT/parts/, so --resume recomputes only the prompts not yet done; "
         "--shard i/n takes prompt k when k % n == i (write shards into one OUT; their tables are "
-        "heads.shard-i-of-n.*).", example=EXAMPLE)
-    parser.add_argument("file", type=Path, metavar="FILE", help="prompt file (.txt or .jsonl)")
+        "heads.shard-i-of-n.*). Under torchrun or accelerate launch each process measures its share of the prompts "
+        "(of the shard's prompts, with --shard) on its own device, and rank 0 writes the tables.", example=EXAMPLE)
+    parser.add_argument("file", type=Path, metavar="FILE", help="prompt file (.txt, .jsonl, .csv or .parquet)")
+    options.add_column_option(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--shard", metavar="i/n", help="only prompts k with k %% n == i")
     parser.add_argument("--resume", action="store_true", help="keep prompts already done in OUT, compute the rest")
@@ -37,12 +40,20 @@ def run(args) -> int:
     from llm_heatmap.analyses.prompts import parse_shard, read_prompts
 
     shard = None if args.shard is None else parse_shard(args.shard)
-    prompts = read_prompts(args.file)
-    model, tokenizer, spec = load(args)
-    with torch.no_grad():
-        result = run_batch(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model), chat=args.chat,
-                           shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args))
+    prompts = read_prompts(args.file, column=args.column)
+    ranks = launched(args)
+    try:
+        model, tokenizer, spec = load(args, device=ranks.device())
+        with torch.no_grad():
+            result = run_batch(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model), chat=args.chat,
+                               shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args), ranks=ranks)
+    finally:
+        ranks.close()
+    if not ranks.is_main:
+        return 0
     which = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
+    if ranks.distributed:
+        which += f" by {ranks.world_size} processes"
     lines = [f"{args.model}: {spec.summary}",
              f"{len(result.computed)} prompts computed, {len(result.skipped)} already done{which}; "
              f"{len(result.table)} rows",

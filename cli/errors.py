@@ -17,6 +17,7 @@ API_TO_FLAG = {
     "metrics_only=True": "--metrics-only",
     "chat=True": "--chat",
     "out_dir": "--out",
+    "column=": "--column ",
     "max_bytes=": "--max-cube-mb ",
     "quantize=": "--quantize ",
     "max_tokens=": "--max-tokens ",

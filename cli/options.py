@@ -77,6 +77,11 @@ def add_chat_option(parser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
 
 
+def add_column_option(parser) -> None:
+    parser.add_argument("--column", default="prompt",
+                        help="the field (JSONL) or column (CSV, Parquet) holding the prompts (default: prompt)")
+
+
 def add_prompt_file_option(parser, help: str = "read the prompt from this file instead") -> None:
     parser.add_argument("--prompt-file", type=Path, help=help)
 
