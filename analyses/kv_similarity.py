@@ -75,6 +75,18 @@ def layer_similarities(pattern: torch.Tensor, mask: torch.Tensor, measures=MEASU
     return out
 
 
+def group_means(similarity: torch.Tensor, same_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(within, between): mean of `similarity` (`"... h h"`) over head pairs a < b in the same group and
+    in different groups, `same_group` a bool `"... h h"` (leading axes broadcast: prompts, permutations)."""
+    heads = similarity.shape[-1]
+    upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)
+    inside = (same_group & upper).double()
+    outside = (~same_group & upper).double()
+    within = (similarity * inside).sum((-1, -2)) / inside.sum((-1, -2))
+    between = (similarity * outside).sum((-1, -2)) / outside.sum((-1, -2))
+    return within, between
+
+
 def group_gap(similarity: torch.Tensor, groups, n_permutations: int = 1000, seed: int = 0) -> dict:
     """within, between, gap and permutation p-value of a head x head similarity (module docstring)."""
     groups = torch.as_tensor(groups)
@@ -84,33 +96,29 @@ def group_gap(similarity: torch.Tensor, groups, n_permutations: int = 1000, seed
     if not (same & upper).any() or not (~same & upper).any():
         raise InputError("the KV-group statistic needs at least one pair of heads in the same group and one in different groups; "
                          "pass more heads or another pseudo_group_size.")
-
-    def stats(same_group):
-        inside = (same_group & upper).double()
-        outside = (~same_group & upper).double()
-        within = (similarity * inside).sum((-1, -2)) / inside.sum((-1, -2))
-        between = (similarity * outside).sum((-1, -2)) / outside.sum((-1, -2))
-        return within, between
-
-    within, between = stats(same)
+    within, between = group_means(similarity, same)
     gap = within - between
     generator = torch.Generator().manual_seed(seed)
     order = torch.rand(n_permutations, heads, generator=generator).argsort(-1)
     shuffled = groups[order]  # p h
-    perm_within, perm_between = stats(shuffled[:, :, None] == shuffled[:, None, :])
+    perm_within, perm_between = group_means(similarity, shuffled[:, :, None] == shuffled[:, None, :])
     exceed = int(((perm_within - perm_between) >= gap - 1e-12).sum())
     return {"within": float(within), "between": float(between), "gap": float(gap),
             "p_value": (1 + exceed) / (1 + n_permutations)}
 
 
-def head_groups(cube, pseudo_group_size: int = 3) -> tuple[torch.Tensor, str]:
-    """(group of each head on axis h, "kv" or "pseudo"): KV groups for GQA, consecutive pseudo-groups otherwise."""
-    spec = cube.spec
+def spec_head_groups(spec, heads, pseudo_group_size: int = 3) -> tuple[torch.Tensor, str]:
+    """(group of each of `heads`, "kv" or "pseudo"): KV groups for GQA, consecutive pseudo-groups otherwise."""
     if 1 < spec.group_size < spec.num_heads:
-        return cube.kv_groups, "kv"
+        return torch.tensor([spec.kv_group(h) for h in heads]), "kv"
     if pseudo_group_size < 2:
         raise InputError(f"pseudo_group_size must be at least 2, got {pseudo_group_size}.")
-    return torch.tensor(cube.heads) // pseudo_group_size, "pseudo"
+    return torch.tensor(list(heads)) // pseudo_group_size, "pseudo"
+
+
+def head_groups(cube, pseudo_group_size: int = 3) -> tuple[torch.Tensor, str]:
+    """(group of each head on axis h, "kv" or "pseudo"): KV groups for GQA, consecutive pseudo-groups otherwise."""
+    return spec_head_groups(cube.spec, cube.heads, pseudo_group_size)
 
 
 @per_sequence
@@ -163,13 +171,18 @@ def head_distributions(cube, *, drop_first_token: bool = False, max_rows: int | 
 def head_divergence(p: torch.Tensor, measure: str = "js") -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence, similarity) `"n n"` of head distributions `"n q k"`: JS in nats and 1 - JS / ln 2,
     or the squared Hellinger distance 1 - BC and the Bhattacharyya coefficient BC."""
+    if measure not in HEAD_MEASURES:
+        raise InputError(f"head similarity measure {measure!r} is not known; use one of {', '.join(HEAD_MEASURES)}.")
     if measure == "js":
         divergence = js_divergence_matrix(p)
-        return divergence, 1 - divergence / math.log(2)
-    if measure == "hellinger":
-        affinity = bhattacharyya_matrix(p)
-        return 1 - affinity, affinity
-    raise InputError(f"head similarity measure {measure!r} is not known; use one of {', '.join(HEAD_MEASURES)}.")
+    else:
+        divergence = 1 - bhattacharyya_matrix(p)
+    return divergence, divergence_similarity(divergence, measure)
+
+
+def divergence_similarity(divergence, measure: str):
+    """The similarity in [0, 1] that goes with a `head_divergence`: 1 - JS / ln 2, or BC = 1 - H^2."""
+    return 1 - divergence / math.log(2) if measure == "js" else 1 - divergence
 
 
 def cluster_order(divergence) -> tuple[list[int], np.ndarray]:
