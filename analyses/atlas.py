@@ -46,7 +46,7 @@ from .atlas_prompt import THUMBNAIL_SIZE, measure_atlas_prompt
 from .atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table, prompt_layer_kv,
                            top_prompts)
 from .files import atomic_output, check_writable
-from .kv_similarity import HEAD_MEASURES
+from .kv_similarity import HEAD_MEASURES, divergence_similarity
 from .parts import check_settings, part_key, shard_suffix, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
@@ -87,8 +87,8 @@ class AtlasResult:
                              "run once more without shard and with resume=True to merge the parts.")
         return {"heads": self.tables["heads"], "layers": self.tables["layers"], "models": self.tables["models"],
                 "prompt_heads": self.tables["prompt_heads"], "top_prompts": self.tables["top_prompts"],
-                "distances": self.distances, "thumbnails": self.thumbnails, "prompts": self.prompts,
-                "measure": self.measure}
+                "similarity": {name: divergence_similarity(d, self.measure) for name, d in self.distances.items()},
+                "thumbnails": self.thumbnails, "prompts": self.prompts, "measure": self.measure}
 
 
 @dataclass
@@ -388,8 +388,6 @@ def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[P
 
 
 def _distance_table(rows: ModelRows) -> pd.DataFrame:
-    from .kv_similarity import divergence_similarity
-
     n = len(rows.units)
     a, b = np.divmod(np.arange(n * n), n)
     units = np.asarray(rows.units)

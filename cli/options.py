@@ -22,6 +22,7 @@ BACKGROUNDS = ["white", "transparent"]
 DTYPES = ["float32", "float16", "bfloat16"]
 QUANTIZE = ["4bit", "8bit"]
 MEASURES = ["js", "cosine", "pearson"]
+HEAD_MEASURES = ["js", "hellinger"]
 
 
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):
@@ -110,6 +111,22 @@ def add_permutation_options(parser, *, default: int, help: str) -> None:
     """--permutations (`help` says what is permuted) and the --seed of the random draws."""
     parser.add_argument("--permutations", type=int, default=default, help=f"{help} (default {default})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def add_bootstrap_options(parser) -> None:
+    """--resamples and --confidence of the bootstrap intervals over prompts."""
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the prompts (default 2000)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+
+
+def add_resumable_options(parser) -> None:
+    """--resume and --shard of runs that keep one part file per prompt."""
+    parser.add_argument("--resume", action="store_true", help="keep prompts already done in OUT, compute the rest")
+    parser.add_argument("--shard", metavar="i/n", help="only prompts k with k %% n == i (one job of an array)")
+
+
+def add_pseudo_group_option(parser, default_help: str) -> None:
+    parser.add_argument("--pseudo-group-size", type=int, help=f"group size for MHA models ({default_help})")
 
 
 def add_drawing_options(parser) -> None:
