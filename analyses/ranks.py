@@ -71,14 +71,19 @@ def _environment_int(name: str, default: int) -> int:
                          "or accelerate launch, which set it, or unset it for a one-process run.") from None
 
 
-def launcher_ranks() -> Ranks:
-    """The ranks a launcher set in the environment (module docstring); `Ranks()` when there is none."""
+def launcher_world_size() -> int:
+    """WORLD_SIZE as a launcher set it (1 without a launcher), checked against RANK."""
     world_size = _environment_int("WORLD_SIZE", 1)
     rank = _environment_int("RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
         raise InputError(f"the environment says RANK={rank} of WORLD_SIZE={world_size}, which is out of range; "
                          "start the run with torchrun or accelerate launch, which set both.")
-    if world_size == 1:
+    return world_size
+
+
+def launcher_ranks() -> Ranks:
+    """The ranks a launcher set in the environment (module docstring); `Ranks()` when there is none."""
+    if launcher_world_size() == 1:
         return Ranks()
     import torch
     from accelerate import PartialState

@@ -37,14 +37,14 @@ def load(args, source: str | None = None, device: str | None = None):
 def launched(args):
     """The ranks of a torchrun / accelerate launch run (one process: rank 0 of 1). Ranks other than 0
     stay quiet; one model per process means --device cannot spread a model over several devices."""
-    from llm_heatmap.analyses.ranks import launcher_ranks
+    from llm_heatmap.analyses.ranks import launcher_ranks, launcher_world_size
 
-    ranks = launcher_ranks()
-    if ranks.distributed and args.device not in (None, "cpu"):
-        ranks.close()
-        raise InputError(f"--device {args.device} cannot be combined with a launcher's {ranks.world_size} processes: each "
+    world_size = launcher_world_size()
+    if world_size > 1 and args.device not in (None, "cpu"):
+        raise InputError(f"--device {args.device} cannot be combined with a launcher's {world_size} processes: each "
                          "process loads its own copy of the model on the GPU of its LOCAL_RANK; drop --device, "
                          "or run one process.")
+    ranks = launcher_ranks()
     if not ranks.is_main:
         args.quiet = True
     return ranks
