@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -42,3 +44,40 @@ def minilm_eager():
     from llm_heatmap.models import load_model
 
     return load_model("minilm-l6", attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(model, tokenizer, spec) of a tiny random GQA Llama read from a GGUF (2 layers, 4 heads on 2 KV heads)
+    with its byte-level tokenizer: a real loading path and tokenizer in about a second."""
+    from llm_heatmap.models import load_model
+    from tiny_models import write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LLM_HEATMAP_CACHE", str(folder / "cache"))
+    try:
+        yield load_model(write_tiny_gguf(folder / "tiny.gguf"))
+    finally:
+        patch.undo()
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    profile = tempfile.mkdtemp(prefix="llm-heatmap-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1440,960"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)

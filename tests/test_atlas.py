@@ -20,10 +20,8 @@ from llm_heatmap.analyses.progress import RunProgress
 from llm_heatmap.analyses.prompts import Prompt
 from llm_heatmap.analyses.ranks import Ranks, launcher_ranks
 from llm_heatmap.errors import InputError
-from llm_heatmap.models import load_model
 from llm_heatmap.probes import capture_prompt
 from llm_heatmap.viz.atlas import atlas_view
-from tiny_models import write_tiny_gguf
 
 PROMPTS = [Prompt("a", "the cat sat on the mat", "simple"), Prompt("b", "a b a b a b c", "repeat"),
            Prompt("c", "entropy rises; order falls.", None), Prompt("d", "one two three four", "simple"),
@@ -36,15 +34,8 @@ class Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny GQA Llama read from a GGUF (4 heads on 2 KV heads, 2 layers), with its byte-level tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("LLM_HEATMAP_CACHE", str(folder / "cache"))
-    try:
-        yield load_model(write_tiny_gguf(folder / "tiny.gguf"))
-    finally:
-        patch.undo()
+def tiny(tiny_gguf):
+    return tiny_gguf
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .html import HtmlView, asset_text, colour_tables, script_json
+from .html import HtmlView, _asset, _script_json  # the view's own inlining and escaping, shared
+from .raster import colormap_bytes
 
 HEAD_KEYS = ["layer", "head"]
 STAT_SUFFIXES = ("_mean", "_rate")
@@ -184,13 +185,13 @@ def atlas_view(*, heads: pd.DataFrame, layers: pd.DataFrame, models: pd.DataFram
         "histMetrics": numeric, "histEdges": edges, "bins": bins,
         "rankBy": sorted(pd.unique(top_prompts["metric"]).tolist()) if top_prompts is not None and len(top_prompts) else [],
         "prompts": [{"id": p, "text": (prompts or {}).get(p, "")} for p in prompt_ids],
-        "cmap": colour_tables(cmap)[cmap],
+        "cmap": _b64(colormap_bytes(cmap)[:, :3]),
         "models": payload_models,
     }
-    page = (asset_text("atlas.html").replace("__TITLE__", html.escape(data["title"]).replace("/", "&#47;"))
-            .replace("__STYLE__", asset_text("atlas.css"))
-            .replace("__SCRIPT__", asset_text("atlas.js"))
-            .replace("__DATA__", script_json(data)))
+    page = (_asset("atlas.html").replace("__TITLE__", html.escape(data["title"]).replace("/", "&#47;"))
+            .replace("__STYLE__", _asset("atlas.css"))
+            .replace("__SCRIPT__", _asset("atlas.js"))
+            .replace("__DATA__", _script_json(data)))
     return HtmlView(page, height=900)
 
 

@@ -121,21 +121,21 @@ def html_view(
         "ranges": {sink: _ranges(pattern.numpy(), mask.numpy(), cube.first_key, sink) for sink in ("keep", "exclude")},
         "style": {"scale": scale, "gamma": style.gamma, "sink": style.sink, "perHead": style.per_head_range,
                   "vmin": style.vmin, "vmax": style.vmax, "cmap": style.cmap, "logFloor": LOG_FLOOR},
-        "cmaps": colour_tables(style.cmap),
+        "cmaps": _colour_tables(style.cmap),
         "metrics": _metrics_payload(metrics, cube.layers, cube.heads),
     }
     page = (
-        asset_text("view.html").replace("__TITLE__", html.escape(meta["title"]).replace("/", "&#47;"))
-        .replace("__STYLE__", asset_text("view.css"))
-        .replace("__SCRIPT__", asset_text("view.js"))
-        .replace("__META__", script_json(meta))
+        _asset("view.html").replace("__TITLE__", html.escape(meta["title"]).replace("/", "&#47;"))
+        .replace("__STYLE__", _asset("view.css"))
+        .replace("__SCRIPT__", _asset("view.js"))
+        .replace("__META__", _script_json(meta))
         .replace("__MASK__", base64.b64encode(packed.tobytes()).decode("ascii"))
         .replace("__DATA__", base64.b64encode(data.tobytes()).decode("ascii"))
     )
     return HtmlView(page)
 
 
-def asset_text(name: str) -> str:
+def _asset(name: str) -> str:
     """A file of the page (viz/assets/), inlined so the page stays one offline file."""
     return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
 
@@ -179,7 +179,7 @@ def _quantize(pattern: torch.Tensor, mask: torch.Tensor, bits: int) -> tuple[np.
     return levels.numpy().astype(dtype), scales.numpy()
 
 
-def colour_tables(cmap: str) -> dict[str, str]:
+def _colour_tables(cmap: str) -> dict[str, str]:
     """base64 of 256 RGB triples per colormap."""
     names = list(PAGE_CMAPS) if cmap in PAGE_CMAPS else [cmap, *PAGE_CMAPS]
     tables = {}
@@ -224,6 +224,6 @@ def _json_value(value):
     return None if value is None else str(value)
 
 
-def script_json(value) -> str:
+def _script_json(value) -> str:
     # "<" and "/" escaped so no token text can close the script tag or read as a URL
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c").replace("/", "\\/")
