@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import warnings
 
 import pytest
@@ -69,15 +68,8 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    profile = tempfile.mkdtemp(prefix="llm-heatmap-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1440,960"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    from llm_heatmap.cli.experiments.atlas_example import headless_chromium
+
+    with headless_chromium() as driver:
+        yield driver
