@@ -220,11 +220,8 @@ def run_atlas(
         if existing:
             raise InputError(f"{out_dir} already holds an atlas ({existing[0].relative_to(out_dir)}); pass resume=True "
                              "to continue it, force=True to recompute, or choose another out_dir.")
-    if shard is None:
-        for path in files.values():
-            check_writable(path, force=True)
-    else:
-        check_writable(out_dir / "parts" / ".check", force=True)
+    for path in files.values() if shard is None else [out_dir / f"atlas{shard_suffix(shard)}.json"]:
+        check_writable(path, force=True)
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length}
     check_settings(out_dir, "atlas", settings, resume=resume)
@@ -273,7 +270,7 @@ def run_atlas(
             if not _needs_model(parts, share, ranks):
                 continue
             model, tokenizer, spec = loaded.pop(name) if name in loaded else _model(source, loader)
-            counts = _check_fits(spec, tokenizer, share, chat, max_bytes, name)
+            counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name)  # every rank, the same verdict
             if ranks.is_main:
                 _write_model_files(parts, name, model, tokenizer, spec, probe_length, force and not resume)
             for prompt in share:

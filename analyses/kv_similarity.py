@@ -226,8 +226,8 @@ def head_similarity_matrix(cube, *, measure: str = "js", drop_first_token: bool 
     """Similarity between all heads of all layers plus a clustering order.
 
     `measure`: "js" (1 - JS / ln 2, exact, as defined in the module docstring; computed by
-    `divergence.js_divergence_matrix`, about 4x the model's forward pass for SmolLM2's 270 heads
-    at 512 tokens) or "hellinger" (the Bhattacharyya coefficient, one matrix product, about 0.4x).
+    `divergence.js_divergence_matrix`, 3-6x the time of the model's forward pass for SmolLM2's 270
+    heads at 512 tokens) or "hellinger" (the Bhattacharyya coefficient, one matrix product, about 0.5x).
     Costs heads^2 x rows x keys; `max_rows` keeps that many evenly spaced query rows.
     """
     cube = cube.one_sequence()
