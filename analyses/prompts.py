@@ -10,6 +10,7 @@ it reads the same file.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,17 +37,27 @@ def check_prompt(text, where: str = "the prompt") -> str:
     return text
 
 
-def _read_text(path: Path) -> str:
+@contextmanager
+def _reading(path: Path):
+    """Turn the ways a prompt file can fail to open into one sentence each."""
     try:
-        return path.read_text(encoding="utf-8")
+        yield
     except FileNotFoundError:
         raise InputError(f"prompt file {path} does not exist; check the path.") from None
     except IsADirectoryError:
         raise InputError(f"prompt file {path} is a directory; pass a .txt, .jsonl, .csv or .parquet file.") from None
     except UnicodeDecodeError:
         raise InputError(f"prompt file {path} is not UTF-8 text; save it as UTF-8.") from None
-    except OSError as error:
-        raise InputError(f"prompt file {path} cannot be read ({error.strerror}); check its permissions.") from None
+
+
+def _read_text(path: Path) -> str:
+    with _reading(path):
+        try:
+            return path.read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError):
+            raise
+        except OSError as error:
+            raise InputError(f"prompt file {path} cannot be read ({error.strerror}); check its permissions.") from None
 
 
 def read_prompt_text(path: str | Path) -> str:
@@ -95,21 +106,18 @@ def _from_jsonl(path: Path, text: str, column: str) -> list[Prompt]:
 def _read_table(path: Path):
     import pandas as pd
 
-    try:
-        if path.suffix.lower() == ".csv":
-            # every cell as text: ids like "007" and prompts like "NA" stay as written
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        return pd.read_parquet(path)
-    except FileNotFoundError:
-        raise InputError(f"prompt file {path} does not exist; check the path.") from None
-    except IsADirectoryError:
-        raise InputError(f"prompt file {path} is a directory; pass a .txt, .jsonl, .csv or .parquet file.") from None
-    except UnicodeDecodeError:
-        raise InputError(f"prompt file {path} is not UTF-8 text; save it as UTF-8.") from None
-    except (OSError, ValueError) as error:
-        kind = path.suffix.lower().lstrip(".").replace("pq", "parquet").upper()
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(f"prompt file {path} cannot be read as {kind} ({reason}); write it again.") from None
+    with _reading(path):
+        try:
+            if path.suffix.lower() == ".csv":
+                # every cell as text: ids like "007" and prompts like "NA" stay as written
+                return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            return pd.read_parquet(path)
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):
+            raise
+        except (OSError, ValueError) as error:
+            kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise InputError(f"prompt file {path} cannot be read as {kind} ({reason}); write it again.") from None
 
 
 def _blank(value) -> bool:

@@ -13,7 +13,7 @@ from .run import emit, launched, load, progress_off
 EXAMPLE = """examples:
   llm-heatmap atlas prompts.jsonl --model smollm2-135m --model minilm-l6 --out atlas/
   llm-heatmap atlas prompts.csv --column text --out atlas/ --resume          # after an interruption
-  torchrun --nproc_per_node 8 -m llm_heatmap.cli atlas prompts.parquet --model smollm2-135m --out atlas/
+  torchrun --standalone --nproc_per_node 8 -m llm_heatmap.cli atlas prompts.parquet --model smollm2-135m --out atlas/
   accelerate launch -m llm_heatmap.cli atlas prompts.txt --out atlas/      # as configured by accelerate config
   llm-heatmap atlas prompts.txt --out atlas/ --shard $SLURM_ARRAY_TASK_ID/8   # parts only; then once:
   llm-heatmap atlas prompts.txt --out atlas/ --resume                        # merges every shard's parts"""
@@ -32,11 +32,7 @@ def register(subparsers) -> None:
         "side. Each prompt is kept in OUT/parts/, so --resume computes only what is missing. Under torchrun or "
         "accelerate launch each process takes its share of the prompts on its own device and rank 0 writes the "
         "tables; --shard i/n writes parts only, and a last run with --resume merges them.", example=EXAMPLE)
-    parser.add_argument("prompts", type=Path, metavar="PROMPTS", help="prompt file (.txt, .jsonl, .csv or .parquet)")
-    options.add_column_option(parser)
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    options.add_resumable_options(parser)
-    options.add_chat_option(parser)
+    options.add_prompt_set_options(parser, "PROMPTS")
     options.add_model_options(parser, several=True)
     atlas = parser.add_argument_group("atlas")
     atlas.add_argument("--measure", choices=options.HEAD_MEASURES, default="js",

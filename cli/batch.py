@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import options
 from .run import emit, launched, load, progress_off
 
@@ -11,23 +9,20 @@ EXAMPLE = """examples:
   llm-heatmap batch prompts.jsonl --out runs/smollm2/
   llm-heatmap batch prompts.txt --out runs/smollm2/ --resume          # after an interruption
   llm-heatmap batch prompts.txt --out runs/smollm2/ --shard $SLURM_ARRAY_TASK_ID/8   # one job of an array
-  torchrun --nproc_per_node 4 -m llm_heatmap.cli batch prompts.csv --out runs/smollm2/   # 4 processes / GPUs"""
+  torchrun --standalone --nproc_per_node 4 -m llm_heatmap.cli batch prompts.csv --out runs/smollm2/   # 4 processes / GPUs"""
 
 
 def register(subparsers) -> None:
     parser = options.add_command(
         subparsers, "batch", run, summary="per-head metrics for every prompt of a file (Parquet + CSV), resumable",
         description="Capture every prompt of FILE (TXT: one prompt per line; JSONL: {\"prompt\", \"id\", \"group\"} "
-        "per line) in streaming mode and write one row per prompt x head to OUT/heads.parquet and OUT/heads.csv. "
+        "per line; CSV or Parquet: a prompt column, optional id and group columns; --column names the prompt "
+        "field) in streaming mode and write one row per prompt x head to OUT/heads.parquet and OUT/heads.csv. "
         "Each finished prompt is kept in OUT/parts/, so --resume recomputes only the prompts not yet done; "
         "--shard i/n takes prompt k when k % n == i (write shards into one OUT; their tables are "
         "heads.shard-i-of-n.*). Under torchrun or accelerate launch each process measures its share of the prompts "
         "(of the shard's prompts, with --shard) on its own device, and rank 0 writes the tables.", example=EXAMPLE)
-    parser.add_argument("file", type=Path, metavar="FILE", help="prompt file (.txt, .jsonl, .csv or .parquet)")
-    options.add_column_option(parser)
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    options.add_resumable_options(parser)
-    options.add_chat_option(parser)
+    options.add_prompt_set_options(parser, "FILE")
     options.add_model_options(parser)
     options.add_run_options(parser)
 

@@ -78,11 +78,6 @@ def add_chat_option(parser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
 
 
-def add_column_option(parser) -> None:
-    parser.add_argument("--column", default="prompt",
-                        help="the field (JSONL) or column (CSV, Parquet) holding the prompts (default: prompt)")
-
-
 def add_prompt_file_option(parser, help: str = "read the prompt from this file instead") -> None:
     parser.add_argument("--prompt-file", type=Path, help=help)
 
@@ -119,10 +114,16 @@ def add_bootstrap_options(parser) -> None:
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
 
 
-def add_resumable_options(parser) -> None:
-    """--resume and --shard of runs that keep one part file per prompt."""
+def add_prompt_set_options(parser, name: str) -> None:
+    """The prompt file (positional `name`), --column, --out, --resume, --shard and --chat of runs over a
+    prompt file that keep one part file per prompt in OUT (batch, atlas)."""
+    parser.add_argument(name.lower(), type=Path, metavar=name, help="prompt file (.txt, .jsonl, .csv or .parquet)")
+    parser.add_argument("--column", default="prompt",
+                        help="the field (JSONL) or column (CSV, Parquet) holding the prompts (default: prompt)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="keep prompts already done in OUT, compute the rest")
     parser.add_argument("--shard", metavar="i/n", help="only prompts k with k %% n == i (one job of an array)")
+    add_chat_option(parser)
 
 
 def add_pseudo_group_option(parser, default_help: str) -> None:

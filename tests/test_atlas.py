@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from llm_heatmap.analyses.atlas import TABLES, run_atlas
 from llm_heatmap.analyses.kv_similarity import head_distributions

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from llm_heatmap.analyses.prompts import Prompt
 from llm_heatmap.errors import InputError
 from llm_heatmap.viz.atlas import atlas_view, write_atlas
 from llm_heatmap.viz.raster import colormap_bytes
+from rendered import open_rendered
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PROMPTS = [Prompt("a", "the cat sat on the mat", "simple"), Prompt("b", "a b a b a b c a b", "repeat"),
@@ -99,16 +99,6 @@ def test_bad_tables_are_refused(result):
 
 
 # ---- the browser ------------------------------------------------------------------------------------
-def open_atlas(driver, path: Path, timeout: float = 30.0) -> None:
-    driver.get(path.resolve().as_uri())
-    deadline = time.monotonic() + timeout
-    while driver.execute_script("return document.body && document.body.dataset.ready") != "1":
-        assert time.monotonic() < deadline, f"page never finished rendering: {driver.get_log('browser')}"
-        time.sleep(0.05)
-    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    assert not errors, errors
-
-
 def pixel(driver, canvas, x: float, y: float) -> list[int]:
     """RGBA of the canvas pixel under CSS position (x, y)."""
     return driver.execute_script("""
@@ -123,7 +113,7 @@ def test_browser_select_colour_and_top_prompts(browser, result, tmp_path):
     from selenium.webdriver.support.select import Select
 
     path = write_atlas(tmp_path / "atlas.html", **result.page_inputs())
-    open_atlas(browser, path)
+    open_rendered(browser, path)
     heads = result.tables["heads"]
     strip = browser.find_element(By.CSS_SELECTOR, "#depth-row canvas.hit")
     # layer 1 of 2 is the lower half of the strip; head 2 the third column of 14 px

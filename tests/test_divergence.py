@@ -13,7 +13,6 @@ from scipy.spatial.distance import jensenshannon
 from llm_heatmap.analyses import divergence
 from llm_heatmap.analyses.divergence import bhattacharyya_matrix, js_divergence_matrix
 from llm_heatmap.analyses.kv_similarity import head_distributions, head_similarity_matrix
-from llm_heatmap.models import spec_from_model
 from llm_heatmap.probes import capture_prompt, capture
 from js_reference import pairwise_js_divergence
 from tiny_models import VOCAB, tiny_model

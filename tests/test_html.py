@@ -20,6 +20,7 @@ from llm_heatmap.probes import AttentionCube, attendable_mask
 from llm_heatmap.viz import GridStyle
 from llm_heatmap.viz.html import write_html
 from eager_reference import eager_cube
+from rendered import open_rendered
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 WORDS = ["<s>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "ĠIt", "Ġwas", "Ġwarm", "\n", "http://x.io/a"]
@@ -196,13 +197,7 @@ def test_bad_input_raises_input_error(tmp_path):
 
 # ---- the browser -------------------------------------------------------------------------
 def open_page(driver, path: Path, timeout=30.0) -> dict:
-    driver.get(path.resolve().as_uri())
-    deadline = time.monotonic() + timeout
-    while driver.execute_script("return document.body && document.body.dataset.ready") != "1":
-        assert time.monotonic() < deadline, f"page never finished rendering: {driver.get_log('browser')}"
-        time.sleep(0.05)
-    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    assert not errors, errors
+    open_rendered(driver, path, timeout)
     return driver.execute_script("return window.heatmapStats")
 
 

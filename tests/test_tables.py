@@ -122,7 +122,7 @@ def test_csv_and_parquet_prompts(tmp_path):
     ("p.csv", "text\nok\n", "prompt", r"has no column 'prompt' \(its columns: text\); pass column=NAME"),
     ("p.csv", "prompt,id\na,1\nb,1\n", "prompt", "uses id '1' twice"),
     ("p.csv", "prompt\n", "prompt", "holds no prompts"),
-    ("p.parquet", b"not parquet", "prompt", "cannot be read as PARQUET"),
+    ("p.parquet", b"not parquet", "prompt", "cannot be read as Parquet"),
     ("p.parquet", {"prompt": [1, 2]}, "prompt", "the 'prompt' of row 1 of .* is int, not text"),
     ("p.jsonl", '{"prompt": "ok"}\n', "text", 'line 1 .* has no "text" field; .* or pass column=NAME'),
     ("p.txt", "one\n", "text", "one prompt per line, so column='text' does not apply"),

@@ -29,7 +29,6 @@ index, value, thumbnail index], ...]]}; `thumbs` [[rows, cols, base64 uint8]].
 from __future__ import annotations
 
 import base64
-import html
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .html import HtmlView, _asset, _script_json  # the view's own inlining and escaping, shared
+from .html import HtmlView, _page, _script_json  # the shell, inlining and escaping every page of viz/ shares
 from .raster import colormap_bytes
 
 HEAD_KEYS = ["layer", "head"]
@@ -188,10 +187,7 @@ def atlas_view(*, heads: pd.DataFrame, layers: pd.DataFrame, models: pd.DataFram
         "cmap": _b64(colormap_bytes(cmap)[:, :3]),
         "models": payload_models,
     }
-    page = (_asset("atlas.html").replace("__TITLE__", html.escape(data["title"]).replace("/", "&#47;"))
-            .replace("__STYLE__", _asset("atlas.css"))
-            .replace("__SCRIPT__", _asset("atlas.js"))
-            .replace("__DATA__", _script_json(data)))
+    page = _page(data["title"], "atlas").replace("__DATA__", _script_json(data))
     return HtmlView(page, height=900)
 
 
