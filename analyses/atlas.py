@@ -78,7 +78,6 @@ class AtlasResult:
     thumbnails: dict[str, dict] = field(default_factory=dict)  # model -> {(prompt_id, layer, head): uint8 "q k"}
     prompts: dict[str, str] = field(default_factory=dict)  # prompt id -> text
     measure: str = "js"
-    ranks: Ranks = field(default_factory=Ranks)
 
     def page_inputs(self) -> dict:
         """Keyword arguments of `llm_heatmap.viz.atlas.atlas_view`: tables and small arrays only."""
@@ -257,7 +256,7 @@ def run_atlas(
                 parts.tensors(prompt).unlink(missing_ok=True)
         ranks.barrier()
 
-    result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure, ranks=ranks,
+    result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
                          prompts={p.id: p.text for p in mine})
     all_parts = [parts.rows(p) for parts in models_parts for p in mine]
     progress = RunProgress(all_parts, enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="atlas")
@@ -379,7 +378,7 @@ def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[P
         frames["head_distances"].append(_distance_table(rows))
         result.distances[parts.name] = rows.mean_divergence
         result.thumbnails[parts.name] = _thumbnails(parts, top, prompts, rows.units)
-    result.tables = {name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}
+    result.tables = {name: pd.concat(pieces, ignore_index=True) for name, pieces in frames.items()}
     for name, path in result.files.items():
         write_table(result.tables[name], path, force=True)
 

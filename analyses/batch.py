@@ -54,7 +54,6 @@ class BatchResult:
     csv: Path
     computed: list[str] = field(default_factory=list)  # prompt ids measured in this run
     skipped: list[str] = field(default_factory=list)  # prompt ids found already done
-    ranks: Ranks = field(default_factory=Ranks)
 
 
 def read_part(path: Path, prompt: Prompt) -> pd.DataFrame:
@@ -127,8 +126,7 @@ def run_batch(
                 "capture_options": {k: repr(v) for k, v in sorted(capture_options.items())}}
     check_settings(out_dir, "batch", settings, resume=resume)
     done = [p for p in mine if resume and part_paths[p.id].exists()]
-    for prompt in ranks.share(done):
-        read_part(part_paths[prompt.id], prompt)
+    tables = {p.id: read_part(part_paths[p.id], p) for p in ranks.share(done)}  # each rank checks its share
     pending = [p for p in mine if p not in done]
     ranks.barrier()  # every rank has checked its input; from here on files change
 
@@ -140,9 +138,8 @@ def run_batch(
         for prompt in ranks.share(pending):
             part_paths[prompt.id].unlink(missing_ok=True)
         ranks.barrier()
-    result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path, ranks=ranks,
+    result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path,
                          skipped=[p.id for p in ranks.share(done)])
-    tables = {p.id: pd.read_parquet(part_paths[p.id]) for p in ranks.share(done)} if not ranks.is_main else {}
     progress = RunProgress(part_paths.values(), enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="batch")
     with progress:
         for prompt in ranks.share(pending):
@@ -155,10 +152,9 @@ def run_batch(
             table["group"] = table["group"].astype("string")
             write_table(table, path, force=True)
             result.computed.append(prompt.id)
+            tables[prompt.id] = pd.read_parquet(path)  # the same dtypes as a resumed prompt's
             if on_prompt is not None:
-                on_prompt(prompt, pd.read_parquet(path))
-            if not ranks.is_main:
-                tables[prompt.id] = pd.read_parquet(path)
+                on_prompt(prompt, tables[prompt.id])
         ranks.barrier()  # every rank has written its parts
 
     if not ranks.is_main:

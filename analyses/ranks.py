@@ -47,11 +47,12 @@ class Ranks:
             self.state.wait_for_everyone()
 
     def device(self) -> str | None:
-        """The GPU of this process (`cuda:LOCAL_RANK`) in a launched run on a machine with GPUs, else None."""
+        """The GPU of this process in a launched run on a machine with GPUs, else None: `cuda:LOCAL_RANK`,
+        wrapped around the machine's GPUs when more processes than GPUs share it."""
         import torch
 
         if self.distributed and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return None
 
     def close(self) -> None:

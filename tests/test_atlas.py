@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from llm_heatmap.analyses.atlas import TABLES, run_atlas
 from llm_heatmap.analyses.kv_similarity import head_distributions
@@ -200,7 +201,11 @@ def test_ranks_from_the_environment(monkeypatch):
         launcher_ranks()
     ranks = Ranks(rank=1, world_size=3)
     assert ranks.share(range(8)) == [1, 4, 7] and not ranks.is_main and ranks.distributed
-    assert ranks.device() is None or ranks.device() == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ranks.device() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert Ranks(rank=3, world_size=4, local_rank=3).device() == "cuda:1" and Ranks().device() is None
     Ranks().barrier()  # one process: nothing to wait for
 
 
