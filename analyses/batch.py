@@ -1,22 +1,22 @@
-"""Batch runs: per-head metrics for every prompt of a file, resumable and shardable.
+"""Batch runs: per-head metrics for every prompt of a file, resumable, shardable, data-parallel.
 
 Layout of an output folder:
 
     OUT/parts/<prompt key>.parquet   one finished prompt (all its heads), written atomically
-    OUT/batch.json                   the settings the parts were computed with
+    OUT/batch.json                   the settings the parts were computed with (`batch.shard-i-of-n.json`)
     OUT/heads.parquet, OUT/heads.csv one row per prompt x head (`heads.shard-i-of-n.*` for a shard)
 
 A prompt counts as done exactly when its part file exists, so after an interruption
 `resume=True` recomputes only the prompts without a part. Shard `(i, n)` takes prompt k (file
 order) when `k % n == i`; shards of one job array share `parts/` and never touch each other's
-prompts.
+prompts. Under a launcher (`ranks.launcher_ranks`: torchrun, accelerate launch) the prompts of
+the run (or of its shard) still to compute are split between the ranks; each rank writes its
+own parts, and after a barrier rank 0 merges every part into the tables. Every rank checks the
+input before any rank writes, so bad input stops all of them alike.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,29 +26,29 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .files import atomic_output, check_writable
+from .files import check_writable
 from .measure import stream_head_metrics
+from .parts import check_settings, part_key, shard_suffix, write_settings
+from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
+from .ranks import Ranks, launcher_ranks
 from .tables import write_table
 
 ROW_COLUMNS = ["model", "prompt_id", "group", "prompt", "n_tokens"]
 
 
-def part_key(prompt_id: str) -> str:
-    """A file name for a prompt id: readable prefix plus a hash, so any id maps to one safe name."""
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", prompt_id)[:40]
-    return f"{readable}-{hashlib.sha1(prompt_id.encode()).hexdigest()[:10]}"
-
-
 def output_paths(out_dir: str | Path, shard: tuple[int, int] | None = None) -> tuple[Path, Path]:
     """(parquet, csv) paths of the final table of a batch (or of one shard)."""
     out_dir = Path(out_dir)
-    stem = "heads" if shard is None else f"heads.shard-{shard[0]}-of-{shard[1]}"
+    stem = f"heads{shard_suffix(shard)}"
     return out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"
 
 
 @dataclass
 class BatchResult:
+    """What a run did. On rank 0 `table`, `computed` and `skipped` cover every prompt of the run (or
+    shard); on another rank of a launched run, only the prompts of that rank's share."""
+
     table: pd.DataFrame
     parquet: Path
     csv: Path
@@ -56,26 +56,19 @@ class BatchResult:
     skipped: list[str] = field(default_factory=list)  # prompt ids found already done
 
 
-def _progress(total: int, quiet: bool):
-    from tqdm.auto import tqdm
+def read_part(path: Path, prompt: Prompt) -> pd.DataFrame:
+    """A finished prompt's rows, refused when the prompt's text changed since they were written."""
+    table = pd.read_parquet(path)
+    if table["prompt"].iloc[0] != prompt.text:
+        raise InputError(
+            f"prompt '{prompt.id}' changed since the interrupted run; resume with the same prompt file, "
+            "or pass force=True to recompute."
+        )
+    return table
 
-    return tqdm(total=total, desc="batch", unit="prompt", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
 
-
-def _check_settings(path: Path, settings: dict, *, resume: bool) -> None:
-    if resume and path.exists():
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous is not None and previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise InputError(
-                f"{path.parent} holds a batch run with other settings ({', '.join(changed)} differ); "
-                "resume with the same options, or use another out_dir."
-            )
-    with atomic_output(path, force=True) as temp:
-        temp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+def _concat(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ROW_COLUMNS)
 
 
 def run_batch(
@@ -91,6 +84,7 @@ def run_batch(
     resume: bool = False,
     force: bool = False,
     quiet: bool = False,
+    ranks: Ranks | None = None,
     on_prompt: Callable[[Prompt, pd.DataFrame], None] | None = None,
     measure: Callable[..., pd.DataFrame] | None = None,
     **capture_options,
@@ -100,13 +94,16 @@ def run_batch(
     Every prompt is checked (non-empty, fits `spec.max_positions`) before anything is written.
     `resume=True` skips prompts whose part file exists (their rows are read back, not recomputed);
     without it an existing batch in `out_dir` is an `InputError` unless `force=True`, which
-    recomputes this shard's prompts. `on_prompt(prompt, table)` runs after each finished prompt.
-    `measure(model, tokenizer, text, spec=, chat=, **capture_options)` defaults to
-    `stream_head_metrics`.
+    recomputes this shard's prompts. `ranks` (default: from the launcher's environment) splits
+    the prompts to compute between processes (module docstring). `on_prompt(prompt, table)` runs
+    after each finished prompt. `measure(model, tokenizer, text, spec=, chat=, **capture_options)`
+    defaults to `stream_head_metrics`. `quiet` turns off the progress bar (shown by rank 0 only,
+    on a terminal).
     """
     from llm_heatmap.models import spec_from_model
 
     spec = spec or spec_from_model(model)
+    ranks = launcher_ranks() if ranks is None else ranks
     measure = measure or stream_head_metrics
     out_dir = Path(out_dir)
     mine = shard_prompts(prompts, shard)
@@ -124,44 +121,48 @@ def run_batch(
                 )
     for path in (parquet_path, csv_path):
         check_writable(path, force=True)
-    parts.mkdir(parents=True, exist_ok=True)
-    if force and not resume:
-        for path in part_paths.values():
-            path.unlink(missing_ok=True)
     model_name = source or spec.architecture
     settings = {"model": model_name, "spec": spec.summary, "chat": chat,
                 "capture_options": {k: repr(v) for k, v in sorted(capture_options.items())}}
-    _check_settings(out_dir / "batch.json", settings, resume=resume)
+    check_settings(out_dir, "batch", settings, resume=resume)
+    done = [p for p in mine if resume and part_paths[p.id].exists()]
+    tables = {p.id: read_part(part_paths[p.id], p) for p in ranks.share(done)}  # each rank checks its share
+    pending = [p for p in mine if p not in done]
+    ranks.barrier()  # every rank has checked its input; from here on files change
 
-    result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path)
-    tables = []
-    with _progress(len(mine), quiet) as bar:
-        for prompt in mine:
+    parts.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        write_settings(out_dir / f"batch{shard_suffix(shard)}.json", settings)
+    if force and not resume:
+        # an interrupted forced run must not leave old parts that a later resume would take as done
+        for prompt in ranks.share(pending):
+            part_paths[prompt.id].unlink(missing_ok=True)
+        ranks.barrier()
+    result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path,
+                         skipped=[p.id for p in ranks.share(done)])
+    progress = RunProgress(part_paths.values(), enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="batch")
+    with progress:
+        for prompt in ranks.share(pending):
             path = part_paths[prompt.id]
-            if resume and path.exists():
-                table = pd.read_parquet(path)
-                if table["prompt"].iloc[0] != prompt.text:
-                    raise InputError(
-                        f"prompt '{prompt.id}' changed since the interrupted run; resume with the same prompt file, "
-                        "or pass force=True to recompute."
-                    )
-                result.skipped.append(prompt.id)
-            else:
-                table = measure(model, tokenizer, prompt.text, spec=spec, chat=chat, **capture_options)
-                table = table.reset_index(drop=True)
-                front = pd.DataFrame({"model": model_name, "prompt_id": prompt.id, "group": prompt.group,
-                                      "prompt": prompt.text, "n_tokens": counts[prompt.id]}, index=table.index)
-                table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
-                table["group"] = table["group"].astype("string")
-                write_table(table, path, force=True)
-                table = pd.read_parquet(path)  # same dtypes whether a prompt was computed now or resumed
-                result.computed.append(prompt.id)
-                if on_prompt is not None:
-                    on_prompt(prompt, table)
-            tables.append(table)
-            bar.update(1)
+            table = measure(model, tokenizer, prompt.text, spec=spec, chat=chat, **capture_options)
+            table = table.reset_index(drop=True)
+            front = pd.DataFrame({"model": model_name, "prompt_id": prompt.id, "group": prompt.group,
+                                  "prompt": prompt.text, "n_tokens": counts[prompt.id]}, index=table.index)
+            table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
+            table["group"] = table["group"].astype("string")
+            write_table(table, path, force=True)
+            result.computed.append(prompt.id)
+            tables[prompt.id] = pd.read_parquet(path)  # the same dtypes as a resumed prompt's
+            if on_prompt is not None:
+                on_prompt(prompt, tables[prompt.id])
+        ranks.barrier()  # every rank has written its parts
 
-    result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ROW_COLUMNS)
+    if not ranks.is_main:
+        result.table = _concat([tables[p.id] for p in mine if p.id in tables])
+        return result
+    result.computed, result.skipped = [p.id for p in pending], [p.id for p in done]  # by every rank
+    # rows read back from the parts: the same dtypes whether a prompt was computed now or resumed
+    result.table = _concat([pd.read_parquet(part_paths[p.id]) for p in mine])
     write_table(result.table, parquet_path, force=True)
     write_table(result.table, csv_path, force=True)
     return result

@@ -169,6 +169,49 @@ def bh_adjust(p: np.ndarray) -> np.ndarray:
     return out
 
 
+def resample_counts(rng: np.random.Generator, n: int, n_resamples: int) -> np.ndarray:
+    """`"r n"`: how often each of n prompts is drawn in each bootstrap resample (n draws with replacement)."""
+    return rng.multinomial(n, np.full(n, 1 / n), size=n_resamples).astype(float)
+
+
+def percentile_interval(boot: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """The central `confidence` percentile interval of each column of `boot` (`"resample column"`)."""
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.full(boot.shape[1:], np.nan), np.full(boot.shape[1:], np.nan)
+    complete = ~np.isnan(boot).any(0)
+    # np.percentile on the columns without NaN: nanpercentile takes a slow per-column path on the whole array
+    low[complete], high[complete] = np.percentile(boot[:, complete], [tail, 100 - tail], axis=0)
+    if not complete.all():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a metric undefined everywhere)
+            low[~complete], high[~complete] = np.nanpercentile(boot[:, ~complete], [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def _mean_and_interval(counts: np.ndarray, zero: np.ndarray, valid: np.ndarray, confidence: float) -> dict:
+    """NaN-ignoring column means of `zero` (NaN replaced by 0, `valid` marks real entries) and their bootstrap
+    interval under the resamples `counts`, in column blocks that bound the temporaries."""
+    n, columns = zero.shape
+    mean = _weighted_means(np.ones((1, n)), zero, valid)[0]
+    low, high = np.full(columns, np.nan), np.full(columns, np.nan)
+    for block in _column_blocks(columns, len(counts)):
+        low[block], high[block] = percentile_interval(_weighted_means(counts, zero[:, block], valid[:, block]), confidence)
+    return {"n": valid.sum(0), "mean": mean, "ci_low": low, "ci_high": high}
+
+
+def bootstrap_means(x: np.ndarray, *, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean of every column of `x` (`"n k"`: rows are prompts; NaN entries left out) with a percentile
+    bootstrap interval (prompts resampled with replacement, `n_resamples` times, seeded).
+
+    Returns arrays of length k: n (non-NaN rows), mean, ci_low, ci_high.
+    """
+    x = np.asarray(x, float)
+    if x.ndim != 2 or len(x) < 1:
+        raise InputError(f"bootstrap_means needs a prompts x columns array with at least one prompt, got shape {x.shape}.")
+    rng = np.random.default_rng(seed)
+    return _mean_and_interval(resample_counts(rng, len(x), n_resamples), np.nan_to_num(x), ~np.isnan(x), confidence)
+
+
 def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000, n_permutations: int = 2000,
                    confidence: float = 0.95, seed: int = 0) -> dict[str, np.ndarray]:
     """Mean difference B - A of every column with a bootstrap interval and a permutation p-value.
@@ -189,8 +232,8 @@ def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000,
     delta = mean_b - mean_a
 
     # bootstrap: resample counts of each prompt, one row per resample
-    counts_a = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=n_resamples).astype(float)
-    counts_b = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=n_resamples).astype(float)
+    counts_a = resample_counts(rng, n_a, n_resamples)
+    counts_b = resample_counts(rng, n_b, n_resamples)
     # permutation: which pooled prompts are labelled A, one row per relabelling
     n = n_a + n_b
     exact = math.comb(n, n_a) <= n_permutations
@@ -205,13 +248,10 @@ def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000,
     pooled, pooled_valid = np.vstack([zero_a, zero_b]), np.vstack([valid_a, valid_b])
 
     ci_low, ci_high, p_value = (np.full(delta.shape, np.nan) for _ in range(3))
-    tail = (1 - confidence) / 2 * 100
     for block in _column_blocks(delta.size, max(n_resamples, len(labels_a))):
         boot = _weighted_means(counts_b, zero_b[:, block], valid_b[:, block]) - _weighted_means(
             counts_a, zero_a[:, block], valid_a[:, block])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (a metric undefined everywhere)
-            ci_low[block], ci_high[block] = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+        ci_low[block], ci_high[block] = percentile_interval(boot, confidence)
         permuted = (_weighted_means(1 - labels_a, pooled[:, block], pooled_valid[:, block])
                     - _weighted_means(labels_a, pooled[:, block], pooled_valid[:, block]))
         # a relative tolerance so that splits equal to the observed one count despite rounding
@@ -239,13 +279,8 @@ def paired_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 20
     valid = ~np.isnan(diff)
     zero = np.nan_to_num(diff)
     n = len(diff)
-    delta = _weighted_means(np.ones((1, n)), zero, valid)[0]
-    counts = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples).astype(float)
-    boot = _weighted_means(counts, zero, valid)
-    tail = (1 - confidence) / 2 * 100
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ci_low, ci_high = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+    bootstrap = _mean_and_interval(resample_counts(rng, n, n_resamples), zero, valid, confidence)
+    delta, ci_low, ci_high = bootstrap["mean"], bootstrap["ci_low"], bootstrap["ci_high"]
     exact = 2 ** n <= n_permutations
     if exact:
         signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1).astype(float)

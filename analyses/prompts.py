@@ -1,19 +1,24 @@
-"""Prompt files: TXT (one prompt per line) or JSONL (`{"prompt": ..., "id": ..., "group": ...}`).
+"""Prompt files: TXT (one prompt per line), JSONL (`{"prompt": ..., "id": ..., "group": ...}` per line),
+CSV or Parquet (a table with a `prompt` column and optional `id` and `group` columns).
 
-`read_prompts` returns `Prompt` records in file order. A prompt without an id gets its
-zero-based position in the file as id, so a resumed or sharded batch names prompts the same
-way every time it reads the same file.
+`read_prompts` returns `Prompt` records in file order; `column` names the field or column that
+holds the text in JSONL, CSV and Parquet files. A prompt without an id gets its zero-based
+position in the file as id, so a resumed or sharded batch names prompts the same way every time
+it reads the same file.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from llm_heatmap.errors import InputError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+TEXT_COLUMN = "prompt"
 
 
 @dataclass(frozen=True)
@@ -32,17 +37,27 @@ def check_prompt(text, where: str = "the prompt") -> str:
     return text
 
 
-def _read_text(path: Path) -> str:
+@contextmanager
+def _reading(path: Path):
+    """Turn the ways a prompt file can fail to open into one sentence each."""
     try:
-        return path.read_text(encoding="utf-8")
+        yield
     except FileNotFoundError:
         raise InputError(f"prompt file {path} does not exist; check the path.") from None
     except IsADirectoryError:
-        raise InputError(f"prompt file {path} is a directory; pass a .txt or .jsonl file.") from None
+        raise InputError(f"prompt file {path} is a directory; pass a .txt, .jsonl, .csv or .parquet file.") from None
     except UnicodeDecodeError:
         raise InputError(f"prompt file {path} is not UTF-8 text; save it as UTF-8.") from None
-    except OSError as error:
-        raise InputError(f"prompt file {path} cannot be read ({error.strerror}); check its permissions.") from None
+
+
+def _read_text(path: Path) -> str:
+    with _reading(path):
+        try:
+            return path.read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError):
+            raise
+        except OSError as error:
+            raise InputError(f"prompt file {path} cannot be read ({error.strerror}); check its permissions.") from None
 
 
 def read_prompt_text(path: str | Path) -> str:
@@ -66,7 +81,7 @@ def _from_txt(path: Path, text: str) -> list[Prompt]:
     return prompts
 
 
-def _from_jsonl(path: Path, text: str) -> list[Prompt]:
+def _from_jsonl(path: Path, text: str, column: str) -> list[Prompt]:
     prompts = []
     for number, line in enumerate(_lines(text), start=1):
         where = f"line {number} of {path}"
@@ -76,20 +91,82 @@ def _from_jsonl(path: Path, text: str) -> list[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise InputError(f"{where} is not valid JSON ({error.msg}); write one JSON object per line.") from None
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise InputError(f'{where} has no "prompt" field; write objects like {{"prompt": "...", "id": "..."}}.')
-        check_prompt(record["prompt"], f'the "prompt" on {where}')
+        if not isinstance(record, dict) or column not in record:
+            hint = f'objects like {{"{column}": "...", "id": "..."}}'
+            if column == TEXT_COLUMN:
+                raise InputError(f'{where} has no "{column}" field; write {hint}.')
+            raise InputError(f'{where} has no "{column}" field; write {hint}, or pass column=NAME, the field that holds the prompt.')
+        check_prompt(record[column], f'the "{column}" on {where}')
         prompt_id = record.get("id", len(prompts))
         group = record.get("group")
-        prompts.append(Prompt(id=str(prompt_id), text=record["prompt"], group=None if group is None else str(group)))
+        prompts.append(Prompt(id=str(prompt_id), text=record[column], group=None if group is None else str(group)))
     return prompts
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts of a `.jsonl`/`.ndjson` file (JSON object per line) or of any other text file (line per prompt)."""
+def _read_table(path: Path):
+    import pandas as pd
+
+    with _reading(path):
+        try:
+            if path.suffix.lower() == ".csv":
+                # every cell as text: ids like "007" and prompts like "NA" stay as written
+                return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            return pd.read_parquet(path)
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):
+            raise
+        except (OSError, ValueError) as error:
+            kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise InputError(f"prompt file {path} cannot be read as {kind} ({reason}); write it again.") from None
+
+
+def _blank(value) -> bool:
+    """An empty cell: None, pandas' NA, NaN or the empty string."""
+    import pandas as pd
+
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value) or value == ""
+
+
+def _cell_text(value) -> str:
+    """A cell as text; whole numbers stored as floats (an integer column with gaps) without ".0"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _from_table(path: Path, column: str) -> list[Prompt]:
+    import pandas as pd
+
+    table = _read_table(path)
+    if column not in table.columns:
+        present = ", ".join(map(str, table.columns)) or "none"
+        raise InputError(f"prompt file {path} has no column '{column}' (its columns: {present}); "
+                         "pass column=NAME, the column that holds the prompts.")
+    prompts = []
+    for number, record in enumerate(table.to_dict("records"), start=1):
+        where = f"row {number} of {path}"
+        text = record[column]
+        check_prompt(None if text is None or text is pd.NA else text, f"the '{column}' of {where}")
+        prompt_id, group = record.get("id"), record.get("group")
+        prompts.append(Prompt(id=str(len(prompts)) if _blank(prompt_id) else _cell_text(prompt_id), text=text,
+                              group=None if _blank(group) else _cell_text(group)))
+    return prompts
+
+
+def read_prompts(path: str | Path, *, column: str = TEXT_COLUMN) -> list[Prompt]:
+    """Prompts of a `.jsonl`/`.ndjson` file (JSON object per line), a `.csv` or `.parquet` table, or
+    any other text file (line per prompt). `column`: the field or column holding the prompt text."""
     path = Path(path)
-    text = _read_text(path)
-    prompts = _from_jsonl(path, text) if path.suffix.lower() in JSONL_SUFFIXES else _from_txt(path, text)
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        prompts = _from_table(path, column)
+    elif suffix in JSONL_SUFFIXES:
+        prompts = _from_jsonl(path, _read_text(path), column)
+    else:
+        if column != TEXT_COLUMN:
+            raise InputError(f"prompt file {path} holds one prompt per line, so column='{column}' does not apply; "
+                             "leave it out, or pass a .jsonl, .csv or .parquet file.")
+        prompts = _from_txt(path, _read_text(path))
     if not prompts:
         raise InputError(f"prompt file {path} holds no prompts; write one prompt per line.")
     seen: dict[str, int] = {}

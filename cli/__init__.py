@@ -8,11 +8,11 @@ import sys
 
 from llm_heatmap.errors import InputError
 
-from . import batch, compare, grid, kv_similarity, metrics, models, qk_map, render
+from . import atlas, batch, compare, grid, kv_similarity, metrics, models, qk_map, render
 from .errors import cli_message
 from .options import add_quiet_option
 
-COMMANDS = [grid, render, metrics, compare, kv_similarity, qk_map, batch, models]
+COMMANDS = [grid, render, metrics, compare, kv_similarity, qk_map, batch, atlas, models]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,8 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cube-out", type=Path, help="save the difference cube (B - A) as safetensors")
     options.add_metric_option(parser)
     stats = parser.add_argument_group("set statistics (--sets)")
-    stats.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    stats.add_argument("--confidence", type=float, default=0.95, help="confidence level (default 0.95)")
+    options.add_bootstrap_options(stats)
     options.add_permutation_options(stats, default=2000, help="label permutations")
     options.add_run_options(parser)
 

@@ -24,6 +24,7 @@ PROJECTIONS = ["pca", "tsne", "umap"]
 DTYPES = ["float32", "float16", "bfloat16"]
 QUANTIZE = ["4bit", "8bit"]
 MEASURES = ["js", "cosine", "pearson"]
+HEAD_MEASURES = ["js", "hellinger"]
 
 
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):
@@ -107,6 +108,28 @@ def add_permutation_options(parser, *, default: int, help: str) -> None:
     """--permutations (`help` says what is permuted) and the --seed of the random draws."""
     parser.add_argument("--permutations", type=int, default=default, help=f"{help} (default {default})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def add_bootstrap_options(parser) -> None:
+    """--resamples and --confidence of the bootstrap intervals over prompts."""
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the prompts (default 2000)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+
+
+def add_prompt_set_options(parser, name: str) -> None:
+    """The prompt file (positional `name`), --column, --out, --resume, --shard and --chat of runs over a
+    prompt file that keep one part file per prompt in OUT (batch, atlas)."""
+    parser.add_argument(name.lower(), type=Path, metavar=name, help="prompt file (.txt, .jsonl, .csv or .parquet)")
+    parser.add_argument("--column", default="prompt",
+                        help="the field (JSONL) or column (CSV, Parquet) holding the prompts (default: prompt)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--resume", action="store_true", help="keep prompts already done in OUT, compute the rest")
+    parser.add_argument("--shard", metavar="i/n", help="only prompts k with k %% n == i (one job of an array)")
+    add_chat_option(parser)
+
+
+def add_pseudo_group_option(parser, default_help: str) -> None:
+    parser.add_argument("--pseudo-group-size", type=int, help=f"group size for MHA models ({default_help})")
 
 
 def add_drawing_options(parser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from llm_heatmap.errors import InputError
+
 
 def progress_off(args) -> bool:
     """Progress output goes to stderr only on a terminal and without --quiet."""
@@ -22,13 +24,30 @@ def progress_printer(args):
     return lambda message: print(message, file=sys.stderr)
 
 
-def load(args, source: str | None = None):
-    """(model, tokenizer, spec) for `source` (default --model) with the loading options of `args`."""
+def load(args, source: str | None = None, device: str | None = None):
+    """(model, tokenizer, spec) for `source` (default --model) with the loading options of `args`;
+    `device` (a launched rank's GPU) stands in for --device."""
     from llm_heatmap.models import load_model
 
-    return load_model(args.model if source is None else source, dtype=args.dtype, device_map=args.device,
+    return load_model(args.model if source is None else source, dtype=args.dtype, device_map=device or args.device,
                       quantize=args.quantize, trust_remote_code=args.trust_remote_code,
                       progress=progress_printer(args))
+
+
+def launched(args):
+    """The ranks of a torchrun / accelerate launch run (one process: rank 0 of 1). Ranks other than 0
+    stay quiet; one model per process means --device cannot spread a model over several devices."""
+    from llm_heatmap.analyses.ranks import launcher_ranks, launcher_world_size
+
+    world_size = launcher_world_size()
+    if world_size > 1 and args.device not in (None, "cpu"):
+        raise InputError(f"--device {args.device} cannot be combined with a launcher's {world_size} processes: each "
+                         "process loads its own copy of the model on the GPU of its LOCAL_RANK; drop --device, "
+                         "or run one process.")
+    ranks = launcher_ranks()
+    if not ranks.is_main:
+        args.quiet = True
+    return ranks
 
 
 class Steps:

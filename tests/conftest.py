@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import pytest
@@ -42,3 +43,33 @@ def minilm_eager():
     from llm_heatmap.models import load_model
 
     return load_model("minilm-l6", attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(model, tokenizer, spec) of a tiny random GQA Llama read from a GGUF (2 layers, 4 heads on 2 KV heads)
+    with its byte-level tokenizer: a real loading path and tokenizer in about a second."""
+    from llm_heatmap.models import load_model
+    from tiny_models import write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LLM_HEATMAP_CACHE", str(folder / "cache"))
+    try:
+        yield load_model(write_tiny_gguf(folder / "tiny.gguf"))
+    finally:
+        patch.undo()
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
+    pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    from llm_heatmap.cli.experiments.atlas_example import headless_chromium
+
+    with headless_chromium() as driver:
+        yield driver

@@ -12,7 +12,7 @@ from llm_heatmap.cli import COMMANDS, main
 from llm_heatmap.cli.errors import cli_message
 
 HEAVY = ("torch", "transformers", "matplotlib")
-COMMAND_NAMES = ["grid", "render", "metrics", "compare", "kv-similarity", "batch", "models"]
+COMMAND_NAMES = ["grid", "render", "metrics", "compare", "kv-similarity", "qk-map", "batch", "atlas", "models"]
 
 # main(argv) in a fresh interpreter; prints the exit status and which heavy modules got imported.
 PROBE = """
@@ -32,6 +32,7 @@ LIGHT_CASES = {
     "unknown flag": (["grid", "the sky", "--no-such-flag"], 2),
     "bad choice": (["grid", "the sky", "--scale", "cubic"], 2),
     "missing required option": (["batch", "prompts.txt"], 2),
+    "atlas without --out": (["atlas", "prompts.txt"], 2),
 }
 
 
@@ -83,7 +84,7 @@ def test_library_says_max_tokens_and_the_cli_says_max_tokens_flag(tmp_path, caps
 
 
 def test_choices_are_the_libraries():
-    from llm_heatmap.analyses.kv_similarity import MEASURES
+    from llm_heatmap.analyses.kv_similarity import HEAD_MEASURES, MEASURES
     from llm_heatmap.cli import options
     from llm_heatmap.models import parse_dtype
     from llm_heatmap.viz import style
@@ -94,4 +95,5 @@ def test_choices_are_the_libraries():
 
     assert options.PROJECTIONS == list(METHODS)
     assert options.MEASURES == list(MEASURES)
+    assert options.HEAD_MEASURES == list(HEAD_MEASURES)
     assert all(parse_dtype(name) is not None for name in options.DTYPES)

@@ -241,3 +241,25 @@ def test_kv_report_gqa_and_mha_in_one_table(smollm2, minilm):
     assert (alone.layers["group_size"] == 4).all()
     with pytest.raises(InputError, match="at least one prompt"):
         kv_report({"minilm": minilm}, [])
+
+
+def test_bootstrap_means_one_sample():
+    from llm_heatmap.analyses.compare import bootstrap_means
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(2.0, 3.0, size=400)
+    x = np.column_stack([np.full(400, 0.25), np.full(400, np.nan), normal])
+    x[:100, 0] = np.nan
+    result = bootstrap_means(x, n_resamples=4000, seed=1)
+    assert result["n"].tolist() == [300, 0, 400]
+    assert (result["mean"][0], result["ci_low"][0], result["ci_high"][0]) == (0.25, 0.25, 0.25)
+    assert np.isnan([result["mean"][1], result["ci_low"][1], result["ci_high"][1]]).all()
+    # a large normal sample: the percentile interval is close to mean -/+ 1.96 standard errors
+    half = 1.96 * normal.std(ddof=1) / np.sqrt(400)
+    assert result["mean"][2] == pytest.approx(normal.mean())
+    assert result["ci_low"][2] == pytest.approx(normal.mean() - half, abs=0.1 * half)
+    assert result["ci_high"][2] == pytest.approx(normal.mean() + half, abs=0.1 * half)
+    again = bootstrap_means(x, n_resamples=4000, seed=1)
+    assert all(np.array_equal(result[k], again[k], equal_nan=True) for k in result)
+    with pytest.raises(InputError, match="at least one prompt"):
+        bootstrap_means(np.zeros((0, 3)))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from llm_heatmap.probes import AttentionCube, attendable_mask
 from llm_heatmap.viz import GridStyle
 from llm_heatmap.viz.html import write_html
 from eager_reference import eager_cube
+from rendered import open_rendered
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 WORDS = ["<s>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "ĠIt", "Ġwas", "Ġwarm", "\n", "http://x.io/a"]
@@ -197,35 +196,8 @@ def test_bad_input_raises_input_error(tmp_path):
 
 
 # ---- the browser -------------------------------------------------------------------------
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    profile = tempfile.mkdtemp(prefix="llm-heatmap-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1440,960"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
-
 def open_page(driver, path: Path, timeout=30.0) -> dict:
-    driver.get(path.resolve().as_uri())
-    deadline = time.monotonic() + timeout
-    while driver.execute_script("return document.body && document.body.dataset.ready") != "1":
-        assert time.monotonic() < deadline, f"page never finished rendering: {driver.get_log('browser')}"
-        time.sleep(0.05)
-    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    assert not errors, errors
+    open_rendered(driver, path, timeout)
     return driver.execute_script("return window.heatmapStats")
 
 

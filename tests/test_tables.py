@@ -104,6 +104,41 @@ def test_jsonl_prompts(tmp_path):
     assert read_prompts(path) == [Prompt("x", "a b", "simple"), Prompt("1", "c d", "2")]
 
 
+def test_csv_and_parquet_prompts(tmp_path):
+    csv = tmp_path / "p.csv"
+    csv.write_text('text,id,group\n"a, b",007,simple\nNA,,\n"line one\nline two",z,complex\n')
+    expected = [Prompt("007", "a, b", "simple"), Prompt("1", "NA"), Prompt("z", "line one\nline two", "complex")]
+    assert read_prompts(csv, column="text") == expected
+    parquet = tmp_path / "p.parquet"
+    pd.DataFrame({"prompt": ["a, b", "NA"], "id": [7, None], "group": ["simple", None]}).to_parquet(parquet)
+    assert read_prompts(parquet) == [Prompt("7", "a, b", "simple"), Prompt("1", "NA")]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"text": "a b", "id": "x"}\n')
+    assert read_prompts(jsonl, column="text") == [Prompt("x", "a b")]
+
+
+@pytest.mark.parametrize("name, content, column, message", [
+    ("p.csv", "prompt\nok\n\"\"\n", "prompt", "the 'prompt' of row 2 of .* is empty"),
+    ("p.csv", "text\nok\n", "prompt", r"has no column 'prompt' \(its columns: text\); pass column=NAME"),
+    ("p.csv", "prompt,id\na,1\nb,1\n", "prompt", "uses id '1' twice"),
+    ("p.csv", "prompt\n", "prompt", "holds no prompts"),
+    ("p.parquet", b"not parquet", "prompt", "cannot be read as Parquet"),
+    ("p.parquet", {"prompt": [1, 2]}, "prompt", "the 'prompt' of row 1 of .* is int, not text"),
+    ("p.jsonl", '{"prompt": "ok"}\n', "text", 'line 1 .* has no "text" field; .* or pass column=NAME'),
+    ("p.txt", "one\n", "text", "one prompt per line, so column='text' does not apply"),
+])
+def test_bad_prompt_tables(tmp_path, name, content, column, message):
+    path = tmp_path / name
+    if isinstance(content, dict):
+        pd.DataFrame(content).to_parquet(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        read_prompts(path, column=column)
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("p.txt", "one\n   \nthree\n", "line 2 of .* is empty"),
     ("p.jsonl", '{"prompt": "ok"}\n{"prompt": ""}\n', 'the "prompt" on line 2 .* is empty'),

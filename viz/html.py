@@ -136,9 +136,7 @@ def html_view(
         "metrics": _metrics_payload(metrics, cube.layers, cube.heads),
     }
     page = (
-        _asset("view.html").replace("__TITLE__", html.escape(meta["title"]).replace("/", "&#47;"))
-        .replace("__STYLE__", _asset("view.css"))
-        .replace("__SCRIPT__", _asset("view.js"))
+        _page(meta["title"], "view")
         .replace("__META__", _script_json(meta))
         .replace("__MASK__", base64.b64encode(packed.tobytes()).decode("ascii"))
         .replace("__DATA__", base64.b64encode(data.tobytes()).decode("ascii"))
@@ -149,6 +147,14 @@ def html_view(
 def _asset(name: str) -> str:
     """A file of the page (viz/assets/), inlined so the page stays one offline file."""
     return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _page(title: str, name: str) -> str:
+    """Page `name` of viz/assets/ (`name`.html, .css, .js) inside the shared shell (page.html, theme.css)."""
+    return (_asset("page.html").replace("__TITLE__", html.escape(title).replace("/", "&#47;"))
+            .replace("__STYLE__", _asset("theme.css") + _asset(f"{name}.css"))
+            .replace("__BODY__", _asset(f"{name}.html"))
+            .replace("__SCRIPT__", _asset(f"{name}.js")))
 
 
 # ---- data ------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""What the head atlas keeps of one prompt on one model: the per-head metrics, the divergence between
+every pair of heads, and a small pooled picture of every head's pattern.
+
+The part files of a prompt (`atlas.py` writes them under `parts/<model key>/`):
+
+- `<prompt key>.safetensors`: `divergence`, float32 `"n n"` with n = layers x heads in table
+  order (`head_divergence`: JS in nats, or the squared Hellinger distance), and `thumbnails`,
+  uint8 `"l h q k"`: the pattern area-pooled to at most `thumbnail_size` per axis
+  (`probes.stream.downsample`), 0 where a cell is not attendable, else 1 + round(254 w / w_max)
+  with w_max the head's largest pooled weight.
+- `<prompt key>.parquet`: one row per head, `head_metrics` of the prompt behind the columns
+  model, prompt_id, group, prompt, n_tokens; written last, so it marks the prompt as done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llm_heatmap.probes import capture_prompt
+from llm_heatmap.probes.stream import downsample
+
+from .kv_similarity import head_distributions, head_divergence
+from .metrics import head_metrics
+
+THUMBNAIL_SIZE = 16
+
+
+@dataclass
+class PromptMeasures:
+    heads: pd.DataFrame  # head_metrics: one row per layer x head
+    divergence: np.ndarray  # float32 "n n"
+    thumbnails: np.ndarray  # uint8 "l h q k"
+
+
+def thumbnails(cube, size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """uint8 `"l h q k"`: every head area-pooled to at most `size` per axis and quantised (module docstring)."""
+    pooled = downsample(cube, size)
+    mask = pooled.attendable()[:, None].expand_as(pooled.pattern)  # l h q k
+    weights = pooled.pattern.float().clamp(min=0).where(mask, torch.zeros(()))
+    peak = weights.amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    levels = 1 + torch.round(weights / peak * 254)
+    return levels.where(mask, torch.zeros(())).to(torch.uint8).numpy()
+
+
+def measure_atlas_prompt(model, tokenizer, text: str, *, spec, chat: bool = False, measure: str = "js",
+                         thumbnail_size: int = THUMBNAIL_SIZE, max_rows: int | None = None) -> PromptMeasures:
+    """Capture `text` once, keeping its whole cube, and keep what the atlas needs (module docstring).
+    `max_rows` bounds the query rows the divergence averages over (evenly spaced)."""
+    cube = capture_prompt(model, tokenizer, text, spec=spec, chat=chat)
+    divergence, _ = head_divergence(head_distributions(cube, max_rows=max_rows), measure)
+    return PromptMeasures(heads=head_metrics(cube), divergence=divergence.float().numpy(),
+                          thumbnails=thumbnails(cube, thumbnail_size))
