@@ -36,12 +36,13 @@ in float32, the sums over blocks accumulate in float64.
 
 How (`HeadMetricsReducer.consume`): per layer and block of rows, a few passes over the block's
 weights `"h q k"`, restricted to the keys the rows may attend (`row_blocks.RowBlock`; a causal
-block never reads the keys after its last row): the row maxima, -sum A ln A, one matmul with a
+block never reads the keys after its last row): -sum A ln A, the row maxima, one matmul with a
 few key features shared by all rows (mass, distance and segment of the keys before the block's
 first row, special tokens), the distance and segment of the keys from the first row on (a
 square for a causal block), one gather for the previous / current / next / sink / 0th key, the
-duplicate-token and induction pairs, and the column sums. Everything stays on the device of the
-parts until `table()`.
+duplicate-token and induction pairs, and the column sums. The resulting per-row statistics meet
+the rows' geometry (which rows count, ln n_i, the uniform distance, ...) in one float64 matmul.
+Everything stays on the device of the parts until `table()`.
 """
 
 from __future__ import annotations
@@ -52,17 +53,14 @@ import torch
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
-from .head_detector import DETECTORS, SCORE_COLUMNS
+from .head_detector import SCORE_COLUMNS
 from .patterns import classify_heads
-from .row_blocks import (ALL, FAR, FAR_DISTANCE, FAR_SEGMENT, FIRST, PREVIOUS, SPECIAL, UNIFORM_TOTALS, RowBlock,
-                         SequenceIndex)
+from .row_blocks import ROW_SUMS, UNIFORM_TOTALS, RowBlock, SequenceIndex
 from .sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
-# per-head row sums, each divided by |R| at the end
-_ROW_MEANS = ("entropy", "norm_entropy", "effective_keys", "effective_keys_frac", "max_weight",
-              "prev_token_mass", "current_token_mass", "next_token_mass", "mean_distance",
-              "distance_ratio", "special_mass", "local_mass")
+# the per-head row sums divided by |R| at the end
+_ROW_MEANS = ROW_SUMS[:ROW_SUMS.index("local_mass") + 1]
 COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_score_no_q0", "sink_head",
            *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
            *SCORE_COLUMNS, "pattern_class", "n_rows")
@@ -71,15 +69,12 @@ COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_sco
 class _LayerSums:
     def __init__(self, heads: int, keys: int, device):
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
-        self.means = zeros(len(_ROW_MEANS), heads)  # the row sums of every `_ROW_MEANS` metric
+        self.row_sums = zeros(len(ROW_SUMS), heads)
         self.totals = zeros(len(UNIFORM_TOTALS))
-        self.block = zeros(heads)
-        self.sink = zeros(2, heads)
         self.column = zeros(heads, keys)
         # the spread rows that may attend each key, and their 1 / n_i, as steps along the key axis
         self.column_steps = zeros(2, keys + 1)
-        self.detector = zeros(heads, len(DETECTORS))
-        self.detector_total = zeros(heads)
+        self.pairs = zeros(2, heads)  # mass on the duplicate-token and the induction pairs
 
 
 class HeadMetricsReducer:
@@ -162,37 +157,25 @@ class HeadMetricsReducer:
         weights = weights[..., block.key_start:block.key_stop].float()
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
-        heads, rows = weights.shape[:2]
-        peak = weights.amax(-1)  # h q
-        masses = torch.matmul(weights, block.features).double()  # "h q k, k f -> h q f"
-        near = weights[..., block.near_start - block.key_start:]
-        picked = weights.gather(-1, block.picks.expand(heads, -1, -1)).mul_(block.pick_valid)  # h q 5
+        heads = weights.shape[0]
+        near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
-        entropy = -weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights).sum(-1).double()
-        per_row = torch.empty(len(_ROW_MEANS), heads, rows, dtype=torch.float64, device=weights.device)
-        per_row[0] = entropy
-        torch.div(entropy, block.log_keys, out=per_row[1])
-        torch.exp(entropy, out=per_row[2])
-        torch.div(per_row[2], block.keys, out=per_row[3])
-        per_row[4] = peak
-        per_row[5:8] = picked[..., PREVIOUS:PREVIOUS + 3].permute(2, 0, 1)
-        torch.sum(per_row[5:8], 0, out=per_row[11])  # |q_i - j| <= 1: the previous, current and next key
-        torch.add(masses[..., FAR_DISTANCE], torch.linalg.vecdot(near, block.near_distance), out=per_row[8])
-        per_row[8].addcmul_(masses[..., FAR], block.offset)
-        torch.div(per_row[8], block.uniform_distance, out=per_row[9])
-        per_row[10] = masses[..., SPECIAL]
-        sums.means += per_row @ block.spread64
-        segment = torch.linalg.vecdot(near, block.near_segment).double().addcmul_(masses[..., FAR_SEGMENT], block.in_first_segment)
-        sums.block += segment @ block.spread64
-        sums.sink += block.sink_rows @ picked[..., FIRST].double().T
+        entropy = weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights).sum(-1, keepdim=True).neg_()
+        statistics = torch.cat([
+            torch.matmul(weights, block.features),  # "h q k, k f -> h q f"
+            weights.gather(-1, block.picks.expand(heads, -1, -1)),
+            torch.matmul(near, block.near_features).transpose(0, 1),  # "q h k, q k n -> h q n"
+            weights.amax(-1, keepdim=True),
+            entropy,
+        ], -1).double()
+        statistics = torch.cat([statistics, statistics[..., -1:].exp()], -1)  # "h q s", columns STATISTICS
+        sums.row_sums += torch.matmul(statistics.reshape(heads, -1), block.row_weights.reshape(-1, len(ROW_SUMS))).T
         sums.totals += block.totals
         sums.column[:, block.key_start:block.key_stop] += torch.matmul(block.spread, weights).double()  # "q, h q k -> h k"
         sums.column_steps.index_add_(1, block.column_index, block.column_steps)
-
-        sums.detector[:, 0] += picked[..., PREVIOUS] @ block.previous_kept
-        for slot, (pair_rows, pair_keys) in enumerate((block.duplicate, block.induction), start=1):
-            sums.detector[:, slot] += weights[:, pair_rows, pair_keys].sum(-1)
-        sums.detector_total += masses[..., ALL].sum(-1) - (picked * block.detector_dropped).sum((-1, -2))
+        pair_weights = weights[:, block.pair_rows, block.pair_keys]
+        sums.pairs[0] += pair_weights[:, :block.duplicates].sum(-1)
+        sums.pairs[1] += pair_weights[:, block.duplicates:].sum(-1)
 
     # ---- result ------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
@@ -203,32 +186,31 @@ class HeadMetricsReducer:
         frames = []
         for layer in sorted(self._layers):
             s = self._layers[layer]
-            totals = dict(zip(UNIFORM_TOTALS, s.totals))
+            totals, row_sums = dict(zip(UNIFORM_TOTALS, s.totals)), dict(zip(ROW_SUMS, s.row_sums))
             rows = totals["rows"]
             if rows == 0:
                 raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
             columns = {"layer": [layer] * len(heads), "head": list(heads),
                        "kv_group": [spec.kv_group(h) for h in heads]}
-            means = {name: total / rows for name, total in zip(_ROW_MEANS, s.means)}
+            means = {name: row_sums[name] / rows for name in _ROW_MEANS}
             for name in _ROW_MEANS[:5]:
                 columns[name] = means[name]
-            sink_rows = s.totals[-2:, None]
-            sink = torch.where(sink_rows > 0, s.sink / sink_rows.clamp(min=1), torch.zeros_like(s.sink))
-            columns["sink_score"], columns["sink_score_no_q0"] = sink[0], sink[1]
-            columns["sink_head"] = (sink[1] >= self.sink_threshold).cpu().numpy()
+            for column, name, count in (("sink_score", "sink", "sink_rows"), ("sink_score_no_q0", "sink_no_first",
+                                                                               "sink_rows_no_first")):
+                columns[column] = row_sums[name] / totals[count] if totals[count] > 0 else torch.zeros(len(heads))
+            columns["sink_head"] = (columns["sink_score_no_q0"] >= self.sink_threshold).cpu().numpy()
             for name in _ROW_MEANS[5:]:
                 columns[name] = means[name]
             columns["diagonal_score"] = means["local_mass"] - totals["uniform_local"] / rows
-            columns["block_score"] = s.block / rows - totals["uniform_block"] / rows
+            columns["block_score"] = row_sums["segment_mass"] / rows - totals["uniform_block"] / rows
             column_rows, column_uniform = s.column_steps.cumsum(1)[:, :-1] * self._context["sequence"].real.to(s.column.device)
             seen = column_rows >= 0.5 * column_rows.max()
             lift = (s.column - column_uniform) / column_rows.clamp(min=1)
             lift = lift.masked_fill(~seen, float("-inf"))
             best = lift.max(-1)
             columns["vertical_score"], columns["vertical_key"] = best.values, best.indices.cpu().numpy()
-            detector = s.detector / s.detector_total[:, None]
-            for i, name in enumerate(SCORE_COLUMNS):
-                columns[name] = detector[:, i]
+            for column, mass in zip(SCORE_COLUMNS, (row_sums["previous_token"], *s.pairs)):
+                columns[column] = mass / row_sums["detector_total"]
             columns["n_rows"] = [int(rows)] * len(heads)
             frames.append(pd.DataFrame({k: (v.cpu().numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
         table = pd.concat(frames, ignore_index=True)
