@@ -185,37 +185,34 @@ class HeadMetricsReducer:
         spec, heads = self._context["spec"], self._context["heads"]
         frames = []
         for layer in sorted(self._layers):
-            s = self._layers[layer]
-            totals, row_sums = dict(zip(UNIFORM_TOTALS, s.totals)), dict(zip(ROW_SUMS, s.row_sums))
-            rows = totals["rows"]
-            if rows == 0:
-                raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
-            columns = {"layer": [layer] * len(heads), "head": list(heads),
-                       "kv_group": [spec.kv_group(h) for h in heads]}
-            means = {name: row_sums[name] / rows for name in _ROW_MEANS}
-            for name in _ROW_MEANS[:5]:
-                columns[name] = means[name]
-            for column, name, count in (("sink_score", "sink", "sink_rows"), ("sink_score_no_q0", "sink_no_first",
-                                                                               "sink_rows_no_first")):
-                columns[column] = row_sums[name] / totals[count] if totals[count] > 0 else torch.zeros(len(heads))
-            columns["sink_head"] = (columns["sink_score_no_q0"] >= self.sink_threshold).cpu().numpy()
-            for name in _ROW_MEANS[5:]:
-                columns[name] = means[name]
-            columns["diagonal_score"] = means["local_mass"] - totals["uniform_local"] / rows
-            columns["block_score"] = row_sums["segment_mass"] / rows - totals["uniform_block"] / rows
-            column_rows, column_uniform = s.column_steps.cumsum(1)[:, :-1] * self._context["sequence"].real.to(s.column.device)
-            seen = column_rows >= 0.5 * column_rows.max()
-            lift = (s.column - column_uniform) / column_rows.clamp(min=1)
-            lift = lift.masked_fill(~seen, float("-inf"))
-            best = lift.max(-1)
-            columns["vertical_score"], columns["vertical_key"] = best.values, best.indices.cpu().numpy()
-            for column, mass in zip(SCORE_COLUMNS, (row_sums["previous_token"], *s.pairs)):
-                columns[column] = mass / row_sums["detector_total"]
-            columns["n_rows"] = [int(rows)] * len(heads)
+            columns = {"layer": [layer] * len(heads), "head": list(heads), "kv_group": [spec.kv_group(h) for h in heads],
+                       **self._layer_columns(layer, self._layers[layer])}
             frames.append(pd.DataFrame({k: (v.cpu().numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
         table = pd.concat(frames, ignore_index=True)
         table["pattern_class"] = classify_heads(table, self.thresholds)
         return table[list(COLUMNS)]
+
+    def _layer_columns(self, layer: int, s: _LayerSums) -> dict:
+        """The metric columns of one layer's heads, from its sums."""
+        totals, row_sums = dict(zip(UNIFORM_TOTALS, s.totals)), dict(zip(ROW_SUMS, s.row_sums))
+        rows = totals["rows"]
+        if rows == 0:
+            raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
+        columns = {name: row_sums[name] / rows for name in _ROW_MEANS}
+        for column, name, count in (("sink_score", "sink", "sink_rows"), ("sink_score_no_q0", "sink_no_first",
+                                                                           "sink_rows_no_first")):
+            columns[column] = row_sums[name] / totals[count] if totals[count] > 0 else torch.zeros_like(row_sums[name])
+        columns["sink_head"] = columns["sink_score_no_q0"] >= self.sink_threshold
+        columns["diagonal_score"] = columns["local_mass"] - totals["uniform_local"] / rows
+        columns["block_score"] = row_sums["segment_mass"] / rows - totals["uniform_block"] / rows
+        column_rows, column_uniform = s.column_steps.cumsum(1)[:, :-1] * self._context["sequence"].real.to(s.column.device)
+        seen = column_rows >= 0.5 * column_rows.max()
+        lift = ((s.column - column_uniform) / column_rows.clamp(min=1)).masked_fill(~seen, float("-inf"))
+        columns["vertical_score"], columns["vertical_key"] = lift.max(-1)
+        for column, mass in zip(SCORE_COLUMNS, (row_sums["previous_token"], *s.pairs)):
+            columns[column] = mass / row_sums["detector_total"]
+        columns["n_rows"] = torch.full_like(columns["entropy"], rows, dtype=torch.long)
+        return columns
 
 
 def _same(kept: torch.Tensor, new: torch.Tensor) -> bool:
