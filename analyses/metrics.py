@@ -47,12 +47,13 @@ in float32, the sums over blocks accumulate in float64.
 
 How (`HeadMetricsReducer.consume`): per layer and block of rows, a few passes over the block's
 weights `"h q k"`, restricted to the keys the rows may attend (`row_blocks.RowBlock`; a causal
-block never reads the keys after its last row): the row maxima, -sum A ln A, one matmul with a
+block never reads the keys after its last row): -sum A ln A, the row maxima, one matmul with a
 few key features shared by all rows (mass, distance and segment of the keys before the block's
 first row, special tokens), the distance and segment of the keys from the first row on (a
 square for a causal block), one gather for the previous / current / next / sink / 0th key, the
-duplicate-token and induction pairs, and the column sums. Everything stays on the device of the
-parts until `table()`.
+duplicate-token and induction pairs, and the column sums. The resulting per-row statistics meet
+the rows' geometry (which rows count, ln n_i, the uniform distance, ...) in one float64 matmul.
+Everything stays on the device of the parts until `table()`.
 """
 
 from __future__ import annotations
@@ -63,17 +64,14 @@ import torch
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
-from .head_detector import DETECTORS, SCORE_COLUMNS
+from .head_detector import SCORE_COLUMNS
 from .patterns import classify_heads
-from .row_blocks import (ALL, FAR, FAR_DISTANCE, FAR_SEGMENT, FIRST, PREVIOUS, SPECIAL, UNIFORM_TOTALS, RowBlock,
-                         SequenceIndex)
+from .row_blocks import ROW_SUMS, UNIFORM_TOTALS, RowBlock, SequenceIndex
 from .sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
-# per-head row sums, each divided by |R| at the end
-_ROW_MEANS = ("entropy", "norm_entropy", "effective_keys", "effective_keys_frac", "max_weight",
-              "prev_token_mass", "current_token_mass", "next_token_mass", "mean_distance",
-              "distance_ratio", "special_mass", "local_mass")
+# the per-head row sums divided by |R| at the end
+_ROW_MEANS = ROW_SUMS[:ROW_SUMS.index("local_mass") + 1]
 COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_score_no_q0", "sink_head",
            *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
            *SCORE_COLUMNS, "pattern_class", "n_rows")
@@ -83,15 +81,12 @@ NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_w
 class _LayerSums:
     def __init__(self, heads: int, keys: int, device):
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
-        self.means = zeros(len(_ROW_MEANS), heads)  # the row sums of every `_ROW_MEANS` metric
+        self.row_sums = zeros(len(ROW_SUMS), heads)
         self.totals = zeros(len(UNIFORM_TOTALS))
-        self.block = zeros(heads)
-        self.sink = zeros(2, heads)
         self.column = zeros(heads, keys)
         # the spread rows that may attend each key, and their 1 / n_i, as steps along the key axis
         self.column_steps = zeros(2, keys + 1)
-        self.detector = zeros(heads, len(DETECTORS))
-        self.detector_total = zeros(heads)
+        self.pairs = zeros(2, heads)  # mass on the duplicate-token and the induction pairs
         self.norm_sink = zeros(2, heads)
         self.norm_means = zeros(2, heads)  # row sums of norm_weighted_entropy and output_norm
         self.has_norms = False
@@ -182,44 +177,31 @@ class HeadMetricsReducer:
         weights = weights[..., block.key_start:block.key_stop].float()
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
-        heads, rows = weights.shape[:2]
-        peak = weights.amax(-1)  # h q
-        masses = torch.matmul(weights, block.features).double()  # "h q k, k f -> h q f"
-        near = weights[..., block.near_start - block.key_start:]
-        picked = weights.gather(-1, block.picks.expand(heads, -1, -1)).mul_(block.pick_valid)  # h q 5
+        heads = weights.shape[0]
+        near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
         plogp = weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights)
-        entropy = -plogp.sum(-1).double()
+        entropy = plogp.sum(-1, keepdim=True).neg_()
         if norms is not None:
-            self._accumulate_norms(sums, weights, plogp, picked[..., FIRST], block, *norms)
+            self._accumulate_norms(sums, weights, plogp, block, *norms)
         del plogp
-        per_row = torch.empty(len(_ROW_MEANS), heads, rows, dtype=torch.float64, device=weights.device)
-        per_row[0] = entropy
-        torch.div(entropy, block.log_keys, out=per_row[1])
-        torch.exp(entropy, out=per_row[2])
-        torch.div(per_row[2], block.keys, out=per_row[3])
-        per_row[4] = peak
-        per_row[5:8] = picked[..., PREVIOUS:PREVIOUS + 3].permute(2, 0, 1)
-        torch.sum(per_row[5:8], 0, out=per_row[11])  # |q_i - j| <= 1: the previous, current and next key
-        torch.add(masses[..., FAR_DISTANCE], torch.linalg.vecdot(near, block.near_distance), out=per_row[8])
-        per_row[8].addcmul_(masses[..., FAR], block.offset)
-        torch.div(per_row[8], block.uniform_distance, out=per_row[9])
-        per_row[10] = masses[..., SPECIAL]
-        sums.means += per_row @ block.spread64
-        segment = torch.linalg.vecdot(near, block.near_segment).double().addcmul_(masses[..., FAR_SEGMENT], block.in_first_segment)
-        sums.block += segment @ block.spread64
-        sums.sink += block.sink_rows @ picked[..., FIRST].double().T
+        statistics = torch.cat([
+            torch.matmul(weights, block.features),  # "h q k, k f -> h q f"
+            weights.gather(-1, block.picks.expand(heads, -1, -1)),
+            torch.matmul(near, block.near_features).transpose(0, 1),  # "q h k, q k n -> h q n"
+            weights.amax(-1, keepdim=True),
+            entropy,
+        ], -1).double()
+        statistics = torch.cat([statistics, statistics[..., -1:].exp()], -1)  # "h q s", columns STATISTICS
+        sums.row_sums += torch.matmul(statistics.reshape(heads, -1), block.row_weights.reshape(-1, len(ROW_SUMS))).T
         sums.totals += block.totals
         sums.column[:, block.key_start:block.key_stop] += torch.matmul(block.spread, weights).double()  # "q, h q k -> h k"
         sums.column_steps.index_add_(1, block.column_index, block.column_steps)
+        pair_weights = weights[:, block.pair_rows, block.pair_keys]
+        sums.pairs[0] += pair_weights[:, :block.duplicates].sum(-1)
+        sums.pairs[1] += pair_weights[:, block.duplicates:].sum(-1)
 
-        sums.detector[:, 0] += picked[..., PREVIOUS] @ block.previous_kept
-        for slot, (pair_rows, pair_keys) in enumerate((block.duplicate, block.induction), start=1):
-            sums.detector[:, slot] += weights[:, pair_rows, pair_keys].sum(-1)
-        sums.detector_total += masses[..., ALL].sum(-1) - (picked * block.detector_dropped).sum((-1, -2))
-
-    def _accumulate_norms(self, sums: _LayerSums, weights, plogp, first_weight, block: RowBlock, value_norms,
-                          output_norms):
+    def _accumulate_norms(self, sums: _LayerSums, weights, plogp, block: RowBlock, value_norms, output_norms):
         """The norm-weighted columns (module docstring) from the same block: with W = A n,
         -sum P' ln P' = ln T - (sum_j (A ln A)_j n_j + sum_j A_j n_j ln n_j) / T, T = sum_j A_j n_j."""
         n = value_norms.float().to(weights.device)
@@ -227,12 +209,13 @@ class HeadMetricsReducer:
         total = torch.einsum("hqk,hk->hq", weights, in_block).double()
         safe = total.clamp_min(1e-30)
         logs = torch.einsum("hqk,hk->hq", plogp, in_block) + torch.einsum("hqk,hk->hq", weights, torch.xlogy(in_block, in_block))
-        weighted_entropy = safe.log() - logs.double() / safe
-        sums.norm_means[0] += weighted_entropy @ block.spread64
-        sums.norm_means[1] += output_norms.double().to(weights.device) @ block.spread64
+        spread = block.spread.double()
+        sums.norm_means[0] += (safe.log() - logs.double() / safe) @ spread
+        sums.norm_means[1] += output_norms.double().to(weights.device) @ spread
         first = self._context["sequence"].first
-        sink_share = first_weight.double() * n[:, first].double()[:, None] / safe  # h q
-        sums.norm_sink += block.sink_rows @ sink_share.T
+        first_weight = weights[..., first - block.key_start] if block.key_start <= first < block.key_stop \
+            else weights.new_zeros(weights.shape[:2])
+        sums.norm_sink += block.sink_rows() @ (first_weight.double() * n[:, first].double()[:, None] / safe).T
         sums.has_norms = True
 
     # ---- result ------------------------------------------------------------------------
@@ -243,43 +226,40 @@ class HeadMetricsReducer:
         spec, heads = self._context["spec"], self._context["heads"]
         frames = []
         for layer in sorted(self._layers):
-            s = self._layers[layer]
-            totals = dict(zip(UNIFORM_TOTALS, s.totals))
-            rows = totals["rows"]
-            if rows == 0:
-                raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
-            columns = {"layer": [layer] * len(heads), "head": list(heads),
-                       "kv_group": [spec.kv_group(h) for h in heads]}
-            means = {name: total / rows for name, total in zip(_ROW_MEANS, s.means)}
-            for name in _ROW_MEANS[:5]:
-                columns[name] = means[name]
-            sink_rows = s.totals[-2:, None]
-            sink = torch.where(sink_rows > 0, s.sink / sink_rows.clamp(min=1), torch.zeros_like(s.sink))
-            columns["sink_score"], columns["sink_score_no_q0"] = sink[0], sink[1]
-            columns["sink_head"] = (sink[1] >= self.sink_threshold).cpu().numpy()
-            for name in _ROW_MEANS[5:]:
-                columns[name] = means[name]
-            columns["diagonal_score"] = means["local_mass"] - totals["uniform_local"] / rows
-            columns["block_score"] = s.block / rows - totals["uniform_block"] / rows
-            column_rows, column_uniform = s.column_steps.cumsum(1)[:, :-1] * self._context["sequence"].real.to(s.column.device)
-            seen = column_rows >= 0.5 * column_rows.max()
-            lift = (s.column - column_uniform) / column_rows.clamp(min=1)
-            lift = lift.masked_fill(~seen, float("-inf"))
-            best = lift.max(-1)
-            columns["vertical_score"], columns["vertical_key"] = best.values, best.indices.cpu().numpy()
-            detector = s.detector / s.detector_total[:, None]
-            for i, name in enumerate(SCORE_COLUMNS):
-                columns[name] = detector[:, i]
-            columns["n_rows"] = [int(rows)] * len(heads)
-            if s.has_norms:
-                norm_sink = torch.where(sink_rows > 0, s.norm_sink / sink_rows.clamp(min=1), torch.zeros_like(s.norm_sink))
-                columns["norm_sink_score"], columns["norm_sink_score_no_q0"] = norm_sink[0], norm_sink[1]
-                columns["noop_sink"] = ((sink[1] >= self.sink_threshold) & (norm_sink[1] < self.sink_threshold)).cpu().numpy()
-                columns["norm_weighted_entropy"], columns["output_norm"] = s.norm_means / rows
+            columns = {"layer": [layer] * len(heads), "head": list(heads), "kv_group": [spec.kv_group(h) for h in heads],
+                       **self._layer_columns(layer, self._layers[layer])}
             frames.append(pd.DataFrame({k: (v.cpu().numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
         table = pd.concat(frames, ignore_index=True)
         table["pattern_class"] = classify_heads(table, self.thresholds)
         return table[list(COLUMNS) + [c for c in NORM_COLUMNS if c in table.columns]]
+
+    def _layer_columns(self, layer: int, s: _LayerSums) -> dict:
+        """The metric columns of one layer's heads, from its sums."""
+        totals, row_sums = dict(zip(UNIFORM_TOTALS, s.totals)), dict(zip(ROW_SUMS, s.row_sums))
+        rows = totals["rows"]
+        if rows == 0:
+            raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
+        columns = {name: row_sums[name] / rows for name in _ROW_MEANS}
+        for column, name, count in (("sink_score", "sink", "sink_rows"), ("sink_score_no_q0", "sink_no_first",
+                                                                           "sink_rows_no_first")):
+            columns[column] = row_sums[name] / totals[count] if totals[count] > 0 else torch.zeros_like(row_sums[name])
+        columns["sink_head"] = columns["sink_score_no_q0"] >= self.sink_threshold
+        columns["diagonal_score"] = columns["local_mass"] - totals["uniform_local"] / rows
+        columns["block_score"] = row_sums["segment_mass"] / rows - totals["uniform_block"] / rows
+        column_rows, column_uniform = s.column_steps.cumsum(1)[:, :-1] * self._context["sequence"].real.to(s.column.device)
+        seen = column_rows >= 0.5 * column_rows.max()
+        lift = ((s.column - column_uniform) / column_rows.clamp(min=1)).masked_fill(~seen, float("-inf"))
+        columns["vertical_score"], columns["vertical_key"] = lift.max(-1)
+        for column, mass in zip(SCORE_COLUMNS, (row_sums["previous_token"], *s.pairs)):
+            columns[column] = mass / row_sums["detector_total"]
+        columns["n_rows"] = torch.full_like(columns["entropy"], rows, dtype=torch.long)
+        if s.has_norms:
+            sink_rows = s.totals[-2:, None]
+            norm_sink = torch.where(sink_rows > 0, s.norm_sink / sink_rows.clamp(min=1), torch.zeros_like(s.norm_sink))
+            columns["norm_sink_score"], columns["norm_sink_score_no_q0"] = norm_sink
+            columns["noop_sink"] = columns["sink_head"] & (norm_sink[1] < self.sink_threshold)
+            columns["norm_weighted_entropy"], columns["output_norm"] = s.norm_means / rows
+        return columns
 
 
 def _same(kept: torch.Tensor, new: torch.Tensor) -> bool:

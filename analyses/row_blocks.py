@@ -8,6 +8,11 @@ are one gather per row, duplicate-token and induction pairs a few (row, key) pai
 token. Only keys from the block's first row position on (`near_start`, a square for a causal
 block) need a per-row `"q k"` matrix (distance and segment); every key before it lies before
 every row of the block, so a `"k f"` matrix shared by all rows carries it (`features`).
+
+What the weights give per row and head is a few statistics (`"h q s"`, columns `STATISTICS`); every
+per-head sum over rows the metrics need is then one matmul of them with per-row weights that hold
+the row's geometry (`RowBlock.row_weights`, `"q s o"`, outputs `ROW_SUMS`): which rows count, 1 / ln n_i,
+the uniform distance, the detector's exclusions.
 """
 
 from __future__ import annotations
@@ -20,11 +25,22 @@ from llm_heatmap.probes.geometry import Spans, key_ranges
 
 from .patterns import segment_ids, special_token_mask
 
-# columns of `RowBlock.features`
-ALL, FAR, FAR_DISTANCE, FAR_SEGMENT, SPECIAL = range(5)
-# columns of `RowBlock.picks`
-PREVIOUS, CURRENT, NEXT, FIRST, KEY_ZERO = range(5)
-# entries of `RowBlock.totals`
+# columns of `RowBlock.features`: every key, the keys before the block's first row, their distance to it,
+# those of them in its segment, special tokens
+FEATURES = ("all", "far", "far_distance", "far_segment", "special")
+# columns of `RowBlock.picks`: the keys at q_i - 1, q_i, q_i + 1, the sink column, key 0
+PICKED = ("previous", "current", "next", "first", "key_zero")
+# per-row statistics of a block, `"h q s"`: the mass on each feature, the weight of each picked key, the
+# mass-weighted distance and the segment mass of the keys from the first row on, the largest weight, the
+# entropy and its exponential
+STATISTICS = (*FEATURES, *PICKED, "near_distance", "near_segment", "peak", "entropy", "exp_entropy")
+# the per-head sums over rows a block adds: the row sums of the mean metrics, then the segment mass, the
+# sink column's weight (rows that see it; without its own row), the previous-token and total mass of the
+# head detector
+ROW_SUMS = ("entropy", "norm_entropy", "effective_keys", "effective_keys_frac", "max_weight", "prev_token_mass",
+            "current_token_mass", "next_token_mass", "mean_distance", "distance_ratio", "special_mass", "local_mass",
+            "segment_mass", "sink", "sink_no_first", "previous_token", "detector_total")
+# the sums over rows that need no weight (`RowBlock.totals`)
 UNIFORM_TOTALS = ("rows", "uniform_local", "uniform_block", "sink_rows", "sink_rows_no_first")
 
 
@@ -100,25 +116,23 @@ class RowBlock:
     right_corner: torch.Tensor  # bool "q k" on the slice's last keys: cells after the row's range
     padding: torch.Tensor  # long: slice index of each padding key in the slice
     spread: torch.Tensor  # float32 [q]: rows with two or more keys (R), 1 or 0
-    spread64: torch.Tensor  # float64 [q]: the same
-    keys: torch.Tensor  # float64 [q]: n_i, at least 2
-    log_keys: torch.Tensor  # float64 [q]: ln n_i
-    uniform_distance: torch.Tensor  # float64 [q]: mean |q_i - j| over the row's keys (at least 1e-12)
-    offset: torch.Tensor  # float64 [q]: q_i - near_start
-    in_first_segment: torch.Tensor  # float64 [q]: the row's segment starts before near_start
-    sink_rows: torch.Tensor  # float64 [2, q]: the sink column is among the row's keys; also the row is not it
+    row_weights: torch.Tensor  # float64 "q s o": statistic s of row i counts this much in sum o (`ROW_SUMS`)
     totals: torch.Tensor  # float64 [5]: the sums over R that need no weight (`UNIFORM_TOTALS`)
     column_index: torch.Tensor  # long: lo and hi + 1 of the rows of R, where they start and stop seeing keys
     column_steps: torch.Tensor  # float64 [2, len(column_index)]: +-1 and +-1/n_i at those keys
-    features: torch.Tensor  # float32 "k f" over the slice (columns ALL ... SPECIAL)
-    near_distance: torch.Tensor  # float32 "q k": |q_i - j| on keys near_start:key_stop (0 off the row's keys)
-    near_segment: torch.Tensor  # float32 "q k": j is one of the row's keys and in its segment, same keys
-    picks: torch.Tensor  # long [q, 5]: slice index of the keys PREVIOUS ... KEY_ZERO
-    pick_valid: torch.Tensor  # float32 [q, 5]: 1 where that key is one of the row's keys (and in the slice)
-    previous_kept: torch.Tensor  # float32 [q]: the previous key counts for the head detector
-    detector_dropped: torch.Tensor  # float32 [q, 5]: picked keys the detector leaves out of its total
-    duplicate: tuple[torch.Tensor, torch.Tensor]  # (row, slice index) pairs of the duplicate-token pattern
-    induction: tuple[torch.Tensor, torch.Tensor]  # the same for the induction pattern
+    features: torch.Tensor  # float32 "k f" over the slice, columns `FEATURES`
+    near_features: torch.Tensor  # float32 "q k n" on keys near_start:key_stop, 0 off the row's keys: |q_i - j|, and
+    # whether j is in the row's segment
+    picks: torch.Tensor  # long "q p": slice index of the keys `PICKED` (weighted 0 where not attendable)
+    pair_rows: torch.Tensor  # long: the (row, slice index) cells of the duplicate-token pattern, then those
+    pair_keys: torch.Tensor  # of the induction pattern, all attendable and counted by the head detector
+    duplicates: int  # how many of the pairs are duplicate-token pairs
+
+    def sink_rows(self) -> torch.Tensor:
+        """float64 `[2, q]`: the rows that see the sink column, and of those the ones that are not it (the
+        row weights of the sink sums)."""
+        first = STATISTICS.index("first")
+        return self.row_weights[:, first, [ROW_SUMS.index("sink"), ROW_SUMS.index("sink_no_first")]].T
 
     @classmethod
     def build(cls, spec, layer: int, positions: torch.Tensor, sequence: SequenceIndex, width: int, device, *,
@@ -130,74 +144,56 @@ class RowBlock:
         key_start = int(lo.min())
         key_stop = max(key_start + 1, min(int(hi.max()) + 1, width))
         near_start = max(key_start, int(positions.min()))
-        n = sequence.count(lo, hi)
-        n_safe = n.clamp(min=2).double()
-        below, above = torch.minimum(hi, positions), torch.maximum(lo, positions + 1)
-        distance_sum = (positions * sequence.count(lo, below) - sequence.index_sum(lo, below)
-                        + sequence.index_sum(above, hi) - positions * sequence.count(above, hi))
-        local = sequence.count(torch.maximum(lo, positions - 1), torch.minimum(hi, positions + 1))
-        segment_first, segment_last = sequence.segment_first[positions], sequence.segment_last[positions]
-        in_segment = sequence.count(torch.maximum(lo, segment_first), torch.minimum(hi, segment_last))
-
         keys = torch.arange(key_start, key_stop)
+        n, uniform = _uniform_counts(sequence, lo, hi, positions)  # n_i, and per key set of UNIFORM_TOTALS
+        n_safe = n.clamp(min=2).double()
+        spread = n >= 2
+
         far = keys < near_start
         far_segment = far & (keys >= sequence.segment_first[near_start])
         features = torch.stack([torch.ones(len(keys)), far.float(), ((near_start - keys) * far).float(),
                                 far_segment.float(), sequence.special[keys].float()], -1)
-
         near = keys[near_start - key_start:]
+        segment_first, segment_last = sequence.segment_first[positions], sequence.segment_last[positions]
         inside = (near[None, :] >= lo[:, None]) & (near[None, :] <= hi[:, None]) & sequence.real[near][None, :]
-        near_distance = (positions[:, None] - near[None, :]).abs() * inside
         near_segment = inside & (near[None, :] >= segment_first[:, None]) & (near[None, :] <= segment_last[:, None])
+        near_features = torch.stack([(positions[:, None] - near[None, :]).abs() * inside, near_segment], -1).float()
 
         targets = torch.stack([positions - 1, positions, positions + 1, torch.full_like(positions, sequence.first),
-                               torch.zeros_like(positions)], -1)
+                               torch.zeros_like(positions)], -1)  # "q p", columns PICKED
         attendable = (targets >= lo[:, None]) & (targets <= hi[:, None]) & (targets >= 0) & (targets < num_keys)
         attendable &= sequence.real[targets.clamp(0, num_keys - 1)]
-        readable = attendable & (targets < key_stop)
-        dropped = torch.zeros_like(readable)  # A' of the head detector: key 0 / the diagonal left out
-        if exclude_current_token:
-            dropped[:, CURRENT] = readable[:, CURRENT]
-        if exclude_bos:
-            dropped[:, KEY_ZERO] = readable[:, KEY_ZERO] & ~(dropped[:, CURRENT] & (positions == 0))
-        previous_kept = readable[:, PREVIOUS] & ~(torch.tensor(exclude_bos) & (targets[:, PREVIOUS] == 0))
+        readable = dict(zip(PICKED, (attendable & (targets < key_stop)).double().unbind(-1)))
+        sees_first = attendable[:, PICKED.index("first")].double()
+        not_first = (positions != sequence.first).double()
 
         rows, duplicate = sequence.earlier_same_token(positions)
         inductive = duplicate + 1
-        no_key = torch.zeros_like(rows, dtype=torch.bool)
+        duplicate_kept = _counted(rows, duplicate, lo, hi, key_stop, sequence.real, (duplicate == 0) & exclude_bos)
+        induction_kept = _counted(rows, inductive, lo, hi, key_stop, sequence.real,
+                                  (inductive == positions[rows]) & exclude_current_token)
 
-        def pairs(pair_keys: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keep = (pair_keys >= lo[rows]) & (pair_keys <= hi[rows]) & (pair_keys < key_stop) & ~excluded
-            keep &= sequence.real[pair_keys.clamp(max=num_keys - 1)]
-            return _on(rows[keep], device), _on(pair_keys[keep] - key_start, device)
-
-        padding = (~sequence.real[key_start:key_stop]).nonzero().squeeze(-1)
-        spread = n >= 2
-        sees_first = attendable[:, FIRST].double()
-        sink_rows = torch.stack([sees_first, sees_first * (positions != sequence.first)])
-        totals = torch.cat([torch.stack([spread.sum(), local / n_safe @ spread.double(),
-                                         in_segment / n_safe @ spread.double()]).double(), sink_rows.sum(-1)])
-        column_steps = torch.cat([torch.stack([torch.ones(len(lo)), 1 / n_safe]),
-                                  -torch.stack([torch.ones(len(lo)), 1 / n_safe])], -1)[:, torch.cat([spread, spread])]
-        left, right = int(lo.max()), max(int(lo.max()), int(hi.min()) + 1)  # all rows' ranges hold left..right-1
-        left_corner = keys[None, :left - key_start] < lo[:, None]
-        right_corner = keys[None, right - key_start:] > hi[:, None]
+        row_weights = _row_weights(spread.double(), n_safe, (uniform["distance"] / n_safe).clamp(min=1e-12),
+                                   (positions - near_start).double(), (segment_first < near_start).double(), readable,
+                                   not_first, positions, exclude_bos, exclude_current_token)
+        totals = torch.stack([spread.sum(), uniform["local"] / n_safe @ spread.double(),
+                              uniform["segment"] / n_safe @ spread.double(), sees_first.sum(),
+                              (sees_first * not_first).sum()]).double()
+        steps = torch.stack([torch.ones(len(lo)), 1 / n_safe])[:, spread]
+        left, right = int(lo.max()), max(int(lo.max()), int(hi.min()) + 1)  # every row's range holds left..right-1
         return cls(
             lo=_on(lo, device), hi=_on(hi, device), key_start=key_start, key_stop=key_stop, near_start=near_start,
-            left_corner=_on(left_corner, device), right_corner=_on(right_corner, device), padding=_on(padding, device),
-            spread=_on(spread.float(), device), spread64=_on(spread.double(), device), keys=_on(n_safe, device),
-            log_keys=_on(n_safe.log(), device), uniform_distance=_on((distance_sum / n_safe).clamp(min=1e-12), device),
-            offset=_on((positions - near_start).double(), device),
-            in_first_segment=_on((segment_first < near_start).double(), device),
-            sink_rows=_on(sink_rows, device), totals=_on(totals, device),
-            column_index=_on(torch.cat([lo[spread], hi[spread] + 1]), device), column_steps=_on(column_steps, device),
-            features=_on(features, device), near_distance=_on(near_distance.float(), device),
-            near_segment=_on(near_segment.float(), device),
+            left_corner=_on(keys[None, :left - key_start] < lo[:, None], device),
+            right_corner=_on(keys[None, right - key_start:] > hi[:, None], device),
+            padding=_on((~sequence.real[key_start:key_stop]).nonzero().squeeze(-1), device),
+            spread=_on(spread.float(), device), row_weights=_on(row_weights, device), totals=_on(totals, device),
+            column_index=_on(torch.cat([lo[spread], hi[spread] + 1]), device),
+            column_steps=_on(torch.cat([steps, -steps], -1), device),
+            features=_on(features, device), near_features=_on(near_features, device),
             picks=_on((targets - key_start).clamp(0, key_stop - key_start - 1), device),
-            pick_valid=_on(readable.float(), device), previous_kept=_on(previous_kept.float(), device),
-            detector_dropped=_on(dropped.float(), device),
-            duplicate=pairs(duplicate, (duplicate == 0) if exclude_bos else no_key),
-            induction=pairs(inductive, (inductive == positions[rows]) if exclude_current_token else no_key),
+            pair_rows=_on(torch.cat([rows[duplicate_kept], rows[induction_kept]]), device),
+            pair_keys=_on(torch.cat([duplicate[duplicate_kept], inductive[induction_kept]]) - key_start, device),
+            duplicates=int(duplicate_kept.sum()),
         )
 
     def inside(self, device) -> torch.Tensor:
@@ -219,3 +215,58 @@ class RowBlock:
         if len(self.padding):
             found.append(weights.index_select(-1, self.padding).ne(0).any())
         return not (found and bool(torch.stack(found).any()))
+
+
+
+def _uniform_counts(sequence: SequenceIndex, lo, hi, positions) -> tuple[torch.Tensor, dict]:
+    """n_i, and over each row's keys: the summed distance |q_i - j|, the keys with |q_i - j| <= 1, those
+    in the row's segment (long [q] each; the keys are real keys in lo_i..hi_i)."""
+    below, above = torch.minimum(hi, positions), torch.maximum(lo, positions + 1)
+    distance = (positions * sequence.count(lo, below) - sequence.index_sum(lo, below)
+                + sequence.index_sum(above, hi) - positions * sequence.count(above, hi))
+    local = sequence.count(torch.maximum(lo, positions - 1), torch.minimum(hi, positions + 1))
+    segment = sequence.count(torch.maximum(lo, sequence.segment_first[positions]),
+                             torch.minimum(hi, sequence.segment_last[positions]))
+    return sequence.count(lo, hi), {"distance": distance, "local": local, "segment": segment}
+
+
+def _counted(rows, keys, lo, hi, key_stop: int, real, excluded) -> torch.Tensor:
+    """bool per (row, key) pair of a detection pattern: the head detector counts it (an attendable, held,
+    real key the options do not exclude)."""
+    kept = (keys >= lo[rows]) & (keys <= hi[rows]) & (keys < key_stop) & ~excluded
+    return kept & real[keys.clamp(max=len(real) - 1)]
+
+
+def _row_weights(spread, keys, uniform_distance, offset, in_first_segment, readable: dict, not_first, positions,
+                 exclude_bos: bool, exclude_current_token: bool) -> torch.Tensor:
+    """float64 `"q s o"`: how much statistic s of each row counts in each sum o of `ROW_SUMS` (vectors over
+    the rows in; `readable`: by name, 1 where a picked key is one of the row's keys and held)."""
+    weights = torch.zeros(len(spread), len(STATISTICS), len(ROW_SUMS), dtype=torch.float64)
+
+    def add(statistic: str, row_sum: str, weight: torch.Tensor) -> None:
+        weights[:, STATISTICS.index(statistic), ROW_SUMS.index(row_sum)] += weight
+
+    add("entropy", "entropy", spread)
+    add("entropy", "norm_entropy", spread / keys.log())
+    add("exp_entropy", "effective_keys", spread)
+    add("exp_entropy", "effective_keys_frac", spread / keys)
+    add("peak", "max_weight", spread)
+    for key, row_sum in (("previous", "prev_token_mass"), ("current", "current_token_mass"), ("next", "next_token_mass")):
+        add(key, row_sum, spread * readable[key])
+        add(key, "local_mass", spread * readable[key])  # |q_i - j| <= 1: the previous, current and next key
+    for row_sum, weight in (("mean_distance", spread), ("distance_ratio", spread / uniform_distance)):
+        add("far", row_sum, weight * offset)  # a key before the first row is offset further from row i
+        add("far_distance", row_sum, weight)
+        add("near_distance", row_sum, weight)
+    add("special", "special_mass", spread)
+    add("far_segment", "segment_mass", spread * in_first_segment)
+    add("near_segment", "segment_mass", spread)
+    add("first", "sink", readable["first"])
+    add("first", "sink_no_first", readable["first"] * not_first)
+    # the head detector's A' leaves key 0 (exclude_bos) and the diagonal (exclude_current_token) out, once each
+    drop_current = readable["current"] * exclude_current_token
+    add("previous", "previous_token", readable["previous"] * ~((positions == 1) & exclude_bos))
+    add("all", "detector_total", torch.ones_like(spread))
+    add("current", "detector_total", -drop_current)
+    add("key_zero", "detector_total", -readable["key_zero"] * exclude_bos * (1 - drop_current * (positions == 0)))
+    return weights

@@ -5,6 +5,9 @@
 The cube comes from eager `output_attentions` (30 layers x 9 heads x T x T). Baselines,
 measured in the same run on the same cube, compute the same numbers (asserted):
 
+- head_metrics, float64 reference: the dense implementation `head_metrics` had before its fast path
+  (tests/metrics_reference.py), every column to 1e-5 + 1e-5 relative, as in the tests;
+
 - head_metrics, naive: a Python loop over layers, heads and query rows in numpy, each metric
   written out from its definition (how a first script would do it);
 - head_metrics, per-head loop: the library's own reducer called once per head (vectorised
@@ -18,8 +21,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,12 +33,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 from llm_heatmap.analyses import head_metrics, is_special_token, kv_group_similarity, segment_ids  # noqa: E402
 from llm_heatmap.analyses.head_detector import detection_patterns  # noqa: E402
 from llm_heatmap.analyses.kv_similarity import group_gap, head_groups  # noqa: E402
 from llm_heatmap.analyses.patterns import classify_heads  # noqa: E402
 from llm_heatmap.models import load_model  # noqa: E402
 from llm_heatmap.probes import AttentionCube  # noqa: E402
+from metrics_reference import reference_head_metrics  # noqa: E402
 
 TEXT = ("Attention heads in a small language model divide the work of reading a prompt. Some look back one "
         "token, some park their weight on the first token, and some copy what followed an earlier occurrence "
@@ -182,14 +190,19 @@ def main() -> None:
 
     # warm-up on one layer (first-call costs: kernels, pandas, token rules), then one timed run each
     warm = cube.select(layers=[0])
-    for function in (head_metrics, naive_head_metrics, per_head_loop):
+    for function in (head_metrics, reference_head_metrics, naive_head_metrics, per_head_loop):
         function(warm)
     kv_group_similarity(warm, n_permutations=10)
     naive_kv_similarity(warm, 10)
 
     fast, t_fast = timed(head_metrics, cube)
+    reference, t_reference = timed(reference_head_metrics, cube)
     naive, t_naive = timed(naive_head_metrics, cube)
     loop, t_loop = timed(per_head_loop, cube)
+    exact = ["layer", "head", "kv_group", "sink_head", "vertical_key", "pattern_class", "n_rows"]
+    np.testing.assert_allclose(fast.drop(columns=exact).to_numpy(float), reference.drop(columns=exact).to_numpy(float),
+                               atol=1e-5, rtol=1e-5)
+    assert all(fast[column].tolist() == reference[column].tolist() for column in exact)
     numeric = [c for c in naive.columns if c not in ("layer", "head", "kv_group", "pattern_class")]
     # the library works per row in float32 (sums in float64), the naive loop in float64
     np.testing.assert_allclose(fast[numeric].to_numpy(float), naive[numeric].to_numpy(float), atol=1e-6, rtol=1e-5)
@@ -205,6 +218,7 @@ def main() -> None:
 
     rows = [
         (f"head_metrics ({len(fast)} heads, {len(fast.columns)} columns)", "vectorised reducer (library)", t_fast, t_fast),
+        ("head_metrics", "float64 reference: dense masks, as before the fast path", t_reference, t_fast),
         ("head_metrics", "naive loop: layer x head x row, numpy", t_naive, t_fast),
         ("head_metrics", "per-head loop of the library reducer", t_loop, t_fast),
         (f"kv_group_similarity (3 measures x 2, {args.permutations} perms)", "vectorised (library)", t_kv, t_kv),
@@ -216,7 +230,8 @@ def main() -> None:
     for name, impl, seconds, reference in rows:
         print(f"| {name} | {impl} | {seconds:.2f} | {seconds / reference:.1f}x |")
     print()
-    print(f"all outputs agree (head_metrics vs both baselines to atol 1e-6 / rtol 1e-5, pattern classes equal; "
+    print(f"all outputs agree (head_metrics vs the reference to 1e-5 + 1e-5 relative, every column; vs both loops "
+          f"to atol 1e-6 / rtol 1e-5, pattern classes equal; "
           f"kv within/between/gap to 1e-5, p-values to 0.005). "
           f"pattern classes: {fast.pattern_class.value_counts().to_dict()}; sink heads: {int(fast.sink_head.sum())}")
 

@@ -234,18 +234,25 @@ class KernelCall:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
         softmax((q * scaling) k^T, softcapped, + position bias, + mask) with each query head
-        reading its KV head (`"b g k d -> b (g r) k d"`, here as an index so head subsets work).
+        reading its KV head (for a head subset the KV heads are indexed, `"b g k d -> b (g r) k d"`).
         With `pad=False` the keys past the last one the kernel's causal rule lets these rows see
         are left out (they are 0); the caller fills them.
         """
+        all_heads = self._all_heads(heads)
         heads = heads.to(self.query.device)
-        q = self.query[:, :, start:stop]
-        if not self._all_heads(heads):
-            q = q.index_select(1, heads)
+        q = self.query[:, :, start:stop] * self.scaling
         keys = self.num_keys
         if self.causal is not None:
             keys = min(keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
-        scores = torch.matmul(q * self.scaling, self._keys(heads)[:, :, :keys].transpose(-1, -2))
+        if all_heads:
+            # the query heads of a KV group share its keys: one matmul per KV head with the group's rows
+            # stacked ("b (g r) q d -> b g (r q) d"), which a small block of rows needs to keep the matmul fast
+            batch, num_heads, rows, dim = q.shape
+            kv = self.key[:, :, :keys]
+            scores = torch.matmul(q.reshape(batch, kv.shape[1], -1, dim), kv.transpose(-1, -2))
+            scores = scores.view(batch, num_heads, rows, keys)
+        else:
+            scores = torch.matmul(q.index_select(1, heads), self._keys(heads)[:, :, :keys].transpose(-1, -2))
         if self.softcap is not None:
             scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if self.position_bias is not None:
@@ -277,18 +284,14 @@ class KernelCall:
         return full
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
-        return len(heads) == self.query.shape[1] and bool((heads == torch.arange(len(heads), device=heads.device)).all())
+        return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())
 
     def _keys(self, heads: torch.Tensor) -> torch.Tensor:
-        """Keys repeated to the given query heads, built once per call and reused by every row chunk."""
+        """Keys repeated to a subset of query heads, built once per call and reused by every row chunk."""
         cached = getattr(self, "_key_cache", None)
         if cached is None or not torch.equal(cached[0], heads):
             group = self.query.shape[1] // self.key.shape[1]
-            if group == 1 and self._all_heads(heads):
-                keys = self.key
-            else:
-                keys = self.key.index_select(1, torch.div(heads, group, rounding_mode="floor"))
-            cached = self._key_cache = (heads, keys)
+            cached = self._key_cache = (heads, self.key.index_select(1, torch.div(heads, group, rounding_mode="floor")))
         return cached[1]
 
     def _rule_mask(self, start: int, stop: int, keys: int, device) -> tuple[int, torch.Tensor] | None:

@@ -9,8 +9,8 @@ import pandas as pd
 import torch
 
 from llm_heatmap.analyses.head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep
-from llm_heatmap.analyses.metrics import COLUMNS, SINK_THRESHOLD, _ROW_MEANS
-from llm_heatmap.analyses.patterns import classify_heads, segment_ids, special_token_mask
+from llm_heatmap.analyses.metrics import HeadMetricsReducer, _ROW_MEANS
+from llm_heatmap.analyses.patterns import segment_ids, special_token_mask
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
@@ -32,17 +32,11 @@ class _LayerSums:
         self.detector_total = zeros(heads)
 
 
-class ReferenceHeadMetrics:
-    """The metric definitions as dense masks and feature matrices over every (row, key) cell, in float64."""
+class ReferenceHeadMetrics(HeadMetricsReducer):
+    """The metric definitions as dense masks and feature matrices over every (row, key) cell, in float64;
+    the options are `HeadMetricsReducer`'s, everything else is its own."""
 
-    def __init__(self, *, sink_threshold: float = SINK_THRESHOLD, exclude_bos: bool = False,
-                 exclude_current_token: bool = False, thresholds: dict | None = None):
-        self.sink_threshold = sink_threshold
-        self.exclude_bos = exclude_bos
-        self.exclude_current_token = exclude_current_token
-        self.thresholds = thresholds
-        self._layers: dict[int, _LayerSums] = {}
-        self._context = None
+    takes_trimmed_parts = False
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:
@@ -54,9 +48,6 @@ class ReferenceHeadMetrics:
         for index, layer in enumerate(part.layers):
             sums = self._layers.setdefault(layer, _LayerSums(part.num_heads, part.num_keys))
             self._accumulate(sums, part.pattern[index], attendable[index], part, context)
-
-    def finish(self) -> None:
-        """Nothing to flush; present so the reducer fits the consumer protocol."""
 
     def _prepare(self, part):
         key_mask = part.key_mask.bool()
@@ -160,41 +151,23 @@ class ReferenceHeadMetrics:
         sums.detector_total += masses[4 + len(DETECTORS)].sum(-1)
 
     # ---- result ------------------------------------------------------------------------
-    def table(self) -> pd.DataFrame:
-        """One row per layer x head, columns `COLUMNS` (definitions in the module docstring)."""
-        if not self._layers:
-            raise InputError("no attention was fed to the metrics reducer; run a capture with it as consumer first.")
-        spec, heads = self._context["spec"], self._context["heads"]
-        frames = []
-        for layer in sorted(self._layers):
-            s = self._layers[layer]
-            if s.rows == 0:
-                raise InputError(f"layer {layer} has no query row with two or more attendable keys; metrics need at least two tokens.")
-            columns = {"layer": [layer] * len(heads), "head": list(heads),
-                       "kv_group": [spec.kv_group(h) for h in heads]}
-            means = {name: (total / s.rows) for name, total in s.sums.items()}
-            for name in _ROW_MEANS[:5]:
-                columns[name] = means[name]
-            sink = torch.where(s.sink_rows[:, None] > 0, s.sink / s.sink_rows.clamp(min=1)[:, None], torch.zeros_like(s.sink))
-            columns["sink_score"], columns["sink_score_no_q0"] = sink[0], sink[1]
-            columns["sink_head"] = (sink[1] >= self.sink_threshold).numpy()
-            for name in _ROW_MEANS[5:]:
-                columns[name] = means[name]
-            columns["diagonal_score"] = means["local_mass"] - s.uniform_local / s.rows
-            columns["block_score"] = s.block / s.rows - s.uniform_block / s.rows
-            seen = s.column_rows >= 0.5 * s.column_rows.max()
-            lift = (s.column - s.column_uniform) / s.column_rows.clamp(min=1)
-            lift = lift.masked_fill(~seen, float("-inf"))
-            best = lift.max(-1)
-            columns["vertical_score"], columns["vertical_key"] = best.values, best.indices.numpy()
-            detector = s.detector / s.detector_total[:, None]
-            for i, name in enumerate(SCORE_COLUMNS):
-                columns[name] = detector[:, i]
-            columns["n_rows"] = [int(s.rows)] * len(heads)
-            frames.append(pd.DataFrame({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in columns.items()}))
-        table = pd.concat(frames, ignore_index=True)
-        table["pattern_class"] = classify_heads(table, self.thresholds)
-        return table[list(COLUMNS)]
+    def _layer_columns(self, layer: int, s: _LayerSums) -> dict:
+        if s.rows == 0:
+            raise InputError(f"layer {layer} has no query row with two or more attendable keys.")
+        columns = {name: total / s.rows for name, total in s.sums.items()}
+        sink = torch.where(s.sink_rows[:, None] > 0, s.sink / s.sink_rows.clamp(min=1)[:, None], torch.zeros_like(s.sink))
+        columns["sink_score"], columns["sink_score_no_q0"] = sink[0], sink[1]
+        columns["sink_head"] = sink[1] >= self.sink_threshold
+        columns["diagonal_score"] = columns["local_mass"] - s.uniform_local / s.rows
+        columns["block_score"] = s.block / s.rows - s.uniform_block / s.rows
+        seen = s.column_rows >= 0.5 * s.column_rows.max()
+        lift = ((s.column - s.column_uniform) / s.column_rows.clamp(min=1)).masked_fill(~seen, float("-inf"))
+        columns["vertical_score"], columns["vertical_key"] = lift.max(-1)
+        detector = s.detector / s.detector_total[:, None]
+        for i, name in enumerate(SCORE_COLUMNS):
+            columns[name] = detector[:, i]
+        columns["n_rows"] = torch.full((len(sink[0]),), int(s.rows))
+        return columns
 
 
 def reference_head_metrics(cube, **options) -> pd.DataFrame:
