@@ -206,11 +206,12 @@ class HeadMetricsReducer:
         -sum P' ln P' = ln T - (sum_j (A ln A)_j n_j + sum_j A_j n_j ln n_j) / T, T = sum_j A_j n_j."""
         n = value_norms.float().to(weights.device)
         in_block = n[:, block.key_start:block.key_stop]  # h k
-        total = torch.einsum("hqk,hk->hq", weights, in_block).double()
+        by_key = torch.stack([in_block, torch.xlogy(in_block, in_block)], -1)  # h k 2
+        total, n_log_n = torch.matmul(weights, by_key).double().unbind(-1)  # "h q k, h k 2 -> h q 2"
         safe = total.clamp_min(1e-30)
-        logs = torch.einsum("hqk,hk->hq", plogp, in_block) + torch.einsum("hqk,hk->hq", weights, torch.xlogy(in_block, in_block))
+        logs = torch.matmul(plogp, in_block[..., None]).squeeze(-1).double() + n_log_n
         spread = block.spread.double()
-        sums.norm_means[0] += (safe.log() - logs.double() / safe) @ spread
+        sums.norm_means[0] += (safe.log() - logs / safe) @ spread
         sums.norm_means[1] += output_norms.double().to(weights.device) @ spread
         first = self._context["sequence"].first
         first_weight = weights[..., first - block.key_start] if block.key_start <= first < block.key_stop \
