@@ -95,6 +95,7 @@ class HeadMetricsReducer:
         self._layers: dict[int, _LayerSums] = {}
         self._context = None
         self._blocks: dict[tuple, RowBlock] = {}
+        self._scratch_memory: torch.Tensor | None = None
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:
@@ -160,7 +161,8 @@ class HeadMetricsReducer:
         heads = weights.shape[0]
         near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
-        entropy = weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights).sum(-1, keepdim=True).neg_()
+        plogp = torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=self._scratch(weights))
+        entropy = plogp.log_().mul_(weights).sum(-1, keepdim=True).neg_()
         statistics = torch.cat([
             torch.matmul(weights, block.features),  # "h q k, k f -> h q f"
             weights.gather(-1, block.picks.expand(heads, -1, -1)),
@@ -176,6 +178,14 @@ class HeadMetricsReducer:
         pair_weights = weights[:, block.pair_rows, block.pair_keys]
         sums.pairs[0] += pair_weights[:, :block.duplicates].sum(-1)
         sums.pairs[1] += pair_weights[:, block.duplicates:].sum(-1)
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like `like` over memory every block reuses (a fresh block-sized
+        temporary per part would have the allocator return pages to the system and fault them in again)."""
+        size = like.numel()
+        if self._scratch_memory is None or self._scratch_memory.numel() < size or self._scratch_memory.device != like.device:
+            self._scratch_memory = like.new_empty(size * 2)
+        return self._scratch_memory[:size].view(like.shape)
 
     # ---- result ------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
