@@ -110,6 +110,7 @@ class HeadMetricsReducer:
         self._layers: dict[int, _LayerSums] = {}
         self._context = None
         self._blocks: dict[tuple, RowBlock] = {}
+        self._scratch_memory: torch.Tensor | None = None
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:
@@ -180,7 +181,8 @@ class HeadMetricsReducer:
         heads = weights.shape[0]
         near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
-        plogp = weights.clamp_min(torch.finfo(weights.dtype).tiny).log_().mul_(weights)
+        plogp = torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=self._scratch(weights))
+        plogp = plogp.log_().mul_(weights)
         entropy = plogp.sum(-1, keepdim=True).neg_()
         if norms is not None:
             self._accumulate_norms(sums, weights, plogp, block, *norms)
@@ -218,6 +220,14 @@ class HeadMetricsReducer:
             else weights.new_zeros(weights.shape[:2])
         sums.norm_sink += block.sink_rows() @ (first_weight.double() * n[:, first].double()[:, None] / safe).T
         sums.has_norms = True
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like `like` over memory every block reuses (a fresh block-sized
+        temporary per part would have the allocator return pages to the system and fault them in again)."""
+        size = like.numel()
+        if self._scratch_memory is None or self._scratch_memory.numel() < size or self._scratch_memory.device != like.device:
+            self._scratch_memory = like.new_empty(size * 2)
+        return self._scratch_memory[:size].view(like.shape)
 
     # ---- result ------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:

@@ -1,14 +1,27 @@
-"""Capture cost on SmolLM2-135M: forward time and peak memory against the plain and eager baselines.
+"""Capture and per-head metrics cost on SmolLM2-135M, each path against the plain SDPA forward of the same tokens.
 
-    /work/venv/bin/python benchmarks/bench_capture.py [--lengths 128 512 2048] [--reps 3]
+    .venv/bin/python benchmarks/bench_capture.py [--lengths 512 2048 8192] [--reps 3] [--threads 1]
 
-Time (one torch thread by default, so process CPU seconds measure the work even on a busy shared
-machine where wall time is noise): median wall-clock and CPU seconds of interleaved repetitions of (plain sdpa forward, sdpa forward under `capture`
-keeping the full fp32 cube, eager forward with output_attentions=True), same process, same
-inputs. Memory: peak resident set (VmHWM) of a fresh subprocess per mode, each loading the
-model and running one forward: plain sdpa, eager output_attentions, and streaming capture
-into a Downsampler(256) with keep=False. Every forward uses use_cache=False and
-logits_to_keep=1 so the LM head's [T, vocab] logits do not dominate any column.
+Prompt: random vocabulary tokens (seeded), as in issue 11. Every forward uses use_cache=False and
+logits_to_keep=1 so the LM head's [T, vocab] logits do not dominate any row.
+
+Time: one process, interleaved repetitions of every path, median wall-clock and CPU seconds, and
+each path's ratio to the plain forward of the same repetitions (one torch thread by default, so
+process CPU seconds measure the work even on a busy shared machine where wall time is noise):
+
+  plain                 the model's own SDPA forward
+  eager attentions      eager forward with output_attentions=True (not at 8192: the weights alone are 72 GiB)
+  capture, no consumer  streaming capture into a consumer that drops every part: the recomputed attention
+  Downsampler only      streaming, consumers=[Downsampler(256)], keep=False
+  metrics only          streaming, consumers=[HeadMetricsReducer()], keep=False
+  Downsampler + metrics streaming, both consumers, keep=False
+  kept cube             capture(model) keeping the full fp32 cube, no metrics (not at 8192)
+  head_metrics alone    head_metrics(cube) on that kept cube, timed on its own
+  kept cube + metrics   the two above, one after the other
+
+Memory: peak resident set (VmHWM) of a fresh subprocess per mode, each loading the model and running
+one forward, with that forward's time: plain, eager output_attentions, and streaming capture into
+[Downsampler(256), HeadMetricsReducer()] with keep=False.
 """
 
 from __future__ import annotations
@@ -26,19 +39,32 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TEXT = ("Attention heads in a small language model each learn a habit: some look at the previous token, some at "
-        "the first token, some copy what followed an earlier occurrence of the current token. ")
+KEPT_MAX_TOKENS = 2048  # a kept fp32 cube of SmolLM2 is 30 x 9 x T x T x 4 bytes: 4.5 GiB at 2048, 72 GiB at 8192
 
 
 def prompt_ids(tokenizer, length: int) -> torch.Tensor:
-    ids = tokenizer(TEXT * (length // 20 + 1), return_tensors="pt")["input_ids"][:, :length]
-    assert ids.shape[1] == length, "benchmark text too short"
-    return ids
+    return torch.randint(0, len(tokenizer), (1, length), generator=torch.Generator().manual_seed(length))
 
 
 def forward(model, ids, **kwargs):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs)
+
+
+class Discard:
+    """A consumer that drops every part: capture with it costs the recomputed attention alone."""
+
+    takes_trimmed_parts = True
+
+    def consume(self, part) -> None:
+        pass
+
+
+def streamed(model, ids, consumers) -> None:
+    from llm_heatmap.probes import capture
+
+    with capture(model, consumers=consumers, keep=False):
+        forward(model, ids)
 
 
 def peak_rss_mb() -> float:
@@ -49,77 +75,90 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM")
 
 
-def child(mode: str, length: int) -> None:
-    """One mode in a fresh process; prints a JSON line with the peak RSS and wall time."""
+def child(mode: str, length: int, threads: int) -> None:
+    """One mode in a fresh process; prints a JSON line with the peak RSS and the forward's seconds."""
+    from llm_heatmap.analyses import HeadMetricsReducer
     from llm_heatmap.models import load_model
-    from llm_heatmap.probes import Downsampler, capture
+    from llm_heatmap.probes import Downsampler
 
-    kernel = "eager" if mode == "eager" else "sdpa"
-    model, tokenizer, _ = load_model("smollm2-135m", attn_implementation=kernel)
+    torch.set_num_threads(threads)
+    model, tokenizer, _ = load_model("smollm2-135m", attn_implementation="eager" if mode == "eager" else "sdpa")
     ids = prompt_ids(tokenizer, length)
     loaded = peak_rss_mb()
     start = time.perf_counter()
     if mode == "plain":
         forward(model, ids)
     elif mode == "eager":
-        out = forward(model, ids, output_attentions=True)
-        assert len(out.attentions) == 30
+        assert len(forward(model, ids, output_attentions=True).attentions) == 30
     elif mode == "stream":
-        sampler = Downsampler(256)
-        with capture(model, consumers=[sampler], keep=False):
-            forward(model, ids)
-        assert sampler.cube().pattern.shape == (30, 9, 256, 256)
+        sampler, reducer = Downsampler(256), HeadMetricsReducer()
+        streamed(model, ids, [sampler, reducer])
+        assert sampler.cube().pattern.shape == (30, 9, min(256, length), min(256, length)) and len(reducer.table()) == 270
     seconds = time.perf_counter() - start
     print(json.dumps({"mode": mode, "length": length, "peak_mb": peak_rss_mb(), "loaded_mb": loaded, "seconds": seconds}))
 
 
-def run_child(mode: str, length: int) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--child", mode, str(length)], capture_output=True, text=True)
+def run_child(mode: str, length: int, threads: int) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", mode, str(length), "--threads", str(threads)],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         return {"mode": mode, "length": length, "error": result.stderr.strip().splitlines()[-1:]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def time_modes(sdpa_model, eager_model, ids, reps: int) -> dict:
-    from llm_heatmap.probes import capture
+def time_paths(sdpa_model, eager_model, ids, reps: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, cpu) seconds of every path, repetitions interleaved."""
+    from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
+    from llm_heatmap.probes import Downsampler, capture
 
-    def captured():
+    length = ids.shape[1]
+    kept = {}
+
+    def keep_cube():
         with capture(sdpa_model) as probe:
             forward(sdpa_model, ids)
-        return probe.cube(ids)
+        kept["cube"] = probe.cube(ids)
 
-    modes = {
+    paths = {
         "plain": lambda: forward(sdpa_model, ids),
-        "capture": captured,
-        "eager": lambda: forward(eager_model, ids, output_attentions=True),
+        "eager attentions": lambda: forward(eager_model, ids, output_attentions=True),
+        "capture, no consumer": lambda: streamed(sdpa_model, ids, [Discard()]),
+        "Downsampler only": lambda: streamed(sdpa_model, ids, [Downsampler(256)]),
+        "metrics only": lambda: streamed(sdpa_model, ids, [HeadMetricsReducer()]),
+        "Downsampler + metrics": lambda: streamed(sdpa_model, ids, [Downsampler(256), HeadMetricsReducer()]),
+        "kept cube": keep_cube,
+        "head_metrics alone": lambda: head_metrics(kept["cube"]),
     }
-    for run in modes.values():  # warm-up; each result is dropped before the next run
-        run()
-    wall = {name: [] for name in modes}
-    cpu = {name: [] for name in modes}
-    for _ in range(reps):
-        for name, run in modes.items():
+    if length > KEPT_MAX_TOKENS:
+        for name in ("eager attentions", "kept cube", "head_metrics alone"):
+            del paths[name]
+    wall = {name: [] for name in paths}
+    cpu = {name: [] for name in paths}
+    for rep in range(reps + 1):  # the first round warms up
+        for name, run in paths.items():
             start, start_cpu = time.perf_counter(), time.process_time()
-            result = run()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-            del result
-    return ({name: statistics.median(values) for name, values in wall.items()},
-            {name: statistics.median(values) for name, values in cpu.items()})
+            run()
+            if rep:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        kept.clear()  # one kept cube at a time
+    times = {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in paths}
+    if "kept cube" in times:
+        times["kept cube + metrics"] = tuple(a + b for a, b in zip(times["kept cube"], times["head_metrics alone"]))
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--memory-length", type=int, default=2048)
-    parser.add_argument("--long-length", type=int, default=4096)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--reps", type=int, default=3, help="repetitions at 512 tokens (one less at 2048, one at 8192)")
+    parser.add_argument("--memory-lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for the timing table (1: CPU seconds then measure work, not spin-waiting)")
+                        help="torch threads (1: CPU seconds then measure work, not spin-waiting)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), args.threads)
         return
 
     from llm_heatmap.models import load_model
@@ -127,39 +166,36 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sdpa_model, tokenizer, _ = load_model("smollm2-135m")
     eager_model, _, _ = load_model("smollm2-135m", attn_implementation="eager")
-    print(f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("\nforward time, median of interleaved reps (capture keeps the full fp32 cube).")
-    print("wall = seconds on the clock; cpu = process CPU seconds, the steadier measure on a shared machine")
-    print(f"{'tokens':>7} {'reps':>5} {'plain wall':>11} {'capture':>8} {'eager':>8} {'plain cpu':>10} {'capture':>8} "
-          f"{'eager':>8} {'capture/plain (wall, cpu)':>26} {'eager/plain (wall, cpu)':>24}")
+    print(f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("\ntime: median of interleaved repetitions; x = ratio to the plain forward of the same run (wall, cpu)")
+    print(f"{'tokens':>7} {'path':<22} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7}")
     for length in args.lengths:
-        ids = prompt_ids(tokenizer, length)
-        reps = args.reps + 2 if length <= 128 else args.reps if length <= 512 else max(1, args.reps - 1)
-        wall, cpu = time_modes(sdpa_model, eager_model, ids, reps)
-        print(f"{length:>7} {reps:>5} {wall['plain']:>11.3f} {wall['capture']:>8.3f} {wall['eager']:>8.3f} "
-              f"{cpu['plain']:>10.3f} {cpu['capture']:>8.3f} {cpu['eager']:>8.3f} "
-              f"{wall['capture'] / wall['plain']:>17.2f}x {cpu['capture'] / cpu['plain']:>6.2f}x "
-              f"{wall['eager'] / wall['plain']:>15.2f}x {cpu['eager'] / cpu['plain']:>6.2f}x", flush=True)
+        reps = args.reps if length <= 512 else max(1, args.reps - 1) if length <= 2048 else 1
+        times = time_paths(sdpa_model, eager_model, prompt_ids(tokenizer, length), reps)
+        plain_wall, plain_cpu = times["plain"]
+        for name, (wall, cpu) in times.items():
+            print(f"{length:>7} {name:<22} {wall:>8.2f} {cpu:>8.2f} {wall / plain_wall:>6.2f}x {cpu / plain_cpu:>6.2f}x",
+                  flush=True)
     del sdpa_model, eager_model
 
-    print("\npeak resident memory (MiB, fresh process per mode; 'loaded' = peak after loading the model)")
-    print(f"{'mode':>30} {'tokens':>7} {'loaded':>8} {'peak':>8} {'seconds':>8}")
-    rows = [("plain", args.memory_length), ("eager", args.memory_length), ("stream", args.memory_length),
-            ("stream", args.long_length)]
-    labels = {"plain": "plain sdpa forward", "eager": "eager output_attentions", "stream": "streaming capture, Downsampler"}
-    results = {}
-    for mode, length in rows:
-        r = run_child(mode, length)
-        results[(mode, length)] = r
-        if "error" in r:
-            print(f"{labels[mode]:>30} {length:>7} FAILED: {r['error']}", flush=True)
-        else:
-            print(f"{labels[mode]:>30} {length:>7} {r['loaded_mb']:>8.0f} {r['peak_mb']:>8.0f} {r['seconds']:>8.1f}", flush=True)
-    stream, eager = results[("stream", args.memory_length)], results[("eager", args.memory_length)]
-    if "error" not in stream and "error" not in eager:
-        print(f"\nstreaming peak / eager peak at {args.memory_length} tokens: {stream['peak_mb'] / eager['peak_mb']:.0%} (target <= 25%)")
-    long = results[("stream", args.long_length)]
-    print(f"streaming capture at {args.long_length} tokens: {'completed' if 'error' not in long else 'FAILED'}")
+    print("\npeak resident memory (MiB, fresh process per mode; 'loaded' = peak after loading the model) "
+          "and the forward's seconds")
+    print(f"{'mode':>36} {'tokens':>7} {'loaded':>8} {'peak':>8} {'/ plain':>8} {'seconds':>8} {'/ plain':>8}")
+    labels = {"plain": "plain sdpa forward", "eager": "eager output_attentions",
+              "stream": "streaming, Downsampler + metrics"}
+    for length in args.memory_lengths:
+        modes = ["plain", "stream"] if length > KEPT_MAX_TOKENS else ["plain", "eager", "stream"]
+        results = {mode: run_child(mode, length, args.threads) for mode in modes}
+        plain = results["plain"]
+        for mode, r in results.items():
+            if "error" in r:
+                print(f"{labels[mode]:>36} {length:>7} FAILED: {r['error']}", flush=True)
+                continue
+            ratios = ("", "") if "error" in plain else (f"{r['peak_mb'] / plain['peak_mb']:.2f}x",
+                                                         f"{r['seconds'] / plain['seconds']:.2f}x")
+            print(f"{labels[mode]:>36} {length:>7} {r['loaded_mb']:>8.0f} {r['peak_mb']:>8.0f} {ratios[0]:>8} "
+                  f"{r['seconds']:>8.1f} {ratios[1]:>8}", flush=True)
 
 
 if __name__ == "__main__":

@@ -244,15 +244,16 @@ class KernelCall:
         keys = self.num_keys
         if self.causal is not None:
             keys = min(keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
+        batch, rows = q.shape[0], q.shape[2]
+        scores = self._scores_buffer(batch, len(heads), rows, keys)
         if all_heads:
             # the query heads of a KV group share its keys: one matmul per KV head with the group's rows
             # stacked ("b (g r) q d -> b g (r q) d"), which a small block of rows needs to keep the matmul fast
-            batch, num_heads, rows, dim = q.shape
             kv = self.key[:, :, :keys]
-            scores = torch.matmul(q.reshape(batch, kv.shape[1], -1, dim), kv.transpose(-1, -2))
-            scores = scores.view(batch, num_heads, rows, keys)
+            torch.matmul(q.reshape(batch, kv.shape[1], -1, q.shape[-1]), kv.transpose(-1, -2),
+                         out=scores.view(batch, kv.shape[1], -1, keys))
         else:
-            scores = torch.matmul(q.index_select(1, heads), self._keys(heads)[:, :, :keys].transpose(-1, -2))
+            torch.matmul(q.index_select(1, heads), self._keys(heads)[:, :, :keys].transpose(-1, -2), out=scores)
         if self.softcap is not None:
             scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if self.position_bias is not None:
@@ -285,6 +286,15 @@ class KernelCall:
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
         return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())
+
+    def _scores_buffer(self, batch: int, heads: int, rows: int, keys: int) -> torch.Tensor:
+        """An uninitialised `"b h q k"` tensor over memory every row chunk of this call reuses: a fresh
+        block per chunk would have the allocator return pages to the system and fault them in again."""
+        size = batch * heads * rows * keys
+        buffer = getattr(self, "_scores", None)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._scores = self.query.new_empty(max(size, batch * heads * rows * self.num_keys))
+        return buffer[:size].view(batch, heads, rows, keys)
 
     def _keys(self, heads: torch.Tensor) -> torch.Tensor:
         """Keys repeated to a subset of query heads, built once per call and reused by every row chunk."""
