@@ -149,7 +149,8 @@ def _check_prompts(prompts) -> list[Prompt]:
 
 def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: int | None, name: str) -> dict[str, int]:
     """Token counts of `prompts` on one model, refused when a prompt is too long for it or its cube would not fit."""
-    from llm_heatmap.probes.capture import cube_fits, estimate_cube_bytes
+    from llm_heatmap.probes.capture import estimate_cube_bytes
+    from llm_heatmap.probes.memory import cube_fits
 
     counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=f"prompt '{p.id}'") for p in prompts}
     if counts:

@@ -86,7 +86,8 @@ def metric_deltas(table_a: pd.DataFrame, table_b: pd.DataFrame, metrics=None) ->
 
 
 def difference_cube(cube_a, cube_b):
-    """An `AttentionCube` whose pattern is B - A; needs the same layers, heads, queries and keys."""
+    """An `AttentionCube` whose pattern is B - A (`difference=True`); needs the same layers, heads, queries
+    and keys."""
     cube_a, cube_b = cube_a.one_sequence(), cube_b.one_sequence()
     if cube_a.num_keys != cube_b.num_keys or cube_a.num_queries != cube_b.num_queries:
         raise InputError(
@@ -96,10 +97,13 @@ def difference_cube(cube_a, cube_b):
     if tuple(cube_a.layers) != tuple(cube_b.layers) or tuple(cube_a.heads) != tuple(cube_b.heads):
         raise InputError("the two cubes hold different layers or heads; capture both prompts with the same layers and heads.")
     tokens = [ta if ta == tb else f"{ta}|{tb}" for ta, tb in zip(cube_a.tokens, cube_b.tokens)]
-    metadata = {"difference": "B - A", "prompt_a": cube_a.prompt, "prompt_b": cube_b.prompt,
+    if cube_a.weighting != cube_b.weighting or cube_a.difference or cube_b.difference:
+        raise InputError("the two cubes must both hold attention weights, or both norm-weighted attention, and neither "
+                         "a difference already; capture both prompts the same way.")
+    metadata = {"prompt_a": cube_a.prompt, "prompt_b": cube_b.prompt,
                 "tokens_a": list(cube_a.tokens), "tokens_b": list(cube_b.tokens)}
     return replace(cube_b, pattern=cube_b.pattern.float() - cube_a.pattern.float(), tokens=tokens,
-                   prompt=None, metadata=metadata)
+                   prompt=None, metadata=metadata, difference=True)
 
 
 @dataclass

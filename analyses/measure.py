@@ -10,7 +10,8 @@ import torch
 
 from llm_heatmap.models.offline import source_name
 from llm_heatmap.probes import Downsampler, capture_prompt
-from llm_heatmap.probes.capture import check_cube_fits, cube_fits, estimate_cube_bytes
+from llm_heatmap.probes.capture import estimate_cube_bytes
+from llm_heatmap.probes.memory import check_cube_fits, cube_fits
 
 from .metrics import HeadMetricsReducer, head_metrics
 from .prompts import check_length
