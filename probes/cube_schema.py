@@ -5,7 +5,7 @@ run) whose header metadata `llm_heatmap` holds a JSON object:
 
     format "llm-heatmap-cube", version <= FORMAT_VERSION
     spec        a ModelSpec as a JSON object (layers, heads and head size at most MAX_AXIS, KV heads dividing heads)
-    tokens      one string per key ([] for none), or one such list per sequence of a batch
+    tokens      one string per key, or one such list per sequence of a batch
     layers      distinct model layer indices, one per entry of the pattern's layer axis
     heads       distinct query head indices, one per entry of its head axis
     weighting   "weights" or "norms"; difference: true for a difference cube (B - A)
@@ -13,7 +13,7 @@ run) whose header metadata `llm_heatmap` holds a JSON object:
     stream      null, or where a streamed block of rows sits
     prompt, source, metadata (free text and a JSON object)
 
-and whose tensors are `pattern` `"(b) l h q k"` (float), `token_ids` `"(b) k"` (integers, or none),
+and whose tensors are `pattern` `"(b) l h q k"` (float), `token_ids` `"(b) k"` (integers),
 `query_positions` `"q"` (integers, increasing, within the prompt), `key_mask` `"(b) k"` and
 `query_mask` `"(b) q"` (bool), optionally `generated` `"(b) k"` (bool) and the side tensors of
 `cube.SIDE_TENSORS`. Values: finite everywhere; attention weights within [0, 1] with every real row
@@ -234,7 +234,7 @@ def _check_tokens(tokens, batch: int | None, num_keys: int) -> None:
     for sequence in sequences:
         if not isinstance(sequence, list) or not all(isinstance(t, str) for t in sequence):
             _fail('header field "tokens"', "must be a list of token strings")
-        if len(sequence) not in (0, num_keys):
+        if len(sequence) != num_keys:
             _fail('header field "tokens"', f"holds {len(sequence)} token labels, but the pattern has {num_keys} keys")
 
 
@@ -296,8 +296,7 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
         _check_stream(header["stream"], queries, keys)
     _check_tokens(header["tokens"], batch, keys)
     _expect("query_positions", shapes["query_positions"], dtypes["query_positions"], (queries,), INTEGERS, "integers")
-    if tuple(shapes["token_ids"]) != front + (0,):
-        _expect("token_ids", shapes["token_ids"], dtypes["token_ids"], front + (keys,), INTEGERS, "integers")
+    _expect("token_ids", shapes["token_ids"], dtypes["token_ids"], front + (keys,), INTEGERS, "integers")
     _expect("key_mask", shapes["key_mask"], dtypes["key_mask"], front + (keys,), BOOLS, "booleans")
     _expect("query_mask", shapes["query_mask"], dtypes["query_mask"], front + (queries,), BOOLS, "booleans")
     if "generated" in shapes:

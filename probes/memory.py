@@ -25,7 +25,7 @@ from llm_heatmap.errors import InputError
 MEMORY_SHARE = 0.8
 _UNLIMITED = 1 << 60  # cgroup files write "max" (v2) or a page-rounded 2**63 (v1) for "no limit"
 STREAM_ADVICE = ("stream it instead (consumers=[Downsampler(512)], keep=False), capture in fp16 (dtype=torch.float16), "
-                 "or capture a subset of layers/heads (layers=[...]) or the last N query rows")
+                 "or capture fewer layers (layers=[...])")
 
 
 def size_text(size: int) -> str:
@@ -109,10 +109,11 @@ def check_max_bytes(max_bytes) -> None:
     """`max_bytes` is None (use the headroom) or a number of bytes above 0."""
     if max_bytes is None:
         return
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)) or not math.isfinite(max_bytes) \
-            or max_bytes < 1:
-        raise InputError(f"max_bytes={max_bytes!r} must be a number of bytes above 0 (or None for {MEMORY_SHARE:.0%} "
-                         "of the memory available).")
+    number = isinstance(max_bytes, (int, float)) and not isinstance(max_bytes, bool)
+    if not number or not math.isfinite(max_bytes) or max_bytes < 1:
+        shown = size_text(max_bytes) if number and math.isfinite(max_bytes) else repr(max_bytes)
+        raise InputError(f"max_bytes={shown} must be a size above 0; leave it out for {MEMORY_SHARE:.0%} of the "
+                         "memory available.")
 
 
 def memory_limit(max_bytes: int | None = None) -> tuple[int | None, str]:
