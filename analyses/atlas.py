@@ -43,11 +43,12 @@ import torch
 from llm_heatmap.errors import InputError
 
 from .atlas_prompt import THUMBNAIL_SIZE, measure_atlas_prompt
+from .bounds import at_least, check_pseudo_group_size, check_statistics
 from .atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table, prompt_layer_kv,
                            top_prompts)
-from .files import atomic_output, check_writable
+from .files import atomic_output, check_writable, claim_outputs
 from .kv_similarity import HEAD_MEASURES, divergence_similarity
-from .parts import check_settings, part_key, shard_suffix, write_settings
+from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks, launcher_ranks
@@ -103,6 +104,10 @@ class _ModelParts:
     def rows(self, prompt: Prompt) -> Path:
         return self.folder / f"{part_key(prompt.id)}.parquet"
 
+    def done(self, prompt: Prompt) -> bool:
+        """Both part files exist and read (`parts.part_done`): the rows, written last, and the tensors."""
+        return part_done(self.rows(prompt)) and part_done(self.tensors(prompt))
+
     @property
     def spec_file(self) -> Path:
         return self.folder / "model.json"
@@ -112,17 +117,17 @@ class _ModelParts:
         return self.folder / "probe.parquet"
 
 
-def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows) -> None:
+def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
+                   pseudo_group_size, probe_length) -> None:
     if measure not in HEAD_MEASURES:
         raise InputError(f"measure={measure!r} is not known; use one of {', '.join(HEAD_MEASURES)}.")
-    for name, value, low in (("thumbnail_size", thumbnail_size, 2), ("top_k", top_k, 1), ("n_resamples", n_resamples, 1),
-                             ("n_permutations", n_permutations, 0)):
-        if not isinstance(value, int) or value < low:
-            raise InputError(f"{name}={value!r} must be a whole number of at least {low}.")
-    if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
-        raise InputError(f"max_rows={max_rows!r} must be a whole number of at least 1, or None for every row.")
-    if not 0 < confidence < 1:
-        raise InputError(f"confidence={confidence!r} must lie between 0 and 1, e.g. 0.95.")
+    at_least("thumbnail_size", thumbnail_size, 2)
+    at_least("top_k", top_k, 1)
+    at_least("probe_length", probe_length, 0, " (0 skips the induction probe)")
+    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence)
+    check_pseudo_group_size(pseudo_group_size)
+    if max_rows is not None:
+        at_least("max_rows", max_rows, 1, ", or None for every row")
 
 
 def _model_entries(models) -> list[tuple[str, object]]:
@@ -149,9 +154,10 @@ def _check_prompts(prompts) -> list[Prompt]:
 
 def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: int | None, name: str) -> dict[str, int]:
     """Token counts of `prompts` on one model, refused when a prompt is too long for it or its cube would not fit."""
-    from llm_heatmap.probes.capture import cube_fits, estimate_cube_bytes
+    from llm_heatmap.probes.capture import estimate_cube_bytes
+    from llm_heatmap.probes.memory import cube_fits
 
-    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=f"prompt '{p.id}'") for p in prompts}
+    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in prompts}
     if counts:
         longest = max(counts, key=counts.get)
         size = estimate_cube_bytes(spec, counts[longest])
@@ -205,7 +211,8 @@ def run_atlas(
     random tokens of the induction probe (0 to skip it). `shard`, `resume`, `force`, `ranks`: as
     in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt.
     """
-    _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows)
+    _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
+                   pseudo_group_size, probe_length)
     entries = _model_entries(models)
     prompts = _check_prompts(prompts)
     ranks = launcher_ranks() if ranks is None else ranks
@@ -224,70 +231,72 @@ def run_atlas(
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length}
     check_settings(out_dir, "atlas", settings, resume=resume)
-    done = {parts.name: [p for p in mine if resume and parts.rows(p).exists()] for parts in models_parts}
-    for parts in models_parts:
-        for prompt in ranks.share(done[parts.name]):
-            if _read_prompt_text(parts.rows(prompt)) != prompt.text:
-                raise InputError(f"prompt '{prompt.id}' changed since the interrupted run; resume with the same prompt "
-                                 "file, or pass force=True to recompute.")
-    pending = {parts.name: [p for p in mine if p not in done[parts.name]] for parts in models_parts}
-    if loader is None:
-        from llm_heatmap.models.loading import resolve_source
-
-        for _, source in entries:
-            if not isinstance(source, tuple):
-                resolve_source(source)  # a wrong path or name fails here, before anything is written
-    # the first model is loaded (and every prompt checked against it) before anything is written
-    loaded = {}
-    first_name, first_source = entries[0]
-    if _needs_model(models_parts[0], ranks.share(pending[first_name]), ranks):
-        loaded[first_name] = _model(first_source, loader)
-        _check_fits(loaded[first_name][2], loaded[first_name][1], mine, chat, max_bytes, first_name)
-    ranks.barrier()  # every rank has checked its input; from here on files change
-
-    for parts in models_parts:
-        parts.folder.mkdir(parents=True, exist_ok=True)
-    if ranks.is_main:
-        write_settings(out_dir / f"atlas{shard_suffix(shard)}.json", settings)
-    if force and not resume:
+    settings_path = out_dir / f"atlas{shard_suffix(shard)}.json"
+    with claim_outputs([settings_path] if ranks.is_main else [], force=True):  # one run of this shard at a time
+        done = {parts.name: [p for p in mine if resume and parts.done(p)] for parts in models_parts}
         for parts in models_parts:
-            for prompt in ranks.share(pending[parts.name]):
-                parts.rows(prompt).unlink(missing_ok=True)
-                parts.tensors(prompt).unlink(missing_ok=True)
-        ranks.barrier()
+            for prompt in ranks.share(done[parts.name]):
+                if _read_prompt_text(parts.rows(prompt)) != prompt.text:
+                    raise InputError(f"prompt '{prompt.id}' changed since the interrupted run; resume with the same prompt "
+                                     "file, or pass force=True to recompute.")
+        pending = {parts.name: [p for p in mine if p not in done[parts.name]] for parts in models_parts}
+        if loader is None:
+            from llm_heatmap.models.loading import resolve_source
 
-    result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
-                         prompts={p.id: p.text for p in mine})
-    all_parts = [parts.rows(p) for parts in models_parts for p in mine]
-    progress = RunProgress(all_parts, enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="atlas")
-    options = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
-    with progress:
-        for (name, source), parts in zip(entries, models_parts):
-            result.skipped[name] = [p.id for p in ranks.share(done[name])]
-            result.computed[name] = []
-            share = ranks.share(pending[name])
-            if not _needs_model(parts, share, ranks):
-                continue
-            model, tokenizer, spec = loaded.pop(name) if name in loaded else _model(source, loader)
-            counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name)  # every rank, the same verdict
-            if ranks.is_main:
-                _write_model_files(parts, name, model, tokenizer, spec, probe_length, force and not resume)
-            for prompt in share:
-                _measure_one(parts, name, prompt, counts[prompt.id], model, tokenizer, spec, options)
-                result.computed[name].append(prompt.id)
-                if on_prompt is not None:
-                    on_prompt(name, prompt)
-            del model
-        ranks.barrier()  # every rank has written its parts
+            for _, source in entries:
+                if not isinstance(source, tuple):
+                    resolve_source(source)  # a wrong path or name fails here, before anything is written
+        # the first model is loaded (and every prompt checked against it) before anything is written
+        loaded = {}
+        first_name, first_source = entries[0]
+        if _needs_model(models_parts[0], ranks.share(pending[first_name]), ranks):
+            loaded[first_name] = _model(first_source, loader)
+            _check_fits(loaded[first_name][2], loaded[first_name][1], mine, chat, max_bytes, first_name)
+        ranks.barrier()  # every rank has checked its input; from here on files change
 
-    if shard is not None or not ranks.is_main:
+        for parts in models_parts:
+            parts.folder.mkdir(parents=True, exist_ok=True)
+        if ranks.is_main:
+            write_settings(settings_path, settings)
+        if force and not resume:
+            for parts in models_parts:
+                for prompt in ranks.share(pending[parts.name]):
+                    parts.rows(prompt).unlink(missing_ok=True)
+                    parts.tensors(prompt).unlink(missing_ok=True)
+            ranks.barrier()
+
+        result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
+                             prompts={p.id: p.text for p in mine})
+        all_parts = [parts.rows(p) for parts in models_parts for p in mine]
+        progress = RunProgress(all_parts, enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="atlas")
+        options = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
+        with progress:
+            for (name, source), parts in zip(entries, models_parts):
+                result.skipped[name] = [p.id for p in ranks.share(done[name])]
+                result.computed[name] = []
+                share = ranks.share(pending[name])
+                if not _needs_model(parts, share, ranks):
+                    continue
+                model, tokenizer, spec = loaded.pop(name) if name in loaded else _model(source, loader)
+                counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name)  # every rank, the same verdict
+                if ranks.is_main:
+                    _write_model_files(parts, name, model, tokenizer, spec, probe_length, force and not resume)
+                for prompt in share:
+                    _measure_one(parts, name, prompt, counts[prompt.id], model, tokenizer, spec, options)
+                    result.computed[name].append(prompt.id)
+                    if on_prompt is not None:
+                        on_prompt(name, prompt)
+                del model
+            ranks.barrier()  # every rank has written its parts
+
+        if shard is not None or not ranks.is_main:
+            return result
+        result.computed = {name: [p.id for p in pending[name]] for name, _ in entries}
+        result.skipped = {name: [p.id for p in done[name]] for name, _ in entries}
+        _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by,
+               bootstrap=Bootstrap(n_resamples, confidence, seed), n_permutations=n_permutations,
+               pseudo_group_size=pseudo_group_size)
         return result
-    result.computed = {name: [p.id for p in pending[name]] for name, _ in entries}
-    result.skipped = {name: [p.id for p in done[name]] for name, _ in entries}
-    _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by,
-           bootstrap=Bootstrap(n_resamples, confidence, seed), n_permutations=n_permutations,
-           pseudo_group_size=pseudo_group_size)
-    return result
 
 
 def _needs_model(parts: _ModelParts, share: list[Prompt], ranks: Ranks) -> bool:

@@ -26,9 +26,9 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .files import check_writable
+from .files import check_writable, claim_outputs
 from .measure import stream_head_metrics
-from .parts import check_settings, part_key, shard_suffix, write_settings
+from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks, launcher_ranks
@@ -107,11 +107,10 @@ def run_batch(
     measure = measure or stream_head_metrics
     out_dir = Path(out_dir)
     mine = shard_prompts(prompts, shard)
-    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=f"prompt '{p.id}'") for p in mine}
+    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in mine}
 
     parquet_path, csv_path = output_paths(out_dir, shard)
-    parts = out_dir / "parts"
-    part_paths = {p.id: parts / f"{part_key(p.id)}.parquet" for p in mine}
+    part_paths = {p.id: out_dir / "parts" / f"{part_key(p.id)}.parquet" for p in mine}
     if not resume and not force:
         for path in [parquet_path, csv_path, *part_paths.values()]:
             if path.exists():
@@ -125,47 +124,50 @@ def run_batch(
     settings = {"model": model_name, "spec": spec.summary, "chat": chat,
                 "capture_options": {k: repr(v) for k, v in sorted(capture_options.items())}}
     check_settings(out_dir, "batch", settings, resume=resume)
-    done = [p for p in mine if resume and part_paths[p.id].exists()]
-    tables = {p.id: read_part(part_paths[p.id], p) for p in ranks.share(done)}  # each rank checks its share
-    pending = [p for p in mine if p not in done]
-    ranks.barrier()  # every rank has checked its input; from here on files change
+    settings_path = out_dir / f"batch{shard_suffix(shard)}.json"
+    with claim_outputs([settings_path] if ranks.is_main else [], force=True):  # one run of this shard at a time
+        parts = out_dir / "parts"
+        done = [p for p in mine if resume and part_done(part_paths[p.id])]
+        tables = {p.id: read_part(part_paths[p.id], p) for p in ranks.share(done)}  # each rank checks its share
+        pending = [p for p in mine if p not in done]
+        ranks.barrier()  # every rank has checked its input; from here on files change
 
-    parts.mkdir(parents=True, exist_ok=True)
-    if ranks.is_main:
-        write_settings(out_dir / f"batch{shard_suffix(shard)}.json", settings)
-    if force and not resume:
-        # an interrupted forced run must not leave old parts that a later resume would take as done
-        for prompt in ranks.share(pending):
-            part_paths[prompt.id].unlink(missing_ok=True)
-        ranks.barrier()
-    result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path,
-                         skipped=[p.id for p in ranks.share(done)])
-    progress = RunProgress(part_paths.values(), enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="batch")
-    with progress:
-        for prompt in ranks.share(pending):
-            path = part_paths[prompt.id]
-            table = measure(model, tokenizer, prompt.text, spec=spec, chat=chat, **capture_options)
-            table = table.reset_index(drop=True)
-            front = pd.DataFrame({"model": model_name, "prompt_id": prompt.id, "group": prompt.group,
-                                  "prompt": prompt.text, "n_tokens": counts[prompt.id]}, index=table.index)
-            table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
-            table["group"] = table["group"].astype("string")
-            write_table(table, path, force=True)
-            result.computed.append(prompt.id)
-            tables[prompt.id] = pd.read_parquet(path)  # the same dtypes as a resumed prompt's
-            if on_prompt is not None:
-                on_prompt(prompt, tables[prompt.id])
-        ranks.barrier()  # every rank has written its parts
+        parts.mkdir(parents=True, exist_ok=True)
+        if ranks.is_main:
+            write_settings(settings_path, settings)
+        if force and not resume:
+            # an interrupted forced run must not leave old parts that a later resume would take as done
+            for prompt in ranks.share(pending):
+                part_paths[prompt.id].unlink(missing_ok=True)
+            ranks.barrier()
+        result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path,
+                             skipped=[p.id for p in ranks.share(done)])
+        progress = RunProgress(part_paths.values(), enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="batch")
+        with progress:
+            for prompt in ranks.share(pending):
+                path = part_paths[prompt.id]
+                table = measure(model, tokenizer, prompt.text, spec=spec, chat=chat, **capture_options)
+                table = table.reset_index(drop=True)
+                front = pd.DataFrame({"model": model_name, "prompt_id": prompt.id, "group": prompt.group,
+                                      "prompt": prompt.text, "n_tokens": counts[prompt.id]}, index=table.index)
+                table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
+                table["group"] = table["group"].astype("string")
+                write_table(table, path, force=True)
+                result.computed.append(prompt.id)
+                tables[prompt.id] = pd.read_parquet(path)  # the same dtypes as a resumed prompt's
+                if on_prompt is not None:
+                    on_prompt(prompt, tables[prompt.id])
+            ranks.barrier()  # every rank has written its parts
 
-    if not ranks.is_main:
-        result.table = _concat([tables[p.id] for p in mine if p.id in tables])
+        if not ranks.is_main:
+            result.table = _concat([tables[p.id] for p in mine if p.id in tables])
+            return result
+        result.computed, result.skipped = [p.id for p in pending], [p.id for p in done]  # by every rank
+        # rows read back from the parts: the same dtypes whether a prompt was computed now or resumed
+        result.table = _concat([pd.read_parquet(part_paths[p.id]) for p in mine])
+        write_table(result.table, parquet_path, force=True)
+        write_table(result.table, csv_path, force=True)
         return result
-    result.computed, result.skipped = [p.id for p in pending], [p.id for p in done]  # by every rank
-    # rows read back from the parts: the same dtypes whether a prompt was computed now or resumed
-    result.table = _concat([pd.read_parquet(part_paths[p.id]) for p in mine])
-    write_table(result.table, parquet_path, force=True)
-    write_table(result.table, csv_path, force=True)
-    return result
 
 
 def read_batch(out_dir: str | Path) -> pd.DataFrame:

@@ -37,6 +37,8 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
+from .bounds import check_statistics
+
 KEYS = ["layer", "head"]
 # columns that describe a row rather than measure a head
 DESCRIPTIVE = {"layer", "head", "kv_group", "prompt_id", "prompt", "group", "n_tokens", "model", "source", "set",
@@ -86,7 +88,8 @@ def metric_deltas(table_a: pd.DataFrame, table_b: pd.DataFrame, metrics=None) ->
 
 
 def difference_cube(cube_a, cube_b):
-    """An `AttentionCube` whose pattern is B - A; needs the same layers, heads, queries and keys."""
+    """An `AttentionCube` whose pattern is B - A (`difference=True`); needs the same layers, heads, queries
+    and keys."""
     cube_a, cube_b = cube_a.one_sequence(), cube_b.one_sequence()
     if cube_a.num_keys != cube_b.num_keys or cube_a.num_queries != cube_b.num_queries:
         raise InputError(
@@ -96,10 +99,13 @@ def difference_cube(cube_a, cube_b):
     if tuple(cube_a.layers) != tuple(cube_b.layers) or tuple(cube_a.heads) != tuple(cube_b.heads):
         raise InputError("the two cubes hold different layers or heads; capture both prompts with the same layers and heads.")
     tokens = [ta if ta == tb else f"{ta}|{tb}" for ta, tb in zip(cube_a.tokens, cube_b.tokens)]
-    metadata = {"difference": "B - A", "prompt_a": cube_a.prompt, "prompt_b": cube_b.prompt,
+    if cube_a.weighting != cube_b.weighting or cube_a.difference or cube_b.difference:
+        raise InputError("the two cubes must both hold attention weights, or both norm-weighted attention, and neither "
+                         "a difference already; capture both prompts the same way.")
+    metadata = {"prompt_a": cube_a.prompt, "prompt_b": cube_b.prompt,
                 "tokens_a": list(cube_a.tokens), "tokens_b": list(cube_b.tokens)}
     return replace(cube_b, pattern=cube_b.pattern.float() - cube_a.pattern.float(), tokens=tokens,
-                   prompt=None, metadata=metadata)
+                   prompt=None, metadata=metadata, difference=True)
 
 
 @dataclass
@@ -205,6 +211,7 @@ def bootstrap_means(x: np.ndarray, *, n_resamples: int = 2000, confidence: float
 
     Returns arrays of length k: n (non-NaN rows), mean, ci_low, ci_high.
     """
+    check_statistics(n_resamples=n_resamples, confidence=confidence)
     x = np.asarray(x, float)
     if x.ndim != 2 or len(x) < 1:
         raise InputError(f"bootstrap_means needs a prompts x columns array with at least one prompt, got shape {x.shape}.")
@@ -220,6 +227,7 @@ def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000,
     NaN entries are left out of every mean. Returns arrays of length k: n_a, n_b, mean_a,
     mean_b, delta, ci_low, ci_high, p_value.
     """
+    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence)
     x_a, x_b = np.asarray(x_a, float), np.asarray(x_b, float)
     n_a, n_b = len(x_a), len(x_b)
     if n_a < 1 or n_b < 1:
@@ -271,6 +279,7 @@ def paired_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 20
     flips the sign of each pair's difference (swapping the two labels inside a pair), exactly
     over all 2^n flips when that is at most `n_permutations`. Pairs with a NaN are left out.
     """
+    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence)
     x_a, x_b = np.asarray(x_a, float), np.asarray(x_b, float)
     if x_a.shape != x_b.shape or len(x_a) < 1:
         raise InputError(f"paired comparison needs the same number of prompts on both sides (got {len(x_a)} and {len(x_b)}).")

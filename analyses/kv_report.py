@@ -19,6 +19,7 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
+from .bounds import check_pseudo_group_size, check_statistics
 from .prompts import check_length
 
 DEFAULT_PSEUDO_GROUP_SIZE = 3
@@ -41,6 +42,10 @@ def summarize(layers: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     return summary.rename(columns={"gap_positive": "share_gap_positive", "significant": "share_significant"})
 
 
+def _or_default(pseudo_group_size: int | None) -> int:
+    return DEFAULT_PSEUDO_GROUP_SIZE if pseudo_group_size is None else pseudo_group_size
+
+
 def _kind(spec) -> str:
     return spec.attention_kind
 
@@ -58,6 +63,8 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
 
     from .kv_similarity import MEASURES, kv_group_similarity
 
+    check_statistics(n_permutations=n_permutations)
+    check_pseudo_group_size(pseudo_group_size)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise InputError("the KV report needs at least one prompt; pass prompts, a list of strings.")
@@ -97,12 +104,12 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
         if _kind(spec) == "GQA" and pseudo_group_size is None:
             pseudo_group_size = spec.group_size
         if _kind(spec) == "GQA" or pseudo_group_size is not None:
-            results[entry[0]] = measure(entry[0], model, tokenizer, spec, pseudo_group_size or DEFAULT_PSEUDO_GROUP_SIZE)
+            results[entry[0]] = measure(entry[0], model, tokenizer, spec, _or_default(pseudo_group_size))
         else:
             deferred.append((entry[0], (model, tokenizer, spec)))  # waits for a GQA model's group size
         del model
     for name, (model, tokenizer, spec) in deferred:
-        results[name] = measure(name, model, tokenizer, spec, pseudo_group_size or DEFAULT_PSEUDO_GROUP_SIZE)
+        results[name] = measure(name, model, tokenizer, spec, _or_default(pseudo_group_size))
     layers = pd.concat([results[name] for name, _ in entries], ignore_index=True)
     columns = ["model", "attention_kind", "grouping", "group_size", "prompt", "n_tokens", "layer", "measure",
                "first_token", "within", "between", "gap", "p_value", "n_permutations"]

@@ -34,6 +34,8 @@ import torch
 
 from llm_heatmap.errors import InputError
 
+from .bounds import check_pseudo_group_size, check_statistics
+
 from .divergence import bhattacharyya_matrix, js_divergence_matrix
 from .sequences import per_sequence
 
@@ -89,6 +91,7 @@ def group_means(similarity: torch.Tensor, same_group: torch.Tensor) -> tuple[tor
 
 def group_gap(similarity: torch.Tensor, groups, n_permutations: int = 1000, seed: int = 0) -> dict:
     """within, between, gap and permutation p-value of a head x head similarity (module docstring)."""
+    check_statistics(n_permutations=n_permutations)
     groups = torch.as_tensor(groups)
     heads = len(groups)
     upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)
@@ -111,8 +114,7 @@ def spec_head_groups(spec, heads, pseudo_group_size: int = 3) -> tuple[torch.Ten
     """(group of each of `heads`, "kv" or "pseudo"): KV groups for GQA, consecutive pseudo-groups otherwise."""
     if 1 < spec.group_size < spec.num_heads:
         return torch.tensor([spec.kv_group(h) for h in heads]), "kv"
-    if pseudo_group_size < 2:
-        raise InputError(f"pseudo_group_size must be at least 2, got {pseudo_group_size}.")
+    check_pseudo_group_size(pseudo_group_size)
     return torch.tensor(list(heads)) // pseudo_group_size, "pseudo"
 
 

@@ -1,10 +1,13 @@
 """Per-prompt part files of a resumable run, and the settings file that says how they were computed.
 
 A run (`batch`, `atlas`) writes each finished prompt to its own file under `parts/`, named by
-`part_key(prompt id)`, atomically; a prompt counts as done exactly when its file exists, so a
-resumed run computes only the others, with any number of ranks or shards. Beside the parts, each
-run writes its settings as JSON (one file per shard: shards never write the same file); a resumed
-run must find the same settings in every settings file of the folder.
+`part_key(prompt id)`, atomically; a prompt counts as done exactly when its file exists and reads
+(`part_done`: an empty or truncated file, which only a damaged disk or a hand can leave, is computed
+again), so a resumed run computes only the others, with any number of ranks or shards. Beside the
+parts, each run writes its settings as JSON (one file per shard: shards never write the same file);
+a resumed run must find the same settings in every settings file of the folder. The settings file
+is also what a run claims (`files.claim_outputs`, by rank 0 for all its ranks), so two runs of one
+shard (or two whole runs) on one folder never compute side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import hashlib
 import json
 import re
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 from llm_heatmap.errors import InputError
 
@@ -23,6 +28,20 @@ def part_key(prompt_id: str) -> str:
     """A file name for a prompt id: readable prefix plus a hash, so any id maps to one safe name."""
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", prompt_id)[:40]
     return f"{readable}-{hashlib.sha1(prompt_id.encode()).hexdigest()[:10]}"
+
+
+def part_done(path: Path) -> bool:
+    """Whether a part file exists and reads: a Parquet file with rows (its footer), or a safetensors file
+    (its header). Cheap: no rows or tensors are read."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows > 0
+        with safe_open(str(path), framework="numpy") as handle:
+            return bool(list(handle.keys()))
+    except (OSError, ValueError, SafetensorError):  # missing, empty, truncated or not the format: not done
+        return False
 
 
 def shard_suffix(shard: tuple[int, int] | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm_heatmap.errors import InputError
@@ -21,11 +21,22 @@ TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 TEXT_COLUMN = "prompt"
 
 
+MIN_TOKENS = 2  # the per-head metrics and similarities need a row that attends to two keys
+
+
 @dataclass(frozen=True)
 class Prompt:
+    """One prompt of a file: its id, text, group, and where it stands in the file (`origin`, e.g.
+    "line 4 of prompts.txt"), so a bad prompt can be named by both."""
+
     id: str
     text: str
     group: str | None = None
+    origin: str | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        return f"prompt '{self.id}'" + (f" ({self.origin})" if self.origin else "")
 
 
 def check_prompt(text, where: str = "the prompt") -> str:
@@ -77,7 +88,7 @@ def _from_txt(path: Path, text: str) -> list[Prompt]:
     prompts = []
     for number, line in enumerate(_lines(text), start=1):
         check_prompt(line, f"line {number} of {path}")
-        prompts.append(Prompt(id=str(len(prompts)), text=line))
+        prompts.append(Prompt(id=str(len(prompts)), text=line, origin=f"line {number} of {path}"))
     return prompts
 
 
@@ -99,7 +110,8 @@ def _from_jsonl(path: Path, text: str, column: str) -> list[Prompt]:
         check_prompt(record[column], f'the "{column}" on {where}')
         prompt_id = record.get("id", len(prompts))
         group = record.get("group")
-        prompts.append(Prompt(id=str(prompt_id), text=record[column], group=None if group is None else str(group)))
+        prompts.append(Prompt(id=str(prompt_id), text=record[column], group=None if group is None else str(group),
+                              origin=where))
     return prompts
 
 
@@ -149,7 +161,7 @@ def _from_table(path: Path, column: str) -> list[Prompt]:
         check_prompt(None if text is None or text is pd.NA else text, f"the '{column}' of {where}")
         prompt_id, group = record.get("id"), record.get("group")
         prompts.append(Prompt(id=str(len(prompts)) if _blank(prompt_id) else _cell_text(prompt_id), text=text,
-                              group=None if _blank(group) else _cell_text(group)))
+                              group=None if _blank(group) else _cell_text(group), origin=where))
     return prompts
 
 
@@ -208,10 +220,14 @@ def encode(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
 
 
 def check_length(tokenizer, spec, prompt: str, *, chat: bool = False, where: str = "the prompt") -> int:
-    """The prompt's token count; `InputError` when the model's context (`spec.max_positions`) cannot hold it."""
+    """The prompt's token count; `InputError` when the model's context (`spec.max_positions`) cannot hold it,
+    or it has fewer than `MIN_TOKENS` (metrics and similarities need a row that attends to two keys)."""
     count = len(encode(tokenizer, check_prompt(prompt, where), chat=chat))
     if spec.max_positions and count > spec.max_positions:
         raise InputError(
             f"{where} has {count} tokens but the model's context holds {spec.max_positions}; shorten the prompt."
         )
+    if count < MIN_TOKENS:
+        raise InputError(f"{where} has {count} token{'s' * (count != 1)} on this model, and metrics need at least {MIN_TOKENS}; "
+                         "give a longer prompt.")
     return count

@@ -3,20 +3,35 @@ sets `run` on its parser; `run` imports torch and the library only when the comm
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from llm_heatmap.errors import InputError
+try:  # Ctrl-C while the command modules load: one line, no traceback
+    import argparse
+    import signal
 
-from . import atlas, batch, compare, grid, kv_similarity, metrics, models, qk_map, render
-from .errors import cli_message
-from .options import add_quiet_option
+    from llm_heatmap.errors import InputError
+
+    from . import atlas, batch, compare, grid, kv_similarity, metrics, models, qk_map, render
+    from .errors import cli_message
+    from .options import add_quiet_option
+    from .signals import exit_status, signal_name, stop_on_signals
+except KeyboardInterrupt:
+    print("llm-heatmap: stopped by SIGINT while starting", file=sys.stderr)
+    raise SystemExit(130) from None
 
 COMMANDS = [grid, render, metrics, compare, kv_similarity, qk_map, batch, atlas, models]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one sentence (no usage block): a bad flag, a value that is not a number,
+    an invalid choice (listing the valid ones)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="llm-heatmap",
         description="Capture every attention head of a transformer and turn it into heatmap grids and metric tables.",
     )
@@ -29,18 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        return args.run(args) or 0
-    except InputError as error:
-        if args.debug:
-            raise
-        print(f"llm-heatmap {args.command}: {cli_message(str(error))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"llm-heatmap {args.command}: interrupted", file=sys.stderr)
-        return 130
+    """Run one command; exit status 0, 2 for bad input (one sentence on stderr), or 128 + the signal
+    number when stopped by SIGINT, SIGTERM or SIGHUP (`signals.py`)."""
+    command, args = "llm-heatmap", None
+    with stop_on_signals() as received:
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help()
+                return 2
+            command = f"llm-heatmap {args.command}"
+            return args.run(args) or 0
+        except InputError as error:
+            if args is not None and args.debug:
+                raise
+            print(f"{command}: {cli_message(str(error))}", file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, Exception):
+            # a signal can surface as another error, e.g. an import it cut short; the stop is what happened
+            if not received and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                raise
+            signum = received[0] if received else signal.SIGINT
+            print(f"{command}: stopped by {signal_name(signum)}; no output file was left half-written",
+                  file=sys.stderr)
+            return exit_status(signum)

@@ -117,7 +117,6 @@ def _run_sets(args, metrics) -> tuple[list[str], dict]:
     import torch
 
     from llm_heatmap.analyses.compare import compare_sets
-    from llm_heatmap.analyses.files import check_writable
     from llm_heatmap.analyses.prompts import check_length, read_prompts
     from llm_heatmap.analyses.tables import write_table
 
@@ -125,12 +124,10 @@ def _run_sets(args, metrics) -> tuple[list[str], dict]:
         raise InputError("--cube-out applies to two prompts, not to --sets; drop --cube-out.")
     set_a, set_b = read_prompts(args.a), read_prompts(args.b)
     layer_out = None if args.out is None else layers_path(args.out)
-    if layer_out is not None:
-        check_writable(layer_out, force=args.force)
     model, tokenizer, spec = load(args)
     for name, prompts in (("A", set_a), ("B", set_b)):
         for prompt in prompts:
-            check_length(tokenizer, spec, prompt.text, chat=args.chat, where=f"prompt '{prompt.id}' of set {name}")
+            check_length(tokenizer, spec, prompt.text, chat=args.chat, where=f"{prompt.where} of set {name}")
     with torch.no_grad():
         table_a = _set_table(model, tokenizer, spec, set_a, args.chat, "A")
         table_b = _set_table(model, tokenizer, spec, set_b, args.chat, "B")
@@ -159,15 +156,17 @@ def _run_sets(args, metrics) -> tuple[list[str], dict]:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import check_writable
+    from llm_heatmap.analyses.bounds import check_statistics
+    from llm_heatmap.analyses.files import claim_outputs
     from llm_heatmap.analyses.tables import table_format
 
     metrics = options.selected_metrics(args)
-    for path in (args.out, args.cube_out):
-        if path is not None:
-            check_writable(path, force=args.force)
+    if args.sets:
+        check_statistics(n_resamples=args.resamples, n_permutations=args.permutations, confidence=args.confidence)
     if args.out is not None:
         table_format(args.out)
-    lines, payload = (_run_sets if args.sets else _run_pair)(args, metrics)
+    outputs = [args.out, args.cube_out] + ([layers_path(args.out)] if args.sets and args.out is not None else [])
+    with claim_outputs([path for path in outputs if path is not None], force=args.force):
+        lines, payload = (_run_sets if args.sets else _run_pair)(args, metrics)
     emit(args, lines, payload)
     return 0

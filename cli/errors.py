@@ -12,6 +12,9 @@ import re
 
 API_TO_FLAG = {
     "consumers=[Downsampler(512)], keep=False": "--stream",
+    "dtype=torch.float16": "--cube-dtype float16",
+    "layers=[...]": "--layers 0-9",
+    "max_pixels=": "--max-pixels ",
     "force=True": "--force",
     "resume=True": "--resume",
     "metrics_only=True": "--metrics-only",
@@ -30,6 +33,7 @@ API_TO_FLAG = {
     "confidence=": "--confidence ",
     "max_bytes=": "--max-cube-mb ",
     "quantize=": "--quantize ",
+    "device_map=": "--device ",
     "max_tokens=": "--max-tokens ",
     "gamma=": "--gamma ",
     "cmap": "--cmap",

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                         help="also keep the queries and keys (in the cube file) and, with --html, show each head's "
                         "query-key map in the interactive view")
     parser.add_argument("--max-cube-mb", type=float,
-                        help="refuse a full cube larger than this (default: 80%% of the available memory)")
+                        help="refuse a full cube that, with what drawing and measuring it takes, needs more than this "
+                        "many MiB (default: 80%% of the memory available)")
     options.add_json_option(parser)
 
 
@@ -40,35 +41,42 @@ def output_paths(args, name: str) -> dict:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import atomic_output, check_writable
+    from llm_heatmap.analyses.files import claim_outputs
 
     prompt = options.read_prompt(args)
     if args.qk and args.stream:
         raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
     paths = output_paths(args, options.base_name(args, prompt))
-    for path in paths.values():
-        check_writable(path, force=args.force)
+    with claim_outputs(paths.values(), force=args.force):
+        return _run(args, prompt, paths)
+
+
+def _run(args, prompt: str, paths: dict) -> int:
     # imported after the checks above, so that a bad prompt or output path can fail before torch loads
     import torch
 
     from llm_heatmap.analyses.digest import digest_lines
+    from llm_heatmap.analyses.files import atomic_output
     from llm_heatmap.analyses.measure import measure_prompt
     from llm_heatmap.analyses.tables import write_table
     from llm_heatmap.models import parse_dtype
     from llm_heatmap.viz import save_grid, write_html
+    from llm_heatmap.viz.grid import grid_needs
 
     style, layers, heads = options.grid_style(args)
+    max_bytes = options.max_bytes(args.max_cube_mb)
     step = Steps(args, ["loading model", "capturing", "drawing grid", "writing metrics and cube"]
                  + (["writing HTML"] if "html" in paths else []))
     step("loading model")
     model, tokenizer, spec = load(args)
+    drawn_layers, drawn_heads = len(layers or range(spec.num_layers)), len(heads or range(spec.num_heads))
     step("capturing")
     with torch.no_grad():
         cube, metrics = measure_prompt(
             model, tokenizer, spec, prompt, stream=args.stream, max_tokens=args.max_tokens, chat=args.chat,
             dtype=parse_dtype(args.cube_dtype), layers=layers, heads=heads, source=str(args.model),
-            max_bytes=None if args.max_cube_mb is None else int(args.max_cube_mb * 2**20), weighting=style.weighting,
-            queries_and_keys=args.qk)
+            max_bytes=max_bytes, weighting=style.weighting, queries_and_keys=args.qk,
+            also_needs=lambda tokens: grid_needs(drawn_layers, drawn_heads, tokens, style))
     step("drawing grid")
     with atomic_output(paths["grid"], force=args.force) as temp:
         save_grid(cube, temp, style, layers=layers, heads=heads)

@@ -40,23 +40,31 @@ def summary_path(out: Path) -> Path:
 
 
 def run(args) -> int:
-    import torch
-
-    from llm_heatmap.analyses.files import check_writable
-    from llm_heatmap.analyses.kv_report import kv_report
+    from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics
+    from llm_heatmap.analyses.files import claim_outputs
     from llm_heatmap.analyses.prompts import check_prompt, read_prompts
-    from llm_heatmap.analyses.tables import table_format, write_table
+    from llm_heatmap.analyses.tables import table_format
 
     prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
     if args.prompt_file is not None:
         prompts += [p.text for p in read_prompts(args.prompt_file)]
     if not prompts:
         raise InputError("no prompt given; pass PROMPT arguments or --prompt-file.")
-    models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
+    check_statistics(n_permutations=args.permutations)
+    check_pseudo_group_size(args.pseudo_group_size)
     if args.out is not None:
         table_format(args.out)
-        for path in (args.out, summary_path(args.out)):
-            check_writable(path, force=args.force)
+    with claim_outputs([args.out, summary_path(args.out)] if args.out is not None else [], force=args.force):
+        return _run(args, prompts)
+
+
+def _run(args, prompts: list[str]) -> int:
+    import torch
+
+    from llm_heatmap.analyses.kv_report import kv_report
+    from llm_heatmap.analyses.tables import write_table
+
+    models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
     progress = progress_printer(args)
     with torch.no_grad():
         report = kv_report(models, prompts, pseudo_group_size=args.pseudo_group_size, chat=args.chat,

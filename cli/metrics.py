@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llm_heatmap.errors import InputError
+
 from . import options
 from .run import emit, load
 
@@ -27,20 +29,29 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from llm_heatmap.analyses.files import claim_outputs
+    from llm_heatmap.analyses.tables import table_format
+
+    prompt = options.read_prompt(args)
+    metrics = options.selected_metrics(args)
+    if args.induction_probe < 0:
+        raise InputError(f"--induction-probe {args.induction_probe} must be a number of random tokens of at least 0 "
+                         "(0: no probe).")
+    if args.out is not None:
+        table_format(args.out)
+    with claim_outputs([args.out] if args.out is not None else [], force=args.force):
+        return _run(args, prompt, metrics)
+
+
+def _run(args, prompt: str, metrics) -> int:
     import torch
 
     from llm_heatmap.analyses.measure import stream_head_metrics
     from llm_heatmap.analyses.digest import digest_lines
-    from llm_heatmap.analyses.files import check_writable
     from llm_heatmap.analyses.induction_probe import induction_probe_scores
     from llm_heatmap.analyses.prompts import check_length
-    from llm_heatmap.analyses.tables import table_format, to_markdown, write_table
+    from llm_heatmap.analyses.tables import to_markdown, write_table
 
-    prompt = options.read_prompt(args)
-    metrics = options.selected_metrics(args)
-    if args.out is not None:
-        table_format(args.out)
-        check_writable(args.out, force=args.force)
     model, tokenizer, spec = load(args)
     tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
     with torch.no_grad():

@@ -25,6 +25,7 @@ DTYPES = ["float32", "float16", "bfloat16"]
 QUANTIZE = ["4bit", "8bit"]
 MEASURES = ["js", "cosine", "pearson"]
 HEAD_MEASURES = ["js", "hellinger"]
+MAX_PIXELS = 2**28
 
 
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):
@@ -146,6 +147,8 @@ def add_drawing_options(parser) -> None:
     group.add_argument("--cmap", default="viridis", help="any matplotlib colormap (default viridis)")
     group.add_argument("--cell-px", type=int, help="pixels per token cell")
     group.add_argument("--size", help="target pixel size: WIDTH or WIDTHxHEIGHT")
+    group.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                       help=f"refuse a grid image of more pixels than this (default {MAX_PIXELS}: 1 GiB as RGBA)")
     group.add_argument("--layers", help="layers to draw, e.g. 0,2,5-7 (default all)")
     group.add_argument("--heads", help="heads to draw, e.g. 0-3 (default all)")
     group.add_argument("--max-tokens", type=int, default=256,
@@ -191,9 +194,23 @@ def slug(text: str, limit: int = 40) -> str:
     return words.rstrip("-") or "prompt"
 
 
+MAX_NAME = 160  # leaves room for the suffixes and the temporary files' marks within a 255-byte file name
+
+
+def plain_name(name: str | None) -> str | None:
+    """--name as given, refused unless it is a plain file name (the folder is --out's)."""
+    if name is None:
+        return None
+    if name in ("", ".", "..") or "/" in name or "\\" in name or any(ord(c) < 32 for c in name) \
+            or len(name.encode()) > MAX_NAME:
+        raise InputError(f"--name {name!r} is not a plain file name; give a name without slashes or control "
+                         f"characters, other than '.' and '..', of at most {MAX_NAME} bytes (choose the folder with --out).")
+    return name
+
+
 def base_name(args, prompt: str) -> str:
     """--name, or one made from the model and the prompt."""
-    return args.name or f"{slug(Path(str(args.model)).stem, 24)}_{slug(prompt)}"
+    return plain_name(args.name) or f"{slug(Path(str(args.model)).stem, 24)}_{slug(prompt)}"
 
 
 def parse_indices(text: str | None, flag: str) -> list[int] | None:
@@ -220,11 +237,21 @@ def parse_size(text: str | None):
         raise InputError(f"--size '{text}' is not a pixel size; write WIDTH or WIDTHxHEIGHT, e.g. 4000x6000.") from None
 
 
+def max_bytes(megabytes: float | None) -> int | None:
+    """--max-cube-mb in bytes, checked by `probes.memory.check_max_bytes`."""
+    if megabytes is None:
+        return None
+    from llm_heatmap.probes.memory import check_max_bytes
+
+    check_max_bytes(megabytes * 2**20)
+    return int(megabytes * 2**20)
+
+
 def grid_style(args):
     """(GridStyle, layers, heads) from the drawing options."""
     from llm_heatmap.viz import GridStyle
 
     style = GridStyle(scale=args.scale, gamma=args.gamma, sink=args.sink, per_head_range=args.per_head_range,
                       background=args.background, cmap=args.cmap, cell_px=args.cell_px, size=parse_size(args.size),
-                      max_tokens=args.max_tokens, weighting=args.weighting)
+                      max_tokens=args.max_tokens, weighting=args.weighting, max_pixels=args.max_pixels)
     return style, parse_indices(args.layers, "--layers"), parse_indices(args.heads, "--heads")

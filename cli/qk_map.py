@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import atomic_output, check_writable
+    from llm_heatmap.analyses.files import claim_outputs
 
     if args.cube is None:
         prompt = options.read_prompt(args)
@@ -44,11 +44,16 @@ def run(args) -> int:
         raise InputError("give either PROMPT (or --prompt-file) or --cube, not both.")
     else:
         prompt = args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
-    name = args.name or f"{options.base_name(args, prompt)}.qk-L{args.layer}"
+    name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}"
     path = args.out / f"{name}.png"
-    check_writable(path, force=args.force)
+    with claim_outputs([path], force=args.force):
+        return _run(args, prompt, path)
+
+
+def _run(args, prompt: str, path: Path) -> int:
     import torch
 
+    from llm_heatmap.analyses.files import atomic_output
     from llm_heatmap.analyses.qk_maps import qk_map
     from llm_heatmap.probes import AttentionCube, capture_prompt
     from llm_heatmap.viz import plot_qk_maps, save_figure
@@ -59,10 +64,9 @@ def run(args) -> int:
         cube = AttentionCube.load(args.cube)
     else:
         model, tokenizer, spec = load(args)
-        with torch.no_grad():
+        with torch.no_grad():  # one layer (an index the model lacks is refused before the forward pass)
             cube = capture_prompt(model, tokenizer, prompt, spec=spec, chat=args.chat, source=str(args.model),
-                                  layers=[args.layer] if 0 <= args.layer < spec.num_layers else None,
-                                  queries_and_keys=True, value_norms=False)
+                                  layers=[args.layer], queries_and_keys=True, value_norms=False)
     step("mapping")
     if args.head is not None:
         maps = [qk_map(cube, args.layer, head=args.head, method=args.method)]

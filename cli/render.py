@@ -20,19 +20,31 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import atomic_output, check_writable
+    from llm_heatmap.analyses.files import claim_outputs
 
-    name = args.name or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
+    name = options.plain_name(args.name) or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
-    for path in paths:
-        check_writable(path, force=args.force)
+    with claim_outputs(paths, force=args.force):
+        return _run(args, paths)
+
+
+def _run(args, paths: list[Path]) -> int:
     # imported after the checks above, so that a bad output path can fail before torch loads
+    from llm_heatmap.analyses.files import atomic_output
     from llm_heatmap.probes import AttentionCube
+    from llm_heatmap.probes.cube_schema import inspect_cube_file
+    from llm_heatmap.probes.memory import check_fits
     from llm_heatmap.viz import save_grid, write_html
+    from llm_heatmap.viz.grid import grid_needs
 
     style, layers, heads = options.grid_style(args)
     step = Steps(args, ["reading cube", "drawing grid"] + (["writing HTML"] if args.html else []))
     step("reading cube")
+    cube_file = inspect_cube_file(args.cube)  # the header and shapes: what drawing it will take
+    num_layers, num_heads, _, _ = cube_file.pattern_shape
+    needs = {"cube": cube_file.nbytes, **grid_needs(len(layers or range(num_layers)), len(heads or range(num_heads)),
+                                                     cube_file.pattern_shape[-1], style)}
+    check_fits(needs, f"drawing cube file {args.cube}", advice="draw fewer layers (layers=[...]) or a smaller size")
     cube = AttentionCube.load(args.cube)
     step("drawing grid")
     with atomic_output(paths[0], force=args.force) as temp:

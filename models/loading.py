@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import socket
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -76,6 +78,44 @@ def _quantization_config(quantize: str | None):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_ACCELERATORS = {"cuda": lambda: torch.cuda, "xpu": lambda: getattr(torch, "xpu", None),
+                 "mps": lambda: getattr(torch, "mps", None)}
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of an accelerator `kind` this machine has (mps: one where available)."""
+    module = _ACCELERATORS[kind]()
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    return module.device_count() if module is not None and module.is_available() else 0
+
+
+def check_device(device_map) -> None:
+    """Refuse a `device_map` that names no device of this machine, before anything is loaded: None, a
+    strategy of accelerate (`DEVICE_MAP_STRATEGIES`) or a dict pass; a device ("cpu", "cuda", "cuda:1",
+    "mps", "xpu", or a GPU index) must exist here."""
+    if device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAP_STRATEGIES:
+        return
+    text = str(device_map)
+    try:
+        device = torch.device(int(text) if text.isdigit() else text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or (device.type != "cpu" and device.type not in _ACCELERATORS):
+        raise InputError(f"device_map={text!r} is not a device; use cpu, cuda, cuda:N, mps, xpu, or a strategy "
+                         f"({', '.join(DEVICE_MAP_STRATEGIES)}).")
+    if device.type == "cpu":
+        return
+    count = _device_count(device.type)
+    if count == 0:
+        raise InputError(f"device_map={text!r} names a {device.type} device, but this machine has none; use cpu, or "
+                         "leave it out.")
+    if device.index is not None and device.index >= count:
+        raise InputError(f"device_map={text!r} names {device.type} device {device.index}, but this machine has "
+                         f"{count} ({device.type}:0..{count - 1}).")
+
+
 def resolve_source(source: str | os.PathLike, *, progress=None) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it is local)."""
     text = str(source)
@@ -140,6 +180,7 @@ def load_model(
     `progress(message)` receives progress lines; without it loading is silent (transformers' own
     progress bars included).
     """
+    check_device(device_map)
     with contextlib.nullcontext() if progress else _transformers_bars_off():
         return _load_model(source, dtype=dtype, device_map=device_map, quantize=quantize,
                            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
@@ -189,7 +230,9 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
     if progress:
         progress(f"loading {source}")
     try:
-        model = load(auto.from_pretrained, **kwargs)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a refused file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            model = load(auto.from_pretrained, **kwargs)
         tokenizer = load(AutoTokenizer.from_pretrained)
     except InputError:
         raise
@@ -197,6 +240,11 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
         raise InputError(
             f"model '{source}' could not be loaded ({_first_line(error)}); "
             "check that the directory holds the weights and tokenizer files save_pretrained writes."
+        ) from None
+    except pickle.UnpicklingError:  # torch loads pickled weights with its weights-only unpickler, which refused
+        raise InputError(
+            f"model '{source}' holds pickled weights that hold more than tensors, which torch refuses to load (nothing "
+            "in them ran); use a model saved as safetensors."
         ) from None
     model.eval()
     spec = spec_from_model(model)

@@ -24,11 +24,9 @@ from llm_heatmap.models.offline import source_name
 
 from . import tap
 from .cube import AttentionCube, StreamPart
+from .memory import check_cube_fits
 from .value_norms import HeadWriters
 from .stream import auto_chunk_rows
-
-# Refuse a kept cube larger than this share of the available memory.
-MEMORY_SHARE = 0.8
 
 
 def cube_bytes(batch: int, layers: int, heads: int, queries: int, keys: int, dtype: torch.dtype = torch.float32) -> int:
@@ -43,49 +41,6 @@ def estimate_cube_bytes(spec: ModelSpec, num_tokens: int, num_layers: int | None
     heads = spec.num_heads if num_heads is None else num_heads
     queries = num_tokens if num_queries is None else min(num_queries, num_tokens)
     return cube_bytes(batch_size, layers, heads, queries, num_tokens, dtype)
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
-
-
-def _cube_limit(max_bytes: int | None) -> tuple[int | None, str]:
-    """(largest cube in bytes, where that limit comes from); None when no limit can be known."""
-    if max_bytes is not None:
-        return int(max_bytes), f"max_bytes={_gib(int(max_bytes))}"
-    available = available_memory_bytes()
-    if available is None:
-        return None, ""
-    return int(available * MEMORY_SHARE), f"{MEMORY_SHARE:.0%} of the {_gib(available)} of memory available"
-
-
-def cube_fits(size: int, max_bytes: int | None = None) -> bool:
-    """Whether a cube of `size` bytes fits `max_bytes` (default: a share of the available memory)."""
-    limit, _ = _cube_limit(max_bytes)
-    return limit is None or size <= limit
-
-
-def check_cube_fits(size: int, num_tokens: int, max_bytes: int | None = None) -> None:
-    """Raise InputError when a cube of `size` bytes would not fit `max_bytes` or the available memory."""
-    limit, where = _cube_limit(max_bytes)
-    if limit is not None and size > limit:
-        raise InputError(
-            f"the attention cube for {num_tokens} tokens needs {_gib(size)}, more than {where}; "
-            "stream it instead (consumers=[Downsampler(512)], keep=False), capture in fp16, "
-            "or capture a subset of layers/heads or the last N query rows."
-        )
 
 
 def library_versions() -> dict:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import einops
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
@@ -93,8 +92,10 @@ class AttentionCube:
     each entry of `q` / `k` is a bin; tokens and ids are those of each key bin's first position,
     query positions those of each query bin's middle row); `stream` when the cube is one streamed
     block of rows. `weighting` says what `pattern` holds: attention weights, or "norms", the
-    norm-weighted pattern `||alpha_ij v_j W_O^h||` (`norm_weighted()`). The optional
-    `SIDE_TENSORS` travel with the pattern through `select`, `item` and files.
+    norm-weighted pattern `||alpha_ij v_j W_O^h||` (`norm_weighted()`); `difference` that it is the
+    difference of two such patterns (`analyses.compare.difference_cube`, B - A: weights then lie in
+    [-1, 1]). The optional `SIDE_TENSORS` travel with the pattern through `select`, `item` and
+    files. A file is checked against one schema when it is loaded (`cube_schema.py`).
     """
 
     pattern: torch.Tensor
@@ -113,6 +114,7 @@ class AttentionCube:
     pooling: Pooling | None = None
     stream: StreamPart | None = None
     weighting: str = "weights"
+    difference: bool = False
     value_norms: torch.Tensor | None = None
     output_norms: torch.Tensor | None = None
     queries: torch.Tensor | None = None
@@ -304,8 +306,10 @@ class AttentionCube:
         if self.generated is not None:
             tensors["generated"] = self.generated
         tensors.update(self.side_tensors())
-        # safetensors refuses tensors that share memory (masks are often views of one tensor)
-        tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}
+        # safetensors refuses tensors that share memory (masks are often views of one tensor); the pattern,
+        # which may fill most of the memory, is never a view of another tensor here and is not copied
+        tensors = {name: tensor.detach().cpu().contiguous() if name == "pattern" else tensor.detach().cpu().clone()
+                   for name, tensor in tensors.items()}
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -317,6 +321,7 @@ class AttentionCube:
             "source": self.source,
             "metadata": self.metadata,
             "weighting": self.weighting,
+            "difference": self.difference,
             "pooling": None if self.pooling is None else asdict(self.pooling),
             "stream": None if self.stream is None else asdict(self.stream),
         }
@@ -328,25 +333,15 @@ class AttentionCube:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionCube":
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"cube file {path} does not exist; pass a file written by AttentionCube.save or `llm-heatmap grid`.")
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
+        """The cube of a file written by `save`, checked against the schema of `cube_schema.py` first
+        (an `InputError` names the file and the first field that is wrong)."""
+        from .cube_schema import read_cube_file
 
-            with safe_open(str(path), framework="pt") as handle:
-                raw = (handle.metadata() or {}).get("llm_heatmap")
-        except (SafetensorError, OSError, ValueError) as error:
-            raise InputError(f"cube file {path} is truncated or not a safetensors file ({error}); write it again.") from None
-        if raw is None or "pattern" not in tensors:
-            raise InputError(f"file {path} is a safetensors file but not an llm-heatmap cube; pass a cube written by llm-heatmap.")
-        header = json.loads(raw)
-        if header.get("format") != FORMAT or header.get("version", 0) > FORMAT_VERSION:
-            raise InputError(f"file {path} holds format {header.get('format')} v{header.get('version')}, which this llm-heatmap cannot read.")
+        cube_file, tensors = read_cube_file(path)
+        header = cube_file.header
         return cls(
             pattern=tensors["pattern"],
-            spec=ModelSpec.from_dict(header["spec"]),
+            spec=cube_file.spec,
             tokens=header["tokens"],
             token_ids=tensors["token_ids"],
             layers=tuple(header["layers"]),
@@ -359,6 +354,7 @@ class AttentionCube:
             source=header.get("source"),
             metadata=header.get("metadata", {}),
             weighting=header.get("weighting", "weights"),
+            difference=header.get("difference", False),
             **{name: tensors[name] for name in SIDE_TENSORS if name in tensors},
             pooling=None if header.get("pooling") is None else Pooling.from_dict(header["pooling"]),
             stream=None if header.get("stream") is None else StreamPart(**header["stream"]),

@@ -122,7 +122,9 @@ def area_pool(values: torch.Tensor, row_edges, key_edges, row_weights: torch.Ten
     many original rows a pooled row stands for) of the sum over the keys of each key bin."""
     row_bins, key_bins = edges_index(row_edges), edges_index(key_edges)
     weights = torch.ones(values.shape[-2]) if row_weights is None else row_weights.float().cpu()
-    weighted = values.float() * weights.to(values.device)[:, None]
+    # unweighted float32 values are pooled as they are: no copy of a cube that may fill most of the memory
+    weighted = values if row_weights is None and values.dtype == torch.float32 else \
+        values.float() * weights.to(values.device)[:, None]
     sums = pool_sums(weighted, row_bins, len(row_edges) - 1, key_bins, len(key_edges) - 1)
     totals = torch.zeros(len(row_edges) - 1).index_add_(0, row_bins, weights)
     return sums / totals.clamp(min=1e-30).to(sums.device)[:, None]

@@ -79,7 +79,7 @@ def test_a_shard_writes_parts_and_says_how_to_merge(atlas, prompts, tmp_path):
     (["PROMPTS", "--column", "text", "--out", "OUT/a", "--confidence", "2"], "--confidence 2.0 must lie between 0 and 1"),
     (["PROMPTS", "--column", "text", "--out", "OUT/a", "--shard", "2/2"], "shard '2/2' is out of range"),
     (["PROMPTS", "--column", "text", "--out", "OUT/a", "--model", "tiny-context"],
-     "prompt 'cat' has 9 tokens but the model's context holds 4"),
+     "has 9 tokens but the model's context holds 4"),
 ])
 def test_bad_input_exits_2_with_one_sentence_and_no_file(atlas, prompts, tmp_path, argv, message):
     (tmp_path / "p.txt").write_text("one prompt\n")

@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 
 from llm_heatmap.errors import InputError
 
-from .labels import fit_text, model_name, prompt_text, token_label
+from .labels import drawable, fit_text, model_name, prompt_text, token_label
 from .raster import QUANTITIES, get_cmap, normalise, range_and_grey
+from .saving import FORMATS, save_deterministic
 from .style import GridStyle, style_of
 
 DPI = 100
@@ -43,10 +44,9 @@ def _figure(width_in, height_in) -> Figure:
 def save_figure(fig: Figure, path) -> Path:
     """Write a figure from this module as .png, .svg or .pdf (pixel size = figure size x its dpi)."""
     path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+    if path.suffix.lower() not in FORMATS:
         raise InputError(f"output {path} has an unknown extension; use .png, .svg or .pdf.")
-    fig.savefig(path, dpi=fig.dpi, format=path.suffix.lower()[1:])
-    return path
+    return save_deterministic(fig, path, fig.dpi)
 
 
 def _index(values, value, what, cube):
@@ -112,7 +112,7 @@ def _colorbar(fig, ax, color, cmap, label):
 
 
 def _model_line(cube) -> str:
-    return f"{model_name(cube.source) or cube.spec.model_type} · {cube.spec.summary}"
+    return drawable(f"{model_name(cube.source) or cube.spec.model_type} · {cube.spec.summary}")
 
 
 def _suptitle(fig, cube, text):

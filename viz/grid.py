@@ -26,14 +26,17 @@ from matplotlib.patches import Rectangle
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import downsample
 
-from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, plan_grid
-from .labels import fit_text, model_name, prompt_text, text_size, token_label
+from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, panels_px, plan_grid, start_cell_px
+from .labels import drawable, fit_text, model_name, prompt_text, text_size, token_label
 from .png import png_bytes
 from .raster import (BACKGROUND, MASKED, QUANTITIES, ColorScale, compose, get_cmap, lookup_table, lut_index, normalise,
                      normalise_difference, range_and_grey)
+from .saving import save_deterministic
 from .style import GridStyle, style_of
 
 DPI = 100
+CANVAS_COPIES = 3  # RGBA: the composed raster, matplotlib's canvas and the PNG encoder's rows
+CELL_BYTES = 16  # per token cell drawn: its values, normalised values, colour index and masks
 VECTOR_MAX_CELLS = 1_000_000  # SVG/PDF embed every token cell; above this the file stops being editable
 TITLE_LINE = 1.35  # title line pitch, in title font sizes
 
@@ -100,16 +103,13 @@ class DrawnGrid:
         if path.suffix.lower() == ".png" and self.raster is not None:
             path.write_bytes(self.png())
         else:
-            self.figure.savefig(path, dpi=DPI, format=path.suffix.lower()[1:], metadata=_FIXED_METADATA.get(path.suffix.lower()))
+            save_deterministic(self.figure, path, DPI)
         self.layout.path = path
         return self.layout
 
     def _repr_png_(self) -> bytes:
         return self.png()
 
-
-# vector files carry no creation date, so the same grid gives the same bytes
-_FIXED_METADATA = {".svg": {"Date": None}, ".pdf": {"CreationDate": None}}
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def _draw(cube, style: GridStyle, *, layers=None, heads=None, title=None, subtra
                 and (subtract is None or list(subtract.tokens) == list(cube.tokens)))
     options = dict(show_tokens=labelled, n_title_lines=2)
     nq, nk = min(cube.num_queries, limit), min(cube.num_keys, limit)
-    plan, nq, nk = fit_cells(cube, nq, nk, style.cell_px, style.size, **options)
+    plan, nq, nk = fit_cells(cube, nq, nk, style.cell_px, style.size, check_canvas=style.check_canvas, **options)
     if labelled and (nq, nk) != (cube.num_queries, cube.num_keys):  # a small size shrank the panels
         options["show_tokens"] = False
         plan, nq, nk = fit_cells(cube, nq, nk, style.cell_px, style.size, **options)
@@ -257,12 +257,32 @@ def _draw(cube, style: GridStyle, *, layers=None, heads=None, title=None, subtra
         options["n_title_lines"] = len(lines)
         plan = plan_grid(cube, nq, nk, plan.c, **options)
     layout = _layout(cube, plan, style, (nq, nk), pooled, color, lines)
+    style.check_canvas(layout.width, layout.height)
     figure, put = _figure(layout, style)
     raster = _draw_panels(figure, layout, plan, index, style, panels)
     _draw_title(put, layout, plan)
     _draw_axis_labels(put, layout, plan, cube)
     _draw_colorbar(figure, layout, plan, color, style, quantity)
     return DrawnGrid(figure, layout, raster)
+
+
+def grid_needs(num_layers: int, num_heads: int, num_tokens: int, style: GridStyle) -> dict[str, int]:
+    """Bytes that drawing the grid of a cube of this shape takes besides the cube, by what takes them
+    (for `probes.memory.check_fits`), after refusing a canvas above `style.max_pixels` (its panels
+    alone). Known before the cube exists, so a run can be refused before it captures anything."""
+    n = min(num_tokens, style.max_tokens)
+    c = start_cell_px(num_layers, num_heads, n, n, style.cell_px, style.size)
+    width, height = panels_px(num_layers, num_heads, n, n, c)
+    if style.size is not None:
+        width, height = (style.size, height) if isinstance(style.size, int) else style.size
+    style.check_canvas(width, height)
+    cells = num_layers * num_heads * n * n
+    needs = {"drawing canvas": width * height * 4 * CANVAS_COPIES, "drawing cells": cells * CELL_BYTES}
+    if num_tokens > n:  # area pooling sums whole rows into their bins first
+        needs["pooling"] = num_layers * num_heads * n * num_tokens * 4
+    if style.weighting == "norms":  # the norm-weighted pattern is a float32 copy of the cube
+        needs["norm-weighted copy"] = num_layers * num_heads * num_tokens * num_tokens * 4
+    return needs
 
 
 def _image_size(plan: Plan, size) -> tuple[int, int]:
@@ -379,7 +399,7 @@ def _draw_colorbar(figure, layout: GridLayout, plan: Plan, color: ColorScale, st
 def _title_lines(cube, title, scale_text, width, px, subtract=None) -> list[str]:
     """Two lines: "model · spec" and the prompt with token count and scale; three when the prompt
     would get less than half the width beside the scale text. Every line is fitted to `width`."""
-    head = title if title is not None else " · ".join(x for x in (model_name(cube.source), cube.spec.summary) if x)
+    head = drawable(title if title is not None else " · ".join(x for x in (model_name(cube.source), cube.spec.summary) if x))
     facts = f"{cube.num_tokens} tokens · {scale_text}"
     quotes = '""' if subtract is None else 'A: "" − B: ""'
     beside = width - text_size(f" · {facts}", px)[0] - text_size(quotes, px)[0]

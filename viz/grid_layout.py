@@ -147,19 +147,37 @@ def plan_grid(cube, nq, nk, c, *, show_tokens: bool, n_title_lines: int) -> Plan
                  natural_w, natural_h, pad, title_h)
 
 
-def fit_cells(cube, nq, nk, cell_px, size, **plan_options) -> tuple[Plan, int, int]:
-    """Choose the cell size (and, for a small target `size`, fewer cells per panel) for `cell_px` or
-    `size`; returns (plan, nq, nk)."""
-    L, H = cube.num_layers, cube.num_heads
+def start_cell_px(num_layers: int, num_heads: int, nq: int, nk: int, cell_px, size) -> int:
+    """Pixels per cell before labels are fitted: `cell_px`, the largest that lets the panels alone fit
+    `size`, or the default (the grid's long side near `DEFAULT_LONG_SIDE`, panels at least `MIN_PANEL_PX`)."""
     if cell_px is not None:
-        return plan_grid(cube, nq, nk, cell_px, **plan_options), nq, nk
+        return cell_px
     if size is None:
-        c = max(1, DEFAULT_LONG_SIDE // max(L * nq, H * nk))
+        c = max(1, DEFAULT_LONG_SIDE // max(num_layers * nq, num_heads * nk))
         if c * max(nq, nk) < MIN_PANEL_PX:
             c = int(np.ceil(MIN_PANEL_PX / max(nq, nk)))
-        return plan_grid(cube, nq, nk, min(c, 32), **plan_options), nq, nk
+        return min(c, 32)
     width, height = (size, None) if np.isscalar(size) else size
-    c = max(1, int(width) // (H * nk))
+    c = max(1, int(width) // (num_heads * nk))
+    return c if height is None else min(c, max(1, int(height) // (num_layers * nq)))
+
+
+def panels_px(num_layers: int, num_heads: int, nq: int, nk: int, c: int) -> tuple[int, int]:
+    """(width, height) of the panels alone, without gutters and labels: the least a grid can take."""
+    return num_heads * nk * c, num_layers * nq * c
+
+
+def fit_cells(cube, nq, nk, cell_px, size, *, check_canvas=None, **plan_options) -> tuple[Plan, int, int]:
+    """Choose the cell size (and, for a small target `size`, fewer cells per panel) for `cell_px` or
+    `size`; returns (plan, nq, nk). `check_canvas(width, height)` sees the panels' pixel size before any
+    pixel map is built (`GridStyle.check_canvas`)."""
+    L, H = cube.num_layers, cube.num_heads
+    c = start_cell_px(L, H, nq, nk, cell_px, size)
+    if check_canvas is not None:
+        check_canvas(*panels_px(L, H, nq, nk, c))
+    if cell_px is not None or size is None:
+        return plan_grid(cube, nq, nk, c, **plan_options), nq, nk
+    width, height = (size, None) if np.isscalar(size) else size
     while True:
         plan = plan_grid(cube, nq, nk, c, **plan_options)
         if plan.natural_w <= width and (height is None or plan.natural_h <= height):

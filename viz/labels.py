@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import unicodedata
 from functools import lru_cache
 
-from matplotlib.font_manager import FontProperties
+from matplotlib.font_manager import FontProperties, findfont
+from matplotlib.ft2font import FT2Font
 from matplotlib.textpath import TextToPath
 
 _TEXT = TextToPath()
+REPLACEMENT = "\ufffd"  # drawn for characters the font lacks
+_NOT_DRAWN = ("Cc", "Cf", "Cs", "Co", "Cn")  # control, format, surrogate, private-use and unassigned characters
+
+
+@lru_cache(maxsize=1)
+def _font_characters() -> frozenset[int]:
+    """Code points the default font has a glyph for, in both weights the labels use."""
+    maps = [set(FT2Font(findfont(FontProperties(weight=weight))).get_charmap()) for weight in ("normal", "bold")]
+    return frozenset(maps[0] & maps[1])
+
+
+def drawable(text: str) -> str:
+    """`text` as the labels can draw it: every character the default font has no glyph for, and every
+    control or format character, replaced by U+FFFD (so matplotlib never warns about a missing glyph),
+    and `$` escaped (so a prompt is never read as mathtext)."""
+    known = _font_characters()
+    kept = "".join(c if c == "\n" or (ord(c) in known and unicodedata.category(c) not in _NOT_DRAWN) else REPLACEMENT
+                   for c in text)
+    return kept.replace("$", r"\$")
 
 
 @lru_cache(maxsize=4096)
@@ -41,8 +62,8 @@ def fit_text(text: str, px: float, width: float, weight: str = "normal") -> str:
 def token_label(token: str, limit: int = 14) -> str:
     """A token made printable: byte-level markers shown as spaces/newlines, long ones cut."""
     text = str(token).replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵").replace("▁", "␣")
-    text = text.replace("$", r"\$")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return drawable(text)
 
 
 def model_name(source) -> str:
@@ -61,4 +82,4 @@ def prompt_text(cube) -> str:
     prompt = cube.prompt if isinstance(cube.prompt, str) else None
     if prompt is None and cube.tokens:
         prompt = " ".join(str(t) for t in cube.tokens)
-    return " ".join((prompt or "").split())
+    return drawable(" ".join((prompt or "").split()))

@@ -18,6 +18,7 @@ SCALES = ("auto", "linear", "log", "power", "row")
 WEIGHTINGS = ("weights", "norms")
 SINK_MODES = ("keep", "exclude", "mask")
 BACKGROUNDS = ("white", "transparent")
+MAX_PIXELS = 2**28  # a quarter gigapixel: 1 GiB as RGBA, before matplotlib's copy of the canvas
 
 
 def _choice(name: str, value, choices) -> None:
@@ -42,6 +43,8 @@ class GridStyle:
       sliding window) draw as background instead of the lowest colour.
     - cell_px or size: pixels per token cell, or a target width / (width, height) in pixels
       (grid only; None picks a size near 2400 px on the long side).
+    - max_pixels: the largest canvas drawn, in pixels (width x height); a larger one is refused before
+      it is allocated (`check_canvas`).
     - weighting: "weights" draws attention weights alpha_ij; "norms" draws the norm-weighted pattern
       `||alpha_ij v_j W_O^h||` (Kobayashi et al. 2020), what each key's value really adds to the row's
       output (needs a cube captured with value norms).
@@ -60,6 +63,7 @@ class GridStyle:
     cell_px: int | None = None
     size: int | tuple[int, int] | None = None
     weighting: str = "weights"
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         _choice("scale", self.scale, SCALES)
@@ -84,9 +88,22 @@ class GridStyle:
             sizes = (self.size,) if isinstance(self.size, int) else tuple(self.size)
             if len(sizes) not in (1, 2) or not all(isinstance(s, int) and s >= 16 for s in sizes):
                 raise InputError(f"size={self.size!r} must be a width in pixels or (width, height), each at least 16.")
+        if not isinstance(self.max_pixels, int) or isinstance(self.max_pixels, bool) or self.max_pixels < 1:
+            raise InputError(f"max_pixels={self.max_pixels!r} must be a whole number of pixels above 0.")
+        if self.size is not None:
+            self.check_canvas(*((self.size, 16) if isinstance(self.size, int) else self.size))
+        if self.cell_px is not None:
+            self.check_canvas(self.cell_px, self.cell_px, "one token cell")
         from .raster import get_cmap
 
         get_cmap(self.cmap)
+
+    def check_canvas(self, width: int, height: int, what: str = "the grid") -> None:
+        """Refuse a canvas of `width` x `height` pixels above `max_pixels`, before it is allocated."""
+        if width * height > self.max_pixels:
+            raise InputError(f"{what} would be {width:,} x {height:,} pixels, more than max_pixels={self.max_pixels}; "
+                             "pass a smaller cell_px or size, or fewer layers or heads, or allow a larger canvas with "
+                             "max_pixels=N.")
 
     def but(self, **changes) -> "GridStyle":
         """This style with some fields changed (and checked again)."""

@@ -1,0 +1,42 @@
+"""The bounds of the analyses' numeric options, each rule once: the functions that take an option check it
+here, and the CLI calls the same checks before it loads anything (this module imports nothing heavy).
+Every message names the API parameter (`n_resamples=0 ...`), which the CLI shows as its flag."""
+
+from __future__ import annotations
+
+import math
+
+from llm_heatmap.errors import InputError
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def at_least(name: str, value, low: int, meaning: str = "") -> None:
+    """`value` is a whole number of at least `low`."""
+    if not _whole(value) or value < low:
+        raise InputError(f"{name}={value!r} must be a whole number of at least {low}{meaning}.")
+
+
+def check_confidence(confidence) -> None:
+    ok = isinstance(confidence, (int, float)) and not isinstance(confidence, bool) and math.isfinite(confidence)
+    if not ok or not 0 < confidence < 1:
+        raise InputError(f"confidence={confidence!r} must lie between 0 and 1 (both excluded), e.g. 0.95.")
+
+
+def check_statistics(*, n_resamples=None, n_permutations=None, confidence=None) -> None:
+    """Bootstrap resamples and label permutations (at least 1 each) and the interval's confidence level
+    (between 0 and 1); an argument left None is not checked."""
+    if n_resamples is not None:
+        at_least("n_resamples", n_resamples, 1)
+    if n_permutations is not None:
+        at_least("n_permutations", n_permutations, 1)
+    if confidence is not None:
+        check_confidence(confidence)
+
+
+def check_pseudo_group_size(pseudo_group_size) -> None:
+    """None (the default grouping) or pseudo-groups of at least 2 heads (a group of one has no pairs)."""
+    if pseudo_group_size is not None:
+        at_least("pseudo_group_size", pseudo_group_size, 2, " (a group of one head has no pair to compare)")
