@@ -1,9 +1,10 @@
 """Output files that are either complete or absent, and output sets that one run at a time writes.
 
-- `atomic_output(path)` writes to a temporary file beside `path` and renames it over `path` only on
-  success. Temporary files are named `.NAME.PID-XXXX.llm-heatmap-tmp.EXT`: recognisable, and carrying
+- `atomic_output(path)` writes to a file in a temporary folder beside `path` and renames it over `path`
+  only on success. The folder is named `.NAME.PID-XXXX.llm-heatmap-tmp`: recognisable, and carrying
   the writer's process id, so a later run writing `NAME` removes those whose process is gone (a run
-  killed with SIGKILL cannot remove its own).
+  killed with SIGKILL cannot remove its own). A folder rather than a file, because some writers
+  (safetensors) write through a temporary file of their own beside the path they are given.
 - `claim_outputs(paths)` holds every path of an output set for the run that writes it: an exclusive
   `flock` on a lock file `.NAME.llm-heatmap-lock` beside each path, taken in one order, and only then
   the check that the path may be written (absent, or `force=True`). A second run wanting any of them
@@ -17,6 +18,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -38,7 +40,7 @@ def _process_gone(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporary files of `path` left by processes that no longer run; returns them."""
+    """Remove the temporary folders (or files) of `path` left by processes that no longer run; returns them."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[^.]+\.{TEMP_MARK}")
     removed = []
     try:
@@ -49,7 +51,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         match = pattern.match(entry.name)
         if match and int(match.group(1)) != os.getpid() and _process_gone(int(match.group(1))):
             try:
-                entry.unlink()
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 removed.append(entry)
             except OSError:
                 pass
@@ -76,21 +78,20 @@ def _check_folder(folder: Path) -> None:
 
 @contextmanager
 def atomic_output(path: str | Path, *, force: bool = False):
-    """Yield a temporary path beside `path` (same suffix); rename it to `path` only on success."""
+    """Yield a temporary path with `path`'s name, in a temporary folder beside it (module docstring);
+    rename it to `path` only on success."""
     path = Path(path)
     check_writable(path, force=force)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-",
-                                    suffix=f".{TEMP_MARK}{''.join(path.suffixes[-1:])}")
-    os.close(handle)
-    temp = Path(temp)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=f".{TEMP_MARK}"))
+    temp = folder / path.name
     try:
         yield temp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp (and writers that replace the file) leave 0600
+        os.chmod(temp, 0o666 & ~umask)  # writers that replace the file through their own temporary leave 0600
         os.replace(temp, path)
     finally:
-        temp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _lock_path(path: Path) -> Path:

@@ -180,15 +180,27 @@ class HeadMetricsReducer:
             weights = weights * block.inside(weights.device)
         heads = weights.shape[0]
         near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
+        key_features = block.features  # "k f"
+        if norms is not None:  # the norm-weighted sums ride on the same two passes over the block (h k f+2)
+            value_norms, output_norms = norms
+            in_block = value_norms.float().to(weights.device)[:, block.key_start:block.key_stop]  # h k
+            key_features = torch.cat([key_features.expand(heads, -1, -1), in_block[..., None],
+                                      torch.xlogy(in_block, in_block)[..., None]], -1)
+        by_features = torch.matmul(weights, key_features)  # "h q k, (h) k f -> h q f"
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
         plogp = torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=self._scratch(weights))
         plogp = plogp.log_().mul_(weights)
-        entropy = plogp.sum(-1, keepdim=True).neg_()
-        if norms is not None:
-            self._accumulate_norms(sums, weights, plogp, block, *norms)
+        if norms is None:
+            entropy = plogp.sum(-1, keepdim=True).neg_()
+        else:
+            by_plogp = torch.matmul(plogp, torch.stack([torch.ones_like(in_block), in_block], -1))  # h q 2
+            entropy = by_plogp[..., :1].neg()
+            self._accumulate_norms(sums, weights, block, value_norms, output_norms,
+                                   *by_features[..., -2:].unbind(-1), by_plogp[..., 1])
+            by_features = by_features[..., :-2]
         del plogp
         statistics = torch.cat([
-            torch.matmul(weights, block.features),  # "h q k, k f -> h q f"
+            by_features,
             weights.gather(-1, block.picks.expand(heads, -1, -1)),
             torch.matmul(near, block.near_features).transpose(0, 1),  # "q h k, q k n -> h q n"
             weights.amax(-1, keepdim=True),
@@ -203,22 +215,21 @@ class HeadMetricsReducer:
         sums.pairs[0] += pair_weights[:, :block.duplicates].sum(-1)
         sums.pairs[1] += pair_weights[:, block.duplicates:].sum(-1)
 
-    def _accumulate_norms(self, sums: _LayerSums, weights, plogp, block: RowBlock, value_norms, output_norms):
-        """The norm-weighted columns (module docstring) from the same block: with W = A n,
-        -sum P' ln P' = ln T - (sum_j (A ln A)_j n_j + sum_j A_j n_j ln n_j) / T, T = sum_j A_j n_j."""
-        n = value_norms.float().to(weights.device)
-        in_block = n[:, block.key_start:block.key_stop]  # h k
-        by_key = torch.stack([in_block, torch.xlogy(in_block, in_block)], -1)  # h k 2
-        total, n_log_n = torch.matmul(weights, by_key).double().unbind(-1)  # "h q k, h k 2 -> h q 2"
-        safe = total.clamp_min(1e-30)
-        logs = torch.matmul(plogp, in_block[..., None]).squeeze(-1).double() + n_log_n
+    def _accumulate_norms(self, sums: _LayerSums, weights, block: RowBlock, value_norms, output_norms,
+                          total, n_log_n, plogp_n) -> None:
+        """The norm-weighted columns (module docstring) from sums over one block's keys, each `"h q"`:
+        T = sum_j A_j n_j, sum_j A_j n_j ln n_j and sum_j (A ln A)_j n_j; with W = A n,
+        -sum P' ln P' = ln T - (sum_j (A ln A)_j n_j + sum_j A_j n_j ln n_j) / T."""
+        safe = total.double().clamp_min(1e-30)
+        logs = plogp_n.double() + n_log_n.double()
         spread = block.spread.double()
         sums.norm_means[0] += (safe.log() - logs / safe) @ spread
         sums.norm_means[1] += output_norms.double().to(weights.device) @ spread
         first = self._context["sequence"].first
         first_weight = weights[..., first - block.key_start] if block.key_start <= first < block.key_stop \
             else weights.new_zeros(weights.shape[:2])
-        sums.norm_sink += block.sink_rows() @ (first_weight.double() * n[:, first].double()[:, None] / safe).T
+        first_norm = value_norms[:, first].double().to(weights.device)
+        sums.norm_sink += block.sink_rows() @ (first_weight.double() * first_norm[:, None] / safe).T
         sums.has_norms = True
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:

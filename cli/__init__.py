@@ -1,25 +1,33 @@
 """`llm-heatmap`: the command line. Each command is a module here with `register(subparsers)`, which
-sets `run` on its parser; `run` imports torch and the library only when the command runs."""
+sets `run` on its parser; `run` imports torch and the library only when the command runs. The command
+modules themselves are imported inside `main`, once its signal handling is in place, so a stop during
+start-up is reported like any other."""
 
 from __future__ import annotations
 
 import sys
 
-try:  # Ctrl-C while the command modules load: one line, no traceback
+try:  # Ctrl-C while this module loads: one line, no traceback
     import argparse
     import signal
 
     from llm_heatmap.errors import InputError
 
-    from . import atlas, batch, compare, grid, kv_similarity, metrics, models, qk_map, render
     from .errors import cli_message
     from .options import add_quiet_option
-    from .signals import exit_status, signal_name, stop_on_signals
+    from .signals import Stopped, exit_status, signal_name, stop_on_signals
 except KeyboardInterrupt:
     print("llm-heatmap: stopped by SIGINT while starting", file=sys.stderr)
     raise SystemExit(130) from None
 
-COMMANDS = [grid, render, metrics, compare, kv_similarity, qk_map, batch, atlas, models]
+COMMAND_NAMES = ("grid", "render", "metrics", "compare", "kv_similarity", "qk_map", "batch", "atlas", "models")
+
+
+def command_modules() -> list:
+    """The command modules, in the order `--help` lists them."""
+    from importlib import import_module
+
+    return [import_module(f"{__name__}.{name}") for name in COMMAND_NAMES]
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,14 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     add_quiet_option(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
+    for command in command_modules():
         command.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; exit status 0, 2 for bad input (one sentence on stderr), or 128 + the signal
-    number when stopped by SIGINT, SIGTERM or SIGHUP (`signals.py`)."""
+    number when stopped by SIGINT, SIGTERM or SIGHUP (`signals.py`), also where library code swallowed
+    the stop and the command ran to its end."""
     command, args = "llm-heatmap", None
     with stop_on_signals() as received:
         try:
@@ -55,12 +64,18 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return 2
             command = f"llm-heatmap {args.command}"
-            return args.run(args) or 0
+            status = args.run(args) or 0
+            if received:
+                raise Stopped(received[0])
+            return status
         except InputError as error:
             if args is not None and args.debug:
                 raise
             print(f"{command}: {cli_message(str(error))}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # `llm-heatmap ... | head`: the reader left; the files are complete
+            _silence_stdout()
+            return 0 if not received else exit_status(received[0])
         except (KeyboardInterrupt, Exception):
             # a signal can surface as another error, e.g. an import it cut short; the stop is what happened
             if not received and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
@@ -69,3 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{command}: stopped by {signal_name(signum)}; no output file was left half-written",
                   file=sys.stderr)
             return exit_status(signum)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail on the closed pipe
+    (Python's documented way to handle SIGPIPE)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

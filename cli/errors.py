@@ -3,7 +3,7 @@
 `API_TO_FLAG` is the one place that knows which parameter each flag sets. An entry ending in "=True"
 is a switch; one ending in "=" is followed by its value in the message ("max_tokens=1" -> "--max-tokens 1");
 any other is a name or phrase that stands alone. Entries match only where no identifier character
-precedes them (so "size=" leaves "pseudo_group_size=" alone).
+precedes them (so "size=" leaves "max_size=" alone).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ API_TO_FLAG = {
     "resume=True": "--resume",
     "metrics_only=True": "--metrics-only",
     "chat=True": "--chat",
+    "trust_remote_code=True": "--trust-remote-code",
     "value_norms=True": "--weighting norms",
     "value_norms=False": "--weighting weights",
     "queries_and_keys=True": "--qk",
@@ -39,6 +40,7 @@ API_TO_FLAG = {
     "cmap": "--cmap",
     "cell_px=": "--cell-px ",
     "size=": "--size ",
+    "pseudo_group_size=": "--pseudo-group-size ",
     "cell_px or size": "--cell-px or --size",
 }
 

@@ -4,9 +4,12 @@
 While `stop_on_signals()` is open, each of those signals raises `Stopped` in the main thread, so every
 `with` and `finally` on the way out runs: `atomic_output` removes its temporary file, claims on output
 files are released, finished part files stay. The command then prints one sentence and exits with
-128 + the signal number (130, 143, 129). After the first signal the others are ignored, so a second
-Ctrl-C cannot cut the clean-up short. A signal that was ignored when the process started (`nohup`,
-a background job of a shell script) stays ignored.
+128 + the signal number (130, 143, 129), also where library code swallowed the exception (a
+handler's exception raised inside a library's `try/except`) and the command ran on to its end.
+Every signal raises again, so a run whose first stop was swallowed can still be stopped; a second
+signal that cuts the clean-up short may leave a temporary folder, which the next run writing the
+same output removes (`analyses.files`). A signal that was ignored when the process started
+(`nohup`, a background job of a shell script) stays ignored.
 """
 
 from __future__ import annotations
@@ -46,8 +49,6 @@ def stop_on_signals():
 
     def stop(signum, frame):
         received.append(signum)
-        for number in SIGNALS:
-            signal.signal(number, signal.SIG_IGN)
         raise Stopped(signum)
 
     previous = {number: signal.getsignal(number) for number in SIGNALS}

@@ -212,6 +212,11 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
     except InputError:
         raise
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise InputError(
+                f"model '{source}' needs code shipped with it (its config's auto_map), which runs only with "
+                "trust_remote_code=True; read that code before you allow it."
+            ) from None
         raise InputError(
             f"model '{source}' has a config transformers cannot use ({_first_line(error)}); "
             "pass a directory written by save_pretrained, a .gguf file, or one of: " + _offline_names() + "."

@@ -37,8 +37,8 @@ def run(monkeypatch, capsys, smollm2, minilm):
         return models[str(source)]
 
     monkeypatch.setattr("llm_heatmap.models.load_model", fake_load)
-    registered = [c for c in cli_module.COMMANDS if c not in MINE]
-    monkeypatch.setattr(cli_module, "COMMANDS", registered + MINE)
+    registered = [c for c in cli_module.command_modules() if c not in MINE]
+    monkeypatch.setattr(cli_module, "command_modules", lambda: registered + MINE)
 
     def invoke(*argv):
         capsys.readouterr()

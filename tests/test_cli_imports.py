@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llm_heatmap.cli import COMMANDS, main
+from llm_heatmap.cli import command_modules, main
 from llm_heatmap.cli.errors import cli_message
 
 HEAVY = ("torch", "transformers", "matplotlib")
@@ -37,7 +37,7 @@ LIGHT_CASES = {
 
 
 def test_every_command_is_covered():
-    assert sorted(c.__name__.rsplit(".", 1)[1].replace("_", "-") for c in COMMANDS) == sorted(COMMAND_NAMES)
+    assert sorted(c.__name__.rsplit(".", 1)[1].replace("_", "-") for c in command_modules()) == sorted(COMMAND_NAMES)
 
 
 @pytest.mark.parametrize("case", LIGHT_CASES, ids=list(LIGHT_CASES))
@@ -54,7 +54,8 @@ def test_help_and_argument_errors_do_not_import_torch(case):
     ("stream it instead (consumers=[Downsampler(512)], keep=False), or", "stream it instead (--stream), or"),
     ("give cell_px or size, not both", "give --cell-px or --size, not both"),
     ("cmap 'nope' is not a matplotlib colormap", "--cmap 'nope' is not a matplotlib colormap"),
-    ("pseudo_group_size=2 and max_size=3 and keep=False", "pseudo_group_size=2 and max_size=3 and keep=False"),
+    ("pseudo_group_size=0 must be at least 2", "--pseudo-group-size 0 must be at least 2"),
+    ("group_size=2 and max_size=3 and keep=False", "group_size=2 and max_size=3 and keep=False"),
 ])
 def test_api_parameters_become_flags(message, expected):
     assert cli_message(message) == expected

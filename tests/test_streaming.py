@@ -140,3 +140,38 @@ def test_streamed_long_prompt_on_smollm2(smollm2):
     cube = sampler.cube()
     assert cube.pattern.shape[:3] == (2, 9, 32) and cube.num_tokens > 64
     torch.testing.assert_close(cube.pattern.sum(-1), torch.ones(2, 9, 32), atol=1e-4, rtol=0)
+
+
+class OnDevice:
+    """A consumer that records the device of every part and of its side tensors."""
+
+    takes_trimmed_parts = True
+
+    def __init__(self):
+        self.devices = set()
+
+    def consume(self, part):
+        self.devices |= {t.device.type for t in (part.pattern, part.value_norms, part.output_norms) if t is not None}
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))])
+def test_streamed_grid_and_metrics_stay_on_the_models_device(gemma3, device):
+    """Every part reaches the consumers on the model's device (nothing copied to the host per block), and
+    the downsampled grid and the metrics equal those of the same capture on the CPU."""
+    from llm_heatmap.analyses import HeadMetricsReducer
+
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+
+    def streamed(model, on):
+        sampler, reducer, seen = Downsampler(16), HeadMetricsReducer(), OnDevice()
+        with torch.no_grad(), capture(model, consumers=[sampler, reducer, seen], keep=False, chunk_rows=7):
+            model(input_ids=ids.to(on))
+        return sampler.cube(), reducer.table(), seen.devices
+
+    grid, table, devices = streamed(gemma3.to(device), device)
+    assert devices == {device}
+    reference_grid, reference_table, _ = streamed(gemma3.to("cpu"), "cpu")
+    torch.testing.assert_close(grid.pattern.cpu(), reference_grid.pattern, atol=1e-5, rtol=1e-4)
+    numeric = reference_table.select_dtypes("number").columns
+    assert (table[numeric] - reference_table[numeric]).abs().max().max() < 1e-4

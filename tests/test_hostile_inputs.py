@@ -1,0 +1,402 @@
+"""Hostile input: cube files mutated field by field and tensor by tensor, option values at and past their
+bounds, bad prompts in a batch. Every case ends in one of two ways: one sentence (an `InputError`, exit 2
+in the CLI) and no output file, or a correct result that still satisfies the cube's invariants, checked
+here independently of the schema code. Signals, concurrency and hostile model folders: test_hostile_processes.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llm_heatmap.cli import main
+from llm_heatmap.errors import InputError
+from llm_heatmap.probes import AttentionCube, capture
+from tiny_models import VOCAB, tiny_model
+
+HOSTILE = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# ---- a real cube file and ways to damage it ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cube_file(tmp_path_factory) -> Path:
+    """A cube of a tiny GQA Llama (2 layers, 4 heads on 2 KV heads, 7 tokens) with its value and output norms."""
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), capture(model) as probe:
+        model(input_ids=ids)
+    cube = probe.cube(ids, prompt="seven tokens", source="tiny-llama")
+    assert cube.value_norms is not None and cube.output_norms is not None
+    return cube.save(tmp_path_factory.mktemp("cube") / "tiny.cube.safetensors")
+
+
+def read_raw(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["llm_heatmap"])
+        return header, {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def write_raw(path: Path, header, tensors: dict[str, torch.Tensor]) -> Path:
+    text = header if isinstance(header, str) else json.dumps(header)
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(path), metadata={"llm_heatmap": text})
+    return path
+
+
+def assert_cube_invariants(cube: AttentionCube) -> None:
+    """What any loaded cube must satisfy, written out here rather than taken from the schema module."""
+    spec = cube.spec
+    assert spec.num_layers >= 1 and spec.num_heads >= 1 and spec.num_heads % spec.num_kv_heads == 0
+    assert all(0 <= layer < spec.num_layers for layer in cube.layers) and len(set(cube.layers)) == len(cube.layers)
+    assert all(0 <= head < spec.num_heads for head in cube.heads) and len(set(cube.heads)) == len(cube.heads)
+    layers, heads, queries, keys = cube.pattern.shape[-4:]
+    assert (layers, heads) == (len(cube.layers), len(cube.heads)) and queries <= keys
+    assert cube.pattern.is_floating_point() and torch.isfinite(cube.pattern).all()
+    assert len(cube.tokens) == keys and all(isinstance(t, str) for t in cube.tokens)
+    assert not cube.query_positions.is_floating_point()
+    positions = cube.query_positions.tolist()
+    assert positions == sorted(set(positions)) and 0 <= positions[0] and positions[-1] < keys
+    weights = cube.pattern.double()
+    assert weights.min() >= -1e-3 and weights.max() <= 1 + 1e-3
+    rows = weights.sum(-1)[..., cube.query_mask]
+    torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-2, rtol=0)
+    for name in ("value_norms", "output_norms"):
+        norms = getattr(cube, name)
+        assert norms is None or (torch.isfinite(norms).all() and (norms >= 0).all())
+
+
+def assert_refused_or_valid(path: Path) -> None:
+    try:
+        cube = AttentionCube.load(path)
+    except InputError as error:
+        message = str(error)
+        assert "\n" not in message and str(path) in message, message
+        return
+    assert_cube_invariants(cube)
+
+
+HOSTILE_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(), st.text(max_size=4)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=6,
+)
+HEADER_FIELDS = ["format", "version", "spec", "tokens", "layers", "heads", "prompt", "source", "metadata",
+                 "weighting", "difference", "pooling", "stream"]
+SPEC_FIELDS = ["model_type", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "causal",
+               "layer_types", "sliding_window", "max_positions", "attention_modules", "output_projections"]
+
+
+@HOSTILE
+@given(field=st.sampled_from(HEADER_FIELDS + [f"spec.{f}" for f in SPEC_FIELDS]),
+       value=st.one_of(st.just("<delete>"), HOSTILE_JSON, st.integers(-3, 12), st.lists(st.integers(-2, 9), max_size=9)))
+def test_a_mutated_header_is_refused_in_one_sentence_or_loads_a_valid_cube(cube_file, field, value):
+    header, tensors = read_raw(cube_file)
+    where, _, name = field.rpartition(".")
+    target = header["spec"] if where else header
+    if value == "<delete>":
+        target.pop(name, None)
+    else:
+        target[name] = value
+    with tempfile.TemporaryDirectory() as folder:
+        assert_refused_or_valid(write_raw(Path(folder) / "mutated.cube.safetensors", header, tensors))
+
+
+def _damage(tensor: torch.Tensor, how: str) -> torch.Tensor | None:
+    if how == "drop":
+        return None
+    if how in ("nan", "inf", "-inf", "negative", "x1e6", "zero"):
+        value = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "negative": -1.0, "x1e6": 1e6, "zero": 0.0}[how]
+        damaged = tensor.double().clone()
+        damaged.view(-1)[len(damaged.view(-1)) // 2] = value if how != "x1e6" else damaged.view(-1)[0] * value + 1
+        return damaged.to(tensor.dtype) if tensor.is_floating_point() else damaged
+    return {
+        "all nan": lambda t: torch.full_like(t, math.nan, dtype=torch.float32),
+        "all zero": torch.zeros_like,
+        "scaled": lambda t: t.float() * 1e6,
+        "negated": lambda t: -t.float(),
+        "as float": lambda t: t.float(),
+        "as int": lambda t: t.to(torch.int32),
+        "as bool": lambda t: t.bool(),
+        "as half": lambda t: t.half() if t.is_floating_point() else t,
+        "drop first axis": lambda t: t[0] if t.dim() > 1 else t[:0],
+        "add an axis": lambda t: t.unsqueeze(0),
+        "last axis cut": lambda t: t[..., :-1],
+        "empty": lambda t: t[..., :0],
+        "reversed": lambda t: t.flip(-1),
+        "shifted": lambda t: t + 100 if not t.dtype == torch.bool else ~t,
+    }[how](tensor)
+
+
+@HOSTILE
+@given(name=st.sampled_from(["pattern", "token_ids", "query_positions", "key_mask", "query_mask",
+                             "value_norms", "output_norms"]),
+       how=st.sampled_from(["drop", "nan", "inf", "-inf", "negative", "x1e6", "zero", "all nan", "all zero",
+                            "scaled", "negated", "as float", "as int", "as bool", "as half", "drop first axis",
+                            "add an axis", "last axis cut", "empty", "reversed", "shifted"]),
+       extra=st.booleans())
+def test_a_mutated_tensor_is_refused_in_one_sentence_or_loads_a_valid_cube(cube_file, name, how, extra):
+    header, tensors = read_raw(cube_file)
+    damaged = _damage(tensors.pop(name), how)
+    if damaged is not None:
+        tensors[name] = damaged
+    if extra:
+        tensors["payload"] = torch.zeros(3)
+    with tempfile.TemporaryDirectory() as folder:
+        assert_refused_or_valid(write_raw(Path(folder) / "mutated.cube.safetensors", header, tensors))
+
+
+NAMED_CASES = {  # the cases of issue 15 that were accepted silently or raised a traceback: (mutation, field named)
+    "header not a JSON object": (lambda h, t: ("[1, 2]", t), "header must be a JSON object"),
+    "header not JSON": (lambda h, t: ("{not json", t), "not valid JSON"),
+    "missing spec": (lambda h, t: ({k: v for k, v in h.items() if k != "spec"}, t), '"spec" is missing'),
+    "layers disagree with the pattern": (lambda h, t: ({**h, "layers": [0]}, t), '"layers" lists 1 layers'),
+    "heads disagree with the pattern": (lambda h, t: ({**h, "heads": [0, 1]}, t), '"heads" lists 2 heads'),
+    "one label for seven tokens": (lambda h, t: ({**h, "tokens": ["a"]}, t), "holds 1 token labels"),
+    "head index -1": (lambda h, t: ({**h, "heads": [-1, 1, 2, 3]}, t), "names head -1"),
+    "10^9 heads": (lambda h, t: ({**h, "spec": {**h["spec"], "num_heads": 10**9}}, t), "spec.num_heads"),
+    "0 KV heads": (lambda h, t: ({**h, "spec": {**h["spec"], "num_kv_heads": 0}}, t), "spec.num_kv_heads"),
+    "2-D pattern": (lambda h, t: (h, {**t, "pattern": t["pattern"][0, 0]}), "has 2 axes"),
+    "non-square pattern": (lambda h, t: (h, {**t, "pattern": t["pattern"][..., :3, :]}), "query_positions"),
+    "empty pattern": (lambda h, t: (h, {**t, "pattern": t["pattern"][:, :, :0, :0]}), "empty axis"),
+    "float query positions": (lambda h, t: (h, {**t, "query_positions": t["query_positions"].float()}), "integers"),
+    "all NaN": (lambda h, t: (h, {**t, "pattern": torch.full_like(t["pattern"], math.nan)}), "not finite"),
+    "+Inf": (lambda h, t: (h, {**t, "pattern": t["pattern"] * math.inf}), "not finite"),
+    "negative": (lambda h, t: (h, {**t, "pattern": -t["pattern"]}), "pattern"),
+    "x1e6": (lambda h, t: (h, {**t, "pattern": t["pattern"] * 1e6}), "pattern"),
+    "all zero": (lambda h, t: (h, {**t, "pattern": torch.zeros_like(t["pattern"])}), "pattern"),
+}
+
+
+@pytest.mark.parametrize("case", NAMED_CASES, ids=list(NAMED_CASES))
+def test_named_hostile_cube_files_get_one_sentence_from_load_and_render(case, cube_file, tmp_path):
+    mutate, words = NAMED_CASES[case]
+    path = write_raw(tmp_path / "bad.cube.safetensors", *mutate(*read_raw(cube_file)))
+    with pytest.raises(InputError) as error:
+        AttentionCube.load(path)
+    assert words in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+    out = tmp_path / "out"
+    code, lines = run_cli("render", path, "--out", out)
+    assert code == 2 and len(lines) == 1 and words in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_difference_cube_may_hold_negative_weights(cube_file, tmp_path):
+    header, tensors = read_raw(cube_file)
+    pattern = tensors["pattern"]
+    difference = pattern - pattern.roll(1, dims=1)  # B - A of two real patterns: rows sum to 0
+    tensors = {**tensors, "pattern": difference}
+    with pytest.raises(InputError, match="pattern"):
+        AttentionCube.load(write_raw(tmp_path / "unmarked.cube.safetensors", header, tensors))
+    loaded = AttentionCube.load(write_raw(tmp_path / "diff.cube.safetensors", {**header, "difference": True}, tensors))
+    assert loaded.difference and torch.equal(loaded.pattern, difference) and loaded.pattern.min() < 0
+
+
+def test_a_pickle_named_like_a_cube_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.cube.safetensors"
+    path.write_bytes(b"\x80\x04\x95" + f"cos\nsystem\n(Vtouch {marker}\ntR.".encode())
+    with pytest.raises(InputError, match="not a safetensors file"):
+        AttentionCube.load(path)
+    assert not marker.exists()
+
+
+# ---- the CLI: option bounds, checked before any work ----------------------------------------------
+
+def run_cli(*args) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of the CLI run in this process."""
+    import contextlib
+    import io
+
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return code, errors.getvalue().strip().splitlines()
+
+
+PROMPT = "The sky is blue because air scatters blue light."
+BAD_OPTIONS = {  # (arguments after the command's input, words the one sentence must hold)
+    "cell size of 39 TiB": (["--cell-px", "100000"], "--max-pixels"),
+    "negative cell size": (["--cell-px", "-3"], "--cell-px"),
+    "huge size": (["--size", "1000000x1000000"], "--max-pixels"),
+    "gamma inf": (["--scale", "power", "--gamma", "inf"], "--gamma"),
+    "gamma 0": (["--scale", "power", "--gamma", "0"], "--gamma"),
+    "gamma nan": (["--scale", "power", "--gamma", "nan"], "--gamma"),
+    "max pixels 0": (["--max-pixels", "0"], "--max-pixels"),
+    "name with a folder": (["--name", "../.."], "--name"),
+    "name with a slash": (["--name", "a/b"], "--name"),
+    "invalid choice": (["--scale", "cubic"], "linear"),
+    "max tokens 0": (["--max-tokens", "0"], "--max-tokens"),
+    "layer past the model": (["--layers", "99"], "layer 99 is not in this cube"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS, ids=list(BAD_OPTIONS))
+def test_render_options_out_of_bounds(case, cube_file, tmp_path):
+    options, words = BAD_OPTIONS[case]
+    out = tmp_path / "out"
+    code, lines = run_cli("render", cube_file, "--out", out, *options)
+    assert code == 2 and len(lines) == 1 and words in lines[0], lines
+    assert "Traceback" not in lines[0] and (not out.exists() or not any(out.iterdir()))
+    assert not (tmp_path.parent / "ran").exists()
+
+
+MODEL_OPTIONS = {  # refused before the model loads
+    "resamples 0": (["compare", "--sets", "a.txt", "b.txt", "--resamples", "0"], "--resamples"),
+    "permutations -1": (["compare", "--sets", "a.txt", "b.txt", "--permutations=-1"], "--permutations"),
+    "confidence 1.5": (["compare", "--sets", "a.txt", "b.txt", "--confidence", "1.5"], "--confidence"),
+    "confidence nan": (["compare", "--sets", "a.txt", "b.txt", "--confidence", "nan"], "--confidence"),
+    "kv permutations -3": (["kv-similarity", PROMPT, "--permutations=-3"], "--permutations"),
+    "pseudo group 0": (["kv-similarity", PROMPT, "--pseudo-group-size", "0"], "--pseudo-group-size"),
+    "max cube 0": (["grid", PROMPT, "--max-cube-mb", "0"], "--max-cube-mb"),
+    "max cube -1": (["grid", PROMPT, "--max-cube-mb=-1"], "--max-cube-mb"),
+    "device that does not exist": (["grid", PROMPT, "--device", "nonsense:7"], "--device"),
+    "cuda without one": (["grid", PROMPT, "--device", "cuda:3"], "--device"),
+    "grid gamma inf": (["grid", PROMPT, "--scale", "power", "--gamma", "inf"], "--gamma"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_OPTIONS, ids=list(MODEL_OPTIONS))
+def test_command_options_out_of_bounds_before_any_work(case, tmp_path, monkeypatch):
+    arguments, words = MODEL_OPTIONS[case]
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("one prompt here\nanother prompt here\n")
+    if "cuda" in case and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    out = tmp_path / "out"
+    code, lines = run_cli(*arguments, "--out", out, "--model", "./no-model-needed")
+    assert code == 2 and len(lines) == 1 and words in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_a_one_token_prompt_is_refused_like_metrics(tmp_path):
+    code, lines = run_cli("kv-similarity", "a", "--model", "smollm2-135m", "--out", tmp_path / "kv.csv")
+    metrics_code, metrics_lines = run_cli("metrics", "a", "--model", "smollm2-135m", "--out", tmp_path / "m.csv")
+    assert (code, metrics_code) == (2, 2) and len(lines) == 1 and "need at least 2" in lines[0], lines
+    assert len(metrics_lines) == 1 and "need at least 2" in metrics_lines[0], metrics_lines
+    assert not any(tmp_path.iterdir())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cell_px=st.one_of(st.none(), st.integers(-2, 3000)),
+       gamma=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0.05, 5)),
+       max_pixels=st.one_of(st.none(), st.integers(-1, 10**7)),
+       size=st.one_of(st.none(), st.sampled_from(["200", "300x150", "0", "x", "5x-5", "2000000"])))
+def test_any_drawing_options_give_a_bounded_image_or_one_sentence(cube_file, cell_px, gamma, max_pixels, size):
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "out"
+        options = ["--scale", "power", "--gamma", repr(gamma)]
+        options += [] if cell_px is None else ["--cell-px", cell_px]
+        options += [] if max_pixels is None else ["--max-pixels", max_pixels]
+        options += [] if size is None else ["--size", size]
+        code, lines = run_cli("render", cube_file, "--out", out, "--name", "r", "--quiet", *options)
+        if code != 0:
+            assert code == 2 and len(lines) == 1, lines
+            assert not out.exists() or not any(out.iterdir())
+            return
+        assert math.isfinite(gamma) and gamma > 0
+        width, height = Image.open(out / "r.png").size
+        assert width * height <= (max_pixels or 268435456)
+        assert sorted(p.name for p in out.iterdir()) == ["r.metrics.csv", "r.png"] or \
+            sorted(p.name for p in out.iterdir()) == ["r.png"]
+
+
+# ---- files that must come out the same, and tokens matplotlib cannot draw -------------------------
+
+@pytest.mark.parametrize("fmt", ["svg", "pdf", "png"])
+def test_vector_and_raster_output_is_deterministic(cube_file, tmp_path, fmt):
+    outputs = []
+    for run in range(2):
+        out = tmp_path / str(run)
+        assert run_cli("render", cube_file, "--out", out, "--name", "g", "--format", fmt, "--quiet")[0] == 0
+        outputs.append((out / f"g.{fmt}").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_tokens_with_emoji_and_control_characters_draw_without_warnings(cube_file, tmp_path):
+    header, tensors = read_raw(cube_file)
+    header["tokens"] = ["🙂", "\x07", "\u202e", "日本", "\x00", "𝔘", "a\tb"]
+    path = write_raw(tmp_path / "glyphs.cube.safetensors", header, tensors)
+    script = (f"import sys; from llm_heatmap.cli import main; "
+              f"sys.exit(main(['render', {str(path)!r}, '--out', {str(tmp_path / 'out')!r}, '--quiet']))")
+    result = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONWARNINGS": "always"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+# ---- memory: the smallest limit counts -------------------------------------------------------------
+
+def test_the_address_space_limit_counts_as_memory():
+    script = """
+import resource
+from llm_heatmap.errors import InputError
+from llm_heatmap.probes.memory import _meminfo, check_cube_fits, headroom
+mapped = _meminfo("VmSize", "/proc/self/status")
+resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**30, resource.RLIM_INFINITY))
+size, where = headroom()
+assert size <= 2**30 and "address space" in where, (size, where)
+try:
+    check_cube_fits(2**31, 3000)
+except InputError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "address space" in result.stdout and "2.0 GiB" in result.stdout and "stream" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_grid_whose_drawing_would_not_fit_is_refused_before_the_model_runs(tmp_path):
+    out = tmp_path / "out"
+    code, lines = run_cli("grid", PROMPT, "--model", "minilm-l6", "--out", out, "--cell-px", "60",
+                          "--max-cube-mb", "20")
+    assert code == 2 and len(lines) == 1 and "canvas" in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())
+
+
+# ---- batch: bad prompts named by line, damaged parts recomputed ------------------------------------
+
+@pytest.mark.slow
+def test_a_batch_names_a_prompt_too_short_for_metrics_by_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the first prompt is fine\nthe second one too\na\nthe fourth is fine\n")
+    out = tmp_path / "out"
+    code, lines = run_cli("batch", prompts, "--model", "smollm2-135m", "--out", out)
+    assert code == 2 and len(lines) == 1 and "line 3" in lines[0] and "need at least 2" in lines[0], lines
+    assert not out.exists() or not any(out.rglob("*.parquet"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_resume_recomputes_a_damaged_part(tmp_path, damage):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the first prompt is fine\nthe second one too\nand the third\n")
+    out = tmp_path / "out"
+    assert run_cli("batch", prompts, "--model", "minilm-l6", "--out", out, "--quiet")[0] == 0
+    whole = pd.read_parquet(out / "heads.parquet")
+    part = sorted((out / "parts").glob("*.parquet"))[1]
+    data = part.read_bytes()
+    part.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    assert run_cli("batch", prompts, "--model", "minilm-l6", "--out", out, "--resume", "--quiet")[0] == 0
+    resumed = pd.read_parquet(out / "heads.parquet")
+    pd.testing.assert_frame_equal(resumed.reset_index(drop=True), whole.reset_index(drop=True))
+    assert part.read_bytes()[:4] == b"PAR1"
