@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
+from llm_heatmap.viz.style import MAX_PIXELS
 
 SCALES = ["auto", "linear", "log", "power", "row"]
 SINK_MODES = ["keep", "exclude", "mask"]
@@ -25,7 +26,6 @@ DTYPES = ["float32", "float16", "bfloat16"]
 QUANTIZE = ["4bit", "8bit"]
 MEASURES = ["js", "cosine", "pearson"]
 HEAD_MEASURES = ["js", "hellinger"]
-MAX_PIXELS = 2**28
 
 
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):
