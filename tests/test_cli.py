@@ -18,6 +18,7 @@ from PIL import Image
 
 from llm_heatmap.cli import main
 from llm_heatmap.probes import AttentionCube
+from terminal import default_signals
 
 SEED_PROMPT = "Run a self meta-cognitive audit where you are self-aware about being an LLM"
 
@@ -182,7 +183,7 @@ def test_batch_interrupted_then_resumed(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "llm_heatmap.cli", "batch", str(prompts), "--out",
                                 str(out), "--model", "minilm-l6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+                               text=True, env=env, preexec_fn=default_signals)
     def finished_parts():  # a part being written is a hidden temporary file until it is renamed
         return [p for p in (out / "parts").glob("*.parquet") if not p.name.startswith(".")]
 

@@ -20,6 +20,7 @@ import pytest
 
 from llm_heatmap.analyses.atlas import TABLES
 from llm_heatmap.analyses.batch import read_batch
+from terminal import default_signals
 
 pytestmark = pytest.mark.slow
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -78,7 +79,7 @@ def test_atlas_on_two_processes_equals_one(prompts, one_process, tmp_path):
 def test_interrupted_run_resumes_on_two_processes(prompts, one_process, tmp_path):
     process = subprocess.Popen(command("atlas", prompts, *MODELS, "--out", tmp_path, "--resamples", 300,
                                        "--permutations", 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=ENV)
+                               text=True, env=ENV, preexec_fn=default_signals)
 
     def finished():
         return [p for p in (tmp_path / "parts").rglob("*.parquet") if not p.name.startswith(".")]

@@ -36,6 +36,7 @@ from PIL import Image
 
 from llm_heatmap.models.offline import OFFLINE_MODELS
 from llm_heatmap.probes import AttentionCube
+from terminal import default_signals
 
 MODEL = "minilm-l6"  # offline BERT: 6 layers x 12 heads
 HEADS = 6 * 12
@@ -66,7 +67,7 @@ class Run:
         with open(self.stderr_path, "w") as err, open(self.stdout_path, "w") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "llm_heatmap.cli", *self.args],
                                             stdin=subprocess.DEVNULL, stdout=out if stdout is None else stdout,
-                                            stderr=err, env=env or cli_env())
+                                            stderr=err, env=env or cli_env(), preexec_fn=default_signals)
         self.pid = self.process.pid
 
     def running(self) -> bool:
