@@ -111,6 +111,7 @@ class HeadMetricsReducer:
         self._context = None
         self._blocks: dict[tuple, RowBlock] = {}
         self._scratch_memory: torch.Tensor | None = None
+        self._norm_columns: tuple | None = None  # (value norms, their key columns): see _key_columns
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:
@@ -183,9 +184,9 @@ class HeadMetricsReducer:
         key_features = block.features  # "k f"
         if norms is not None:  # the norm-weighted sums ride on the same two passes over the block (h k f+2)
             value_norms, output_norms = norms
-            in_block = value_norms.float().to(weights.device)[:, block.key_start:block.key_stop]  # h k
-            key_features = torch.cat([key_features.expand(heads, -1, -1), in_block[..., None],
-                                      torch.xlogy(in_block, in_block)[..., None]], -1)
+            by_weight, by_plogp_columns = (c[:, block.key_start:block.key_stop] for c in
+                                           self._key_columns(value_norms, weights.device))
+            key_features = torch.cat([key_features.expand(heads, -1, -1), by_weight], -1)
         by_features = torch.matmul(weights, key_features)  # "h q k, (h) k f -> h q f"
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
         plogp = torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=self._scratch(weights))
@@ -193,7 +194,7 @@ class HeadMetricsReducer:
         if norms is None:
             entropy = plogp.sum(-1, keepdim=True).neg_()
         else:
-            by_plogp = torch.matmul(plogp, torch.stack([torch.ones_like(in_block), in_block], -1))  # h q 2
+            by_plogp = torch.matmul(plogp, by_plogp_columns)  # "h q k, h k 2 -> h q 2"
             entropy = by_plogp[..., :1].neg()
             self._accumulate_norms(sums, weights, block, value_norms, output_norms,
                                    *by_features[..., -2:].unbind(-1), by_plogp[..., 1])
@@ -231,6 +232,18 @@ class HeadMetricsReducer:
         first_norm = value_norms[:, first].double().to(weights.device)
         sums.norm_sink += block.sink_rows() @ (first_weight.double() * first_norm[:, None] / safe).T
         sums.has_norms = True
+
+    def _key_columns(self, value_norms: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, n ln n] and [1, n] over every key (`"h k 2"` each) for one layer's value norms n, built once for
+        all its row blocks. The cache holds the norms it was built from, so their memory cannot be reused by
+        another tensor while it stands: the same address means the same norms."""
+        cached = self._norm_columns
+        if cached is None or cached[0].data_ptr() != value_norms.data_ptr() or cached[0].shape != value_norms.shape \
+                or cached[1].device != torch.device(device):
+            n = value_norms.float().to(device)
+            cached = self._norm_columns = (value_norms, torch.stack([n, torch.xlogy(n, n)], -1),
+                                           torch.stack([torch.ones_like(n), n], -1))
+        return cached[1], cached[2]
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor shaped like `like` over memory every block reuses (a fresh block-sized
