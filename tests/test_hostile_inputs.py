@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,15 +17,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm_heatmap.cli import main
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes import AttentionCube, capture
+from llm_heatmap.viz.style import MAX_GAMMA, MAX_PIXELS
 from tiny_models import VOCAB, tiny_model
 
 HOSTILE = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -236,6 +237,7 @@ BAD_OPTIONS = {  # (arguments after the command's input, words the one sentence 
     "huge size": (["--size", "1000000x1000000"], "--max-pixels"),
     "gamma inf": (["--scale", "power", "--gamma", "inf"], "--gamma"),
     "gamma 0": (["--scale", "power", "--gamma", "0"], "--gamma"),
+    "gamma 1e300": (["--scale", "power", "--gamma", "1e300"], "--gamma"),
     "gamma nan": (["--scale", "power", "--gamma", "nan"], "--gamma"),
     "max pixels 0": (["--max-pixels", "0"], "--max-pixels"),
     "name with a folder": (["--name", "../.."], "--name"),
@@ -294,11 +296,21 @@ def test_a_one_token_prompt_is_refused_like_metrics(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from the PNG header (PIL refuses to open images past its decompression-bomb
+    limit, which a grid within --max-pixels may exceed)."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
+    return struct.unpack(">II", header[16:24])
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cell_px=st.one_of(st.none(), st.integers(-2, 3000)),
        gamma=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0.05, 5)),
        max_pixels=st.one_of(st.none(), st.integers(-1, 10**7)),
        size=st.one_of(st.none(), st.sampled_from(["200", "300x150", "0", "x", "5x-5", "2000000"])))
+@example(cell_px=651, gamma=1.0, max_pixels=None, size=None)  # 179 Mpx: within the ceiling, past PIL's bomb limit
+@example(cell_px=None, gamma=100.0, max_pixels=None, size=None)  # the largest gamma
 def test_any_drawing_options_give_a_bounded_image_or_one_sentence(cube_file, cell_px, gamma, max_pixels, size):
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "out"
@@ -311,9 +323,9 @@ def test_any_drawing_options_give_a_bounded_image_or_one_sentence(cube_file, cel
             assert code == 2 and len(lines) == 1, lines
             assert not out.exists() or not any(out.iterdir())
             return
-        assert math.isfinite(gamma) and gamma > 0
-        width, height = Image.open(out / "r.png").size
-        assert width * height <= (max_pixels or 268435456)
+        assert 0 < gamma <= MAX_GAMMA
+        width, height = png_size(out / "r.png")
+        assert width * height <= (max_pixels or MAX_PIXELS)
         assert sorted(p.name for p in out.iterdir()) == ["r.metrics.csv", "r.png"] or \
             sorted(p.name for p in out.iterdir()) == ["r.png"]
 

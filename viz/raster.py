@@ -131,7 +131,7 @@ def normalise(values: np.ndarray, in_range: np.ndarray, *, scale: str, gamma: fl
     else:
         out = (values - lo) / (hi - lo)
         if scale == "power":
-            out = np.clip(out, 0.0, None) ** gamma
+            out = np.clip(out, 0.0, 1.0) ** gamma  # above the range draws as its top either way
     if per_head:
         color = ColorScale(scale, lo, hi, gamma, per_head=True)
     else:

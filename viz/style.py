@@ -18,6 +18,7 @@ SCALES = ("auto", "linear", "log", "power", "row")
 WEIGHTINGS = ("weights", "norms")
 SINK_MODES = ("keep", "exclude", "mask")
 BACKGROUNDS = ("white", "transparent")
+MAX_GAMMA = 100  # past this every weight below the top of the range draws as 0, and powers overflow
 MAX_PIXELS = 2**28  # a quarter gigapixel: 1 GiB as RGBA, before matplotlib's copy of the canvas
 
 
@@ -70,8 +71,9 @@ class GridStyle:
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("sink", self.sink, SINK_MODES)
         _choice("background", self.background, BACKGROUNDS)
-        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
-            raise InputError(f"gamma={self.gamma!r} must be a finite number above 0 (0.5 brightens small weights).")
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= MAX_GAMMA):
+            raise InputError(f"gamma={self.gamma!r} must be a number above 0 and at most {MAX_GAMMA} "
+                             "(0.5 brightens small weights, 2 darkens them).")
         for name in ("vmin", "vmax"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
