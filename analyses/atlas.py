@@ -134,21 +134,29 @@ def _model_entries(models) -> list[tuple[str, object]]:
     entries = list(models.items()) if isinstance(models, dict) else [(str(source), source) for source in models]
     if not entries:
         raise InputError("the atlas needs at least one model; pass models, a list of sources or a dict of loaded models.")
-    names = [name for name, _ in entries]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise InputError(f"model '{twice[0]}' is given twice; give each model once.")
+    twice = _first_repeated(name for name, _ in entries)
+    if twice is not None:
+        raise InputError(f"model '{twice}' is given twice; give each model once.")
     return entries
+
+
+def _first_repeated(values):
+    """The first value that occurs a second time, or None (one pass: prompt sets run to many thousands)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
 
 
 def _check_prompts(prompts) -> list[Prompt]:
     prompts = list(prompts)
     if not prompts:
         raise InputError("the atlas needs at least one prompt; pass prompts, e.g. read_prompts('prompts.txt').")
-    ids = [p.id for p in prompts]
-    twice = sorted({i for i in ids if ids.count(i) > 1})
-    if twice:
-        raise InputError(f"prompt id '{twice[0]}' is used twice; give every prompt a unique id.")
+    twice = _first_repeated(p.id for p in prompts)
+    if twice is not None:
+        raise InputError(f"prompt id '{twice}' is used twice; give every prompt a unique id.")
     return prompts
 
 

@@ -126,9 +126,10 @@ def qk_map(cube, layer: int, *, head: int | None = None, group: int | None = Non
     )
 
 
-def layer_maps(cube, *, method: str = "pca", seed: int = 0) -> list[QKMap]:
-    """The map of every layer and KV group of the cube (of every head, for MHA, where each head is its own
-    group), for the HTML view and per-layer figures."""
+def layer_maps(cube, *, layers=None, method: str = "pca", seed: int = 0) -> list[QKMap]:
+    """The map of every KV group of every layer of the cube, or of `layers` (of every head, for MHA, where
+    each head is its own group), for the HTML view and per-layer figures."""
     cube = cube.one_sequence()
     groups = sorted({cube.spec.kv_group(h) for h in cube.heads})
-    return [qk_map(cube, layer, group=group, method=method, seed=seed) for layer in cube.layers for group in groups]
+    return [qk_map(cube, layer, group=group, method=method, seed=seed)
+            for layer in (cube.layers if layers is None else layers) for group in groups]

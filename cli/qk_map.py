@@ -54,7 +54,7 @@ def _run(args, prompt: str, path: Path) -> int:
     import torch
 
     from llm_heatmap.analyses.files import atomic_output
-    from llm_heatmap.analyses.qk_maps import qk_map
+    from llm_heatmap.analyses.qk_maps import layer_maps, qk_map
     from llm_heatmap.probes import AttentionCube, capture_prompt
     from llm_heatmap.viz import plot_qk_maps, save_figure
 
@@ -73,8 +73,7 @@ def _run(args, prompt: str, path: Path) -> int:
     elif args.group is not None:
         maps = [qk_map(cube, args.layer, group=args.group, method=args.method)]
     else:
-        groups = sorted({cube.spec.kv_group(h) for h in cube.heads})
-        maps = [qk_map(cube, args.layer, group=group, method=args.method) for group in groups]
+        maps = layer_maps(cube, layers=[args.layer], method=args.method)
     step("drawing")
     with atomic_output(path, force=args.force) as temp:
         save_figure(plot_qk_maps(maps, columns=min(len(maps), 4)), temp)
