@@ -43,11 +43,11 @@ import torch
 from llm_heatmap.errors import InputError
 
 from .atlas_prompt import THUMBNAIL_SIZE, measure_atlas_prompt
-from .bounds import at_least, check_pseudo_group_size, check_statistics
+from .bounds import at_least, check_head_measure, check_pseudo_group_size, check_statistics
 from .atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table, prompt_layer_kv,
                            top_prompts)
 from .files import atomic_output, check_writable, claim_outputs
-from .kv_similarity import HEAD_MEASURES, divergence_similarity
+from .kv_similarity import divergence_similarity
 from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
@@ -119,8 +119,7 @@ class _ModelParts:
 
 def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
                    pseudo_group_size, probe_length) -> None:
-    if measure not in HEAD_MEASURES:
-        raise InputError(f"measure={measure!r} is not known; use one of {', '.join(HEAD_MEASURES)}.")
+    check_head_measure(measure)
     at_least("thumbnail_size", thumbnail_size, 2)
     at_least("top_k", top_k, 1)
     at_least("probe_length", probe_length, 0, " (0 skips the induction probe)")

@@ -1,4 +1,4 @@
-"""The bounds of the analyses' numeric options, each rule once: the functions that take an option check it
+"""The bounds of the analyses' numeric options and the names of their measures, each rule once: the functions that take an option check it
 here, and the CLI calls the same checks before it loads anything (this module imports nothing heavy).
 Every message names the API parameter (`n_resamples=0 ...`), which the CLI shows as its flag."""
 
@@ -7,6 +7,9 @@ from __future__ import annotations
 import math
 
 from llm_heatmap.errors import InputError
+
+MEASURES = ("js", "cosine", "pearson")  # KV-group similarity of the heads that share a KV head
+HEAD_MEASURES = ("js", "hellinger")  # all-heads divergence of the atlas
 
 
 def _whole(value) -> bool:
@@ -40,3 +43,9 @@ def check_pseudo_group_size(pseudo_group_size) -> None:
     """None (the default grouping) or pseudo-groups of at least 2 heads (a group of one has no pairs)."""
     if pseudo_group_size is not None:
         at_least("pseudo_group_size", pseudo_group_size, 2, " (a group of one head has no pair to compare)")
+
+
+def check_head_measure(measure) -> None:
+    """One of `HEAD_MEASURES`."""
+    if measure not in HEAD_MEASURES:
+        raise InputError(f"measure={measure!r} is not known; use one of {', '.join(HEAD_MEASURES)}.")

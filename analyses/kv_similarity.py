@@ -34,12 +34,11 @@ import torch
 
 from llm_heatmap.errors import InputError
 
-from .bounds import check_pseudo_group_size, check_statistics
+from .bounds import MEASURES, check_head_measure, check_pseudo_group_size, check_statistics
 
 from .divergence import bhattacharyya_matrix, js_divergence_matrix
 from .sequences import per_sequence
 
-MEASURES = ("js", "cosine", "pearson")
 FIRST_TOKEN = ("kept", "dropped")
 
 
@@ -151,9 +150,6 @@ def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = 3, 
     return pd.DataFrame.from_records(records)
 
 
-HEAD_MEASURES = ("js", "hellinger")
-
-
 def head_distributions(cube, *, drop_first_token: bool = False, max_rows: int | None = None) -> torch.Tensor:
     """float32 `"(l h) q k"`: every head's spread rows as distributions over its attendable keys
     (zero rows elsewhere), the input of `divergence.js_divergence_matrix` (module docstring)."""
@@ -173,8 +169,7 @@ def head_distributions(cube, *, drop_first_token: bool = False, max_rows: int | 
 def head_divergence(p: torch.Tensor, measure: str = "js") -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence, similarity) `"n n"` of head distributions `"n q k"`: JS in nats and 1 - JS / ln 2,
     or the squared Hellinger distance 1 - BC and the Bhattacharyya coefficient BC."""
-    if measure not in HEAD_MEASURES:
-        raise InputError(f"head similarity measure {measure!r} is not known; use one of {', '.join(HEAD_MEASURES)}.")
+    check_head_measure(measure)
     if measure == "js":
         divergence = js_divergence_matrix(p)
     else:
@@ -235,8 +230,7 @@ def head_similarity_matrix(cube, *, measure: str = "js", drop_first_token: bool 
     cube = cube.one_sequence()
     if cube.num_layers * cube.num_heads < 2:
         raise InputError("head_similarity_matrix needs at least two heads in the cube.")
-    if measure not in HEAD_MEASURES:
-        raise InputError(f"head similarity measure {measure!r} is not known; use one of {', '.join(HEAD_MEASURES)}.")
+    check_head_measure(measure)
     p = head_distributions(cube, drop_first_token=drop_first_token, max_rows=max_rows)
     divergence, similarity = head_divergence(p, measure)
     order, tree = cluster_order(divergence)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
+from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES
 from llm_heatmap.viz.style import MAX_PIXELS
 
 SCALES = ["auto", "linear", "log", "power", "row"]
@@ -24,8 +25,6 @@ WEIGHTINGS = ["weights", "norms"]
 PROJECTIONS = ["pca", "tsne", "umap"]
 DTYPES = ["float32", "float16", "bfloat16"]
 QUANTIZE = ["4bit", "8bit"]
-MEASURES = ["js", "cosine", "pearson"]
-HEAD_MEASURES = ["js", "hellinger"]
 
 
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):

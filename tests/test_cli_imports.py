@@ -85,7 +85,8 @@ def test_library_says_max_tokens_and_the_cli_says_max_tokens_flag(tmp_path, caps
 
 
 def test_choices_are_the_libraries():
-    from llm_heatmap.analyses.kv_similarity import HEAD_MEASURES, MEASURES
+    from llm_heatmap.analyses.bounds import HEAD_MEASURES
+    from llm_heatmap.analyses.kv_similarity import MEASURES
     from llm_heatmap.cli import options
     from llm_heatmap.models import parse_dtype
     from llm_heatmap.viz import style
@@ -95,6 +96,6 @@ def test_choices_are_the_libraries():
     from llm_heatmap.analyses.qk_maps import METHODS
 
     assert options.PROJECTIONS == list(METHODS)
-    assert options.MEASURES == list(MEASURES)
-    assert options.HEAD_MEASURES == list(HEAD_MEASURES)
+    assert tuple(options.MEASURES) == MEASURES
+    assert tuple(options.HEAD_MEASURES) == HEAD_MEASURES
     assert all(parse_dtype(name) is not None for name in options.DTYPES)
