@@ -37,7 +37,7 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .bounds import check_statistics
+from llm_heatmap.analyses.bounds import check_statistics
 
 KEYS = ["layer", "head"]
 # columns that describe a row rather than measure a head
@@ -134,7 +134,7 @@ def compare_cubes(cube_a, cube_b, *, metrics=None, metrics_only: bool = False, h
     if not metrics_only and cube_a.num_keys != cube_b.num_keys:
         difference_cube(cube_a, cube_b)  # raises the explanation
     if head_metrics is None:
-        from .metrics import head_metrics
+        from llm_heatmap.analyses.heads.metrics import head_metrics
     table_a, table_b = head_metrics(cube_a), head_metrics(cube_b)
     deltas = metric_deltas(table_a, table_b, metrics)
     difference = None if metrics_only else difference_cube(cube_a, cube_b)

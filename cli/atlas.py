@@ -70,9 +70,9 @@ def _summary_lines(result, page: Path | None) -> list[str]:
 def run(args) -> int:
     import torch
 
-    from llm_heatmap.analyses.atlas import RANK_BY, run_atlas
-    from llm_heatmap.analyses.files import atomic_output
-    from llm_heatmap.analyses.prompts import parse_shard, read_prompts
+    from llm_heatmap.analyses.atlas.run import RANK_BY, run_atlas
+    from llm_heatmap.analyses.runs.files import atomic_output
+    from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
     from llm_heatmap.viz.atlas import atlas_view
 
     shard = None if args.shard is None else parse_shard(args.shard)

@@ -160,7 +160,7 @@ def add_drawing_options(parser) -> None:
 
 def read_prompt(args) -> str:
     """The prompt from PROMPT or --prompt-file (exactly one of them), never empty."""
-    from llm_heatmap.analyses.prompts import check_prompt, read_prompt_text
+    from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompt_text
 
     if args.prompt_file is not None:
         if args.prompt is not None:
@@ -175,7 +175,7 @@ def selected_metrics(args) -> list[str] | None:
     """The `--metric` names, checked before any work; None when all metrics are wanted."""
     if not args.metric:
         return None
-    from llm_heatmap.analyses.metrics import COLUMNS
+    from llm_heatmap.analyses.heads.metrics import COLUMNS
 
     valid = [c for c in COLUMNS if c not in ("layer", "head", "kv_group")]
     names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]

@@ -1,6 +1,6 @@
 """The README's atlas example: the shipped length-matched prompts on SmolLM2 and MiniLM, and a screenshot.
 
-    python -m llm_heatmap.cli.experiments.atlas_example --out atlas-example --png docs/atlas.png
+    python -m experiments.atlas_example --out atlas-example --png docs/atlas.png
 
 Runs `llm-heatmap atlas analyses/data/length_matched_pairs.jsonl --model smollm2-135m --model
 minilm-l6 --out OUT` (one thread, so the numbers repeat), then opens OUT/atlas.html in headless

@@ -1,6 +1,6 @@
 """The seed README's Experiments 1 and 2, reproduced on the offline models, plus its MHA/GQA claim as a measurement.
 
-    python -m llm_heatmap.cli.experiments.seed_experiments --out docs/experiments
+    python -m experiments.seed_experiments --out docs/experiments
 
 For each model (`minilm-l6` standing in for bert-base-uncased, `smollm2-135m` for Qwen3-0.6B) and
 each experiment (the prompt pairs of `data/seed_experiments.jsonl`, A = simple, B = complex, plus
@@ -42,7 +42,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +49,16 @@ import pandas as pd
 import torch
 
 from llm_heatmap.analyses.compare import compare_cubes, metric_columns
-from llm_heatmap.analyses.files import atomic_output
-from llm_heatmap.analyses.kv_similarity import (FIRST_TOKEN, MEASURES, group_gap, head_groups, kv_group_similarity,
+from llm_heatmap.analyses.runs.files import atomic_output
+from llm_heatmap.analyses.similarity.kv_similarity import (FIRST_TOKEN, MEASURES, group_gap, head_groups, kv_group_similarity,
                                                 layer_similarity)
-from llm_heatmap.analyses.metrics import head_metrics
-from llm_heatmap.analyses.prompts import read_prompts
-from llm_heatmap.analyses.tables import write_table
+from llm_heatmap.analyses.heads.metrics import head_metrics
+from llm_heatmap.analyses.runs.prompts import read_prompts
+from llm_heatmap.analyses.runs.table_files import write_table
 from llm_heatmap.errors import InputError
 
-from .. import options
-from ..errors import cli_message
+from llm_heatmap.cli import options
+from llm_heatmap.cli.errors import cli_message
 
 MODELS = ("minilm-l6", "smollm2-135m")
 STANDS_IN_FOR = {"minilm-l6": "bert-base-uncased", "smollm2-135m": "Qwen3-0.6B"}
@@ -116,8 +115,8 @@ class ExperimentResult:
 
 
 def seed_prompts() -> list[Experiment]:
-    """Experiments 1 and 2 of the seed README, from `analyses/data/seed_experiments.jsonl`."""
-    path = Path(str(files("llm_heatmap.analyses") / "data" / "seed_experiments.jsonl"))
+    """Experiments 1 and 2 of the seed README, from `experiments/data/seed_experiments.jsonl`."""
+    path = Path(__file__).resolve().parent / "data" / "seed_experiments.jsonl"
     prompts = {p.id: p.text for p in read_prompts(path)}
     return [Experiment(f"exp{n}", f"Exp. {n}", prompts[f"exp{n}-simple"], prompts[f"exp{n}-complex"]) for n in (1, 2)]
 
@@ -386,7 +385,7 @@ def run(out: Path, *, models=MODELS, experiments=None, loader=None, figures: boo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.cli.experiments.seed_experiments",
+    parser = argparse.ArgumentParser(prog="python -m experiments.seed_experiments",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output folder (default docs/experiments)")
     parser.add_argument("--model", action="append", help=f"model to run (repeatable; default {' and '.join(MODELS)})")

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.analyses.atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table,
+from llm_heatmap.analyses.atlas.summary import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                prompt_layer_kv, top_prompts)
 from llm_heatmap.analyses.compare import bootstrap_means
-from llm_heatmap.analyses.head_map import classical_mds, head_map
+from llm_heatmap.analyses.similarity.head_map import classical_mds, head_map
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 

@@ -222,7 +222,7 @@ def test_different_token_counts(minilm_eager):
 
 @pytest.mark.slow
 def test_kv_report_gqa_and_mha_in_one_table(smollm2, minilm):
-    from llm_heatmap.analyses.kv_report import kv_report
+    from llm_heatmap.analyses.similarity.kv_report import kv_report
 
     # MHA listed first: it waits for the GQA model's group size (3) before it is measured
     report = kv_report({"minilm": minilm, "smollm2": smollm2}, ["the sky is blue"], measures=["js"],

@@ -11,7 +11,7 @@ import torch
 
 from llm_heatmap.analyses import head_metrics
 from llm_heatmap.analyses.compare import metric_columns
-from llm_heatmap.cli.experiments import seed_experiments as se
+from experiments import seed_experiments as se
 from llm_heatmap.probes import capture_prompt
 
 pytestmark = pytest.mark.slow

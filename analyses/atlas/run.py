@@ -42,17 +42,17 @@ import torch
 
 from llm_heatmap.errors import InputError
 
-from .atlas_prompt import THUMBNAIL_SIZE, measure_atlas_prompt
-from .bounds import at_least, check_head_measure, check_pseudo_group_size, check_statistics
-from .atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table, prompt_layer_kv,
+from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt
+from llm_heatmap.analyses.bounds import at_least, check_head_measure, check_pseudo_group_size, check_statistics
+from llm_heatmap.analyses.atlas.summary import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table, prompt_layer_kv,
                            top_prompts)
-from .files import atomic_output, check_writable, claim_outputs
-from .kv_similarity import divergence_similarity
-from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
-from .progress import RunProgress
-from .prompts import Prompt, check_length, shard_prompts
-from .ranks import Ranks, launcher_ranks
-from .tables import write_table
+from llm_heatmap.analyses.runs.files import atomic_output, check_writable, claim_outputs
+from llm_heatmap.analyses.similarity.kv_similarity import divergence_similarity
+from llm_heatmap.analyses.runs.parts import check_settings, part_done, part_key, shard_suffix, write_settings
+from llm_heatmap.analyses.runs.progress import RunProgress
+from llm_heatmap.analyses.runs.prompts import Prompt, check_length, shard_prompts
+from llm_heatmap.analyses.runs.ranks import Ranks, launcher_ranks
+from llm_heatmap.analyses.runs.table_files import write_table
 
 TABLES = ("prompt_heads", "heads", "layers", "models", "prompt_layers", "top_prompts", "head_distances")
 RANK_BY = ("sink_score", "previous_token_score", "duplicate_token_score", "induction_score", "diagonal_score",
@@ -329,7 +329,7 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
             temp.write_text(json.dumps({"name": name, "spec": spec.to_dict()}, indent=2) + "\n")
     if fresh or not parts.probe_file.exists():
         if probe_length > 0:
-            from .induction_probe import induction_probe_scores
+            from llm_heatmap.analyses.heads.induction_probe import induction_probe_scores
 
             probe = induction_probe_scores(model, tokenizer, spec=spec, length=probe_length)
             probe = probe.drop(columns=["kv_group"])

@@ -33,10 +33,10 @@ from pandas.api.types import is_bool_dtype
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 
-from .compare import DESCRIPTIVE, bootstrap_means, metric_columns
-from .head_map import head_map
-from .kv_similarity import cluster_order, divergence_similarity, group_gap, group_means, spec_head_groups
-from .patterns import PATTERN_CLASSES
+from llm_heatmap.analyses.compare import DESCRIPTIVE, bootstrap_means, metric_columns
+from llm_heatmap.analyses.similarity.head_map import head_map
+from llm_heatmap.analyses.similarity.kv_similarity import cluster_order, divergence_similarity, group_gap, group_means, spec_head_groups
+from llm_heatmap.analyses.heads.patterns import PATTERN_CLASSES
 
 UNIT = ["layer", "head"]
 

@@ -26,13 +26,13 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .files import check_writable, claim_outputs
-from .measure import stream_head_metrics
-from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
-from .progress import RunProgress
-from .prompts import Prompt, check_length, shard_prompts
-from .ranks import Ranks, launcher_ranks
-from .tables import write_table
+from llm_heatmap.analyses.runs.files import check_writable, claim_outputs
+from llm_heatmap.analyses.heads.measure import stream_head_metrics
+from llm_heatmap.analyses.runs.parts import check_settings, part_done, part_key, shard_suffix, write_settings
+from llm_heatmap.analyses.runs.progress import RunProgress
+from llm_heatmap.analyses.runs.prompts import Prompt, check_length, shard_prompts
+from llm_heatmap.analyses.runs.ranks import Ranks, launcher_ranks
+from llm_heatmap.analyses.runs.table_files import write_table
 
 ROW_COLUMNS = ["model", "prompt_id", "group", "prompt", "n_tokens"]
 

@@ -19,8 +19,8 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .bounds import check_pseudo_group_size, check_statistics
-from .prompts import check_length
+from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics
+from llm_heatmap.analyses.runs.prompts import check_length
 
 DEFAULT_PSEUDO_GROUP_SIZE = 3
 SUMMARY_KEYS = ["model", "attention_kind", "grouping", "group_size", "measure", "first_token"]
@@ -61,7 +61,7 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
     """
     from llm_heatmap.probes import capture_prompt
 
-    from .kv_similarity import MEASURES, kv_group_similarity
+    from llm_heatmap.analyses.similarity.kv_similarity import MEASURES, kv_group_similarity
 
     check_statistics(n_permutations=n_permutations)
     check_pseudo_group_size(pseudo_group_size)

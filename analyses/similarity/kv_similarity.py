@@ -34,10 +34,10 @@ import torch
 
 from llm_heatmap.errors import InputError
 
-from .bounds import MEASURES, check_head_measure, check_pseudo_group_size, check_statistics
+from llm_heatmap.analyses.bounds import MEASURES, check_head_measure, check_pseudo_group_size, check_statistics
 
-from .divergence import bhattacharyya_matrix, js_divergence_matrix
-from .sequences import per_sequence
+from llm_heatmap.analyses.similarity.divergence import bhattacharyya_matrix, js_divergence_matrix
+from llm_heatmap.analyses.sequences import per_sequence
 
 FIRST_TOKEN = ("kept", "dropped")
 
