@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     options.add_chat_option(parser)
     options.add_model_options(parser, several=True)
     parser.add_argument("--out", type=Path, help="per-layer table; the summary goes beside it as STEM.summary.EXT")
-    options.add_pseudo_group_option(parser, "default: the first GQA model's, else 3")
+    options.add_pseudo_group_option(parser)
     parser.add_argument("--measure", action="append", choices=options.MEASURES,
                         help="similarity measure (repeat; default all three)")
     options.add_permutation_options(parser, default=1000, help="permutations per layer")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
-from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES
+from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES, PSEUDO_GROUP_SIZE
 from llm_heatmap.viz.style import MAX_PIXELS
 
 SCALES = ["auto", "linear", "log", "power", "row"]
@@ -128,8 +128,9 @@ def add_prompt_set_options(parser, name: str) -> None:
     add_chat_option(parser)
 
 
-def add_pseudo_group_option(parser, default_help: str) -> None:
-    parser.add_argument("--pseudo-group-size", type=int, help=f"group size for MHA models ({default_help})")
+def add_pseudo_group_option(parser) -> None:
+    parser.add_argument("--pseudo-group-size", type=int,
+                        help=f"group size for MHA models (default: the first GQA model's, else {PSEUDO_GROUP_SIZE})")
 
 
 def add_drawing_options(parser) -> None:

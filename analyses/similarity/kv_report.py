@@ -19,10 +19,9 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics
+from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE, check_pseudo_group_size, check_statistics
 from llm_heatmap.analyses.runs.prompts import check_length
 
-DEFAULT_PSEUDO_GROUP_SIZE = 3
 SUMMARY_KEYS = ["model", "attention_kind", "grouping", "group_size", "measure", "first_token"]
 
 
@@ -43,7 +42,7 @@ def summarize(layers: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
 
 
 def _or_default(pseudo_group_size: int | None) -> int:
-    return DEFAULT_PSEUDO_GROUP_SIZE if pseudo_group_size is None else pseudo_group_size
+    return PSEUDO_GROUP_SIZE if pseudo_group_size is None else pseudo_group_size
 
 
 def _kind(spec) -> str:
