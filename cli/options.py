@@ -1,8 +1,8 @@
 """Every flag that several commands share, declared once here, and the functions that read them back.
 
 Nothing imported at module level may import torch, transformers or matplotlib: `--help` and argument
-errors must not. So the choices below repeat the library's (`viz.style`, `analyses.kv_similarity`,
-`models.loading`), and tests/test_cli_imports.py checks that they agree.
+errors must not. The choices come from where the library defines them (`llm_heatmap.choices`,
+`analyses.bounds`), both light.
 """
 
 from __future__ import annotations
@@ -13,18 +13,12 @@ import shutil
 import textwrap
 from pathlib import Path
 
+from llm_heatmap.choices import BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, WEIGHTINGS  # noqa: F401
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
 from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES, PSEUDO_GROUP_SIZE
 from llm_heatmap.viz.style import MAX_PIXELS
 
-SCALES = ["auto", "linear", "log", "power", "row"]
-SINK_MODES = ["keep", "exclude", "mask"]
-BACKGROUNDS = ["white", "transparent"]
-WEIGHTINGS = ["weights", "norms"]
-PROJECTIONS = ["pca", "tsne", "umap"]
-DTYPES = ["float32", "float16", "bfloat16"]
-QUANTIZE = ["4bit", "8bit"]
 
 
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):

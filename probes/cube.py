@@ -15,16 +15,8 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 
 from . import geometry
+from .cube_schema import FORMAT, FORMAT_VERSION, SIDE_TENSORS, read_cube_file
 
-FORMAT = "llm-heatmap-cube"
-FORMAT_VERSION = 1
-WEIGHTINGS = ("weights", "norms")
-
-# Optional tensors captured beside the pattern, with the axes they share with it (l: the cube's
-# layers, h: its heads, g: the model's KV heads, q: its query rows, k: its keys, d: head size):
-# the norm of what each head writes from each key (`||v_j W_O^h||`, Kobayashi et al. 2020), the
-# norm of each head's output for each row, and the post-RoPE queries and keys the kernel received.
-SIDE_TENSORS = {"value_norms": "l h k", "output_norms": "l h q", "queries": "l h q d", "keys": "l g k d"}
 
 
 @dataclass(frozen=True)
@@ -335,7 +327,6 @@ class AttentionCube:
     def load(cls, path: str | Path) -> "AttentionCube":
         """The cube of a file written by `save`, checked against the schema of `cube_schema.py` first
         (an `InputError` names the file and the first field that is wrong)."""
-        from .cube_schema import read_cube_file
 
         cube_file, tensors = read_cube_file(path)
         header = cube_file.header
