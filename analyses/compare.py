@@ -112,6 +112,11 @@ class PromptComparison:
     deltas: pd.DataFrame  # long: layer, head, kv_group, metric, a, b, delta
     difference: object | None = None  # AttentionCube (B - A) or None when metrics only
 
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
+
+        return tables_html("PromptComparison: prompt B vs A", {"deltas": self.deltas})
+
     def wide(self) -> pd.DataFrame:
         """Deltas laid out like a head-metric table: one row per head, one column per metric."""
         index = [c for c in ("layer", "head", "kv_group") if c in self.deltas.columns]
@@ -165,6 +170,11 @@ class SetComparison:
 
     heads: pd.DataFrame
     layers: pd.DataFrame
+
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
+
+        return tables_html("SetComparison: prompt set B vs A", {"layers": self.layers, "heads": self.heads})
 
 
 def _frame(stats: dict, keys: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:

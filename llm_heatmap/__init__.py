@@ -12,8 +12,6 @@ The rooms are `llm_heatmap.models`, `.probes`, `.analyses`, `.viz` and `.cli`; t
 theirs, imported on first use so that `import llm_heatmap` (and `llm-heatmap --help`) stays light.
 """
 
-import sys
-
 from .errors import InputError
 from .lazy import lazy_exports
 
@@ -31,14 +29,3 @@ _MODULES = {
 __getattr__, __dir__ = lazy_exports(__name__, _MODULES)
 __all__ = ["InputError", "__version__", *(name for names in _MODULES.values() for name in names)]
 
-
-def _show_cubes_in_a_running_notebook() -> None:
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    if shell is not None and hasattr(shell, "display_formatter"):
-        from .notebook import register
-
-        register(shell)
-
-
-_show_cubes_in_a_running_notebook()

@@ -126,6 +126,12 @@ class AttentionCube:
                    query_mask=torch.ones(rows, dtype=torch.bool), **fields)
 
     # ---- shape ------------------------------------------------------------------------
+    def _repr_html_(self) -> str:
+        """The notebook display (a summary beside an all-heads thumbnail); the drawing is imported only now."""
+        from llm_heatmap.notebook import cube_html
+
+        return cube_html(self)
+
     @property
     def batched(self) -> bool:
         return self.pattern.ndim == 5

@@ -78,6 +78,12 @@ class AtlasResult:
     prompts: dict[str, str] = field(default_factory=dict)  # prompt id -> text
     measure: str = "js"
 
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
+
+        tables = self.tables or {}
+        return tables_html(f"AtlasResult: {self.out_dir}", {"models": tables.get("models"), "heads": tables.get("heads")})
+
     def page_inputs(self) -> dict:
         """Keyword arguments of `llm_heatmap.viz.atlas.atlas_view`: tables and small arrays only."""
         if self.tables is None:

@@ -50,6 +50,11 @@ class BatchResult:
     computed: list[str] = field(default_factory=list)  # prompt ids measured in this run
     skipped: list[str] = field(default_factory=list)  # prompt ids found already done
 
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
+
+        return tables_html("BatchResult: per-head metrics of a prompt set", {"heads": self.table})
+
 
 class _Model(Section):
     """The batch's one model: a prompt's rows are `measure(model, tokenizer, text, spec=, chat=, **options)`."""

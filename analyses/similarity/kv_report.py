@@ -30,6 +30,11 @@ class KVReport:
     layers: pd.DataFrame  # one row per model x prompt x layer x measure x first_token
     summary: pd.DataFrame  # one row per model x measure x first_token
 
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
+
+        return tables_html("KVReport: KV-group similarity", {"summary": self.summary, "layers": self.layers})
+
 
 def summarize(layers: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Model-level summary of a per-layer KV table (module docstring)."""
