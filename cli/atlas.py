@@ -71,7 +71,7 @@ def run(args) -> int:
     import torch
 
     from llm_heatmap.analyses.atlas.run import RANK_BY, run_atlas
-    from llm_heatmap.analyses.runs.files import atomic_output
+    from llm_heatmap.models.files import atomic_output
     from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
     from llm_heatmap.viz.atlas import atlas_view
 

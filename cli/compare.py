@@ -62,7 +62,7 @@ def _run_pair(args, metrics) -> tuple[list[str], dict]:
 
     from llm_heatmap.analyses.heads.measure import stream_head_metrics
     from llm_heatmap.analyses.compare import compare_cubes, compare_tables
-    from llm_heatmap.analyses.runs.files import atomic_output
+    from llm_heatmap.models.files import atomic_output
     from llm_heatmap.analyses.runs.prompts import check_length, check_prompt
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.probes import capture_prompt
@@ -157,7 +157,7 @@ def _run_sets(args, metrics) -> tuple[list[str], dict]:
 
 def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_statistics
-    from llm_heatmap.analyses.runs.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
     from llm_heatmap.analyses.runs.table_files import table_format
 
     metrics = options.selected_metrics(args)

@@ -41,7 +41,7 @@ def output_paths(args, name: str) -> dict:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.runs.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
 
     prompt = options.read_prompt(args)
     if args.qk and args.stream:
@@ -56,7 +56,7 @@ def _run(args, prompt: str, paths: dict) -> int:
     import torch
 
     from llm_heatmap.analyses.heads.digest import digest_lines
-    from llm_heatmap.analyses.runs.files import atomic_output
+    from llm_heatmap.models.files import atomic_output
     from llm_heatmap.analyses.heads.measure import measure_prompt
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models import parse_dtype

@@ -41,7 +41,7 @@ def summary_path(out: Path) -> Path:
 
 def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics
-    from llm_heatmap.analyses.runs.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
     from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompts
     from llm_heatmap.analyses.runs.table_files import table_format
 

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.runs.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
     from llm_heatmap.analyses.runs.table_files import table_format
 
     prompt = options.read_prompt(args)

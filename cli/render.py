@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.runs.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
 
     name = options.plain_name(args.name) or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
@@ -30,7 +30,7 @@ def run(args) -> int:
 
 def _run(args, paths: list[Path]) -> int:
     # imported after the checks above, so that a bad output path can fail before torch loads
-    from llm_heatmap.analyses.runs.files import atomic_output
+    from llm_heatmap.models.files import atomic_output
     from llm_heatmap.probes import AttentionCube
     from llm_heatmap.probes.cube_schema import inspect_cube_file
     from llm_heatmap.probes.memory import check_fits

@@ -25,7 +25,7 @@ import torch
 
 from llm_heatmap.analyses.runs.batch import run_batch
 from llm_heatmap.analyses.compare import compare_cubes, compare_sets
-from llm_heatmap.analyses.runs.files import atomic_output
+from llm_heatmap.models.files import atomic_output
 from llm_heatmap.analyses.runs.prompts import check_length, read_prompts
 from llm_heatmap.analyses.runs.table_files import write_table
 from llm_heatmap.errors import InputError

@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 
 from llm_heatmap.analyses.compare import compare_cubes, metric_columns
-from llm_heatmap.analyses.runs.files import atomic_output
+from llm_heatmap.models.files import atomic_output
 from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE
 from llm_heatmap.analyses.similarity.kv_similarity import (FIRST_TOKEN, MEASURES, group_gap, head_groups, kv_group_similarity,
                                                 layer_similarity)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.models.files import atomic_output
 from llm_heatmap.models import ModelSpec
 
 from . import geometry
@@ -323,10 +323,8 @@ class AttentionCube:
             "pooling": None if self.pooling is None else asdict(self.pooling),
             "stream": None if self.stream is None else asdict(self.stream),
         }
-        save_file(tensors, str(path), metadata={"llm_heatmap": json.dumps(header)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # safetensors writes through a private (0600) temporary file
+        with atomic_output(path, force=True) as temp:  # complete or not at all
+            save_file(tensors, str(temp), metadata={"llm_heatmap": json.dumps(header)})
         return path
 
     @classmethod

@@ -62,7 +62,7 @@ def test_api_parameters_become_flags(message, expected):
 
 
 def test_library_says_force_true_and_the_cli_says_force(tmp_path, capsys):
-    from llm_heatmap.analyses.runs.files import check_writable
+    from llm_heatmap.models.files import check_writable
     from llm_heatmap.errors import InputError
 
     existing = tmp_path / "x.png"

@@ -45,7 +45,7 @@ from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blo
 from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_pseudo_group_size, check_statistics,
                                          pseudo_group_size_of)
 from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
-from llm_heatmap.analyses.runs.files import atomic_output
+from llm_heatmap.models.files import atomic_output
 from llm_heatmap.analyses.runs.parts import part_key
 from llm_heatmap.analyses.runs.prompts import Prompt, check_length, shard_prompts
 from llm_heatmap.analyses.runs.ranks import Ranks, launcher_ranks

@@ -31,7 +31,7 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .files import check_writable, claim_outputs
+from llm_heatmap.models.files import check_writable, claim_outputs
 from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, shard_prompts
