@@ -93,3 +93,18 @@ def test_shards_partition_and_a_final_resume_merges(tmp_path):
     record = run_per_prompt(letters(calls), PROMPTS, tmp_path, kind="letters", options=RunOptions(resume=True))
     assert calls == [] and record.skipped == {"letters": [p.id for p in PROMPTS]}
     assert len(pd.read_parquet(tmp_path / "letters.parquet")) == expected_rows(PROMPTS)
+
+
+def test_option_groups_also_take_each_option_as_a_keyword(tmp_path):
+    from llm_heatmap.analyses.atlas.run import AtlasOptions, run_atlas
+    from llm_heatmap.analyses.stats import Bootstrap
+    from llm_heatmap.options import spread
+
+    atlas, bootstrap, run = spread({"measure": "hellinger", "seed": 4, "resume": True}, AtlasOptions(), Bootstrap(),
+                                   RunOptions())
+    assert (atlas, bootstrap, run) == (AtlasOptions(measure="hellinger"), Bootstrap(seed=4), RunOptions(resume=True))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'measures'"):
+        run_atlas(["minilm-l6"], PROMPTS, tmp_path, measures="js")
+    with pytest.raises(InputError, match="top_k=0 must be a whole number of at least 1"):
+        run_atlas(["minilm-l6"], PROMPTS, tmp_path, AtlasOptions(top_k=0))
+    assert list(tmp_path.iterdir()) == []

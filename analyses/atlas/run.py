@@ -31,7 +31,7 @@ so an earlier model's parts may exist by then (kept for `resume`); no table is w
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +53,7 @@ from llm_heatmap.analyses.runs.table_files import write_table
 from llm_heatmap.analyses.similarity.kv_similarity import divergence_similarity
 from llm_heatmap.analyses.stats import Bootstrap
 from llm_heatmap.errors import InputError
+from llm_heatmap.options import spread
 
 TABLES = ("prompt_heads", "heads", "layers", "models", "prompt_layers", "top_prompts", "head_distances")
 RANK_BY = ("sink_score", "previous_token_score", "duplicate_token_score", "induction_score", "diagonal_score",
@@ -210,32 +211,25 @@ def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: i
     return counts
 
 
-def run_atlas(
-    models,
-    prompts: list[Prompt],
-    out_dir: str | Path,
-    *,
-    chat: bool = False,
-    measure: str = "js",
-    thumbnail_size: int = THUMBNAIL_SIZE,
-    max_rows: int | None = None,
-    top_k: int = 3,
-    rank_by=RANK_BY,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    n_permutations: int = 1000,
-    seed: int = 0,
-    pseudo_group_size: int | None = None,
-    probe_length: int = 50,
-    shard: tuple[int, int] | None = None,
-    resume: bool = False,
-    force: bool = False,
-    quiet: bool = False,
-    ranks: Ranks | None = None,
-    loader: Callable | None = None,
-    on_prompt: Callable | None = None,
-    max_bytes: int | None = None,
-) -> AtlasResult:
+@dataclass(frozen=True)
+class AtlasOptions:
+    """What the atlas measures on every prompt and how it summarises the prompts (`run_atlas`)."""
+
+    chat: bool = False
+    measure: str = "js"
+    thumbnail_size: int = THUMBNAIL_SIZE
+    max_rows: int | None = None
+    top_k: int = 3
+    rank_by: tuple = RANK_BY
+    n_permutations: int = 1000
+    pseudo_group_size: int | None = None
+    probe_length: int = 50
+    max_bytes: int | None = None
+
+
+def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: AtlasOptions | None = None, *,
+              bootstrap: Bootstrap | None = None, run: RunOptions | None = None, loader: Callable | None = None,
+              on_prompt: Callable | None = None, **keywords) -> AtlasResult:
     """Measure `prompts` on every model and write the atlas's tables to `out_dir` (module docstring).
 
     `models`: a list of sources for `load_model` (loaded one at a time; `loader(source)` returns
@@ -247,8 +241,16 @@ def run_atlas(
     `n_permutations` shuffles of the head grouping (MHA models: pseudo-groups of
     `pseudo_group_size`, default the first GQA model's group size, else 3). `probe_length`:
     random tokens of the induction probe (0 to skip it). `shard`, `resume`, `force`, `ranks`: as
-    in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt.
+    in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
+    in three groups, `options` (`AtlasOptions`), `bootstrap` (`stats.Bootstrap`: n_resamples, confidence,
+    seed) and `run` (`RunOptions`: shard, resume, force, quiet, ranks), and each also as a keyword.
     """
+    options, bootstrap, run = spread(keywords, options or AtlasOptions(), bootstrap or Bootstrap(), run or RunOptions())
+    chat, measure, thumbnail_size, max_rows = options.chat, options.measure, options.thumbnail_size, options.max_rows
+    top_k, rank_by, n_permutations = options.top_k, options.rank_by, options.n_permutations
+    pseudo_group_size, probe_length, max_bytes = options.pseudo_group_size, options.probe_length, options.max_bytes
+    n_resamples, confidence = bootstrap.n_resamples, bootstrap.confidence
+    shard, resume, force, ranks = run.shard, run.resume, run.force, run.ranks
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
                    pseudo_group_size, probe_length)
     entries = _model_entries(models)
@@ -257,8 +259,8 @@ def run_atlas(
     out_dir = Path(out_dir)
     mine = shard_prompts(prompts, shard)
     files = output_paths(out_dir)
-    options = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
-    models_parts = [_ModelParts(name, out_dir / "parts" / part_key(name), source, loader, mine, options, max_bytes,
+    per_prompt = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
+    models_parts = [_ModelParts(name, out_dir / "parts" / part_key(name), source, loader, mine, per_prompt, max_bytes,
                                 probe_length, fresh=force and not resume) for name, source in entries]
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length}
@@ -280,14 +282,13 @@ def run_atlas(
     def merge(record) -> None:
         if shard is None:
             _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by,
-                   bootstrap=Bootstrap(n_resamples, confidence, seed), n_permutations=n_permutations,
+                   bootstrap=bootstrap, n_permutations=n_permutations,
                    pseudo_group_size=pseudo_group_size)
 
-    run = PromptSetRun(kind="atlas", title="an atlas", sections=models_parts, settings=settings,
+    prompt_set = PromptSetRun(kind="atlas", title="an atlas", sections=models_parts, settings=settings,
                        outputs=list(files.values()), check=check, merge=merge,
                        on_prompt=None if on_prompt is None else lambda name, prompt, _: on_prompt(name, prompt))
-    record = run_prompt_set(run, prompts, out_dir, RunOptions(shard=shard, resume=resume, force=force, quiet=quiet,
-                                                              ranks=ranks))
+    record = run_prompt_set(prompt_set, prompts, out_dir, replace(run, ranks=ranks))
     result.computed, result.skipped = record.computed, record.skipped
     return result
 
