@@ -32,6 +32,7 @@ from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks
 from .table_files import write_table
 
+
 def output_paths(out_dir: str | Path, shard: tuple[int, int] | None = None) -> tuple[Path, Path]:
     """(parquet, csv) paths of the final table of a batch (or of one shard)."""
     out_dir = Path(out_dir)

@@ -7,7 +7,7 @@ rest, in this order, the same for every analysis:
 
 1. refuse an output folder that already holds results (without `resume` or `force`), a folder that
    cannot be written, and settings that differ from those of the run being resumed;
-2. claim the run's settings file (`files.claim_outputs`: one run of a shard at a time);
+2. claim the run's settings file (`models.files.claim_outputs`: one run of a shard at a time);
 3. find the prompts already done (`Section.done`) and refuse one whose text changed since;
 4. let the analysis check what needs its models (`PromptSetRun.check`), on every rank, then a barrier:
    bad input stops every rank before any file changes;
