@@ -129,7 +129,7 @@ def compare_cubes(cube_a, cube_b, *, metrics=None, metrics_only: bool = False, h
     """Compare two captured prompts: per-head metric deltas (B - A) and the difference cube.
 
     When the token counts differ this raises `InputError` unless `metrics_only=True`.
-    `head_metrics` (default `analyses.metrics.head_metrics`) turns a cube into a metric table.
+    `head_metrics` (default `analyses.heads.metrics.head_metrics`) turns a cube into a metric table.
     """
     if not metrics_only and cube_a.num_keys != cube_b.num_keys:
         difference_cube(cube_a, cube_b)  # raises the explanation

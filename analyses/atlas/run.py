@@ -2,7 +2,7 @@
 
 `run_atlas(models, prompts, out_dir)` measures every prompt on every model (`atlas_prompt`: the
 per-head metrics, the divergence between every pair of heads, a pooled picture of every head),
-keeps each as part files, and summarises them (`atlas_tables`) into tidy Parquet tables:
+keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Parquet tables:
 
     OUT/prompt_heads.parquet   one row per model x prompt x head (the metrics of `head_metrics`)
     OUT/heads.parquet          one row per model x head: means and rates with bootstrap intervals, pattern-class
