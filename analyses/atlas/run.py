@@ -1,6 +1,6 @@
 """The head atlas: every head of one or more models characterised over a whole prompt set.
 
-`run_atlas(models, prompts, out_dir)` measures every prompt on every model (`atlas_prompt`: the
+`run_atlas(models, prompts, out_dir)` measures every prompt on every model (`atlas/prompt.py`: the
 per-head metrics, the divergence between every pair of heads, a pooled picture of every head),
 keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Parquet tables:
 
