@@ -20,7 +20,6 @@ from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES, PSEUDO_GROUP_SI
 from llm_heatmap.viz.style import MAX_PIXELS
 
 
-
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):
     """The parser of one command that does `run(args)`: `summary` in the list of commands; in its --help,
     `description` wrapped to the terminal, then `example` as written."""
