@@ -10,6 +10,7 @@ from llm_heatmap.errors import InputError
 
 MEASURES = ("js", "cosine", "pearson")  # KV-group similarity of the heads that share a KV head
 HEAD_MEASURES = ("js", "hellinger")  # all-heads divergence of the atlas
+PSEUDO_GROUP_SIZE = 3  # consecutive heads per pseudo-group of an MHA model when no GQA model gives a group size
 
 
 def _whole(value) -> bool:
@@ -43,6 +44,14 @@ def check_pseudo_group_size(pseudo_group_size) -> None:
     """None (the default grouping) or pseudo-groups of at least 2 heads (a group of one has no pairs)."""
     if pseudo_group_size is not None:
         at_least("pseudo_group_size", pseudo_group_size, 2, " (a group of one head has no pair to compare)")
+
+
+def pseudo_group_size_of(specs, chosen: int | None = None) -> int:
+    """`chosen`, else the group size of the first GQA model among `specs`, else `PSEUDO_GROUP_SIZE`."""
+    if chosen is not None:
+        return chosen
+    gqa = [spec.group_size for spec in specs if spec.attention_kind == "GQA"]
+    return gqa[0] if gqa else PSEUDO_GROUP_SIZE
 
 
 def check_head_measure(measure) -> None:

@@ -100,8 +100,8 @@ def best(function, repeats: int):
 
 
 def similarity_rows(tokens: int) -> tuple[list[tuple], float]:
-    from llm_heatmap.analyses.divergence import bhattacharyya_matrix, js_divergence_matrix
-    from llm_heatmap.analyses.kv_similarity import head_distributions
+    from llm_heatmap.analyses.similarity.divergence import bhattacharyya_matrix, js_divergence_matrix
+    from llm_heatmap.analyses.similarity.kv_similarity import head_distributions
     from llm_heatmap.models import load_model
     from llm_heatmap.probes import capture
 

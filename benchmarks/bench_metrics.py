@@ -36,9 +36,9 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from llm_heatmap.analyses import head_metrics, is_special_token, kv_group_similarity, segment_ids  # noqa: E402
-from llm_heatmap.analyses.head_detector import detection_patterns  # noqa: E402
-from llm_heatmap.analyses.kv_similarity import group_gap, head_groups  # noqa: E402
-from llm_heatmap.analyses.patterns import classify_heads  # noqa: E402
+from llm_heatmap.analyses.heads.head_detector import detection_patterns  # noqa: E402
+from llm_heatmap.analyses.similarity.kv_similarity import group_gap, head_groups  # noqa: E402
+from llm_heatmap.analyses.heads.patterns import classify_heads  # noqa: E402
 from llm_heatmap.models import load_model  # noqa: E402
 from llm_heatmap.probes import AttentionCube  # noqa: E402
 from metrics_reference import reference_head_metrics  # noqa: E402

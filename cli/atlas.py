@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     atlas.add_argument("--thumbnail-size", type=int, default=16, help="pooled size of the top prompts' patterns (default 16)")
     atlas.add_argument("--probe-length", type=int, default=50,
                        help="random tokens of the induction probe, repeated once (default 50; 0 skips it)")
-    options.add_pseudo_group_option(atlas, "default: the first GQA model's, else 3")
+    options.add_pseudo_group_option(atlas)
     options.add_bootstrap_options(atlas)
     options.add_permutation_options(atlas, default=1000, help="head-grouping permutations per layer")
     options.add_run_options(parser)
@@ -70,9 +70,9 @@ def _summary_lines(result, page: Path | None) -> list[str]:
 def run(args) -> int:
     import torch
 
-    from llm_heatmap.analyses.atlas import RANK_BY, run_atlas
-    from llm_heatmap.analyses.files import atomic_output
-    from llm_heatmap.analyses.prompts import parse_shard, read_prompts
+    from llm_heatmap.analyses.atlas.run import RANK_BY, run_atlas
+    from llm_heatmap.models.files import atomic_output
+    from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
     from llm_heatmap.viz.atlas import atlas_view
 
     shard = None if args.shard is None else parse_shard(args.shard)

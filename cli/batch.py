@@ -30,8 +30,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from llm_heatmap.analyses.batch import run_batch
-    from llm_heatmap.analyses.prompts import parse_shard, read_prompts
+    from llm_heatmap.analyses.runs.batch import run_batch
+    from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
 
     shard = None if args.shard is None else parse_shard(args.shard)
     prompts = read_prompts(args.file, column=args.column)

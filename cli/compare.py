@@ -60,11 +60,11 @@ def _top_lines(deltas, count: int = 3) -> list[str]:
 def _run_pair(args, metrics) -> tuple[list[str], dict]:
     import torch
 
-    from llm_heatmap.analyses.measure import stream_head_metrics
+    from llm_heatmap.analyses.heads.measure import stream_head_metrics
     from llm_heatmap.analyses.compare import compare_cubes, compare_tables
-    from llm_heatmap.analyses.files import atomic_output
-    from llm_heatmap.analyses.prompts import check_length, check_prompt
-    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.models.files import atomic_output
+    from llm_heatmap.analyses.runs.prompts import check_length, check_prompt
+    from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.probes import capture_prompt
 
     a = check_prompt(args.a, "prompt A")
@@ -103,7 +103,7 @@ def _run_pair(args, metrics) -> tuple[list[str], dict]:
 def _set_table(model, tokenizer, spec, prompts, chat, name):
     import pandas as pd
 
-    from llm_heatmap.analyses.measure import stream_head_metrics
+    from llm_heatmap.analyses.heads.measure import stream_head_metrics
 
     frames = []
     for prompt in prompts:
@@ -117,8 +117,8 @@ def _run_sets(args, metrics) -> tuple[list[str], dict]:
     import torch
 
     from llm_heatmap.analyses.compare import compare_sets
-    from llm_heatmap.analyses.prompts import check_length, read_prompts
-    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.analyses.runs.prompts import check_length, read_prompts
+    from llm_heatmap.analyses.runs.table_files import write_table
 
     if args.cube_out is not None:
         raise InputError("--cube-out applies to two prompts, not to --sets; drop --cube-out.")
@@ -157,8 +157,8 @@ def _run_sets(args, metrics) -> tuple[list[str], dict]:
 
 def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_statistics
-    from llm_heatmap.analyses.files import claim_outputs
-    from llm_heatmap.analyses.tables import table_format
+    from llm_heatmap.models.files import claim_outputs
+    from llm_heatmap.analyses.runs.table_files import table_format
 
     metrics = options.selected_metrics(args)
     if args.sets:

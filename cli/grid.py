@@ -41,7 +41,7 @@ def output_paths(args, name: str) -> dict:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
 
     prompt = options.read_prompt(args)
     if args.qk and args.stream:
@@ -55,10 +55,10 @@ def _run(args, prompt: str, paths: dict) -> int:
     # imported after the checks above, so that a bad prompt or output path can fail before torch loads
     import torch
 
-    from llm_heatmap.analyses.digest import digest_lines
-    from llm_heatmap.analyses.files import atomic_output
-    from llm_heatmap.analyses.measure import measure_prompt
-    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.analyses.heads.digest import digest_lines
+    from llm_heatmap.models.files import atomic_output
+    from llm_heatmap.analyses.heads.measure import measure_prompt
+    from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models import parse_dtype
     from llm_heatmap.viz import save_grid, write_html
     from llm_heatmap.viz.grid import grid_needs
@@ -86,7 +86,7 @@ def _run(args, prompt: str, paths: dict) -> int:
         cube.save(temp)
     if "html" in paths:
         step("writing HTML")
-        from llm_heatmap.analyses.qk_maps import layer_maps
+        from llm_heatmap.analyses.maps.qk_maps import layer_maps
 
         maps = layer_maps(cube) if args.qk else None
         with atomic_output(paths["html"], force=args.force) as temp:

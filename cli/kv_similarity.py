@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     options.add_chat_option(parser)
     options.add_model_options(parser, several=True)
     parser.add_argument("--out", type=Path, help="per-layer table; the summary goes beside it as STEM.summary.EXT")
-    options.add_pseudo_group_option(parser, "default: the first GQA model's, else 3")
+    options.add_pseudo_group_option(parser)
     parser.add_argument("--measure", action="append", choices=options.MEASURES,
                         help="similarity measure (repeat; default all three)")
     options.add_permutation_options(parser, default=1000, help="permutations per layer")
@@ -41,9 +41,9 @@ def summary_path(out: Path) -> Path:
 
 def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics
-    from llm_heatmap.analyses.files import claim_outputs
-    from llm_heatmap.analyses.prompts import check_prompt, read_prompts
-    from llm_heatmap.analyses.tables import table_format
+    from llm_heatmap.models.files import claim_outputs
+    from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompts
+    from llm_heatmap.analyses.runs.table_files import table_format
 
     prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
     if args.prompt_file is not None:
@@ -61,8 +61,8 @@ def run(args) -> int:
 def _run(args, prompts: list[str]) -> int:
     import torch
 
-    from llm_heatmap.analyses.kv_report import kv_report
-    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.analyses.similarity.kv_report import kv_report
+    from llm_heatmap.analyses.runs.table_files import write_table
 
     models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
     progress = progress_printer(args)

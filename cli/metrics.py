@@ -29,8 +29,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import claim_outputs
-    from llm_heatmap.analyses.tables import table_format
+    from llm_heatmap.models.files import claim_outputs
+    from llm_heatmap.analyses.runs.table_files import table_format
 
     prompt = options.read_prompt(args)
     metrics = options.selected_metrics(args)
@@ -46,11 +46,11 @@ def run(args) -> int:
 def _run(args, prompt: str, metrics) -> int:
     import torch
 
-    from llm_heatmap.analyses.measure import stream_head_metrics
-    from llm_heatmap.analyses.digest import digest_lines
-    from llm_heatmap.analyses.induction_probe import induction_probe_scores
-    from llm_heatmap.analyses.prompts import check_length
-    from llm_heatmap.analyses.tables import to_markdown, write_table
+    from llm_heatmap.analyses.heads.measure import stream_head_metrics
+    from llm_heatmap.analyses.heads.digest import digest_lines
+    from llm_heatmap.analyses.heads.induction_probe import induction_probe_scores
+    from llm_heatmap.analyses.runs.prompts import check_length
+    from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
 
     model, tokenizer, spec = load(args)
     tokens = check_length(tokenizer, spec, prompt, chat=args.chat)

@@ -1,8 +1,8 @@
 """Every flag that several commands share, declared once here, and the functions that read them back.
 
 Nothing imported at module level may import torch, transformers or matplotlib: `--help` and argument
-errors must not. So the choices below repeat the library's (`viz.style`, `analyses.kv_similarity`,
-`models.loading`), and tests/test_cli_imports.py checks that they agree.
+errors must not. The choices come from where the library defines them (`llm_heatmap.choices`,
+`analyses.bounds`), both light.
 """
 
 from __future__ import annotations
@@ -13,18 +13,11 @@ import shutil
 import textwrap
 from pathlib import Path
 
+from llm_heatmap.choices import BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, WEIGHTINGS  # noqa: F401
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
-from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES
+from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES, PSEUDO_GROUP_SIZE
 from llm_heatmap.viz.style import MAX_PIXELS
-
-SCALES = ["auto", "linear", "log", "power", "row"]
-SINK_MODES = ["keep", "exclude", "mask"]
-BACKGROUNDS = ["white", "transparent"]
-WEIGHTINGS = ["weights", "norms"]
-PROJECTIONS = ["pca", "tsne", "umap"]
-DTYPES = ["float32", "float16", "bfloat16"]
-QUANTIZE = ["4bit", "8bit"]
 
 
 def add_command(subparsers, name: str, run, *, summary: str, description: str, example: str):
@@ -128,8 +121,9 @@ def add_prompt_set_options(parser, name: str) -> None:
     add_chat_option(parser)
 
 
-def add_pseudo_group_option(parser, default_help: str) -> None:
-    parser.add_argument("--pseudo-group-size", type=int, help=f"group size for MHA models ({default_help})")
+def add_pseudo_group_option(parser) -> None:
+    parser.add_argument("--pseudo-group-size", type=int,
+                        help=f"group size for MHA models (default: the first GQA model's, else {PSEUDO_GROUP_SIZE})")
 
 
 def add_drawing_options(parser) -> None:
@@ -160,7 +154,7 @@ def add_drawing_options(parser) -> None:
 
 def read_prompt(args) -> str:
     """The prompt from PROMPT or --prompt-file (exactly one of them), never empty."""
-    from llm_heatmap.analyses.prompts import check_prompt, read_prompt_text
+    from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompt_text
 
     if args.prompt_file is not None:
         if args.prompt is not None:
@@ -175,7 +169,7 @@ def selected_metrics(args) -> list[str] | None:
     """The `--metric` names, checked before any work; None when all metrics are wanted."""
     if not args.metric:
         return None
-    from llm_heatmap.analyses.metrics import COLUMNS
+    from llm_heatmap.analyses.heads.metrics import COLUMNS
 
     valid = [c for c in COLUMNS if c not in ("layer", "head", "kv_group")]
     names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
 
     if args.cube is None:
         prompt = options.read_prompt(args)
@@ -53,8 +53,8 @@ def run(args) -> int:
 def _run(args, prompt: str, path: Path) -> int:
     import torch
 
-    from llm_heatmap.analyses.files import atomic_output
-    from llm_heatmap.analyses.qk_maps import layer_maps, qk_map
+    from llm_heatmap.models.files import atomic_output
+    from llm_heatmap.analyses.maps.qk_maps import layer_maps, qk_map
     from llm_heatmap.probes import AttentionCube, capture_prompt
     from llm_heatmap.viz import plot_qk_maps, save_figure
 

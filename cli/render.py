@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
 
     name = options.plain_name(args.name) or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
@@ -30,7 +30,7 @@ def run(args) -> int:
 
 def _run(args, paths: list[Path]) -> int:
     # imported after the checks above, so that a bad output path can fail before torch loads
-    from llm_heatmap.analyses.files import atomic_output
+    from llm_heatmap.models.files import atomic_output
     from llm_heatmap.probes import AttentionCube
     from llm_heatmap.probes.cube_schema import inspect_cube_file
     from llm_heatmap.probes.memory import check_fits
@@ -51,7 +51,7 @@ def _run(args, paths: list[Path]) -> int:
         save_grid(cube, temp, style, layers=layers, heads=heads)
     if args.html:
         step("writing HTML")
-        from llm_heatmap.analyses.qk_maps import layer_maps
+        from llm_heatmap.analyses.maps.qk_maps import layer_maps
 
         maps = layer_maps(cube) if cube.queries is not None else None
         with atomic_output(paths[1], force=args.force) as temp:

@@ -37,7 +37,7 @@ def load(args, source: str | None = None, device: str | None = None):
 def launched(args):
     """The ranks of a torchrun / accelerate launch run (one process: rank 0 of 1). Ranks other than 0
     stay quiet; one model per process means --device cannot spread a model over several devices."""
-    from llm_heatmap.analyses.ranks import launcher_ranks, launcher_world_size
+    from llm_heatmap.analyses.runs.ranks import launcher_ranks, launcher_world_size
 
     world_size = launcher_world_size()
     if world_size > 1 and args.device not in (None, "cpu"):

@@ -12,8 +12,6 @@ The rooms are `llm_heatmap.models`, `.probes`, `.analyses`, `.viz` and `.cli`; t
 theirs, imported on first use so that `import llm_heatmap` (and `llm-heatmap --help`) stays light.
 """
 
-import sys
-
 from .errors import InputError
 from .lazy import lazy_exports
 
@@ -21,24 +19,15 @@ __version__ = "0.1.0"
 
 _MODULES = {
     "llm_heatmap.models": ("load_model", "ModelSpec", "spec_from_model"),
-    "llm_heatmap.probes": ("AttentionCube", "capture", "capture_prompt", "capture_generate", "capture_lens", "Downsampler"),
-    "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "kv_group_similarity", "head_similarity_matrix",
-                             "rollout", "compare_cubes"),
-    "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "write_html"),
+    "llm_heatmap.probes": ("AttentionCube", "Probe", "capture", "capture_prompt", "capture_generate", "capture_lens",
+                           "Downsampler"),
+    "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "measure_prompt", "kv_group_similarity",
+                             "head_similarity_matrix", "rollout", "qk_map", "compare_cubes", "compare_sets",
+                             "read_prompts", "run_batch", "run_atlas", "kv_report"),
+    "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "html_view", "write_html", "write_atlas"),
     "llm_heatmap.notebook": ("view", "grid"),
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _MODULES)
 __all__ = ["InputError", "__version__", *(name for names in _MODULES.values() for name in names)]
 
-
-def _show_cubes_in_a_running_notebook() -> None:
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    if shell is not None and hasattr(shell, "display_formatter"):
-        from .notebook import register
-
-        register(shell)
-
-
-_show_cubes_in_a_running_notebook()

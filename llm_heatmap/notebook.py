@@ -6,7 +6,9 @@ display of a cube (a summary with an all-heads thumbnail).
     lh.grid(model, "The cat sat on the mat.", tokenizer=tok)  # the grid of an already loaded model
 
 Both capture through `analyses.measure_prompt` (streaming when the full cube would not fit) and
-return objects that display themselves (`HtmlView`, `DrawnGrid`) and can be saved.
+return objects that display themselves (`HtmlView`, `DrawnGrid`) and can be saved. Every result
+displays itself in any front-end that asks for `_repr_html_` (Jupyter, marimo, VS Code): a cube through
+`cube_html`, a result of tables through `tables_html`, both imported only when a display is asked for.
 """
 
 from __future__ import annotations
@@ -84,7 +86,11 @@ def cube_html(cube) -> str:
             f"src='data:image/png;base64,{image}'></div>")
 
 
-def register(shell) -> None:
-    """Teach a running IPython to show cubes with `cube_html` (by name, so nothing heavy is imported now)."""
-    formatter = shell.display_formatter.formatters["text/html"]
-    formatter.for_type_by_name("llm_heatmap.probes.cube", "AttentionCube", cube_html)
+def tables_html(title: str, tables: dict, rows: int = 10) -> str:
+    """A result's notebook display: its title, then the first `rows` rows of each of its tables."""
+    parts = [f"<div><b>{html.escape(title)}</b>"]
+    for name, table in tables.items():
+        if table is not None:
+            parts.append(f"<p style='margin:8px 0 2px'>{html.escape(name)}: {len(table):,} rows</p>"
+                         f"{table.head(rows).to_html(index=False, float_format=lambda v: f'{v:.4g}')}")
+    return "".join(parts) + "</div>"

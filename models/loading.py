@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from llm_heatmap.choices import QUANTIZE
 from llm_heatmap.errors import InputError
 from .gguf_cache import converted_dir
 from .offline import OFFLINE_MODELS
@@ -62,7 +63,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _quantization_config(quantize: str | None):
     if quantize is None:
         return None
-    if quantize not in ("4bit", "8bit"):
+    if quantize not in QUANTIZE:
         raise InputError(f"quantize='{quantize}' is not supported; use '4bit' or '8bit'.")
     try:
         import bitsandbytes  # noqa: F401

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -12,19 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.models.files import atomic_output
 from llm_heatmap.models import ModelSpec
 
 from . import geometry
+from .cube_schema import FORMAT, FORMAT_VERSION, SIDE_TENSORS, read_cube_file
 
-FORMAT = "llm-heatmap-cube"
-FORMAT_VERSION = 1
-WEIGHTINGS = ("weights", "norms")
-
-# Optional tensors captured beside the pattern, with the axes they share with it (l: the cube's
-# layers, h: its heads, g: the model's KV heads, q: its query rows, k: its keys, d: head size):
-# the norm of what each head writes from each key (`||v_j W_O^h||`, Kobayashi et al. 2020), the
-# norm of each head's output for each row, and the post-RoPE queries and keys the kernel received.
-SIDE_TENSORS = {"value_norms": "l h k", "output_norms": "l h q", "queries": "l h q d", "keys": "l g k d"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +126,12 @@ class AttentionCube:
                    query_mask=torch.ones(rows, dtype=torch.bool), **fields)
 
     # ---- shape ------------------------------------------------------------------------
+    def _repr_html_(self) -> str:
+        """The notebook display (a summary beside an all-heads thumbnail); the drawing is imported only now."""
+        from llm_heatmap.notebook import cube_html
+
+        return cube_html(self)
+
     @property
     def batched(self) -> bool:
         return self.pattern.ndim == 5
@@ -325,17 +323,14 @@ class AttentionCube:
             "pooling": None if self.pooling is None else asdict(self.pooling),
             "stream": None if self.stream is None else asdict(self.stream),
         }
-        save_file(tensors, str(path), metadata={"llm_heatmap": json.dumps(header)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # safetensors writes through a private (0600) temporary file
+        with atomic_output(path, force=True) as temp:  # complete or not at all
+            save_file(tensors, str(temp), metadata={"llm_heatmap": json.dumps(header)})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionCube":
         """The cube of a file written by `save`, checked against the schema of `cube_schema.py` first
         (an `InputError` names the file and the first field that is wrong)."""
-        from .cube_schema import read_cube_file
 
         cube_file, tensors = read_cube_file(path)
         header = cube_file.header

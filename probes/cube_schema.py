@@ -36,10 +36,18 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llm_heatmap.choices import WEIGHTINGS
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 
-from .cube import FORMAT, FORMAT_VERSION, SIDE_TENSORS, WEIGHTINGS
+FORMAT = "llm-heatmap-cube"
+FORMAT_VERSION = 1
+
+# Optional tensors captured beside the pattern, with the axes they share with it (l: the cube's
+# layers, h: its heads, g: the model's KV heads, q: its query rows, k: its keys, d: head size):
+# the norm of what each head writes from each key (`||v_j W_O^h||`, Kobayashi et al. 2020), the
+# norm of each head's output for each row, and the post-RoPE queries and keys the kernel received.
+SIDE_TENSORS = {"value_norms": "l h k", "output_norms": "l h q", "queries": "l h q d", "keys": "l g k d"}
 from .memory import check_fits
 
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -16,10 +16,12 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
+from llm_heatmap.choices import WEIGHTINGS
 from llm_heatmap.errors import InputError
 
 from . import geometry
-from .cube import SIDE_TENSORS, WEIGHTINGS, AttentionCube, Pooling, StreamPart
+from .cube import AttentionCube, Pooling, StreamPart
+from .cube_schema import SIDE_TENSORS
 
 # Past this many bytes of fp32 pattern per layer, rows are computed in chunks.
 CHUNK_BYTES = 8 * 2**20

@@ -69,7 +69,7 @@ def browser():
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
     pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    from llm_heatmap.cli.experiments.atlas_example import headless_chromium
+    from browser import headless_chromium
 
     with headless_chromium() as driver:
         yield driver

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from llm_heatmap.analyses.head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep
-from llm_heatmap.analyses.metrics import HeadMetricsReducer, _ROW_MEANS
-from llm_heatmap.analyses.patterns import segment_ids, special_token_mask
+from llm_heatmap.analyses.heads.head_detector import DETECTORS, SCORE_COLUMNS, detection_rows, detector_keep
+from llm_heatmap.analyses.heads.metrics import HeadMetricsReducer, _ROW_MEANS
+from llm_heatmap.analyses.heads.patterns import segment_ids, special_token_mask
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.analyses.atlas import TABLES, run_atlas
-from llm_heatmap.analyses.kv_similarity import head_distributions
-from llm_heatmap.analyses.divergence import js_divergence_matrix
-from llm_heatmap.analyses.metrics import head_metrics
-from llm_heatmap.analyses.progress import RunProgress
-from llm_heatmap.analyses.prompts import Prompt
-from llm_heatmap.analyses.ranks import Ranks, launcher_ranks
+from llm_heatmap.analyses.atlas.run import TABLES, run_atlas
+from llm_heatmap.analyses.similarity.kv_similarity import head_distributions
+from llm_heatmap.analyses.similarity.divergence import js_divergence_matrix
+from llm_heatmap.analyses.heads.metrics import head_metrics
+from llm_heatmap.analyses.runs.progress import RunProgress
+from llm_heatmap.analyses.runs.prompts import Prompt
+from llm_heatmap.analyses.runs.ranks import Ranks, launcher_ranks
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes import capture_prompt
 from llm_heatmap.viz.atlas import atlas_view

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llm_heatmap.analyses.atlas import run_atlas
-from llm_heatmap.analyses.prompts import Prompt
+from llm_heatmap.analyses.atlas.run import run_atlas
+from llm_heatmap.analyses.runs.prompts import Prompt
 from llm_heatmap.errors import InputError
 from llm_heatmap.viz.atlas import atlas_view, write_atlas
 from llm_heatmap.viz.raster import colormap_bytes

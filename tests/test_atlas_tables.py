@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.analyses.atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table,
+from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                prompt_layer_kv, top_prompts)
-from llm_heatmap.analyses.compare import bootstrap_means
-from llm_heatmap.analyses.head_map import classical_mds, head_map
+from llm_heatmap.analyses.stats import Bootstrap, bootstrap_means
+from llm_heatmap.analyses.similarity.head_map import classical_mds, head_map
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 
@@ -63,7 +63,7 @@ def test_head_level_means_rates_and_classes():
     np.testing.assert_allclose(heads["pattern_diagonal_rate"], [0, 1 / 3, 1 / 3, 1 / 3] * 2)
     assert heads["pattern_class"].tolist() == ["vertical", "heterogeneous", "heterogeneous", "heterogeneous"] * 2
     assert np.isnan(heads.loc[7, "induction_score_mean"]) and heads.loc[0, "induction_score_mean"] == pytest.approx(1 / 3)
-    # the intervals are compare.bootstrap_means over the prompts, unit by unit
+    # the intervals are stats.bootstrap_means over the prompts, unit by unit
     full = bootstrap_means(rows.array().reshape(3, -1), n_resamples=500, seed=3)
     columns = rows.numeric + rows.flags
     index = columns.index("entropy")

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.analyses.batch import output_paths, read_batch, run_batch
-from llm_heatmap.analyses.measure import stream_head_metrics
-from llm_heatmap.analyses.metrics import head_metrics
-from llm_heatmap.analyses.prompts import Prompt, read_prompts
+from llm_heatmap.analyses.runs.batch import output_paths, read_batch, run_batch
+from llm_heatmap.analyses.heads.measure import stream_head_metrics
+from llm_heatmap.analyses.heads.metrics import head_metrics
+from llm_heatmap.analyses.runs.prompts import Prompt, read_prompts
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes import capture_prompt
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llm_heatmap import cli as cli_module
-from llm_heatmap.analyses.batch import run_batch
-from llm_heatmap.analyses.prompts import read_prompts
+from llm_heatmap.analyses.runs.batch import run_batch
+from llm_heatmap.analyses.runs.prompts import read_prompts
 from llm_heatmap.cli import batch as batch_command
 from llm_heatmap.cli import compare as compare_command
 from llm_heatmap.cli import kv_similarity as kv_similarity_command
@@ -216,7 +216,7 @@ def test_batch_resume_and_shards(run, tmp_path, minilm):
 
 
 def test_prompt_sets_experiment_script(monkeypatch, tmp_path, minilm, capsys):
-    from llm_heatmap.cli.experiments import prompt_sets
+    from experiments import prompt_sets
 
     monkeypatch.setattr("llm_heatmap.models.load_model", lambda source, **options: minilm)
     pairs = tmp_path / "pairs.jsonl"

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from llm_heatmap.analyses.atlas import TABLES
+from llm_heatmap.analyses.atlas.run import TABLES
 from llm_heatmap.cli import main
 
 pytestmark = pytest.mark.slow

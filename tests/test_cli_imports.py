@@ -62,7 +62,7 @@ def test_api_parameters_become_flags(message, expected):
 
 
 def test_library_says_force_true_and_the_cli_says_force(tmp_path, capsys):
-    from llm_heatmap.analyses.files import check_writable
+    from llm_heatmap.models.files import check_writable
     from llm_heatmap.errors import InputError
 
     existing = tmp_path / "x.png"
@@ -84,18 +84,8 @@ def test_library_says_max_tokens_and_the_cli_says_max_tokens_flag(tmp_path, caps
     assert capsys.readouterr().err == "llm-heatmap render: --max-tokens 1 must be a whole number of at least 2.\n"
 
 
-def test_choices_are_the_libraries():
-    from llm_heatmap.analyses.bounds import HEAD_MEASURES
-    from llm_heatmap.analyses.kv_similarity import MEASURES
+def test_offered_dtypes_load():
     from llm_heatmap.cli import options
     from llm_heatmap.models import parse_dtype
-    from llm_heatmap.viz import style
 
-    assert (options.SCALES, options.SINK_MODES, options.BACKGROUNDS, options.WEIGHTINGS) == (
-        list(style.SCALES), list(style.SINK_MODES), list(style.BACKGROUNDS), list(style.WEIGHTINGS))
-    from llm_heatmap.analyses.qk_maps import METHODS
-
-    assert options.PROJECTIONS == list(METHODS)
-    assert tuple(options.MEASURES) == MEASURES
-    assert tuple(options.HEAD_MEASURES) == HEAD_MEASURES
     assert all(parse_dtype(name) is not None for name in options.DTYPES)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from llm_heatmap.analyses.compare import (bh_adjust, compare_cubes, compare_groups, compare_sets, difference_cube,
-                                          metric_deltas, paired_statistics, select_metrics, set_statistics)
+from llm_heatmap.analyses.compare import compare_cubes, compare_groups, compare_sets, difference_cube, metric_deltas, select_metrics
+from llm_heatmap.analyses.stats import bh_adjust, paired_statistics, set_statistics
 from llm_heatmap.errors import InputError
 from eager_reference import eager_cube
 
@@ -92,15 +92,15 @@ def test_nan_entries_are_left_out():
 
 
 def test_column_blocks_do_not_change_results(monkeypatch):
-    from llm_heatmap.analyses import compare
+    from llm_heatmap.analyses import stats
 
     rng = np.random.default_rng(3)
     x_a, x_b = rng.normal(size=(7, 300)), rng.normal(0.3, size=(9, 300))
     x_a[2, 5] = np.nan
     whole = set_statistics(x_a, x_b, n_resamples=300, n_permutations=300)
-    blocks = compare._column_blocks
-    monkeypatch.setattr(compare, "_column_blocks", lambda columns, rows: blocks(columns, rows, budget=rows * 7))
-    assert len(compare._column_blocks(300, 300)) == 43
+    blocks = stats.column_blocks
+    monkeypatch.setattr(stats, "column_blocks", lambda columns, rows: blocks(columns, rows, budget=rows * 7))
+    assert len(stats.column_blocks(300, 300)) == 43
     split = set_statistics(x_a, x_b, n_resamples=300, n_permutations=300)
     for name in whole:
         np.testing.assert_array_equal(whole[name], split[name])
@@ -222,7 +222,7 @@ def test_different_token_counts(minilm_eager):
 
 @pytest.mark.slow
 def test_kv_report_gqa_and_mha_in_one_table(smollm2, minilm):
-    from llm_heatmap.analyses.kv_report import kv_report
+    from llm_heatmap.analyses.similarity.kv_report import kv_report
 
     # MHA listed first: it waits for the GQA model's group size (3) before it is measured
     report = kv_report({"minilm": minilm, "smollm2": smollm2}, ["the sky is blue"], measures=["js"],
@@ -244,7 +244,7 @@ def test_kv_report_gqa_and_mha_in_one_table(smollm2, minilm):
 
 
 def test_bootstrap_means_one_sample():
-    from llm_heatmap.analyses.compare import bootstrap_means
+    from llm_heatmap.analyses.stats import bootstrap_means
 
     rng = np.random.default_rng(0)
     normal = rng.normal(2.0, 3.0, size=400)

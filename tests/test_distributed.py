@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llm_heatmap.analyses.atlas import TABLES
-from llm_heatmap.analyses.batch import read_batch
+from llm_heatmap.analyses.atlas.run import TABLES
+from llm_heatmap.analyses.runs.batch import read_batch
 from terminal import default_signals
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from llm_heatmap.analyses import divergence
-from llm_heatmap.analyses.divergence import bhattacharyya_matrix, js_divergence_matrix
-from llm_heatmap.analyses.kv_similarity import head_distributions, head_similarity_matrix
+from llm_heatmap.analyses.similarity import divergence
+from llm_heatmap.analyses.similarity.divergence import bhattacharyya_matrix, js_divergence_matrix
+from llm_heatmap.analyses.similarity.kv_similarity import head_distributions, head_similarity_matrix
 from llm_heatmap.probes import capture_prompt, capture
 from js_reference import pairwise_js_divergence
 from tiny_models import VOCAB, tiny_model

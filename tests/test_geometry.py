@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import head_metrics
-from llm_heatmap.analyses.metrics import HeadMetricsReducer
+from llm_heatmap.analyses.heads.metrics import HeadMetricsReducer
 from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube, Downsampler, capture, downsample
 from llm_heatmap.probes.geometry import Spans, attendable, attendable_mask, bin_edges, bin_index

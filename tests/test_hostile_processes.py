@@ -288,7 +288,7 @@ def test_a_stop_lost_in_a_library_is_still_reported(tmp_path, start, second):
     POINTS["writing"]). The run was told to stop, so it must not report success (alone: it ends as stopped once
     the command is done), and a second signal must not be ignored into a run that cannot be stopped."""
     out = tmp_path / "out"
-    env, stalled = stalled_import_env(tmp_path, "llm_heatmap.analyses.digest", HOSTILE_STALL_SWALLOW="1")
+    env, stalled = stalled_import_env(tmp_path, "llm_heatmap.analyses.heads.digest", HOSTILE_STALL_SWALLOW="1")
     run = start("grid", *grid_args(PROMPT_A, out), env=env)
     wait_until(stalled.exists, run, "the stalled import of the analyses")
     run.signal(signal.SIGINT)

@@ -396,7 +396,7 @@ def test_browser_weighting_switch_and_query_key_map(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
 
-    from llm_heatmap.analyses.qk_maps import layer_maps
+    from llm_heatmap.analyses.maps.qk_maps import layer_maps
     from test_qk_maps import qk_cube
 
     cube = qk_cube(layers=2, heads=4, kv_heads=2, tokens=12, seed=3)

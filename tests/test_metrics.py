@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import HeadMetricsReducer, head_metrics, is_special_token, segment_ids
-from llm_heatmap.analyses.metrics import COLUMNS
+from llm_heatmap.analyses.heads.metrics import COLUMNS
 from llm_heatmap.probes.stream import iter_parts
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec

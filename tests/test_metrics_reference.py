@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
-from llm_heatmap.analyses.metrics import COLUMNS, NORM_COLUMNS
+from llm_heatmap.analyses.heads.metrics import COLUMNS, NORM_COLUMNS
 from llm_heatmap.probes import capture
 from metrics_reference import ReferenceHeadMetrics, reference_head_metrics
 from tiny_models import FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model

@@ -37,12 +37,9 @@ def test_view_and_grid_in_one_line(smollm2):
 def test_a_cube_shows_a_summary_and_a_thumbnail(smollm2):
     from IPython.core.interactiveshell import InteractiveShell
 
-    from llm_heatmap.notebook import register
-
     model, tokenizer, _ = smollm2
     cube = lh.capture_prompt(model, tokenizer, PROMPT)
-    shell = InteractiveShell.instance()
-    register(shell)
+    shell = InteractiveShell.instance()  # started after llm_heatmap was imported: nothing registered, _repr_html_ used
     data, _ = shell.display_formatter.format(cube)
     page = data["text/html"]
     assert "AttentionCube" in page and "smollm2-135m" in page and "GQA 9q:3kv x 30 layers" in page
@@ -53,6 +50,23 @@ def test_a_cube_shows_a_summary_and_a_thumbnail(smollm2):
 
     width, height = Image.open(io.BytesIO(png)).size
     assert width <= 420 and height <= 640 and height > width, "30 layers down, 9 heads across, within the box"
+
+
+def test_every_result_displays_through_repr_html(tiny_gguf):
+    from llm_heatmap.analyses import compare_sets
+
+    model, tokenizer, _ = tiny_gguf
+    cube = lh.capture_prompt(model, tokenizer, "ab ab ab cd")
+    page = cube._repr_html_()
+    assert "AttentionCube" in page and "data:image/png;base64," in page and "2 x 4 x" in page
+    tables = [lh.head_metrics(lh.capture_prompt(model, tokenizer, text)).assign(prompt_id=text)
+              for text in ("ab ab", "cd cd", "ab cd ab", "cd ab cd")]
+    import pandas as pd
+
+    result = compare_sets(pd.concat(tables[:2]), pd.concat(tables[2:]), n_resamples=50, n_permutations=10)
+    page = result._repr_html_()
+    assert page.startswith("<div><b>SetComparison") and f"layers: {len(result.layers):,} rows" in page
+    assert page.count("<table") == 2 and "ci_low" in page
 
 
 def test_metric_table_is_a_layer_by_head_heat_table(smollm2):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import qk_map
-from llm_heatmap.analyses.qk_maps import align_queries_and_keys, project
+from llm_heatmap.analyses.maps.qk_maps import align_queries_and_keys, project
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube, attendable_mask

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_heatmap.analyses import head_metrics
+from llm_heatmap.analyses import group_gap, head_metrics
 from llm_heatmap.analyses.compare import metric_columns
-from llm_heatmap.cli.experiments import seed_experiments as se
+from experiments import seed_experiments as se
 from llm_heatmap.probes import capture_prompt
 
 pytestmark = pytest.mark.slow
@@ -123,16 +123,16 @@ def test_kv_tables(run):
     assert (summary["n_permutations"] == PERMUTATIONS).all()
 
 
-def test_model_gap_by_hand():
+def test_group_gap_over_layers_by_hand():
     groups = torch.tensor([0, 0, 1, 1])
     same = groups[:, None] == groups[None, :]
     one_layer = torch.where(same, 0.9, 0.1).double()
-    result = se.model_gap(torch.stack([one_layer, one_layer]), groups, n_permutations=3000, seed=1)
-    assert result["within"] == pytest.approx(0.9) and result["across"] == pytest.approx(0.1)
+    result = group_gap(torch.stack([one_layer, one_layer]), groups, n_permutations=3000, seed=1)
+    assert result["within"] == pytest.approx(0.9) and result["between"] == pytest.approx(0.1)
     assert result["gap"] == pytest.approx(0.8)
     # 3 ways to split 4 heads into two pairs; the observed gap needs the true split in both layers: 1/9
     assert result["p_value"] == pytest.approx(1 / 9, abs=0.03)
-    flat = se.model_gap(torch.full((2, 4, 4), 0.5, dtype=torch.float64), groups, n_permutations=100)
+    flat = group_gap(torch.full((2, 4, 4), 0.5, dtype=torch.float64), groups, n_permutations=100)
     assert flat["gap"] == pytest.approx(0.0) and flat["p_value"] == 1.0
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llm_heatmap.analyses.prompts import (Prompt, check_length, parse_shard, read_prompt_text, read_prompts,
+from llm_heatmap.analyses.runs.prompts import (Prompt, check_length, parse_shard, read_prompt_text, read_prompts,
                                           shard_prompts)
-from llm_heatmap.analyses.tables import read_table, table_format, to_markdown, write_table
+from llm_heatmap.analyses.runs.table_files import read_table, table_format, to_markdown, write_table
 from llm_heatmap.errors import InputError
 
 

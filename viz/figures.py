@@ -17,6 +17,7 @@ import matplotlib.colors as mcolors
 from matplotlib.figure import Figure
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.models.files import atomic_output
 
 from .labels import drawable, fit_text, model_name, prompt_text, token_label
 from .raster import QUANTITIES, get_cmap, normalise, range_and_grey
@@ -46,7 +47,9 @@ def save_figure(fig: Figure, path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise InputError(f"output {path} has an unknown extension; use .png, .svg or .pdf.")
-    return save_deterministic(fig, path, fig.dpi)
+    with atomic_output(path, force=True) as temp:
+        save_deterministic(fig, temp, fig.dpi)
+    return path
 
 
 def _index(values, value, what, cube):

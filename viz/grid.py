@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.models.files import atomic_output
 from llm_heatmap.probes.stream import downsample
 
 from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, panels_px, plan_grid, start_cell_px
@@ -98,12 +99,13 @@ class DrawnGrid:
         return png_bytes(buffer, dpi=self.figure.dpi)
 
     def save(self, path) -> GridLayout:
-        """Write .png (any size) or, for a grid drawn with vector panels, .svg / .pdf."""
+        """Write .png (any size) or, for a grid drawn with vector panels, .svg / .pdf (complete or not at all)."""
         path = Path(path)
-        if path.suffix.lower() == ".png" and self.raster is not None:
-            path.write_bytes(self.png())
-        else:
-            save_deterministic(self.figure, path, DPI)
+        with atomic_output(path, force=True) as temp:
+            if path.suffix.lower() == ".png" and self.raster is not None:
+                temp.write_bytes(self.png())
+            else:
+                save_deterministic(self.figure, temp, DPI)
         self.layout.path = path
         return self.layout
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.models.files import atomic_output
 
 from llm_heatmap.probes.stream import downsample
 
@@ -57,9 +58,10 @@ class HtmlView:
     height: int = 720
 
     def save(self, path) -> Path:
+        """Write the page to `path` (complete or not at all: `models.files.atomic_output`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.page, encoding="utf-8")
+        with atomic_output(path, force=True) as temp:
+            temp.write_text(self.page, encoding="utf-8")
         return path
 
     def _repr_html_(self) -> str:

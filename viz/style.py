@@ -12,12 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from llm_heatmap.choices import BACKGROUNDS, SCALES, SINK_MODES, WEIGHTINGS
 from llm_heatmap.errors import InputError
 
-SCALES = ("auto", "linear", "log", "power", "row")
-WEIGHTINGS = ("weights", "norms")
-SINK_MODES = ("keep", "exclude", "mask")
-BACKGROUNDS = ("white", "transparent")
 MAX_GAMMA = 100  # past this every weight below the top of the range draws as 0, and powers overflow
 MAX_PIXELS = 2**28  # a quarter gigapixel: 1 GiB as RGBA, before matplotlib's copy of the canvas
 

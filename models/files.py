@@ -79,8 +79,12 @@ def _check_folder(folder: Path) -> None:
 @contextmanager
 def atomic_output(path: str | Path, *, force: bool = False):
     """Yield a temporary path with `path`'s name, in a temporary folder beside it (module docstring);
-    rename it to `path` only on success."""
+    rename it to `path` only on success. A `path` that is itself inside such a folder (a save inside the
+    CLI's atomic output) is yielded as it is: the outer rename makes it atomic."""
     path = Path(path)
+    if path.parent.name.endswith(f".{TEMP_MARK}"):  # already the temporary of an outer atomic_output
+        yield path
+        return
     check_writable(path, force=force)
     folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=f".{TEMP_MARK}"))
     temp = folder / path.name

@@ -1,6 +1,6 @@
 """Simple vs complex prompts as a measured result: the seed's experiments plus 8 length-matched pairs.
 
-    python -m llm_heatmap.cli.experiments.prompt_sets [--model minilm-l6] [--out prompt_sets/]
+    python -m experiments.prompt_sets [--model minilm-l6] [--out prompt_sets/]
 
 1. The 16 prompts of `data/length_matched_pairs.jsonl` (8 simple/complex pairs with equal token
    counts on SmolLM2) go through `run_batch` (streaming capture, resumable: a rerun reuses them).
@@ -19,27 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 
-from llm_heatmap.analyses.batch import run_batch
+from llm_heatmap.analyses.runs.batch import run_batch
 from llm_heatmap.analyses.compare import compare_cubes, compare_sets
-from llm_heatmap.analyses.files import atomic_output
-from llm_heatmap.analyses.prompts import check_length, read_prompts
-from llm_heatmap.analyses.tables import write_table
+from llm_heatmap.models.files import atomic_output
+from llm_heatmap.analyses.runs.prompts import check_length, read_prompts
+from llm_heatmap.analyses.runs.table_files import write_table
 from llm_heatmap.errors import InputError
 
-from .. import options
-from ..errors import cli_message
-from ..run import load, progress_off
+from llm_heatmap.cli import options
+from llm_heatmap.cli.errors import cli_message
+from llm_heatmap.cli.run import load, progress_off
 
+DATA = Path(__file__).resolve().parent / "data"  # the prompt sets the experiments read
 KEY_METRICS = ("norm_entropy", "sink_score_no_q0", "prev_token_mass", "mean_distance", "special_mass")
 
 
 def data_path(name: str) -> Path:
-    return Path(str(files("llm_heatmap.analyses") / "data" / name))
+    return DATA / name
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -80,7 +80,7 @@ def seed_reading(name, comparison, tokens) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.cli.experiments.prompt_sets",
+    parser = argparse.ArgumentParser(prog="python -m experiments.prompt_sets",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model_options(parser)
     parser.add_argument("--out", type=Path, default=Path("prompt_sets"), help="output folder (default ./prompt_sets/)")

@@ -13,7 +13,7 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .files import atomic_output
+from llm_heatmap.models.files import atomic_output
 
 FORMATS = {
     ".csv": "csv",

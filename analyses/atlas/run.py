@@ -1,8 +1,8 @@
 """The head atlas: every head of one or more models characterised over a whole prompt set.
 
-`run_atlas(models, prompts, out_dir)` measures every prompt on every model (`atlas_prompt`: the
+`run_atlas(models, prompts, out_dir)` measures every prompt on every model (`atlas/prompt.py`: the
 per-head metrics, the divergence between every pair of heads, a pooled picture of every head),
-keeps each as part files, and summarises them (`atlas_tables`) into tidy Parquet tables:
+keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Parquet tables:
 
     OUT/prompt_heads.parquet   one row per model x prompt x head (the metrics of `head_metrics`)
     OUT/heads.parquet          one row per model x head: means and rates with bootstrap intervals, pattern-class
@@ -31,8 +31,7 @@ so an earlier model's parts may exist by then (kept for `resume`); no table is w
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,25 +39,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt
+from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
+                                                prompt_layer_kv, top_prompts)
+from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_pseudo_group_size, check_statistics,
+                                         pseudo_group_size_of)
+from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
+from llm_heatmap.models.files import atomic_output
+from llm_heatmap.analyses.runs.parts import part_key
+from llm_heatmap.analyses.runs.prompts import Prompt, check_length, shard_prompts
+from llm_heatmap.analyses.runs.ranks import Ranks, launcher_ranks
+from llm_heatmap.analyses.runs.table_files import write_table
+from llm_heatmap.analyses.similarity.kv_similarity import divergence_similarity
+from llm_heatmap.analyses.stats import Bootstrap
 from llm_heatmap.errors import InputError
-
-from .atlas_prompt import THUMBNAIL_SIZE, measure_atlas_prompt
-from .bounds import at_least, check_head_measure, check_pseudo_group_size, check_statistics
-from .atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer_table, model_table, prompt_layer_kv,
-                           top_prompts)
-from .files import atomic_output, check_writable, claim_outputs
-from .kv_similarity import divergence_similarity
-from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
-from .progress import RunProgress
-from .prompts import Prompt, check_length, shard_prompts
-from .ranks import Ranks, launcher_ranks
-from .tables import write_table
+from llm_heatmap.options import spread
 
 TABLES = ("prompt_heads", "heads", "layers", "models", "prompt_layers", "top_prompts", "head_distances")
 RANK_BY = ("sink_score", "previous_token_score", "duplicate_token_score", "induction_score", "diagonal_score",
            "vertical_score")
-FRONT = ["model", "prompt_id", "group", "prompt", "n_tokens"]
-DEFAULT_PSEUDO_GROUP_SIZE = 3
 
 
 def output_paths(out_dir: str | Path) -> dict[str, Path]:
@@ -80,6 +79,12 @@ class AtlasResult:
     prompts: dict[str, str] = field(default_factory=dict)  # prompt id -> text
     measure: str = "js"
 
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
+
+        tables = self.tables or {}
+        return tables_html(f"AtlasResult: {self.out_dir}", {"models": tables.get("models"), "heads": tables.get("heads")})
+
     def page_inputs(self) -> dict:
         """Keyword arguments of `llm_heatmap.viz.atlas.atlas_view`: tables and small arrays only."""
         if self.tables is None:
@@ -91,22 +96,22 @@ class AtlasResult:
                 "thumbnails": self.thumbnails, "prompts": self.prompts, "measure": self.measure}
 
 
-@dataclass
-class _ModelParts:
-    """Where one model's parts live."""
+class _ModelParts(Section):
+    """One model of the atlas: its part files (the tensors, then the rows) and its model files, and how a
+    prompt is measured on it (loaded in `open`, on the ranks with prompts to measure or files to write)."""
 
-    name: str
-    folder: Path
+    def __init__(self, name: str, folder: Path, source, loader, prompts: list[Prompt], options: dict,
+                 max_bytes: int | None, probe_length: int, fresh: bool):
+        super().__init__(name, folder)
+        self.source, self.loader, self.prompts, self.options = source, loader, prompts, options
+        self.max_bytes, self.probe_length, self.fresh = max_bytes, probe_length, fresh
+        self.loaded = None  # (model, tokenizer, spec) while open, or loaded early by the check
 
     def tensors(self, prompt: Prompt) -> Path:
         return self.folder / f"{part_key(prompt.id)}.safetensors"
 
-    def rows(self, prompt: Prompt) -> Path:
-        return self.folder / f"{part_key(prompt.id)}.parquet"
-
-    def done(self, prompt: Prompt) -> bool:
-        """Both part files exist and read (`parts.part_done`): the rows, written last, and the tensors."""
-        return part_done(self.rows(prompt)) and part_done(self.tensors(prompt))
+    def part_files(self, prompt: Prompt) -> list[Path]:
+        return [self.tensors(prompt), self.rows(prompt)]
 
     @property
     def spec_file(self) -> Path:
@@ -115,6 +120,37 @@ class _ModelParts:
     @property
     def probe_file(self) -> Path:
         return self.folder / "probe.parquet"
+
+    def needs_model(self, share: list[Prompt], ranks: Ranks) -> bool:
+        """Whether this rank must load the model: prompts to measure, or (rank 0) the model's files to write."""
+        return bool(share) or (ranks.is_main and not (self.spec_file.exists() and self.probe_file.exists()))
+
+    def load(self) -> dict[str, int]:
+        """Load the model (once) and check every prompt of the run against it; the token counts."""
+        if self.loaded is None:
+            self.loaded = _model(self.source, self.loader)
+        _, tokenizer, spec = self.loaded
+        return _check_fits(spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name)
+
+    def open(self, share, ranks):
+        if not self.needs_model(share, ranks):
+            return None
+        counts = self.load()  # every rank, the same verdict
+        if ranks.is_main:
+            _write_model_files(self, self.name, *self.loaded, self.probe_length, self.fresh)
+        return counts
+
+    def measure(self, prompt: Prompt) -> pd.DataFrame:
+        from safetensors.numpy import save_file
+
+        model, tokenizer, spec = self.loaded
+        measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **self.options)
+        with atomic_output(self.tensors(prompt), force=True) as temp:
+            save_file({"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp))
+        return measured.heads
+
+    def close(self) -> None:
+        self.loaded = None
 
 
 def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
@@ -175,36 +211,25 @@ def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: i
     return counts
 
 
-def _read_prompt_text(path: Path) -> str:
-    return str(pd.read_parquet(path, columns=["prompt"])["prompt"].iloc[0])
+@dataclass(frozen=True)
+class AtlasOptions:
+    """What the atlas measures on every prompt and how it summarises the prompts (`run_atlas`)."""
+
+    chat: bool = False
+    measure: str = "js"
+    thumbnail_size: int = THUMBNAIL_SIZE
+    max_rows: int | None = None
+    top_k: int = 3
+    rank_by: tuple = RANK_BY
+    n_permutations: int = 1000
+    pseudo_group_size: int | None = None
+    probe_length: int = 50
+    max_bytes: int | None = None
 
 
-def run_atlas(
-    models,
-    prompts: list[Prompt],
-    out_dir: str | Path,
-    *,
-    chat: bool = False,
-    measure: str = "js",
-    thumbnail_size: int = THUMBNAIL_SIZE,
-    max_rows: int | None = None,
-    top_k: int = 3,
-    rank_by=RANK_BY,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    n_permutations: int = 1000,
-    seed: int = 0,
-    pseudo_group_size: int | None = None,
-    probe_length: int = 50,
-    shard: tuple[int, int] | None = None,
-    resume: bool = False,
-    force: bool = False,
-    quiet: bool = False,
-    ranks: Ranks | None = None,
-    loader: Callable | None = None,
-    on_prompt: Callable | None = None,
-    max_bytes: int | None = None,
-) -> AtlasResult:
+def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: AtlasOptions | None = None, *,
+              bootstrap: Bootstrap | None = None, run: RunOptions | None = None, loader: Callable | None = None,
+              on_prompt: Callable | None = None, **keywords) -> AtlasResult:
     """Measure `prompts` on every model and write the atlas's tables to `out_dir` (module docstring).
 
     `models`: a list of sources for `load_model` (loaded one at a time; `loader(source)` returns
@@ -216,8 +241,16 @@ def run_atlas(
     `n_permutations` shuffles of the head grouping (MHA models: pseudo-groups of
     `pseudo_group_size`, default the first GQA model's group size, else 3). `probe_length`:
     random tokens of the induction probe (0 to skip it). `shard`, `resume`, `force`, `ranks`: as
-    in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt.
+    in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
+    in three groups, `options` (`AtlasOptions`), `bootstrap` (`stats.Bootstrap`: n_resamples, confidence,
+    seed) and `run` (`RunOptions`: shard, resume, force, quiet, ranks), and each also as a keyword.
     """
+    options, bootstrap, run = spread(keywords, options or AtlasOptions(), bootstrap or Bootstrap(), run or RunOptions())
+    chat, measure, thumbnail_size, max_rows = options.chat, options.measure, options.thumbnail_size, options.max_rows
+    top_k, rank_by, n_permutations = options.top_k, options.rank_by, options.n_permutations
+    pseudo_group_size, probe_length, max_bytes = options.pseudo_group_size, options.probe_length, options.max_bytes
+    n_resamples, confidence = bootstrap.n_resamples, bootstrap.confidence
+    shard, resume, force, ranks = run.shard, run.resume, run.force, run.ranks
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
                    pseudo_group_size, probe_length)
     entries = _model_entries(models)
@@ -226,27 +259,15 @@ def run_atlas(
     out_dir = Path(out_dir)
     mine = shard_prompts(prompts, shard)
     files = output_paths(out_dir)
-    models_parts = [_ModelParts(name, out_dir / "parts" / part_key(name)) for name, _ in entries]
-    if not resume and not force:
-        existing = [path for path in files.values() if path.exists()] + [
-            parts.rows(p) for parts in models_parts for p in mine if parts.rows(p).exists()]
-        if existing:
-            raise InputError(f"{out_dir} already holds an atlas ({existing[0].relative_to(out_dir)}); pass resume=True "
-                             "to continue it, force=True to recompute, or choose another out_dir.")
-    for path in files.values() if shard is None else [out_dir / f"atlas{shard_suffix(shard)}.json"]:
-        check_writable(path, force=True)
+    per_prompt = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
+    models_parts = [_ModelParts(name, out_dir / "parts" / part_key(name), source, loader, mine, per_prompt, max_bytes,
+                                probe_length, fresh=force and not resume) for name, source in entries]
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length}
-    check_settings(out_dir, "atlas", settings, resume=resume)
-    settings_path = out_dir / f"atlas{shard_suffix(shard)}.json"
-    with claim_outputs([settings_path] if ranks.is_main else [], force=True):  # one run of this shard at a time
-        done = {parts.name: [p for p in mine if resume and parts.done(p)] for parts in models_parts}
-        for parts in models_parts:
-            for prompt in ranks.share(done[parts.name]):
-                if _read_prompt_text(parts.rows(prompt)) != prompt.text:
-                    raise InputError(f"prompt '{prompt.id}' changed since the interrupted run; resume with the same prompt "
-                                     "file, or pass force=True to recompute.")
-        pending = {parts.name: [p for p in mine if p not in done[parts.name]] for parts in models_parts}
+    result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
+                         prompts={p.id: p.text for p in mine})
+
+    def check(pending: dict[str, list[Prompt]]) -> None:
         if loader is None:
             from llm_heatmap.models.loading import resolve_source
 
@@ -254,61 +275,22 @@ def run_atlas(
                 if not isinstance(source, tuple):
                     resolve_source(source)  # a wrong path or name fails here, before anything is written
         # the first model is loaded (and every prompt checked against it) before anything is written
-        loaded = {}
-        first_name, first_source = entries[0]
-        if _needs_model(models_parts[0], ranks.share(pending[first_name]), ranks):
-            loaded[first_name] = _model(first_source, loader)
-            _check_fits(loaded[first_name][2], loaded[first_name][1], mine, chat, max_bytes, first_name)
-        ranks.barrier()  # every rank has checked its input; from here on files change
+        first = models_parts[0]
+        if first.needs_model(pending[first.name], ranks):
+            first.load()
 
-        for parts in models_parts:
-            parts.folder.mkdir(parents=True, exist_ok=True)
-        if ranks.is_main:
-            write_settings(settings_path, settings)
-        if force and not resume:
-            for parts in models_parts:
-                for prompt in ranks.share(pending[parts.name]):
-                    parts.rows(prompt).unlink(missing_ok=True)
-                    parts.tensors(prompt).unlink(missing_ok=True)
-            ranks.barrier()
+    def merge(record) -> None:
+        if shard is None:
+            _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by,
+                   bootstrap=bootstrap, n_permutations=n_permutations,
+                   pseudo_group_size=pseudo_group_size)
 
-        result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
-                             prompts={p.id: p.text for p in mine})
-        all_parts = [parts.rows(p) for parts in models_parts for p in mine]
-        progress = RunProgress(all_parts, enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="atlas")
-        options = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
-        with progress:
-            for (name, source), parts in zip(entries, models_parts):
-                result.skipped[name] = [p.id for p in ranks.share(done[name])]
-                result.computed[name] = []
-                share = ranks.share(pending[name])
-                if not _needs_model(parts, share, ranks):
-                    continue
-                model, tokenizer, spec = loaded.pop(name) if name in loaded else _model(source, loader)
-                counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name)  # every rank, the same verdict
-                if ranks.is_main:
-                    _write_model_files(parts, name, model, tokenizer, spec, probe_length, force and not resume)
-                for prompt in share:
-                    _measure_one(parts, name, prompt, counts[prompt.id], model, tokenizer, spec, options)
-                    result.computed[name].append(prompt.id)
-                    if on_prompt is not None:
-                        on_prompt(name, prompt)
-                del model
-            ranks.barrier()  # every rank has written its parts
-
-        if shard is not None or not ranks.is_main:
-            return result
-        result.computed = {name: [p.id for p in pending[name]] for name, _ in entries}
-        result.skipped = {name: [p.id for p in done[name]] for name, _ in entries}
-        _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by,
-               bootstrap=Bootstrap(n_resamples, confidence, seed), n_permutations=n_permutations,
-               pseudo_group_size=pseudo_group_size)
-        return result
-
-
-def _needs_model(parts: _ModelParts, share: list[Prompt], ranks: Ranks) -> bool:
-    """Whether this rank must load the model: prompts to measure, or (rank 0) the model's files to write."""
-    return bool(share) or (ranks.is_main and not (parts.spec_file.exists() and parts.probe_file.exists()))
+    prompt_set = PromptSetRun(kind="atlas", title="an atlas", sections=models_parts, settings=settings,
+                       outputs=list(files.values()), check=check, merge=merge,
+                       on_prompt=None if on_prompt is None else lambda name, prompt, _: on_prompt(name, prompt))
+    record = run_prompt_set(prompt_set, prompts, out_dir, replace(run, ranks=ranks))
+    result.computed, result.skipped = record.computed, record.skipped
+    return result
 
 
 def _model(source, loader):
@@ -329,27 +311,13 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
             temp.write_text(json.dumps({"name": name, "spec": spec.to_dict()}, indent=2) + "\n")
     if fresh or not parts.probe_file.exists():
         if probe_length > 0:
-            from .induction_probe import induction_probe_scores
+            from llm_heatmap.analyses.heads.induction_probe import induction_probe_scores
 
             probe = induction_probe_scores(model, tokenizer, spec=spec, length=probe_length)
             probe = probe.drop(columns=["kv_group"])
         else:
             probe = pd.DataFrame(columns=["layer", "head"])
         write_table(probe, parts.probe_file, force=True)
-
-
-def _measure_one(parts: _ModelParts, name: str, prompt: Prompt, n_tokens: int, model, tokenizer, spec, options) -> None:
-    from safetensors.numpy import save_file
-
-    measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **options)
-    with atomic_output(parts.tensors(prompt), force=True) as temp:
-        save_file({"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp))
-    heads = measured.heads.reset_index(drop=True)
-    front = pd.DataFrame({"model": name, "prompt_id": prompt.id, "group": prompt.group, "prompt": prompt.text,
-                          "n_tokens": n_tokens}, index=heads.index)
-    table = pd.concat([front, heads.drop(columns=FRONT, errors="ignore")], axis=1)
-    table["group"] = table["group"].astype("string")
-    write_table(table, parts.rows(prompt), force=True)
 
 
 def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[Prompt], *, measure: str, top_k: int,
@@ -364,9 +332,7 @@ def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[P
         if not parts.spec_file.exists():
             raise InputError(f"{parts.folder} has no model.json; run the atlas again with resume=True to write it.")
         specs[parts.name] = ModelSpec.from_dict(json.loads(parts.spec_file.read_text())["spec"])
-    if pseudo_group_size is None:
-        gqa = [spec.group_size for spec in specs.values() if spec.attention_kind == "GQA"]
-        pseudo_group_size = gqa[0] if gqa else DEFAULT_PSEUDO_GROUP_SIZE
+    pseudo_group_size = pseudo_group_size_of(specs.values(), pseudo_group_size)
     frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
     for parts in models_parts:
         spec = specs[parts.name]

@@ -1,6 +1,6 @@
 """The seed README's Experiments 1 and 2, reproduced on the offline models, plus its MHA/GQA claim as a measurement.
 
-    python -m llm_heatmap.cli.experiments.seed_experiments --out docs/experiments
+    python -m experiments.seed_experiments --out docs/experiments
 
 For each model (`minilm-l6` standing in for bert-base-uncased, `smollm2-135m` for Qwen3-0.6B) and
 each experiment (the prompt pairs of `data/seed_experiments.jsonl`, A = simple, B = complex, plus
@@ -25,7 +25,7 @@ each experiment (the prompt pairs of `data/seed_experiments.jsonl`, A = simple, 
 
 and into `OUT/`: `experiments.csv`/`.md` (one row per model x experiment: token counts, whether a
 difference cube exists, mean and mean-absolute deltas of `KEY_METRICS`), `kv_summary.csv`/`.md`
-(one row per model x measure x first-token handling, `model_gap`) and `summary.json`. CSV files
+(one row per model x measure x first-token handling, `stats.group_gap` over the layers) and `summary.json`. CSV files
 hold floats to `CSV_DIGITS` significant digits.
 
 Pooled KV statistic of one layer: S_p is the head x head similarity of prompt p
@@ -42,7 +42,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -50,22 +49,22 @@ import pandas as pd
 import torch
 
 from llm_heatmap.analyses.compare import compare_cubes, metric_columns
-from llm_heatmap.analyses.files import atomic_output
-from llm_heatmap.analyses.kv_similarity import (FIRST_TOKEN, MEASURES, group_gap, head_groups, kv_group_similarity,
+from llm_heatmap.models.files import atomic_output
+from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE
+from llm_heatmap.analyses.similarity.kv_similarity import (FIRST_TOKEN, MEASURES, group_gap, head_groups, kv_group_similarity,
                                                 layer_similarity)
-from llm_heatmap.analyses.metrics import head_metrics
-from llm_heatmap.analyses.prompts import read_prompts
-from llm_heatmap.analyses.tables import write_table
+from llm_heatmap.analyses.heads.metrics import head_metrics
+from llm_heatmap.analyses.runs.prompts import read_prompts
+from llm_heatmap.analyses.runs.table_files import write_table
 from llm_heatmap.errors import InputError
 
-from .. import options
-from ..errors import cli_message
+from llm_heatmap.cli import options
+from llm_heatmap.cli.errors import cli_message
 
 MODELS = ("minilm-l6", "smollm2-135m")
 STANDS_IN_FOR = {"minilm-l6": "bert-base-uncased", "smollm2-135m": "Qwen3-0.6B"}
 KEY_METRICS = ("norm_entropy", "effective_keys_frac", "max_weight", "sink_score_no_q0", "prev_token_mass",
                "distance_ratio", "special_mass")
-PSEUDO_GROUP_SIZE = 3
 N_PERMUTATIONS = 2000
 CSV_DIGITS = 6
 
@@ -116,8 +115,8 @@ class ExperimentResult:
 
 
 def seed_prompts() -> list[Experiment]:
-    """Experiments 1 and 2 of the seed README, from `analyses/data/seed_experiments.jsonl`."""
-    path = Path(str(files("llm_heatmap.analyses") / "data" / "seed_experiments.jsonl"))
+    """Experiments 1 and 2 of the seed README, from `experiments/data/seed_experiments.jsonl`."""
+    path = Path(__file__).resolve().parent / "data" / "seed_experiments.jsonl"
     prompts = {p.id: p.text for p in read_prompts(path)}
     return [Experiment(f"exp{n}", f"Exp. {n}", prompts[f"exp{n}-simple"], prompts[f"exp{n}-complex"]) for n in (1, 2)]
 
@@ -248,6 +247,11 @@ def similarity_stack(cubes, measure: str, first_token: str) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _across(result: dict) -> dict:
+    """A `group_gap` result in this script's words: "across" groups for "between"."""
+    return {"within": result["within"], "across": result["between"], "gap": result["gap"], "p_value": result["p_value"]}
+
+
 def kv_tables(cubes, prompts, *, pseudo_group_size: int = PSEUDO_GROUP_SIZE, n_permutations: int = N_PERMUTATIONS,
               seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per prompt x layer table, pooled per-layer table, model-level table) for one model's cubes."""
@@ -273,7 +277,8 @@ def kv_tables(cubes, prompts, *, pseudo_group_size: int = PSEUDO_GROUP_SIZE, n_p
                                "gap": result["gap"], "p_value": result["p_value"],
                                "prompts_p_below_0.05": significant, "n_prompts": len(cubes)})
             model_rows.append({"measure": measure, "first_token": first_token, "grouping": grouping,
-                               "group_size": size, **model_gap(mean_similarity, groups, n_permutations, seed)})
+                               "group_size": size, **_across(group_gap(mean_similarity, groups, n_permutations, seed)),
+                               "n_permutations": n_permutations})
     pooled = pd.DataFrame.from_records(pooled)
     model = pd.DataFrame.from_records(model_rows)
     layer_p = pooled.groupby(["measure", "first_token"], sort=False)
@@ -281,30 +286,6 @@ def kv_tables(cubes, prompts, *, pseudo_group_size: int = PSEUDO_GROUP_SIZE, n_p
     model["layers_p_below_0.05"] = layer_p["p_value"].apply(lambda p: int((p < 0.05).sum())).to_numpy()
     model["n_layers"] = cubes[0].num_layers
     return per_prompt, pooled, model
-
-
-def model_gap(similarity: torch.Tensor, groups, n_permutations: int = N_PERMUTATIONS, seed: int = 0) -> dict:
-    """Mean over layers of within - across for `"l h h"` similarities; p-value with per-layer shuffles."""
-    groups = torch.as_tensor(groups)
-    layers, heads = similarity.shape[:2]
-    upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)
-
-    def gaps(same):  # same: "... l h h" -> "... l"
-        inside, outside = (same & upper).double(), (~same & upper).double()
-        return ((similarity * inside).sum((-1, -2)) / inside.sum((-1, -2))
-                - (similarity * outside).sum((-1, -2)) / outside.sum((-1, -2)))
-
-    observed = gaps(groups[:, None] == groups[None, :])
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.rand(n_permutations, layers, heads, generator=generator).argsort(-1)
-    shuffled = groups[order]  # p l h
-    permuted = gaps(shuffled[..., :, None] == shuffled[..., None, :]).mean(-1)
-    gap = float(observed.mean())
-    exceed = int((permuted >= gap - 1e-12).sum())
-    within_pairs = (groups[:, None] == groups[None, :]) & upper
-    return {"within": float((similarity * within_pairs).sum((-1, -2)).mean() / within_pairs.sum()),
-            "across": float((similarity * (~within_pairs & upper)).sum((-1, -2)).mean() / (~within_pairs & upper).sum()),
-            "gap": gap, "p_value": (1 + exceed) / (1 + n_permutations), "n_permutations": n_permutations}
 
 
 def write_kv(model_name: str, per_prompt, pooled, folder: Path, *, figures: bool = True) -> list[Path]:
@@ -386,7 +367,7 @@ def run(out: Path, *, models=MODELS, experiments=None, loader=None, figures: boo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.cli.experiments.seed_experiments",
+    parser = argparse.ArgumentParser(prog="python -m experiments.seed_experiments",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output folder (default docs/experiments)")
     parser.add_argument("--model", action="append", help=f"model to run (repeatable; default {' and '.join(MODELS)})")

@@ -19,10 +19,9 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from .bounds import check_pseudo_group_size, check_statistics
-from .prompts import check_length
+from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE, check_pseudo_group_size, check_statistics
+from llm_heatmap.analyses.runs.prompts import check_length
 
-DEFAULT_PSEUDO_GROUP_SIZE = 3
 SUMMARY_KEYS = ["model", "attention_kind", "grouping", "group_size", "measure", "first_token"]
 
 
@@ -30,6 +29,11 @@ SUMMARY_KEYS = ["model", "attention_kind", "grouping", "group_size", "measure", 
 class KVReport:
     layers: pd.DataFrame  # one row per model x prompt x layer x measure x first_token
     summary: pd.DataFrame  # one row per model x measure x first_token
+
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
+
+        return tables_html("KVReport: KV-group similarity", {"summary": self.summary, "layers": self.layers})
 
 
 def summarize(layers: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
@@ -43,7 +47,7 @@ def summarize(layers: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
 
 
 def _or_default(pseudo_group_size: int | None) -> int:
-    return DEFAULT_PSEUDO_GROUP_SIZE if pseudo_group_size is None else pseudo_group_size
+    return PSEUDO_GROUP_SIZE if pseudo_group_size is None else pseudo_group_size
 
 
 def _kind(spec) -> str:
@@ -61,7 +65,7 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
     """
     from llm_heatmap.probes import capture_prompt
 
-    from .kv_similarity import MEASURES, kv_group_similarity
+    from llm_heatmap.analyses.similarity.kv_similarity import MEASURES, kv_group_similarity
 
     check_statistics(n_permutations=n_permutations)
     check_pseudo_group_size(pseudo_group_size)

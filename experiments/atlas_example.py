@@ -1,8 +1,8 @@
 """The README's atlas example: the shipped length-matched prompts on SmolLM2 and MiniLM, and a screenshot.
 
-    python -m llm_heatmap.cli.experiments.atlas_example --out atlas-example --png docs/atlas.png
+    python -m experiments.atlas_example --out atlas-example --png docs/atlas.png
 
-Runs `llm-heatmap atlas analyses/data/length_matched_pairs.jsonl --model smollm2-135m --model
+Runs `llm-heatmap atlas experiments/data/length_matched_pairs.jsonl --model smollm2-135m --model
 minilm-l6 --out OUT` (one thread, so the numbers repeat), then opens OUT/atlas.html in headless
 Chromium, colours the heads by `--color` (a column of the heads table), clicks SmolLM2's head
 `--head` (layer, head) in the depth strip, ranks its top prompts by `--rank-by` and saves the
@@ -12,42 +12,16 @@ window as PNG. Needs selenium and Debian's chromium and chromedriver (`make brow
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from llm_heatmap.errors import InputError
 
+from tests.browser import headless_chromium
+
 from .prompt_sets import data_path
 
 STRIP_CELL, STRIP_HEIGHT = 14, 300  # viz/assets/atlas.js: CELL, STRIP_PX
-
-
-@contextmanager
-def headless_chromium(width: int = 1440, height: int = 960):
-    """A selenium driver of Debian's headless Chromium, offline, with a throw-away profile."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-    except ImportError:
-        raise InputError("the screenshot needs selenium; install it with pip install selenium.") from None
-    if not (chromium and chromedriver):
-        raise InputError("the screenshot needs chromium and chromedriver; install them with make browser.")
-    profile = tempfile.mkdtemp(prefix="llm-heatmap-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", f"--window-size={width},{height}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def screenshot(page: Path, png: Path, *, color: str, head: tuple[int, int], rank_by: str, num_layers: int) -> None:

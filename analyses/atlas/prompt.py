@@ -23,8 +23,8 @@ import torch
 from llm_heatmap.probes import capture_prompt
 from llm_heatmap.probes.stream import downsample
 
-from .kv_similarity import head_distributions, head_divergence
-from .metrics import head_metrics
+from llm_heatmap.analyses.similarity.kv_similarity import head_distributions, head_divergence
+from llm_heatmap.analyses.heads.metrics import head_metrics
 
 THUMBNAIL_SIZE = 16
 

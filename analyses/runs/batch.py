@@ -17,24 +17,20 @@ input before any rank writes, so bad input stops all of them alike.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from llm_heatmap.analyses.heads.measure import stream_head_metrics
 from llm_heatmap.errors import InputError
 
-from .files import check_writable, claim_outputs
-from .measure import stream_head_metrics
-from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
-from .progress import RunProgress
+from .engine import FRONT, PromptSetRun, RunOptions, Section, run_prompt_set
+from .parts import shard_suffix
 from .prompts import Prompt, check_length, shard_prompts
-from .ranks import Ranks, launcher_ranks
-from .tables import write_table
-
-ROW_COLUMNS = ["model", "prompt_id", "group", "prompt", "n_tokens"]
+from .ranks import Ranks
+from .table_files import write_table
 
 
 def output_paths(out_dir: str | Path, shard: tuple[int, int] | None = None) -> tuple[Path, Path]:
@@ -55,20 +51,26 @@ class BatchResult:
     computed: list[str] = field(default_factory=list)  # prompt ids measured in this run
     skipped: list[str] = field(default_factory=list)  # prompt ids found already done
 
+    def _repr_html_(self) -> str:
+        from llm_heatmap.notebook import tables_html
 
-def read_part(path: Path, prompt: Prompt) -> pd.DataFrame:
-    """A finished prompt's rows, refused when the prompt's text changed since they were written."""
-    table = pd.read_parquet(path)
-    if table["prompt"].iloc[0] != prompt.text:
-        raise InputError(
-            f"prompt '{prompt.id}' changed since the interrupted run; resume with the same prompt file, "
-            "or pass force=True to recompute."
-        )
-    return table
+        return tables_html("BatchResult: per-head metrics of a prompt set", {"heads": self.table})
 
 
-def _concat(tables: list[pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ROW_COLUMNS)
+class _Model(Section):
+    """The batch's one model: a prompt's rows are `measure(model, tokenizer, text, spec=, chat=, **options)`."""
+
+    def __init__(self, name, folder, model, tokenizer, spec, counts, measure, chat, capture_options):
+        super().__init__(name, folder)
+        self.model, self.tokenizer, self.spec, self.counts = model, tokenizer, spec, counts
+        self.measure_text, self.chat, self.capture_options = measure, chat, capture_options
+
+    def open(self, share, ranks):
+        return self.counts
+
+    def measure(self, prompt: Prompt) -> pd.DataFrame:
+        return self.measure_text(self.model, self.tokenizer, prompt.text, spec=self.spec, chat=self.chat,
+                                 **self.capture_options)
 
 
 def run_batch(
@@ -103,71 +105,34 @@ def run_batch(
     from llm_heatmap.models import spec_from_model
 
     spec = spec or spec_from_model(model)
-    ranks = launcher_ranks() if ranks is None else ranks
-    measure = measure or stream_head_metrics
     out_dir = Path(out_dir)
     mine = shard_prompts(prompts, shard)
     counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in mine}
-
     parquet_path, csv_path = output_paths(out_dir, shard)
-    part_paths = {p.id: out_dir / "parts" / f"{part_key(p.id)}.parquet" for p in mine}
-    if not resume and not force:
-        for path in [parquet_path, csv_path, *part_paths.values()]:
-            if path.exists():
-                raise InputError(
-                    f"{out_dir} already holds results of a batch ({path.name}); pass resume=True to continue it, "
-                    "force=True to recompute, or choose another out_dir."
-                )
-    for path in (parquet_path, csv_path):
-        check_writable(path, force=True)
     model_name = source or spec.architecture
+    section = _Model(model_name, out_dir / "parts", model, tokenizer, spec, counts, measure or stream_head_metrics,
+                     chat, capture_options)
     settings = {"model": model_name, "spec": spec.summary, "chat": chat,
                 "capture_options": {k: repr(v) for k, v in sorted(capture_options.items())}}
-    check_settings(out_dir, "batch", settings, resume=resume)
-    settings_path = out_dir / f"batch{shard_suffix(shard)}.json"
-    with claim_outputs([settings_path] if ranks.is_main else [], force=True):  # one run of this shard at a time
-        parts = out_dir / "parts"
-        done = [p for p in mine if resume and part_done(part_paths[p.id])]
-        tables = {p.id: read_part(part_paths[p.id], p) for p in ranks.share(done)}  # each rank checks its share
-        pending = [p for p in mine if p not in done]
-        ranks.barrier()  # every rank has checked its input; from here on files change
+    result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path)
 
-        parts.mkdir(parents=True, exist_ok=True)
-        if ranks.is_main:
-            write_settings(settings_path, settings)
-        if force and not resume:
-            # an interrupted forced run must not leave old parts that a later resume would take as done
-            for prompt in ranks.share(pending):
-                part_paths[prompt.id].unlink(missing_ok=True)
-            ranks.barrier()
-        result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path,
-                             skipped=[p.id for p in ranks.share(done)])
-        progress = RunProgress(part_paths.values(), enabled=ranks.is_main and not quiet and sys.stderr.isatty(), desc="batch")
-        with progress:
-            for prompt in ranks.share(pending):
-                path = part_paths[prompt.id]
-                table = measure(model, tokenizer, prompt.text, spec=spec, chat=chat, **capture_options)
-                table = table.reset_index(drop=True)
-                front = pd.DataFrame({"model": model_name, "prompt_id": prompt.id, "group": prompt.group,
-                                      "prompt": prompt.text, "n_tokens": counts[prompt.id]}, index=table.index)
-                table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
-                table["group"] = table["group"].astype("string")
-                write_table(table, path, force=True)
-                result.computed.append(prompt.id)
-                tables[prompt.id] = pd.read_parquet(path)  # the same dtypes as a resumed prompt's
-                if on_prompt is not None:
-                    on_prompt(prompt, tables[prompt.id])
-            ranks.barrier()  # every rank has written its parts
-
-        if not ranks.is_main:
-            result.table = _concat([tables[p.id] for p in mine if p.id in tables])
-            return result
-        result.computed, result.skipped = [p.id for p in pending], [p.id for p in done]  # by every rank
+    def merge(record) -> None:
         # rows read back from the parts: the same dtypes whether a prompt was computed now or resumed
-        result.table = _concat([pd.read_parquet(part_paths[p.id]) for p in mine])
+        result.table = record.tables(section)
         write_table(result.table, parquet_path, force=True)
         write_table(result.table, csv_path, force=True)
-        return result
+
+    run = PromptSetRun(kind="batch", title="results of a batch", sections=[section], settings=settings,
+                       outputs=[parquet_path, csv_path], merge=merge,
+                       on_prompt=None if on_prompt is None else lambda _, prompt, rows: on_prompt(prompt, rows))
+    record = run_prompt_set(run, prompts, out_dir, RunOptions(shard=shard, resume=resume, force=force, quiet=quiet,
+                                                              ranks=ranks))
+    result.computed, result.skipped = record.computed[model_name], record.skipped[model_name]
+    if not record.ranks.is_main:
+        mine_rows = record.rows[model_name]
+        tables = [mine_rows[p.id] for p in mine if p.id in mine_rows]
+        result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=FRONT)
+    return result
 
 
 def read_batch(out_dir: str | Path) -> pd.DataFrame:

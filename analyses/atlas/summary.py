@@ -9,7 +9,7 @@ one flag per class (`pattern_vertical`, ... , `pattern_heterogeneous`), so its f
 with intervals too. Columns that describe a row (`compare.DESCRIPTIVE`) are not summarised.
 
 - head level: the mean over prompts of each head's value, with a percentile bootstrap interval
-  over prompts (`compare.bootstrap_means`); `pattern_class`: the class the head takes most often.
+  over prompts (`stats.bootstrap_means`); `pattern_class`: the class the head takes most often.
 - layer level: per prompt, the mean over the layer's heads; then the mean and interval over
   prompts. KV-group similarity per layer (`kv_similarity`: within / between / gap over the
   layer's block of the head similarity, KV groups for GQA, pseudo-groups otherwise) per prompt
@@ -33,24 +33,14 @@ from pandas.api.types import is_bool_dtype
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 
-from .compare import DESCRIPTIVE, bootstrap_means, metric_columns
-from .head_map import head_map
-from .kv_similarity import cluster_order, divergence_similarity, group_gap, group_means, spec_head_groups
-from .patterns import PATTERN_CLASSES
+from llm_heatmap.analyses.compare import DESCRIPTIVE, metric_columns
+from llm_heatmap.analyses.similarity.head_map import head_map
+from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE
+from llm_heatmap.analyses.similarity.kv_similarity import cluster_order, divergence_similarity, spec_head_groups
+from llm_heatmap.analyses.stats import Bootstrap, group_gap, group_means, unit_means
+from llm_heatmap.analyses.heads.patterns import PATTERN_CLASSES
 
 UNIT = ["layer", "head"]
-
-
-@dataclass(frozen=True)
-class Bootstrap:
-    """How intervals are drawn: `n_resamples` resamples of the prompts, central `confidence`, `seed`."""
-
-    n_resamples: int = 2000
-    confidence: float = 0.95
-    seed: int = 0
-
-    def means(self, x: np.ndarray) -> dict:
-        return bootstrap_means(x, n_resamples=self.n_resamples, confidence=self.confidence, seed=self.seed)
 
 
 def class_column(name: str) -> str:
@@ -138,15 +128,6 @@ class ModelRows:
         return pd.DataFrame(summarise(x, self.numeric, self.flags, bootstrap))
 
 
-def unit_means(x: np.ndarray, group_of_unit: np.ndarray, count: int) -> np.ndarray:
-    """`"prompt unit column" -> "prompt group column"`: NaN-ignoring mean over each group's units."""
-    one_hot = np.eye(count)[group_of_unit]
-    valid = ~np.isnan(x)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (np.einsum("puc,ug->pgc", np.nan_to_num(x), one_hot)
-                / np.einsum("puc,ug->pgc", valid.astype(float), one_hot))
-
-
 def head_table(rows: ModelRows, bootstrap: Bootstrap) -> pd.DataFrame:
     """One row per head (module docstring), with its map position and clustering rank."""
     units = pd.DataFrame(rows.units, columns=UNIT)
@@ -189,7 +170,7 @@ def prompt_layer_kv(rows: ModelRows, pseudo_group_size: int) -> pd.DataFrame:
 
 
 def layer_table(rows: ModelRows, kv: pd.DataFrame, bootstrap: Bootstrap, *, n_permutations: int = 1000,
-                pseudo_group_size: int = 3) -> pd.DataFrame:
+                pseudo_group_size: int = PSEUDO_GROUP_SIZE) -> pd.DataFrame:
     """One row per layer: the KV-group similarity over prompts and the layer means of every metric."""
     layers = rows.layers
     x = unit_means(rows.array(), rows.layer_of_unit, len(layers))

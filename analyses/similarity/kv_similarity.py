@@ -34,10 +34,11 @@ import torch
 
 from llm_heatmap.errors import InputError
 
-from .bounds import MEASURES, check_head_measure, check_pseudo_group_size, check_statistics
+from llm_heatmap.analyses.bounds import MEASURES, PSEUDO_GROUP_SIZE, check_head_measure, check_pseudo_group_size
 
-from .divergence import bhattacharyya_matrix, js_divergence_matrix
-from .sequences import per_sequence
+from llm_heatmap.analyses.similarity.divergence import bhattacharyya_matrix, js_divergence_matrix
+from llm_heatmap.analyses.sequences import per_sequence
+from llm_heatmap.analyses.stats import group_gap
 
 FIRST_TOKEN = ("kept", "dropped")
 
@@ -76,40 +77,7 @@ def layer_similarities(pattern: torch.Tensor, mask: torch.Tensor, measures=MEASU
     return out
 
 
-def group_means(similarity: torch.Tensor, same_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(within, between): mean of `similarity` (`"... h h"`) over head pairs a < b in the same group and
-    in different groups, `same_group` a bool `"... h h"` (leading axes broadcast: prompts, permutations)."""
-    heads = similarity.shape[-1]
-    upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)
-    inside = (same_group & upper).double()
-    outside = (~same_group & upper).double()
-    within = (similarity * inside).sum((-1, -2)) / inside.sum((-1, -2))
-    between = (similarity * outside).sum((-1, -2)) / outside.sum((-1, -2))
-    return within, between
-
-
-def group_gap(similarity: torch.Tensor, groups, n_permutations: int = 1000, seed: int = 0) -> dict:
-    """within, between, gap and permutation p-value of a head x head similarity (module docstring)."""
-    check_statistics(n_permutations=n_permutations)
-    groups = torch.as_tensor(groups)
-    heads = len(groups)
-    upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)
-    same = groups[:, None] == groups[None, :]
-    if not (same & upper).any() or not (~same & upper).any():
-        raise InputError("the KV-group statistic needs at least one pair of heads in the same group and one in different groups; "
-                         "pass more heads or another pseudo_group_size.")
-    within, between = group_means(similarity, same)
-    gap = within - between
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.rand(n_permutations, heads, generator=generator).argsort(-1)
-    shuffled = groups[order]  # p h
-    perm_within, perm_between = group_means(similarity, shuffled[:, :, None] == shuffled[:, None, :])
-    exceed = int(((perm_within - perm_between) >= gap - 1e-12).sum())
-    return {"within": float(within), "between": float(between), "gap": float(gap),
-            "p_value": (1 + exceed) / (1 + n_permutations)}
-
-
-def spec_head_groups(spec, heads, pseudo_group_size: int = 3) -> tuple[torch.Tensor, str]:
+def spec_head_groups(spec, heads, pseudo_group_size: int = PSEUDO_GROUP_SIZE) -> tuple[torch.Tensor, str]:
     """(group of each of `heads`, "kv" or "pseudo"): KV groups for GQA, consecutive pseudo-groups otherwise."""
     if 1 < spec.group_size < spec.num_heads:
         return torch.tensor([spec.kv_group(h) for h in heads]), "kv"
@@ -117,13 +85,13 @@ def spec_head_groups(spec, heads, pseudo_group_size: int = 3) -> tuple[torch.Ten
     return torch.tensor(list(heads)) // pseudo_group_size, "pseudo"
 
 
-def head_groups(cube, pseudo_group_size: int = 3) -> tuple[torch.Tensor, str]:
+def head_groups(cube, pseudo_group_size: int = PSEUDO_GROUP_SIZE) -> tuple[torch.Tensor, str]:
     """(group of each head on axis h, "kv" or "pseudo"): KV groups for GQA, consecutive pseudo-groups otherwise."""
     return spec_head_groups(cube.spec, cube.heads, pseudo_group_size)
 
 
 @per_sequence
-def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = 3, n_permutations: int = 1000,
+def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = PSEUDO_GROUP_SIZE, n_permutations: int = 1000,
                         seed: int = 0) -> pd.DataFrame:
     """Within- vs between-group head similarity per layer, measure and first-token handling.
 

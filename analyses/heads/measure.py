@@ -15,8 +15,8 @@ from llm_heatmap.probes.capture import estimate_cube_bytes
 from llm_heatmap.probes.memory import check_fits, fits
 from llm_heatmap.probes.stream import CHUNK_BYTES
 
-from .metrics import HeadMetricsReducer, head_metrics
-from .prompts import check_length
+from llm_heatmap.analyses.heads.metrics import HeadMetricsReducer, head_metrics
+from llm_heatmap.analyses.runs.prompts import check_length
 
 METRIC_BLOCKS = 4  # the metrics reducer holds a few row blocks of the streaming size (CHUNK_BYTES) at once
 

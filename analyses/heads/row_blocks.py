@@ -23,7 +23,7 @@ import torch
 
 from llm_heatmap.probes.geometry import Spans, key_ranges
 
-from .patterns import segment_ids, special_token_mask
+from llm_heatmap.analyses.heads.patterns import segment_ids, special_token_mask
 
 # columns of `RowBlock.features`: every key, the keys before the block's first row, their distance to it,
 # those of them in its segment, special tokens

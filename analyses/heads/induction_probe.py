@@ -8,7 +8,7 @@ import torch
 from llm_heatmap.probes import capture
 from llm_heatmap.probes.capture import forward_kwargs
 
-from .head_detector import SCORE_COLUMNS, head_detector_scores, repeated_random_tokens
+from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS, head_detector_scores, repeated_random_tokens
 
 
 def induction_probe_scores(model, tokenizer, *, spec=None, length: int = 50, seed: int = 0,

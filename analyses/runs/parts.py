@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from llm_heatmap.errors import InputError
 
-from .files import atomic_output
+from llm_heatmap.models.files import atomic_output
 
 
 def part_key(prompt_id: str) -> str:

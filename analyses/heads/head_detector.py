@@ -22,7 +22,7 @@ import torch
 
 from llm_heatmap.errors import InputError
 
-from .sequences import per_sequence
+from llm_heatmap.analyses.sequences import per_sequence
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
 SCORE_COLUMNS = tuple(f"{name}_score" for name in DETECTORS)

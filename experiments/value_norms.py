@@ -1,9 +1,9 @@
 """Weights vs what the heads write, on the offline models: how many sink heads are no-op sinks, plus the
 figures of the README (a norm-weighted grid beside the weights, and one layer's query-key maps).
 
-    python -m llm_heatmap.cli.experiments.value_norms --out docs/experiments
+    python -m experiments.value_norms --out docs/experiments
 
-For every prompt of the shipped example sets (`analyses/data/*.jsonl`, 22 prompts) and each offline
+For every prompt of the shipped example sets (`experiments/data/*.jsonl`, 22 prompts) and each offline
 model, `head_metrics` with value norms gives per head the weight on the first token
 (`sink_score_no_q0`), the first token's share of what the head writes (`norm_sink_score_no_q0`) and
 `noop_sink` (a sink by weight, < 0.3 of what it writes). Written into OUT/:
@@ -22,22 +22,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import cli_message
+from llm_heatmap.cli.errors import cli_message
 
 PROMPT = "The cat sat on the warm mat because the sun was shining on it."
 QK_LAYER = 5
 
 
 def prompts() -> list[str]:
-    from importlib import resources
+    from llm_heatmap.analyses.runs.prompts import read_prompts
 
-    from llm_heatmap.analyses.prompts import read_prompts
-
-    data = resources.files("llm_heatmap.analyses.data")
+    data = Path(__file__).resolve().parent / "data"
     texts = []
     for name in ("seed_experiments.jsonl", "length_matched_pairs.jsonl"):
-        with resources.as_file(data / name) as path:
-            texts += [p.text for p in read_prompts(path)]
+        texts += [p.text for p in read_prompts(data / name)]
     return list(dict.fromkeys(texts))
 
 
@@ -86,7 +83,7 @@ def summarize(heads) -> "pd.DataFrame":
 def figures(out: Path) -> list[Path]:
     import torch
 
-    from llm_heatmap.analyses.qk_maps import qk_map
+    from llm_heatmap.analyses.maps.qk_maps import qk_map
     from llm_heatmap.models import load_model
     from llm_heatmap.probes import capture_prompt
     from llm_heatmap.viz import plot_qk_maps, save_figure, save_grid
@@ -112,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from llm_heatmap.errors import InputError
 
-    parser = argparse.ArgumentParser(prog="python -m llm_heatmap.cli.experiments.value_norms", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.value_norms", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"), help="output folder (default docs/experiments)")
     parser.add_argument("--model", action="append", help="offline model (repeatable; default both)")
     args = parser.parse_args(argv)
     try:
-        from llm_heatmap.analyses.tables import to_markdown, write_table
+        from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
 
         args.out.mkdir(parents=True, exist_ok=True)
         heads = measure(args.model or ["smollm2-135m", "minilm-l6"])

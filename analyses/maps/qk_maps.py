@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llm_heatmap.choices import PROJECTIONS
 from llm_heatmap.errors import InputError
 
-METHODS = ("pca", "tsne", "umap")
 
 
 @dataclass
@@ -60,8 +60,8 @@ def align_queries_and_keys(queries: torch.Tensor, keys: torch.Tensor) -> tuple[t
 
 def project(points: torch.Tensor, method: str = "pca", seed: int = 0) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """`[n, d]` -> (`[n, 2]` float32, PCA's explained variance ratio of the two axes or None)."""
-    if method not in METHODS:
-        raise InputError(f"method={method!r} is not a projection this knows; use one of {', '.join(METHODS)}.")
+    if method not in PROJECTIONS:
+        raise InputError(f"method={method!r} is not a projection this knows; use one of {', '.join(PROJECTIONS)}.")
     points = points.double()
     if method == "pca":
         centred = points - points.mean(0)

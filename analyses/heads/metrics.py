@@ -23,9 +23,9 @@ real key position (position 0 without left padding).
 - special_mass:         sum_{j in M_i, j special} A_ij, mean over R (special: `patterns.is_special_token`).
 - local_mass:           sum_{j in M_i, |q_i - j| <= 1} A_ij, mean over R.
 - diagonal_score, block_score, vertical_score (+ vertical_key, the column achieving it),
-  pattern_class: see `llm_heatmap.analyses.patterns`.
+  pattern_class: see `llm_heatmap.analyses.heads.patterns`.
 - previous_token_score, duplicate_token_score, induction_score: TransformerLens's "mul"
-  head-detector scores (see `llm_heatmap.analyses.head_detector`), summed over the real rows
+  head-detector scores (see `llm_heatmap.analyses.heads.head_detector`), summed over the real rows
   and, like every metric here, over attendable keys only (a softmax under the model's mask has
   exact zeros elsewhere, so this is TransformerLens's number).
 - n_rows: |R|.
@@ -64,10 +64,10 @@ import torch
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
-from .head_detector import SCORE_COLUMNS
-from .patterns import classify_heads
-from .row_blocks import ROW_SUMS, UNIFORM_TOTALS, RowBlock, SequenceIndex
-from .sequences import per_sequence
+from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS
+from llm_heatmap.analyses.heads.patterns import classify_heads
+from llm_heatmap.analyses.heads.row_blocks import ROW_SUMS, UNIFORM_TOTALS, RowBlock, SequenceIndex
+from llm_heatmap.analyses.sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
 # the per-head row sums divided by |R| at the end

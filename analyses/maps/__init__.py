@@ -1,0 +1,1 @@
+"""Maps of one head or layer: query-key maps and attention rollout."""
