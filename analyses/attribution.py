@@ -161,7 +161,7 @@ def logit_attribution(model: nn.Module, tokenizer=None, prompt=None, *, input_id
     """Split the logit of `target` (default: the token the model predicts) at `position` into every
     component's direct share. Pass a prompt with its tokenizer, or `input_ids` of shape [1, T]."""
     from llm_heatmap.models import spec_from_model
-    from llm_heatmap.probes.capture import encode_prompt, token_strings
+    from llm_heatmap.probes.capture import encode_prompt
 
     spec = spec or spec_from_model(model)
     unembedding = _refuse_unsupported(model, spec)
@@ -230,7 +230,8 @@ def logit_attribution(model: nn.Module, tokenizer=None, prompt=None, *, input_id
         attention_bias.append(through_final(bias))
         mlps.append(through_final(seen[("mlp", index)].cpu()))
 
-    token_list = token_strings(input_ids[0], tokenizer) if tokenizer is not None else [str(i) for i in input_ids[0].tolist()]
+    ids = input_ids[0].tolist()
+    token_list = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     return LogitAttribution(
         tokens=token_list, position=position, target_id=target_id,

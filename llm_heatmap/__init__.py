@@ -24,6 +24,7 @@ _MODULES = {
     "llm_heatmap.probes": ("AttentionCube", "capture", "capture_prompt", "capture_generate", "capture_lens", "Downsampler"),
     "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "kv_group_similarity", "head_similarity_matrix",
                              "rollout", "compare_cubes"),
+    "llm_heatmap.analyses.attribution": ("logit_attribution", "LogitAttribution"),
     "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "write_html"),
     "llm_heatmap.notebook": ("view", "grid"),
 }

@@ -4,6 +4,8 @@ norm written out by hand); encoders are refused in one sentence."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -114,3 +116,24 @@ def test_minilm_is_refused_in_one_sentence(minilm):
     model, tokenizer, spec = minilm
     with pytest.raises(InputError, match=r"^BertModel is an encoder without an LM head .*\.$"):
         logit_attribution(model, tokenizer, "The cat sat on the mat.", spec=spec)
+
+
+@pytest.mark.slow
+def test_cli_writes_the_table_and_map_or_one_sentence(monkeypatch, capsys, tmp_path, smollm2):
+    import pandas as pd
+
+    from llm_heatmap import cli
+
+    monkeypatch.setattr("llm_heatmap.models.load_model", lambda source, **options: smollm2)
+    prompt = "The Eiffel Tower is located in the city of"
+    assert cli.main(["attribute", prompt, "--out", str(tmp_path), "--name", "eiffel", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = pd.read_csv(tmp_path / "eiffel.dla.csv")
+    assert summary["target"] == " Paris"
+    assert table.share.sum() == pytest.approx(summary["logit"], abs=1e-4)
+    assert (tmp_path / "eiffel.dla.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert cli.main(["attribute", prompt, "--out", str(tmp_path / "bad"), "--target", " Eiffel Tower"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llm-heatmap attribute: target ' Eiffel Tower' is")
+    assert not any((tmp_path / "bad").glob("*.dla.*"))
