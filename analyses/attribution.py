@@ -49,7 +49,7 @@ class FrozenNorm:
             return rows.var(-1, unbiased=False, keepdim=True)
         return rows.pow(2).mean(-1, keepdim=True)
 
-    def _center(self, values: torch.Tensor) -> torch.Tensor:
+    def center(self, values: torch.Tensor) -> torch.Tensor:
         return values - values.mean(-1, keepdim=True) if self.centered else values
 
     @torch.no_grad()
@@ -63,13 +63,13 @@ class FrozenNorm:
         probe[1::2] = -1
         zero = module(torch.zeros(1, width, dtype=dtype, device=device)).double().cpu()[0]
         image = module(probe.to(dtype=dtype, device=device)[None]).double().cpu()[0]
-        centered = self._center(probe)
+        centered = self.center(probe)
         gain = (image - zero) * (self._statistic(probe) + self.eps).sqrt() / centered
         return gain, zero
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         """`"... m"` parts of the observed rows (the row axis next to last, or one row) through the frozen norm."""
-        return self._center(values.double()) * self.scale * self.gain
+        return self.center(values.double()) * self.scale * self.gain
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _refuse_unsupported(model: nn.Module, spec) -> nn.Module:
     return unembedding
 
 
-def _has_sandwich_norms(layer: nn.Module) -> bool:
+def has_sandwich_norms(layer: nn.Module) -> bool:
     """Gemma 2/3 layers normalise the attention and MLP outputs before adding them to the residual."""
     return all(hasattr(layer, name) for name in ("post_attention_layernorm", "pre_feedforward_layernorm",
                                                   "post_feedforward_layernorm"))
@@ -195,7 +195,7 @@ def logit_attribution(model: nn.Module, tokenizer=None, prompt=None, *, input_id
                final_norm.register_forward_pre_hook(keep_input("final"), with_kwargs=True)]
     for index, (layer, projection) in enumerate(zip(layers, projections)):
         handles.append(projection.register_forward_pre_hook(keep_input(("heads", index)), with_kwargs=True))
-        if _has_sandwich_norms(layer):
+        if has_sandwich_norms(layer):
             handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
                 keep_input(("attention", index)), with_kwargs=True))
             handles.append(layer.post_feedforward_layernorm.register_forward_hook(keep_output(("mlp", index))))
@@ -223,7 +223,7 @@ def logit_attribution(model: nn.Module, tokenizer=None, prompt=None, *, input_id
         writes = torch.einsum("hd,hdm->hm", outputs, maps)
         bias = getattr(projection, "bias", None)
         bias = torch.zeros(writes.shape[-1], dtype=torch.float64) if bias is None else bias.detach().double().cpu()
-        if _has_sandwich_norms(layer):
+        if has_sandwich_norms(layer):
             post = FrozenNorm(layer.post_attention_layernorm, seen[("attention", index)].cpu())
             writes, bias = post(writes), post(bias) + post.bias
         heads.append(through_final(writes))

@@ -25,6 +25,8 @@ _MODULES = {
     "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "kv_group_similarity", "head_similarity_matrix",
                              "rollout", "compare_cubes"),
     "llm_heatmap.analyses.attribution": ("logit_attribution", "LogitAttribution"),
+    "llm_heatmap.analyses.knockout": ("Edges", "knocked_out", "knockout_effect", "knockout_scan"),
+    "llm_heatmap.analyses.contributions": ("token_contributions", "TokenContributions"),
     "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "write_html"),
     "llm_heatmap.notebook": ("view", "grid"),
 }
