@@ -142,3 +142,22 @@ def test_real_models_add_up(name, request):
         torch.testing.assert_close(output, observed, rtol=1e-4, atol=1e-4)
     result = token_contributions(model, tokenizer, "The Eiffel Tower is located in the city of", spec=spec)
     torch.testing.assert_close(result.rollout.sum(-1), torch.ones_like(result.rollout.sum(-1)))
+
+
+def test_the_figure_draws_every_layer_and_both_rollouts(tmp_path):
+    from PIL import Image
+
+    from llm_heatmap.viz import save_figure
+    from llm_heatmap.viz.contributions import _shown_layers, plot_token_contributions
+
+    result = token_contributions(tiny_model("llama"), input_ids=prompt_ids())
+    attention = torch.full((LENGTH,), 1 / LENGTH)
+    figure = plot_token_contributions(result.per_layer, result.input_attribution(), attention, result.tokens)
+    assert len(figure.axes) == 2 + 1 + 1  # two layer panels, the colour bar, the bars
+    bars = figure.axes[-1].patches
+    assert [b.get_height() for b in bars] == pytest.approx([*result.input_attribution().tolist(), *attention.tolist()])
+    path = save_figure(figure, tmp_path / "contributions.png")
+    assert Image.open(path).size[0] > 300
+    assert _shown_layers(30) == [0, 3, 5, 8, 11, 13, 16, 18, 21, 24, 26, 29]
+    with pytest.raises(InputError, match="do not match 3 tokens"):
+        plot_token_contributions(result.per_layer, result.input_attribution(), attention, ["a", "b", "c"])

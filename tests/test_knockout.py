@@ -154,3 +154,17 @@ def test_smollm2_knockout_equals_eager_masking(smollm2, smollm2_eager):
     assert effect.target == " Paris"
     assert effect.knocked_log_prob == pytest.approx(reference, abs=2e-3)  # sdpa against eager in fp32
     assert effect.change < -0.2  # far beyond the tolerance: cutting the subject costs " Paris" probability
+
+
+def test_the_scan_figure_has_one_row_per_span():
+    from llm_heatmap.viz.contributions import plot_knockout_scan
+
+    model, ids = tiny_model("llama"), prompt_ids()
+    scan = knockout_scan(model, input_ids=ids, spans={"b": (5,), "a": (2, 3)}, window=1)
+    figure = plot_knockout_scan(scan)
+    image = figure.axes[0].images[0].get_array()
+    assert image.shape == (2, 2)  # spans x layers, spans in the order given
+    row = scan[(scan.span == "b") & (scan.layer == 1)].relative_probability_change.iloc[0]
+    assert float(image[0, 1]) == pytest.approx(100 * row)
+    with pytest.raises(InputError, match="lacks column"):
+        plot_knockout_scan(scan.drop(columns="span"))
