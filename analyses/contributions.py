@@ -54,11 +54,38 @@ def _post_norm(model: nn.Module, spec, layer: int) -> nn.Module | None:
     return getattr(model.get_submodule(spec.output_projections[layer].rpartition(".")[0]), "LayerNorm", None)
 
 
-def head_vectors(pattern: torch.Tensor, values: torch.Tensor, maps: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`"i j m"`: what all heads together carry from token j to row i. pattern `"h i j"`, values `"g j d"`
-    (one per KV head), maps W_O^h `"h d m"`."""
-    per_head = einsum(values.repeat_interleave(group_size, 0), maps, "h j d, h d m -> h j m")
-    return einsum(pattern, per_head, "h i j, h j m -> i j m")
+ROW_BLOCK = 32  # rows of `"i j m"` vectors held at once: 32 x T x width float64 (32 x 4096 x 576: 600 MB)
+
+
+@dataclass
+class LayerBlock:
+    """What one layer's attention block needs to split its output rows into per-token vectors."""
+
+    x: torch.Tensor  # "j m": the layer's input rows (the residual)
+    pattern: torch.Tensor  # "h i j" (as captured, float32)
+    writes: torch.Tensor  # "h j m": v^h_j W_O^h
+    bias: torch.Tensor  # "m": the output projection's bias
+    sandwich: FrozenNorm | None  # Gemma's post-attention norm (on the attention part)
+    post: FrozenNorm | None  # BERT's LayerNorm after the residual sum
+
+    def vectors(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z `"r j m"`, y `"r m"`) for the rows `rows`: y_i = sum_j z_ij + biases."""
+        vectors = einsum(self.pattern[:, rows].double(), self.writes, "h i j, h j m -> i j m")
+        bias = self.bias.expand(vectors.shape[0], -1)
+        if self.sandwich is not None:
+            vectors, bias = _frozen_rows(self.sandwich, vectors, bias, rows)
+        diagonal = torch.arange(self.x.shape[0])[rows]
+        vectors[torch.arange(len(diagonal)), diagonal] += self.x[diagonal]  # the residual: x_i on the diagonal
+        if self.post is not None:
+            vectors, bias = _frozen_rows(self.post, vectors, bias, rows)
+        return vectors, vectors.sum(1) + bias
+
+
+def _frozen_rows(norm: FrozenNorm, vectors: torch.Tensor, bias: torch.Tensor, rows: slice):
+    """`"r j m"` vectors and `"r m"` biases through `norm` frozen at the statistics of rows `rows`."""
+    scale = norm.scale[rows]
+    return (norm.center(vectors) * scale[:, None] * norm.gain,
+            norm.center(bias) * scale * norm.gain + norm.bias)
 
 
 def contribution_matrix(vectors: torch.Tensor, output: torch.Tensor, measure: str) -> torch.Tensor:
@@ -83,8 +110,11 @@ def token_contributions(model: nn.Module, tokenizer=None, prompt=None, *, input_
     spec = spec or spec_from_model(model)
     if input_ids is None:
         input_ids, _ = encode_prompt(tokenizer, prompt)
-    per_layer = torch.stack([contribution_matrix(vectors, output, measure)
-                             for vectors, output in layer_decompositions(model, input_ids, spec)])
+    length = input_ids.shape[-1]
+    per_layer = torch.stack([
+        torch.cat([contribution_matrix(*block.vectors(slice(start, start + ROW_BLOCK)), measure)
+                   for start in range(0, length, ROW_BLOCK)])
+        for block in layer_blocks(model, input_ids, spec)])
     rollout = torch.empty_like(per_layer)
     current = None
     for index in range(spec.num_layers):
@@ -96,8 +126,8 @@ def token_contributions(model: nn.Module, tokenizer=None, prompt=None, *, input_
 
 
 @torch.no_grad()
-def layer_decompositions(model: nn.Module, input_ids: torch.Tensor, spec) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, (z `"i j m"`, y `"i m"`): the attention block's output rows y_i = sum_j z_ij + biases."""
+def layer_blocks(model: nn.Module, input_ids: torch.Tensor, spec) -> list[LayerBlock]:
+    """One forward pass; per layer, what splits the attention block's output rows into per-token vectors."""
     from llm_heatmap.probes import capture, tap
 
     if not all(spec.output_projections):
@@ -124,37 +154,29 @@ def layer_decompositions(model: nn.Module, input_ids: torch.Tensor, spec) -> lis
         for index, (module, layer) in enumerate(zip(attention, layers)):
             tap.listen(module, keep_values)
             stack.callback(tap.unlisten, module, keep_values)
+            stack.callback(layer.register_forward_pre_hook(keep_input(("x", index)), with_kwargs=True).remove)
             if post_norms[index] is not None:  # BERT: the norm's input is the residual plus the attention output
                 stack.callback(post_norms[index].register_forward_pre_hook(
                     keep_input(("post", index)), with_kwargs=True).remove)
-                stack.callback(layer.register_forward_pre_hook(keep_input(("x", index)), with_kwargs=True).remove)
-            else:
-                stack.callback(layer.register_forward_pre_hook(keep_input(("x", index)), with_kwargs=True).remove)
-                if has_sandwich_norms(layer):
-                    stack.callback(layer.post_attention_layernorm.register_forward_pre_hook(
-                        keep_input(("sandwich", index)), with_kwargs=True).remove)
+            elif has_sandwich_norms(layer):
+                stack.callback(layer.post_attention_layernorm.register_forward_pre_hook(
+                    keep_input(("sandwich", index)), with_kwargs=True).remove)
         probe = stack.enter_context(capture(model, spec=spec, value_norms=False))
         device = next(model.parameters()).device
         model(input_ids=input_ids.to(device), **({"use_cache": False} if spec.causal else {}))
     cube = probe.cube(input_ids, torch.ones_like(input_ids))
 
-    decompositions = []
+    blocks = []
     for index in range(spec.num_layers):
-        x = seen[("x", index)].double().cpu()
         projection = model.get_submodule(spec.output_projections[index])
         maps = head_maps(projection, spec.num_heads, spec.head_dim).double().cpu()
-        vectors = head_vectors(cube.pattern[index].double(), seen[("values", index)].double().cpu(), maps,
-                               spec.group_size)
+        values = seen[("values", index)].double().cpu().repeat_interleave(spec.group_size, 0)  # "g j d" -> "h j d"
+        x = seen[("x", index)].double().cpu()
         bias = getattr(projection, "bias", None)
-        bias = torch.zeros(x.shape[-1], dtype=torch.float64) if bias is None else bias.detach().double().cpu()
-        if has_sandwich_norms(layers[index]):
-            frozen = FrozenNorm(layers[index].post_attention_layernorm, seen[("sandwich", index)].cpu())
-            vectors = frozen.center(vectors) * frozen.scale[:, None] * frozen.gain
-            bias = frozen.center(bias) * frozen.scale * frozen.gain + frozen.bias
-        vectors = vectors + torch.diag_embed(x.T).permute(1, 2, 0)  # the residual: x_j on the diagonal i = j
-        if post_norms[index] is not None:
-            frozen = FrozenNorm(post_norms[index], seen[("post", index)].cpu())
-            vectors = frozen.center(vectors) * frozen.scale[:, None] * frozen.gain
-            bias = frozen.center(bias) * frozen.scale * frozen.gain + frozen.bias
-        decompositions.append((vectors, vectors.sum(1) + bias))
-    return decompositions
+        sandwich = layers[index].post_attention_layernorm if has_sandwich_norms(layers[index]) else None
+        blocks.append(LayerBlock(
+            x=x, pattern=cube.pattern[index], writes=einsum(values, maps, "h j d, h d m -> h j m"),
+            bias=torch.zeros(x.shape[-1], dtype=torch.float64) if bias is None else bias.detach().double().cpu(),
+            sandwich=None if sandwich is None else FrozenNorm(sandwich, seen[("sandwich", index)].cpu()),
+            post=None if post_norms[index] is None else FrozenNorm(post_norms[index], seen[("post", index)].cpu())))
+    return blocks

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_heatmap.analyses.contributions import layer_decompositions, token_contributions
+from llm_heatmap.analyses.contributions import layer_blocks, token_contributions
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import spec_from_model
 from tiny_models import FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model
@@ -44,8 +44,11 @@ def observed_block_outputs(model, spec, ids) -> list[torch.Tensor]:
 def test_token_vectors_add_up_to_the_block_output(family):
     model, ids = tiny_model(family, "eager" if family in SDPA_UNSUPPORTED else "sdpa"), prompt_ids()
     spec = spec_from_model(model)
-    decompositions = layer_decompositions(model, ids, spec)
-    for (vectors, output), observed in zip(decompositions, observed_block_outputs(model, spec, ids)):
+    blocks = layer_blocks(model, ids, spec)
+    for block, observed in zip(blocks, observed_block_outputs(model, spec, ids)):
+        vectors, output = block.vectors()
+        _, last_rows = block.vectors(slice(3, None))
+        torch.testing.assert_close(last_rows, output[3:])
         assert vectors.shape == (LENGTH, LENGTH, observed.shape[-1])
         torch.testing.assert_close(output, observed, rtol=1e-5, atol=1e-5)
         if spec.causal:  # a later token carries nothing to an earlier row
@@ -137,9 +140,8 @@ def test_refusals():
 def test_real_models_add_up(name, request):
     model, tokenizer, spec = request.getfixturevalue(name)
     ids = tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")["input_ids"]
-    for (vectors, output), observed in zip(layer_decompositions(model, ids, spec),
-                                           observed_block_outputs(model, spec, ids)):
-        torch.testing.assert_close(output, observed, rtol=1e-4, atol=1e-4)
+    for block, observed in zip(layer_blocks(model, ids, spec), observed_block_outputs(model, spec, ids)):
+        torch.testing.assert_close(block.vectors()[1], observed, rtol=1e-4, atol=1e-4)
     result = token_contributions(model, tokenizer, "The Eiffel Tower is located in the city of", spec=spec)
     torch.testing.assert_close(result.rollout.sum(-1), torch.ones_like(result.rollout.sum(-1)))
 
@@ -161,3 +163,12 @@ def test_the_figure_draws_every_layer_and_both_rollouts(tmp_path):
     assert _shown_layers(30) == [0, 3, 5, 8, 11, 13, 16, 18, 21, 24, 26, 29]
     with pytest.raises(InputError, match="do not match 3 tokens"):
         plot_token_contributions(result.per_layer, result.input_attribution(), attention, ["a", "b", "c"])
+
+
+def test_row_blocks_give_the_same_matrices(monkeypatch):
+    from llm_heatmap.analyses import contributions
+
+    model, ids = tiny_model("qwen2"), prompt_ids()
+    whole = token_contributions(model, input_ids=ids)
+    monkeypatch.setattr(contributions, "ROW_BLOCK", 3)
+    torch.testing.assert_close(token_contributions(model, input_ids=ids).per_layer, whole.per_layer)
