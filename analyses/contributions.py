@@ -23,7 +23,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from torch import nn
 
 from llm_heatmap.errors import InputError
@@ -63,14 +63,16 @@ class LayerBlock:
 
     x: torch.Tensor  # "j m": the layer's input rows (the residual)
     pattern: torch.Tensor  # "h i j" (as captured, float32)
-    writes: torch.Tensor  # "h j m": v^h_j W_O^h
+    writes: torch.Tensor  # "j h m": v^h_j W_O^h
     bias: torch.Tensor  # "m": the output projection's bias
     sandwich: FrozenNorm | None  # Gemma's post-attention norm (on the attention part)
     post: FrozenNorm | None  # BERT's LayerNorm after the residual sum
 
     def vectors(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """(z `"r j m"`, y `"r m"`) for the rows `rows`: y_i = sum_j z_ij + biases."""
-        vectors = einsum(self.pattern[:, rows].double(), self.writes, "h i j, h j m -> i j m")
+        # z_ij = sum_h A^h_ij w^h_j: for each key j a product of "r h" and "h m" (one batched matmul over j)
+        by_key = rearrange(self.pattern[:, rows].double(), "h r j -> j r h")
+        vectors = rearrange(torch.bmm(by_key, self.writes), "j r m -> r j m")
         bias = self.bias.expand(vectors.shape[0], -1)
         if self.sandwich is not None:
             vectors, bias = _frozen_rows(self.sandwich, vectors, bias, rows)
@@ -175,7 +177,7 @@ def layer_blocks(model: nn.Module, input_ids: torch.Tensor, spec) -> list[LayerB
         bias = getattr(projection, "bias", None)
         sandwich = layers[index].post_attention_layernorm if has_sandwich_norms(layers[index]) else None
         blocks.append(LayerBlock(
-            x=x, pattern=cube.pattern[index], writes=einsum(values, maps, "h j d, h d m -> h j m"),
+            x=x, pattern=cube.pattern[index], writes=einsum(values, maps, "h j d, h d m -> j h m").contiguous(),
             bias=torch.zeros(x.shape[-1], dtype=torch.float64) if bias is None else bias.detach().double().cpu(),
             sandwich=None if sandwich is None else FrozenNorm(sandwich, seen[("sandwich", index)].cpu()),
             post=None if post_norms[index] is None else FrozenNorm(post_norms[index], seen[("post", index)].cpu())))
