@@ -7,7 +7,8 @@ model runs under a kernel key of ours, registered through transformers' public r
 model's own with the causal-skip shortcut turned off, so every layer receives a mask tensor; the kernel sets
 the chosen cells of that mask to "blocked" for the chosen layers and heads and calls the model's original
 kernel (sdpa, eager, or a tap wrapping them) with it. No eager fallback: an sdpa model stays on sdpa.
-On exit the model's key is set back and both registry entries are removed.
+Both functions are registered once per process and act only for the block that is running; on exit the
+model's own key is set back.
 """
 
 from __future__ import annotations
@@ -50,18 +51,21 @@ def _blocked(edges: list[Edges], layer: int, num_heads: int, num_queries: int, n
     return blocked
 
 
-def _check_edges(edges: list[Edges], spec, length: int) -> None:
+def _check_edges(edges: list[Edges], spec, length: int | None) -> None:
+    """One sentence for an empty edge set or an index outside the model (and the prompt, where its length is known)."""
     for edge in edges:
-        for name, values, size in (("query", edge.queries, length), ("key", edge.keys, length),
-                                   ("layer", edge.layers or (), spec.num_layers), ("head", edge.heads or (), spec.num_heads)):
-            bad = [v for v in values if not -size <= v < size] if name in ("query", "key") else \
-                [v for v in values if not 0 <= v < size]
-            if bad:
-                raise InputError(f"knockout {name} index {bad[0]} is outside the model's {size} {name}s "
-                                 f"({'positions' if name in ('query', 'key') else name + 's'} 0 to {size - 1}); "
-                                 "pass indices inside that range.")
         if not edge.queries or not edge.keys:
             raise InputError("a knockout edge set needs at least one query and one key position.")
+        positions = () if length is None else (
+            ("query position", edge.queries, -length, length, f"the prompt's {length} tokens"),
+            ("key position", edge.keys, -length, length, f"the prompt's {length} tokens"))
+        ranges = (*positions,
+                  ("layer", edge.layers or (), 0, spec.num_layers, f"the model's {spec.num_layers} layers"),
+                  ("head", edge.heads or (), 0, spec.num_heads, f"the model's {spec.num_heads} heads per layer"))
+        for name, values, low, size, what in ranges:
+            bad = [v for v in values if not low <= v < size]
+            if bad:
+                raise InputError(f"knockout {name} {bad[0]} is outside {what}; pass {low} to {size - 1}.")
 
 
 def _cut(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
@@ -145,6 +149,7 @@ def knocked_out(model: nn.Module, edges: list[Edges], spec=None):
     from llm_heatmap.models import spec_from_model
 
     spec = spec or spec_from_model(model)
+    _check_edges(list(edges), spec, None)
     original = model.config._attn_implementation
     if _active is not None or original == KEY:
         raise InputError("a knockout is already running in this process; run knockouts one after another, not nested.")
@@ -234,9 +239,9 @@ def knockout_scan(model: nn.Module, tokenizer=None, prompt=None, *, input_ids: t
     length = input_ids.shape[1]
     if window < 1:
         raise InputError(f"window {window} must be at least 1 layer.")
-    query = position % length if -length <= position < length else None
-    if query is None:
+    if not -length <= position < length:
         raise InputError(f"position {position} is outside the prompt's {length} tokens; pass -{length} to {length - 1}.")
+    query = position % length
     if spans is None:
         spans = {f"{k}:{tokenizer.decode([int(input_ids[0, k])]) if tokenizer else int(input_ids[0, k])}": (k,)
                  for k in range(1, query + 1)}
@@ -244,8 +249,8 @@ def knockout_scan(model: nn.Module, tokenizer=None, prompt=None, *, input_ids: t
     target_id = int(clean.argmax()) if target is None else int(target)
     rows = []
     for layer in range(spec.num_layers):
-        low = max(0, layer - window // 2)
-        layers = tuple(range(low, min(spec.num_layers, low + window)))
+        start = layer - window // 2  # the window centred on the layer, clipped at both ends of the model
+        layers = tuple(range(max(0, start), min(spec.num_layers, start + window)))
         for name, keys in spans.items():
             edges = [Edges(queries=(query,), keys=tuple(keys), layers=layers)]
             _check_edges(edges, spec, length)

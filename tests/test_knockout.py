@@ -127,7 +127,7 @@ def test_refusals():
     model, ids = tiny_model("llama"), prompt_ids()
     with pytest.raises(InputError, match="cuts every key a query position may see"):
         knockout_effect(model, input_ids=ids, edges=[Edges(queries=(0,), keys=(0,))])
-    with pytest.raises(InputError, match="knockout layer index 5 is outside"):
+    with pytest.raises(InputError, match="knockout layer 5 is outside the model's 2 layers; pass 0 to 1"):
         knockout_effect(model, input_ids=ids, edges=[Edges(queries=(8,), keys=(1,), layers=(5,))])
     with pytest.raises(InputError, match="no LM head"):
         knockout_effect(tiny_model("bert"), input_ids=ids, edges=[Edges(queries=(8,), keys=(1,))])
