@@ -27,6 +27,7 @@ _MODULES = {
     "llm_heatmap.analyses.attribution": ("logit_attribution", "LogitAttribution"),
     "llm_heatmap.analyses.knockout": ("Edges", "knocked_out", "knockout_effect", "knockout_scan"),
     "llm_heatmap.analyses.contributions": ("token_contributions", "TokenContributions"),
+    "llm_heatmap.analyses.ablation": ("heads_replaced", "ablation_effect", "mean_head_outputs"),
     "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "write_html"),
     "llm_heatmap.notebook": ("view", "grid"),
 }
