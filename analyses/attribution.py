@@ -157,16 +157,18 @@ def has_sandwich_norms(layer: nn.Module) -> bool:
 
 @torch.no_grad()
 def logit_attribution(model: nn.Module, tokenizer=None, prompt=None, *, input_ids: torch.Tensor | None = None,
-                      position: int = -1, target: int | str | None = None, spec=None) -> LogitAttribution:
+                      position: int = -1, target: int | str | None = None, spec=None,
+                      chat: bool = False) -> LogitAttribution:
     """Split the logit of `target` (default: the token the model predicts) at `position` into every
-    component's direct share. Pass a prompt with its tokenizer, or `input_ids` of shape [1, T]."""
+    component's direct share. Pass a prompt with its tokenizer (`chat`: through its chat template), or
+    `input_ids` of shape [1, T]."""
     from llm_heatmap.models import spec_from_model
     from llm_heatmap.probes.capture import encode_prompt
 
     spec = spec or spec_from_model(model)
     unembedding = _refuse_unsupported(model, spec)
     if input_ids is None:
-        input_ids, _ = encode_prompt(tokenizer, prompt)
+        input_ids, _ = encode_prompt(tokenizer, prompt, chat=chat)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise InputError(f"input_ids has shape {tuple(input_ids.shape)}; direct logit attribution takes one prompt, "
                          "shape [1, tokens].")

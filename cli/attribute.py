@@ -50,7 +50,8 @@ def _run(args, prompt: str, table_path: Path, map_path: Path) -> int:
     model, tokenizer, spec = load(args)
     step("attributing")
     target = int(args.target) if args.target is not None and args.target.lstrip("-").isdigit() else args.target
-    result = logit_attribution(model, tokenizer, prompt, position=args.position, target=target, spec=spec)
+    result = logit_attribution(model, tokenizer, prompt, position=args.position, target=target, spec=spec,
+                               chat=args.chat)
     table = result.table()
     step("drawing")
     title = (f"direct share of the logit of {result.target!r} after {result.tokens[result.position]!r} "
