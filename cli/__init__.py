@@ -20,7 +20,8 @@ except KeyboardInterrupt:
     print("llm-heatmap: stopped by SIGINT while starting", file=sys.stderr)
     raise SystemExit(130) from None
 
-COMMAND_NAMES = ("grid", "render", "metrics", "compare", "kv_similarity", "qk_map", "batch", "atlas", "models")
+COMMAND_NAMES = ("grid", "render", "metrics", "attribute", "compare", "kv_similarity", "qk_map", "batch", "atlas",
+                 "models")
 
 
 def command_modules() -> list:
