@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_capture import forward, prompt_ids  # noqa: E402
 
-from llm_heatmap.analyses.attribution import logit_attribution  # noqa: E402
-from llm_heatmap.analyses.contributions import token_contributions  # noqa: E402
-from llm_heatmap.analyses.knockout import Edges, knocked_out, knockout_effect  # noqa: E402
+from llm_heatmap.analyses.importance.attribution import logit_attribution  # noqa: E402
+from llm_heatmap.analyses.importance.contributions import token_contributions  # noqa: E402
+from llm_heatmap.analyses.importance.knockout import Edges, knocked_out, knockout_effect  # noqa: E402
 from llm_heatmap.models import load_model  # noqa: E402
 
 

@@ -40,7 +40,7 @@ def run(args) -> int:
 
 
 def _run(args, prompt: str, table_path: Path, map_path: Path) -> int:
-    from llm_heatmap.analyses.attribution import logit_attribution
+    from llm_heatmap.analyses.importance.attribution import logit_attribution
     from llm_heatmap.analyses.files import atomic_output
     from llm_heatmap.analyses.tables import write_table
     from llm_heatmap.viz import plot_metric_map, save_figure

@@ -13,7 +13,7 @@ import torch
 
 import llm_heatmap as lh
 from llm_heatmap.analyses import rollout
-from llm_heatmap.analyses.knockout import Edges, knockout_effect, knockout_scan
+from llm_heatmap.analyses.importance.knockout import Edges, knockout_effect, knockout_scan
 from llm_heatmap.viz import plot_metric_map, save_figure
 from llm_heatmap.viz.contributions import plot_knockout_scan, plot_token_contributions
 

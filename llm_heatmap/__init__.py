@@ -25,10 +25,10 @@ _MODULES = {
                              "head_similarity_matrix", "rollout", "qk_map", "compare_cubes", "compare_sets",
                              "read_prompts", "run_batch", "run_atlas", "kv_report"),
     "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "html_view", "write_html", "write_atlas"),
-    "llm_heatmap.analyses.attribution": ("logit_attribution", "LogitAttribution"),
-    "llm_heatmap.analyses.knockout": ("Edges", "knocked_out", "knockout_effect", "knockout_scan"),
-    "llm_heatmap.analyses.contributions": ("token_contributions", "TokenContributions"),
-    "llm_heatmap.analyses.ablation": ("heads_replaced", "ablation_effect", "mean_head_outputs"),
+    "llm_heatmap.analyses.importance.attribution": ("logit_attribution", "LogitAttribution"),
+    "llm_heatmap.analyses.importance.knockout": ("Edges", "knocked_out", "knockout_effect", "knockout_scan"),
+    "llm_heatmap.analyses.importance.contributions": ("token_contributions", "TokenContributions"),
+    "llm_heatmap.analyses.importance.ablation": ("heads_replaced", "ablation_effect", "mean_head_outputs"),
     "llm_heatmap.notebook": ("view", "grid"),
 }
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from llm_heatmap.analyses.ablation import ablation_effect, heads_replaced, mean_head_outputs
+from llm_heatmap.analyses.importance.ablation import ablation_effect, heads_replaced, mean_head_outputs
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import spec_from_model
 from tiny_models import VOCAB, tiny_model

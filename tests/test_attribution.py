@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from llm_heatmap.analyses.attribution import logit_attribution
+from llm_heatmap.analyses.importance.attribution import logit_attribution
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import spec_from_model
 from tiny_models import EXTRA_FAMILIES, ENCODERS, FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_heatmap.analyses.contributions import layer_blocks, token_contributions
+from llm_heatmap.analyses.importance.contributions import layer_blocks, token_contributions
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import spec_from_model
 from tiny_models import FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model
@@ -166,7 +166,7 @@ def test_the_figure_draws_every_layer_and_both_rollouts(tmp_path):
 
 
 def test_row_blocks_give_the_same_matrices(monkeypatch):
-    from llm_heatmap.analyses import contributions
+    from llm_heatmap.analyses.importance import contributions
 
     model, ids = tiny_model("qwen2"), prompt_ids()
     whole = token_contributions(model, input_ids=ids)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_heatmap.analyses.knockout import Edges, knocked_out, knockout_effect, knockout_scan
+from llm_heatmap.analyses.importance.knockout import Edges, knocked_out, knockout_effect, knockout_scan
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import spec_from_model
 from tiny_models import ENCODERS, FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model
