@@ -7,6 +7,7 @@ these tests exercise argument parsing, files, exit codes and messages without re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import pandas as pd
@@ -150,11 +151,26 @@ def test_compare_equal_length_prompts(run, tmp_path, smollm2):
         a, b = (capture_prompt(model, tokenizer, p, spec=spec) for p in (simple, complex_))
     torch.testing.assert_close(difference.pattern, b.pattern - a.pattern)
     assert difference.metadata["prompt_a"] == simple and difference.metadata["prompt_b"] == complex_
+    assert (tmp_path / "exp2.diff.png").stat().st_size > 0  # the old --out FILE spelling: drawing beside it
+
+
+def test_compare_writes_table_drawing_and_cube_by_default(run, tmp_path):
+    """Two prompts and no file flags: the deltas, the B - A grid (PNG and HTML) and the cube land in --out,
+    under a name that tells two prompt pairs with the same first words apart."""
+    simple, complex_ = "Tell me a very simple short story.", "Explain the core idea behind quantum entanglement."
+    code, stdout, _ = run("compare", simple, complex_, "--out", tmp_path, "--html", "--quiet", "--json")
+    files = {key: Path(value) for key, value in json.loads(stdout)["files"].items()}
+    assert code == 0 and set(files) == {"deltas", "grid", "html", "cube"} and all(p.parent == tmp_path for p in files.values())
+    assert AttentionCube.load(files["cube"]).difference and "signed" in files["html"].read_text()
+    code, stdout, _ = run("compare", "Tell me a very simple short poem.", complex_, "--out", tmp_path, "--quiet", "--json")
+    assert code == 0 and set(json.loads(stdout)["files"].values()).isdisjoint(map(str, files.values()))
+    code, _, err = run("compare", simple, complex_, "--out", tmp_path, "--no-cube", "--cube-out", tmp_path / "x")
+    assert code == 2 and "contradict" in err
 
 
 def test_compare_metrics_only_and_sets(run, tmp_path):
     code, stdout, _ = run("compare", "the sky is blue", "run a self-meta-cognitive diagnostic", "--model",
-                          "minilm-l6", "--metrics-only", "--metric", "norm_entropy", "--json")
+                          "minilm-l6", "--metrics-only", "--metric", "norm_entropy", "--json", "--out", tmp_path)
     payload = json.loads(stdout)
     assert code == 0 and payload["tokens"] == {"a": 6, "b": 10} and payload["digest"][0].startswith("norm_entropy")
 

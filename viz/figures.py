@@ -184,7 +184,8 @@ def plot_heads(cube, layer: int, heads, style: GridStyle | None = None, *, title
 
 def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", diff_cmap="RdBu_r",
                     labels=("A", "B")) -> Figure:
-    """Prompt A, prompt B (one shared linear range) and A - B on a diverging map with a symmetric range.
+    """Prompt A, prompt B (one shared linear range) and B - A (the sign `compare` reports) on a diverging map
+    with a symmetric range.
 
     The prompts must have the same number of tokens (compare position by position).
     """
@@ -199,7 +200,7 @@ def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", di
     b = cube_b.pattern[li, hi].float().cpu().numpy()
     drawn = cube_a.attendable()[li].cpu().numpy() & cube_b.attendable()[li].cpu().numpy()
     top = float(max(a[drawn].max(), b[drawn].max()))
-    diff = a - b
+    diff = b - a
     bound = float(np.abs(diff[drawn]).max()) or 1e-6
     w, h = _panel_inches(*a.shape)
     q_a, q_b = _query_labels(cube_a), _query_labels(cube_b)
@@ -210,11 +211,11 @@ def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", di
     _draw_matrix(axes[0], a / top, drawn, cmap=cmap, row_labels=q_a, col_labels=cube_a.tokens, title=labels[0])
     _draw_matrix(axes[1], b / top, drawn, cmap=cmap, row_labels=q_b, col_labels=cube_b.tokens, title=labels[1])
     _draw_matrix(axes[2], (diff + bound) / (2 * bound), drawn, cmap=diff_cmap, row_labels=both_q, col_labels=both,
-                 title=f"{labels[0]} − {labels[1]}")
+                 title=f"{labels[1]} − {labels[0]}")
     same = fig.colorbar(ScalarMappable(mcolors.Normalize(0, top), get_cmap(cmap)), cax=bars[0])
     same.set_label(f"attention ({labels[0]} and {labels[1]})", fontsize=9)
     delta = fig.colorbar(ScalarMappable(mcolors.Normalize(-bound, bound), get_cmap(diff_cmap)), cax=bars[1])
-    delta.set_label(f"{labels[0]} − {labels[1]}", fontsize=9)
+    delta.set_label(f"{labels[1]} − {labels[0]}", fontsize=9)
     for bar in (same, delta):
         bar.ax.tick_params(labelsize=8)
     width_px = fig.get_figwidth() * DPI * 0.95

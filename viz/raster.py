@@ -89,7 +89,7 @@ class ColorScale:
     def label(self, quantity: str = "attention") -> str:
         """The colorbar label for `quantity` (what the cells hold) on this scale."""
         if self.scale == "difference":
-            return "A − B, over each head's largest |A − B|" if self.per_head else f"{quantity} A − B"
+            return "B − A, over each head's largest |B − A|" if self.per_head else f"{quantity} B − A"
         if self.scale == "row":
             return f"{quantity} / row maximum"
         name = {"linear": quantity, "log": f"{quantity} (log)", "power": f"{quantity} (power {self.gamma:g})"}[self.scale]

@@ -29,13 +29,15 @@ for (let l = 0; l < L; l++) {
   offset += H * list.length;
 }
 const decodeMs = performance.now() - t0;
+// a difference cube (B - A) is stored with 0 in the middle of the levels; see viz/html.py
+const decode = meta.signed ? (v, scale) => (2 * v / topLevel - 1) * scale : (v, scale) => v * scale / topLevel;
 
 function cellValue(l, h, q, k) {
   const list = cells[l], flat = q * K + k;
   let lo = 0, hi = list.length - 1;
   while (lo <= hi) {
     const mid = (lo + hi) >> 1;
-    if (list[mid] === flat) return values[offsets[l] + h * list.length + mid] * meta.scales[l * H + h] / topLevel;
+    if (list[mid] === flat) return decode(values[offsets[l] + h * list.length + mid], meta.scales[l * H + h]);
     if (list[mid] < flat) lo = mid + 1; else hi = mid - 1;
   }
   return null;
@@ -72,7 +74,8 @@ function headRange(l, h) {
   let hi = style.vmax !== null ? style.vmax : (perHead ? r.high[i] : r.maxHigh);
   if (hi === null || !isFinite(hi)) hi = 1;
   let lo;
-  if (style.vmin !== null) lo = style.vmin;
+  if (meta.signed) lo = -hi;  // a difference: symmetric around 0 (the ranges hold |B - A|)
+  else if (style.vmin !== null) lo = style.vmin;
   else if (opts.scale === "log") {
     const low = perHead ? r.low[i] : r.minLow;
     lo = Math.max(low !== null && isFinite(low) ? low : hi * style.logFloor, hi * style.logFloor);
@@ -92,8 +95,8 @@ function lutIndex(x) { return x >= 1 ? 255 : x > 0 ? Math.floor(x * 256) : 0; }
 function headImage(l, h) {
   const image = new ImageData(K, Q), px = new Uint32Array(image.data.buffer);
   const lut = tables[opts.cmap], list = cells[l], base = offsets[l] + h * list.length;
-  const step = meta.scales[l * H + h] / topLevel, sink = meta.sinkColumn;
-  const value = (c) => values[base + c] * step * weight(l, h, list[c] % K);
+  const scale = meta.scales[l * H + h], sink = meta.sinkColumn;
+  const value = (c) => decode(values[base + c], scale) * weight(l, h, list[c] % K);
   const counted = (flat) => opts.sink === "keep" || flat % K !== sink;
   if (opts.scale === "row") {
     const rowMax = new Float64Array(Q);
@@ -126,6 +129,11 @@ function drawColorbar() {
   }
   const [lo, hi] = rangeText(0, 0);
   $("colorbar").title = opts.range === "head" ? `${opts.scale}, each head's own range` : `${opts.scale}: ${lo} … ${hi}`;
+  // the bar's ends in numbers; a per-head range has no single number, so the ends say what they are
+  const perHead = opts.range === "head" && opts.scale !== "row";
+  $("cb-lo").textContent = perHead ? (meta.signed ? "−head max" : "head min") : lo;
+  $("cb-hi").textContent = perHead ? (meta.signed ? "+head max" : "head max") : hi;
+  $("cb-what").textContent = meta.signed ? "B − A" : opts.weighting === "norms" ? "‖α f(x)‖" : "attention";
   $("o-gamma-box").hidden = opts.scale !== "power";
 }
 
@@ -308,7 +316,7 @@ function openZoom(l, h) {
   $("z-max").textContent = hi;
   const sinkText = { keep: "", exclude: ", first token out of the range", mask: ", first token masked" }[opts.sink];
   $("z-scale").textContent = `${opts.weighting === "norms" ? "norm-weighted ‖α f(x)‖, " : ""}`
-    + `${opts.scale}${opts.scale === "power" ? " " + opts.gamma : ""}, `
+    + (meta.signed ? "B − A, symmetric around 0, " : `${opts.scale}${opts.scale === "power" ? " " + opts.gamma : ""}, `)
     + `${opts.range === "shared" ? "shared" : "this head's"} colour range${sinkText}`
     + ` · weights embedded as ${meta.bits}-bit (±${fmt(scale / topLevel / 2)})`;
   $("z-readout").innerHTML = '<span class="muted">Hover a cell to read its weight.</span>';
@@ -459,6 +467,10 @@ for (const name of Object.keys(tables)) $("o-cmap").add(new Option(name, name));
 $("o-cmap").value = opts.cmap;
 if (![...$("o-gamma").options].some((o) => +o.value === opts.gamma)) $("o-gamma").add(new Option(String(opts.gamma), String(opts.gamma)));
 $("o-weighting-box").hidden = !norms;
+if (meta.signed) {  // a difference has one honest scale: linear, symmetric around 0
+  $("o-scale").disabled = true;
+  $("o-scale").title = "a difference B − A is drawn on a linear range symmetric around 0";
+}
 for (const [id, key] of [["o-scale", "scale"], ["o-gamma", "gamma"], ["o-range", "range"], ["o-sink", "sink"],
                          ["o-weighting", "weighting"]]) {
   $(id).value = String(opts[key]);
