@@ -76,6 +76,14 @@ COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_sco
            *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
            *SCORE_COLUMNS, "pattern_class", "n_rows")
 NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_weighted_entropy", "output_norm")
+KEY_COLUMNS = ("layer", "head", "kv_group")
+
+
+def metric_choices(*, probe: bool = False) -> list[str]:
+    """Every column a head-metrics table can hold besides its keys (with value norms, as the CLI computes
+    it; `probe`: also the induction probe's `probe_*` scores), for checking metric names before any work."""
+    probe_columns = [f"probe_{name}" for name in SCORE_COLUMNS] if probe else []
+    return [c for c in (*COLUMNS, *NORM_COLUMNS) if c not in KEY_COLUMNS] + probe_columns
 
 
 class _LayerSums:

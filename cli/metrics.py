@@ -64,7 +64,7 @@ def _run(args, prompt: str, metrics) -> int:
                       + ", ".join(f"L{r.layer}H{r.head} ({r.probe_induction_score:.2f})"
                                   for r in probe.nlargest(3, "probe_induction_score").itertuples()))
     if metrics is not None:
-        probe_columns = [c for c in table.columns if c.startswith("probe_")]
+        probe_columns = [c for c in table.columns if c.startswith("probe_") and c not in metrics]
         table = table[["layer", "head", "kv_group", *metrics, *probe_columns]]
     if args.out is not None:
         write_table(table, args.out, force=args.force)

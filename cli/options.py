@@ -175,9 +175,9 @@ def selected_metrics(args) -> list[str] | None:
     """The `--metric` names, checked before any work; None when all metrics are wanted."""
     if not args.metric:
         return None
-    from llm_heatmap.analyses.metrics import COLUMNS
+    from llm_heatmap.analyses.metrics import metric_choices
 
-    valid = [c for c in COLUMNS if c not in ("layer", "head", "kv_group")]
+    valid = metric_choices(probe=bool(getattr(args, "induction_probe", 0)))
     names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in valid]
     if unknown:

@@ -253,3 +253,17 @@ def test_prompt_sets_experiment_script(monkeypatch, tmp_path, minilm, capsys):
     reading = (out / "reading.md").read_text()
     assert "2 length-matched pairs" in reading and "token counts differ: metrics only" in reading
     assert reading == capsys.readouterr().out
+
+
+def test_metric_choices_are_the_tables_real_columns(run):
+    """Every column the default table prints is a valid --metric (the value-norm columns were refused)."""
+    code, stdout, _ = run("metrics", "the sky is blue", "--model", "minilm-l6", "--json")
+    columns = [c for c in json.loads(stdout)["table"][0] if c not in ("layer", "head", "kv_group")]
+    assert code == 0 and "norm_sink_score" in columns
+    code, stdout, err = run("metrics", "the sky is blue", "--model", "minilm-l6", "--json",
+                            *[arg for column in columns for arg in ("--metric", column)])
+    assert code == 0, err
+    assert list(json.loads(stdout)["table"][0]) == ["layer", "head", "kv_group", *columns]
+    code, _, err = run("metrics", "the sky", "--induction-probe", "4", "--metric", "probe_induction_score",
+                       "--model", "minilm-l6", "--json")
+    assert code == 0, err
