@@ -191,6 +191,24 @@ def read_prompts(path: str | Path, *, column: str = TEXT_COLUMN) -> list[Prompt]
     return prompts
 
 
+def prompt_fields(path: str | Path, names: list[str]) -> list[dict[str, str | None]]:
+    """The fields `names` of every prompt of a JSONL, CSV or Parquet prompt file (in `read_prompts` order), as
+    text (None where a prompt lacks one); a field that no prompt has is an `InputError`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        records = _read_table(path).to_dict("records")
+    elif suffix in JSONL_SUFFIXES:
+        records = [json.loads(line) for line in _lines(_read_text(path)) if line.strip()]
+    else:
+        raise InputError(f"prompt file {path} holds one prompt per line, so it has no field {names[0]!r}; pass a "
+                         ".jsonl, .csv or .parquet file whose prompts carry it.")
+    for name in names:
+        if not any(isinstance(r, dict) and name in r for r in records):
+            raise InputError(f"prompt file {path} has no field or column '{name}'; name one that its prompts carry.")
+    return [{name: None if _blank(r.get(name)) else _cell_text(r.get(name)) for name in names} for r in records]
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """`"i/n"` -> `(i, n)` with `0 <= i < n`."""
     try:

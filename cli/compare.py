@@ -28,7 +28,8 @@ def register(subparsers) -> None:
         "(TXT, one prompt per line, JSONL, CSV or Parquet) and the result is per-head and per-layer mean deltas with "
         "bootstrap confidence intervals and permutation p-values (NAME.heads.csv, NAME.layers.csv).", example=EXAMPLE)
     parser.add_argument("a", metavar="A", help="prompt A (the baseline), or a prompt file with --sets")
-    parser.add_argument("b", metavar="B", help="prompt B, or a prompt file with --sets")
+    parser.add_argument("b", metavar="B", nargs="?", help="prompt B, or a prompt file with --sets (none with "
+                        "--group-column: both sets come from A)")
     parser.add_argument("--metrics-only", action="store_true",
                         help="compare metrics only (allows prompts with different token counts; no difference drawn)")
     parser.add_argument("--sets", action="store_true", help="A and B are prompt files: compare the two sets")
@@ -40,6 +41,15 @@ def register(subparsers) -> None:
                         "NAME.diff.cube.safetensors in --out")
     options.add_metric_option(parser)
     options.add_drawing_options(parser)
+    sets = parser.add_argument_group("prompt sets (--sets)")
+    sets.add_argument("--column", default="prompt", help="field or column of a JSONL/CSV/Parquet prompt file that "
+                      "holds the prompt (default: prompt)")
+    sets.add_argument("--group-column", metavar="FIELD", help="both sets from one file A: its prompts split by this "
+                      "field (e.g. group)")
+    sets.add_argument("--groups", metavar="A,B", help="with --group-column: the two group values to compare, A first "
+                      "(default: the file's two groups in order of appearance)")
+    sets.add_argument("--paired", metavar="FIELD", help="with --group-column: prompts matched by this field (e.g. "
+                      "pair), one of each group per value; paired statistics (sign-flip permutation test)")
     stats = parser.add_argument_group("set statistics (--sets)")
     options.add_bootstrap_options(stats)
     options.add_permutation_options(stats, default=2000, help="label permutations")
@@ -81,6 +91,8 @@ def _default_name(args) -> str:
 
     digest = hashlib.sha1(f"{args.a}\0{args.b}\0{args.chat}".encode()).hexdigest()[:6]
     kind = "sets" if args.sets else "compare"
+    if args.b is None:  # one file split by --group-column
+        return f"{options.slug(Path(str(args.model)).stem, 24)}_sets_{options.slug(Path(args.a).stem, 30)}_{digest}"
     return (f"{options.slug(Path(str(args.model)).stem, 24)}_{kind}_{options.slug(Path(args.a).stem if args.sets else args.a, 20)}"
             f"_vs_{options.slug(Path(args.b).stem if args.sets else args.b, 20)}_{digest}")
 
@@ -170,10 +182,10 @@ def _run_sets(args, metrics, paths: dict) -> tuple[list[str], dict]:
     import torch
 
     from llm_heatmap.analyses.compare import compare_sets
-    from llm_heatmap.analyses.prompts import check_length, read_prompts
+    from llm_heatmap.analyses.prompts import check_length
     from llm_heatmap.analyses.tables import write_table
 
-    set_a, set_b = read_prompts(args.a), read_prompts(args.b)
+    set_a, set_b, pairs, names = read_sets(args)
     model, tokenizer, spec = load(args)
     for name, prompts in (("A", set_a), ("B", set_b)):
         for prompt in prompts:
@@ -182,12 +194,14 @@ def _run_sets(args, metrics, paths: dict) -> tuple[list[str], dict]:
         table_a = _set_table(model, tokenizer, spec, set_a, args.chat, "A")
         table_b = _set_table(model, tokenizer, spec, set_b, args.chat, "B")
     result = compare_sets(table_a, table_b, metrics=metrics, n_resamples=args.resamples,
-                          n_permutations=args.permutations, confidence=args.confidence, seed=args.seed)
+                          n_permutations=args.permutations, confidence=args.confidence, seed=args.seed,
+                          pairs=None if pairs is None else [(f"A:{a}", f"B:{b}") for a, b in pairs])
     files = {"heads": write_table(result.heads, paths["heads"], force=args.force),
              "layers": write_table(result.layers, paths["layers"], force=args.force)}
     significant = result.heads[result.heads["q_value"] < 0.05]
     lines = [f"{args.model}: {spec.summary}",
-             f"set A: {len(set_a)} prompts ({args.a}), set B: {len(set_b)} prompts ({args.b}); deltas are B - A",
+             f"set A: {len(set_a)} prompts ({names[0]}), set B: {len(set_b)} prompts ({names[1]}); "
+             f"deltas are B - A" + (f", paired by {args.paired} ({len(pairs)} pairs, sign-flip test)" if pairs else ""),
              f"head x metric deltas with q < 0.05 (Benjamini-Hochberg per metric): {len(significant)} of {len(result.heads)}"]
     layers = result.layers
     for metric in [m for m in DIGEST_METRICS if m in set(layers["metric"])]:
@@ -202,6 +216,38 @@ def _run_sets(args, metrics, paths: dict) -> tuple[list[str], dict]:
     return lines, payload
 
 
+def _group_names(args) -> list[str] | None:
+    if args.groups is None:
+        return None
+    names = [name.strip() for name in args.groups.split(",")]
+    if len(names) != 2 or not all(names):
+        raise InputError(f"--groups '{args.groups}' must name two groups, A first, like simple,complex.")
+    return names
+
+
+def read_sets(args):
+    """(prompts of set A, prompts of set B, matched id pairs or None, the two sets' names) from --sets' files."""
+    from llm_heatmap.analyses.compare import split_groups
+    from llm_heatmap.analyses.prompts import prompt_fields, read_prompts
+
+    if args.group_column is None:
+        return (read_prompts(args.a, column=args.column), read_prompts(args.b, column=args.column), None,
+                (str(args.a), str(args.b)))
+    prompts = read_prompts(args.a, column=args.column)
+    names = [args.group_column] + ([args.paired] if args.paired else [])
+    fields = prompt_fields(args.a, names)
+    values = list(dict.fromkeys(f[args.group_column] for f in fields if f[args.group_column] is not None))
+    groups = _group_names(args)
+    if groups is None and len(values) != 2:
+        raise InputError(f"{args.a} holds {len(values)} values of '{args.group_column}' ({', '.join(values) or 'none'}); "
+                         "name the two to compare with --groups A,B.")
+    ids = [p.id for p in prompts]
+    a_ids, b_ids, pairs = split_groups(ids, fields, args.group_column, groups, args.paired)
+    by_id = {p.id: p for p in prompts}
+    names = tuple(f"{args.group_column} '{g}' of {args.a}" for g in groups or values)
+    return [by_id[i] for i in a_ids], [by_id[i] for i in b_ids], pairs, names
+
+
 def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_statistics
     from llm_heatmap.analyses.files import claim_outputs
@@ -210,6 +256,20 @@ def run(args) -> int:
     metrics = options.selected_metrics(args)
     if args.sets:
         check_statistics(n_resamples=args.resamples, n_permutations=args.permutations, confidence=args.confidence)
+    if args.sets and (args.b is None) != (args.group_column is not None):
+        raise InputError("--sets compares two prompt files A B, or the two groups of one file A with --group-column; "
+                         "give B or --group-column, not both." if args.b is not None else
+                         "--sets needs a second prompt file B, or --group-column FIELD to split file A into two sets.")
+    if not args.sets and args.b is None:
+        raise InputError("prompt B is missing; give two prompts A B (or prompt files with --sets).")
+    for flag, value in (("--group-column", args.group_column), ("--groups", args.groups), ("--paired", args.paired)):
+        if value is not None and not args.sets:
+            raise InputError(f"{flag} applies to prompt sets; add --sets and a prompt file.")
+    for flag, value in (("--groups", args.groups), ("--paired", args.paired)):
+        if value is not None and args.group_column is None:
+            raise InputError(f"{flag} needs --group-column FIELD (the field that says which set a prompt belongs to).")
+    if args.sets:
+        _group_names(args)
     drawn = not (args.sets or args.metrics_only)
     for flag, given in (("--cube-out", args.cube_out is not None), ("--no-cube", args.no_cube), ("--html", args.html)):
         if given and not drawn:

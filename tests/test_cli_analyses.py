@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -267,3 +268,21 @@ def test_metric_choices_are_the_tables_real_columns(run):
     code, _, err = run("metrics", "the sky", "--induction-probe", "4", "--metric", "probe_induction_score",
                        "--model", "minilm-l6", "--json")
     assert code == 0, err
+
+
+def test_compare_sets_of_the_shipped_pairs_file(run, tmp_path):
+    """`analyses/data/length_matched_pairs.jsonl` works as shipped: one file, split by group, paired by pair."""
+    data = Path(__file__).parents[1] / "analyses" / "data" / "length_matched_pairs.jsonl"
+    code, stdout, err = run("compare", data, "--sets", "--group-column", "group", "--paired", "pair", "--model",
+                            "minilm-l6", "--out", tmp_path, "--metric", "norm_entropy", "--resamples", "200", "--quiet")
+    assert code == 0, err
+    assert "set A: 8 prompts (group 'simple'" in stdout and "paired by pair (8 pairs, sign-flip test)" in stdout
+    heads = pd.read_csv(next(tmp_path.glob("*.heads.csv")))
+    assert (heads[["n_a", "n_b"]] == 8).all().all()
+    # 2^8 sign flips are enumerated: every p-value is a multiple of 1/256, and at least 2/256
+    assert np.allclose(heads["p_value"] * 256, np.round(heads["p_value"] * 256)) and heads["p_value"].min() >= 2 / 256
+    code, _, err = run("compare", data, "--sets", "--group-column", "group", "--groups", "simple,hard",
+                       "--out", tmp_path / "x", "--model", "minilm-l6")
+    assert code == 2 and "not two of the file's groups" in err and run.loads.count("minilm-l6") == 1
+    code, _, err = run("compare", data, "--sets", "--model", "minilm-l6", "--out", tmp_path / "x")
+    assert code == 2 and "--group-column" in err
