@@ -42,7 +42,7 @@ from llm_heatmap.errors import InputError
 
 from llm_heatmap.probes.stream import downsample
 
-from .labels import model_name
+from .labels import model_name, token_text
 from .raster import LOG_FLOOR, colormap_bytes, range_and_grey
 from .style import DIFFERENCE_CMAP, GridStyle, style_of
 
@@ -168,14 +168,16 @@ def _page(title: str, name: str) -> str:
 
 # ---- data ------------------------------------------------------------------------------
 def _axis_labels(cube) -> tuple[list[dict], list[dict]]:
-    """Label of every query row and key column: `{"t": token, "p": [first, last position], "g": generated}`;
-    a pooled entry shows the token of its first position followed by "…"."""
+    """Label of every query row and key column: `{"t": token as shown (`labels.token_text`), "r": raw token,
+    "p": [first, last position], "g": generated}`; a pooled entry shows the token of its first position
+    followed by "…"."""
     keys, queries = cube.key_spans(), cube.query_spans()
     generated = cube.generated.tolist() if cube.generated is not None else [False] * cube.num_keys
 
     def label(first: int, last: int, key: int) -> dict:
-        token = str(cube.tokens[key]) if key < len(cube.tokens) else f"#{first}"
-        return {"t": token + ("…" if last > first else ""), "p": [first, last], "g": bool(generated[key])}
+        raw = str(cube.tokens[key]) if key < len(cube.tokens) else f"#{first}"
+        return {"t": token_text(raw) + ("…" if last > first else ""), "r": raw, "p": [first, last],
+                "g": bool(generated[key])}
 
     cols = [label(a, b, k) for k, (a, b) in enumerate(zip(keys.first.tolist(), keys.last.tolist()))]
     home = (torch.searchsorted(keys.first, queries.first, right=True) - 1).clamp(0, cube.num_keys - 1).tolist()

@@ -145,10 +145,7 @@ function fmt(v) {
   const a = Math.abs(v);
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(3) : v.toFixed(a < 1 ? 4 : 3);
 }
-function showToken(t) {
-  const s = t.replace(/\n/g, "↵").replace(/\r/g, "␍").replace(/\t/g, "⇥");
-  return s.trim() === "" ? s.replace(/ /g, "␣") || "∅" : s;
-}
+function showToken(t) { return t || "∅"; }  // labels arrive readable (viz.labels.token_text)
 function span(label) { return label.p[0] === label.p[1] ? `#${label.p[0]}` : `#${label.p[0]}–${label.p[1]}`; }
 $("title").textContent = meta.title;
 $("summary").textContent = `${meta.summary} · ${meta.tokens} tokens · ${L} layers × ${H} heads`
@@ -264,7 +261,7 @@ function labelAxis(box, labels, cell, vertical) {
   const divs = labels.map((label, i) => {
     const div = document.createElement("div");
     div.textContent = showToken(label.t);
-    div.title = `${label.t} (${span(label)})`;
+    div.title = `${label.t} (${span(label)}; raw token ${JSON.stringify(label.r)})`;
     div.style.fontSize = font + "px";
     div.style.lineHeight = line + "px";
     div.style[vertical ? "left" : "top"] = (i + 0.5) * cell - line / 2 + "px";
@@ -367,6 +364,7 @@ function hover(event) {
   out.innerHTML = `<div>query ${tok(row)}</div><div>key&nbsp;&nbsp;&nbsp;${tok(col)}</div><div class="value"></div>`;
   const codes = out.querySelectorAll("code");
   codes[0].textContent = showToken(row.t); codes[1].textContent = showToken(col.t);
+  codes[0].title = `raw token ${JSON.stringify(row.r)}`; codes[1].title = `raw token ${JSON.stringify(col.r)}`;
   out.querySelector(".value").innerHTML = v === null ? '<span class="muted">empty (masked: future, padding or outside the window)</span>' : `<b></b>`;
   if (v !== null) out.querySelector("b").textContent = fmt(v);
   if (v !== null && norms) {
