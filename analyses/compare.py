@@ -117,6 +117,11 @@ class PromptComparison:
     deltas: pd.DataFrame  # long: layer, head, kv_group, metric, a, b, delta
     difference: object | None = None  # AttentionCube (B - A) or None when metrics only
 
+    def __repr__(self) -> str:
+        heads, metrics = len(self.table_a), self.deltas["metric"].nunique()
+        cube = "no difference cube" if self.difference is None else f"difference {self.difference!r}"
+        return f"PromptComparison({heads} heads x {metrics} metrics, deltas B - A; {cube})"
+
     def wide(self) -> pd.DataFrame:
         """Deltas laid out like a head-metric table: one row per head, one column per metric."""
         index = [c for c in ("layer", "head", "kv_group") if c in self.deltas.columns]
@@ -338,6 +343,11 @@ class SetComparison:
 
     heads: pd.DataFrame
     layers: pd.DataFrame
+
+    def __repr__(self) -> str:
+        metrics = self.heads["metric"].nunique() if len(self.heads) else 0
+        return (f"SetComparison({len(self.heads)} head x metric rows, {len(self.layers)} layer x metric rows, "
+                f"{metrics} metrics, deltas B - A)")
 
 
 def _frame(stats: dict, keys: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:

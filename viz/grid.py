@@ -83,6 +83,9 @@ class DrawnGrid:
     layout: GridLayout
     raster: np.ndarray | None = None
 
+    def __repr__(self) -> str:
+        return f"DrawnGrid({self.layout.width} x {self.layout.height} px; .save(path) writes it, a notebook shows it)"
+
     def png(self) -> bytes:
         """The PNG file: matplotlib renders the labels, the raster is pasted in at full resolution."""
         if self.raster is None:

@@ -61,6 +61,11 @@ class HtmlView:
 
     page: str
     height: int = 720
+    note: str | None = None  # said above the inline view (e.g. that it was downsampled to fit a notebook)
+
+    def __repr__(self) -> str:
+        note = f"; {self.note}" if self.note else ""
+        return f"HtmlView(self-contained page of {len(self.page.encode()) / 2**20:,.1f} MiB; .save(path){note})"
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -69,7 +74,8 @@ class HtmlView:
         return path
 
     def _repr_html_(self) -> str:
-        return (f'<iframe srcdoc="{html.escape(self.page, quote=True)}" sandbox="allow-scripts" '
+        note = f'<div style="font-size:12px;color:#555;margin:2px 0">{html.escape(self.note)}</div>' if self.note else ""
+        return note + (f'<iframe srcdoc="{html.escape(self.page, quote=True)}" sandbox="allow-scripts" '
                 f'style="width:100%; height:{self.height}px; border:1px solid #ddd; border-radius:4px"></iframe>')
 
 
