@@ -12,6 +12,7 @@ import re
 
 API_TO_FLAG = {
     "consumers=[Downsampler(512)], keep=False": "--stream",
+    "stream=True": "--stream",
     "dtype=torch.float16": "--cube-dtype float16",
     "layers=[...]": "--layers 0-9",
     "max_pixels=": "--max-pixels ",
