@@ -16,6 +16,7 @@ from llm_heatmap.probes.memory import check_fits, fits, size_text
 from llm_heatmap.probes.stream import CHUNK_BYTES
 
 from .metrics import HeadMetricsReducer, head_metrics
+from .progress import LayerProgress
 from .prompts import check_length
 
 METRIC_BLOCKS = 4  # the metrics reducer holds a few row blocks of the streaming size (CHUNK_BYTES) at once
@@ -27,7 +28,10 @@ AUTO_STREAM_BYTES = 1 << 30
 def stream_head_metrics(model, tokenizer, prompt: str, *, spec=None, chat: bool = False, **capture_options) -> pd.DataFrame:
     """Per-head metric table of one prompt, captured in streaming mode (one layer in memory at a time)."""
     reducer = HeadMetricsReducer()
-    capture_prompt(model, tokenizer, prompt, spec=spec, chat=chat, consumers=[reducer], keep=False, **capture_options)
+    layers = capture_options.get("layers")
+    ticker = LayerProgress(len(layers) if layers else spec.num_layers if spec is not None else None)
+    capture_prompt(model, tokenizer, prompt, spec=spec, chat=chat, consumers=[reducer, ticker], keep=False,
+                   **capture_options)
     return reducer.table()
 
 
@@ -68,7 +72,8 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     check_fits(streamed, f"the streamed run of {num_tokens} tokens", max_bytes,
                advice=_streamed_advice(working, max_bytes))
     downsampler, reducer = Downsampler(max_tokens, weighting), HeadMetricsReducer()
-    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **options)
+    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer, LayerProgress(num_layers)], keep=False,
+                   **options)
     return replace(downsampler.cube(), prompt=prompt, source=source), reducer.table()
 
 

@@ -170,11 +170,15 @@ def _set_table(model, tokenizer, spec, prompts, chat, name):
 
     from llm_heatmap.analyses.measure import stream_head_metrics
 
+    from llm_heatmap.analyses.progress import progress_bar
+
     frames = []
-    for prompt in prompts:
-        table = stream_head_metrics(model, tokenizer, prompt.text, spec=spec, chat=chat)
-        table.insert(0, "prompt_id", f"{name}:{prompt.id}")
-        frames.append(table)
+    with progress_bar(len(prompts), f"set {name}", unit="prompt") as bar:
+        for prompt in prompts:
+            table = stream_head_metrics(model, tokenizer, prompt.text, spec=spec, chat=chat)
+            table.insert(0, "prompt_id", f"{name}:{prompt.id}")
+            frames.append(table)
+            bar.update()
     return pd.concat(frames, ignore_index=True)
 
 
