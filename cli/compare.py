@@ -68,7 +68,7 @@ def output_paths(args) -> dict[str, Path]:
         folder, name = out.parent, options.plain_name(args.name) or out.stem.removesuffix(".heads")
         table = out
     else:
-        folder, name = out, options.plain_name(args.name) or _default_name(args)
+        folder, name = out, options.plain_name(args.name) or _default_name(args) + options.drawing_suffix(args)
         table = folder / f"{name}.{'heads' if args.sets else 'deltas'}.csv"
     if args.sets:
         return {"heads": table, "layers": layers_path(table)}
@@ -87,9 +87,7 @@ def output_paths(args) -> dict[str, Path]:
 def _default_name(args) -> str:
     """The model, both prompts' first words, and a short hash of both prompts (so that prompts sharing
     their first words never share a name)."""
-    import hashlib
-
-    digest = hashlib.sha1(f"{args.a}\0{args.b}\0{args.chat}".encode()).hexdigest()[:6]
+    digest = options.prompt_hash(args.a, args.b, args.chat)
     kind = "sets" if args.sets else "compare"
     if args.b is None:  # one file split by --group-column
         return f"{options.slug(Path(str(args.model)).stem, 24)}_sets_{options.slug(Path(args.a).stem, 30)}_{digest}"

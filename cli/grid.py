@@ -70,7 +70,8 @@ def run(args) -> int:
         raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
     if args.qk:
         args.stream = False  # queries and keys need the full cube
-    paths = output_paths(args, options.base_name(args, prompt))
+    name = options.plain_name(args.name) or options.base_name(args, prompt) + options.drawing_suffix(args)
+    paths = output_paths(args, name)
     with claim_outputs(paths.values(), force=args.force):
         return _run(args, prompt, paths)
 

@@ -207,9 +207,42 @@ def plain_name(name: str | None) -> str | None:
     return name
 
 
+def prompt_hash(*texts) -> str:
+    """Six hex digits of sha1 over `texts`: what tells apart prompts whose names would otherwise match."""
+    import hashlib
+
+    return hashlib.sha1("\0".join(map(str, texts)).encode()).hexdigest()[:6]
+
+
+def prompt_slug(prompt: str, limit: int = 40) -> str:
+    """The prompt's first words, with a short hash of the whole prompt where they do not say all of it
+    (cut, or punctuation, case or spacing dropped), so two prompts never share a name."""
+    words = slug(prompt, limit)
+    plain = " ".join(prompt.split()).lower().replace(" ", "-")
+    return words if words == plain else f"{words}-{prompt_hash(prompt)}"
+
+
 def base_name(args, prompt: str) -> str:
-    """--name, or one made from the model and the prompt."""
-    return plain_name(args.name) or f"{slug(Path(str(args.model)).stem, 24)}_{slug(prompt)}"
+    """--name, or one made from the model and the prompt (and --chat, which changes what is captured)."""
+    chat = "_chat" if getattr(args, "chat", False) else ""
+    return plain_name(args.name) or f"{slug(Path(str(args.model)).stem, 24)}{chat}_{prompt_slug(prompt)}"
+
+
+def drawing_suffix(args) -> str:
+    """The drawing options that differ from their defaults, as a short part of a default file name
+    (".L0-3.H2.log.norms"), so that drawing the same prompt two ways never writes to one name."""
+    defaults = {"scale": "auto", "sink": "exclude", "weighting": "weights", "cmap": "viridis", "max_tokens": 256,
+                "background": "white"}
+    parts = [f"L{args.layers}" if getattr(args, "layers", None) else "", f"H{args.heads}" if getattr(args, "heads", None) else ""]
+    for option, default in defaults.items():
+        value = getattr(args, option, default)
+        if value != default:
+            parts.append(f"t{value}" if option == "max_tokens" else str(value))
+    if getattr(args, "scale", None) == "power":
+        parts.append(f"g{args.gamma:g}")
+    if getattr(args, "per_head_range", False):
+        parts.append("per-head")
+    return "".join("." + re.sub(r"[^A-Za-z0-9_-]+", "-", part) for part in parts if part)
 
 
 def parse_indices(text: str | None, flag: str) -> list[int] | None:

@@ -44,7 +44,8 @@ def run(args) -> int:
         raise InputError("give either PROMPT (or --prompt-file) or --cube, not both.")
     else:
         prompt = args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
-    name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}"
+    which = f"-H{args.head}" if args.head is not None else f"-G{args.group}" if args.group is not None else ""
+    name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}{which}.{args.method}"
     path = args.out / f"{name}.png"
     with claim_outputs([path], force=args.force):
         return _run(args, prompt, path)
