@@ -37,6 +37,20 @@ from .tables import write_table
 ROW_COLUMNS = ["model", "prompt_id", "group", "prompt", "n_tokens"]
 
 
+def check_fresh_run(out_dir, prompts, shard=None, *, resume: bool, force: bool) -> None:
+    """Refuse to start a batch over results already in `out_dir` unless resumed or forced (cheap: callers
+    run it before loading a model)."""
+    if resume or force:
+        return
+    out_dir = Path(out_dir)
+    paths = [*output_paths(out_dir, shard),
+             *(out_dir / "parts" / f"{part_key(p.id)}.parquet" for p in shard_prompts(prompts, shard))]
+    for path in paths:
+        if path.exists():
+            raise InputError(f"{out_dir} already holds results of a batch ({path.name}); pass resume=True to continue "
+                             "it, force=True to recompute, or choose another out_dir.")
+
+
 def output_paths(out_dir: str | Path, shard: tuple[int, int] | None = None) -> tuple[Path, Path]:
     """(parquet, csv) paths of the final table of a batch (or of one shard)."""
     out_dir = Path(out_dir)
@@ -111,13 +125,7 @@ def run_batch(
 
     parquet_path, csv_path = output_paths(out_dir, shard)
     part_paths = {p.id: out_dir / "parts" / f"{part_key(p.id)}.parquet" for p in mine}
-    if not resume and not force:
-        for path in [parquet_path, csv_path, *part_paths.values()]:
-            if path.exists():
-                raise InputError(
-                    f"{out_dir} already holds results of a batch ({path.name}); pass resume=True to continue it, "
-                    "force=True to recompute, or choose another out_dir."
-                )
+    check_fresh_run(out_dir, prompts, shard, resume=resume, force=force)
     for path in (parquet_path, csv_path):
         check_writable(path, force=True)
     model_name = source or spec.architecture

@@ -64,6 +64,7 @@ import torch
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
+from .bounds import METRIC_NORM_COLUMNS, METRIC_TABLE_COLUMNS
 from .head_detector import SCORE_COLUMNS
 from .patterns import classify_heads
 from .row_blocks import ROW_SUMS, UNIFORM_TOTALS, RowBlock, SequenceIndex
@@ -72,18 +73,8 @@ from .sequences import per_sequence
 SINK_THRESHOLD = 0.3
 # the per-head row sums divided by |R| at the end
 _ROW_MEANS = ROW_SUMS[:ROW_SUMS.index("local_mass") + 1]
-COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_score_no_q0", "sink_head",
-           *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
-           *SCORE_COLUMNS, "pattern_class", "n_rows")
-NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_weighted_entropy", "output_norm")
-KEY_COLUMNS = ("layer", "head", "kv_group")
-
-
-def metric_choices(*, probe: bool = False) -> list[str]:
-    """Every column a head-metrics table can hold besides its keys (with value norms, as the CLI computes
-    it; `probe`: also the induction probe's `probe_*` scores), for checking metric names before any work."""
-    probe_columns = [f"probe_{name}" for name in SCORE_COLUMNS] if probe else []
-    return [c for c in (*COLUMNS, *NORM_COLUMNS) if c not in KEY_COLUMNS] + probe_columns
+COLUMNS = METRIC_TABLE_COLUMNS
+NORM_COLUMNS = METRIC_NORM_COLUMNS
 
 
 class _LayerSums:

@@ -19,14 +19,15 @@ optional libraries are installed (`pip install 'llm-heatmap[maps]'`).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 from llm_heatmap.errors import InputError
 
-METHODS = ("pca", "tsne", "umap")
+from .bounds import PROJECTIONS, check_projection
+
+METHODS = tuple(PROJECTIONS)
 
 
 @dataclass
@@ -72,10 +73,7 @@ def project(points: torch.Tensor, method: str = "pca", seed: int = 0) -> tuple[t
         if coords.shape[1] < 2:
             coords = torch.nn.functional.pad(coords, (0, 2 - coords.shape[1]))
         return coords.float(), (tuple(ratio) + (0.0,) * (2 - len(ratio)))[:2]
-    package, module = {"tsne": ("scikit-learn", "sklearn"), "umap": ("umap-learn", "umap")}[method]
-    if importlib.util.find_spec(module) is None:
-        raise InputError(f"method={method!r} needs {package}, which is not installed; "
-                         f"pip install 'llm-heatmap[maps]', or use method='pca'.")
+    check_projection(method)
     if method == "tsne":
         from sklearn.manifold import TSNE
 

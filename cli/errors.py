@@ -27,6 +27,7 @@ API_TO_FLAG = {
     "out_dir": "--out",
     "column=": "--column ",
     "measure=": "--measure ",
+    "method=": "--method ",
     "max_rows=": "--max-rows ",
     "top_k=": "--top-k ",
     "thumbnail_size=": "--thumbnail-size ",

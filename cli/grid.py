@@ -66,6 +66,7 @@ def run(args) -> int:
     from llm_heatmap.analyses.files import claim_outputs
 
     prompt = options.read_prompt(args)
+    options.grid_style(args)  # the drawing options checked before anything loads
     if args.qk and args.stream:
         raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
     if args.qk:

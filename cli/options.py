@@ -16,13 +16,14 @@ from pathlib import Path
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
 from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES
+from llm_heatmap.analyses.bounds import PROJECTIONS as _PROJECTIONS
 from llm_heatmap.viz.style import MAX_PIXELS
 
 SCALES = ["auto", "linear", "log", "power", "row"]
 SINK_MODES = ["keep", "exclude", "mask"]
 BACKGROUNDS = ["white", "transparent"]
 WEIGHTINGS = ["weights", "norms"]
-PROJECTIONS = ["pca", "tsne", "umap"]
+PROJECTIONS = list(_PROJECTIONS)
 DTYPES = ["float32", "float16", "bfloat16"]
 QUANTIZE = ["4bit", "8bit"]
 
@@ -175,7 +176,7 @@ def selected_metrics(args) -> list[str] | None:
     """The `--metric` names, checked before any work; None when all metrics are wanted."""
     if not args.metric:
         return None
-    from llm_heatmap.analyses.metrics import metric_choices
+    from llm_heatmap.analyses.bounds import metric_choices
 
     valid = metric_choices(probe=bool(getattr(args, "induction_probe", 0)))
     names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]

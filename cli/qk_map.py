@@ -45,6 +45,9 @@ def run(args) -> int:
     else:
         prompt = args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
     which = f"-H{args.head}" if args.head is not None else f"-G{args.group}" if args.group is not None else ""
+    from llm_heatmap.analyses.bounds import check_projection
+
+    check_projection(args.method)  # before anything loads
     name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}{which}.{args.method}"
     path = args.out / f"{name}.png"
     with claim_outputs([path], force=args.force):

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from llm_heatmap.analyses.files import claim_outputs
 
+    options.grid_style(args)  # the drawing options checked before the cube is read
     name = (options.plain_name(args.name) or args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
             + ".render" + options.drawing_suffix(args))
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
