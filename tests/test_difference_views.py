@@ -104,7 +104,7 @@ def test_render_draws_a_difference_cube_file_as_a_difference(tmp_path, capsys):
     _, _, diff = _difference()
     diff.save(tmp_path / "d.cube.safetensors")
     assert main(["render", str(tmp_path / "d.cube.safetensors"), "--out", str(tmp_path), "--html", "--sink", "keep",
-                 "--cell-px", "3", "--quiet"]) == 0
+                 "--cell-px", "3", "--quiet", "--name", "d.render"]) == 0
     png = mimage.imread(tmp_path / "d.render.png")
     reference = save_grid(diff, tmp_path / "reference.png", cell_px=3, sink="keep")
     assert reference.color.scale == "difference"

@@ -65,7 +65,7 @@ def _panel_inches(n_rows: int, n_cols: int) -> tuple[float, float]:
     return side * n_cols / max(n_rows, n_cols), side * n_rows / max(n_rows, n_cols)
 
 
-def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, show_rows=True, title=None):
+def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, title=None):
     """imshow of normalised values; cells not drawn show the background; tokens on both axes."""
     shown = np.ma.masked_array(values01, mask=~drawn)
     cm = get_cmap(cmap).with_extremes(bad=(1, 1, 1, 0))
@@ -74,14 +74,10 @@ def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, show_rows
     ax.set_xticks(np.arange(n_cols))
     ax.set_xticklabels([token_label(t) for t in col_labels], rotation=90, fontsize=_token_font(n_cols))
     ax.set_yticks(np.arange(n_rows))
-    if show_rows:
-        ax.set_yticklabels([token_label(t) for t in row_labels], fontsize=_token_font(n_rows))
-    else:
-        ax.set_yticklabels([])
+    ax.set_yticklabels([token_label(t) for t in row_labels], fontsize=_token_font(n_rows))
     ax.tick_params(length=2, pad=1)
     ax.set_xlabel("key", fontsize=9)
-    if show_rows:
-        ax.set_ylabel("query", fontsize=9)
+    ax.set_ylabel("query", fontsize=9)
     if title:
         ax.set_title(title, fontsize=11)
     for spine in ax.spines.values():
@@ -96,7 +92,7 @@ def _head_values(cube, heads_index, layer_index, style: GridStyle):
     drawn = np.broadcast_to(cube.attendable()[layer_index].cpu().numpy(), values.shape)
     in_range, grey = range_and_grey(drawn, cube.first_key, style.sink)
     out, color = normalise(values, in_range, scale=style.resolved_scale(False), gamma=style.gamma, vmin=style.vmin,
-                           vmax=style.vmax)
+                           vmax=style.vmax, shown=drawn & ~grey)
     return out, drawn & ~grey, color
 
 
@@ -105,8 +101,8 @@ def _query_labels(cube):
 
 
 def _colorbar(fig, ax, color, cmap, label):
-    bar = fig.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(cmap)), cax=ax)
-    bar.set_label(label, fontsize=9)
+    bar = fig.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(cmap)), cax=ax, extend=color.extend)
+    bar.set_label(label + ("\n(▲ beyond the range: end colour)" if color.extend != "neither" else ""), fontsize=9)
     bar.ax.tick_params(labelsize=8)
     return bar
 
@@ -171,12 +167,14 @@ def plot_heads(cube, layer: int, heads, style: GridStyle | None = None, *, title
     hi = [_index(cube.heads, h, "head", cube) for h in heads]
     values, drawn, color = _head_values(cube, hi, li, style)
     w, h = _panel_inches(*values.shape[-2:])
-    fig, axes, bars = _panel_row(len(hi), w, h, _label_margin(cube.tokens), {len(hi) - 1})
+    margin = _label_margin(cube.tokens)
+    fig, axes, bars = _panel_row(len(hi), w, h, margin, {len(hi) - 1}, gap=margin)
     for i, (ax, head) in enumerate(zip(axes, heads)):
         group = cube.spec.kv_group(head)
         label = f"L{layer} H{head}" + (f" / KV{group}" if cube.spec.group_size > 1 else "")
+        # every panel names its query rows: a reader looking at the third head should not count rows
         _draw_matrix(ax, values[i], drawn[i], cmap=style.cmap, row_labels=_query_labels(cube), col_labels=cube.tokens,
-                     show_rows=i == 0, title=label)
+                     title=label)
     _colorbar(fig, bars[0], color, style.cmap, color.label(QUANTITIES[cube.weighting]))
     _suptitle(fig, cube, title or (f"layer {layer}, head {heads[0]}" if len(heads) == 1 else f"layer {layer}"))
     return fig

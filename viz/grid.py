@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import downsample
@@ -223,11 +224,13 @@ def _cells(cube, subtract, style: GridStyle, limit: int):
             drawn = drawn & subtract.attendable().numpy()[:, None]
     drawn = np.broadcast_to(drawn, values.shape)
     in_range, grey = range_and_grey(drawn, cube.first_key, style.sink)
+    shown = drawn & ~grey
     if subtract is not None or cube.difference:
-        normalised, color = normalise_difference(values, in_range, vmax=style.vmax, per_head=style.per_head_range)
+        normalised, color = normalise_difference(values, in_range, vmax=style.vmax, per_head=style.per_head_range,
+                                                 shown=shown)
     else:
         normalised, color = normalise(values, in_range, scale=style.resolved_scale(pooled), gamma=style.gamma,
-                                      vmin=style.vmin, vmax=style.vmax, per_head=style.per_head_range)
+                                      vmin=style.vmin, vmax=style.vmax, per_head=style.per_head_range, shown=shown)
     index = lut_index(normalised)
     index[~drawn] = BACKGROUND
     index[grey] = MASKED
@@ -389,11 +392,18 @@ def _draw_colorbar(figure, layout: GridLayout, plan: Plan, color: ColorScale, st
     layout.colorbar_box = (int(x0), gy0, int(x0 + bar_w), gy0 + bar_h)
     fw, fh = figure.bbox.width, figure.bbox.height
     cax = figure.add_axes((x0 / fw, (layout.height - gy0 - bar_h) / fh, bar_w / fw, bar_h / fh))
-    bar = figure.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(style.cmap)), cax=cax)
+    bar = figure.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(style.cmap)), cax=cax, extend=color.extend,
+                          extendfrac=min(0.05, 2 * bar_w / bar_h))
+    if color.scale == "log" and not color.per_head and bar_h / max(1.0, np.log10(color.vmax / color.vmin)) > 150:
+        # a tall log bar: 1, 2 and 5 of every decade labelled, not only the decades
+        bar.locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+        bar.formatter = LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(np.inf, np.inf))
     bar.ax.tick_params(labelsize=plan.label_px * 0.9 * 72 / DPI, length=plan.label_px * 0.4 * 72 / DPI,
                        width=max(0.5, plan.label_px / 20))
     bar.outline.set_linewidth(max(0.5, plan.label_px / 20))
     label, label_px = color.label(quantity), plan.label_px
+    if color.extend != "neither":
+        label = f"▲ beyond range · {label}"  # first, so that a short bar cuts the quantity rather than the mark
     while text_size(label, label_px)[0] > bar_h * 0.95 and label_px > MIN_LABEL_PX:
         label_px -= 0.5 * DPI / 72
     bar.set_label(fit_text(label, label_px, bar_h * 0.95), fontsize=label_px * 72 / DPI)

@@ -115,6 +115,18 @@ function headImage(l, h) {
   if (opts.sink === "mask") for (let c = 0; c < list.length; c++) if (list[c] % K === sink) px[list[c]] = GREY;
   return image;
 }
+// heads with a coloured cell above their range (drawn at the top colour): the ranges' "keep" extremes hold
+// every cell, so a head whose "keep" high lies above the range drawn has one (for a difference: |B - A|)
+function clippedHeads() {
+  if (opts.scale === "row" || opts.sink === "mask") return 0;
+  const keep = rangeSets[opts.weighting].keep;
+  let count = 0;
+  for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
+    const high = keep.high[l * H + h];
+    if (high !== null && high > headRange(l, h)[1] * (1 + 1e-6)) count++;
+  }
+  return count;
+}
 function rangeText(l, h) {
   if (opts.scale === "row") return ["0", "row max"];
   const [lo, hi] = headRange(l, h);
@@ -134,6 +146,11 @@ function drawColorbar() {
   $("cb-lo").textContent = perHead ? (meta.signed ? "−head max" : "head min") : lo;
   $("cb-hi").textContent = perHead ? (meta.signed ? "+head max" : "head max") : hi;
   $("cb-what").textContent = meta.signed ? "B − A" : opts.weighting === "norms" ? "‖α f(x)‖" : "attention";
+  const beyond = clippedHeads();
+  $("cb-beyond").hidden = beyond === 0;
+  $("cb-beyond").textContent = "▲ beyond the range";
+  $("cb-beyond").title = `${beyond} head(s) hold cells beyond the colour range (e.g. the first token left out of it); `
+    + "they are drawn at the end colour of the bar";
   $("o-gamma-box").hidden = opts.scale !== "power";
 }
 
