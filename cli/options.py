@@ -73,16 +73,36 @@ def add_model_options(parser, *, several: bool = False) -> None:
     if several:
         group.add_argument("--model", action="append", help=f"{source}; repeat for several (default: {DEFAULT_MODEL})")
     else:
-        group.add_argument("--model", default=DEFAULT_MODEL, help=f"{source} (default: {DEFAULT_MODEL})")
+        group.add_argument("--model", default=DEFAULT_MODEL, action=_OneModel,
+                           help=f"{source} (default: {DEFAULT_MODEL}); one model (atlas and kv-similarity take several)")
     add_loading_options(group)
+
+
+class _OneModel(argparse.Action):
+    """--model of a command that runs one model: given twice is refused (it used to keep the last silently)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if getattr(namespace, "_model_given", False):
+            raise InputError("--model is given twice, but this command runs one model; run it once per model, or "
+                             "use atlas or kv-similarity, which take several.")
+        namespace._model_given = True
+        setattr(namespace, self.dest, value)
 
 
 def add_chat_option(parser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
 
 
-def add_prompt_file_option(parser, help: str = "read the prompt from this file instead") -> None:
+def add_prompt_file_option(parser, help: str = "read the prompt from this file instead (the whole file is one prompt)") -> None:
     parser.add_argument("--prompt-file", type=Path, help=help)
+
+
+def table_or_folder(out: Path, name: str, kind: str) -> Path:
+    """Where a command's table goes: --out is a folder (NAME.KIND.csv inside it); an --out that ends in a
+    table extension is the table's own path (the older spelling, still accepted)."""
+    if out.suffix and not out.is_dir():
+        return out  # a file: its extension is checked as a table format (.xlsx is refused, not made a folder)
+    return out / f"{name}.{kind}.csv"
 
 
 def add_prompt_options(parser) -> None:
