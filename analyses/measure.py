@@ -15,9 +15,9 @@ from llm_heatmap.probes.capture import estimate_cube_bytes
 from llm_heatmap.probes.memory import check_fits, fits, size_text
 from llm_heatmap.probes.stream import CHUNK_BYTES
 
-from .metrics import HeadMetricsReducer, head_metrics
+from .metrics import COLUMNS, HeadMetricsReducer, head_metrics
 from .progress import LayerProgress
-from .prompts import check_length
+from .prompts import MIN_TOKENS, check_length
 
 METRIC_BLOCKS = 4  # the metrics reducer holds a few row blocks of the streaming size (CHUNK_BYTES) at once
 # stream=None streams a cube above this size even where it would fit: drawing and measuring a multi-GiB cube
@@ -44,18 +44,21 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     stream=False keeps the full cube (refused with the numbers and the way out when the run would not
     fit `max_bytes`, default 80% of the memory headroom, `probes.memory`); stream=True keeps one layer
     at a time, the cube area-pooled to `max_tokens` per axis and the table from the streaming reducer;
-    stream=None streams when the full cube would not fit or is above `AUTO_STREAM_BYTES`. The run is the cube, the metrics'
+    A prompt of one token gives its cube and an empty table (every metric needs a row that spreads over two
+    keys). stream=None streams when the full cube would not fit or is above `AUTO_STREAM_BYTES`. The run is the cube, the metrics'
     working set and `also_needs(tokens)`, what the caller will do with a cube of that many tokens (e.g.
     `viz.grid.grid_needs` for drawing it), all checked before anything is captured. weighting="norms"
     requires value norms (and a streamed cube pools the norm-weighted pattern); queries_and_keys
     keeps them in a full cube.
     """
-    num_tokens = check_length(tokenizer, spec, prompt, chat=chat)
+    num_tokens = check_length(tokenizer, spec, prompt, chat=chat, min_tokens=1)
     source = source or source_name(model)
     num_layers, num_heads = len(layers) if layers else spec.num_layers, len(heads) if heads else spec.num_heads
     size = estimate_cube_bytes(spec, num_tokens, num_layers=num_layers, num_heads=num_heads, dtype=dtype)
     working = {"metrics": METRIC_BLOCKS * CHUNK_BYTES}
     full = {"cube": size, **working, **(also_needs(num_tokens) if also_needs else {})}
+    if num_tokens < MIN_TOKENS:
+        stream = False  # one token: nothing to stream, nothing to measure
     if stream is None:
         stream = size > AUTO_STREAM_BYTES or not fits(full, max_bytes)
     options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads,
@@ -68,6 +71,8 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
         check_fits(full, what + (" and what is done with it" if also_needs else ""), max_bytes,
                    advice=_full_cube_advice(full, streamed, size, num_layers, dtype, max_bytes))
         cube = capture_prompt(model, tokenizer, prompt, queries_and_keys=queries_and_keys, **options)
+        if num_tokens < MIN_TOKENS:  # a grid of one token draws; no row spreads over two keys, so no metrics
+            return cube, pd.DataFrame(columns=list(COLUMNS))
         return cube, head_metrics(cube)
     check_fits(streamed, f"the streamed run of {num_tokens} tokens", max_bytes,
                advice=_streamed_advice(working, max_bytes))

@@ -237,15 +237,16 @@ def encode(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
     return encode_prompt(tokenizer, prompt, chat=chat)[0][0].tolist()
 
 
-def check_length(tokenizer, spec, prompt: str, *, chat: bool = False, where: str = "the prompt") -> int:
+def check_length(tokenizer, spec, prompt: str, *, chat: bool = False, where: str = "the prompt",
+                 min_tokens: int = MIN_TOKENS) -> int:
     """The prompt's token count; `InputError` when the model's context (`spec.max_positions`) cannot hold it,
-    or it has fewer than `MIN_TOKENS` (metrics and similarities need a row that attends to two keys)."""
+    or it has fewer than `min_tokens` (metrics and similarities need a row that attends to two keys)."""
     count = len(encode(tokenizer, check_prompt(prompt, where), chat=chat))
     if spec.max_positions and count > spec.max_positions:
         raise InputError(
             f"{where} has {count} tokens but the model's context holds {spec.max_positions}; shorten the prompt."
         )
-    if count < MIN_TOKENS:
+    if count < min_tokens:
         raise InputError(f"{where} has {count} token{'s' * (count != 1)} on this model, and metrics need at least {MIN_TOKENS}; "
                          "give a longer prompt.")
     return count

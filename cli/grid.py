@@ -125,7 +125,9 @@ def _run(args, prompt: str, paths: dict) -> int:
         with atomic_output(paths["html"], force=args.force) as temp:
             write_html(cube, temp, metrics=metrics, style=style, qk_maps=maps)
     step.close()
-    digest = digest_lines(metrics, spec)
+    digest = (digest_lines(metrics, spec) if len(metrics) else
+              [f"no metrics: they need a query that attends to at least 2 tokens, and the prompt has {cube.num_tokens}; "
+               f"{paths['metrics'].name} holds the columns only"])
     num_tokens = cube.num_tokens
     drawn = f" (drawn downsampled to {cube.num_keys} x {cube.num_keys} per head)" if cube.pooling else ""
     lines = [f"{args.model}: {spec.summary}",
