@@ -15,7 +15,6 @@ EXAMPLE = """examples:
   llm-heatmap compare "the sky is blue" "run a self-meta-cognitive diagnostic" --metrics-only --model minilm-l6
   llm-heatmap compare simple.txt complex.txt --sets --out results/   # NAME.heads.csv and NAME.layers.csv"""
 DIGEST_METRICS = ("norm_entropy", "sink_score_no_q0", "prev_token_mass", "mean_distance")
-TABLE_SUFFIXES = (".csv", ".parquet", ".json", ".md", ".jsonl", ".tsv")
 
 
 def register(subparsers) -> None:
@@ -64,7 +63,7 @@ def output_paths(args) -> dict[str, Path]:
     """Every file this run writes. --out is a folder; a --out ending in a table extension is the
     (older) spelling of the delta (or per-head) table's own path, with the other files beside it."""
     out = args.out
-    if out.suffix.lower() in TABLE_SUFFIXES:
+    if out.suffix and not out.is_dir():  # as options.table_or_folder: the table format is checked by its suffix
         folder, name = out.parent, options.plain_name(args.name) or out.stem.removesuffix(".heads")
         table = out
     else:

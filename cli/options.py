@@ -98,8 +98,8 @@ def add_prompt_file_option(parser, help: str = "read the prompt from this file i
 
 
 def table_or_folder(out: Path, name: str, kind: str) -> Path:
-    """Where a command's table goes: --out is a folder (NAME.KIND.csv inside it); an --out that ends in a
-    table extension is the table's own path (the older spelling, still accepted)."""
+    """Where a command's table goes: --out is a folder (NAME.KIND.csv inside it); an --out with a file
+    extension that is not an existing folder is the table's own path (the older spelling, still accepted)."""
     if out.suffix and not out.is_dir():
         return out  # a file: its extension is checked as a table format (.xlsx is refused, not made a folder)
     return out / f"{name}.{kind}.csv"
