@@ -6,11 +6,42 @@ from __future__ import annotations
 
 import math
 
+from llm_heatmap.choices import PROJECTIONS
 from llm_heatmap.errors import InputError
 
 MEASURES = ("js", "cosine", "pearson")  # KV-group similarity of the heads that share a KV head
 HEAD_MEASURES = ("js", "hellinger")  # all-heads divergence of the atlas
 PSEUDO_GROUP_SIZE = 3  # consecutive heads per pseudo-group of an MHA model when no GQA model gives a group size
+# the columns of a head-metrics table (analyses.metrics builds its table in this order; the value-norm ones
+# follow where value norms were captured), named here so that the CLI checks --metric without importing torch
+METRIC_TABLE_COLUMNS = (
+    "layer", "head", "kv_group", "entropy", "norm_entropy", "effective_keys", "effective_keys_frac", "max_weight",
+    "sink_score", "sink_score_no_q0", "sink_head", "prev_token_mass", "current_token_mass", "next_token_mass",
+    "mean_distance", "distance_ratio", "special_mass", "local_mass", "diagonal_score", "block_score",
+    "vertical_score", "vertical_key", "previous_token_score", "duplicate_token_score", "induction_score",
+    "pattern_class", "n_rows")
+METRIC_NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_weighted_entropy", "output_norm")
+DETECTOR_SCORES = ("previous_token_score", "duplicate_token_score", "induction_score")
+PROJECTION_PACKAGES = {"tsne": ("scikit-learn", "sklearn"), "umap": ("umap-learn", "umap")}  # (pip name, import name)
+
+
+def metric_choices(*, probe: bool = False) -> list[str]:
+    """Every column a head-metrics table can hold besides its keys (with value norms, as the CLI computes
+    it; `probe`: also the induction probe's `probe_*` scores), for checking metric names before any work."""
+    probe_columns = [f"probe_{name}" for name in DETECTOR_SCORES] if probe else []
+    return [c for c in (*METRIC_TABLE_COLUMNS, *METRIC_NORM_COLUMNS) if c not in ("layer", "head", "kv_group")] + probe_columns
+
+
+def check_projection(method) -> None:
+    """A query-key map projection that is known and whose package is installed."""
+    import importlib.util
+
+    if method not in PROJECTIONS:
+        raise InputError(f"method={method!r} is not a projection; use one of {', '.join(PROJECTIONS)}.")
+    package = PROJECTION_PACKAGES.get(method)
+    if package is not None and importlib.util.find_spec(package[1]) is None:
+        raise InputError(f"method={method!r} needs {package[0]}, which is not installed; "
+                         "pip install 'llm-heatmap[maps]', or use method='pca'.")
 
 
 def _whole(value) -> bool:

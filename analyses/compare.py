@@ -117,6 +117,11 @@ class PromptComparison:
 
         return tables_html("PromptComparison: prompt B vs A", {"deltas": self.deltas})
 
+    def __repr__(self) -> str:
+        heads, metrics = len(self.table_a), self.deltas["metric"].nunique()
+        cube = "no difference cube" if self.difference is None else f"difference {self.difference!r}"
+        return f"PromptComparison({heads} heads x {metrics} metrics, deltas B - A; {cube})"
+
     def wide(self) -> pd.DataFrame:
         """Deltas laid out like a head-metric table: one row per head, one column per metric."""
         index = [c for c in ("layer", "head", "kv_group") if c in self.deltas.columns]
@@ -176,6 +181,11 @@ class SetComparison:
 
         return tables_html("SetComparison: prompt set B vs A", {"layers": self.layers, "heads": self.heads})
 
+    def __repr__(self) -> str:
+        metrics = self.heads["metric"].nunique() if len(self.heads) else 0
+        return (f"SetComparison({len(self.heads)} head x metric rows, {len(self.layers)} layer x metric rows, "
+                f"{metrics} metrics, deltas B - A)")
+
 
 def _frame(stats: dict, keys: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Turn "unit metric" statistics into a long table with a per-metric q-value."""
@@ -223,6 +233,43 @@ def compare_sets(table_a: pd.DataFrame, table_b: pd.DataFrame, *, metrics=None, 
     layer_stats = statistics(l_a.reshape(len(l_a), -1), l_b.reshape(len(l_b), -1), **options)
     layers = _frame(layer_stats, pd.DataFrame({"layer": layer_values}), metrics)
     return SetComparison(heads=heads, layers=layers)
+
+
+def split_groups(ids: list[str], fields: list[dict], group: str, groups=None, pair: str | None = None):
+    """Two prompt sets from one file: (ids of group A, ids of group B, pairs or None).
+
+    `fields` holds each prompt's `group` (and `pair`) value, in the order of `ids`. `groups` names
+    (A, B); by default the file's two group values in order of first appearance. With `pair`, every
+    pair value must hold one prompt of each group; pairs are (A id, B id) for `paired_statistics`.
+    """
+    values = list(dict.fromkeys(f[group] for f in fields if f[group] is not None))
+    if groups is None:
+        if len(values) != 2:
+            raise InputError(f"the '{group}' field holds {len(values)} groups ({', '.join(values) or 'none'}); "
+                             "name the two to compare, A first.")
+        groups = values
+    groups = [str(g) for g in groups]
+    missing = [g for g in groups if g not in values]
+    if len(groups) != 2 or groups[0] == groups[1] or missing:
+        raise InputError(f"groups {', '.join(groups)} are not two of the file's groups ({', '.join(values)}); "
+                         "name two different groups that it holds.")
+    members = [[i for i, f in zip(ids, fields) if f[group] == g] for g in groups]
+    if pair is None:
+        return members[0], members[1], None
+    by_pair: dict[str, dict[str, list[str]]] = {}
+    for i, f in zip(ids, fields):
+        if f[group] in groups:
+            if f[pair] is None:
+                raise InputError(f"prompt '{i}' of group '{f[group]}' has no '{pair}'; give every prompt of the two "
+                                 "groups its pair.")
+            by_pair.setdefault(f[pair], {}).setdefault(f[group], []).append(i)
+    pairs = []
+    for key, sides in by_pair.items():
+        if [len(sides.get(g, [])) for g in groups] != [1, 1]:
+            raise InputError(f"pair '{key}' holds {len(sides.get(groups[0], []))} prompt(s) of '{groups[0]}' and "
+                             f"{len(sides.get(groups[1], []))} of '{groups[1]}'; each pair needs exactly one of each.")
+        pairs.append((sides[groups[0]][0], sides[groups[1]][0]))
+    return members[0], members[1], pairs
 
 
 def compare_groups(table: pd.DataFrame, a: str, b: str, *, by: str = "group", **options) -> SetComparison:

@@ -65,7 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return 2
             command = f"llm-heatmap {args.command}"
-            status = args.run(args) or 0
+            from llm_heatmap.analyses.runs.progress import progress_shown
+
+            from .run import progress_off
+
+            with progress_shown(not progress_off(args)):
+                status = args.run(args) or 0
             if received:
                 raise Stopped(received[0])
             return status

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llm_heatmap.analyses.files import claim_outputs
+    from llm_heatmap.models.files import claim_outputs
 
     prompt = options.read_prompt(args)
     name = f"{options.base_name(args, prompt)}.dla"
@@ -41,8 +41,8 @@ def run(args) -> int:
 
 def _run(args, prompt: str, table_path: Path, map_path: Path) -> int:
     from llm_heatmap.analyses.importance.attribution import logit_attribution
-    from llm_heatmap.analyses.files import atomic_output
-    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.models.files import atomic_output
+    from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.viz import plot_metric_map, save_figure
 
     step = Steps(args, ["loading", "attributing", "drawing"])

@@ -30,11 +30,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from llm_heatmap.analyses.runs.batch import run_batch
+    from llm_heatmap.analyses.runs.batch import check_fresh_run, run_batch
     from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
 
     shard = None if args.shard is None else parse_shard(args.shard)
     prompts = read_prompts(args.file, column=args.column)
+    check_fresh_run(args.out, prompts, shard, resume=args.resume, force=args.force)  # before the model loads
     ranks = launched(args)
     try:
         model, tokenizer, spec = load(args, device=ranks.device())

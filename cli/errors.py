@@ -12,6 +12,7 @@ import re
 
 API_TO_FLAG = {
     "consumers=[Downsampler(512)], keep=False": "--stream",
+    "stream=True": "--stream",
     "dtype=torch.float16": "--cube-dtype float16",
     "layers=[...]": "--layers 0-9",
     "max_pixels=": "--max-pixels ",
@@ -26,6 +27,7 @@ API_TO_FLAG = {
     "out_dir": "--out",
     "column=": "--column ",
     "measure=": "--measure ",
+    "method=": "--method ",
     "max_rows=": "--max-rows ",
     "top_k=": "--top-k ",
     "thumbnail_size=": "--thumbnail-size ",

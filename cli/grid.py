@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
 from llm_heatmap.errors import InputError
 
 from . import options
 from .run import Steps, emit, load
 
+AUTO_STREAM_GIB = 1  # analyses.measure.AUTO_STREAM_BYTES, without importing torch to build the parser
+CUBE_FILE_MB = 256  # a cube file above this is written only with --cube
 EXAMPLE = 'example: llm-heatmap grid "the sky is blue" --model minilm-l6 --out heatmaps/ --html'
 
 
@@ -19,8 +23,13 @@ def register(subparsers) -> None:
     options.add_model_options(parser)
     options.add_output_options(parser)
     options.add_drawing_options(parser)
-    parser.add_argument("--stream", action="store_true",
-                        help="long prompts: keep one layer at a time; the saved cube is downsampled to --max-tokens")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep one layer at a time; the grid and the saved cube are area-downsampled to "
+                        "--max-tokens (default: streams by itself when the full cube would not fit in memory or is "
+                        f"above {AUTO_STREAM_GIB} GiB; --no-stream keeps the full cube)")
+    parser.add_argument("--cube", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"write NAME.cube.safetensors (default: only when it is at most {CUBE_FILE_MB} MiB; the "
+                        "summary prints its size either way)")
     parser.add_argument("--cube-dtype", choices=options.DTYPES, default="float32",
                         help="dtype of the captured cube (default float32)")
     parser.add_argument("--qk", action="store_true",
@@ -40,13 +49,30 @@ def output_paths(args, name: str) -> dict:
     return paths
 
 
+def cube_file_note(wanted: bool | None, size: int) -> str | None:
+    """None when the cube file is to be written (--cube, or by default up to CUBE_FILE_MB), else the line
+    saying why it was not, with its size."""
+    from llm_heatmap.probes.memory import size_text
+
+    if wanted is False:
+        return f"cube file not written (--no-cube; it would be {size_text(size)})"
+    if wanted is None and size > CUBE_FILE_MB * 2**20:
+        return (f"cube file not written: it would be {size_text(size)}, above {CUBE_FILE_MB} MiB; pass --cube to "
+                "write it (or --stream for a downsampled one)")
+    return None
+
+
 def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
 
     prompt = options.read_prompt(args)
+    options.grid_style(args)  # the drawing options checked before anything loads
     if args.qk and args.stream:
         raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
-    paths = output_paths(args, options.base_name(args, prompt))
+    if args.qk:
+        args.stream = False  # queries and keys need the full cube
+    name = options.plain_name(args.name) or options.base_name(args, prompt) + options.drawing_suffix(args)
+    paths = output_paths(args, name)
     with claim_outputs(paths.values(), force=args.force):
         return _run(args, prompt, paths)
 
@@ -60,6 +86,7 @@ def _run(args, prompt: str, paths: dict) -> int:
     from llm_heatmap.analyses.heads.measure import measure_prompt
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models import parse_dtype
+    from llm_heatmap.probes.memory import size_text
     from llm_heatmap.viz import save_grid, write_html
     from llm_heatmap.viz.grid import grid_needs
 
@@ -82,8 +109,14 @@ def _run(args, prompt: str, paths: dict) -> int:
         save_grid(cube, temp, style, layers=layers, heads=heads)
     step("writing metrics and cube")
     write_table(metrics, paths["metrics"], force=args.force)
-    with atomic_output(paths["cube"], force=args.force) as temp:
-        cube.save(temp)
+    cube_size = cube.pattern.numel() * cube.pattern.element_size()
+    cube_note = cube_file_note(args.cube, cube_size)
+    if cube_note is None:
+        with atomic_output(paths["cube"], force=args.force) as temp:
+            cube.save(temp)
+        cube_note = f"cube file {size_text(paths['cube'].stat().st_size)}"
+    else:
+        del paths["cube"]
     if "html" in paths:
         step("writing HTML")
         from llm_heatmap.analyses.maps.qk_maps import layer_maps
@@ -92,12 +125,14 @@ def _run(args, prompt: str, paths: dict) -> int:
         with atomic_output(paths["html"], force=args.force) as temp:
             write_html(cube, temp, metrics=metrics, style=style, qk_maps=maps)
     step.close()
-    digest = digest_lines(metrics, spec)
+    digest = (digest_lines(metrics, spec) if len(metrics) else
+              [f"no metrics: they need a query that attends to at least 2 tokens, and the prompt has {cube.num_tokens}; "
+               f"{paths['metrics'].name} holds the columns only"])
     num_tokens = cube.num_tokens
     drawn = f" (drawn downsampled to {cube.num_keys} x {cube.num_keys} per head)" if cube.pooling else ""
     lines = [f"{args.model}: {spec.summary}",
-             f"{num_tokens} tokens{drawn}; wrote " + ", ".join(str(p) for p in paths.values()), *digest]
+             f"{num_tokens} tokens{drawn}; wrote " + ", ".join(str(p) for p in paths.values()), cube_note, *digest]
     payload = {"spec": spec.summary, "tokens": num_tokens, "files": {k: str(v) for k, v in paths.items()},
-               "digest": digest}
+               "cube": cube_note, "digest": digest}
     emit(args, lines, payload)
     return 0

@@ -24,10 +24,16 @@ def register(subparsers) -> None:
         "similarity, with and without the first-token column. MHA models use pseudo-groups of the GQA models' "
         "group size, so GQA and MHA sit in one table. Prints a model-level summary.", example=EXAMPLE)
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt texts")
-    options.add_prompt_file_option(parser, help="more prompts, from a .txt (one per line) or .jsonl file")
+    options.add_prompt_file_option(parser, help="one more prompt: the whole file (as in every command)")
+    parser.add_argument("--prompts", dest="prompt_set", type=Path, metavar="FILE",
+                        help="more prompts, a prompt set: .txt (one per line), .jsonl, .csv or .parquet")
+    parser.add_argument("--column", default="prompt", help="field or column of a JSONL/CSV/Parquet --prompts file "
+                        "that holds the prompt (default: prompt)")
     options.add_chat_option(parser)
     options.add_model_options(parser, several=True)
-    parser.add_argument("--out", type=Path, help="per-layer table; the summary goes beside it as STEM.summary.EXT")
+    parser.add_argument("--out", type=Path, help="output folder (NAME.kv.csv per layer, NAME.kv.summary.csv), or the "
+                        "per-layer table's own path (the summary goes beside it as STEM.summary.EXT)")
+    parser.add_argument("--name", help="base name of the tables in --out (default: from the models and prompts)")
     options.add_pseudo_group_option(parser)
     parser.add_argument("--measure", action="append", choices=options.MEASURES,
                         help="similarity measure (repeat; default all three)")
@@ -42,17 +48,23 @@ def summary_path(out: Path) -> Path:
 def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics
     from llm_heatmap.models.files import claim_outputs
-    from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompts
+    from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompt_text, read_prompts
     from llm_heatmap.analyses.runs.table_files import table_format
 
     prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
     if args.prompt_file is not None:
-        prompts += [p.text for p in read_prompts(args.prompt_file)]
+        prompts.append(read_prompt_text(args.prompt_file))
+    if args.prompt_set is not None:
+        prompts += [p.text for p in read_prompts(args.prompt_set, column=args.column)]
     if not prompts:
-        raise InputError("no prompt given; pass PROMPT arguments or --prompt-file.")
+        raise InputError("no prompt given; pass PROMPT arguments, --prompt-file FILE (one prompt) or --prompts FILE "
+                         "(one per line).")
     check_statistics(n_permutations=args.permutations)
     check_pseudo_group_size(args.pseudo_group_size)
     if args.out is not None:
+        models = "-".join(options.slug(Path(str(m)).stem, 16) for m in args.model or [DEFAULT_MODEL])
+        name = options.plain_name(args.name) or f"{models}_{options.prompt_slug(' '.join(prompts), 24)}"
+        args.out = options.table_or_folder(args.out, name, "kv")
         table_format(args.out)
     with claim_outputs([args.out, summary_path(args.out)] if args.out is not None else [], force=args.force):
         return _run(args, prompts)

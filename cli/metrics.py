@@ -21,7 +21,10 @@ def register(subparsers) -> None:
         "the --out extension (.csv, .parquet, .json, .md); without --out it is printed as Markdown.", example=EXAMPLE)
     options.add_prompt_options(parser)
     options.add_model_options(parser)
-    parser.add_argument("--out", type=Path, help="table file; its extension picks the format")
+    parser.add_argument("--out", type=Path, help="output folder (writes NAME.metrics.csv; --name picks NAME), or a "
+                        "table file whose extension (.csv, .parquet, .json, .md) picks the format; without it the "
+                        "table is printed")
+    parser.add_argument("--name", help="base name of the table in --out (default: from the model and prompt)")
     parser.add_argument("--induction-probe", type=int, metavar="N", default=0,
                         help="also score every head on BOS + N random tokens repeated twice (probe_* columns)")
     options.add_metric_option(parser)
@@ -38,6 +41,7 @@ def run(args) -> int:
         raise InputError(f"--induction-probe {args.induction_probe} must be a number of random tokens of at least 0 "
                          "(0: no probe).")
     if args.out is not None:
+        args.out = options.table_or_folder(args.out, options.base_name(args, prompt), "metrics")
         table_format(args.out)
     with claim_outputs([args.out] if args.out is not None else [], force=args.force):
         return _run(args, prompt, metrics)
@@ -64,7 +68,7 @@ def _run(args, prompt: str, metrics) -> int:
                       + ", ".join(f"L{r.layer}H{r.head} ({r.probe_induction_score:.2f})"
                                   for r in probe.nlargest(3, "probe_induction_score").itertuples()))
     if metrics is not None:
-        probe_columns = [c for c in table.columns if c.startswith("probe_")]
+        probe_columns = [c for c in table.columns if c.startswith("probe_") and c not in metrics]
         table = table[["layer", "head", "kv_group", *metrics, *probe_columns]]
     if args.out is not None:
         write_table(table, args.out, force=args.force)

@@ -65,16 +65,36 @@ def add_model_options(parser, *, several: bool = False) -> None:
     if several:
         group.add_argument("--model", action="append", help=f"{source}; repeat for several (default: {DEFAULT_MODEL})")
     else:
-        group.add_argument("--model", default=DEFAULT_MODEL, help=f"{source} (default: {DEFAULT_MODEL})")
+        group.add_argument("--model", default=DEFAULT_MODEL, action=_OneModel,
+                           help=f"{source} (default: {DEFAULT_MODEL}); one model (atlas and kv-similarity take several)")
     add_loading_options(group)
+
+
+class _OneModel(argparse.Action):
+    """--model of a command that runs one model: given twice is refused (it used to keep the last silently)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if getattr(namespace, "_model_given", False):
+            raise InputError("--model is given twice, but this command runs one model; run it once per model, or "
+                             "use atlas or kv-similarity, which take several.")
+        namespace._model_given = True
+        setattr(namespace, self.dest, value)
 
 
 def add_chat_option(parser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
 
 
-def add_prompt_file_option(parser, help: str = "read the prompt from this file instead") -> None:
+def add_prompt_file_option(parser, help: str = "read the prompt from this file instead (the whole file is one prompt)") -> None:
     parser.add_argument("--prompt-file", type=Path, help=help)
+
+
+def table_or_folder(out: Path, name: str, kind: str) -> Path:
+    """Where a command's table goes: --out is a folder (NAME.KIND.csv inside it); an --out with a file
+    extension that is not an existing folder is the table's own path (the older spelling, still accepted)."""
+    if out.suffix and not out.is_dir():
+        return out  # a file: its extension is checked as a table format (.xlsx is refused, not made a folder)
+    return out / f"{name}.{kind}.csv"
 
 
 def add_prompt_options(parser) -> None:
@@ -169,9 +189,9 @@ def selected_metrics(args) -> list[str] | None:
     """The `--metric` names, checked before any work; None when all metrics are wanted."""
     if not args.metric:
         return None
-    from llm_heatmap.analyses.heads.metrics import COLUMNS
+    from llm_heatmap.analyses.bounds import metric_choices
 
-    valid = [c for c in COLUMNS if c not in ("layer", "head", "kv_group")]
+    valid = metric_choices(probe=bool(getattr(args, "induction_probe", 0)))
     names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in valid]
     if unknown:
@@ -201,9 +221,42 @@ def plain_name(name: str | None) -> str | None:
     return name
 
 
+def prompt_hash(*texts) -> str:
+    """Six hex digits of sha1 over `texts`: what tells apart prompts whose names would otherwise match."""
+    import hashlib
+
+    return hashlib.sha1("\0".join(map(str, texts)).encode()).hexdigest()[:6]
+
+
+def prompt_slug(prompt: str, limit: int = 40) -> str:
+    """The prompt's first words, with a short hash of the whole prompt where they do not say all of it
+    (cut, or punctuation, case or spacing dropped), so two prompts never share a name."""
+    words = slug(prompt, limit)
+    plain = " ".join(prompt.split()).lower().replace(" ", "-")
+    return words if words == plain else f"{words}-{prompt_hash(prompt)}"
+
+
 def base_name(args, prompt: str) -> str:
-    """--name, or one made from the model and the prompt."""
-    return plain_name(args.name) or f"{slug(Path(str(args.model)).stem, 24)}_{slug(prompt)}"
+    """--name, or one made from the model and the prompt (and --chat, which changes what is captured)."""
+    chat = "_chat" if getattr(args, "chat", False) else ""
+    return plain_name(args.name) or f"{slug(Path(str(args.model)).stem, 24)}{chat}_{prompt_slug(prompt)}"
+
+
+def drawing_suffix(args) -> str:
+    """The drawing options that differ from their defaults, as a short part of a default file name
+    (".L0-3.H2.log.norms"), so that drawing the same prompt two ways never writes to one name."""
+    defaults = {"scale": "auto", "sink": "exclude", "weighting": "weights", "cmap": "viridis", "max_tokens": 256,
+                "background": "white"}
+    parts = [f"L{args.layers}" if getattr(args, "layers", None) else "", f"H{args.heads}" if getattr(args, "heads", None) else ""]
+    for option, default in defaults.items():
+        value = getattr(args, option, default)
+        if value != default:
+            parts.append(f"t{value}" if option == "max_tokens" else str(value))
+    if getattr(args, "scale", None) == "power":
+        parts.append(f"g{args.gamma:g}")
+    if getattr(args, "per_head_range", False):
+        parts.append("per-head")
+    return "".join("." + re.sub(r"[^A-Za-z0-9_-]+", "-", part) for part in parts if part)
 
 
 def parse_indices(text: str | None, flag: str) -> list[int] | None:

@@ -25,9 +25,11 @@ def register(subparsers) -> None:
     options.add_prompt_options(parser)
     parser.add_argument("--cube", type=Path, help="a cube file holding queries and keys, instead of PROMPT")
     options.add_model_options(parser)
-    parser.add_argument("--layer", type=int, required=True, help="the layer to map")
+    parser.add_argument("--layer", "--layers", dest="layer", type=int, required=True,
+                        help="the layer to map (one; --layers is the same flag, as spelled in other commands)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--head", type=int, help="only this query head (default: every KV group, side by side)")
+    which.add_argument("--head", "--heads", dest="head", type=int,
+                       help="only this query head (default: every KV group, side by side; --heads is the same flag)")
     which.add_argument("--group", type=int, help="only this KV group (its query heads share one set of keys)")
     parser.add_argument("--method", choices=options.PROJECTIONS, default="pca",
                         help="projection (default pca; tsne and umap need pip install 'llm-heatmap[maps]')")
@@ -44,7 +46,11 @@ def run(args) -> int:
         raise InputError("give either PROMPT (or --prompt-file) or --cube, not both.")
     else:
         prompt = args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
-    name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}"
+    which = f"-H{args.head}" if args.head is not None else f"-G{args.group}" if args.group is not None else ""
+    from llm_heatmap.analyses.bounds import check_projection
+
+    check_projection(args.method)  # before anything loads
+    name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}{which}.{args.method}"
     path = args.out / f"{name}.png"
     with claim_outputs([path], force=args.force):
         return _run(args, prompt, path)

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
 
-    name = options.plain_name(args.name) or args.cube.name.removesuffix(".safetensors").removesuffix(".cube") + ".render"
+    options.grid_style(args)  # the drawing options checked before the cube is read
+    name = (options.plain_name(args.name) or args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
+            + ".render" + options.drawing_suffix(args))
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
     with claim_outputs(paths, force=args.force):
         return _run(args, paths)

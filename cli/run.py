@@ -54,10 +54,9 @@ class Steps:
     """A progress bar over the named steps of a command: `step(name)` starts the next one."""
 
     def __init__(self, args, names: list[str]):
-        from tqdm.auto import tqdm
+        from llm_heatmap.analyses.runs.progress import progress_bar
 
-        self.bar = tqdm(total=len(names), file=sys.stderr, leave=False, disable=progress_off(args),
-                        bar_format="{desc} {bar:20} {n}/{total}")
+        self.bar = progress_bar(len(names), "", enabled=not progress_off(args))
         self.started = False
 
     def __call__(self, name: str) -> None:

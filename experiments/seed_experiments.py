@@ -206,13 +206,12 @@ def write_experiment_figures(result: ExperimentResult, folder: Path) -> list[Pat
         written.append(path)
     if result.difference is not None:
         diff = result.difference
-        bound = max(float(diff.pattern.abs().max()), 1e-6)
         path = folder / f"{stem}.difference.grid.png"
-        save_grid(diff, path, cell_px=_cell_px(diff), cmap="RdBu_r", vmin=-bound, vmax=bound,
+        save_grid(diff, path, cell_px=_cell_px(diff),
                   title=f"{result.model} · {experiment.title}: {label_b} − {label_a}")
         written.append(path)
         layer, head = most_changed_head(diff)
-        fig = plot_comparison(result.cubes[1], result.cubes[0], layer, head, labels=(label_b, label_a))
+        fig = plot_comparison(result.cubes[0], result.cubes[1], layer, head, labels=(label_a, label_b))
         written.append(save_figure(fig, folder / f"{stem}.comparison.png"))
     fig = plot_metric_map(result.deltas, "norm_entropy", center=0.0,
                           title=f"{result.model} · {experiment.title}: norm_entropy {label_b} − {label_a}")

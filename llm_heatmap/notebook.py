@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+from dataclasses import replace
 
 
 def _cube_and_table(model, prompt, tokenizer, *, chat: bool, max_tokens: int):
@@ -37,15 +38,35 @@ def _cube_and_table(model, prompt, tokenizer, *, chat: bool, max_tokens: int):
                               source=source)
 
 
-def view(model, prompt: str, *, tokenizer=None, chat: bool = False, style=None, **style_options):
+INLINE_MB = 8  # an inline page larger than this slows a notebook (and its saved .ipynb) down
+
+
+def inline_max_tokens(num_layers: int, num_heads: int, *, bits: int, megabytes: float = INLINE_MB) -> int:
+    """The largest per-head size T whose `l h T T` weights (base64, `bits` each) fit in `megabytes`."""
+    cells = megabytes * 2**20 * 3 / 4 / (bits / 8) / max(1, num_layers * num_heads)
+    return max(2, int(cells ** 0.5))
+
+
+def view(model, prompt: str, *, tokenizer=None, chat: bool = False, style=None, inline_mb: float | None = INLINE_MB,
+         **style_options):
     """The interactive view of every head for `prompt` (an `HtmlView`, shown inline; `.save(path)`).
-    `model` is a source for `load_model` or a loaded model with its `tokenizer`."""
+    `model` is a source for `load_model` or a loaded model with its `tokenizer`. A page that would embed
+    more than `inline_mb` MiB (None: no limit) is drawn area-downsampled to fit, and says so above the view."""
     from llm_heatmap.viz import html_view
     from llm_heatmap.viz.style import style_of
 
     style = style_of(style, style_options)
     cube, table = _cube_and_table(model, prompt, tokenizer, chat=chat, max_tokens=style.max_tokens)
-    return html_view(cube, metrics=table, style=style)
+    note = None
+    if inline_mb is not None:
+        bits = 16 if style.resolved_scale(True) == "log" else 8
+        fits = inline_max_tokens(cube.num_layers, cube.num_heads, bits=bits, megabytes=inline_mb)
+        if min(style.max_tokens, max(cube.num_keys, cube.num_queries)) > fits:
+            style = style.but(max_tokens=fits)
+            note = (f"{cube.num_tokens} tokens drawn area-downsampled to at most {fits} x {fits} per head so that the "
+                    f"inline page stays under {inline_mb:g} MiB; pass inline_mb=None (or fewer layers) for more detail.")
+    result = html_view(cube, metrics=table, style=style)
+    return replace(result, note=note) if note else result
 
 
 def grid(model, prompt: str, *, tokenizer=None, chat: bool = False, style=None, **style_options):

@@ -112,6 +112,18 @@ class AttentionCube:
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        """One line: shape, dtype, what it holds, the model and the start of the prompt (never the tensors)."""
+        shape = " x ".join(map(str, self.pattern.shape))
+        axes = ("b " if self.batched else "") + "l h q k"
+        holds = ["difference B - A" if self.difference else self.weighting, *self.side_tensors()]
+        if self.pooling is not None:
+            holds.append("pooled")
+        prompt = self.prompt if isinstance(self.prompt, str) else None
+        text = "" if prompt is None else " " + repr(prompt if len(prompt) <= 40 else prompt[:39] + "…")
+        return (f"AttentionCube({shape} ({axes}), {str(self.pattern.dtype).removeprefix('torch.')}, "
+                f"{', '.join(holds)}, {self.source or self.spec.model_type}{',' if text else ''}{text})")
+
     @classmethod
     def from_pattern(cls, pattern: torch.Tensor, spec: ModelSpec, token_ids: torch.Tensor, tokens=None,
                      **fields) -> "AttentionCube":

@@ -149,5 +149,17 @@ def test_browser_select_colour_and_top_prompts(browser, result, tmp_path):
     assert browser.find_element(By.ID, "detail-title").text == "tiny · L1 H1"
     ActionChains(browser).move_to_element_with_offset(cards[1], -100, 100).perform()
     assert "similarity" in browser.find_element(By.ID, "tip").text
+    # issue 21: model colours are not pattern-class colours; the side panel neither scrolls sideways nor cuts
+    # metric names
+    class_colours = {"rgb(147, 51, 234)", "rgb(220, 38, 38)", "rgb(37, 99, 235)", "rgb(22, 163, 74)", "rgb(163, 167, 174)"}
+    names = browser.find_elements(By.CSS_SELECTOR, "#depth-row .strip .name")
+    model_colours = {n.value_of_css_property("color") for n in names if n.text.strip()}
+    assert model_colours and not model_colours & class_colours
+    wide = browser.execute_script("const a = document.querySelector('aside'), r = a.getBoundingClientRect().right;"
+                                  "return [...a.querySelectorAll('*')].filter((e) => e.getBoundingClientRect().right > r + 1)"
+                                  ".map((e) => e.tagName + '.' + e.className + ' ' + e.getBoundingClientRect().width);")
+    assert not wide, wide
+    assert browser.execute_script("return [...document.querySelectorAll('#detail td.name')]"
+                                  ".every((td) => td.scrollWidth <= td.clientWidth);")
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "atlas_page.png"))

@@ -7,8 +7,10 @@ these tests exercise argument parsing, files, exit codes and messages without re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -150,11 +152,26 @@ def test_compare_equal_length_prompts(run, tmp_path, smollm2):
         a, b = (capture_prompt(model, tokenizer, p, spec=spec) for p in (simple, complex_))
     torch.testing.assert_close(difference.pattern, b.pattern - a.pattern)
     assert difference.metadata["prompt_a"] == simple and difference.metadata["prompt_b"] == complex_
+    assert (tmp_path / "exp2.diff.png").stat().st_size > 0  # the old --out FILE spelling: drawing beside it
+
+
+def test_compare_writes_table_drawing_and_cube_by_default(run, tmp_path):
+    """Two prompts and no file flags: the deltas, the B - A grid (PNG and HTML) and the cube land in --out,
+    under a name that tells two prompt pairs with the same first words apart."""
+    simple, complex_ = "Tell me a very simple short story.", "Explain the core idea behind quantum entanglement."
+    code, stdout, _ = run("compare", simple, complex_, "--out", tmp_path, "--html", "--quiet", "--json")
+    files = {key: Path(value) for key, value in json.loads(stdout)["files"].items()}
+    assert code == 0 and set(files) == {"deltas", "grid", "html", "cube"} and all(p.parent == tmp_path for p in files.values())
+    assert AttentionCube.load(files["cube"]).difference and "signed" in files["html"].read_text()
+    code, stdout, _ = run("compare", "Tell me a very simple short poem.", complex_, "--out", tmp_path, "--quiet", "--json")
+    assert code == 0 and set(json.loads(stdout)["files"].values()).isdisjoint(map(str, files.values()))
+    code, _, err = run("compare", simple, complex_, "--out", tmp_path, "--no-cube", "--cube-out", tmp_path / "x")
+    assert code == 2 and "contradict" in err
 
 
 def test_compare_metrics_only_and_sets(run, tmp_path):
     code, stdout, _ = run("compare", "the sky is blue", "run a self-meta-cognitive diagnostic", "--model",
-                          "minilm-l6", "--metrics-only", "--metric", "norm_entropy", "--json")
+                          "minilm-l6", "--metrics-only", "--metric", "norm_entropy", "--json", "--out", tmp_path)
     payload = json.loads(stdout)
     assert code == 0 and payload["tokens"] == {"a": 6, "b": 10} and payload["digest"][0].startswith("norm_entropy")
 
@@ -237,3 +254,35 @@ def test_prompt_sets_experiment_script(monkeypatch, tmp_path, minilm, capsys):
     reading = (out / "reading.md").read_text()
     assert "2 length-matched pairs" in reading and "token counts differ: metrics only" in reading
     assert reading == capsys.readouterr().out
+
+
+def test_metric_choices_are_the_tables_real_columns(run):
+    """Every column the default table prints is a valid --metric (the value-norm columns were refused)."""
+    code, stdout, _ = run("metrics", "the sky is blue", "--model", "minilm-l6", "--json")
+    columns = [c for c in json.loads(stdout)["table"][0] if c not in ("layer", "head", "kv_group")]
+    assert code == 0 and "norm_sink_score" in columns
+    code, stdout, err = run("metrics", "the sky is blue", "--model", "minilm-l6", "--json",
+                            *[arg for column in columns for arg in ("--metric", column)])
+    assert code == 0, err
+    assert list(json.loads(stdout)["table"][0]) == ["layer", "head", "kv_group", *columns]
+    code, _, err = run("metrics", "the sky", "--induction-probe", "4", "--metric", "probe_induction_score",
+                       "--model", "minilm-l6", "--json")
+    assert code == 0, err
+
+
+def test_compare_sets_of_the_shipped_pairs_file(run, tmp_path):
+    """`experiments/data/length_matched_pairs.jsonl` works as shipped: one file, split by group, paired by pair."""
+    data = Path(__file__).parents[1] / "analyses" / "data" / "length_matched_pairs.jsonl"
+    code, stdout, err = run("compare", data, "--sets", "--group-column", "group", "--paired", "pair", "--model",
+                            "minilm-l6", "--out", tmp_path, "--metric", "norm_entropy", "--resamples", "200", "--quiet")
+    assert code == 0, err
+    assert "set A: 8 prompts (group 'simple'" in stdout and "paired by pair (8 pairs, sign-flip test)" in stdout
+    heads = pd.read_csv(next(tmp_path.glob("*.heads.csv")))
+    assert (heads[["n_a", "n_b"]] == 8).all().all()
+    # 2^8 sign flips are enumerated: every p-value is a multiple of 1/256, and at least 2/256
+    assert np.allclose(heads["p_value"] * 256, np.round(heads["p_value"] * 256)) and heads["p_value"].min() >= 2 / 256
+    code, _, err = run("compare", data, "--sets", "--group-column", "group", "--groups", "simple,hard",
+                       "--out", tmp_path / "x", "--model", "minilm-l6")
+    assert code == 2 and "not two of the file's groups" in err and run.loads.count("minilm-l6") == 1
+    code, _, err = run("compare", data, "--sets", "--model", "minilm-l6", "--out", tmp_path / "x")
+    assert code == 2 and "--group-column" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -263,3 +265,31 @@ def test_bootstrap_means_one_sample():
     assert all(np.array_equal(result[k], again[k], equal_nan=True) for k in result)
     with pytest.raises(InputError, match="at least one prompt"):
         bootstrap_means(np.zeros((0, 3)))
+
+
+def test_split_groups_reads_two_sets_and_pairs_from_one_file():
+    from llm_heatmap.analyses.compare import split_groups
+
+    ids = ["s1", "c1", "s2", "c2", "x"]
+    fields = [{"group": "simple", "pair": "1"}, {"group": "complex", "pair": "1"}, {"group": "simple", "pair": "2"},
+              {"group": "complex", "pair": "2"}, {"group": "other", "pair": None}]
+    assert split_groups(ids, fields[:4], "group") == (["s1", "s2"], ["c1", "c2"], None)
+    assert split_groups(ids, fields, "group", ["complex", "simple"], "pair") == (["c1", "c2"], ["s1", "s2"],
+                                                                                [("c1", "s1"), ("c2", "s2")])
+    with pytest.raises(InputError, match="3 groups"):
+        split_groups(ids, fields, "group")
+    with pytest.raises(InputError, match="not two of the file's groups"):
+        split_groups(ids, fields, "group", ["simple", "hard"])
+    broken = fields[:3] + [{"group": "complex", "pair": "3"}]
+    with pytest.raises(InputError, match="pair '2' holds 1 prompt"):
+        split_groups(ids[:4], broken, "group", None, "pair")
+
+
+def test_prompt_fields_of_the_shipped_pairs_file():
+    from llm_heatmap.analyses.runs.prompts import prompt_fields, read_prompts
+
+    path = Path(__file__).parents[1] / "analyses" / "data" / "length_matched_pairs.jsonl"
+    fields = prompt_fields(path, ["group", "pair"])
+    assert len(fields) == len(read_prompts(path)) == 16 and fields[0] == {"group": "simple", "pair": "1"}
+    with pytest.raises(InputError, match="no field or column 'pairs'"):
+        prompt_fields(path, ["pairs"])

@@ -91,7 +91,7 @@ def test_comparison_same_scale_and_symmetric_difference(smol_cube, tmp_path):
     top = max(a[attendable].max(), b[attendable].max())
     assert np.allclose(a_img.get_array()[attendable], a[attendable] / top, atol=1e-6)
     assert np.allclose(b_img.get_array()[attendable], b[attendable] / top, atol=1e-6)
-    diff = (a - b)[attendable]
+    diff = (b - a)[attendable]  # B - A, the sign compare reports
     bound = np.abs(diff).max()
     assert np.allclose(d_img.get_array()[attendable], (diff + bound) / (2 * bound), atol=1e-6)
     assert d_img.get_cmap().name.startswith("RdBu")

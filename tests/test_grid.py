@@ -281,7 +281,7 @@ def test_difference_grid_is_symmetric_and_diverging(smol_cube, tmp_path):
     other.spec = smol_cube.spec
     layout = save_grid_difference(smol_cube, other, tmp_path / "diff.png", cell_px=2, layers=[4, 20], sink="keep")
     png = mimage.imread(tmp_path / "diff.png")
-    diff = (smol_cube.pattern[[4, 20]] - other.pattern[[4, 20]]).numpy()
+    diff = (other.pattern[[4, 20]] - smol_cube.pattern[[4, 20]]).numpy()  # B - A, the sign compare reports
     attendable = smol_cube.attendable()[[4, 20]].numpy()
     bound = np.abs(diff[np.broadcast_to(attendable[:, None], diff.shape)]).max()
     assert (layout.color.vmin, layout.color.vmax) == pytest.approx((-bound, bound))

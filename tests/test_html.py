@@ -19,6 +19,7 @@ from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube, attendable_mask
 from llm_heatmap.viz import GridStyle
 from llm_heatmap.viz.html import write_html
+from llm_heatmap.viz.labels import token_text
 from eager_reference import eager_cube
 from rendered import open_rendered
 
@@ -92,7 +93,8 @@ def test_page_is_self_contained(tmp_path):
     assert "url(" not in page and "@import" not in page and "fetch(" not in page
     assert page.count("</script>") == page.count("<script")
     meta, _, _ = embedded(page)
-    assert [c["t"] for c in meta["cols"]] == WORDS
+    assert [c["r"] for c in meta["cols"]] == WORDS  # raw tokens (hover); shown as token_text gives them
+    assert [c["t"] for c in meta["cols"]][1:4] + [meta["cols"][11]["t"]] == ["The", "␣cat", "␣sat", "\\n"]
     assert meta["title"] == "A </script> <b>title</b> http://x.io"
 
 
@@ -127,7 +129,7 @@ def test_last_query_rows_keep_their_positions(tmp_path):
     full = make_cube(layers=2, heads=2, kv_heads=1)
     cube = replace(full, pattern=full.pattern[:, :, -4:], query_positions=torch.arange(9, 13), query_mask=torch.ones(4, dtype=torch.bool))
     decoded, mask, meta = decode(write_html(cube, tmp_path / "p.html").read_text())
-    assert [r["t"] for r in meta["rows"]] == WORDS[9:] and meta["rows"][0]["p"] == [9, 9]
+    assert [r["r"] for r in meta["rows"]] == WORDS[9:] and meta["rows"][0]["p"] == [9, 9]
     assert np.array_equal(mask[0], np.tril(np.ones((13, 13), dtype=bool))[9:])
     assert np.allclose(np.nan_to_num(decoded), cube.pattern.numpy(), atol=1 / 510 + 1e-7)
 
@@ -159,7 +161,7 @@ def test_cube_pooled_by_the_downsampler_keeps_spans_and_empty_bins(tmp_path):
     assert not mask[1, 7, 0] and mask[0, 7, 0], "the sliding-window layer drops far bins"
     assert np.allclose(np.nan_to_num(decoded), pooled.pattern.numpy(), atol=1e-4)
     assert meta["tokens"] == 40 and meta["downsampled"]
-    assert meta["cols"][1] == {"t": "w5…", "p": [5, 9], "g": False}
+    assert meta["cols"][1] == {"t": "w5…", "r": "w5", "p": [5, 9], "g": False}
     assert [r["p"] for r in meta["rows"]] == [c["p"] for c in meta["cols"]]
     assert meta["rows"][2]["t"] == "w10…"
 
@@ -227,10 +229,11 @@ def test_browser_zoom_hover_and_filter(browser, tmp_path):
     zoom = browser.find_element(By.ID, "zoom")
     assert zoom.is_displayed()
     assert browser.find_element(By.ID, "z-title").text == f"Layer {layer} · Head {head} · KV group 1"
-    cols = [d.get_attribute("title").rsplit(" (#", 1)[0] for d in browser.find_elements(By.CSS_SELECTOR, "#z-cols div")]
-    rows = [d.get_attribute("title").rsplit(" (#", 1)[0] for d in browser.find_elements(By.CSS_SELECTOR, "#z-rows div")]
-    assert cols == WORDS and rows == WORDS
-    assert browser.find_element(By.CSS_SELECTOR, "#z-cols div:nth-child(3)").text == "Ġcat"
+    raw = lambda title: json.loads(title.rsplit("; raw token ", 1)[1][:-1])  # noqa: E731
+    cols = [raw(d.get_attribute("title")) for d in browser.find_elements(By.CSS_SELECTOR, "#z-cols div")]
+    rows = [raw(d.get_attribute("title")) for d in browser.find_elements(By.CSS_SELECTOR, "#z-rows div")]
+    assert cols == WORDS and rows == WORDS  # the raw token on hover
+    assert browser.find_element(By.CSS_SELECTOR, "#z-cols div:nth-child(3)").text == "␣cat"  # token_text shown
     metric = browser.find_element(By.CSS_SELECTOR, '#z-metrics tr[data-metric="entropy"]').text
     assert "45" in metric
 
@@ -246,7 +249,7 @@ def test_browser_zoom_hover_and_filter(browser, tmp_path):
         assert (readout.get_attribute("data-query"), readout.get_attribute("data-key")) == (str(q), str(k))
         value = float(readout.get_attribute("data-value"))
         assert value == pytest.approx(float(cube.pattern[layer, head, q, k]), abs=scale / 510 + 1e-6)
-        assert WORDS[q].replace("\n", "↵") in readout.text and WORDS[k] in readout.text
+        assert token_text(WORDS[q]) in readout.text and token_text(WORDS[k]) in readout.text
     browser.save_screenshot(str(ARTIFACTS / "html_zoom.png"))
     ActionChains(browser).move_to_element_with_offset(canvas, int(11.5 * cell - width / 2), int(1.5 * cell - height / 2)).perform()
     assert readout.get_attribute("data-value") == "" and "empty" in readout.text, "the causal future reads as empty"

@@ -123,3 +123,14 @@ def test_html_view_embeds_each_groups_map(tmp_path):
     assert entry["heads"] == [2, 3] and entry["keys"] == 11 and entry["positions"][11] == 0
     points = np.frombuffer(base64.b64decode(entry["points"]), dtype="<f4").reshape(-1, 2)
     assert np.allclose(points, maps[3].points.numpy())
+
+
+def test_single_map_title_is_whole_and_heads_have_their_own_markers():
+    """A one-panel figure wrapped its heading instead of cutting it; heads of a group differ by marker (issue 21)."""
+    from llm_heatmap.viz import plot_qk_map
+
+    fig = plot_qk_map(qk_map(qk_cube(), 1, group=1))
+    assert "…" not in fig._suptitle.get_text() and "nearness tracks q·k" in fig._suptitle.get_text()
+    ax = fig.axes[0]
+    markers = {tuple(map(tuple, c.get_paths()[0].vertices.round(3))) for c in ax.collections[1:]}
+    assert len(ax.collections) == 3 and len(markers) == 2  # keys, then two query heads with two markers

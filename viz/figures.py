@@ -68,7 +68,7 @@ def _panel_inches(n_rows: int, n_cols: int) -> tuple[float, float]:
     return side * n_cols / max(n_rows, n_cols), side * n_rows / max(n_rows, n_cols)
 
 
-def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, show_rows=True, title=None):
+def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, title=None):
     """imshow of normalised values; cells not drawn show the background; tokens on both axes."""
     shown = np.ma.masked_array(values01, mask=~drawn)
     cm = get_cmap(cmap).with_extremes(bad=(1, 1, 1, 0))
@@ -77,14 +77,10 @@ def _draw_matrix(ax, values01, drawn, *, cmap, row_labels, col_labels, show_rows
     ax.set_xticks(np.arange(n_cols))
     ax.set_xticklabels([token_label(t) for t in col_labels], rotation=90, fontsize=_token_font(n_cols))
     ax.set_yticks(np.arange(n_rows))
-    if show_rows:
-        ax.set_yticklabels([token_label(t) for t in row_labels], fontsize=_token_font(n_rows))
-    else:
-        ax.set_yticklabels([])
+    ax.set_yticklabels([token_label(t) for t in row_labels], fontsize=_token_font(n_rows))
     ax.tick_params(length=2, pad=1)
     ax.set_xlabel("key", fontsize=9)
-    if show_rows:
-        ax.set_ylabel("query", fontsize=9)
+    ax.set_ylabel("query", fontsize=9)
     if title:
         ax.set_title(title, fontsize=11)
     for spine in ax.spines.values():
@@ -99,7 +95,7 @@ def _head_values(cube, heads_index, layer_index, style: GridStyle):
     drawn = np.broadcast_to(cube.attendable()[layer_index].cpu().numpy(), values.shape)
     in_range, grey = range_and_grey(drawn, cube.first_key, style.sink)
     out, color = normalise(values, in_range, scale=style.resolved_scale(False), gamma=style.gamma, vmin=style.vmin,
-                           vmax=style.vmax)
+                           vmax=style.vmax, shown=drawn & ~grey)
     return out, drawn & ~grey, color
 
 
@@ -108,8 +104,8 @@ def _query_labels(cube):
 
 
 def _colorbar(fig, ax, color, cmap, label):
-    bar = fig.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(cmap)), cax=ax)
-    bar.set_label(label, fontsize=9)
+    bar = fig.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(cmap)), cax=ax, extend=color.extend)
+    bar.set_label(label + ("\n(▲ beyond the range: end colour)" if color.extend != "neither" else ""), fontsize=9)
     bar.ax.tick_params(labelsize=8)
     return bar
 
@@ -174,12 +170,14 @@ def plot_heads(cube, layer: int, heads, style: GridStyle | None = None, *, title
     hi = [_index(cube.heads, h, "head", cube) for h in heads]
     values, drawn, color = _head_values(cube, hi, li, style)
     w, h = _panel_inches(*values.shape[-2:])
-    fig, axes, bars = _panel_row(len(hi), w, h, _label_margin(cube.tokens), {len(hi) - 1})
+    margin = _label_margin(cube.tokens)
+    fig, axes, bars = _panel_row(len(hi), w, h, margin, {len(hi) - 1}, gap=margin)
     for i, (ax, head) in enumerate(zip(axes, heads)):
         group = cube.spec.kv_group(head)
         label = f"L{layer} H{head}" + (f" / KV{group}" if cube.spec.group_size > 1 else "")
+        # every panel names its query rows: a reader looking at the third head should not count rows
         _draw_matrix(ax, values[i], drawn[i], cmap=style.cmap, row_labels=_query_labels(cube), col_labels=cube.tokens,
-                     show_rows=i == 0, title=label)
+                     title=label)
     _colorbar(fig, bars[0], color, style.cmap, color.label(QUANTITIES[cube.weighting]))
     _suptitle(fig, cube, title or (f"layer {layer}, head {heads[0]}" if len(heads) == 1 else f"layer {layer}"))
     return fig
@@ -187,7 +185,8 @@ def plot_heads(cube, layer: int, heads, style: GridStyle | None = None, *, title
 
 def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", diff_cmap="RdBu_r",
                     labels=("A", "B")) -> Figure:
-    """Prompt A, prompt B (one shared linear range) and A - B on a diverging map with a symmetric range.
+    """Prompt A, prompt B (one shared linear range) and B - A (the sign `compare` reports) on a diverging map
+    with a symmetric range.
 
     The prompts must have the same number of tokens (compare position by position).
     """
@@ -202,7 +201,7 @@ def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", di
     b = cube_b.pattern[li, hi].float().cpu().numpy()
     drawn = cube_a.attendable()[li].cpu().numpy() & cube_b.attendable()[li].cpu().numpy()
     top = float(max(a[drawn].max(), b[drawn].max()))
-    diff = a - b
+    diff = b - a
     bound = float(np.abs(diff[drawn]).max()) or 1e-6
     w, h = _panel_inches(*a.shape)
     q_a, q_b = _query_labels(cube_a), _query_labels(cube_b)
@@ -213,11 +212,11 @@ def plot_comparison(cube_a, cube_b, layer: int, head: int, *, cmap="viridis", di
     _draw_matrix(axes[0], a / top, drawn, cmap=cmap, row_labels=q_a, col_labels=cube_a.tokens, title=labels[0])
     _draw_matrix(axes[1], b / top, drawn, cmap=cmap, row_labels=q_b, col_labels=cube_b.tokens, title=labels[1])
     _draw_matrix(axes[2], (diff + bound) / (2 * bound), drawn, cmap=diff_cmap, row_labels=both_q, col_labels=both,
-                 title=f"{labels[0]} − {labels[1]}")
+                 title=f"{labels[1]} − {labels[0]}")
     same = fig.colorbar(ScalarMappable(mcolors.Normalize(0, top), get_cmap(cmap)), cax=bars[0])
     same.set_label(f"attention ({labels[0]} and {labels[1]})", fontsize=9)
     delta = fig.colorbar(ScalarMappable(mcolors.Normalize(-bound, bound), get_cmap(diff_cmap)), cax=bars[1])
-    delta.set_label(f"{labels[0]} − {labels[1]}", fontsize=9)
+    delta.set_label(f"{labels[1]} − {labels[0]}", fontsize=9)
     for bar in (same, delta):
         bar.ax.tick_params(labelsize=8)
     width_px = fig.get_figwidth() * DPI * 0.95

@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.files import atomic_output
@@ -84,6 +85,9 @@ class DrawnGrid:
     layout: GridLayout
     raster: np.ndarray | None = None
 
+    def __repr__(self) -> str:
+        return f"DrawnGrid({self.layout.width} x {self.layout.height} px; .save(path) writes it, a notebook shows it)"
+
     def png(self) -> bytes:
         """The PNG file: matplotlib renders the labels, the raster is pasted in at full resolution."""
         if self.raster is None:
@@ -137,18 +141,18 @@ def save_grid(cube, path, style: GridStyle | None = None, *, layers=None, heads=
 
 def plot_grid_difference(cube_a, cube_b, style: GridStyle | None = None, *, layers=None, heads=None, title=None,
                          **style_options) -> DrawnGrid:
-    """The grid of `A - B` (same layers, heads and token count) on a diverging colormap (default RdBu_r)
-    with a symmetric range (`vmax` bounds |A - B|; `per_head_range` gives each head its own bound).
-    Other options as `plot_grid` (scale/gamma do not apply)."""
-    style = style_of(style, {"cmap": "RdBu_r", **style_options})
-    return _draw(cube_a, style, subtract=cube_b, layers=layers, heads=heads, title=title)
+    """The grid of `B - A` (same layers, heads and token count; the sign `compare` reports) on a diverging
+    colormap (default RdBu_r: red where B attends more) with a symmetric range (`vmax` bounds |B - A|;
+    `per_head_range` gives each head its own bound). Other options as `plot_grid` (scale/gamma do not
+    apply). A difference cube (`cube.difference`, e.g. from `compare`) draws the same way through `plot_grid`."""
+    return _draw(cube_b, style_of(style, style_options), subtract=cube_a, layers=layers, heads=heads, title=title)
 
 
 def save_grid_difference(cube_a, cube_b, path, style: GridStyle | None = None, *, layers=None, heads=None,
                          title=None, **style_options) -> GridLayout:
-    """Write `plot_grid_difference` to .png (or .svg/.pdf for small grids); returns the `GridLayout`."""
-    style = style_of(style, {"cmap": "RdBu_r", **style_options})
-    return _save(cube_a, path, style, dict(layers=layers, heads=heads, title=title, subtract=cube_b))
+    """Write `plot_grid_difference` (B - A) to .png (or .svg/.pdf for small grids); returns the `GridLayout`."""
+    return _save(cube_b, path, style_of(style, style_options), dict(layers=layers, heads=heads, title=title,
+                                                                    subtract=cube_a))
 
 
 def _save(cube, path, style: GridStyle, options: dict) -> GridLayout:
@@ -175,7 +179,7 @@ def grid_thumbnail(cube, style: GridStyle | None = None, *, width: int = 420, he
     thumbnail keeps the full grid's scale)."""
     style = style_of(style, style_options)
     cube, _ = _selected(cube, None, None, None)
-    style = style.but(scale=style.resolved_scale(cube.pooling is not None or cube.num_keys > style.max_tokens))
+    style = style.signed(cube.difference).but(scale=style.resolved_scale(cube.pooling is not None or cube.num_keys > style.max_tokens))
     layers, heads = cube.num_layers, cube.num_heads
     cells = max(2, min(style.max_tokens, (height - layers + 1) // layers, (width - heads + 1) // heads))
     index = _cells(cube, None, style, cells)[0]
@@ -209,7 +213,8 @@ def _selected(cube, subtract, layers, heads):
 
 def _cells(cube, subtract, style: GridStyle, limit: int):
     """(LUT index `"l h q k"` of every cell, the `ColorScale` used, whether the panels are pooled, what
-    the cells hold), with long axes first area-pooled to at most `limit` entries."""
+    the cells hold), with long axes first area-pooled to at most `limit` entries. `cube - subtract`, or a
+    difference cube, is drawn on a symmetric range around 0."""
     cube = downsample(style.weighted(cube), limit)
     pooled = cube.pooling is not None
     values = cube.pattern.detach().float().cpu().numpy()
@@ -221,11 +226,13 @@ def _cells(cube, subtract, style: GridStyle, limit: int):
             drawn = drawn & subtract.attendable().numpy()[:, None]
     drawn = np.broadcast_to(drawn, values.shape)
     in_range, grey = range_and_grey(drawn, cube.first_key, style.sink)
-    if subtract is not None:
-        normalised, color = normalise_difference(values, in_range, vmax=style.vmax, per_head=style.per_head_range)
+    shown = drawn & ~grey
+    if subtract is not None or cube.difference:
+        normalised, color = normalise_difference(values, in_range, vmax=style.vmax, per_head=style.per_head_range,
+                                                 shown=shown)
     else:
         normalised, color = normalise(values, in_range, scale=style.resolved_scale(pooled), gamma=style.gamma,
-                                      vmin=style.vmin, vmax=style.vmax, per_head=style.per_head_range)
+                                      vmin=style.vmin, vmax=style.vmax, per_head=style.per_head_range, shown=shown)
     index = lut_index(normalised)
     index[~drawn] = BACKGROUND
     index[grey] = MASKED
@@ -237,6 +244,7 @@ def _draw(cube, style: GridStyle, *, layers=None, heads=None, title=None, subtra
     """`panels`: "figimage" (raster shown in the figure too), "raster" (kept beside the figure only,
     for `png()`), or "vector" (one image artist per panel, for SVG/PDF)."""
     cube, subtract = _selected(cube, subtract, layers, heads)
+    style = style.signed(subtract is not None or cube.difference)
     limit = style.max_tokens
     labelled = (cube.pooling is None and cube.num_keys <= limit and len(cube.tokens) == cube.num_keys
                 and (subtract is None or list(subtract.tokens) == list(cube.tokens)))
@@ -386,11 +394,18 @@ def _draw_colorbar(figure, layout: GridLayout, plan: Plan, color: ColorScale, st
     layout.colorbar_box = (int(x0), gy0, int(x0 + bar_w), gy0 + bar_h)
     fw, fh = figure.bbox.width, figure.bbox.height
     cax = figure.add_axes((x0 / fw, (layout.height - gy0 - bar_h) / fh, bar_w / fw, bar_h / fh))
-    bar = figure.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(style.cmap)), cax=cax)
+    bar = figure.colorbar(ScalarMappable(norm=color.norm(), cmap=get_cmap(style.cmap)), cax=cax, extend=color.extend,
+                          extendfrac=min(0.05, 2 * bar_w / bar_h))
+    if color.scale == "log" and not color.per_head and bar_h / max(1.0, np.log10(color.vmax / color.vmin)) > 150:
+        # a tall log bar: 1, 2 and 5 of every decade labelled, not only the decades
+        bar.locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+        bar.formatter = LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(np.inf, np.inf))
     bar.ax.tick_params(labelsize=plan.label_px * 0.9 * 72 / DPI, length=plan.label_px * 0.4 * 72 / DPI,
                        width=max(0.5, plan.label_px / 20))
     bar.outline.set_linewidth(max(0.5, plan.label_px / 20))
     label, label_px = color.label(quantity), plan.label_px
+    if color.extend != "neither":
+        label = f"▲ beyond range · {label}"  # first, so that a short bar cuts the quantity rather than the mark
     while text_size(label, label_px)[0] > bar_h * 0.95 and label_px > MIN_LABEL_PX:
         label_px -= 0.5 * DPI / 72
     bar.set_label(fit_text(label, label_px, bar_h * 0.95), fontsize=label_px * 72 / DPI)
@@ -403,21 +418,32 @@ def _title_lines(cube, title, scale_text, width, px, subtract=None) -> list[str]
     would get less than half the width beside the scale text. Every line is fitted to `width`."""
     head = drawable(title if title is not None else " · ".join(x for x in (model_name(cube.source), cube.spec.summary) if x))
     facts = f"{cube.num_tokens} tokens · {scale_text}"
-    quotes = '""' if subtract is None else 'A: "" − B: ""'
+    pair = _prompt_pair(cube, subtract)
+    quotes = '""' if pair is None else 'B − A · B: "" · A: ""'
     beside = width - text_size(f" · {facts}", px)[0] - text_size(quotes, px)[0]
     split = beside < width / 2
     room = (width - text_size(quotes, px)[0]) if split else beside
-    if subtract is None:
+    if pair is None:
         prompt = f'"{fit_text(prompt_text(cube), px, room)}"'
     else:
-        a, b = (fit_text(prompt_text(c), px, room / 2) for c in (cube, subtract))
-        prompt = f'A: "{a}" − B: "{b}"'
+        b, a = (fit_text(drawable(" ".join(text.split())), px, room / 2) for text in pair)
+        prompt = f'B − A · B: "{b}" · A: "{a}"'
     body = [prompt, facts] if split else [f"{prompt} · {facts}"]
     return [fit_text(head, px * 1.1, width, "bold")] + [fit_text(line, px, width) for line in body]
 
 
+def _prompt_pair(cube, subtract) -> tuple[str, str] | None:
+    """(prompt B, prompt A) of a drawn difference, or None for a plain cube."""
+    if subtract is not None:
+        return prompt_text(cube), prompt_text(subtract)
+    if cube.difference:
+        meta = cube.metadata or {}
+        return str(meta.get("prompt_b") or "?"), str(meta.get("prompt_a") or "?")
+    return None
+
+
 def _scale_text(color: ColorScale, sink: str, downsampled: bool, shape, quantity: str) -> str:
-    parts = [{"power": f"power {color.gamma:g}", "difference": "A − B, symmetric range"}.get(color.scale, color.scale)]
+    parts = [{"power": f"power {color.gamma:g}", "difference": "B − A, symmetric range around 0"}.get(color.scale, color.scale)]
     if quantity != QUANTITIES["weights"]:
         parts.insert(0, f"norm-weighted {quantity}")
     if color.per_head:

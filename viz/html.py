@@ -19,6 +19,10 @@ Embedded format (what `tests/test_html.py` decodes independently):
   for each layer, for each head, that layer's attendable cells in row-major `q k` order, each
   `round(weight / scale * (2**bits - 1))`. Decoding is `value * scale / (2**bits - 1)`, so
   the error of any weight is at most `scale / (2 * (2**bits - 1))`.
+- A difference cube (`cube.difference`, B - A) sets `signed` in the metadata: `scales` are then
+  each head's largest |B - A|, each cell is `round((x / scale + 1) / 2 * (2**bits - 1))`, decoded
+  as `(2 * value / (2**bits - 1) - 1) * scale`, and the page draws a symmetric range around 0 on a
+  diverging colour table.
 """
 
 from __future__ import annotations
@@ -39,14 +43,16 @@ from llm_heatmap.models.files import atomic_output
 
 from llm_heatmap.probes.stream import downsample
 
-from .labels import model_name
+from .labels import model_name, token_text
 from .raster import LOG_FLOOR, colormap_bytes, range_and_grey
-from .style import GridStyle, style_of
+from .style import DIFFERENCE_CMAP, GridStyle, style_of
 
 __all__ = ["HtmlView", "html_view", "write_html"]
 
 #: Colour tables offered in the page (the `cmap` argument is added when not listed).
 PAGE_CMAPS = ("viridis", "magma", "cividis", "inferno")
+#: ... and for a difference cube (diverging, white at 0).
+DIFFERENCE_CMAPS = (DIFFERENCE_CMAP, "coolwarm", "PuOr_r", "PiYG")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,11 @@ class HtmlView:
 
     page: str
     height: int = 720
+    note: str | None = None  # said above the inline view (e.g. that it was downsampled to fit a notebook)
+
+    def __repr__(self) -> str:
+        note = f"; {self.note}" if self.note else ""
+        return f"HtmlView(self-contained page of {len(self.page.encode()) / 2**20:,.1f} MiB; .save(path){note})"
 
     def save(self, path) -> Path:
         """Write the page to `path` (complete or not at all: `models.files.atomic_output`)."""
@@ -65,7 +76,8 @@ class HtmlView:
         return path
 
     def _repr_html_(self) -> str:
-        return (f'<iframe srcdoc="{html.escape(self.page, quote=True)}" sandbox="allow-scripts" '
+        note = f'<div style="font-size:12px;color:#555;margin:2px 0">{html.escape(self.note)}</div>' if self.note else ""
+        return note + (f'<iframe srcdoc="{html.escape(self.page, quote=True)}" sandbox="allow-scripts" '
                 f'style="width:100%; height:{self.height}px; border:1px solid #ddd; border-radius:4px"></iframe>')
 
 
@@ -97,9 +109,10 @@ def html_view(
     `qk_maps` (`analyses.qk_map` results, one per layer and KV group) adds each head's query-key map
     to its zoomed view.
     """
-    style = style_of(style, style_options)
+    signed = bool(cube.difference)
+    style = style_of(style, style_options).signed(signed)
     cube = downsample(cube.one_sequence(), style.max_tokens)
-    scale = style.resolved_scale(cube.pooling is not None)
+    scale = "linear" if signed else style.resolved_scale(cube.pooling is not None)
     bits = (16 if scale == "log" else 8) if bits is None else bits
     if bits not in (8, 16):
         raise InputError(f"bits={bits!r} is not supported; pass bits=8 (smaller file) or bits=16 (finer readout).")
@@ -109,13 +122,15 @@ def html_view(
     if style.weighting == "norms" and norms is None and cube.weighting != "norms":
         cube.norm_weighted()  # raises: this cube holds no value norms
     mask = cube.attendable()
-    data, scales = _quantize(pattern, mask, bits)
+    data, scales = _quantize(pattern, mask, bits, signed)
     packed = np.packbits(mask.numpy().reshape(mask.shape[0], -1), axis=1)
     rows, cols = _axis_labels(cube)
+    what = "attention B − A" if signed else "attention heads"
     meta = {
-        "title": title or f"{model_name(cube.source) or cube.spec.model_type}: attention heads",
+        "title": title or f"{model_name(cube.source) or cube.spec.model_type}: {what}",
         "summary": cube.spec.summary,
-        "prompt": cube.prompt if isinstance(cube.prompt, str) else None,
+        "prompt": _difference_prompts(cube) if signed else cube.prompt if isinstance(cube.prompt, str) else None,
+        "signed": signed,
         "tokens": cube.num_tokens,
         "downsampled": cube.pooling is not None,
         "layers": [int(x) for x in cube.layers],
@@ -129,12 +144,12 @@ def html_view(
         "sinkColumn": cube.first_key,
         "weighting": cube.weighting,
         "valueNorms": None if norms is None else base64.b64encode(norms.numpy().astype("<f4").tobytes()).decode("ascii"),
-        "ranges": _all_ranges(pattern, norms, mask, cube.first_key),
+        "ranges": _all_ranges(pattern.abs() if signed else pattern, norms, mask, cube.first_key),
         "style": {"scale": scale, "gamma": style.gamma, "sink": style.sink, "perHead": style.per_head_range,
                   "vmin": style.vmin, "vmax": style.vmax, "cmap": style.cmap, "logFloor": LOG_FLOOR,
                   "weighting": "norms" if norms is not None and style.weighting == "norms" else "weights"},
         "qk": _qk_payload(qk_maps, cube),
-        "cmaps": _colour_tables(style.cmap),
+        "cmaps": _colour_tables(style.cmap, DIFFERENCE_CMAPS if signed else PAGE_CMAPS),
         "metrics": _metrics_payload(metrics, cube.layers, cube.heads),
     }
     page = (
@@ -161,14 +176,16 @@ def _page(title: str, name: str) -> str:
 
 # ---- data ------------------------------------------------------------------------------
 def _axis_labels(cube) -> tuple[list[dict], list[dict]]:
-    """Label of every query row and key column: `{"t": token, "p": [first, last position], "g": generated}`;
-    a pooled entry shows the token of its first position followed by "…"."""
+    """Label of every query row and key column: `{"t": token as shown (`labels.token_text`), "r": raw token,
+    "p": [first, last position], "g": generated}`; a pooled entry shows the token of its first position
+    followed by "…"."""
     keys, queries = cube.key_spans(), cube.query_spans()
     generated = cube.generated.tolist() if cube.generated is not None else [False] * cube.num_keys
 
     def label(first: int, last: int, key: int) -> dict:
-        token = str(cube.tokens[key]) if key < len(cube.tokens) else f"#{first}"
-        return {"t": token + ("…" if last > first else ""), "p": [first, last], "g": bool(generated[key])}
+        raw = str(cube.tokens[key]) if key < len(cube.tokens) else f"#{first}"
+        return {"t": token_text(raw) + ("…" if last > first else ""), "r": raw, "p": [first, last],
+                "g": bool(generated[key])}
 
     cols = [label(a, b, k) for k, (a, b) in enumerate(zip(keys.first.tolist(), keys.last.tolist()))]
     home = (torch.searchsorted(keys.first, queries.first, right=True) - 1).clamp(0, cube.num_keys - 1).tolist()
@@ -213,21 +230,29 @@ def _ranges(pattern: np.ndarray, mask: np.ndarray, sink_column: int, sink: str) 
     return {"high": as_list(high), "low": as_list(low)}
 
 
-def _quantize(pattern: torch.Tensor, mask: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Attendable cells of every head as unsigned ints scaled to the head's maximum."""
+def _quantize(pattern: torch.Tensor, mask: torch.Tensor, bits: int, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Attendable cells of every head as unsigned ints scaled to the head's maximum (`signed`: to its
+    largest |value|, with 0 in the middle of the levels)."""
     full = mask[:, None].expand_as(pattern)
-    kept = pattern.clamp(min=0).where(full, torch.zeros(()))
-    scales = kept.amax(dim=(-2, -1))
+    kept = (pattern if signed else pattern.clamp(min=0)).where(full, torch.zeros(()))
+    scales = kept.abs().amax(dim=(-2, -1))
     scales = torch.where(scales > 0, scales, torch.ones(()))
     top = 2**bits - 1
-    levels = torch.round(kept / scales[..., None, None] * top).masked_select(full)
+    unit = kept / scales[..., None, None]
+    levels = torch.round(((unit + 1) / 2 if signed else unit) * top).masked_select(full)
     dtype = np.uint8 if bits == 8 else np.dtype("<u2")
     return levels.numpy().astype(dtype), scales.numpy()
 
 
-def _colour_tables(cmap: str) -> dict[str, str]:
-    """base64 of 256 RGB triples per colormap."""
-    names = list(PAGE_CMAPS) if cmap in PAGE_CMAPS else [cmap, *PAGE_CMAPS]
+def _difference_prompts(cube) -> str:
+    """The prompt line of a difference cube: which prompt is B and which is A."""
+    meta = cube.metadata or {}
+    return f'B − A · B: "{meta.get("prompt_b") or "?"}" · A: "{meta.get("prompt_a") or "?"}"'
+
+
+def _colour_tables(cmap: str, offered=PAGE_CMAPS) -> dict[str, str]:
+    """base64 of 256 RGB triples per colormap: `cmap`, then the others `offered`."""
+    names = [cmap, *(name for name in offered if name != cmap)]
     tables = {}
     for name in names:
         rgb = np.ascontiguousarray(colormap_bytes(name)[:, :3])

@@ -59,9 +59,36 @@ def fit_text(text: str, px: float, width: float, weight: str = "normal") -> str:
     return text[:lo].rstrip() + "…"
 
 
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet back to bytes (`Ġ` is a space, `Ċ` a newline, ...)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", " ": "␣"}
+
+
+@lru_cache(maxsize=65536)
+def token_text(token) -> str:
+    """The one way every view shows a token: byte-level BPE (`Ġa`, `Ċ`) and SentencePiece (`▁a`) markers
+    decoded, then a space shown as `␣` and a newline, return or tab as `\\n`, `\\r`, `\\t`, so
+    the PNG, the HTML page, tables and titles agree (the HTML keeps the raw token for hover)."""
+    text = str(token)
+    decoder = _byte_decoder()
+    if text and all(c in decoder for c in text):
+        try:
+            text = bytes(decoder[c] for c in text).decode("utf-8")
+        except UnicodeDecodeError:  # not byte-level (e.g. a WordPiece token with an accent): as written
+            pass
+    text = text.replace("▁", " ")
+    return "".join(_ESCAPES.get(c, c) for c in text)
+
+
 def token_label(token: str, limit: int = 14) -> str:
-    """A token made printable: byte-level markers shown as spaces/newlines, long ones cut."""
-    text = str(token).replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵").replace("▁", "␣")
+    """`token_text(token)` as the figures draw it: long ones cut, undrawable characters replaced."""
+    text = token_text(token)
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return drawable(text)
 

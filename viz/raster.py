@@ -71,6 +71,13 @@ class ColorScale:
     vmax: float | np.ndarray
     gamma: float = 0.5
     per_head: bool = False
+    above: bool = False  # some drawn cell lies above the range (drawn at its top colour)
+    below: bool = False  # ... or below it
+
+    @property
+    def extend(self) -> str:
+        """matplotlib's colorbar `extend`: the triangles that mark values drawn clipped to the range's ends."""
+        return {(True, True): "both", (True, False): "max", (False, True): "min"}.get((self.above, self.below), "neither")
 
     def norm(self) -> mcolors.Normalize:
         """The matplotlib norm for a colorbar (unit range when per head or per row)."""
@@ -89,19 +96,27 @@ class ColorScale:
     def label(self, quantity: str = "attention") -> str:
         """The colorbar label for `quantity` (what the cells hold) on this scale."""
         if self.scale == "difference":
-            return "A − B, over each head's largest |A − B|" if self.per_head else f"{quantity} A − B"
+            return "B − A, over each head's largest |B − A|" if self.per_head else f"{quantity} B − A"
         if self.scale == "row":
             return f"{quantity} / row maximum"
         name = {"linear": quantity, "log": f"{quantity} (log)", "power": f"{quantity} (power {self.gamma:g})"}[self.scale]
         return f"{name}, each head's own range" if self.per_head else name
 
 
+def _clipped(values: np.ndarray, lo, hi, shown) -> dict:
+    """Whether any coloured cell (`shown`, default all) lies above `hi` or below `lo` (relative slack for rounding)."""
+    shown = np.ones(values.shape, bool) if shown is None else np.broadcast_to(shown, values.shape)
+    slack = 1e-9 * np.maximum(np.abs(hi), np.abs(lo))
+    return {"above": bool(np.any(shown & (values > hi + slack))), "below": bool(np.any(shown & (values < lo - slack)))}
+
+
 def normalise(values: np.ndarray, in_range: np.ndarray, *, scale: str, gamma: float = 0.5, vmin=None, vmax=None,
-              per_head: bool = False) -> tuple[np.ndarray, ColorScale]:
+              per_head: bool = False, shown=None) -> tuple[np.ndarray, ColorScale]:
     """`"l h q k"` values -> values in [0, 1] (outside clipped later by the LUT) and the `ColorScale` used.
 
     `in_range` (bool, broadcastable to values) marks the cells that set an automatic range: a given
-    `vmin`/`vmax` wins over the automatic one.
+    `vmin`/`vmax` wins over the automatic one. `shown` marks the cells drawn in colour (default all):
+    the scale records whether any of them is clipped to an end of the range (`above`, `below`).
     """
     values = values.astype(np.float64, copy=False)
     if scale == "row":
@@ -132,15 +147,19 @@ def normalise(values: np.ndarray, in_range: np.ndarray, *, scale: str, gamma: fl
         out = (values - lo) / (hi - lo)
         if scale == "power":
             out = np.clip(out, 0.0, 1.0) ** gamma  # above the range draws as its top either way
+    clipped = _clipped(values, lo, hi, shown)
+    if scale == "log":
+        clipped["below"] = bool(np.any(np.broadcast_to(True if shown is None else shown, values.shape)
+                                       & (values > 0) & (values < lo * (1 - 1e-9))))
     if per_head:
-        color = ColorScale(scale, lo, hi, gamma, per_head=True)
+        color = ColorScale(scale, lo, hi, gamma, per_head=True, **clipped)
     else:
-        color = ColorScale(scale, float(lo), float(hi), gamma)
+        color = ColorScale(scale, float(lo), float(hi), gamma, **clipped)
     return out, color
 
 
 def normalise_difference(values: np.ndarray, in_range: np.ndarray, *, vmax=None,
-                         per_head: bool = False) -> tuple[np.ndarray, ColorScale]:
+                         per_head: bool = False, shown=None) -> tuple[np.ndarray, ColorScale]:
     """Signed `"l h q k"` differences -> [0, 1] on a symmetric range `[-m, m]`, `m` = max |value| in range
     (or `vmax`), 0 at the middle of the colormap."""
     axes = (-2, -1) if per_head else None
@@ -151,9 +170,10 @@ def normalise_difference(values: np.ndarray, in_range: np.ndarray, *, vmax=None,
         bound = np.asarray(float(vmax))
     bound = np.where(bound > 0, bound, 1e-12)
     out = (values / bound + 1.0) / 2.0
+    clipped = _clipped(values, -bound, bound, shown)
     if per_head:
-        return out, ColorScale("difference", -bound, bound, per_head=True)
-    return out, ColorScale("difference", -float(bound), float(bound))
+        return out, ColorScale("difference", -bound, bound, per_head=True, **clipped)
+    return out, ColorScale("difference", -float(bound), float(bound), **clipped)
 
 
 QUANTITIES = {"weights": "attention", "norms": "‖α f(x)‖"}

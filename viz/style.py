@@ -16,6 +16,8 @@ from llm_heatmap.choices import BACKGROUNDS, SCALES, SINK_MODES, WEIGHTINGS
 from llm_heatmap.errors import InputError
 
 MAX_GAMMA = 100  # past this every weight below the top of the range draws as 0, and powers overflow
+DEFAULT_CMAP = "viridis"
+DIFFERENCE_CMAP = "RdBu_r"  # diverging: blue where B attends less than A, white at 0, red where more
 MAX_PIXELS = 2**28  # a quarter gigapixel: 1 GiB as RGBA, before matplotlib's copy of the canvas
 
 
@@ -55,7 +57,7 @@ class GridStyle:
     per_head_range: bool = False
     sink: str = "exclude"
     background: str = "white"
-    cmap: str = "viridis"
+    cmap: str = DEFAULT_CMAP
     max_tokens: int = 256
     hide_unattendable: bool = True
     cell_px: int | None = None
@@ -110,6 +112,11 @@ class GridStyle:
         if unknown:
             raise InputError(f"{unknown[0]!r} is not a drawing option; use one of {', '.join(f.name for f in fields(self))}.")
         return replace(self, **changes) if changes else self
+
+    def signed(self, difference: bool) -> "GridStyle":
+        """The style for drawing signed values (a difference B - A): the default colormap becomes the
+        diverging `DIFFERENCE_CMAP`, so 0 sits at its neutral middle; a colormap the caller chose stays."""
+        return self.but(cmap=DIFFERENCE_CMAP) if difference and self.cmap == DEFAULT_CMAP else self
 
     def weighted(self, cube):
         """`cube` with the pattern this style draws: as captured, or norm-weighted (`cube.norm_weighted()`)."""

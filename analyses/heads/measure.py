@@ -12,19 +12,26 @@ import torch
 from llm_heatmap.models.offline import source_name
 from llm_heatmap.probes import Downsampler, capture_prompt
 from llm_heatmap.probes.capture import estimate_cube_bytes
-from llm_heatmap.probes.memory import check_fits, fits
+from llm_heatmap.probes.memory import check_fits, fits, size_text
 from llm_heatmap.probes.stream import CHUNK_BYTES
 
-from llm_heatmap.analyses.heads.metrics import HeadMetricsReducer, head_metrics
-from llm_heatmap.analyses.runs.prompts import check_length
+from llm_heatmap.analyses.heads.metrics import COLUMNS, HeadMetricsReducer, head_metrics
+from llm_heatmap.analyses.runs.progress import LayerProgress
+from llm_heatmap.analyses.runs.prompts import MIN_TOKENS, check_length
 
 METRIC_BLOCKS = 4  # the metrics reducer holds a few row blocks of the streaming size (CHUNK_BYTES) at once
+# stream=None streams a cube above this size even where it would fit: drawing and measuring a multi-GiB cube
+# takes minutes for a grid that equals the streamed one (pooled to max_tokens either way)
+AUTO_STREAM_BYTES = 1 << 30
 
 
 def stream_head_metrics(model, tokenizer, prompt: str, *, spec=None, chat: bool = False, **capture_options) -> pd.DataFrame:
     """Per-head metric table of one prompt, captured in streaming mode (one layer in memory at a time)."""
     reducer = HeadMetricsReducer()
-    capture_prompt(model, tokenizer, prompt, spec=spec, chat=chat, consumers=[reducer], keep=False, **capture_options)
+    layers = capture_options.get("layers")
+    ticker = LayerProgress(len(layers) if layers else spec.num_layers if spec is not None else None)
+    capture_prompt(model, tokenizer, prompt, spec=spec, chat=chat, consumers=[reducer, ticker], keep=False,
+                   **capture_options)
     return reducer.table()
 
 
@@ -37,31 +44,66 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     stream=False keeps the full cube (refused with the numbers and the way out when the run would not
     fit `max_bytes`, default 80% of the memory headroom, `probes.memory`); stream=True keeps one layer
     at a time, the cube area-pooled to `max_tokens` per axis and the table from the streaming reducer;
-    stream=None streams only when the full cube would not fit. The run is the cube, the metrics'
+    A prompt of one token gives its cube and an empty table (every metric needs a row that spreads over two
+    keys). stream=None streams when the full cube would not fit or is above `AUTO_STREAM_BYTES`. The run is the cube, the metrics'
     working set and `also_needs(tokens)`, what the caller will do with a cube of that many tokens (e.g.
     `viz.grid.grid_needs` for drawing it), all checked before anything is captured. weighting="norms"
     requires value norms (and a streamed cube pools the norm-weighted pattern); queries_and_keys
     keeps them in a full cube.
     """
-    num_tokens = check_length(tokenizer, spec, prompt, chat=chat)
+    num_tokens = check_length(tokenizer, spec, prompt, chat=chat, min_tokens=1)
     source = source or source_name(model)
     num_layers, num_heads = len(layers) if layers else spec.num_layers, len(heads) if heads else spec.num_heads
     size = estimate_cube_bytes(spec, num_tokens, num_layers=num_layers, num_heads=num_heads, dtype=dtype)
     working = {"metrics": METRIC_BLOCKS * CHUNK_BYTES}
     full = {"cube": size, **working, **(also_needs(num_tokens) if also_needs else {})}
+    if num_tokens < MIN_TOKENS:
+        stream = False  # one token: nothing to stream, nothing to measure
     if stream is None:
-        stream = not fits(full, max_bytes)
+        stream = size > AUTO_STREAM_BYTES or not fits(full, max_bytes)
     options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads,
                    value_norms=True if weighting == "norms" else None)
     what = f"the attention cube for {num_tokens} tokens"
-    if not stream:
-        check_fits(full, what + (" and what is done with it" if also_needs else ""), max_bytes)
-        cube = capture_prompt(model, tokenizer, prompt, queries_and_keys=queries_and_keys, **options)
-        return cube, head_metrics(cube)
     pooled = min(num_tokens, max_tokens)
-    check_fits({"pooled cube": num_layers * num_heads * pooled * pooled * 4, **working,
-                **(also_needs(pooled) if also_needs else {})}, f"the streamed run of {num_tokens} tokens", max_bytes,
-               advice="capture fewer layers (layers=[...]) or draw fewer tokens per panel (max_tokens=64)")
+    streamed = {"pooled cube": num_layers * num_heads * pooled * pooled * 4, **working,
+                **(also_needs(pooled) if also_needs else {})}
+    if not stream:
+        check_fits(full, what + (" and what is done with it" if also_needs else ""), max_bytes,
+                   advice=_full_cube_advice(full, streamed, size, num_layers, dtype, max_bytes))
+        cube = capture_prompt(model, tokenizer, prompt, queries_and_keys=queries_and_keys, **options)
+        if num_tokens < MIN_TOKENS:  # a grid of one token draws; no row spreads over two keys, so no metrics
+            return cube, pd.DataFrame(columns=list(COLUMNS))
+        return cube, head_metrics(cube)
+    check_fits(streamed, f"the streamed run of {num_tokens} tokens", max_bytes,
+               advice=_streamed_advice(working, max_bytes))
     downsampler, reducer = Downsampler(max_tokens, weighting), HeadMetricsReducer()
-    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer], keep=False, **options)
+    capture_prompt(model, tokenizer, prompt, consumers=[downsampler, reducer, LayerProgress(num_layers)], keep=False,
+                   **options)
     return replace(downsampler.cube(), prompt=prompt, source=source), reducer.table()
+
+
+def _full_cube_advice(full: dict[str, int], streamed: dict[str, int], size: int, num_layers: int,
+                      dtype: torch.dtype, max_bytes) -> str:
+    """Only the ways out that would work for this run: streaming, half precision and fewer layers where
+    they would fit; otherwise more memory."""
+    ways = ["stream it instead (stream=True)"] if fits(streamed, max_bytes) else []
+    rest = {name: bytes_ for name, bytes_ in full.items() if name != "cube"}
+    if dtype == torch.float32 and fits({"cube": size // 2, **rest}, max_bytes):
+        ways.append("capture in fp16 (dtype=torch.float16)")
+    per_layer = size // max(1, num_layers)
+    fitting = next((n for n in range(num_layers - 1, 0, -1) if fits({"cube": per_layer * n, **rest}, max_bytes)), 0)
+    if fitting:
+        ways.append(f"capture at most {fitting} layers (layers=[...])")
+    if not ways:
+        least = min(sum(streamed.values()), sum(full.values()))
+        return (f"allow more memory (max_bytes=...; the streamed run needs {size_text(least)})" if max_bytes is not None
+                else f"free memory: even the streamed run needs {size_text(least)}")
+    return ", or ".join(ways)
+
+
+def _streamed_advice(working: dict[str, int], max_bytes) -> str:
+    """The way out of a refused streamed run: fewer layers and tokens shrink the pooled cube and the drawing,
+    but never the metrics' working set, so a limit below that needs raising."""
+    if max_bytes is not None and not fits(working, max_bytes):
+        return f"allow more memory (max_bytes=...): the metrics alone take {size_text(sum(working.values()))}"
+    return "capture fewer layers (layers=[...]) or draw fewer tokens per panel (max_tokens=64)"

@@ -64,6 +64,7 @@ import torch
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes.stream import replay
 
+from llm_heatmap.analyses.bounds import METRIC_NORM_COLUMNS, METRIC_TABLE_COLUMNS
 from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS
 from llm_heatmap.analyses.heads.patterns import classify_heads
 from llm_heatmap.analyses.heads.row_blocks import ROW_SUMS, UNIFORM_TOTALS, RowBlock, SequenceIndex
@@ -72,10 +73,16 @@ from llm_heatmap.analyses.sequences import per_sequence
 SINK_THRESHOLD = 0.3
 # the per-head row sums divided by |R| at the end
 _ROW_MEANS = ROW_SUMS[:ROW_SUMS.index("local_mass") + 1]
-COLUMNS = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_score_no_q0", "sink_head",
-           *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
-           *SCORE_COLUMNS, "pattern_class", "n_rows")
-NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_weighted_entropy", "output_norm")
+COLUMNS = METRIC_TABLE_COLUMNS
+NORM_COLUMNS = METRIC_NORM_COLUMNS
+
+
+def _above_uniform(mass: torch.Tensor, uniform, rows) -> torch.Tensor:
+    """(mass - uniform) / rows, exactly 0 where the two sums agree to float32 rounding (softmax rows sum to 1
+    only to about 1e-7, so a head whose segment is the whole row printed -9.9e-09 instead of 0)."""
+    difference = mass - uniform
+    agree = difference.abs() <= 1e-6 * torch.maximum(mass.abs(), torch.as_tensor(uniform, dtype=mass.dtype).abs())
+    return torch.where(agree, torch.zeros_like(difference), difference) / rows
 
 
 class _LayerSums:
@@ -279,8 +286,8 @@ class HeadMetricsReducer:
                                                                            "sink_rows_no_first")):
             columns[column] = row_sums[name] / totals[count] if totals[count] > 0 else torch.zeros_like(row_sums[name])
         columns["sink_head"] = columns["sink_score_no_q0"] >= self.sink_threshold
-        columns["diagonal_score"] = columns["local_mass"] - totals["uniform_local"] / rows
-        columns["block_score"] = row_sums["segment_mass"] / rows - totals["uniform_block"] / rows
+        columns["diagonal_score"] = _above_uniform(row_sums["local_mass"], totals["uniform_local"], rows)
+        columns["block_score"] = _above_uniform(row_sums["segment_mass"], totals["uniform_block"], rows)
         column_rows, column_uniform = s.column_steps.cumsum(1)[:, :-1] * self._context["sequence"].real.to(s.column.device)
         seen = column_rows >= 0.5 * column_rows.max()
         lift = ((s.column - column_uniform) / column_rows.clamp(min=1)).masked_fill(~seen, float("-inf"))

@@ -19,7 +19,6 @@ optional libraries are installed (`pip install 'llm-heatmap[maps]'`).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from llm_heatmap.choices import PROJECTIONS
 from llm_heatmap.errors import InputError
 
+from llm_heatmap.analyses.bounds import check_projection
 
 
 @dataclass
@@ -72,10 +72,7 @@ def project(points: torch.Tensor, method: str = "pca", seed: int = 0) -> tuple[t
         if coords.shape[1] < 2:
             coords = torch.nn.functional.pad(coords, (0, 2 - coords.shape[1]))
         return coords.float(), (tuple(ratio) + (0.0,) * (2 - len(ratio)))[:2]
-    package, module = {"tsne": ("scikit-learn", "sklearn"), "umap": ("umap-learn", "umap")}[method]
-    if importlib.util.find_spec(module) is None:
-        raise InputError(f"method={method!r} needs {package}, which is not installed; "
-                         f"pip install 'llm-heatmap[maps]', or use method='pca'.")
+    check_projection(method)
     if method == "tsne":
         from sklearn.manifold import TSNE
 

@@ -27,10 +27,24 @@ from llm_heatmap.analyses.heads.measure import stream_head_metrics
 from llm_heatmap.errors import InputError
 
 from .engine import FRONT, PromptSetRun, RunOptions, Section, run_prompt_set
-from .parts import shard_suffix
+from .parts import part_key, shard_suffix
 from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks
 from .table_files import write_table
+
+
+def check_fresh_run(out_dir, prompts, shard=None, *, resume: bool, force: bool) -> None:
+    """Refuse to start a batch over results already in `out_dir` unless resumed or forced (cheap: callers
+    run it before loading a model)."""
+    if resume or force:
+        return
+    out_dir = Path(out_dir)
+    paths = [*output_paths(out_dir, shard),
+             *(out_dir / "parts" / f"{part_key(p.id)}.parquet" for p in shard_prompts(prompts, shard))]
+    for path in paths:
+        if path.exists():
+            raise InputError(f"{out_dir} already holds results of a batch ({path.name}); pass resume=True to continue "
+                             "it, force=True to recompute, or choose another out_dir.")
 
 
 def output_paths(out_dir: str | Path, shard: tuple[int, int] | None = None) -> tuple[Path, Path]:

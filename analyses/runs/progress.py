@@ -1,4 +1,12 @@
-"""Progress of a whole run, shown by rank 0 only: prompts done / total, rate and time left.
+"""Progress: the one bar every long step shows (`progress_bar`), and the progress of a whole run.
+
+`progress_bar(total, desc, unit)` is a tqdm bar on stderr while `progress_shown(True)` is in effect
+(the CLI turns it on on a terminal without --quiet) and a silent one otherwise, so library code
+can always tick it. Its size is fixed from the terminal, or 80 x 24 where the terminal reports
+none (tqdm draws an empty line on a terminal of size 0 x 0). `LayerProgress` ticks it once per layer of a
+streamed capture.
+
+Progress of a whole run, shown by rank 0 only: prompts done / total, rate and time left.
 
 Every rank writes one part file per finished prompt, so the part files are the run's progress,
 whichever rank wrote them: rank 0 counts them (one directory listing per folder, every
@@ -10,9 +18,62 @@ do not enter the rate.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+
+_SHOWN: ContextVar[bool] = ContextVar("llm_heatmap_progress_shown", default=False)
+
+
+@contextmanager
+def progress_shown(enabled: bool):
+    """`with progress_shown(True)`: every `progress_bar` inside the block draws (on stderr)."""
+    token = _SHOWN.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SHOWN.reset(token)
+
+
+def terminal_size() -> tuple[int, int]:
+    """(columns, lines) of the terminal, 80 and 24 where it reports none (a pty of size 0 x 0, or no size)."""
+    size = shutil.get_terminal_size((80, 24))
+    return size.columns or 80, size.lines or 24
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "step", *, enabled: bool | None = None, initial: int = 0,
+                 file=None, leave: bool = False):
+    """The project's progress bar: drawn when `enabled` (default: inside `progress_shown(True)`), else silent."""
+    from tqdm.auto import tqdm
+
+    shown = _SHOWN.get() if enabled is None else enabled
+    columns, lines = terminal_size()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=file or sys.stderr, disable=not shown,
+                ncols=columns, nrows=lines, leave=leave, mininterval=0.5)
+
+
+class LayerProgress:
+    """A streaming consumer that ticks a `progress_bar` once per captured layer (it reads no weights)."""
+
+    takes_trimmed_parts = True
+
+    def __init__(self, num_layers: int, desc: str = "capturing"):
+        self.bar = progress_bar(num_layers, desc, unit="layer")
+        self.last = None
+
+    def consume(self, part) -> None:
+        layer = part.layers[0]
+        if self.last is not None and layer != self.last:
+            self.bar.update()
+        self.last = layer
+
+    def finish(self) -> None:
+        if self.last is not None:
+            self.bar.update()
+        self.bar.close()
 
 
 class RunProgress:
@@ -26,10 +87,8 @@ class RunProgress:
         self._thread = None
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=len(self.paths), initial=self.count(), desc=desc, unit="prompt",
-                            file=file or sys.stderr, dynamic_ncols=True)
+            self.bar = progress_bar(len(self.paths), desc, "prompt", enabled=True, initial=self.count(), file=file,
+                                    leave=True)
 
     def count(self) -> int:
         """How many of the run's part files exist now."""

@@ -191,6 +191,24 @@ def read_prompts(path: str | Path, *, column: str = TEXT_COLUMN) -> list[Prompt]
     return prompts
 
 
+def prompt_fields(path: str | Path, names: list[str]) -> list[dict[str, str | None]]:
+    """The fields `names` of every prompt of a JSONL, CSV or Parquet prompt file (in `read_prompts` order), as
+    text (None where a prompt lacks one); a field that no prompt has is an `InputError`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        records = _read_table(path).to_dict("records")
+    elif suffix in JSONL_SUFFIXES:
+        records = [json.loads(line) for line in _lines(_read_text(path)) if line.strip()]
+    else:
+        raise InputError(f"prompt file {path} holds one prompt per line, so it has no field {names[0]!r}; pass a "
+                         ".jsonl, .csv or .parquet file whose prompts carry it.")
+    for name in names:
+        if not any(isinstance(r, dict) and name in r for r in records):
+            raise InputError(f"prompt file {path} has no field or column '{name}'; name one that its prompts carry.")
+    return [{name: None if _blank(r.get(name)) else _cell_text(r.get(name)) for name in names} for r in records]
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """`"i/n"` -> `(i, n)` with `0 <= i < n`."""
     try:
@@ -219,15 +237,16 @@ def encode(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
     return encode_prompt(tokenizer, prompt, chat=chat)[0][0].tolist()
 
 
-def check_length(tokenizer, spec, prompt: str, *, chat: bool = False, where: str = "the prompt") -> int:
+def check_length(tokenizer, spec, prompt: str, *, chat: bool = False, where: str = "the prompt",
+                 min_tokens: int = MIN_TOKENS) -> int:
     """The prompt's token count; `InputError` when the model's context (`spec.max_positions`) cannot hold it,
-    or it has fewer than `MIN_TOKENS` (metrics and similarities need a row that attends to two keys)."""
+    or it has fewer than `min_tokens` (metrics and similarities need a row that attends to two keys)."""
     count = len(encode(tokenizer, check_prompt(prompt, where), chat=chat))
     if spec.max_positions and count > spec.max_positions:
         raise InputError(
             f"{where} has {count} tokens but the model's context holds {spec.max_positions}; shorten the prompt."
         )
-    if count < MIN_TOKENS:
+    if count < min_tokens:
         raise InputError(f"{where} has {count} token{'s' * (count != 1)} on this model, and metrics need at least {MIN_TOKENS}; "
                          "give a longer prompt.")
     return count

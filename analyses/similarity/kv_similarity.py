@@ -36,6 +36,7 @@ from llm_heatmap.errors import InputError
 
 from llm_heatmap.analyses.bounds import MEASURES, PSEUDO_GROUP_SIZE, check_head_measure, check_pseudo_group_size
 
+from llm_heatmap.analyses.runs.progress import progress_bar
 from llm_heatmap.analyses.similarity.divergence import bhattacharyya_matrix, js_divergence_matrix
 from llm_heatmap.analyses.sequences import per_sequence
 from llm_heatmap.analyses.stats import group_gap
@@ -107,14 +108,17 @@ def kv_group_similarity(cube, *, measures=MEASURES, pseudo_group_size: int = PSE
     attendable = cube.attendable()
     first = cube.first_key
     records = []
-    for index, layer in enumerate(cube.layers):
-        for first_token in FIRST_TOKEN:
-            drop = first if first_token == "dropped" else None
-            similarities = layer_similarities(cube.pattern[index], attendable[index], measures, drop)
-            for measure in measures:
-                result = group_gap(similarities[measure], groups, n_permutations, seed)
-                records.append({"layer": layer, "measure": measure, "first_token": first_token, "grouping": grouping,
-                                "group_size": size, **result, "n_permutations": n_permutations})
+    with progress_bar(cube.num_layers, f"{n_permutations} permutations per layer", unit="layer") as bar:
+        for index, layer in enumerate(cube.layers):
+            for first_token in FIRST_TOKEN:
+                drop = first if first_token == "dropped" else None
+                similarities = layer_similarities(cube.pattern[index], attendable[index], measures, drop)
+                for measure in measures:
+                    result = group_gap(similarities[measure], groups, n_permutations, seed)
+                    records.append({"layer": layer, "measure": measure, "first_token": first_token,
+                                    "grouping": grouping, "group_size": size, **result,
+                                    "n_permutations": n_permutations})
+            bar.update()
     return pd.DataFrame.from_records(records)
 
 

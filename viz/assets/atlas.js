@@ -13,7 +13,8 @@ const CMAP = fromBase64(data.cmap);  // 256 RGB triples
 const CLASSES = ["vertical+diagonal", "vertical", "diagonal", "block", "heterogeneous"];
 const CLASS_COLOURS = {"vertical+diagonal": "#9333ea", "vertical": "#dc2626", "diagonal": "#2563eb",
                        "block": "#16a34a", "heterogeneous": "#a3a7ae"};
-const MODEL_COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
+// models get colours no pattern class uses, so a model's line never reads as a class
+const MODEL_COLOURS = ["#0f766e", "#c2410c", "#a16207", "#be185d", "#4338ca", "#4d7c0f"];
 const MAP_PX = 260, STRIP_PX = 300, CELL = 14;
 
 const models = data.models.map((m, index) => {
@@ -248,7 +249,7 @@ function drawProfile() {
   ctx.fillStyle = muted; ctx.strokeStyle = muted; ctx.font = "11px sans-serif";
   if (!series.length || !Number.isFinite(lo)) { ctx.fillText("no layer values for this column", 10, 20); return; }
   if (hi <= lo) { hi = lo + 1; }
-  const left = 50, right = w - 10, top = 8, bottom = h - 24;
+  const left = 64, right = w - 10, top = 8, bottom = h - 24;
   const X = (d) => left + d * (right - left), Y = (v) => bottom - (v - lo) / (hi - lo) * (bottom - top);
   ctx.strokeRect(left, top, right - left, bottom - top);
   ctx.textAlign = "right";
@@ -256,6 +257,8 @@ function drawProfile() {
   ctx.textAlign = "center";
   for (const d of [0, 0.5, 1]) ctx.fillText(`${d}`, X(d), bottom + 14);
   ctx.fillText("relative depth", (left + right) / 2, h - 1);
+  ctx.save(); ctx.translate(10, (top + bottom) / 2); ctx.rotate(-Math.PI / 2);  // the y axis says what it shows
+  ctx.fillText(`layer mean of ${label(column)}`, 0, 0); ctx.restore();
   for (const s of series) {
     const depth = s.m.layers.depth;
     if (s.lo && s.hi) {

@@ -29,13 +29,15 @@ for (let l = 0; l < L; l++) {
   offset += H * list.length;
 }
 const decodeMs = performance.now() - t0;
+// a difference cube (B - A) is stored with 0 in the middle of the levels; see viz/html.py
+const decode = meta.signed ? (v, scale) => (2 * v / topLevel - 1) * scale : (v, scale) => v * scale / topLevel;
 
 function cellValue(l, h, q, k) {
   const list = cells[l], flat = q * K + k;
   let lo = 0, hi = list.length - 1;
   while (lo <= hi) {
     const mid = (lo + hi) >> 1;
-    if (list[mid] === flat) return values[offsets[l] + h * list.length + mid] * meta.scales[l * H + h] / topLevel;
+    if (list[mid] === flat) return decode(values[offsets[l] + h * list.length + mid], meta.scales[l * H + h]);
     if (list[mid] < flat) lo = mid + 1; else hi = mid - 1;
   }
   return null;
@@ -72,7 +74,8 @@ function headRange(l, h) {
   let hi = style.vmax !== null ? style.vmax : (perHead ? r.high[i] : r.maxHigh);
   if (hi === null || !isFinite(hi)) hi = 1;
   let lo;
-  if (style.vmin !== null) lo = style.vmin;
+  if (meta.signed) lo = -hi;  // a difference: symmetric around 0 (the ranges hold |B - A|)
+  else if (style.vmin !== null) lo = style.vmin;
   else if (opts.scale === "log") {
     const low = perHead ? r.low[i] : r.minLow;
     lo = Math.max(low !== null && isFinite(low) ? low : hi * style.logFloor, hi * style.logFloor);
@@ -92,8 +95,8 @@ function lutIndex(x) { return x >= 1 ? 255 : x > 0 ? Math.floor(x * 256) : 0; }
 function headImage(l, h) {
   const image = new ImageData(K, Q), px = new Uint32Array(image.data.buffer);
   const lut = tables[opts.cmap], list = cells[l], base = offsets[l] + h * list.length;
-  const step = meta.scales[l * H + h] / topLevel, sink = meta.sinkColumn;
-  const value = (c) => values[base + c] * step * weight(l, h, list[c] % K);
+  const scale = meta.scales[l * H + h], sink = meta.sinkColumn;
+  const value = (c) => decode(values[base + c], scale) * weight(l, h, list[c] % K);
   const counted = (flat) => opts.sink === "keep" || flat % K !== sink;
   if (opts.scale === "row") {
     const rowMax = new Float64Array(Q);
@@ -112,6 +115,18 @@ function headImage(l, h) {
   if (opts.sink === "mask") for (let c = 0; c < list.length; c++) if (list[c] % K === sink) px[list[c]] = GREY;
   return image;
 }
+// heads with a coloured cell above their range (drawn at the top colour): the ranges' "keep" extremes hold
+// every cell, so a head whose "keep" high lies above the range drawn has one (for a difference: |B - A|)
+function clippedHeads() {
+  if (opts.scale === "row" || opts.sink === "mask") return 0;
+  const keep = rangeSets[opts.weighting].keep;
+  let count = 0;
+  for (let l = 0; l < L; l++) for (let h = 0; h < H; h++) {
+    const high = keep.high[l * H + h];
+    if (high !== null && high > headRange(l, h)[1] * (1 + 1e-6)) count++;
+  }
+  return count;
+}
 function rangeText(l, h) {
   if (opts.scale === "row") return ["0", "row max"];
   const [lo, hi] = headRange(l, h);
@@ -126,6 +141,16 @@ function drawColorbar() {
   }
   const [lo, hi] = rangeText(0, 0);
   $("colorbar").title = opts.range === "head" ? `${opts.scale}, each head's own range` : `${opts.scale}: ${lo} … ${hi}`;
+  // the bar's ends in numbers; a per-head range has no single number, so the ends say what they are
+  const perHead = opts.range === "head" && opts.scale !== "row";
+  $("cb-lo").textContent = perHead ? (meta.signed ? "−head max" : "head min") : lo;
+  $("cb-hi").textContent = perHead ? (meta.signed ? "+head max" : "head max") : hi;
+  $("cb-what").textContent = meta.signed ? "B − A" : opts.weighting === "norms" ? "‖α f(x)‖" : "attention";
+  const beyond = clippedHeads();
+  $("cb-beyond").hidden = beyond === 0;
+  $("cb-beyond").textContent = "▲ beyond the range";
+  $("cb-beyond").title = `${beyond} head(s) hold cells beyond the colour range (e.g. the first token left out of it); `
+    + "they are drawn at the end colour of the bar";
   $("o-gamma-box").hidden = opts.scale !== "power";
 }
 
@@ -137,10 +162,7 @@ function fmt(v) {
   const a = Math.abs(v);
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(3) : v.toFixed(a < 1 ? 4 : 3);
 }
-function showToken(t) {
-  const s = t.replace(/\n/g, "↵").replace(/\r/g, "␍").replace(/\t/g, "⇥");
-  return s.trim() === "" ? s.replace(/ /g, "␣") || "∅" : s;
-}
+function showToken(t) { return t || "∅"; }  // labels arrive readable (viz.labels.token_text)
 function span(label) { return label.p[0] === label.p[1] ? `#${label.p[0]}` : `#${label.p[0]}–${label.p[1]}`; }
 $("title").textContent = meta.title;
 $("summary").textContent = `${meta.summary} · ${meta.tokens} tokens · ${L} layers × ${H} heads`
@@ -256,7 +278,7 @@ function labelAxis(box, labels, cell, vertical) {
   const divs = labels.map((label, i) => {
     const div = document.createElement("div");
     div.textContent = showToken(label.t);
-    div.title = `${label.t} (${span(label)})`;
+    div.title = `${label.t} (${span(label)}; raw token ${JSON.stringify(label.r)})`;
     div.style.fontSize = font + "px";
     div.style.lineHeight = line + "px";
     div.style[vertical ? "left" : "top"] = (i + 0.5) * cell - line / 2 + "px";
@@ -308,7 +330,7 @@ function openZoom(l, h) {
   $("z-max").textContent = hi;
   const sinkText = { keep: "", exclude: ", first token out of the range", mask: ", first token masked" }[opts.sink];
   $("z-scale").textContent = `${opts.weighting === "norms" ? "norm-weighted ‖α f(x)‖, " : ""}`
-    + `${opts.scale}${opts.scale === "power" ? " " + opts.gamma : ""}, `
+    + (meta.signed ? "B − A, symmetric around 0, " : `${opts.scale}${opts.scale === "power" ? " " + opts.gamma : ""}, `)
     + `${opts.range === "shared" ? "shared" : "this head's"} colour range${sinkText}`
     + ` · weights embedded as ${meta.bits}-bit (±${fmt(scale / topLevel / 2)})`;
   $("z-readout").innerHTML = '<span class="muted">Hover a cell to read its weight.</span>';
@@ -359,6 +381,7 @@ function hover(event) {
   out.innerHTML = `<div>query ${tok(row)}</div><div>key&nbsp;&nbsp;&nbsp;${tok(col)}</div><div class="value"></div>`;
   const codes = out.querySelectorAll("code");
   codes[0].textContent = showToken(row.t); codes[1].textContent = showToken(col.t);
+  codes[0].title = `raw token ${JSON.stringify(row.r)}`; codes[1].title = `raw token ${JSON.stringify(col.r)}`;
   out.querySelector(".value").innerHTML = v === null ? '<span class="muted">empty (masked: future, padding or outside the window)</span>' : `<b></b>`;
   if (v !== null) out.querySelector("b").textContent = fmt(v);
   if (v !== null && norms) {
@@ -459,6 +482,10 @@ for (const name of Object.keys(tables)) $("o-cmap").add(new Option(name, name));
 $("o-cmap").value = opts.cmap;
 if (![...$("o-gamma").options].some((o) => +o.value === opts.gamma)) $("o-gamma").add(new Option(String(opts.gamma), String(opts.gamma)));
 $("o-weighting-box").hidden = !norms;
+if (meta.signed) {  // a difference has one honest scale: linear, symmetric around 0
+  $("o-scale").disabled = true;
+  $("o-scale").title = "a difference B − A is drawn on a linear range symmetric around 0";
+}
 for (const [id, key] of [["o-scale", "scale"], ["o-gamma", "gamma"], ["o-range", "range"], ["o-sink", "sink"],
                          ["o-weighting", "weighting"]]) {
   $(id).value = String(opts[key]);

@@ -1,0 +1,74 @@
+"""Every refusal comes before the model loads and names the flag (issue 21, item 6)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from llm_heatmap import cli
+
+
+@pytest.fixture
+def no_loading(monkeypatch, capsys):
+    """Runs the CLI with a loader that fails the test if a model is loaded."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("llm_heatmap.models.load_model", load)
+
+    def invoke(*argv):
+        capsys.readouterr()
+        code = cli.main([str(a) for a in argv])
+        return code, capsys.readouterr().err.strip()
+
+    return invoke
+
+
+def test_refused_before_loading_and_naming_the_flag(no_loading, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cases = [
+        (["metrics", "the sky", "--metric", "sink_scor"], "metric 'sink_scor' does not exist"),
+        (["grid", "the sky", "--cmap", "nosuchmap", "--out", out], "--cmap 'nosuchmap'"),
+        (["render", tmp_path / "x.safetensors", "--cmap", "nosuchmap", "--out", out], "--cmap 'nosuchmap'"),
+        (["compare", "a b", "c d", "--cmap", "nosuchmap", "--out", out], "--cmap 'nosuchmap'"),
+        (["compare", "a.txt", "--sets", "--groups", "x", "--out", out], "--group-column FIELD"),
+    ]
+    for argv, message in cases:
+        code, err = no_loading(*argv)
+        assert code == 2 and message in err, (argv, err)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    code, err = no_loading("qk-map", "the sky", "--layer", "1", "--method", "tsne", "--out", out)
+    assert code == 2 and "--method 'tsne' needs scikit-learn" in err and "--method 'pca'" in err
+
+
+def test_batch_into_an_existing_run_is_refused_before_loading(no_loading, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the sky is blue\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "heads.parquet").write_text("x")
+    code, err = no_loading("batch", prompts, "--out", tmp_path / "run")
+    assert code == 2 and "already holds results of a batch" in err and "--resume" in err
+
+
+def test_metric_names_are_checked_without_torch():
+    """The --metric check imports nothing heavy, so it answers at once."""
+    script = ("import sys; from llm_heatmap.cli import main; code = main(['metrics', 'x', '--metric', 'nope']); "
+              "assert code == 2 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_metric_names_match_the_tables_order():
+    from llm_heatmap.analyses.bounds import METRIC_TABLE_COLUMNS
+    from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS
+    from llm_heatmap.analyses.heads.metrics import _ROW_MEANS
+
+    computed = ("layer", "head", "kv_group", *_ROW_MEANS[:5], "sink_score", "sink_score_no_q0", "sink_head",
+                *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
+                *SCORE_COLUMNS, "pattern_class", "n_rows")
+    assert METRIC_TABLE_COLUMNS == computed
