@@ -272,7 +272,7 @@ def test_metric_choices_are_the_tables_real_columns(run):
 
 def test_compare_sets_of_the_shipped_pairs_file(run, tmp_path):
     """`experiments/data/length_matched_pairs.jsonl` works as shipped: one file, split by group, paired by pair."""
-    data = Path(__file__).parents[1] / "analyses" / "data" / "length_matched_pairs.jsonl"
+    data = Path(__file__).parents[1] / "experiments" / "data" / "length_matched_pairs.jsonl"
     code, stdout, err = run("compare", data, "--sets", "--group-column", "group", "--paired", "pair", "--model",
                             "minilm-l6", "--out", tmp_path, "--metric", "norm_entropy", "--resamples", "200", "--quiet")
     assert code == 0, err

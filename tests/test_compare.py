@@ -288,7 +288,7 @@ def test_split_groups_reads_two_sets_and_pairs_from_one_file():
 def test_prompt_fields_of_the_shipped_pairs_file():
     from llm_heatmap.analyses.runs.prompts import prompt_fields, read_prompts
 
-    path = Path(__file__).parents[1] / "analyses" / "data" / "length_matched_pairs.jsonl"
+    path = Path(__file__).parents[1] / "experiments" / "data" / "length_matched_pairs.jsonl"
     fields = prompt_fields(path, ["group", "pair"])
     assert len(fields) == len(read_prompts(path)) == 16 and fields[0] == {"group": "simple", "pair": "1"}
     with pytest.raises(InputError, match="no field or column 'pairs'"):
