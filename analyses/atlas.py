@@ -118,13 +118,17 @@ class _ModelParts:
 
 
 def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
-                   pseudo_group_size, probe_length) -> None:
+                   pseudo_group_size, probe_length, rank_by, seed) -> None:
     check_head_measure(measure)
     at_least("thumbnail_size", thumbnail_size, 2)
     at_least("top_k", top_k, 1)
     at_least("probe_length", probe_length, 0, " (0 skips the induction probe)")
-    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence)
+    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence, seed=seed)
     check_pseudo_group_size(pseudo_group_size)
+    unknown = [name for name in ([rank_by] if isinstance(rank_by, str) else rank_by) if name not in RANK_BY]
+    if unknown:
+        raise InputError(f"rank_by={unknown[0]!r} is not a score the atlas ranks prompts by; use some of "
+                         f"{', '.join(RANK_BY)}.")
     if max_rows is not None:
         at_least("max_rows", max_rows, 1, ", or None for every row")
 
@@ -159,11 +163,22 @@ def _check_prompts(prompts) -> list[Prompt]:
     return prompts
 
 
-def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: int | None, name: str) -> dict[str, int]:
-    """Token counts of `prompts` on one model, refused when a prompt is too long for it or its cube would not fit."""
+def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: int | None, name: str,
+                probe_length: int = 0) -> dict[str, int]:
+    """Token counts of `prompts` on one model, refused when a prompt (or the induction probe of
+    `probe_length`) is too long for it or its cube would not fit."""
     from llm_heatmap.probes.capture import estimate_cube_bytes
     from llm_heatmap.probes.memory import cube_fits
 
+    if probe_length > 0:
+        vocabulary = len(tokenizer) - len(set(tokenizer.all_special_ids))
+        probe_tokens = 1 + 2 * probe_length
+        if probe_length > vocabulary or (spec.max_positions and probe_tokens > spec.max_positions) \
+                or not cube_fits(estimate_cube_bytes(spec, probe_tokens), max_bytes):
+            limit = min(vocabulary, (spec.max_positions - 1) // 2 if spec.max_positions else vocabulary)
+            raise InputError(f"probe_length={probe_length} is too long for {name}: its induction probe of "
+                             f"{probe_tokens} tokens must fit the model's context and vocabulary (at most "
+                             f"{limit}) and memory; pick a shorter probe_length.")
     counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in prompts}
     if counts:
         longest = max(counts, key=counts.get)
@@ -219,7 +234,7 @@ def run_atlas(
     in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt.
     """
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
-                   pseudo_group_size, probe_length)
+                   pseudo_group_size, probe_length, rank_by, seed)
     entries = _model_entries(models)
     prompts = _check_prompts(prompts)
     ranks = launcher_ranks() if ranks is None else ranks
@@ -258,7 +273,7 @@ def run_atlas(
         first_name, first_source = entries[0]
         if _needs_model(models_parts[0], ranks.share(pending[first_name]), ranks):
             loaded[first_name] = _model(first_source, loader)
-            _check_fits(loaded[first_name][2], loaded[first_name][1], mine, chat, max_bytes, first_name)
+            _check_fits(loaded[first_name][2], loaded[first_name][1], mine, chat, max_bytes, first_name, probe_length)
         ranks.barrier()  # every rank has checked its input; from here on files change
 
         for parts in models_parts:
@@ -285,7 +300,8 @@ def run_atlas(
                 if not _needs_model(parts, share, ranks):
                     continue
                 model, tokenizer, spec = loaded.pop(name) if name in loaded else _model(source, loader)
-                counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name)  # every rank, the same verdict
+                counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name,  # every rank, the same verdict
+                                     probe_length if ranks.is_main else 0)
                 if ranks.is_main:
                     _write_model_files(parts, name, model, tokenizer, spec, probe_length, force and not resume)
                 for prompt in share:

@@ -90,7 +90,7 @@ def group_means(similarity: torch.Tensor, same_group: torch.Tensor) -> tuple[tor
 
 def group_gap(similarity: torch.Tensor, groups, n_permutations: int = 1000, seed: int = 0) -> dict:
     """within, between, gap and permutation p-value of a head x head similarity (module docstring)."""
-    check_statistics(n_permutations=n_permutations)
+    check_statistics(n_permutations=n_permutations, seed=seed)
     groups = torch.as_tensor(groups)
     heads = len(groups)
     upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)

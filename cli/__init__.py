@@ -76,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `llm-heatmap ... | head`: the reader left; the files are complete
             _silence_stdout()
             return 0 if not received else exit_status(received[0])
-        except (KeyboardInterrupt, Exception):
+        except (KeyboardInterrupt, Exception) as error:
             # a signal can surface as another error, e.g. an import it cut short; the stop is what happened
-            if not received and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                raise
+            if not received and not isinstance(error, KeyboardInterrupt):
+                from llm_heatmap.analyses.files import disk_full, is_disk_full
+
+                if not is_disk_full(error) or (args is not None and args.debug):
+                    raise
+                print(f"{command}: {disk_full(getattr(error, 'filename', None) or 'the output files')}",
+                      file=sys.stderr)
+                return 2
             signum = received[0] if received else signal.SIGINT
             print(f"{command}: stopped by {signal_name(signum)}; no output file was left half-written",
                   file=sys.stderr)

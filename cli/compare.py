@@ -162,7 +162,8 @@ def run(args) -> int:
 
     metrics = options.selected_metrics(args)
     if args.sets:
-        check_statistics(n_resamples=args.resamples, n_permutations=args.permutations, confidence=args.confidence)
+        check_statistics(n_resamples=args.resamples, n_permutations=args.permutations, confidence=args.confidence,
+                         seed=args.seed)
     if args.out is not None:
         table_format(args.out)
     outputs = [args.out, args.cube_out] + ([layers_path(args.out)] if args.sets and args.out is not None else [])

@@ -50,7 +50,7 @@ def run(args) -> int:
         prompts += [p.text for p in read_prompts(args.prompt_file)]
     if not prompts:
         raise InputError("no prompt given; pass PROMPT arguments or --prompt-file.")
-    check_statistics(n_permutations=args.permutations)
+    check_statistics(n_permutations=args.permutations, seed=args.seed)
     check_pseudo_group_size(args.pseudo_group_size)
     if args.out is not None:
         table_format(args.out)
