@@ -656,3 +656,108 @@ def test_render_refuses_a_pickle_posing_as_a_cube(kind, tmp_path, start):
     assert_one_sentence(run, str(cube), "not a safetensors file")
     assert not marker.exists(), "the pickle posing as a cube was unpickled: its payload ran"
     assert names(out) == set()
+
+
+# ---- 6. a full disk: one sentence from every writer, nothing half-written --------------------------
+
+@pytest.fixture(scope="module")
+def tiny_cube(tmp_path_factory) -> Path:
+    """A cube file of a tiny random Llama (no model to load), for runs that only draw."""
+    import torch
+
+    from llm_heatmap.probes import capture
+    from tiny_models import VOCAB, tiny_model
+
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), capture(model) as probe:
+        model(input_ids=ids)
+    return probe.cube(ids, prompt="twenty-four tokens", source="tiny-llama").save(
+        tmp_path_factory.mktemp("cube") / "tiny.cube.safetensors")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs, filled up to `leave(bytes)` free (needs mount(2): skipped where it is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); the ENOSPC injection tests stand in")
+
+    def leave(free: int) -> Path:
+        stats = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - free))
+        (disk / "out").mkdir()
+        return disk / "out"
+
+    yield leave
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("extra", [[], ["--html"], ["--format", "svg"]], ids=["png", "png+html", "svg"])
+def test_render_onto_a_full_disk_gives_one_sentence_and_leaves_nothing(extra, tiny_cube, small_disk, start):
+    out = small_disk(2 * 4096)  # room for the lock files' pids, not for the drawing
+    run = start("render", "render", tiny_cube, "--out", out, "--name", NAME, "--cell-px", "12", *extra)
+    assert run.finish() == 2, run.stderr()
+    assert_one_sentence(run, "disk is full", str(out))
+    assert names(out) == set()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "cube"])
+def test_every_writer_of_the_library_reports_a_full_disk_in_one_sentence(kind, tiny_cube, small_disk):
+    import numpy as np
+
+    from llm_heatmap.analyses.files import atomic_output
+    from llm_heatmap.analyses.tables import write_table
+    from llm_heatmap.errors import InputError
+
+    out = small_disk(0)
+    table = pd.DataFrame({"layer": np.arange(50_000), "value": np.random.default_rng(0).random(50_000)})
+    with pytest.raises(InputError, match="disk is full") as error:
+        if kind == "cube":
+            with atomic_output(out / "c.cube.safetensors") as temp:
+                AttentionCube.load(tiny_cube).save(temp)
+        else:
+            write_table(table, out / f"t.{kind}")
+    assert "\n" not in str(error.value)
+    assert names(out) == set()
+
+
+def _in_process(*args) -> tuple[int, list[str]]:
+    import contextlib
+    import io
+
+    from llm_heatmap.cli import main
+
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    return code, errors.getvalue().strip().splitlines()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")],
+                         ids=["OSError", "library error"])
+def test_enospc_injected_into_a_writer_gives_the_same_sentence(error, tiny_cube, tmp_path, monkeypatch):
+    import llm_heatmap.viz as viz
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(viz, "save_grid", full)
+    out = tmp_path / "out"
+    code, lines = _in_process("render", tiny_cube, "--out", out, "--name", NAME)
+    assert code == 2 and len(lines) == 1 and "disk is full" in lines[0] and f"{NAME}.png" in lines[0], lines
+    assert names(out) == set()
+
+
+def test_enospc_outside_any_output_file_gives_the_sentence_too(tiny_cube, tmp_path, monkeypatch):
+    from llm_heatmap.probes import AttentionCube as Cube
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "parts"))
+
+    monkeypatch.setattr(Cube, "load", full)
+    code, lines = _in_process("render", tiny_cube, "--out", tmp_path / "out")
+    assert code == 2 and len(lines) == 1 and "disk is full" in lines[0] and "parts" in lines[0], lines
