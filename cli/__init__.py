@@ -20,6 +20,15 @@ except KeyboardInterrupt:
     print("llm-heatmap: stopped by SIGINT while starting", file=sys.stderr)
     raise SystemExit(130) from None
 
+# Nothing the tool starts reaches the network, or runs a kernel from the hub, unless the user asks: the hub
+# libraries read these switches when they are first imported (after this module), so each is set for the run
+# unless the environment already sets it (HF_HUB_OFFLINE=0 is how a user asks for a hub download).
+# bitsandbytes asks the `kernels` package for a hub CPU kernel when it is imported: HF_HUB_OFFLINE keeps
+# `kernels` off the network and KERNELS_CACHE (its cache folder) pointed at nothing leaves it no kernel to load,
+# so bitsandbytes runs its own; DISABLE_KERNEL_MAPPING turns off `kernels`' swaps of model layers.
+NETWORK_SWITCHES = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DISABLE_KERNEL_MAPPING": "1",
+                    "KERNELS_CACHE": "/dev/null/no-hub-kernels"}
+
 COMMAND_NAMES = ("grid", "render", "metrics", "compare", "kv_similarity", "qk_map", "batch", "atlas", "models")
 
 
@@ -55,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; exit status 0, 2 for bad input (one sentence on stderr), or 128 + the signal
     number when stopped by SIGINT, SIGTERM or SIGHUP (`signals.py`), also where library code swallowed
     the stop and the command ran to its end."""
+    import os
+
     command, args = "llm-heatmap", None
+    for name, value in NETWORK_SWITCHES.items():
+        os.environ.setdefault(name, value)
     with stop_on_signals() as received:
         try:
             parser = build_parser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import socket
@@ -64,6 +65,10 @@ def _quantization_config(quantize: str | None):
         return None
     if quantize not in ("4bit", "8bit"):
         raise InputError(f"quantize='{quantize}' is not supported; use '4bit' or '8bit'.")
+    # bitsandbytes asks the `kernels` package for a hub CPU kernel when it is imported, and both log warnings when
+    # that is off (the CLI keeps the hub and hub kernels off); bitsandbytes' own CPU kernel runs instead
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -148,7 +153,8 @@ def _load_from_hub_or_cache(loader, source: str, **kwargs):
         pass
     if not _hub_reachable():
         raise InputError(
-            f"model '{source}' is neither a local path nor in the Hugging Face cache, and the hub cannot be reached; "
+            f"model '{source}' is neither a local path nor in the Hugging Face cache, and the hub cannot be reached "
+            "(the llm-heatmap command stays offline unless HF_HUB_OFFLINE=0 is set); "
             f"use an offline model ({_offline_names()}), a local directory or a .gguf file."
         ) from None
     try:

@@ -761,3 +761,72 @@ def test_enospc_outside_any_output_file_gives_the_sentence_too(tiny_cube, tmp_pa
     monkeypatch.setattr(Cube, "load", full)
     code, lines = _in_process("render", tiny_cube, "--out", tmp_path / "out")
     assert code == 2 and len(lines) == 1 and "disk is full" in lines[0] and "parts" in lines[0], lines
+
+
+# ---- 7. nothing reaches the network --------------------------------------------------------------
+
+GUARD = '''
+"""Test hook: every name lookup or connection of this process is recorded in $NETWORK_GUARD_MARKER and fails."""
+import os
+import socket
+
+
+def _refuse(what):
+    def refuse(*args, **kwargs):
+        with open(os.environ["NETWORK_GUARD_MARKER"], "a") as marker:
+            marker.write(f"{what} {args[:2]!r}\\n")
+        raise OSError(f"network guard: {what} refused")
+    return refuse
+
+
+socket.getaddrinfo = _refuse("getaddrinfo")
+socket.create_connection = _refuse("create_connection")
+socket.socket.connect = _refuse("connect")
+socket.socket.connect_ex = _refuse("connect_ex")
+'''
+
+
+@pytest.fixture
+def guarded_env(tmp_path):
+    """(environment, marker): children run with the guard (sitecustomize) and with none of the hub switches
+    the CLI sets itself, so only its own switches keep it offline."""
+    hook = tmp_path / "guard"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GUARD)
+    marker = tmp_path / "network-used"
+    env = {name: value for name, value in cli_env().items()
+           if not name.startswith(("HF_", "TRANSFORMERS_", "KERNELS", "DISABLE_KERNEL"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(hook), env.get("PYTHONPATH", "")]), NETWORK_GUARD_MARKER=str(marker))
+    return env, marker
+
+
+def test_the_network_guard_catches_a_lookup(guarded_env):
+    env, marker = guarded_env
+    done = subprocess.run([sys.executable, "-c", "import socket; socket.getaddrinfo('huggingface.co', 443)"],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode != 0 and "network guard" in done.stderr and marker.exists()
+
+
+def test_a_hub_id_outside_the_cache_is_refused_without_a_lookup(guarded_env, tmp_path, start):
+    env, marker = guarded_env
+    run = start("hub", "grid", PROMPT_A, "--model", "no-such-org/no-such-model", "--out", tmp_path / "out", env=env)
+    assert run.finish() == 2, run.stderr()
+    assert_one_sentence(run, "no-such-org/no-such-model", "HF_HUB_OFFLINE=0")
+    assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    ["grid", PROMPT_A, "--model", MODEL],
+    ["grid", PROMPT_A, "--model", "smollm2-135m", "--quantize", "4bit"],
+    ["metrics", PROMPT_B, "--model", MODEL, "--quantize", "8bit"],
+    ["models", "smollm2-135m"],
+], ids=["grid", "grid-4bit", "metrics-8bit", "models"])
+def test_commands_reach_no_network_and_try_no_hub_kernel(command, guarded_env, tmp_path, start):
+    env, marker = guarded_env
+    out = [] if command[0] == "models" else ["--out", tmp_path / "out"]
+    run = start(command[0], *command, *out, "--quiet", env=env)
+    assert run.finish() == 0, run.stderr()
+    assert not marker.exists(), f"the run used the network: {marker.read_text()}"
+    for words in ("kernels-community", "gemm_4bit_forward", "trust check"):
+        assert words not in run.stderr(), run.stderr()
