@@ -48,7 +48,7 @@ from .atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer
                            top_prompts)
 from .files import atomic_output, check_writable, claim_outputs
 from .kv_similarity import divergence_similarity
-from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
+from .parts import check_settings, part_done, part_key, seal_part, sealed, shard_suffix, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks, launcher_ranks
@@ -324,7 +324,7 @@ def run_atlas(
 
 def _needs_model(parts: _ModelParts, share: list[Prompt], ranks: Ranks) -> bool:
     """Whether this rank must load the model: prompts to measure, or (rank 0) the model's files to write."""
-    return bool(share) or (ranks.is_main and not (parts.spec_file.exists() and parts.probe_file.exists()))
+    return bool(share) or (ranks.is_main and not (parts.spec_file.exists() and part_done(parts.probe_file)))
 
 
 def _model(source, loader):
@@ -343,7 +343,7 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
     if fresh or not parts.spec_file.exists():
         with atomic_output(parts.spec_file, force=True) as temp:
             temp.write_text(json.dumps({"name": name, "spec": spec.to_dict()}, indent=2) + "\n")
-    if fresh or not parts.probe_file.exists():
+    if fresh or not sealed(parts.probe_file):
         if probe_length > 0:
             from .induction_probe import induction_probe_scores
 
@@ -352,6 +352,7 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
         else:
             probe = pd.DataFrame(columns=["layer", "head"])
         write_table(probe, parts.probe_file, force=True)
+        seal_part(parts.probe_file)
 
 
 def _measure_one(parts: _ModelParts, name: str, prompt: Prompt, n_tokens: int, model, tokenizer, spec, options) -> None:
@@ -360,12 +361,14 @@ def _measure_one(parts: _ModelParts, name: str, prompt: Prompt, n_tokens: int, m
     measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **options)
     with atomic_output(parts.tensors(prompt), force=True) as temp:
         save_file({"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp))
+    seal_part(parts.tensors(prompt))
     heads = measured.heads.reset_index(drop=True)
     front = pd.DataFrame({"model": name, "prompt_id": prompt.id, "group": prompt.group, "prompt": prompt.text,
                           "n_tokens": n_tokens}, index=heads.index)
     table = pd.concat([front, heads.drop(columns=FRONT, errors="ignore")], axis=1)
     table["group"] = table["group"].astype("string")
     write_table(table, parts.rows(prompt), force=True)
+    seal_part(parts.rows(prompt))
 
 
 def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[Prompt], *, measure: str, top_k: int,

@@ -28,7 +28,7 @@ from llm_heatmap.errors import InputError
 
 from .files import check_writable, claim_outputs
 from .measure import stream_head_metrics
-from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
+from .parts import check_settings, part_done, part_key, seal_part, shard_suffix, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks, launcher_ranks
@@ -153,6 +153,7 @@ def run_batch(
                 table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
                 table["group"] = table["group"].astype("string")
                 write_table(table, path, force=True)
+                seal_part(path)
                 result.computed.append(prompt.id)
                 tables[prompt.id] = pd.read_parquet(path)  # the same dtypes as a resumed prompt's
                 if on_prompt is not None:

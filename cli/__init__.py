@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise Stopped(received[0])
             return status
         except InputError as error:
+            if received:  # a stop that surfaced as a refusal (an import or a load it cut short)
+                return _stopped(command, received[0])
             if args is not None and args.debug:
                 raise
             print(f"{command}: {cli_message(str(error))}", file=sys.stderr)
@@ -99,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{command}: {disk_full(getattr(error, 'filename', None) or 'the output files')}",
                       file=sys.stderr)
                 return 2
-            signum = received[0] if received else signal.SIGINT
-            print(f"{command}: stopped by {signal_name(signum)}; no output file was left half-written",
-                  file=sys.stderr)
-            return exit_status(signum)
+            return _stopped(command, received[0] if received else signal.SIGINT)
+
+
+def _stopped(command: str, signum: int) -> int:
+    print(f"{command}: stopped by {signal_name(signum)}; no output file was left half-written", file=sys.stderr)
+    return exit_status(signum)
 
 
 def _silence_stdout() -> None:

@@ -435,7 +435,7 @@ def test_a_batch_names_a_prompt_too_short_for_metrics_by_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["empty", "truncated"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "overwritten mid-file"])
 def test_resume_recomputes_a_damaged_part(tmp_path, damage):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the first prompt is fine\nthe second one too\nand the third\n")
@@ -444,11 +444,13 @@ def test_resume_recomputes_a_damaged_part(tmp_path, damage):
     whole = pd.read_parquet(out / "heads.parquet")
     part = sorted((out / "parts").glob("*.parquet"))[1]
     data = part.read_bytes()
-    part.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    middle = len(data) // 2
+    part.write_bytes(b"" if damage == "empty" else data[:middle] if damage == "truncated"
+                     else data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 16]) + data[middle + 16:])
     assert run_cli("batch", prompts, "--model", "minilm-l6", "--out", out, "--resume", "--quiet")[0] == 0
     resumed = pd.read_parquet(out / "heads.parquet")
     pd.testing.assert_frame_equal(resumed.reset_index(drop=True), whole.reset_index(drop=True))
-    assert part.read_bytes()[:4] == b"PAR1"
+    assert part.read_bytes() == data  # computed again, to the same bytes
 
 
 # ---- prompt files: read up to a size, split at newlines only, every text Unicode --------------------
@@ -548,3 +550,29 @@ def test_a_prompt_spelling_every_slot_of_the_page_stays_as_written(cube_file, tm
     meta = json.loads(page.split('id="hm-meta" type="application/json">')[1].split("</script>")[0])
     assert [c["t"] for c in meta["cols"]] == SLOTS
     assert abs(len(page) - len(reference)) < 2000  # no blob or page copied into a slot
+
+
+@pytest.mark.parametrize("kind", ["parquet", "safetensors"])
+def test_a_part_counts_as_done_only_with_the_bytes_its_seal_names(tmp_path, kind):
+    from safetensors.numpy import save_file as save_numpy
+
+    from llm_heatmap.analyses.parts import part_done, seal_part, seal_path
+    from llm_heatmap.analyses.tables import write_table
+
+    path = tmp_path / f"part.{kind}"
+    values = torch.arange(4096, dtype=torch.float32).numpy()
+    if kind == "parquet":
+        write_table(pd.DataFrame({"layer": 0, "value": values}), path)
+    else:
+        save_numpy({"divergence": values}, str(path))
+    assert not part_done(path)  # not sealed yet: a run stopped between the part and its seal
+    seal_part(path)
+    assert part_done(path)
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])  # same size, footer intact
+    assert not part_done(path)
+    path.write_bytes(data)
+    assert part_done(path)
+    seal_path(path).unlink()
+    assert not part_done(path)

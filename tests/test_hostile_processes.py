@@ -817,16 +817,75 @@ def test_a_hub_id_outside_the_cache_is_refused_without_a_lookup(guarded_env, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [
-    ["grid", PROMPT_A, "--model", MODEL],
-    ["grid", PROMPT_A, "--model", "smollm2-135m", "--quantize", "4bit"],
-    ["metrics", PROMPT_B, "--model", MODEL, "--quantize", "8bit"],
+    ["grid", PROMPT_A, "--model", MODEL, "--out", "out"],
+    ["grid", PROMPT_A, "--model", "smollm2-135m", "--quantize", "4bit", "--out", "out"],
+    ["metrics", PROMPT_B, "--model", MODEL, "--quantize", "8bit", "--out", "out/m.csv"],
     ["models", "smollm2-135m"],
 ], ids=["grid", "grid-4bit", "metrics-8bit", "models"])
 def test_commands_reach_no_network_and_try_no_hub_kernel(command, guarded_env, tmp_path, start):
     env, marker = guarded_env
-    out = [] if command[0] == "models" else ["--out", tmp_path / "out"]
-    run = start(command[0], *command, *out, "--quiet", env=env)
+    arguments = [str(tmp_path / a) if a.startswith("out") else a for a in command]
+    run = start(command[0], "--quiet", *arguments, env=env)
     assert run.finish() == 0, run.stderr()
     assert not marker.exists(), f"the run used the network: {marker.read_text()}"
     for words in ("kernels-community", "gemm_4bit_forward", "trust check"):
         assert words not in run.stderr(), run.stderr()
+
+
+# ---- 8. model folders that transformers cannot build: one sentence each ---------------------------
+
+def broken_folder(folder: Path, config: dict | None = None, weights: bytes | None = None) -> Path:
+    """MiniLM's tokenizer and weights (linked) under a config.json changed by `config`, or with `weights`."""
+    source = OFFLINE_MODELS[MODEL].require_path()
+    folder.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+        (folder / name).symlink_to(source / name)
+    (folder / "config.json").write_text(json.dumps({**json.loads((source / "config.json").read_text()), **(config or {})}))
+    if weights is None:
+        (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    else:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+BROKEN_FOLDERS = {  # config changes (or "truncated"), words of the sentence
+    "heads not dividing the hidden size": ({"num_attention_heads": 7}, "do not divide its hidden size 384"),
+    "query heads not a multiple of KV heads": ({"num_key_value_heads": 5}, "not a multiple of its 5 key-value heads"),
+    "GPTQ without its package": ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128,
+                                                          "desc_act": False}}, "needs a package"),
+    "vocabulary disagreeing with the weights": ({"vocab_size": 1000}, "shapes disagree with its config.json"),
+    "truncated safetensors": ("truncated", "could not be loaded"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BROKEN_FOLDERS, ids=list(BROKEN_FOLDERS))
+def test_a_model_folder_that_cannot_be_built_gets_one_sentence(case, tmp_path):
+    change, words = BROKEN_FOLDERS[case]
+    if change == "truncated":
+        data = (OFFLINE_MODELS[MODEL].require_path() / "model.safetensors").read_bytes()
+        folder = broken_folder(tmp_path / "model", weights=data[: len(data) // 2])
+    else:
+        folder = broken_folder(tmp_path / "model", change)
+    out = tmp_path / "out"
+    code, lines = _in_process("grid", PROMPT_A, "--model", folder, "--out", out, "--quiet")
+    assert code == 2 and len(lines) == 1 and words in lines[0] and str(folder) in lines[0], lines
+    assert not out.exists() or names(out) == set()
+
+
+@pytest.mark.slow
+def test_a_tokenizer_that_needs_remote_code_gets_our_sentence(tmp_path, monkeypatch):
+    """transformers refuses a tokenizer whose auto_map it would have to run (`resolve_trust_remote_code`, its
+    own check, raising its own words); the CLI says it in its sentence, naming --trust-remote-code."""
+    from transformers import AutoTokenizer
+    from transformers.dynamic_module_utils import resolve_trust_remote_code
+
+    folder = broken_folder(tmp_path / "model")
+
+    def remote_only(name, **kwargs):
+        resolve_trust_remote_code(kwargs.get("trust_remote_code"), name, has_local_code=False, has_remote_code=True)
+        pytest.fail("control: transformers' check should have refused")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", remote_only)
+    code, lines = _in_process("grid", PROMPT_A, "--model", folder, "--out", tmp_path / "out", "--quiet")
+    assert code == 2 and len(lines) == 1 and "--trust-remote-code" in lines[0] and "auto_map" in lines[0], lines
