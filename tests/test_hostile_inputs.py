@@ -382,6 +382,7 @@ def test_vector_and_raster_output_is_deterministic(cube_file, tmp_path, fmt):
 def test_tokens_with_emoji_and_control_characters_draw_without_warnings(cube_file, tmp_path):
     header, tensors = read_raw(cube_file)
     header["tokens"] = ["🙂", "\x07", "\u202e", "日本", "\x00", "𝔘", "a\tb"]
+    header["source"] = "tiny\nllama\r"  # a newline in the source once reached the title as a glyph
     path = write_raw(tmp_path / "glyphs.cube.safetensors", header, tensors)
     script = (f"import sys; from llm_heatmap.cli import main; "
               f"sys.exit(main(['render', {str(path)!r}, '--out', {str(tmp_path / 'out')!r}, '--quiet']))")
@@ -576,3 +577,21 @@ def test_a_part_counts_as_done_only_with_the_bytes_its_seal_names(tmp_path, kind
     assert part_done(path)
     seal_path(path).unlink()
     assert not part_done(path)
+
+
+@pytest.mark.parametrize("folder", ["/proc", "/sys/kernel", "/proc/self/fd"])
+def test_an_output_folder_of_the_system_is_refused_in_one_sentence(cube_file, folder):
+    if not Path(folder).is_dir():
+        pytest.skip(f"{folder} does not exist here")
+    code, lines = run_cli("render", cube_file, "--out", folder)
+    assert code == 2 and len(lines) == 1 and folder in lines[0] and "choose another directory" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_an_atlas_probe_too_long_for_the_model_is_refused_before_any_write(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the first prompt is fine\nthe second one too\n")
+    out = tmp_path / "out"
+    code, lines = run_cli("atlas", prompts, "--model", "minilm-l6", "--out", out, "--probe-length", "1000000")
+    assert code == 2 and len(lines) == 1 and "--probe-length 1000000" in lines[0], lines
+    assert not out.exists() or not any(out.rglob("*"))
