@@ -48,7 +48,7 @@ from .atlas_tables import (Bootstrap, ModelRows, head_table, layer_blocks, layer
                            top_prompts)
 from .files import atomic_output, check_writable, claim_outputs
 from .kv_similarity import divergence_similarity
-from .parts import check_settings, part_done, part_key, seal_part, sealed, shard_suffix, write_settings
+from .parts import check_settings, part_done, part_key, sealed, shard_suffix, write_part, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks, launcher_ranks
@@ -170,6 +170,14 @@ def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: i
     from llm_heatmap.probes.capture import estimate_cube_bytes
     from llm_heatmap.probes.memory import cube_fits
 
+    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in prompts}
+    if counts:
+        longest = max(counts, key=counts.get)
+        size = estimate_cube_bytes(spec, counts[longest])
+        if not cube_fits(size, max_bytes):
+            raise InputError(f"prompt '{longest}' has {counts[longest]} tokens, and the atlas keeps one prompt's whole "
+                             f"attention cube on {name} ({size / 2**30:.1f} GiB), more than fits in memory; "
+                             "shorten or leave out the longest prompts.")
     if probe_length > 0:
         vocabulary = len(tokenizer) - len(set(tokenizer.all_special_ids))
         probe_tokens = 1 + 2 * probe_length
@@ -179,14 +187,6 @@ def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: i
             raise InputError(f"probe_length={probe_length} is too long for {name}: its induction probe of "
                              f"{probe_tokens} tokens must fit the model's context and vocabulary (at most "
                              f"{limit}) and memory; pick a shorter probe_length.")
-    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in prompts}
-    if counts:
-        longest = max(counts, key=counts.get)
-        size = estimate_cube_bytes(spec, counts[longest])
-        if not cube_fits(size, max_bytes):
-            raise InputError(f"prompt '{longest}' has {counts[longest]} tokens, and the atlas keeps one prompt's whole "
-                             f"attention cube on {name} ({size / 2**30:.1f} GiB), more than fits in memory; "
-                             "shorten or leave out the longest prompts.")
     return counts
 
 
@@ -254,7 +254,7 @@ def run_atlas(
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length}
     check_settings(out_dir, "atlas", settings, resume=resume)
     settings_path = out_dir / f"atlas{shard_suffix(shard)}.json"
-    with claim_outputs([settings_path] if ranks.is_main else [], force=True):  # one run of this shard at a time
+    with claim_outputs([settings_path] if ranks.is_main else [], force=True, resumable=True):  # one run of this shard at a time
         done = {parts.name: [p for p in mine if resume and parts.done(p)] for parts in models_parts}
         for parts in models_parts:
             for prompt in ranks.share(done[parts.name]):
@@ -300,8 +300,7 @@ def run_atlas(
                 if not _needs_model(parts, share, ranks):
                     continue
                 model, tokenizer, spec = loaded.pop(name) if name in loaded else _model(source, loader)
-                counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name,  # every rank, the same verdict
-                                     probe_length if ranks.is_main else 0)
+                counts = _check_fits(spec, tokenizer, mine, chat, max_bytes, name, probe_length)  # every rank, the same verdict
                 if ranks.is_main:
                     _write_model_files(parts, name, model, tokenizer, spec, probe_length, force and not resume)
                 for prompt in share:
@@ -351,24 +350,21 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
             probe = probe.drop(columns=["kv_group"])
         else:
             probe = pd.DataFrame(columns=["layer", "head"])
-        write_table(probe, parts.probe_file, force=True)
-        seal_part(parts.probe_file)
+        write_part(parts.probe_file, lambda temp: write_table(probe, temp))
 
 
 def _measure_one(parts: _ModelParts, name: str, prompt: Prompt, n_tokens: int, model, tokenizer, spec, options) -> None:
     from safetensors.numpy import save_file
 
     measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **options)
-    with atomic_output(parts.tensors(prompt), force=True) as temp:
-        save_file({"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp))
-    seal_part(parts.tensors(prompt))
+    write_part(parts.tensors(prompt), lambda temp: save_file(
+        {"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp)))
     heads = measured.heads.reset_index(drop=True)
     front = pd.DataFrame({"model": name, "prompt_id": prompt.id, "group": prompt.group, "prompt": prompt.text,
                           "n_tokens": n_tokens}, index=heads.index)
     table = pd.concat([front, heads.drop(columns=FRONT, errors="ignore")], axis=1)
     table["group"] = table["group"].astype("string")
-    write_table(table, parts.rows(prompt), force=True)
-    seal_part(parts.rows(prompt))
+    write_part(parts.rows(prompt), lambda temp: write_table(table, temp))
 
 
 def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[Prompt], *, measure: str, top_k: int,

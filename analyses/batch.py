@@ -28,7 +28,7 @@ from llm_heatmap.errors import InputError
 
 from .files import check_writable, claim_outputs
 from .measure import stream_head_metrics
-from .parts import check_settings, part_done, part_key, seal_part, shard_suffix, write_settings
+from .parts import check_settings, part_done, part_key, shard_suffix, write_part, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, check_length, shard_prompts
 from .ranks import Ranks, launcher_ranks
@@ -125,7 +125,7 @@ def run_batch(
                 "capture_options": {k: repr(v) for k, v in sorted(capture_options.items())}}
     check_settings(out_dir, "batch", settings, resume=resume)
     settings_path = out_dir / f"batch{shard_suffix(shard)}.json"
-    with claim_outputs([settings_path] if ranks.is_main else [], force=True):  # one run of this shard at a time
+    with claim_outputs([settings_path] if ranks.is_main else [], force=True, resumable=True):  # one run of this shard at a time
         parts = out_dir / "parts"
         done = [p for p in mine if resume and part_done(part_paths[p.id])]
         tables = {p.id: read_part(part_paths[p.id], p) for p in ranks.share(done)}  # each rank checks its share
@@ -152,8 +152,7 @@ def run_batch(
                                       "prompt": prompt.text, "n_tokens": counts[prompt.id]}, index=table.index)
                 table = pd.concat([front, table.drop(columns=ROW_COLUMNS, errors="ignore")], axis=1)
                 table["group"] = table["group"].astype("string")
-                write_table(table, path, force=True)
-                seal_part(path)
+                write_part(path, lambda temp: write_table(table, temp))
                 result.computed.append(prompt.id)
                 tables[prompt.id] = pd.read_parquet(path)  # the same dtypes as a resumed prompt's
                 if on_prompt is not None:

@@ -174,10 +174,11 @@ def _locked(path: Path):
 
 
 @contextmanager
-def claim_outputs(paths, *, force: bool):
+def claim_outputs(paths, *, force: bool, resumable: bool = False):
     """Hold every path of an output set for this run (module docstring), then check that each may be
     written (`check_writable`); a path another run holds, or two paths of the set that are one file, is an
-    `InputError`, and nothing is changed. When the run fails, the outputs it wrote are removed."""
+    `InputError`, and nothing is changed. When the run fails, the outputs it wrote are removed, unless the
+    run is `resumable` (batch, atlas: its settings file stays with its parts for --resume)."""
     paths = [Path(p) for p in paths]
     check_distinct(paths)
     for path in paths:
@@ -191,7 +192,7 @@ def claim_outputs(paths, *, force: bool):
         try:
             yield
         except BaseException:
-            for path in paths:
+            for path in [] if resumable else paths:
                 if _identity(path) not in (None, before[path]):
                     path.unlink(missing_ok=True)
             raise

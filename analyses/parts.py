@@ -1,8 +1,9 @@
 """Per-prompt part files of a resumable run, and the settings file that says how they were computed.
 
 A run (`batch`, `atlas`) writes each finished prompt to its own file under `parts/`, named by
-`part_key(prompt id)`, atomically, then seals it (`seal_part`: the SHA-256 of its bytes in a file beside
-it); a prompt counts as done exactly when its file exists, reads and matches its seal (`part_done`: an
+`part_key(prompt id)`, atomically and sealed (`write_part`: the SHA-256 of its bytes in a file beside it,
+written before the part is renamed into place); a prompt counts as done exactly when its file exists,
+reads and matches its seal (`part_done`: an
 empty, truncated or overwritten file, which only a damaged disk or a hand can leave, is computed again,
 never merged), so a resumed run computes only the others, with any number of ranks or shards. Beside the
 parts, each run writes its settings as JSON (one file per shard: shards never write the same file);
@@ -43,11 +44,15 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def seal_part(path: Path) -> None:
-    """Write the SHA-256 of the finished part file `path` beside it (after the part: a part without its
-    seal is not done)."""
-    with atomic_output(seal_path(path), force=True) as temp:
-        temp.write_text(_digest(path) + "\n")
+def write_part(path: Path, write) -> Path:
+    """`write(temporary path)` writes the part; its seal (the SHA-256 of those bytes) is written beside
+    `path` before the part is renamed into place, so every part file in place has its seal (a run killed in
+    between leaves a seal without its part, which is not done)."""
+    with atomic_output(path, force=True) as temp:
+        write(temp)
+        with atomic_output(seal_path(path), force=True) as seal:
+            seal.write_text(_digest(temp) + "\n")
+    return path
 
 
 def sealed(path: Path) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
-from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES
+from llm_heatmap.analyses.bounds import HEAD_MEASURES, MAX_INDEX, MEASURES
 from llm_heatmap.viz.style import MAX_PIXELS
 
 SCALES = ["auto", "linear", "log", "power", "row"]
@@ -217,8 +217,6 @@ def parse_indices(text: str | None, flag: str) -> list[int] | None:
     before any range is expanded."""
     if text is None:
         return None
-    from llm_heatmap.analyses.bounds import MAX_INDEX
-
     ranges = []
     try:
         for piece in text.split(","):

@@ -557,7 +557,7 @@ def test_a_prompt_spelling_every_slot_of_the_page_stays_as_written(cube_file, tm
 def test_a_part_counts_as_done_only_with_the_bytes_its_seal_names(tmp_path, kind):
     from safetensors.numpy import save_file as save_numpy
 
-    from llm_heatmap.analyses.parts import part_done, seal_part, seal_path
+    from llm_heatmap.analyses.parts import part_done, seal_path, write_part
     from llm_heatmap.analyses.tables import write_table
 
     path = tmp_path / f"part.{kind}"
@@ -566,9 +566,13 @@ def test_a_part_counts_as_done_only_with_the_bytes_its_seal_names(tmp_path, kind
         write_table(pd.DataFrame({"layer": 0, "value": values}), path)
     else:
         save_numpy({"divergence": values}, str(path))
-    assert not part_done(path)  # not sealed yet: a run stopped between the part and its seal
-    seal_part(path)
-    assert part_done(path)
+    assert not part_done(path)  # a part without its seal
+    path.unlink()
+    if kind == "parquet":
+        write_part(path, lambda temp: write_table(pd.DataFrame({"layer": 0, "value": values}), temp))
+    else:
+        write_part(path, lambda temp: save_numpy({"divergence": values}, str(temp)))
+    assert part_done(path) and sorted(p.name for p in tmp_path.iterdir()) == [path.name, seal_path(path).name]
     data = path.read_bytes()
     middle = len(data) // 2
     path.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])  # same size, footer intact
