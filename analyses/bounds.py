@@ -48,10 +48,16 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def at_least(name: str, value, low: int, meaning: str = "") -> None:
-    """`value` is a whole number of at least `low`."""
+MAX_DRAWS = 100_000  # bootstrap resamples or permutations: each draw is one row of a (draws, prompts) array
+MAX_INDEX = 2**16 - 1  # the largest layer or head index an option may name (before any model says how many)
+
+
+def at_least(name: str, value, low: int, meaning: str = "", *, high: int | None = None) -> None:
+    """`value` is a whole number of at least `low` (and at most `high`)."""
     if not _whole(value) or value < low:
         raise InputError(f"{name}={value!r} must be a whole number of at least {low}{meaning}.")
+    if high is not None and value > high:
+        raise InputError(f"{name}={value!r} must be a whole number between {low} and {high}{meaning}.")
 
 
 def check_confidence(confidence) -> None:
@@ -60,15 +66,18 @@ def check_confidence(confidence) -> None:
         raise InputError(f"confidence={confidence!r} must lie between 0 and 1 (both excluded), e.g. 0.95.")
 
 
-def check_statistics(*, n_resamples=None, n_permutations=None, confidence=None) -> None:
-    """Bootstrap resamples and label permutations (at least 1 each) and the interval's confidence level
-    (between 0 and 1); an argument left None is not checked."""
+def check_statistics(*, n_resamples=None, n_permutations=None, confidence=None, seed=None) -> None:
+    """Bootstrap resamples and label permutations (1 to `MAX_DRAWS` each: checked before their arrays are
+    made), the interval's confidence level (between 0 and 1) and the random seed (a whole number of at
+    least 0); an argument left None is not checked."""
     if n_resamples is not None:
-        at_least("n_resamples", n_resamples, 1)
+        at_least("n_resamples", n_resamples, 1, high=MAX_DRAWS)
     if n_permutations is not None:
-        at_least("n_permutations", n_permutations, 1)
+        at_least("n_permutations", n_permutations, 1, high=MAX_DRAWS)
     if confidence is not None:
         check_confidence(confidence)
+    if seed is not None:
+        at_least("seed", seed, 0)
 
 
 def check_pseudo_group_size(pseudo_group_size) -> None:

@@ -107,7 +107,7 @@ def bootstrap_means(x: np.ndarray, *, n_resamples: int = 2000, confidence: float
 
     Returns arrays of length k: n (non-NaN rows), mean, ci_low, ci_high.
     """
-    check_statistics(n_resamples=n_resamples, confidence=confidence)
+    check_statistics(n_resamples=n_resamples, confidence=confidence, seed=seed)
     x = np.asarray(x, float)
     if x.ndim != 2 or len(x) < 1:
         raise InputError(f"bootstrap_means needs a prompts x columns array with at least one prompt, got shape {x.shape}.")
@@ -123,7 +123,7 @@ def set_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 2000,
     NaN entries are left out of every mean. Returns arrays of length k: n_a, n_b, mean_a,
     mean_b, delta, ci_low, ci_high, p_value.
     """
-    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence)
+    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence, seed=seed)
     x_a, x_b = np.asarray(x_a, float), np.asarray(x_b, float)
     n_a, n_b = len(x_a), len(x_b)
     if n_a < 1 or n_b < 1:
@@ -175,7 +175,7 @@ def paired_statistics(x_a: np.ndarray, x_b: np.ndarray, *, n_resamples: int = 20
     flips the sign of each pair's difference (swapping the two labels inside a pair), exactly
     over all 2^n flips when that is at most `n_permutations`. Pairs with a NaN are left out.
     """
-    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence)
+    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence, seed=seed)
     x_a, x_b = np.asarray(x_a, float), np.asarray(x_b, float)
     if x_a.shape != x_b.shape or len(x_a) < 1:
         raise InputError(f"paired comparison needs the same number of prompts on both sides (got {len(x_a)} and {len(x_b)}).")
@@ -235,7 +235,7 @@ def group_gap(similarity, groups, n_permutations: int = 1000, seed: int = 0) -> 
     relabels the heads of every layer independently."""
     import torch
 
-    check_statistics(n_permutations=n_permutations)
+    check_statistics(n_permutations=n_permutations, seed=seed)
     groups = torch.as_tensor(groups)
     heads = len(groups)
     upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)

@@ -20,6 +20,15 @@ except KeyboardInterrupt:
     print("llm-heatmap: stopped by SIGINT while starting", file=sys.stderr)
     raise SystemExit(130) from None
 
+# Nothing the tool starts reaches the network, or runs a kernel from the hub, unless the user asks: the hub
+# libraries read these switches when they are first imported (after this module), so each is set for the run
+# unless the environment already sets it (HF_HUB_OFFLINE=0 is how a user asks for a hub download).
+# bitsandbytes asks the `kernels` package for a hub CPU kernel when it is imported: HF_HUB_OFFLINE keeps
+# `kernels` off the network and KERNELS_CACHE (its cache folder) pointed at nothing leaves it no kernel to load,
+# so bitsandbytes runs its own; DISABLE_KERNEL_MAPPING turns off `kernels`' swaps of model layers.
+NETWORK_SWITCHES = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DISABLE_KERNEL_MAPPING": "1",
+                    "KERNELS_CACHE": "/dev/null/no-hub-kernels"}
+
 COMMAND_NAMES = ("grid", "render", "metrics", "attribute", "compare", "kv_similarity", "qk_map", "batch", "atlas",
                  "models")
 
@@ -56,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; exit status 0, 2 for bad input (one sentence on stderr), or 128 + the signal
     number when stopped by SIGINT, SIGTERM or SIGHUP (`signals.py`), also where library code swallowed
     the stop and the command ran to its end."""
+    import os
+
     command, args = "llm-heatmap", None
+    for name, value in NETWORK_SWITCHES.items():
+        os.environ.setdefault(name, value)
     with stop_on_signals() as received:
         try:
             parser = build_parser()
@@ -75,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise Stopped(received[0])
             return status
         except InputError as error:
+            if received:  # a stop that surfaced as a refusal (an import or a load it cut short)
+                return _stopped(command, received[0])
             if args is not None and args.debug:
                 raise
             print(f"{command}: {cli_message(str(error))}", file=sys.stderr)
@@ -82,14 +97,22 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `llm-heatmap ... | head`: the reader left; the files are complete
             _silence_stdout()
             return 0 if not received else exit_status(received[0])
-        except (KeyboardInterrupt, Exception):
+        except (KeyboardInterrupt, Exception) as error:
             # a signal can surface as another error, e.g. an import it cut short; the stop is what happened
-            if not received and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                raise
-            signum = received[0] if received else signal.SIGINT
-            print(f"{command}: stopped by {signal_name(signum)}; no output file was left half-written",
-                  file=sys.stderr)
-            return exit_status(signum)
+            if not received and not isinstance(error, KeyboardInterrupt):
+                from llm_heatmap.models.files import disk_full, is_disk_full
+
+                if not is_disk_full(error) or (args is not None and args.debug):
+                    raise
+                print(f"{command}: {disk_full(getattr(error, 'filename', None) or 'the output files')}",
+                      file=sys.stderr)
+                return 2
+            return _stopped(command, received[0] if received else signal.SIGINT)
+
+
+def _stopped(command: str, signum: int) -> int:
+    print(f"{command}: stopped by {signal_name(signum)}; no output file was left half-written", file=sys.stderr)
+    return exit_status(signum)
 
 
 def _silence_stdout() -> None:

@@ -256,7 +256,8 @@ def run(args) -> int:
 
     metrics = options.selected_metrics(args)
     if args.sets:
-        check_statistics(n_resamples=args.resamples, n_permutations=args.permutations, confidence=args.confidence)
+        check_statistics(n_resamples=args.resamples, n_permutations=args.permutations, confidence=args.confidence,
+                         seed=args.seed)
     if args.sets and (args.b is None) != (args.group_column is not None):
         raise InputError("--sets compares two prompt files A B, or the two groups of one file A with --group-column; "
                          "give B or --group-column, not both." if args.b is not None else

@@ -59,7 +59,7 @@ def run(args) -> int:
     if not prompts:
         raise InputError("no prompt given; pass PROMPT arguments, --prompt-file FILE (one prompt) or --prompts FILE "
                          "(one per line).")
-    check_statistics(n_permutations=args.permutations)
+    check_statistics(n_permutations=args.permutations, seed=args.seed)
     check_pseudo_group_size(args.pseudo_group_size)
     if args.out is not None:
         models = "-".join(options.slug(Path(str(m)).stem, 16) for m in args.model or [DEFAULT_MODEL])

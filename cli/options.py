@@ -16,7 +16,7 @@ from pathlib import Path
 from llm_heatmap.choices import BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, WEIGHTINGS  # noqa: F401
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
-from llm_heatmap.analyses.bounds import HEAD_MEASURES, MEASURES, PSEUDO_GROUP_SIZE
+from llm_heatmap.analyses.bounds import HEAD_MEASURES, MAX_INDEX, MEASURES, PSEUDO_GROUP_SIZE
 from llm_heatmap.viz.style import MAX_PIXELS
 
 
@@ -260,17 +260,24 @@ def drawing_suffix(args) -> str:
 
 
 def parse_indices(text: str | None, flag: str) -> list[int] | None:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]."""
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; every index and range checked (0 to `MAX_INDEX`, ranges rising)
+    before any range is expanded."""
     if text is None:
         return None
-    values = []
+    ranges = []
     try:
         for piece in text.split(","):
-            start, _, stop = piece.strip().partition("-")
-            values.extend(range(int(start), int(stop) + 1) if stop else [int(start)])
+            start, dash, stop = piece.strip().partition("-")
+            ranges.append((int(start), int(stop) if dash else int(start)))
     except ValueError:
         raise InputError(f"{flag} '{text}' is not a list of indices; write it like 0,2,5-7.") from None
-    return values
+    for start, stop in ranges:
+        if not 0 <= start <= MAX_INDEX or not 0 <= stop <= MAX_INDEX:
+            raise InputError(f"{flag} '{text}' names an index past {MAX_INDEX}; models have fewer layers and heads.")
+        if start > stop:
+            raise InputError(f"{flag} '{text}' has the range {start}-{stop}, which runs backwards; write it as "
+                             f"{stop}-{start}.")
+    return [index for start, stop in ranges for index in range(start, stop + 1)]
 
 
 def parse_size(text: str | None):

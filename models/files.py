@@ -9,7 +9,10 @@
   `flock` on a lock file `.NAME.llm-heatmap-lock` beside each path, taken in one order, and only then
   the check that the path may be written (absent, or `force=True`). A second run wanting any of them
   while the first holds it is refused before it changes anything; the kernel releases the locks of a
-  process that dies, so a killed run blocks nobody.
+  process that dies, so a killed run blocks nobody. Two outputs of one set naming the same file (also
+  through `..` or a symbolic link) are refused first, and a run that fails removes the outputs it wrote,
+  so an output set is whole or absent.
+- A full disk (ENOSPC, EDQUOT) on any write is one sentence (`disk_full`), whichever library wrote.
 """
 
 from __future__ import annotations
@@ -67,6 +70,24 @@ def check_writable(path: Path, *, force: bool) -> None:
     remove_stale_temporaries(path)
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk is full: an OSError with ENOSPC or EDQUOT, or a library's own error
+    (safetensors writes through Rust) that carries the system's words for them."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    return any(words in str(error) for words in ("No space left on device", "Disk quota exceeded",
+                                                 f"os error {errno.ENOSPC}", f"Errno {errno.ENOSPC}]"))
+
+
+def disk_full(path) -> InputError:
+    """The one sentence for a write that found the disk full."""
+    return InputError(f"the disk is full while writing {path}; free some space or choose another output "
+                      "directory (no half-written file was left).")
+
+
 def _check_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +107,10 @@ def atomic_output(path: str | Path, *, force: bool = False):
         yield path
         return
     check_writable(path, force=force)
-    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=f".{TEMP_MARK}"))
+    try:
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=f".{TEMP_MARK}"))
+    except OSError as error:
+        raise (disk_full(path) if is_disk_full(error) else error) from None
     temp = folder / path.name
     try:
         yield temp
@@ -94,6 +118,10 @@ def atomic_output(path: str | Path, *, force: bool = False):
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)  # writers that replace the file through their own temporary leave 0600
         os.replace(temp, path)
+    except Exception as error:
+        if is_disk_full(error):
+            raise disk_full(path) from None
+        raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -115,7 +143,13 @@ def _locked(path: Path):
     """Hold `path`'s lock file for the block (module docstring); the file is removed at the end."""
     lock = _lock_path(path)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full(path) from None
+            raise InputError(f"output file {path} cannot be claimed: its lock file {lock} cannot be created "
+                             f"({error.strerror}); choose another directory.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -132,8 +166,11 @@ def _locked(path: Path):
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as error:
+            raise (disk_full(path) if is_disk_full(error) else error) from None
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -141,10 +178,13 @@ def _locked(path: Path):
 
 
 @contextmanager
-def claim_outputs(paths, *, force: bool):
+def claim_outputs(paths, *, force: bool, resumable: bool = False):
     """Hold every path of an output set for this run (module docstring), then check that each may be
-    written (`check_writable`); a path another run holds is an `InputError`, and nothing is changed."""
+    written (`check_writable`); a path another run holds, or two paths of the set that are one file, is an
+    `InputError`, and nothing is changed. When the run fails, the outputs it wrote are removed, unless the
+    run is `resumable` (batch, atlas: its settings file stays with its parts for --resume)."""
     paths = [Path(p) for p in paths]
+    check_distinct(paths)
     for path in paths:
         _check_folder(path.parent)
     with ExitStack() as held:
@@ -152,4 +192,34 @@ def claim_outputs(paths, *, force: bool):
             held.enter_context(_locked(path))
         for path in paths:
             check_writable(path, force=force)
-        yield
+        before = {path: _identity(path) for path in paths}
+        try:
+            yield
+        except BaseException:
+            for path in [] if resumable else paths:
+                if _identity(path) not in (None, before[path]):
+                    path.unlink(missing_ok=True)
+            raise
+
+
+def check_distinct(paths) -> None:
+    """Refuse an output set in which two paths are one file: the same path resolved (`..`, symbolic links
+    of the path or its folders), or two names of one existing file."""
+    seen = {}
+    for path in map(Path, paths):
+        key = path.resolve()
+        identity = _identity(path)
+        for other_key, (other, other_identity) in seen.items():
+            if key == other_key or (identity is not None and identity[:2] == (other_identity or ())[:2]):
+                raise InputError(f"two outputs of this run are the same file: {other} and {path}; give each "
+                                 "output its own path.")
+        seen[key] = (path, identity)
+
+
+def _identity(path: Path):
+    """(device, inode, modification time) of the file at `path`, None when absent."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns

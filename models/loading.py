@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import socket
@@ -65,6 +66,10 @@ def _quantization_config(quantize: str | None):
         return None
     if quantize not in QUANTIZE:
         raise InputError(f"quantize='{quantize}' is not supported; use '4bit' or '8bit'.")
+    # bitsandbytes asks the `kernels` package for a hub CPU kernel when it is imported, and both log warnings when
+    # that is off (the CLI keeps the hub and hub kernels off); bitsandbytes' own CPU kernel runs instead
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -149,7 +154,8 @@ def _load_from_hub_or_cache(loader, source: str, **kwargs):
         pass
     if not _hub_reachable():
         raise InputError(
-            f"model '{source}' is neither a local path nor in the Hugging Face cache, and the hub cannot be reached; "
+            f"model '{source}' is neither a local path nor in the Hugging Face cache, and the hub cannot be reached "
+            "(the llm-heatmap command stays offline unless HF_HUB_OFFLINE=0 is set); "
             f"use an offline model ({_offline_names()}), a local directory or a .gguf file."
         ) from None
     try:
@@ -201,6 +207,22 @@ def _transformers_bars_off():
             logging.enable_progress_bar()
 
 
+def check_config(config, source) -> None:
+    """Refuse a config whose attention heads cannot be built: query heads that do not divide the hidden size
+    (where the config gives no head size of its own), or that are not a multiple of the KV heads."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, hidden = getattr(text, "num_attention_heads", None), getattr(text, "hidden_size", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if not all(isinstance(v, int) and v > 0 for v in (heads, kv_heads)):
+        return
+    if heads % kv_heads:
+        raise InputError(f"model '{source}' has {heads} query heads, not a multiple of its {kv_heads} key-value heads "
+                         "(num_key_value_heads in config.json); fix the config.")
+    if isinstance(hidden, int) and getattr(text, "head_dim", None) is None and hidden % heads:
+        raise InputError(f"model '{source}' has {heads} attention heads, which do not divide its hidden size "
+                         f"{hidden} (num_attention_heads and hidden_size in config.json); fix the config.")
+
+
 def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_implementation, progress):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -222,6 +244,7 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
             f"model '{source}' has a config transformers cannot use ({_first_line(error)}); "
             "pass a directory written by save_pretrained, a .gguf file, or one of: " + _offline_names() + "."
         ) from None
+    check_config(config, source)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal else AutoModel
     kwargs = {"dtype": parse_dtype(dtype) or (None if quantize else torch.float32)}
@@ -242,15 +265,27 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
         tokenizer = load(AutoTokenizer.from_pretrained)
     except InputError:
         raise
-    except OSError as error:  # missing or unreadable weight / tokenizer files
-        raise InputError(
-            f"model '{source}' could not be loaded ({_first_line(error)}); "
-            "check that the directory holds the weights and tokenizer files save_pretrained writes."
-        ) from None
     except pickle.UnpicklingError:  # torch loads pickled weights with its weights-only unpickler, which refused
         raise InputError(
             f"model '{source}' holds pickled weights that hold more than tensors, which torch refuses to load (nothing "
             "in them ran); use a model saved as safetensors."
+        ) from None
+    except ImportError as error:  # a quantization_config (GPTQ, AWQ, ...) whose package is not installed
+        raise InputError(
+            f"model '{source}' needs a package that is not installed ({_first_line(error)}); install it, or use a "
+            "model saved without that quantization."
+        ) from None
+    except Exception as error:  # noqa: BLE001 - a folder's files are input: truncated weights, shapes that disagree
+        if "trust_remote_code" in str(error) and not trust_remote_code:  # e.g. the tokenizer's auto_map
+            raise InputError(
+                f"model '{source}' needs code shipped with it (an auto_map in its tokenizer or model files), which "
+                "runs only with trust_remote_code=True; read that code before you allow it."
+            ) from None
+        reason = "its weights' shapes disagree with its config.json (vocab_size, hidden_size or another size)" \
+            if "ignore_mismatched_sizes" in str(error) else _first_line(error)
+        raise InputError(
+            f"model '{source}' could not be loaded ({reason}); check that the directory holds the "
+            "weights and tokenizer files save_pretrained writes, complete and written for this config."
         ) from None
     model.eval()
     spec = spec_from_model(model)

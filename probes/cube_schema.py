@@ -16,7 +16,11 @@ run) whose header metadata `llm_heatmap` holds a JSON object:
 and whose tensors are `pattern` `"(b) l h q k"` (float), `token_ids` `"(b) k"` (integers),
 `query_positions` `"q"` (integers, increasing, within the prompt), `key_mask` `"(b) k"` and
 `query_mask` `"(b) q"` (bool), optionally `generated` `"(b) k"` (bool) and the side tensors of
-`cube.SIDE_TENSORS`. Values: finite everywhere; attention weights within [0, 1] with every real row
+`cube.SIDE_TENSORS`. Every size the header or the shapes give is bounded (axes at most MAX_AXIS,
+tokens and rows at most MAX_TOKENS and the spec's context, the prompt and each token label at most
+MAX_CHARS_PER_TOKEN characters per token), every text is Unicode (no lone surrogate), every real
+sequence has a real key and a real query row, and the side tensors' magnitudes stay below MAX_MAGNITUDE
+(so sums of products cannot overflow float32). Values: finite everywhere; attention weights within [0, 1] with every real row
 summing to 1; a difference of weights within [-1, 1] with rows summing to 0; a norm-weighted pattern
 and the norms non-negative.
 
@@ -54,6 +58,9 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_AXIS = 1 << 16  # layers, heads, KV heads and head size: no model comes near
 ROW_SUM_TOLERANCE = 1e-2  # half-precision cubes of thousands of keys sum to 1 within a few 1e-3
 VALUE_TOLERANCE = 1e-3
+MAX_TOKENS = 1 << 24  # a prompt's tokens (or a pooled cube's key_edges[-1]): far past any model's context
+MAX_CHARS_PER_TOKEN = 1024  # a token's label, and the prompt per token of the cube
+MAX_MAGNITUDE = 1e12  # norms, queries and keys: squared and summed over a million keys, still far from float32's 3e38
 
 NON_NEGATIVE = ("value_norms", "output_norms")
 FLOATS = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
@@ -156,9 +163,29 @@ def check_spec(data) -> ModelSpec:
     return ModelSpec.from_dict(data)
 
 
+def _check_texts(value, field: str) -> None:
+    """Every string in `value` (a JSON value), keys included, is Unicode text: no lone surrogate."""
+    stack = [(value, field)]
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                _fail(field, f"holds a lone surrogate ({value[error.start]!a}), which is not a Unicode character")
+        elif isinstance(value, dict):
+            stack.extend((key, f"{field} (a key)") for key in value)
+            stack.extend((item, f"{field}.{key}" if isinstance(key, str) and key.isidentifier() else field)
+                         for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, field) for item in value)
+
+
 def _check_header(header) -> ModelSpec:
     if not isinstance(header, dict):
         _fail("the llm_heatmap header", "must be a JSON object")
+    for name, value in header.items():
+        _check_texts(value, f'header field "{name}"')
     if header.get("format") != FORMAT:
         _fail('header field "format"', f"must be {FORMAT!r}")
     version = header.get("version")
@@ -200,6 +227,8 @@ def _check_pooling(pooling, num_queries: int, num_keys: int, batched: bool) -> i
     if len(key_edges) != num_keys + 1:
         _fail("pooling.key_edges", f"must hold {num_keys + 1} edges for {num_keys} key bins")
     tokens = key_edges[-1]
+    if tokens > MAX_TOKENS:
+        _fail("pooling.key_edges", f"ends at {tokens} tokens, more than the {MAX_TOKENS} a cube may hold")
     if query_edges[-1] > tokens:
         _fail("pooling.query_edges", f"covers {query_edges[-1]} query rows, more than the {tokens} tokens")
     for name in ("query_first", "query_last"):
@@ -244,6 +273,16 @@ def _check_tokens(tokens, batch: int | None, num_keys: int) -> None:
             _fail('header field "tokens"', "must be a list of token strings")
         if len(sequence) != num_keys:
             _fail('header field "tokens"', f"holds {len(sequence)} token labels, but the pattern has {num_keys} keys")
+        if any(len(t) > MAX_CHARS_PER_TOKEN for t in sequence):
+            _fail('header field "tokens"', f"holds a token label longer than {MAX_CHARS_PER_TOKEN} characters")
+
+
+def _check_prompt_size(prompt, num_tokens: int) -> None:
+    """A prompt of at most `MAX_CHARS_PER_TOKEN` characters per token of the cube (its title is cut from it)."""
+    for text in [prompt] if isinstance(prompt, str) else prompt or []:
+        if len(text) > MAX_CHARS_PER_TOKEN * num_tokens:
+            _fail('header field "prompt"', f"holds {len(text)} characters, more than {MAX_CHARS_PER_TOKEN} per token "
+                  f"of the cube's {num_tokens} tokens")
 
 
 @dataclass(frozen=True)
@@ -290,6 +329,8 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
         _fail('tensor "pattern"', f"has shape {list(pattern)}, with an empty axis")
     batch = pattern[0] if len(pattern) == 5 else None
     layers, heads, queries, keys = pattern[-4:]
+    if max(pattern) > MAX_TOKENS:
+        _fail('tensor "pattern"', f"has shape {list(pattern)}, with an axis longer than {MAX_TOKENS}")
     if layers != len(header["layers"]):
         _fail('header field "layers"', f"lists {len(header['layers'])} layers, but the pattern has {layers}")
     if heads != len(header["heads"]):
@@ -302,7 +343,10 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
         _fail('tensor "pattern"', f"has {queries} query rows, more than its {keys} keys")
     if header.get("stream") is not None:
         _check_stream(header["stream"], queries, keys)
+    if spec.max_positions and tokens > spec.max_positions:
+        _fail('tensor "pattern"', f"covers {tokens} tokens, more than the model's context of {spec.max_positions}")
     _check_tokens(header["tokens"], batch, keys)
+    _check_prompt_size(header.get("prompt"), tokens)
     _expect("query_positions", shapes["query_positions"], dtypes["query_positions"], (queries,), INTEGERS, "integers")
     _expect("token_ids", shapes["token_ids"], dtypes["token_ids"], front + (keys,), INTEGERS, "integers")
     _expect("key_mask", shapes["key_mask"], dtypes["key_mask"], front + (keys,), BOOLS, "booleans")
@@ -319,8 +363,11 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
 def inspect_cube_file(path: str | Path) -> CubeFile:
     """The checked header and tensor layout of a cube file, reading no tensor data (module docstring)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"cube file {path} does not exist; pass a file written by AttentionCube.save or `llm-heatmap grid`.")
+    if not path.is_file():
+        raise InputError(f"cube file {path} is not a regular file (a folder, pipe or device); pass a file written by "
+                         "AttentionCube.save or `llm-heatmap grid`.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("llm_heatmap")
@@ -392,11 +439,15 @@ def _check_values(cube_file: CubeFile, tensors: dict[str, torch.Tensor]) -> None
         _fail('tensor "query_positions"', f"must lie within the {cube_file.num_tokens} tokens (0..{cube_file.num_tokens - 1})")
     if not bool(tensors["key_mask"].bool().any(-1).all()):
         _fail('tensor "key_mask"', "marks no real key")
+    if not bool(tensors["query_mask"].bool().any(-1).all()):
+        _fail('tensor "query_mask"', "marks no real query row")
     for name in SIDE_TENSORS:
         if name in tensors:
             values = tensors[name].float()
             if not bool(torch.isfinite(values).all()):
                 _fail(f'tensor "{name}"', "holds a value that is not finite")
+            if bool((values.abs() > MAX_MAGNITUDE).any()):
+                _fail(f'tensor "{name}"', f"holds a value of magnitude above {MAX_MAGNITUDE:g}, far past any model's")
             if name in NON_NEGATIVE and bool((values < 0).any()):
                 _fail(f'tensor "{name}"', "holds a negative norm")
     _check_pattern(cube_file, tensors["pattern"], tensors["query_mask"])

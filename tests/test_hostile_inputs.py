@@ -178,6 +178,23 @@ NAMED_CASES = {  # the cases of issue 15 that were accepted silently or raised a
     "negative": (lambda h, t: (h, {**t, "pattern": -t["pattern"]}), "pattern"),
     "x1e6": (lambda h, t: (h, {**t, "pattern": t["pattern"] * 1e6}), "pattern"),
     "all zero": (lambda h, t: (h, {**t, "pattern": torch.zeros_like(t["pattern"])}), "pattern"),
+    # issue 22: sizes, texts and magnitudes that passed the schema and failed later
+    "lone surrogate in a token": (lambda h, t: ({**h, "tokens": ["\ud800", *h["tokens"][1:]]}, t), "lone surrogate"),
+    "lone surrogate in the source": (lambda h, t: ({**h, "source": "a\udfff"}, t), "lone surrogate"),
+    "lone surrogate in a metadata key": (lambda h, t: ({**h, "metadata": {"\ud800": 1}}, t), "lone surrogate"),
+    "a prompt of a million characters": (lambda h, t: ({**h, "prompt": "x" * 10**6}, t), 'header field "prompt"'),
+    "a token label of 5000 characters": (lambda h, t: ({**h, "tokens": ["y" * 5000, *h["tokens"][1:]]}, t),
+                                         "token label longer"),
+    "pooled key edges ending at 10^12": (lambda h, t: ({**h, "pooling": {
+        "query_edges": list(range(8)), "key_edges": [*range(7), 10**12],
+        "query_first": list(range(7)), "query_last": list(range(7))}}, t), "pooling.key_edges"),
+    "more tokens than the model's context": (lambda h, t: ({**h, "spec": {**h["spec"], "max_positions": 4}}, t),
+                                             "context"),
+    "query mask all False": (lambda h, t: (h, {**t, "query_mask": torch.zeros_like(t["query_mask"])}), "query_mask"),
+    "value norms of 3e38": (lambda h, t: (h, {**t, "value_norms": torch.full_like(t["value_norms"], 3e38)}),
+                            "value_norms"),
+    "keys of 1e30": (lambda h, t: (h, {**t, "output_norms": torch.full_like(t["output_norms"], 1e30)}),
+                     "output_norms"),
 }
 
 
@@ -188,10 +205,18 @@ def test_named_hostile_cube_files_get_one_sentence_from_load_and_render(case, cu
     with pytest.raises(InputError) as error:
         AttentionCube.load(path)
     assert words in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
-    out = tmp_path / "out"
-    code, lines = run_cli("render", path, "--out", out)
-    assert code == 2 and len(lines) == 1 and words in lines[0]
-    assert not out.exists() or not any(out.iterdir())
+    for command in (["render", path, "--html"], ["qk-map", "--cube", path, "--layer", "0"]):
+        out = tmp_path / "out"
+        code, lines = run_cli(*command, "--out", out)
+        assert code == 2 and len(lines) == 1 and words in lines[0], (command, lines)
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_fifo_given_as_a_cube_is_named_for_what_it_is(tmp_path):
+    fifo = tmp_path / "pipe.cube.safetensors"
+    os.mkfifo(fifo)
+    code, lines = run_cli("render", fifo, "--out", tmp_path / "out")
+    assert code == 2 and len(lines) == 1 and "not a regular file" in lines[0], lines
 
 
 def test_a_difference_cube_may_hold_negative_weights(cube_file, tmp_path):
@@ -245,6 +270,9 @@ BAD_OPTIONS = {  # (arguments after the command's input, words the one sentence 
     "invalid choice": (["--scale", "cubic"], "linear"),
     "max tokens 0": (["--max-tokens", "0"], "--max-tokens"),
     "layer past the model": (["--layers", "99"], "layer 99 is not in this cube"),
+    "a range of 10^11 layers": (["--layers", "0-99999999999"], "--layers"),
+    "a backwards range": (["--layers", "5-2"], "backwards"),
+    "a negative head": (["--heads", "-1"], "--heads"),
 }
 
 
@@ -270,6 +298,15 @@ MODEL_OPTIONS = {  # refused before the model loads
     "device that does not exist": (["grid", PROMPT, "--device", "nonsense:7"], "--device"),
     "cuda without one": (["grid", PROMPT, "--device", "cuda:3"], "--device"),
     "grid gamma inf": (["grid", PROMPT, "--scale", "power", "--gamma", "inf"], "--gamma"),
+    "a billion resamples": (["compare", "--sets", "a.txt", "b.txt", "--resamples", "1000000000"], "--resamples"),
+    "a billion permutations": (["compare", "--sets", "a.txt", "b.txt", "--permutations", "1000000000"],
+                               "--permutations"),
+    "seed -1": (["compare", "--sets", "a.txt", "b.txt", "--seed=-1"], "--seed"),
+    "kv seed -1": (["kv-similarity", PROMPT, "--seed=-1"], "--seed"),
+    "grid layers 10^11": (["grid", PROMPT, "--layers", "0-99999999999"], "--layers"),
+    "atlas rank by an unknown score": (["atlas", "a.txt", "--rank-by", "nope"], "--rank-by"),
+    "atlas seed -1": (["atlas", "a.txt", "--seed=-1"], "--seed"),
+    "atlas a billion resamples": (["atlas", "a.txt", "--resamples", "1000000000"], "--resamples"),
 }
 
 
@@ -345,6 +382,7 @@ def test_vector_and_raster_output_is_deterministic(cube_file, tmp_path, fmt):
 def test_tokens_with_emoji_and_control_characters_draw_without_warnings(cube_file, tmp_path):
     header, tensors = read_raw(cube_file)
     header["tokens"] = ["🙂", "\x07", "\u202e", "日本", "\x00", "𝔘", "a\tb"]
+    header["source"] = "tiny\nllama\r"  # a newline in the source once reached the title as a glyph
     path = write_raw(tmp_path / "glyphs.cube.safetensors", header, tensors)
     script = (f"import sys; from llm_heatmap.cli import main; "
               f"sys.exit(main(['render', {str(path)!r}, '--out', {str(tmp_path / 'out')!r}, '--quiet']))")
@@ -398,7 +436,7 @@ def test_a_batch_names_a_prompt_too_short_for_metrics_by_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["empty", "truncated"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "overwritten mid-file"])
 def test_resume_recomputes_a_damaged_part(tmp_path, damage):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the first prompt is fine\nthe second one too\nand the third\n")
@@ -407,8 +445,157 @@ def test_resume_recomputes_a_damaged_part(tmp_path, damage):
     whole = pd.read_parquet(out / "heads.parquet")
     part = sorted((out / "parts").glob("*.parquet"))[1]
     data = part.read_bytes()
-    part.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    middle = len(data) // 2
+    part.write_bytes(b"" if damage == "empty" else data[:middle] if damage == "truncated"
+                     else data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 16]) + data[middle + 16:])
     assert run_cli("batch", prompts, "--model", "minilm-l6", "--out", out, "--resume", "--quiet")[0] == 0
     resumed = pd.read_parquet(out / "heads.parquet")
     pd.testing.assert_frame_equal(resumed.reset_index(drop=True), whole.reset_index(drop=True))
-    assert part.read_bytes()[:4] == b"PAR1"
+    assert part.read_bytes() == data  # computed again, to the same bytes
+
+
+# ---- prompt files: read up to a size, split at newlines only, every text Unicode --------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+BAD_PROMPT_FILES = {  # (file name, content, words of the one sentence)
+    "JSONL nested 100k deep": ("p.jsonl", '{"prompt": "fine"}\n{"prompt": "x", "deep": ' + DEEP + "}\n", "too deeply"),
+    "lone surrogate in a prompt": ("p.jsonl", '{"prompt": "a \\ud800 b"}\n', "lone surrogate"),
+    "lone surrogate in an id": ("p.jsonl", '{"prompt": "fine", "id": "\\udc00"}\n', "lone surrogate"),
+    "lone surrogate in a group": ("p.jsonl", '{"prompt": "fine", "group": "\\udbff"}\n', "lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROMPT_FILES, ids=list(BAD_PROMPT_FILES))
+def test_bad_prompt_files_get_one_sentence_before_any_work(case, tmp_path, monkeypatch):
+    name, content, words = BAD_PROMPT_FILES[case]
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for command in ("batch", "atlas"):
+        code, lines = run_cli(command, name, "--out", tmp_path / "out", "--model", "./no-model-needed")
+        assert code == 2 and len(lines) == 1 and words in lines[0] and name in lines[0], lines
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["grid", "--prompt-file", "/dev/zero"], ["batch", "/dev/zero"],
+                                     ["metrics", "--prompt-file", "/dev/zero"]])
+def test_a_prompt_file_that_never_ends_is_refused_at_a_size(command, tmp_path):
+    code, lines = run_cli(*command, "--out", tmp_path / "out", "--model", "./no-model-needed")
+    assert code == 2 and len(lines) == 1 and "larger than 256 MiB" in lines[0], lines
+
+
+def test_text_prompt_files_split_at_newlines_only(tmp_path):
+    from llm_heatmap.analyses.runs.prompts import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("a\x0cb\u2028c\x1ed\u0085e\nsecond\r\nthird\rstill third\n\n".encode())
+    prompts = read_prompts(path)
+    assert [p.text for p in prompts] == ["a\x0cb\u2028c\x1ed\u0085e", "second", "third\rstill third"]
+    assert [p.id for p in prompts] == ["0", "1", "2"]
+
+
+# ---- an output set: two outputs naming one file are refused before any write -------------------------
+
+def _collisions(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real" / "x.csv")
+    return {"same path": (tmp_path / "x.csv", tmp_path / "x.csv"),
+            "through ..": (tmp_path / "real" / "x.csv", tmp_path / "real" / ".." / "real" / "x.csv"),
+            "a linked folder": (tmp_path / "real" / "x.csv", tmp_path / "alias" / "x.csv"),
+            "a linked file": (tmp_path / "real" / "x.csv", tmp_path / "link.csv")}
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_two_outputs_of_one_run_naming_one_file_are_refused_before_any_write(tmp_path, force):
+    for case, (table, cube) in _collisions(tmp_path).items():
+        code, lines = run_cli("compare", "one prompt", "two prompt", "--out", table, "--cube-out", cube,
+                              "--model", "./no-model-needed", *(["--force"] if force else []))
+        assert code == 2 and len(lines) == 1 and "same file" in lines[0], (case, lines)
+        assert not (tmp_path / "real" / "x.csv").exists() and not (tmp_path / "x.csv").exists(), case
+        assert not list(tmp_path.rglob(".*llm-heatmap*")), case
+
+
+def test_a_failed_run_removes_the_outputs_it_wrote(cube_file, tmp_path, monkeypatch):
+    import llm_heatmap.viz as viz
+
+    def broken_page(*args, **kwargs):
+        raise InputError("the page cannot be drawn.")
+
+    monkeypatch.setattr(viz, "write_html", broken_page)
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "keep.txt").write_text("not ours")
+    code, lines = run_cli("render", cube_file, "--out", out, "--html", "--name", "r")
+    assert code == 2 and lines == ["llm-heatmap render: the page cannot be drawn."]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # the PNG written before the page is gone
+
+
+# ---- the page builder reads no data as one of its slots -------------------------------------------
+
+SLOTS = ["__TITLE__", "__STYLE__", "__BODY__", "__SCRIPT__", "__META__", "__MASK__", "__DATA__"]
+
+
+def test_a_prompt_spelling_every_slot_of_the_page_stays_as_written(cube_file, tmp_path):
+    header, tensors = read_raw(cube_file)
+    header.update(prompt=" ".join(SLOTS), tokens=SLOTS, source="__BODY__")  # seven tokens, seven slots
+    path = write_raw(tmp_path / "slots.cube.safetensors", header, tensors)
+    plain = write_raw(tmp_path / "plain.cube.safetensors", {**header, "prompt": "p", "tokens": list("abcdefg"),
+                                                            "source": "s"}, tensors)
+    assert run_cli("render", path, "--out", tmp_path, "--html", "--name", "slots", "--quiet")[0] == 0
+    assert run_cli("render", plain, "--out", tmp_path, "--html", "--name", "plain", "--quiet")[0] == 0
+    page, reference = (tmp_path / "slots.html").read_text(), (tmp_path / "plain.html").read_text()
+    title = page[page.index("<title>") + 7:page.index("</title>")]
+    assert title == "__BODY__: attention heads"  # the source, not the body it spells
+    for tag in ("<script", "<style", 'id="hm-meta"', 'id="hm-data"', 'id="hm-mask"'):
+        assert page.count(tag) == reference.count(tag), tag
+    meta = json.loads(page.split('id="hm-meta" type="application/json">')[1].split("</script>")[0])
+    assert [c["t"] for c in meta["cols"]] == SLOTS
+    assert abs(len(page) - len(reference)) < 2000  # no blob or page copied into a slot
+
+
+@pytest.mark.parametrize("kind", ["parquet", "safetensors"])
+def test_a_part_counts_as_done_only_with_the_bytes_its_seal_names(tmp_path, kind):
+    from safetensors.numpy import save_file as save_numpy
+
+    from llm_heatmap.analyses.runs.parts import part_done, seal_path, write_part
+    from llm_heatmap.analyses.runs.table_files import write_table
+
+    path = tmp_path / f"part.{kind}"
+    values = torch.arange(4096, dtype=torch.float32).numpy()
+    if kind == "parquet":
+        write_table(pd.DataFrame({"layer": 0, "value": values}), path)
+    else:
+        save_numpy({"divergence": values}, str(path))
+    assert not part_done(path)  # a part without its seal
+    path.unlink()
+    if kind == "parquet":
+        write_part(path, lambda temp: write_table(pd.DataFrame({"layer": 0, "value": values}), temp))
+    else:
+        write_part(path, lambda temp: save_numpy({"divergence": values}, str(temp)))
+    assert part_done(path) and sorted(p.name for p in tmp_path.iterdir()) == [path.name, seal_path(path).name]
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])  # same size, footer intact
+    assert not part_done(path)
+    path.write_bytes(data)
+    assert part_done(path)
+    seal_path(path).unlink()
+    assert not part_done(path)
+
+
+@pytest.mark.parametrize("folder", ["/proc", "/sys/kernel", "/proc/self/fd"])
+def test_an_output_folder_of_the_system_is_refused_in_one_sentence(cube_file, folder):
+    if not Path(folder).is_dir():
+        pytest.skip(f"{folder} does not exist here")
+    code, lines = run_cli("render", cube_file, "--out", folder)
+    assert code == 2 and len(lines) == 1 and folder in lines[0] and "choose another directory" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_an_atlas_probe_too_long_for_the_model_is_refused_before_any_write(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the first prompt is fine\nthe second one too\n")
+    out = tmp_path / "out"
+    code, lines = run_cli("atlas", prompts, "--model", "minilm-l6", "--out", out, "--probe-length", "1000000")
+    assert code == 2 and len(lines) == 1 and "--probe-length 1000000" in lines[0], lines
+    assert not out.exists() or not any(out.rglob("*"))

@@ -656,3 +656,236 @@ def test_render_refuses_a_pickle_posing_as_a_cube(kind, tmp_path, start):
     assert_one_sentence(run, str(cube), "not a safetensors file")
     assert not marker.exists(), "the pickle posing as a cube was unpickled: its payload ran"
     assert names(out) == set()
+
+
+# ---- 6. a full disk: one sentence from every writer, nothing half-written --------------------------
+
+@pytest.fixture(scope="module")
+def tiny_cube(tmp_path_factory) -> Path:
+    """A cube file of a tiny random Llama (no model to load), for runs that only draw."""
+    import torch
+
+    from llm_heatmap.probes import capture
+    from tiny_models import VOCAB, tiny_model
+
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), capture(model) as probe:
+        model(input_ids=ids)
+    return probe.cube(ids, prompt="twenty-four tokens", source="tiny-llama").save(
+        tmp_path_factory.mktemp("cube") / "tiny.cube.safetensors")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs, filled up to `leave(bytes)` free (needs mount(2): skipped where it is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); the ENOSPC injection tests stand in")
+
+    def leave(free: int) -> Path:
+        stats = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - free))
+        (disk / "out").mkdir()
+        return disk / "out"
+
+    yield leave
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("extra", [[], ["--html"], ["--format", "svg"]], ids=["png", "png+html", "svg"])
+def test_render_onto_a_full_disk_gives_one_sentence_and_leaves_nothing(extra, tiny_cube, small_disk, start):
+    out = small_disk(2 * 4096)  # room for the lock files' pids, not for the drawing
+    run = start("render", "render", tiny_cube, "--out", out, "--name", NAME, "--cell-px", "12", *extra)
+    assert run.finish() == 2, run.stderr()
+    assert_one_sentence(run, "disk is full", str(out))
+    assert names(out) == set()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "cube"])
+def test_every_writer_of_the_library_reports_a_full_disk_in_one_sentence(kind, tiny_cube, small_disk):
+    import numpy as np
+
+    from llm_heatmap.models.files import atomic_output
+    from llm_heatmap.analyses.runs.table_files import write_table
+    from llm_heatmap.errors import InputError
+
+    out = small_disk(0)
+    table = pd.DataFrame({"layer": np.arange(50_000), "value": np.random.default_rng(0).random(50_000)})
+    with pytest.raises(InputError, match="disk is full") as error:
+        if kind == "cube":
+            with atomic_output(out / "c.cube.safetensors") as temp:
+                AttentionCube.load(tiny_cube).save(temp)
+        else:
+            write_table(table, out / f"t.{kind}")
+    assert "\n" not in str(error.value)
+    assert names(out) == set()
+
+
+def _in_process(*args) -> tuple[int, list[str]]:
+    import contextlib
+    import io
+
+    from llm_heatmap.cli import main
+
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    return code, errors.getvalue().strip().splitlines()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")],
+                         ids=["OSError", "library error"])
+def test_enospc_injected_into_a_writer_gives_the_same_sentence(error, tiny_cube, tmp_path, monkeypatch):
+    import llm_heatmap.viz as viz
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(viz, "save_grid", full)
+    out = tmp_path / "out"
+    code, lines = _in_process("render", tiny_cube, "--out", out, "--name", NAME)
+    assert code == 2 and len(lines) == 1 and "disk is full" in lines[0] and f"{NAME}.png" in lines[0], lines
+    assert names(out) == set()
+
+
+def test_enospc_outside_any_output_file_gives_the_sentence_too(tiny_cube, tmp_path, monkeypatch):
+    from llm_heatmap.probes import AttentionCube as Cube
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "parts"))
+
+    monkeypatch.setattr(Cube, "load", full)
+    code, lines = _in_process("render", tiny_cube, "--out", tmp_path / "out")
+    assert code == 2 and len(lines) == 1 and "disk is full" in lines[0] and "parts" in lines[0], lines
+
+
+# ---- 7. nothing reaches the network --------------------------------------------------------------
+
+GUARD = '''
+"""Test hook: every name lookup or connection of this process is recorded in $NETWORK_GUARD_MARKER and fails."""
+import os
+import socket
+
+
+def _refuse(what):
+    def refuse(*args, **kwargs):
+        with open(os.environ["NETWORK_GUARD_MARKER"], "a") as marker:
+            marker.write(f"{what} {args[:2]!r}\\n")
+        raise OSError(f"network guard: {what} refused")
+    return refuse
+
+
+socket.getaddrinfo = _refuse("getaddrinfo")
+socket.create_connection = _refuse("create_connection")
+socket.socket.connect = _refuse("connect")
+socket.socket.connect_ex = _refuse("connect_ex")
+'''
+
+
+@pytest.fixture
+def guarded_env(tmp_path):
+    """(environment, marker): children run with the guard (sitecustomize) and with none of the hub switches
+    the CLI sets itself, so only its own switches keep it offline."""
+    hook = tmp_path / "guard"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GUARD)
+    marker = tmp_path / "network-used"
+    env = {name: value for name, value in cli_env().items()
+           if not name.startswith(("HF_", "TRANSFORMERS_", "KERNELS", "DISABLE_KERNEL"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(hook), env.get("PYTHONPATH", "")]), NETWORK_GUARD_MARKER=str(marker))
+    return env, marker
+
+
+def test_the_network_guard_catches_a_lookup(guarded_env):
+    env, marker = guarded_env
+    done = subprocess.run([sys.executable, "-c", "import socket; socket.getaddrinfo('huggingface.co', 443)"],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode != 0 and "network guard" in done.stderr and marker.exists()
+
+
+def test_a_hub_id_outside_the_cache_is_refused_without_a_lookup(guarded_env, tmp_path, start):
+    env, marker = guarded_env
+    run = start("hub", "grid", PROMPT_A, "--model", "no-such-org/no-such-model", "--out", tmp_path / "out", env=env)
+    assert run.finish() == 2, run.stderr()
+    assert_one_sentence(run, "no-such-org/no-such-model", "HF_HUB_OFFLINE=0")
+    assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    ["grid", PROMPT_A, "--model", MODEL, "--out", "out"],
+    ["grid", PROMPT_A, "--model", "smollm2-135m", "--quantize", "4bit", "--out", "out"],
+    ["metrics", PROMPT_B, "--model", MODEL, "--quantize", "8bit", "--out", "out/m.csv"],
+    ["models", "smollm2-135m"],
+], ids=["grid", "grid-4bit", "metrics-8bit", "models"])
+def test_commands_reach_no_network_and_try_no_hub_kernel(command, guarded_env, tmp_path, start):
+    env, marker = guarded_env
+    arguments = [str(tmp_path / a) if a.startswith("out") else a for a in command]
+    run = start(command[0], "--quiet", *arguments, env=env)
+    assert run.finish() == 0, run.stderr()
+    assert not marker.exists(), f"the run used the network: {marker.read_text()}"
+    for words in ("kernels-community", "gemm_4bit_forward", "trust check"):
+        assert words not in run.stderr(), run.stderr()
+
+
+# ---- 8. model folders that transformers cannot build: one sentence each ---------------------------
+
+def broken_folder(folder: Path, config: dict | None = None, weights: bytes | None = None) -> Path:
+    """MiniLM's tokenizer and weights (linked) under a config.json changed by `config`, or with `weights`."""
+    source = OFFLINE_MODELS[MODEL].require_path()
+    folder.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+        (folder / name).symlink_to(source / name)
+    (folder / "config.json").write_text(json.dumps({**json.loads((source / "config.json").read_text()), **(config or {})}))
+    if weights is None:
+        (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    else:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+BROKEN_FOLDERS = {  # config changes (or "truncated"), words of the sentence
+    "heads not dividing the hidden size": ({"num_attention_heads": 7}, "do not divide its hidden size 384"),
+    "query heads not a multiple of KV heads": ({"num_key_value_heads": 5}, "not a multiple of its 5 key-value heads"),
+    "GPTQ without its package": ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128,
+                                                          "desc_act": False}}, "needs a package"),
+    "vocabulary disagreeing with the weights": ({"vocab_size": 1000}, "shapes disagree with its config.json"),
+    "truncated safetensors": ("truncated", "could not be loaded"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BROKEN_FOLDERS, ids=list(BROKEN_FOLDERS))
+def test_a_model_folder_that_cannot_be_built_gets_one_sentence(case, tmp_path):
+    change, words = BROKEN_FOLDERS[case]
+    if change == "truncated":
+        data = (OFFLINE_MODELS[MODEL].require_path() / "model.safetensors").read_bytes()
+        folder = broken_folder(tmp_path / "model", weights=data[: len(data) // 2])
+    else:
+        folder = broken_folder(tmp_path / "model", change)
+    out = tmp_path / "out"
+    code, lines = _in_process("grid", PROMPT_A, "--model", folder, "--out", out, "--quiet")
+    assert code == 2 and len(lines) == 1 and words in lines[0] and str(folder) in lines[0], lines
+    assert not out.exists() or names(out) == set()
+
+
+@pytest.mark.slow
+def test_a_tokenizer_that_needs_remote_code_gets_our_sentence(tmp_path, monkeypatch):
+    """transformers refuses a tokenizer whose auto_map it would have to run (`resolve_trust_remote_code`, its
+    own check, raising its own words); the CLI says it in its sentence, naming --trust-remote-code."""
+    from transformers import AutoTokenizer
+    from transformers.dynamic_module_utils import resolve_trust_remote_code
+
+    folder = broken_folder(tmp_path / "model")
+
+    def remote_only(name, **kwargs):
+        resolve_trust_remote_code(kwargs.get("trust_remote_code"), name, has_local_code=False, has_remote_code=True)
+        pytest.fail("control: transformers' check should have refused")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", remote_only)
+    code, lines = _in_process("grid", PROMPT_A, "--model", folder, "--out", tmp_path / "out", "--quiet")
+    assert code == 2 and len(lines) == 1 and "--trust-remote-code" in lines[0] and "auto_map" in lines[0], lines

@@ -187,7 +187,7 @@ def atlas_view(*, heads: pd.DataFrame, layers: pd.DataFrame, models: pd.DataFram
         "cmap": _b64(colormap_bytes(cmap)[:, :3]),
         "models": payload_models,
     }
-    page = _page(data["title"], "atlas").replace("__DATA__", _script_json(data))
+    page = _page(data["title"], "atlas", DATA=_script_json(data))
     return HtmlView(page, height=900)
 
 

@@ -31,6 +31,7 @@ import base64
 import html
 import json
 import math
+import re
 from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,12 +153,9 @@ def html_view(
         "cmaps": _colour_tables(style.cmap, DIFFERENCE_CMAPS if signed else PAGE_CMAPS),
         "metrics": _metrics_payload(metrics, cube.layers, cube.heads),
     }
-    page = (
-        _page(meta["title"], "view")
-        .replace("__META__", _script_json(meta))
-        .replace("__MASK__", base64.b64encode(packed.tobytes()).decode("ascii"))
-        .replace("__DATA__", base64.b64encode(data.tobytes()).decode("ascii"))
-    )
+    page = _page(meta["title"], "view", META=_script_json(meta),
+                 MASK=base64.b64encode(packed.tobytes()).decode("ascii"),
+                 DATA=base64.b64encode(data.tobytes()).decode("ascii"))
     return HtmlView(page)
 
 
@@ -166,12 +164,21 @@ def _asset(name: str) -> str:
     return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
 
 
-def _page(title: str, name: str) -> str:
-    """Page `name` of viz/assets/ (`name`.html, .css, .js) inside the shared shell (page.html, theme.css)."""
-    return (_asset("page.html").replace("__TITLE__", html.escape(title).replace("/", "&#47;"))
-            .replace("__STYLE__", _asset("theme.css") + _asset(f"{name}.css"))
-            .replace("__BODY__", _asset(f"{name}.html"))
-            .replace("__SCRIPT__", _asset(f"{name}.js")))
+_SLOT = re.compile(r"__([A-Z]+)__")
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """`template` with each `__NAME__` slot replaced by `values[NAME]`, in one pass: text put in a slot is
+    never read again, so data that spells a slot's name stays as written."""
+    return _SLOT.sub(lambda slot: values.get(slot.group(1), slot.group(0)), template)
+
+
+def _page(title: str, name: str, **data: str) -> str:
+    """Page `name` of viz/assets/ (`name`.html, .css, .js) inside the shared shell (page.html, theme.css),
+    with the title and the `data` slots of its body filled."""
+    template = _fill(_asset("page.html"), {"STYLE": _asset("theme.css") + _asset(f"{name}.css"),
+                                           "BODY": _asset(f"{name}.html"), "SCRIPT": _asset(f"{name}.js")})
+    return _fill(template, {"TITLE": html.escape(title).replace("/", "&#47;"), **data})
 
 
 # ---- data ------------------------------------------------------------------------------

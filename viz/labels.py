@@ -46,7 +46,9 @@ def block_size(text: str, px: float, spacing: float = 1.2) -> tuple[float, float
 
 
 def fit_text(text: str, px: float, width: float, weight: str = "normal") -> str:
-    """`text` cut (with an ellipsis) so that one line fits in `width` pixels."""
+    """`text` cut (with an ellipsis) so that one line fits in `width` pixels; only the characters that could
+    fit are measured (no glyph is narrower than a tenth of the font size), so a huge prompt costs nothing."""
+    text = text[:int(width / (0.1 * px)) + 2]
     if text_size(text, px, weight)[0] <= width:
         return text
     lo, hi = 0, len(text)
@@ -96,7 +98,7 @@ def token_label(token: str, limit: int = 14) -> str:
 def model_name(source) -> str:
     """A short name for a model source: a path (a directory, a `.gguf` file, a cache folder) by its
     last part, an offline name or hub id (`Qwen/Qwen3-0.6B`) as it is."""
-    text = str(source or "")
+    text = "".join(c if c.isprintable() else " " for c in str(source or ""))  # a newline is no glyph
     looks_like_path = text.startswith(("/", "~", ".")) or text.count("/") > 1 or "\\" in text or text.endswith(".gguf")
     if not looks_like_path:
         return text

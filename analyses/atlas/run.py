@@ -46,7 +46,7 @@ from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_pse
                                          pseudo_group_size_of)
 from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
 from llm_heatmap.models.files import atomic_output
-from llm_heatmap.analyses.runs.parts import part_key
+from llm_heatmap.analyses.runs.parts import part_done, part_key, sealed, write_part
 from llm_heatmap.analyses.runs.prompts import Prompt, check_length, shard_prompts
 from llm_heatmap.analyses.runs.ranks import Ranks, launcher_ranks
 from llm_heatmap.analyses.runs.table_files import write_table
@@ -123,14 +123,14 @@ class _ModelParts(Section):
 
     def needs_model(self, share: list[Prompt], ranks: Ranks) -> bool:
         """Whether this rank must load the model: prompts to measure, or (rank 0) the model's files to write."""
-        return bool(share) or (ranks.is_main and not (self.spec_file.exists() and self.probe_file.exists()))
+        return bool(share) or (ranks.is_main and not (self.spec_file.exists() and part_done(self.probe_file)))
 
     def load(self) -> dict[str, int]:
         """Load the model (once) and check every prompt of the run against it; the token counts."""
         if self.loaded is None:
             self.loaded = _model(self.source, self.loader)
         _, tokenizer, spec = self.loaded
-        return _check_fits(spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name)
+        return _check_fits(spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name, self.probe_length)
 
     def open(self, share, ranks):
         if not self.needs_model(share, ranks):
@@ -145,8 +145,8 @@ class _ModelParts(Section):
 
         model, tokenizer, spec = self.loaded
         measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **self.options)
-        with atomic_output(self.tensors(prompt), force=True) as temp:
-            save_file({"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp))
+        write_part(self.tensors(prompt), lambda temp: save_file(
+            {"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp)))
         return measured.heads
 
     def close(self) -> None:
@@ -154,13 +154,17 @@ class _ModelParts(Section):
 
 
 def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
-                   pseudo_group_size, probe_length) -> None:
+                   pseudo_group_size, probe_length, rank_by, seed) -> None:
     check_head_measure(measure)
     at_least("thumbnail_size", thumbnail_size, 2)
     at_least("top_k", top_k, 1)
     at_least("probe_length", probe_length, 0, " (0 skips the induction probe)")
-    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence)
+    check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence, seed=seed)
     check_pseudo_group_size(pseudo_group_size)
+    unknown = [name for name in ([rank_by] if isinstance(rank_by, str) else rank_by) if name not in RANK_BY]
+    if unknown:
+        raise InputError(f"rank_by={unknown[0]!r} is not a score the atlas ranks prompts by; use some of "
+                         f"{', '.join(RANK_BY)}.")
     if max_rows is not None:
         at_least("max_rows", max_rows, 1, ", or None for every row")
 
@@ -195,8 +199,10 @@ def _check_prompts(prompts) -> list[Prompt]:
     return prompts
 
 
-def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: int | None, name: str) -> dict[str, int]:
-    """Token counts of `prompts` on one model, refused when a prompt is too long for it or its cube would not fit."""
+def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: int | None, name: str,
+                probe_length: int = 0) -> dict[str, int]:
+    """Token counts of `prompts` on one model, refused when a prompt (or the induction probe of
+    `probe_length`) is too long for it or its cube would not fit."""
     from llm_heatmap.probes.capture import estimate_cube_bytes
     from llm_heatmap.probes.memory import cube_fits
 
@@ -208,6 +214,15 @@ def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: i
             raise InputError(f"prompt '{longest}' has {counts[longest]} tokens, and the atlas keeps one prompt's whole "
                              f"attention cube on {name} ({size / 2**30:.1f} GiB), more than fits in memory; "
                              "shorten or leave out the longest prompts.")
+    if probe_length > 0:
+        vocabulary = len(tokenizer) - len(set(tokenizer.all_special_ids))
+        probe_tokens = 1 + 2 * probe_length
+        if probe_length > vocabulary or (spec.max_positions and probe_tokens > spec.max_positions) \
+                or not cube_fits(estimate_cube_bytes(spec, probe_tokens), max_bytes):
+            limit = min(vocabulary, (spec.max_positions - 1) // 2 if spec.max_positions else vocabulary)
+            raise InputError(f"probe_length={probe_length} is too long for {name}: its induction probe of "
+                             f"{probe_tokens} tokens must fit the model's context and vocabulary (at most "
+                             f"{limit}) and memory; pick a shorter probe_length.")
     return counts
 
 
@@ -249,10 +264,10 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     chat, measure, thumbnail_size, max_rows = options.chat, options.measure, options.thumbnail_size, options.max_rows
     top_k, rank_by, n_permutations = options.top_k, options.rank_by, options.n_permutations
     pseudo_group_size, probe_length, max_bytes = options.pseudo_group_size, options.probe_length, options.max_bytes
-    n_resamples, confidence = bootstrap.n_resamples, bootstrap.confidence
+    n_resamples, confidence, seed = bootstrap.n_resamples, bootstrap.confidence, bootstrap.seed
     shard, resume, force, ranks = run.shard, run.resume, run.force, run.ranks
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
-                   pseudo_group_size, probe_length)
+                   pseudo_group_size, probe_length, rank_by, seed)
     entries = _model_entries(models)
     prompts = _check_prompts(prompts)
     ranks = launcher_ranks() if ranks is None else ranks
@@ -309,7 +324,7 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
     if fresh or not parts.spec_file.exists():
         with atomic_output(parts.spec_file, force=True) as temp:
             temp.write_text(json.dumps({"name": name, "spec": spec.to_dict()}, indent=2) + "\n")
-    if fresh or not parts.probe_file.exists():
+    if fresh or not sealed(parts.probe_file):
         if probe_length > 0:
             from llm_heatmap.analyses.heads.induction_probe import induction_probe_scores
 
@@ -317,7 +332,7 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
             probe = probe.drop(columns=["kv_group"])
         else:
             probe = pd.DataFrame(columns=["layer", "head"])
-        write_table(probe, parts.probe_file, force=True)
+        write_part(parts.probe_file, lambda temp: write_table(probe, temp))
 
 
 def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[Prompt], *, measure: str, top_k: int,

@@ -32,7 +32,7 @@ import pandas as pd
 from llm_heatmap.errors import InputError
 
 from llm_heatmap.models.files import check_writable, claim_outputs
-from .parts import check_settings, part_done, part_key, shard_suffix, write_settings
+from .parts import check_settings, part_done, part_key, shard_suffix, write_part, write_settings
 from .progress import RunProgress
 from .prompts import Prompt, shard_prompts
 from .ranks import Ranks, launcher_ranks
@@ -162,7 +162,7 @@ def run_prompt_set(run: PromptSetRun, prompts: list[Prompt], out_dir: str | Path
         check_writable(path, force=True)
     check_settings(out_dir, run.kind, run.settings, resume=resume)
     record = RunRecord(out_dir=out_dir, shard=options.shard, ranks=ranks, prompts=mine, sections=run.sections)
-    with claim_outputs([settings_path] if ranks.is_main else [], force=True):  # one run of this shard at a time
+    with claim_outputs([settings_path] if ranks.is_main else [], force=True, resumable=True):  # one run of this shard at a time
         done = {s.name: [p for p in mine if resume and s.done(p)] for s in run.sections}
         for section in run.sections:  # each rank checks its share
             record.rows[section.name] = {p.id: read_rows(section, p) for p in ranks.share(done[section.name])}
@@ -207,7 +207,7 @@ def _measure_share(run: PromptSetRun, section: Section, share: list[Prompt], ran
     try:
         for prompt in share:
             table = with_front(section.measure(prompt), section.name, prompt, counts.get(prompt.id))
-            write_table(table, section.rows(prompt), force=True)
+            write_part(section.rows(prompt), lambda temp: write_table(table, temp))
             record.computed[section.name].append(prompt.id)
             record.rows[section.name][prompt.id] = pd.read_parquet(section.rows(prompt))  # the dtypes of a resumed prompt
             if run.on_prompt is not None:

@@ -1,9 +1,11 @@
 """Per-prompt part files of a resumable run, and the settings file that says how they were computed.
 
 A run (`batch`, `atlas`) writes each finished prompt to its own file under `parts/`, named by
-`part_key(prompt id)`, atomically; a prompt counts as done exactly when its file exists and reads
-(`part_done`: an empty or truncated file, which only a damaged disk or a hand can leave, is computed
-again), so a resumed run computes only the others, with any number of ranks or shards. Beside the
+`part_key(prompt id)`, atomically and sealed (`write_part`: the SHA-256 of its bytes in a file beside it,
+written before the part is renamed into place); a prompt counts as done exactly when its file exists,
+reads and matches its seal (`part_done`: an
+empty, truncated or overwritten file, which only a damaged disk or a hand can leave, is computed again,
+never merged), so a resumed run computes only the others, with any number of ranks or shards. Beside the
 parts, each run writes its settings as JSON (one file per shard: shards never write the same file);
 a resumed run must find the same settings in every settings file of the folder. The settings file
 is also what a run claims (`files.claim_outputs`, by rank 0 for all its ranks), so two runs of one
@@ -30,9 +32,42 @@ def part_key(prompt_id: str) -> str:
     return f"{readable}-{hashlib.sha1(prompt_id.encode()).hexdigest()[:10]}"
 
 
+def seal_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_part(path: Path, write) -> Path:
+    """`write(temporary path)` writes the part; its seal (the SHA-256 of those bytes) is written beside
+    `path` before the part is renamed into place, so every part file in place has its seal (a run killed in
+    between leaves a seal without its part, which is not done)."""
+    with atomic_output(path, force=True) as temp:
+        write(temp)
+        with atomic_output(seal_path(path), force=True) as seal:
+            seal.write_text(_digest(temp) + "\n")
+    return path
+
+
+def sealed(path: Path) -> bool:
+    """Whether the file `path` exists with the bytes its seal (`seal_part`) names."""
+    try:
+        return seal_path(path).read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
 def part_done(path: Path) -> bool:
-    """Whether a part file exists and reads: a Parquet file with rows (its footer), or a safetensors file
-    (its header). Cheap: no rows or tensors are read."""
+    """Whether a part file is `sealed` and reads: a Parquet file with rows (its footer), or a safetensors
+    file (its header)."""
+    if not sealed(path):
+        return False
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq

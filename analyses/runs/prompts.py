@@ -22,6 +22,7 @@ TEXT_COLUMN = "prompt"
 
 
 MIN_TOKENS = 2  # the per-head metrics and similarities need a row that attends to two keys
+MAX_FILE_BYTES = 256 * 2**20  # a prompt file is read whole; 100k prompts of a paragraph each take ~60 MiB
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,21 @@ class Prompt:
 
 
 def check_prompt(text, where: str = "the prompt") -> str:
-    """`text` if it is a non-empty string, else an `InputError` naming `where`."""
+    """`text` if it is a non-empty string of Unicode characters, else an `InputError` naming `where`."""
     if not isinstance(text, str):
         raise InputError(f"{where} is {type(text).__name__}, not text; give the prompt as a string.")
     if not text.strip():
         raise InputError(f"{where} is empty; give a prompt with at least one non-space character.")
+    return check_text(text, where)
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` unless it holds a lone surrogate (a JSON escape like \\ud800, which no encoding can write)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"{where} holds a lone surrogate ({text[error.start]!a} at character {error.start}), which "
+                         "is not a Unicode character; remove it or pair it.") from None
     return text
 
 
@@ -61,14 +72,23 @@ def _reading(path: Path):
         raise InputError(f"prompt file {path} is not UTF-8 text; save it as UTF-8.") from None
 
 
+def _too_large(path: Path) -> InputError:
+    return InputError(f"prompt file {path} is larger than {MAX_FILE_BYTES // 2**20} MiB; split it into smaller files.")
+
+
 def _read_text(path: Path) -> str:
+    """The file's text, read up to `MAX_FILE_BYTES` (a device such as /dev/zero never ends)."""
     with _reading(path):
         try:
-            return path.read_text(encoding="utf-8")
+            with path.open("rb") as file:
+                data = file.read(MAX_FILE_BYTES + 1)
         except (FileNotFoundError, IsADirectoryError):
             raise
         except OSError as error:
             raise InputError(f"prompt file {path} cannot be read ({error.strerror}); check its permissions.") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise _too_large(path)
+        return data.decode("utf-8")
 
 
 def read_prompt_text(path: str | Path) -> str:
@@ -78,7 +98,8 @@ def read_prompt_text(path: str | Path) -> str:
 
 
 def _lines(text: str) -> list[str]:
-    lines = text.splitlines()
+    """Lines split at \\n or \\r\\n only (str.splitlines also splits at form feeds, U+2028 and others)."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -102,15 +123,19 @@ def _from_jsonl(path: Path, text: str, column: str) -> list[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise InputError(f"{where} is not valid JSON ({error.msg}); write one JSON object per line.") from None
+        except RecursionError:
+            raise InputError(f"{where} nests JSON too deeply to read; write flat objects like "
+                             f'{{"{column}": "...", "id": "..."}}.') from None
         if not isinstance(record, dict) or column not in record:
             hint = f'objects like {{"{column}": "...", "id": "..."}}'
             if column == TEXT_COLUMN:
                 raise InputError(f'{where} has no "{column}" field; write {hint}.')
             raise InputError(f'{where} has no "{column}" field; write {hint}, or pass column=NAME, the field that holds the prompt.')
         check_prompt(record[column], f'the "{column}" on {where}')
-        prompt_id = record.get("id", len(prompts))
+        prompt_id = check_text(str(record.get("id", len(prompts))), f'the "id" on {where}')
         group = record.get("group")
-        prompts.append(Prompt(id=str(prompt_id), text=record[column], group=None if group is None else str(group),
+        prompts.append(Prompt(id=prompt_id, text=record[column],
+                              group=None if group is None else check_text(str(group), f'the "group" on {where}'),
                               origin=where))
     return prompts
 
@@ -119,6 +144,9 @@ def _read_table(path: Path):
     import pandas as pd
 
     with _reading(path):
+        if path.stat().st_size > MAX_FILE_BYTES or not path.is_file():
+            raise _too_large(path) if path.is_file() else InputError(
+                f"prompt file {path} is not a regular file; pass a .csv or .parquet file.")
         try:
             if path.suffix.lower() == ".csv":
                 # every cell as text: ids like "007" and prompts like "NA" stay as written
@@ -160,8 +188,9 @@ def _from_table(path: Path, column: str) -> list[Prompt]:
         text = record[column]
         check_prompt(None if text is None or text is pd.NA else text, f"the '{column}' of {where}")
         prompt_id, group = record.get("id"), record.get("group")
-        prompts.append(Prompt(id=str(len(prompts)) if _blank(prompt_id) else _cell_text(prompt_id), text=text,
-                              group=None if _blank(group) else _cell_text(group), origin=where))
+        prompts.append(Prompt(id=str(len(prompts)) if _blank(prompt_id) else check_text(_cell_text(prompt_id), f"the id of {where}"),
+                              text=text, group=None if _blank(group) else check_text(_cell_text(group), f"the group of {where}"),
+                              origin=where))
     return prompts
 
 
