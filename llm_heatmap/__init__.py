@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 
 _MODULES = {
     "llm_heatmap.models": ("load_model", "ModelSpec", "spec_from_model"),
-    "llm_heatmap.probes": ("AttentionCube", "capture", "capture_prompt", "capture_generate", "capture_lens", "Downsampler"),
+    "llm_heatmap.probes": ("AttentionCube", "capture", "capture_prompt", "capture_generate", "capture_lens", "capture_sites",
+                           "Downsampler"),
     "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "kv_group_similarity", "head_similarity_matrix",
                              "rollout", "compare_cubes"),
     "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "write_html"),
