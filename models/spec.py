@@ -12,6 +12,7 @@ from llm_heatmap.errors import InputError
 
 from .gguf_cache import gguf_type_of
 from .output_projection import find_output_projection
+from .sites import CROSS, DECODER, ENCODER, SELF, TEXT, VISION, find_sites
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -41,6 +42,7 @@ class ModelSpec:
     quantization: str | None = None
     max_positions: int | None = None
     attn_softcap: float | None = None
+    site: str | None = None
     attention_modules: tuple[str, ...] = field(default=(), compare=False)
     output_projections: tuple[str, ...] = field(default=(), compare=False)
 
@@ -76,7 +78,7 @@ class ModelSpec:
     def summary(self) -> str:
         """One line, e.g. `dense decoder, GQA 9q:3kv x 30 layers, GGUF Q4_1`."""
         body = "MoE" if self.is_moe else "dense"
-        role = "decoder" if self.causal else "encoder"
+        role = self.site or ("decoder" if self.causal else "encoder")
         parts = [f"{body} {role}", f"{self.attention_kind} {self.num_heads}q:{self.num_kv_heads}kv x {self.num_layers} layers"]
         if self.is_moe:
             parts.append(f"{self.num_experts} experts, top-{self.experts_per_token}")
@@ -167,8 +169,20 @@ def layer_types(config, num_layers: int, modules: list[nn.Module] = (), declared
     return tuple(types), (window if SLIDING in types else None)
 
 
-def spec_from_model(model: nn.Module) -> ModelSpec:
-    """Read a `ModelSpec` from a transformers model's config and attention modules."""
+def _module_heads(module: nn.Module) -> tuple[int | None, int | None, int | None]:
+    """(query heads, KV heads, head size) an attention module states itself, None where it does not."""
+    heads = _first(module, "num_heads", "n_heads", "num_attention_heads")
+    groups = _first(module, "num_key_value_groups")
+    kv = heads // groups if heads and groups else _first(module, "num_key_value_heads", "num_kv_heads")
+    head_dim = _first(module, "head_dim", "key_value_proj_dim", "attention_head_size")
+    return heads, kv, head_dim
+
+
+def spec_from_model(model: nn.Module, site: str | None = None) -> ModelSpec:
+    """Read a `ModelSpec` from a transformers model's config and attention modules.
+
+    A model with several attention sites (`sites.find_sites`: encoder, decoder, cross, vision, text)
+    has one spec per site; `site` names it (default: the model's first site)."""
     name = type(model).__name__
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -176,30 +190,46 @@ def spec_from_model(model: nn.Module) -> ModelSpec:
             f"model {name} has no Hugging Face config, so its attention cannot be described; "
             "pass a transformers model (from load_model or from_pretrained/from_config)."
         )
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    attention = find_attention_modules(model)
+    sites = find_sites(model)
+    attention = find_attention_modules(model) if site is None and set(sites) <= {SELF} else []
+    if not attention:
+        if site is not None and site not in sites:
+            raise InputError(f"site={site!r} is not a site of {name}; its sites are {', '.join(sites) or 'none'}.")
+        site = site or next(iter(sites), None)
+        attention = sites.get(site, [])
     if not attention:
         raise InputError(
-            f"model {name} has no self-attention modules that llm-heatmap can find; "
-            "pass a transformer model whose attention modules carry a layer_idx."
+            f"model {name} has no attention modules that llm-heatmap can find; "
+            "pass a transformer model whose attention runs through modules named *Attention."
         )
     modules = [m for _, m in attention]
-    num_heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    site_config = config.get_text_config() if site in (None, SELF) and hasattr(config, "get_text_config") else config
+    if site == VISION and getattr(config, "vision_config", None) is not None:
+        site_config = config.vision_config
+    elif site == TEXT and getattr(config, "text_config", None) is not None:
+        site_config = config.text_config
+    own_heads, own_kv, own_dim = _module_heads(modules[0])
+    num_heads = own_heads or _first(site_config, "num_attention_heads", "n_head", "num_heads")
     if num_heads is None:
         raise InputError(
             f"model {name} has attention modules but its config names no head count; "
             "pass a transformers model whose config sets num_attention_heads."
         )
-    num_kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=num_heads)
-    if getattr(config, "multi_query", False):
+    num_kv_heads = own_kv or _first(site_config, "num_key_value_heads", "num_kv_heads", default=num_heads)
+    if getattr(site_config, "multi_query", False):
         num_kv_heads = 1
-    hidden = _first(config, "hidden_size", "n_embd", "d_model")
-    head_dim = _first(config, "head_dim", default=hidden // num_heads)
-    types, window = layer_types(config, len(modules), modules)
-    causal = bool(getattr(modules[0], "is_causal", getattr(config, "is_decoder", False)))
+    hidden = _first(site_config, "hidden_size", "n_embd", "d_model")
+    head_dim = own_dim or _first(site_config, "head_dim", default=hidden // num_heads)
+    types, window = layer_types(site_config, len(modules), modules)
+    if site in (ENCODER, CROSS, VISION):
+        causal = False
+    elif site == DECODER:
+        causal = True
+    else:
+        causal = bool(getattr(modules[0], "is_causal", getattr(site_config, "is_decoder", False)))
     architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     return ModelSpec(
-        model_type=str(getattr(config, "model_type", "unknown")),
+        model_type=str(getattr(site_config, "model_type", "unknown")),
         architecture=architecture,
         num_layers=len(modules),
         num_heads=int(num_heads),
@@ -208,12 +238,22 @@ def spec_from_model(model: nn.Module) -> ModelSpec:
         causal=causal,
         layer_types=types,
         sliding_window=window,
-        num_experts=_first(config, "num_experts", "num_local_experts", "n_routed_experts"),
-        experts_per_token=_first(config, "num_experts_per_tok", "moe_topk", "num_experts_per_token"),
+        num_experts=_first(site_config, "num_experts", "num_local_experts", "n_routed_experts"),
+        experts_per_token=_first(site_config, "num_experts_per_tok", "moe_topk", "num_experts_per_token"),
         quantization=config_quantization(config),
-        max_positions=_first(config, "max_position_embeddings", "n_positions"),
-        attn_softcap=_first(config, "attn_logit_softcapping"),
+        max_positions=_first(site_config, "max_position_embeddings", "n_positions"),
+        attn_softcap=_first(site_config, "attn_logit_softcapping"),
+        site=None if site in (None, SELF) else site,
         attention_modules=tuple(name for name, _ in attention),
         output_projections=tuple(find_output_projection(model, name, int(num_heads) * int(head_dim)) or ""
                                  for name, _ in attention),
     )
+
+
+def site_specs(model: nn.Module) -> dict[str, ModelSpec]:
+    """Site name -> `ModelSpec` of every attention site of the model (one entry, "self", for a decoder
+    LLM or a BERT)."""
+    sites = find_sites(model)
+    if set(sites) <= {SELF}:
+        return {SELF: spec_from_model(model)}
+    return {site: spec_from_model(model, site) for site in sites}

@@ -5,8 +5,9 @@ from .cube import AttentionCube, Pooling, StreamPart
 from .geometry import attendable_mask
 from .generate import capture_generate
 from .lens import capture_lens, lens_spec
+from .sites import SiteCubes, SiteProbe, capture_sites
 from .stream import CubeConsumer, Downsampler, downsample, replay
 
 __all__ = ["AttentionCube", "CubeConsumer", "Downsampler", "Pooling", "Probe", "StreamPart", "attendable_mask", "capture", "capture_generate",
-           "capture_lens",
+           "capture_lens", "capture_sites", "SiteCubes", "SiteProbe",
            "capture_prompt", "downsample", "estimate_cube_bytes", "lens_spec", "replay"]

@@ -21,6 +21,7 @@ from torch import nn
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec, spec_from_model
 from llm_heatmap.models.offline import source_name
+from llm_heatmap.models.sites import CROSS
 
 from . import tap
 from .cube import AttentionCube, StreamPart
@@ -232,7 +233,8 @@ class Probe:
                     "run the prompts one at a time or use keep=True without consumers."
                 )
             first_row = 0 if self.last_queries is None else max(0, queries - self.last_queries)
-            positions = torch.arange(first_row, queries) + (keys - queries)
+            # a cross-attention site's rows are target positions, not the last positions of the keys
+            positions = torch.arange(first_row, queries) + (0 if self.spec.site == CROSS else keys - queries)
             side = self._side_tensors(layer, call, value, output, first_row)
             if self.keep:
                 buffer = self._ensure_buffer(batch, positions, keys)
@@ -321,7 +323,7 @@ class Probe:
             heads=self.heads,
             query_positions=positions,
             key_mask=sequence["key_mask"],
-            query_mask=sequence["key_mask"][positions],
+            query_mask=sequence["key_mask"][positions] if self.spec.site != CROSS else torch.ones(len(positions), dtype=torch.bool),
             metadata=dict(sequence["metadata"]),
             stream=stream,
             **side,
@@ -366,6 +368,8 @@ class Probe:
             key_mask = torch.as_tensor(attention_mask).detach().cpu().bool().reshape(batch, -1)[:, -keys:]
         tokenizer = tokenizer or self.tokenizer
         tokens = [token_strings(row, tokenizer) for row in ids]
+        query_mask = key_mask[:, self._positions] if self.spec.site != CROSS else \
+            torch.ones(batch, len(self._positions), dtype=torch.bool)
         source = source or source_name(self.model)
         cube = AttentionCube(
             pattern=self._buffer,
@@ -376,7 +380,7 @@ class Probe:
             heads=self.heads,
             query_positions=self._positions,
             key_mask=key_mask,
-            query_mask=key_mask[:, self._positions],
+            query_mask=query_mask,
             prompt=prompt,
             source=source,
             metadata=self._metadata(),
@@ -388,7 +392,7 @@ class Probe:
             return AttentionCube(
                 pattern=self._buffer[0], spec=self.spec, tokens=tokens[0], token_ids=ids[0], layers=self.layers,
                 heads=self.heads, query_positions=self._positions, key_mask=key_mask[0],
-                query_mask=key_mask[0, self._positions], prompt=prompt[0] if isinstance(prompt, list) else prompt,
+                query_mask=query_mask[0], prompt=prompt[0] if isinstance(prompt, list) else prompt,
                 source=source, metadata=cube.metadata, **{name: tensor[0] for name, tensor in self._side.items()},
             )
         return cube.item(0)

@@ -41,6 +41,14 @@ class Pooling:
     def num_keys(self) -> int:
         return self.key_edges[-1]
 
+    def query_labels(self) -> list:
+        """The token of each query row: its own token for a cross-attention cube, else the key token at
+        its position."""
+        if self.query_tokens is not None:
+            return list(self.query_tokens)
+        tokens = self.one_sequence().tokens
+        return [tokens[int(p)] for p in self.query_positions]
+
     def query_spans(self) -> geometry.Spans:
         return geometry.Spans(torch.tensor(self.query_first), torch.tensor(self.query_last))
 
@@ -88,6 +96,11 @@ class AttentionCube:
     difference of two such patterns (`analyses.compare.difference_cube`, B - A: weights then lie in
     [-1, 1]). The optional `SIDE_TENSORS` travel with the pattern through `select`, `item` and
     files. A file is checked against one schema when it is loaded (`cube_schema.py`).
+
+    A cube of one attention site of a multi-site model (`spec.site`: encoder, decoder, cross, vision,
+    text) is built the same way. A cross-attention cube is rectangular: its queries are another
+    sequence than its keys (target tokens over source tokens), named by `query_tokens`, and
+    `query_positions` count along that sequence; `query_tokens` is None where rows are key positions.
     """
 
     pattern: torch.Tensor
@@ -111,6 +124,7 @@ class AttentionCube:
     output_norms: torch.Tensor | None = None
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    query_tokens: list | None = None
 
     def __repr__(self) -> str:
         """One line: shape, dtype, what it holds, the model and the start of the prompt (never the tensors)."""
@@ -185,6 +199,14 @@ class AttentionCube:
         return self.pattern.shape[0] if self.batched else 1
 
     # ---- views ------------------------------------------------------------------------
+    def query_labels(self) -> list:
+        """The token of each query row: its own token for a cross-attention cube, else the key token at
+        its position."""
+        if self.query_tokens is not None:
+            return list(self.query_tokens)
+        tokens = self.one_sequence().tokens
+        return [tokens[int(p)] for p in self.query_positions]
+
     def query_spans(self) -> geometry.Spans:
         """First and last prompt position of each entry of the query axis."""
         return self.pooling.query_spans() if self.pooling else geometry.Spans.points(self.query_positions)
@@ -335,6 +357,8 @@ class AttentionCube:
             "pooling": None if self.pooling is None else asdict(self.pooling),
             "stream": None if self.stream is None else asdict(self.stream),
         }
+        if self.query_tokens is not None:
+            header["query_tokens"] = self.query_tokens
         with atomic_output(path, force=True) as temp:  # complete or not at all
             save_file(tensors, str(temp), metadata={"llm_heatmap": json.dumps(header)})
         return path
@@ -365,4 +389,5 @@ class AttentionCube:
             **{name: tensors[name] for name in SIDE_TENSORS if name in tensors},
             pooling=None if header.get("pooling") is None else Pooling.from_dict(header["pooling"]),
             stream=None if header.get("stream") is None else StreamPart(**header["stream"]),
+            query_tokens=header.get("query_tokens"),
         )

@@ -44,8 +44,11 @@ from llm_heatmap.choices import WEIGHTINGS
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 
+from llm_heatmap.models.sites import SITE_ORDER
+
 FORMAT = "llm-heatmap-cube"
-FORMAT_VERSION = 1
+# 2: the spec names its attention site; rectangular cubes (cross-attention) carry their query tokens
+FORMAT_VERSION = 2
 
 # Optional tensors captured beside the pattern, with the axes they share with it (l: the cube's
 # layers, h: its heads, g: the model's KV heads, q: its query rows, k: its keys, d: head size):
@@ -127,6 +130,7 @@ _SPEC_TYPES = {  # field: (accepts, what it must be); None allowed where the dat
     "max_positions": (lambda v: _whole(v) and v >= 1, "a whole number of at least 1, or null"),
     "attn_softcap": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                      "a finite number above 0, or null"),
+    "site": (lambda v: isinstance(v, str) and v in SITE_ORDER, f"one of {', '.join(SITE_ORDER)}, or null"),
     "attention_modules": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
     "output_projections": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
 }
@@ -339,7 +343,7 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
     tokens = keys
     if header.get("pooling") is not None:
         tokens = _check_pooling(header["pooling"], queries, keys, batch is not None)
-    elif queries > keys:
+    elif queries > keys and header.get("query_tokens") is None:
         _fail('tensor "pattern"', f"has {queries} query rows, more than its {keys} keys")
     if header.get("stream") is not None:
         _check_stream(header["stream"], queries, keys)
@@ -347,6 +351,10 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
         _fail('tensor "pattern"', f"covers {tokens} tokens, more than the model's context of {spec.max_positions}")
     _check_tokens(header["tokens"], batch, keys)
     _check_prompt_size(header.get("prompt"), tokens)
+    query_tokens = header.get("query_tokens")
+    if query_tokens is not None and (batch is not None or not isinstance(query_tokens, list) or len(query_tokens) != queries
+                                     or not all(isinstance(t, str) for t in query_tokens)):
+        _fail('header field "query_tokens"', f"must be a list of {queries} token strings, one per query row of one sequence")
     _expect("query_positions", shapes["query_positions"], dtypes["query_positions"], (queries,), INTEGERS, "integers")
     _expect("token_ids", shapes["token_ids"], dtypes["token_ids"], front + (keys,), INTEGERS, "integers")
     _expect("key_mask", shapes["key_mask"], dtypes["key_mask"], front + (keys,), BOOLS, "booleans")
@@ -435,8 +443,10 @@ def _check_values(cube_file: CubeFile, tensors: dict[str, torch.Tensor]) -> None
     positions = tensors["query_positions"].long()
     if len(positions) > 1 and bool((positions.diff() <= 0).any()):
         _fail('tensor "query_positions"', "must be strictly increasing")
-    if bool((positions < 0).any()) or bool((positions >= cube_file.num_tokens).any()):
-        _fail('tensor "query_positions"', f"must lie within the {cube_file.num_tokens} tokens (0..{cube_file.num_tokens - 1})")
+    query_tokens = cube_file.header.get("query_tokens")  # a cross-attention cube's rows count along their own sequence
+    rows = cube_file.num_tokens if query_tokens is None else len(query_tokens)
+    if bool((positions < 0).any()) or bool((positions >= rows).any()):
+        _fail('tensor "query_positions"', f"must lie within the {rows} tokens (0..{rows - 1})")
     if not bool(tensors["key_mask"].bool().any(-1).all()):
         _fail('tensor "key_mask"', "marks no real key")
     if not bool(tensors["query_mask"].bool().any(-1).all()):

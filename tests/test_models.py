@@ -542,7 +542,7 @@ def test_models_without_attention():
         spec_from_model(nn.Sequential(nn.Linear(4, 4)))
     _one_sentence(caught.value)
     resnet = ResNetModel(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8], depths=[1]))
-    with pytest.raises(InputError, match="ResNetModel has no self-attention modules") as caught:
+    with pytest.raises(InputError, match="ResNetModel has no attention modules") as caught:
         spec_from_model(resnet)
     _one_sentence(caught.value)
 

@@ -1,0 +1,130 @@
+"""Capture every attention site of a model at once: one `AttentionCube` per site.
+
+    with capture_sites(model) as probe:
+        model(input_ids=source_ids, decoder_input_ids=target_ids)
+    cubes = probe.cubes(source_ids, decoder_input_ids=target_ids, tokenizer=tokenizer)
+    cubes["cross"].pattern.shape   # "l h q k": target rows over source keys
+
+Each site gets its own `Probe` (the same tap, hooks and options), over that site's attention modules
+and `ModelSpec` (`models.site_specs`). What each site's axes hold: encoder/self/text sites attend over
+`input_ids`; a decoder over `decoder_input_ids`; cross-attention from `decoder_input_ids` (queries) to
+`input_ids` (keys); a vision tower, or an encoder fed `input_features` (Whisper), over positions that
+have no token ids, labelled by `position_labels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from llm_heatmap.errors import InputError
+from llm_heatmap.models import ModelSpec, site_specs
+from llm_heatmap.models.sites import CROSS, DECODER, VISION
+
+from .capture import Probe, token_strings
+from .cube import AttentionCube
+
+
+@dataclass(frozen=True)
+class SiteCubes(Mapping):
+    """Site name -> `AttentionCube` of one forward pass, sites in the model's order."""
+
+    cubes: dict[str, AttentionCube]
+
+    def __getitem__(self, site: str) -> AttentionCube:
+        if site not in self.cubes:
+            raise InputError(f"site={site!r} was not captured; the sites are {', '.join(self.cubes)}.")
+        return self.cubes[site]
+
+    def __iter__(self):
+        return iter(self.cubes)
+
+    def __len__(self) -> int:
+        return len(self.cubes)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name} {tuple(cube.pattern.shape)}" for name, cube in self.cubes.items())
+        return f"SiteCubes({shapes})"
+
+
+def position_labels(site: str, spec: ModelSpec, count: int, model: nn.Module) -> list[str]:
+    """Labels of positions without token ids: a vision tower's [CLS]/special tokens then patches by row
+    and column of the patch grid, or numbered frames."""
+    if site == VISION or getattr(model.config, "image_size", None) and getattr(model.config, "patch_size", None):
+        config = getattr(model.config, "vision_config", None) or model.config
+        side = int(getattr(config, "image_size", 0)) // int(getattr(config, "patch_size", 1) or 1)
+        special = count - side * side
+        if side and 0 <= special:
+            names = ["[CLS]"] + [f"[special {i}]" for i in range(1, special)]
+            return names[:special] + [f"patch r{r} c{c}" for r in range(side) for c in range(side)]
+    return [f"frame {i}" for i in range(count)]
+
+
+class SiteProbe:
+    """One `Probe` per attention site of a model; use through `capture_sites(model, sites=None, **options)`."""
+
+    def __init__(self, model: nn.Module, *, sites=None, **options):
+        specs = site_specs(model)
+        chosen = list(specs) if sites is None else [sites] if isinstance(sites, str) else list(sites)
+        unknown = [s for s in chosen if s not in specs]
+        if unknown:
+            raise InputError(f"site={unknown[0]!r} is not a site of {type(model).__name__}; its sites are {', '.join(specs)}.")
+        self.model = model
+        self.specs = {site: specs[site] for site in chosen}
+        self.probes = {site: Probe(model, spec=spec, **options) for site, spec in self.specs.items()}
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> "SiteProbe":
+        with contextlib.ExitStack() as stack:
+            for probe in self.probes.values():
+                stack.enter_context(probe)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.__exit__(*exc)
+
+    def cubes(self, input_ids=None, *, decoder_input_ids=None, attention_mask=None, decoder_attention_mask=None,
+              tokenizer=None, prompt=None, source=None) -> SiteCubes:
+        """The cube of every captured site of the last forward pass (one sequence)."""
+        cubes = {}
+        for site, probe in self.probes.items():
+            if probe._buffer is None:
+                raise InputError(f"site {site} ran no attention in the last forward pass; run a full forward pass "
+                                 "(an encoder-decoder model needs decoder_input_ids) inside the block.")
+            batch, _, _, queries, keys = probe._buffer.shape
+            if batch != 1:
+                raise InputError(f"capture_sites holds one sequence per forward pass, got a batch of {batch}; "
+                                 "run the inputs one at a time.")
+            decoder_side = site in (DECODER, CROSS)
+            key_ids, key_mask = (decoder_input_ids, decoder_attention_mask) if site == DECODER else (input_ids, attention_mask)
+            labels = None
+            if key_ids is None or torch.as_tensor(key_ids).shape[-1] != keys:
+                if decoder_side and site == DECODER:
+                    raise InputError("the decoder's cube needs decoder_input_ids; pass the ones the model ran with.")
+                labels, key_ids, key_mask = position_labels(site, probe.spec, keys, self.model), torch.arange(keys), None
+            cube = probe.cube(key_ids, key_mask, tokenizer=None if labels else tokenizer, prompt=prompt, source=source)
+            if labels is not None:
+                cube = replace(cube, tokens=labels)
+            if site == CROSS:
+                if decoder_input_ids is None:
+                    raise InputError("the cross-attention cube needs decoder_input_ids; pass the ones the model ran with.")
+                query_ids = torch.as_tensor(decoder_input_ids).reshape(-1)
+                if len(query_ids) != queries:
+                    raise InputError(f"decoder_input_ids hold {len(query_ids)} tokens, but cross-attention ran "
+                                     f"{queries} query rows; pass the decoder_input_ids the model ran with.")
+                cube = replace(cube, query_tokens=token_strings(query_ids, tokenizer))
+            cubes[site] = cube
+        return SiteCubes(cubes)
+
+
+def capture_sites(model: nn.Module, *, sites=None, **options) -> SiteProbe:
+    """A context manager capturing every attention site (or the `sites` named) of each forward pass run
+    inside it; the options are `Probe`'s."""
+    return SiteProbe(model, sites=sites, **options)
