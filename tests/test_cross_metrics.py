@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_heatmap.analyses.cross_metrics import alignment, coverage, cross_metrics, monotonicity, source_entropy
+from llm_heatmap.analyses.heads.cross_metrics import alignment, coverage, cross_metrics, monotonicity, source_entropy
 
 TOY = Path(__file__).parents[1] / "examples" / "toy_models"
 

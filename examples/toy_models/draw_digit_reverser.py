@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import BartForConditionalGeneration
 
-from llm_heatmap.analyses.cross_metrics import cross_metrics
+from llm_heatmap.analyses.heads.cross_metrics import cross_metrics
 from llm_heatmap.probes import capture_sites
 from llm_heatmap.viz import GridStyle, save_grid
 
