@@ -28,7 +28,9 @@ def load(args, source: str | None = None, device: str | None = None):
     """(model, tokenizer, spec) for `source` (default --model) with the loading options of `args`;
     `device` (a launched rank's GPU) stands in for --device."""
     from llm_heatmap.models import load_model
+    from llm_heatmap.stall import stall_point
 
+    stall_point("model-loading")
     return load_model(args.model if source is None else source, dtype=args.dtype, device_map=device or args.device,
                       quantize=args.quantize, trust_remote_code=args.trust_remote_code,
                       progress=progress_printer(args))

@@ -27,6 +27,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.stall import stall_point
 
 TEMP_MARK = "llm-heatmap-tmp"
 LOCK_MARK = "llm-heatmap-lock"
@@ -114,6 +115,7 @@ def atomic_output(path: str | Path, *, force: bool = False):
     temp = folder / path.name
     try:
         yield temp
+        stall_point(f"write:{path.name}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)  # writers that replace the file through their own temporary leave 0600

@@ -12,8 +12,10 @@ Real subprocesses (`python -m llm_heatmap.cli`), real signals, real files:
 - hostile model folders and cube files: pickled weights, `auto_map` remote code, a pickle posing as a cube.
   A payload that would create a marker file when run is never run (and the controls show that it would be).
 
-The runs wait on observable events (a lock or temporary file appearing in --out, a part file, a marker file
-written by a stalled import), never on fixed delays, so every case hits the point it names. (The first
+A run that is signalled, killed or raced is first held at the point the case names: a stalled import
+(the `sitecustomize` hook below) or one of the library's stall points (`llm_heatmap.stall`: model loading,
+each file just before it is renamed into place), which write a marker file and wait. The test waits for the
+marker, then acts, so neither the load of the machine nor the speed of the run can move the point. (The first
 ~25 ms of a process, before site-packages are set up, are Python's own and are not tested.)
 """
 
@@ -123,6 +125,13 @@ def wait_until(condition, run: Run, what: str, timeout: float = TIMEOUT):
         time.sleep(0.002)
 
 
+def stalled_env(tmp_path: Path, point: str, tag: str = "run") -> tuple[dict, Path]:
+    """An environment that holds the run at `llm_heatmap.stall` point `point` ("model-loading" or "write:NAME");
+    the returned marker appears when it is held there, and removing it lets the run go on."""
+    marker = tmp_path / f"held-{tag}"
+    return cli_env(LLM_HEATMAP_STALL_AT=point, LLM_HEATMAP_STALL_MARKER=str(marker)), marker
+
+
 def grid_args(prompt: str, out: Path, *extra):
     return ["grid", prompt, "--model", MODEL, "--out", out, "--name", NAME, *extra]
 
@@ -198,7 +207,7 @@ def written_by(out: Path, reference: dict) -> dict:
 
 STALL_HOOK = '''
 """Test hook: the first import of $HOSTILE_STALL_MODULE writes $HOSTILE_STALL_MARKER and then stalls (up to
-60 s) inside the import system, so that a signal sent on seeing the marker lands during the imports. With
+600 s) inside the import system, so that a signal sent on seeing the marker lands during the imports. With
 $HOSTILE_STALL_SWALLOW set, the stall instead ends by swallowing the KeyboardInterrupt the signal raises (as
 a library can: see test_a_stop_lost_in_a_library_is_still_reported), writes "<marker>.swallowed" and lets
 the import go on."""
@@ -211,7 +220,7 @@ class _Stall:
         sys.meta_path.remove(self)
         marker = os.environ["HOSTILE_STALL_MARKER"]
         open(marker, "w").close()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600
         try:
             while time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -239,12 +248,10 @@ POINTS = {
     # while cli/__init__.py imports the command modules (the stall hook holds `llm_heatmap.cli.grid`):
     # main() imports them once its signal handlers are in place, so SIGTERM and SIGHUP are reported here too
     "command-imports": "the stalled import of the command modules",
-    # the output set is claimed (its lock files appear); the signal lands during `import torch` / model loading
-    "model-loading": "the lock files of the output set",
-    # the grid image's temporary file exists: the signal lands while it is being drawn and written.
-    # a signal that lands while matplotlib matches fonts for the labels may be swallowed by a library's
-    # `try/except` (test_a_stop_lost_in_a_library_is_still_reported); main() still reports the stop.
-    "writing": "the grid's temporary file",
+    # the output set is claimed (its lock files are there), the model not yet loaded: stall point "model-loading"
+    "model-loading": "the run held before loading the model",
+    # the grid image is drawn into its temporary folder and not yet renamed: stall point "write:x.png"
+    "writing": "the run held while writing the grid",
 }
 
 
@@ -253,18 +260,19 @@ POINTS = {
 @pytest.mark.parametrize("signame", SIGNALS)
 def test_interrupt_exits_128_plus_signal_with_one_sentence_and_no_partial_files(signame, point, tmp_path, start):
     signum, out = SIGNALS[signame], tmp_path / "out"
-    env = None
     if point == "command-imports":
         env, stalled = stalled_import_env(tmp_path, "llm_heatmap.cli.grid")
-    run = start("grid", *grid_args(PROMPT_A, out), env=env)
-    if point == "command-imports":
-        wait_until(stalled.exists, run, POINTS[point], timeout=60)
-    elif point == "model-loading":
-        wait_until(lambda: sum(LOCK_MARK in n for n in names(out)) == 3, run, POINTS[point])
     else:
-        temp = wait_until(lambda: temporaries(out, f"{NAME}.png"), run, POINTS[point])[0]
-        match = TEMP_NAME.match(temp.name)
-        assert match and int(match["pid"]) == run.pid, f"temporary file {temp.name} does not carry the writer's pid"
+        env, stalled = stalled_env(tmp_path, "model-loading" if point == "model-loading" else f"write:{NAME}.png")
+    run = start("grid", *grid_args(PROMPT_A, out), env=env)
+    wait_until(stalled.exists, run, POINTS[point])
+    if point == "model-loading":
+        assert sum(LOCK_MARK in n for n in names(out)) == 3, f"the output set is not claimed: {sorted(names(out))}"
+    if point == "writing":
+        temp = temporaries(out, f"{NAME}.png")
+        assert len(temp) == 1, f"expected the grid's temporary folder in --out: {sorted(names(out))}"
+        match = TEMP_NAME.match(temp[0].name)
+        assert match and int(match["pid"]) == run.pid, f"temporary {temp[0].name} does not carry the writer's pid"
     run.signal(signum)
     status = run.finish()
 
@@ -335,8 +343,9 @@ def dead_pid() -> int:
 @pytest.mark.slow
 def test_sigkill_mid_write_leaves_a_temporary_file_that_the_next_run_removes(tmp_path, start):
     out = tmp_path / "out"
-    killed = start("killed", *grid_args(PROMPT_A, out))
-    wait_until(lambda: temporaries(out, f"{NAME}.png"), killed, "the grid's temporary file")
+    env, held = stalled_env(tmp_path, f"write:{NAME}.png")
+    killed = start("killed", *grid_args(PROMPT_A, out), env=env)
+    wait_until(held.exists, killed, "the run held while writing the grid")
     killed.signal(signal.SIGKILL)
     assert killed.finish() == -signal.SIGKILL
     stale = temporaries(out)
@@ -354,13 +363,16 @@ def test_sigkill_mid_write_leaves_a_temporary_file_that_the_next_run_removes(tmp
 @pytest.mark.slow
 def test_sigkill_during_the_cube_write_leaves_nothing_after_the_next_run(tmp_path, start):
     """The cube is written by safetensors, which itself writes through a temporary file `.tmpXXXXXX` beside its
-    target before renaming it. A SIGKILL in that window (a 500-token prompt: a 72 MB cube, so the window is
-    wide) must not leave debris that no run removes: the target lies in the run's temporary folder (named
-    with its pid), which the next run removes whole."""
+    target before renaming it. A SIGKILL in that window must not leave debris that no run removes: the target
+    lies in the run's temporary folder (named with its pid), which the next run removes whole. The run is held
+    with the cube written into that folder; the test adds the `.tmpXXXXXX` a kill inside safetensors' own
+    window would leave there (that window is in compiled code, where no stall point can hold it), then kills."""
     out = tmp_path / "out"
-    long_prompt = " ".join(["word"] * 500)
-    killed = start("killed", *grid_args(long_prompt, out))
-    wait_until(lambda: list(out.glob(f".*.{TEMP_MARK}/.tmp*")), killed, "safetensors' temporary file")
+    env, held = stalled_env(tmp_path, f"write:{NAME}.cube.safetensors")
+    killed = start("killed", *grid_args(PROMPT_A, out), env=env)
+    wait_until(held.exists, killed, "the run held while writing the cube")
+    (folder,) = out.glob(f".{NAME}.cube.safetensors.{killed.pid}-*.{TEMP_MARK}")
+    (folder / ".tmpk1ll3d").write_bytes(b"half a cube")
     killed.signal(signal.SIGKILL)
     assert killed.finish() == -signal.SIGKILL
     again = start("again", *grid_args(PROMPT_A, out, "--quiet", "--force"))
@@ -429,13 +441,13 @@ def test_two_grid_runs_on_one_output_set(round_, tmp_path, start, reference):
 
 @pytest.mark.slow
 def test_grid_run_refused_while_another_holds_the_set_and_after_it_finished(tmp_path, start, reference):
-    """A second run arriving while the first is writing (held there with SIGSTOP, so the overlap is certain)
-    is refused with one sentence naming the holder's pid, and changes nothing; the first then finishes. A
-    third arriving after it is refused because the files exist, again changing nothing."""
+    """A second run arriving while the first is writing (held there at a stall point, so the overlap is
+    certain) is refused with one sentence naming the holder's pid, and changes nothing; the first then
+    finishes. A third arriving after it is refused because the files exist, again changing nothing."""
     out = tmp_path / "out"
-    first = start("first", *grid_args(PROMPT_A, out))
-    wait_until(lambda: temporaries(out, f"{NAME}.png"), first, "the first run's temporary file")
-    first.signal(signal.SIGSTOP)
+    env, held = stalled_env(tmp_path, f"write:{NAME}.png")
+    first = start("first", *grid_args(PROMPT_A, out), env=env)
+    wait_until(held.exists, first, "the first run held while writing the grid")
     try:
         before = snapshot(out)
         second = start("second", *grid_args(PROMPT_B, out))
@@ -443,7 +455,7 @@ def test_grid_run_refused_while_another_holds_the_set_and_after_it_finished(tmp_
         assert_one_sentence(second, LOCKED_OUT, f"(pid {first.pid})")
         assert snapshot(out) == before, "the refused run changed the output folder"
     finally:
-        first.signal(signal.SIGCONT)
+        held.unlink()
     assert first.finish() == 0, first.stderr()
     assert names(out) == FINAL
     assert written_by(out, reference) == {name: PROMPT_A for name in sorted(FINAL)}
@@ -477,24 +489,25 @@ def assert_batch_table(out: Path, count: int) -> None:
 
 @pytest.mark.slow
 def test_batch_resume_refused_while_another_run_holds_the_folder(tmp_path, start):
-    """`batch --resume` on a folder that a running (here: stopped) batch holds is refused with one sentence
-    naming the holder and computes nothing; the first run finishes with one row per prompt x head, and a
-    later --resume computes nothing again and duplicates no row."""
+    """`batch --resume` on a folder that a running batch holds (held at a stall point with its parts written,
+    its tables not yet) is refused with one sentence naming the holder and computes nothing; the first run
+    finishes with one row per prompt x head, and a later --resume computes nothing again and duplicates no row."""
     count, out = 4, tmp_path / "run"
     prompts = write_prompts(tmp_path / "prompts.txt", count)
     args = ["batch", prompts, "--out", out, "--model", MODEL, "--resume", "--json"]
-    first = start("first", *args)
-    wait_until(lambda: finished_parts(out), first, "the first finished part file")
-    first.signal(signal.SIGSTOP)
+    env, held = stalled_env(tmp_path, "write:heads.parquet")
+    first = start("first", *args, env=env)
+    wait_until(held.exists, first, "the first run held before writing its tables")
     try:
         parts_before = sorted(p.name for p in finished_parts(out))
+        assert len(parts_before) == count
         second = start("second", *args)
         assert second.finish() == 2, second.stderr()
         assert_one_sentence(second, LOCKED_OUT, f"(pid {first.pid})")
         assert sorted(p.name for p in finished_parts(out)) == parts_before, "the refused run wrote parts"
         assert not (out / "heads.csv").exists()
     finally:
-        first.signal(signal.SIGCONT)
+        held.unlink()
     assert first.finish() == 0, first.stderr()
     assert len(json.loads(first.stdout())["computed"]) == count
     assert_batch_table(out, count)

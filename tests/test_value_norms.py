@@ -25,16 +25,19 @@ def value_projection(model, attention_path: str, spec):
 
 def output_weight(projection) -> torch.Tensor:
     """`"(h d) m"` from the module's weight: nn.Linear stores it transposed (a 4-bit one packed, dequantized
-    here with bitsandbytes' own function), GPT-2's Conv1D does not."""
+    here with bitsandbytes' own function), GPT-2's Conv1D does not. A 4-bit weight must be read before the
+    layer's first CPU forward, which may repack it in place (`four_bit_output_weights`)."""
     if type(projection).__name__ == "Linear4bit":
         import bitsandbytes as bnb
 
+        assert not getattr(projection.weight.quant_state, "packing_format_for_cpu", False), "read after a repack"
         return bnb.functional.dequantize_4bit(projection.weight.data, projection.weight.quant_state).float().T
     return projection.weight.T if isinstance(projection, torch.nn.Linear) else projection.weight
 
 
-def direct_norms(model, spec, ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """(value norms `"l h k"`, output norms `"l h q"`) computed from hooked module inputs and outputs."""
+def direct_norms(model, spec, ids, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value norms `"l h k"`, output norms `"l h q"`) computed from hooked module inputs and outputs;
+    with `weights` ({layer: output projection weight read before the forward}), those layers only, in that order."""
     values, inputs, hooks = {}, {}, []
     for layer, path in enumerate(spec.attention_modules):
         module, to_values = value_projection(model, path, spec)
@@ -50,8 +53,9 @@ def direct_norms(model, spec, ids) -> tuple[torch.Tensor, torch.Tensor]:
             hook.remove()
     d, group = spec.head_dim, spec.group_size
     value_norms, output_norms = [], []
-    for layer in range(spec.num_layers):
-        weight = output_weight(model.get_submodule(spec.output_projections[layer])).double()
+    for layer in weights or range(spec.num_layers):
+        weight = (weights[layer] if weights else output_weight(model.get_submodule(spec.output_projections[layer])))
+        weight = weight.double()
         per_head = weight.unflatten(0, (spec.num_heads, d))  # "h d m"
         v = values[layer].double()  # "k g d"
         value_norms.append(torch.stack([(v[:, h // group] @ per_head[h]).norm(dim=-1) for h in range(spec.num_heads)]))
@@ -88,17 +92,38 @@ def test_real_models_value_and_output_norms_equal_the_direct_computation(fixture
     torch.testing.assert_close(cube.output_norms.double(), output_norms, atol=1e-5, rtol=1e-5)
 
 
+def has_avx512_bf16() -> bool:
+    import bitsandbytes as bnb
+
+    return bool(bnb.functional.has_avx512bf16())
+
+
 @pytest.mark.slow
-def test_a_4bit_model_writes_through_its_dequantized_projection():
+@pytest.mark.parametrize("repack", [False, True], ids=["plain-4bit-kernel", "avx512bf16-repack"])
+def test_a_4bit_model_writes_through_its_dequantized_projection(repack):
+    """bitsandbytes repacks a 4-bit weight in place on the layer's first CPU forward when the CPU has
+    AVX512-BF16 (the layer's `support_avx512bf16_for_cpu`), and then multiplies with another kernel. Both
+    paths are forced here through that flag, whatever this CPU has; the reference weights are dequantized
+    before any forward, so a repack cannot change them under the test. The packed kernel exists only as
+    AVX512-BF16 code: without the feature, that case has nothing that could run it."""
     from llm_heatmap.models import load_model
 
+    if repack and not has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16, the only code bitsandbytes has for its repacked 4-bit layout")
     model, tokenizer, spec = load_model("smollm2-135m", quantize="4bit")
+    four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     assert type(model.get_submodule(spec.output_projections[0])).__name__ == "Linear4bit"
+    for module in four_bit:
+        module.support_avx512bf16_for_cpu = repack
+    weights = {layer: output_weight(model.get_submodule(spec.output_projections[layer])) for layer in (0, 29)}
     prompt = "The capital of France is Paris."
     cube = capture_prompt(model, tokenizer, prompt, value_norms=True, layers=[0, 29])
-    value_norms, output_norms = direct_norms(model, spec, tokenizer(prompt, return_tensors="pt")["input_ids"])
-    torch.testing.assert_close(cube.value_norms.double(), value_norms[[0, 29]], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cube.output_norms.double(), output_norms[[0, 29]], atol=1e-4, rtol=1e-4)
+    assert {getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit} == {repack}
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    value_norms, output_norms = direct_norms(model, spec, ids, weights)
+    rtol = 4e-3 if repack else 1e-4  # the repacked layout's kernel multiplies in bfloat16 (8 bits of mantissa)
+    torch.testing.assert_close(cube.value_norms.double(), value_norms, atol=1e-4, rtol=rtol)
+    torch.testing.assert_close(cube.output_norms.double(), output_norms, atol=1e-4, rtol=rtol)
 
 
 def test_streamed_parts_carry_the_norms_of_their_layer_and_rows():
