@@ -128,3 +128,15 @@ def test_one_computer_per_module():
     with capture(model, compute_output=True), pytest.raises(InputError, match="already"):
         with capture(model, compute_output=True):
             pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "minilm"])
+def test_real_models(name, request):
+    model, tokenizer, _ = request.getfixturevalue(name)
+    encoded = tokenizer(["Attention heads attend to the previous token and to the first one, mostly."],
+                        return_tensors="pt")
+    plain, _ = _outputs(model, encoded["input_ids"], encoded["attention_mask"])
+    computed, _ = _outputs(model, encoded["input_ids"], encoded["attention_mask"], compute_output=True,
+                           consumers=[_Recorder()], keep=False, chunk_rows=5)
+    _assert_same_forward(plain, computed)
