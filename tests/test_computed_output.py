@@ -133,10 +133,19 @@ def test_one_computer_per_module():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "minilm"])
 def test_real_models(name, request):
+    """Through 30 (6) layers the fp32 rounding adds up, so the bound is what the model's own eager kernel
+    differs from its SDPA kernel on the same input (twice that, and at least 1e-5)."""
     model, tokenizer, _ = request.getfixturevalue(name)
+    eager_model = request.getfixturevalue(f"{name}_eager")[0]
     encoded = tokenizer(["Attention heads attend to the previous token and to the first one, mostly."],
                         return_tensors="pt")
-    plain, _ = _outputs(model, encoded["input_ids"], encoded["attention_mask"])
-    computed, _ = _outputs(model, encoded["input_ids"], encoded["attention_mask"], compute_output=True,
-                           consumers=[_Recorder()], keep=False, chunk_rows=5)
-    _assert_same_forward(plain, computed)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    plain, _ = _outputs(model, ids, mask)
+    eager, _ = _outputs(eager_model, ids, mask)
+    computed, _ = _outputs(model, ids, mask, compute_output=True, consumers=[_Recorder()], keep=False, chunk_rows=5)
+    head = "logits" if "logits" in plain else "last_hidden_state"
+    for what, mine, theirs, other in [(head, computed[head], plain[head], eager[head]),
+                                       *(("hidden", *states) for states in zip(computed.hidden_states,
+                                                                               plain.hidden_states, eager.hidden_states))]:
+        bound = max(1e-5, 2 * (other - theirs).abs().max().item())
+        assert (mine - theirs).abs().max().item() <= bound, what
