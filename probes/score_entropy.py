@@ -21,11 +21,11 @@ def entropy_from_scores(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     a row softmax gave NaN stays NaN.
     """
     scores, probs = scores.float(), probs.float()
-    top, where = scores.max(-1, keepdim=True)
+    top, peak = scores.max(-1, keepdim=True)
     top = torch.where(top.isfinite(), top, torch.zeros_like(top))
     shifted = torch.sub(scores, top).clamp_min_(torch.finfo(torch.float32).min)  # 0 x masked = 0, not NaN
     weighted = torch.linalg.vecdot(probs, shifted)  # sum_j p_j s'_j <= 0
     total = probs.sum(-1)
-    log_z = probs.gather(-1, where).squeeze(-1).log().neg_()  # ln Z' = -ln p_{j*}, as s'_{j*} = 0
+    log_z = probs.gather(-1, peak).squeeze(-1).log().neg_()  # ln Z' = -ln p_{j*}, as s'_{j*} = 0
     entropy = log_z * total - weighted
     return torch.where(total > 0, entropy, torch.where(total.isnan(), total, torch.zeros_like(total)))
