@@ -18,10 +18,13 @@ process CPU seconds measure the work even on a busy shared machine where wall ti
   kept cube             capture(model) keeping the full fp32 cube, no metrics (not at 8192)
   head_metrics alone    head_metrics(cube) on that kept cube, timed on its own
   kept cube + metrics   the two above, one after the other
+  ... (computed)        the same capture with compute_output=True: the probe's P V replaces the SDPA kernel
 
 Memory: peak resident set (VmHWM) of a fresh subprocess per mode, each loading the model and running
 one forward, with that forward's time: plain, eager output_attentions, and streaming capture into
-[Downsampler(256), HeadMetricsReducer()] with keep=False.
+[Downsampler(256), HeadMetricsReducer()] with keep=False, untouched and computed.
+
+--paths picks some time paths by name (plain always runs), --memory-modes some memory modes.
 """
 
 from __future__ import annotations
@@ -60,10 +63,10 @@ class Discard:
         pass
 
 
-def streamed(model, ids, consumers) -> None:
+def streamed(model, ids, consumers, compute_output: bool = False) -> None:
     from llm_heatmap.probes import capture
 
-    with capture(model, consumers=consumers, keep=False):
+    with capture(model, consumers=consumers, keep=False, compute_output=compute_output):
         forward(model, ids)
 
 
@@ -90,9 +93,9 @@ def child(mode: str, length: int, threads: int) -> None:
         forward(model, ids)
     elif mode == "eager":
         assert len(forward(model, ids, output_attentions=True).attentions) == 30
-    elif mode == "stream":
+    elif mode in ("stream", "stream-computed"):
         sampler, reducer = Downsampler(256), HeadMetricsReducer()
-        streamed(model, ids, [sampler, reducer])
+        streamed(model, ids, [sampler, reducer], compute_output=mode == "stream-computed")
         assert sampler.cube().pattern.shape == (30, 9, min(256, length), min(256, length)) and len(reducer.table()) == 270
     seconds = time.perf_counter() - start
     print(json.dumps({"mode": mode, "length": length, "peak_mb": peak_rss_mb(), "loaded_mb": loaded, "seconds": seconds}))
@@ -106,7 +109,7 @@ def run_child(mode: str, length: int, threads: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def time_paths(sdpa_model, eager_model, ids, reps: int) -> dict[str, tuple[float, float]]:
+def time_paths(sdpa_model, eager_model, ids, reps: int, only=None) -> dict[str, tuple[float, float]]:
     """Median (wall, cpu) seconds of every path, repetitions interleaved."""
     from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
     from llm_heatmap.probes import Downsampler, capture
@@ -128,10 +131,16 @@ def time_paths(sdpa_model, eager_model, ids, reps: int) -> dict[str, tuple[float
         "Downsampler + metrics": lambda: streamed(sdpa_model, ids, [Downsampler(256), HeadMetricsReducer()]),
         "kept cube": keep_cube,
         "head_metrics alone": lambda: head_metrics(kept["cube"]),
+        "no consumer (computed)": lambda: streamed(sdpa_model, ids, [Discard()], compute_output=True),
+        "Ds + metrics (computed)": lambda: streamed(sdpa_model, ids, [Downsampler(256), HeadMetricsReducer()],
+                                                    compute_output=True),
     }
+    if only:
+        paths = {name: run for name, run in paths.items() if name == "plain" or name in only
+                 or (name == "kept cube" and "head_metrics alone" in only)}
     if length > KEPT_MAX_TOKENS:
         for name in ("eager attentions", "kept cube", "head_metrics alone"):
-            del paths[name]
+            paths.pop(name, None)
     wall = {name: [] for name in paths}
     cpu = {name: [] for name in paths}
     for rep in range(reps + 1):  # the first round warms up
@@ -143,7 +152,7 @@ def time_paths(sdpa_model, eager_model, ids, reps: int) -> dict[str, tuple[float
                 cpu[name].append(time.process_time() - start_cpu)
         kept.clear()  # one kept cube at a time
     times = {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in paths}
-    if "kept cube" in times:
+    if "kept cube" in times and "head_metrics alone" in times:
         times["kept cube + metrics"] = tuple(a + b for a, b in zip(times["kept cube"], times["head_metrics alone"]))
     return times
 
@@ -152,9 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--reps", type=int, default=3, help="repetitions at 512 tokens (one less at 2048, one at 8192)")
-    parser.add_argument("--memory-lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: CPU seconds then measure work, not spin-waiting)")
+    parser.add_argument("--paths", nargs="+", help="time only these paths (by name) besides plain")
+    parser.add_argument("--memory-modes", nargs="+", default=["plain", "eager", "stream", "stream-computed"])
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -172,7 +183,7 @@ def main() -> None:
     print(f"{'tokens':>7} {'path':<22} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7}")
     for length in args.lengths:
         reps = args.reps if length <= 512 else max(1, args.reps - 1) if length <= 2048 else 1
-        times = time_paths(sdpa_model, eager_model, prompt_ids(tokenizer, length), reps)
+        times = time_paths(sdpa_model, eager_model, prompt_ids(tokenizer, length), reps, args.paths)
         plain_wall, plain_cpu = times["plain"]
         for name, (wall, cpu) in times.items():
             print(f"{length:>7} {name:<22} {wall:>8.2f} {cpu:>8.2f} {wall / plain_wall:>6.2f}x {cpu / plain_cpu:>6.2f}x",
@@ -183,9 +194,10 @@ def main() -> None:
           "and the forward's seconds")
     print(f"{'mode':>36} {'tokens':>7} {'loaded':>8} {'peak':>8} {'/ plain':>8} {'seconds':>8} {'/ plain':>8}")
     labels = {"plain": "plain sdpa forward", "eager": "eager output_attentions",
-              "stream": "streaming, Downsampler + metrics"}
+              "stream": "streaming, Downsampler + metrics", "stream-computed": "streaming, computed output"}
     for length in args.memory_lengths:
-        modes = ["plain", "stream"] if length > KEPT_MAX_TOKENS else ["plain", "eager", "stream"]
+        modes = [mode for mode in args.memory_modes if mode != "eager" or length <= KEPT_MAX_TOKENS]
+        modes = ["plain", *(mode for mode in modes if mode != "plain")]
         results = {mode: run_child(mode, length, args.threads) for mode in modes}
         plain = results["plain"]
         for mode, r in results.items():

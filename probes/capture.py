@@ -26,6 +26,7 @@ from llm_heatmap.models.sites import CROSS
 from . import tap
 from .cube import AttentionCube, StreamPart
 from .memory import check_cube_fits
+from . import kernel_output
 from .value_norms import HeadWriters
 from .stream import auto_chunk_rows
 
@@ -82,13 +83,16 @@ class Probe:
     writes (`value_norms` "l h k" and `output_norms` "l h q", see `value_norms.py`): None (the
     default) where the model's output projections are known, True to require it, False for
     neither; queries_and_keys: also keep the post-RoPE queries ("l h q d") and keys ("l g k d")
-    the kernel received, for query-key maps.
+    the kernel received, for query-key maps; compute_output: the probe computes each tapped layer's
+    attention output from the pattern blocks it captures instead of running the model's kernel
+    (attention computed once; equal to the kernel within fp32 rounding, see `kernel_output.py`);
+    False runs the model's kernel untouched (bit-identical output).
     """
 
     def __init__(self, model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None,
                  last_queries: int | None = None, dtype: torch.dtype = torch.float32, consumers=None,
                  keep: bool = True, chunk_rows: int | None = None, max_bytes: int | None = None, tokenizer=None,
-                 value_norms: bool | None = None, queries_and_keys: bool = False):
+                 value_norms: bool | None = None, queries_and_keys: bool = False, compute_output: bool = False):
         self.model = model
         self.spec = spec or spec_from_model(model)
         if not self.spec.attention_modules:
@@ -123,6 +127,8 @@ class Probe:
         self.queries_and_keys = bool(queries_and_keys)
         self._writers = self._head_writers(value_norms)
         self._side: dict[str, torch.Tensor] = {}
+        self.compute_output = bool(compute_output)
+        self._all_heads = torch.arange(self.spec.num_heads)
 
     def _head_writers(self, value_norms: bool | None) -> dict[int, HeadWriters]:
         """What each layer's heads write, for value and output norms ({} when not recorded)."""
@@ -154,8 +160,12 @@ class Probe:
                 self.kernels[layer] = key
                 tap.acquire(key)
                 stack.callback(tap.release, key)
-                tap.listen(module, self._on_kernel)
-                stack.callback(tap.unlisten, module, self._on_kernel)
+                if self.compute_output:
+                    tap.compute_instead(module, self._compute_kernel)
+                    stack.callback(tap.stop_computing, module, self._compute_kernel)
+                else:
+                    tap.listen(module, self._on_kernel)
+                    stack.callback(tap.unlisten, module, self._on_kernel)
                 stack.callback(module.register_forward_pre_hook(self._before_layer).remove)
                 stack.callback(module.register_forward_hook(self._after_layer).remove)
             stack.callback(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True).remove)
@@ -218,7 +228,14 @@ class Probe:
         self._positions = None
         self._sequence = None
 
-    def _on_kernel(self, module, kernel, query, key, value, mask, arguments, output) -> None:
+    def _compute_kernel(self, module, kernel, query, key, value, mask, arguments):
+        """The computed mode: capture the pattern and return the kernel's output `(output "b q h d", None)`."""
+        kernel_output.check_computable(module, arguments)
+        output = kernel_output.empty_output(query)
+        self._on_kernel(module, kernel, query, key, value, mask, arguments, None, computed=output)
+        return output, None
+
+    def _on_kernel(self, module, kernel, query, key, value, mask, arguments, output, computed=None) -> None:
         layer = self._modules[module]
         self._pending.discard(module)
         if layer in self._seen or self._pass < 0:
@@ -238,12 +255,23 @@ class Probe:
             side = self._side_tensors(layer, call, value, output, first_row)
             if self.keep:
                 buffer = self._ensure_buffer(batch, positions, keys)
-                self._keep_side(batch, layer, side)
-            step = auto_chunk_rows(batch, len(self.heads), keys, queries - first_row, self.chunk_rows)
+            heads = self._head_index if computed is None else self._all_heads
+            step = auto_chunk_rows(batch, len(heads), keys, queries - first_row, self.chunk_rows)
             slot = self.layers.index(layer)
-            for start in range(first_row, queries, step):
-                stop = min(queries, start + step)
-                block = call.pattern(self._head_index, start, stop, pad=False)
+            # the computed mode also needs the rows before first_row (for the output only)
+            blocks = [(start, min(first_row, start + step), False) for start in range(0, first_row, step)] \
+                if computed is not None else []
+            blocks += [(start, min(queries, start + step), True) for start in range(first_row, queries, step)]
+            for start, stop, delivered in blocks:
+                block = call.pattern(heads, start, stop, pad=False)
+                if computed is not None:
+                    kernel_output.write_block(computed, block, value.detach(), start, stop)
+                    if not delivered:
+                        continue
+                    if len(self.heads) != len(heads):
+                        block = block.index_select(1, self._head_index.to(block.device))
+                    if layer in self._writers:
+                        self._block_output_norms(layer, side, computed, start - first_row, start, stop, len(positions))
                 width = block.shape[-1]
                 if self.keep:
                     rows = buffer[:, slot, :, start - first_row : stop - first_row]
@@ -263,6 +291,16 @@ class Probe:
                     for consumer in self.consumers:
                         consumer.consume(part)
                 del block
+            if self.keep:
+                self._keep_side(batch, layer, side)
+
+    def _block_output_norms(self, layer: int, side: dict, computed: torch.Tensor, row: int, start: int, stop: int,
+                            rows: int) -> None:
+        """In the computed mode, the output norms of rows start:stop as soon as their output exists."""
+        norms = self._writers[layer].output_norms(computed[:, start:stop], self._head_index)  # "b h q"
+        if "output_norms" not in side:
+            side["output_norms"] = norms.new_empty(*norms.shape[:2], rows)
+        side["output_norms"][..., row : row + stop - start] = norms
 
     def _side_tensors(self, layer: int, call, value, output, first_row: int) -> dict[str, torch.Tensor]:
         """This layer's side tensors (cube.SIDE_TENSORS), batch first, kept query rows only."""
@@ -270,6 +308,7 @@ class Probe:
         writers = self._writers.get(layer)
         if writers is not None:
             side["value_norms"] = writers.value_norms(value.detach())  # "b h k"
+        if writers is not None and output is not None:  # the computed mode fills output norms block by block
             heads_out = _head_outputs(output, call.num_queries, self.spec.num_heads)
             side["output_norms"] = writers.output_norms(heads_out, self._head_index)[..., first_row:]  # "b h q"
         if self.queries_and_keys:

@@ -3,7 +3,9 @@
 While at least one probe listens, the registry entry of each tapped kernel key (`sdpa`, `eager`,
 `flash_attention_2`, ...) is a wrapper that calls the original kernel with its arguments unchanged
 and then hands those same arguments (query, key, value, mask, scaling, softcap, ...) and the kernel's
-output to the listeners of the calling module. The key stays the same, so everything transformers decides by the name of the
+output to the listeners of the calling module. A module may instead have one *computer*
+(`compute_instead`), which returns the kernel's output itself (the capture's computed mode,
+`kernel_output.py`); the kernel is then not called. The key stays the same, so everything transformers decides by the name of the
 kernel is unchanged.
 
 Only the registry's public surface is used. A key of the class-wide map (`sdpa`, flash kernels) is
@@ -41,6 +43,7 @@ class _Tap:
 
 _taps: dict[str, _Tap] = {}
 _listeners: dict[nn.Module, list[Callable]] = {}
+_computers: dict[nn.Module, Callable] = {}
 _signatures: dict[Callable, inspect.Signature] = {}
 
 
@@ -100,7 +103,12 @@ def _make_wrapper(key: str) -> Callable:
     def tapped_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
         tap = _taps[key]
         kernel = _original(tap, module)
-        output = kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
+        computer = _computers.get(module)
+        if computer is not None:
+            arguments = _named_arguments(kernel, args, kwargs)
+            output = computer(module, key, query, key_states, value, attention_mask, arguments)
+        else:
+            output = kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
         listeners = _listeners.get(module)
         if listeners:
             arguments = _named_arguments(kernel, args, kwargs)
@@ -158,6 +166,22 @@ def unlisten(module: nn.Module, listener: Callable) -> None:
         listeners.remove(listener)
     if not listeners:
         _listeners.pop(module, None)
+
+
+def compute_instead(module: nn.Module, computer: Callable) -> None:
+    """Have `computer(module, kernel, query, key, value, mask, arguments)` return the kernel's output
+    `(output "b q h d", None)` in place of the kernel, for this module (one computer per module)."""
+    if module in _computers:
+        raise InputError(
+            f"{type(module).__name__} already has its attention output computed by another capture; "
+            "nest captures with compute_output=False."
+        )
+    _computers[module] = computer
+
+
+def stop_computing(module: nn.Module, computer: Callable) -> None:
+    if _computers.get(module) == computer:  # bound methods are equal, not identical
+        del _computers[module]
 
 
 def _slice_mask(mask: torch.Tensor, heads: torch.Tensor, start: int, stop: int, num_keys: int) -> torch.Tensor:
