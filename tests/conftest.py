@@ -14,6 +14,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+REAL_MODEL_FIXTURES = {"smollm2", "smollm2_eager", "minilm"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that takes a real offline model is `slow`, marked or not, so `-m "not slow"` never loads one."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def seeded_random():
+    """Every test starts from the same random state, whatever ran before it: unseeded inputs are fixed too."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
 
 @pytest.fixture(scope="session")
 def smollm2():

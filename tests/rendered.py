@@ -15,3 +15,11 @@ def open_rendered(driver, path: Path, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def wait_drawn(driver, timeout: float = 60.0) -> None:
+    """Wait until the page has redrawn every thumbnail after a change of its options (`dataset.drawn`)."""
+    deadline = time.monotonic() + timeout
+    while driver.execute_script("return document.body.dataset.drawn") != "1":
+        assert time.monotonic() < deadline, f"page never finished redrawing: {driver.get_log('browser')}"
+        time.sleep(0.02)

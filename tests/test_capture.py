@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from tiny_models import FAMILIES, SDPA_UNSUPPORTED, VOCAB, tiny_model
 CASES = [(f, k) for f in FAMILIES for k in ("eager", "sdpa") if not (k == "sdpa" and f in SDPA_UNSUPPORTED)]
 
 
-@functools.lru_cache(maxsize=None)
 def model_of(family: str, kernel: str, dtype=torch.float32):
     return tiny_model(family, kernel, dtype=dtype)
 
@@ -109,7 +107,7 @@ def test_bf16_model(family, kernel):
 
 def test_cube_dtype_is_selectable():
     model = model_of("qwen2", "sdpa")
-    ids = torch.randint(0, VOCAB, (1, 9))
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(211))
     full, _ = run_captured(model, ids)
     for dtype in (torch.float16, torch.bfloat16):
         cube, _ = run_captured(model, ids, dtype=dtype)
@@ -119,7 +117,7 @@ def test_cube_dtype_is_selectable():
 
 def test_selective_capture_is_a_slice_of_the_full_cube():
     model = model_of("gemma3", "sdpa")
-    ids = torch.randint(0, VOCAB, (1, 11))
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(221))
     full, _ = run_captured(model, ids)
     part, _ = run_captured(model, ids, layers=[2, 0], heads=[3, 1], last_queries=4)
     assert part.layers == (2, 0) and part.heads == (3, 1)
@@ -137,7 +135,8 @@ def test_selective_capture_is_a_slice_of_the_full_cube():
 def test_kernel_call_by_hand():
     """Hand-written formula: softcap, float mask, flash's bottom-right causal rule and sliding window."""
     torch.manual_seed(0)
-    q, k = torch.randn(1, 2, 2, 4), torch.randn(1, 1, 5, 4)  # 2 query heads share 1 KV head
+    generator = torch.Generator().manual_seed(139)
+    q, k = torch.randn(1, 2, 2, 4, generator=generator), torch.randn(1, 1, 5, 4, generator=generator)  # 2 query heads share 1 KV head
     scores = (q @ k.transpose(-1, -2)) * 0.5
     capped = torch.tanh(scores / 3.0) * 3.0
     bias = torch.zeros(1, 1, 2, 5)
@@ -163,7 +162,7 @@ def test_nothing_stays_attached_and_registry_is_restored():
     model = model_of("gpt2", "eager")
     registry, hooks = registry_state(), hook_count(model)
     assert "eager" not in registry[0]
-    ids = torch.randint(0, VOCAB, (1, 6))
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(265))
     with torch.no_grad(), capture(model):
         assert hook_count(model) > hooks and "eager" in ALL_ATTENTION_FUNCTIONS
         assert "eager" not in AttentionInterface(), "a key no map held is set on the shared instance only"
@@ -199,7 +198,7 @@ def test_an_override_of_the_shared_registry_is_wrapped_and_put_back():
         return sdpa_attention_forward(*args, **kwargs)
 
     model = model_of("llama", "sdpa")
-    ids = torch.randint(0, VOCAB, (1, 5))
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(301))
     ALL_ATTENTION_FUNCTIONS["sdpa"] = custom_sdpa
     try:
         registry = registry_state()
@@ -218,7 +217,7 @@ def test_two_probes_on_two_models_at_once():
     gpt2, llama = model_of("gpt2", "eager"), model_of("llama", "eager")  # both tap "eager", with different functions
     bert = model_of("bert", "sdpa")
     registry = registry_state()
-    ids = torch.randint(0, VOCAB, (1, 8))
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(320))
     with torch.no_grad(), capture(gpt2) as outer:
         with capture(llama) as inner, capture(bert) as third:
             llama_out = llama(input_ids=ids, output_attentions=True)
@@ -233,10 +232,11 @@ def test_two_probes_on_two_models_at_once():
 
 def test_two_probes_on_one_model():
     model = model_of("qwen3", "sdpa")
-    ids = torch.randint(0, VOCAB, (1, 7))
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(335))
     with torch.no_grad(), capture(model) as a, capture(model, heads=[2]) as b:
         model(input_ids=ids)
-    assert torch.equal(a.cube(ids).pattern[:, [2]], b.cube(ids).pattern)
+    # a head subset is computed by other matmul shapes than all heads at once: equal within fp32 rounding
+    torch.testing.assert_close(a.cube(ids).pattern[:, [2]], b.cube(ids).pattern, atol=1e-6, rtol=0)
 
 
 def test_kernel_bypass_is_reported():
@@ -245,12 +245,12 @@ def test_kernel_bypass_is_reported():
     for block in model.transformer.h:
         block.attn.reorder_and_upcast_attn = True
     with pytest.raises(InputError, match="without calling the attention kernel"), torch.no_grad(), capture(model):
-        model(input_ids=torch.randint(0, VOCAB, (1, 5)))
+        model(input_ids=torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(347)))
 
 
 def test_memory_guard_refuses_before_the_forward():
     model = model_of("llama", "sdpa")
-    ids = torch.randint(0, VOCAB, (2, 16))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(352))
     spec = capture(model).spec
     size = estimate_cube_bytes(spec, 16, batch_size=2)
     assert size == 2 * spec.num_layers * spec.num_heads * 16 * 16 * 4

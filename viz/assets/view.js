@@ -218,6 +218,7 @@ let renderToken = 0;
 function renderThumbs(done) {
   const token = ++renderToken, start = performance.now();
   let n = 0;
+  document.body.dataset.drawn = "0";  // "1" once every thumbnail of the latest options is drawn (tests wait on it)
   function chunk() {
     if (token !== renderToken) return;
     const until = performance.now() + 24;
@@ -226,8 +227,9 @@ function renderThumbs(done) {
       thumbs[l][h].getContext("2d").putImageData(headImage(l, h), 0, 0);
       n++;
     }
-    if (n < L * H) setTimeout(chunk, 0);
-    else if (done) done(performance.now() - start);
+    if (n < L * H) { setTimeout(chunk, 0); return; }
+    document.body.dataset.drawn = "1";
+    if (done) done(performance.now() - start);
   }
   chunk();
 }
