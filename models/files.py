@@ -108,12 +108,13 @@ def atomic_output(path: str | Path, *, force: bool = False):
         yield path
         return
     check_writable(path, force=force)
-    try:
-        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=f".{TEMP_MARK}"))
-    except OSError as error:
-        raise (disk_full(path) if is_disk_full(error) else error) from None
-    temp = folder / path.name
-    try:
+    folder = None
+    try:  # the folder is made inside the try, so a stop that lands right after it still removes it
+        try:
+            folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=f".{TEMP_MARK}"))
+        except OSError as error:
+            raise (disk_full(path) if is_disk_full(error) else error) from None
+        temp = folder / path.name
         yield temp
         stall_point(f"write:{path.name}")
         umask = os.umask(0)
@@ -125,7 +126,8 @@ def atomic_output(path: str | Path, *, force: bool = False):
             raise disk_full(path) from None
         raise
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _lock_path(path: Path) -> Path:

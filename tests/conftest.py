@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-REAL_MODEL_FIXTURES = {"smollm2", "smollm2_eager", "minilm"}
+REAL_MODEL_FIXTURES = {"smollm2", "smollm2_eager", "minilm", "minilm_eager"}
 
 
 def pytest_collection_modifyitems(items):

@@ -88,6 +88,7 @@ PROMPT = ("The cat sat on the mat. The dog sat on the rug. The cat saw the dog, 
           "then the cat sat on the rug and the dog sat on the mat.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loaded", ["smollm2", "minilm"])
 def test_real_models_streamed_and_kept_equal_the_reference(loaded, request):
     model, tokenizer, _ = request.getfixturevalue(loaded)
