@@ -199,8 +199,10 @@ def claim_outputs(paths, *, force: bool, resumable: bool = False):
         before = {path: _identity(path) for path in paths}
         try:
             yield
-        except BaseException:
-            for path in [] if resumable else paths:
+        except BaseException as error:
+            # a reader of stdout that left (`... | head`) stops only the summary: the outputs are complete
+            keep = resumable or isinstance(error, BrokenPipeError)
+            for path in [] if keep else paths:
                 if _identity(path) not in (None, before[path]):
                     path.unlink(missing_ok=True)
             raise
