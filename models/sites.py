@@ -6,7 +6,8 @@ keys: source tokens), a vision tower, a text tower. A decoder-only language mode
 site, "self". Sites are read from the module tree by what families share, not by model name:
 
 - an attention module is a module whose class name holds "Attention" and that holds no other such
-  module (the one that calls the attention kernel);
+  module (the one that calls the attention kernel), not torch's own `nn.MultiheadAttention`, which bypasses
+  the kernel registry (SigLIP's pooling head);
 - it is cross-attention when its attribute name is one transformers gives cross-attention
   (`encoder_attn`, `EncDecAttention`, `crossattention`, ...) or it says so (`is_cross_attention`);
 - otherwise its site is the stack it sits in: under the model's encoder ("encoder") or decoder
@@ -33,7 +34,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         found = [(n, m) for n, m in found if not name.startswith(n + ".")]
         found.append((name, module))
-    return found
+    return [(n, m) for n, m in found if not type(m).__module__.startswith("torch.")]
 
 
 def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:

@@ -59,9 +59,18 @@ def position_labels(site: str, spec: ModelSpec, count: int, model: nn.Module) ->
         side = int(getattr(config, "image_size", 0)) // int(getattr(config, "patch_size", 1) or 1)
         special = count - side * side
         if side and 0 <= special:
-            names = ["[CLS]"] + [f"[special {i}]" for i in range(1, special)]
-            return names[:special] + [f"patch r{r} c{c}" for r in range(side) for c in range(side)]
+            return special_labels(config, special) + [f"patch r{r} c{c}" for r in range(side) for c in range(side)]
     return [f"frame {i}" for i in range(count)]
+
+
+def special_labels(config, count: int) -> list[str]:
+    """Labels of the `count` tokens a vision tower puts before its patches: [CLS], then DeiT's
+    distillation token or Dinov2's registers (`num_register_tokens`), else numbered."""
+    registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    names = ["[CLS]"] + (["[DIST]"] if getattr(config, "model_type", None) == "deit" else [])
+    names += [f"[REG {i}]" for i in range(registers)]
+    names += [f"[special {i}]" for i in range(len(names), count)]
+    return names[:count]
 
 
 class SiteProbe:
@@ -105,7 +114,7 @@ class SiteProbe:
             decoder_side = site in (DECODER, CROSS)
             key_ids, key_mask = (decoder_input_ids, decoder_attention_mask) if site == DECODER else (input_ids, attention_mask)
             labels = None
-            if key_ids is None or torch.as_tensor(key_ids).shape[-1] != keys:
+            if site == VISION or key_ids is None or torch.as_tensor(key_ids).shape[-1] != keys:
                 if decoder_side and site == DECODER:
                     raise InputError("the decoder's cube needs decoder_input_ids; pass the ones the model ran with.")
                 labels, key_ids, key_mask = position_labels(site, probe.spec, keys, self.model), torch.arange(keys), None
