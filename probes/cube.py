@@ -41,14 +41,6 @@ class Pooling:
     def num_keys(self) -> int:
         return self.key_edges[-1]
 
-    def query_labels(self) -> list:
-        """The token of each query row: its own token for a cross-attention cube, else the key token at
-        its position."""
-        if self.query_tokens is not None:
-            return list(self.query_tokens)
-        tokens = self.one_sequence().tokens
-        return [tokens[int(p)] for p in self.query_positions]
-
     def query_spans(self) -> geometry.Spans:
         return geometry.Spans(torch.tensor(self.query_first), torch.tensor(self.query_last))
 

@@ -100,7 +100,7 @@ def _head_values(cube, heads_index, layer_index, style: GridStyle):
 
 
 def _query_labels(cube):
-    return [cube.tokens[int(p)] for p in cube.query_positions]
+    return cube.query_labels()
 
 
 def _colorbar(fig, ax, color, cmap, label):
