@@ -76,3 +76,27 @@ def test_distillation_and_register_tokens_are_labelled(family):
         out = _eager(model)(pixel_values=pixels, output_attentions=True)
     torch.testing.assert_close(cube.pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     assert cube.tokens == special + PATCHES
+
+
+def test_llava_vision_tower_and_language_model_equal_eager():
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(**VISION)
+    text = transformers.LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=59, image_seq_length=4,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    specs = site_specs(model)
+    assert {site: (s.num_layers, s.num_heads, s.num_kv_heads, s.causal) for site, s in specs.items()} == {
+        "self": (3, 4, 2, True), "vision": (2, 4, 4, False)}
+    ids = torch.tensor([[1, 5] + [59] * 4 + [7, 8, 9]])  # 4 image tokens: one per patch ("default" drops CLS)
+    pixels, _ = _inputs()
+    with torch.no_grad(), capture_sites(model) as probe:
+        model(input_ids=ids, pixel_values=pixels)
+    cubes = probe.cubes(ids)
+    with torch.no_grad():
+        out = _eager(model)(input_ids=ids, pixel_values=pixels, output_attentions=True)
+        tower = model.model.vision_tower(pixel_values=pixels, output_attentions=True)
+    torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cubes["vision"].pattern, torch.stack(tower.attentions, 1)[0], atol=1e-5, rtol=0)
+    assert cubes["vision"].tokens == ["[CLS]"] + PATCHES and cubes["self"].num_keys == 9
