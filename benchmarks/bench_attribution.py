@@ -19,25 +19,18 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_capture import forward, prompt_ids  # noqa: E402
+from bench_capture import forward, prompt_ids, timed  # noqa: E402
 
 from llm_heatmap.analyses.importance.attribution import logit_attribution  # noqa: E402
 from llm_heatmap.analyses.importance.contributions import token_contributions  # noqa: E402
 from llm_heatmap.analyses.importance.knockout import Edges, knocked_out, knockout_effect  # noqa: E402
 from llm_heatmap.models import load_model  # noqa: E402
-
-
-def timed(run) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    run()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:

@@ -49,6 +49,12 @@ def prompt_ids(tokenizer, length: int) -> torch.Tensor:
     return torch.randint(0, len(tokenizer), (1, length), generator=torch.Generator().manual_seed(length))
 
 
+def timed(run) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def forward(model, ids, **kwargs):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs)

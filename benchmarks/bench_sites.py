@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from transformers import BartConfig, BartModel
 
 from llm_heatmap.probes.sites import capture_sites
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_capture import timed  # noqa: E402
 
 
 def main() -> None:
@@ -50,10 +54,9 @@ def main() -> None:
     every_site()  # warm-up
     for _ in range(args.reps):
         for name, run in paths.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            run()
-            times[name][0].append(time.perf_counter() - wall)
-            times[name][1].append(time.process_time() - cpu)
+            wall, cpu = timed(run)
+            times[name][0].append(wall)
+            times[name][1].append(cpu)
     base_wall, base_cpu = (statistics.median(times["plain forward"][i]) for i in (0, 1))
     print(f"BART 6+6 x 8 heads, {args.tokens} source + {args.tokens} target tokens, {args.threads} thread(s), "
           f"median of {args.reps}")

@@ -19,25 +19,18 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_capture import forward, prompt_ids  # noqa: E402
+from bench_capture import forward, prompt_ids, timed  # noqa: E402
 
 from llm_heatmap.analyses.maps.qk_maps import qk_map  # noqa: E402
 from llm_heatmap.models import load_model  # noqa: E402
 from llm_heatmap.probes import capture  # noqa: E402
 from llm_heatmap.viz import plot_qk_maps, save_figure  # noqa: E402
-
-
-def timed(run) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    run()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
