@@ -165,7 +165,8 @@ def time_paths(sdpa_model, eager_model, ids, reps: int, only=None) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192],
+                        help="token counts of the time table (none: memory table only)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions at 512 tokens (one less at 2048, one at 8192)")
     parser.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--threads", type=int, default=1,

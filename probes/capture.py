@@ -83,16 +83,18 @@ class Probe:
     writes (`value_norms` "l h k" and `output_norms` "l h q", see `value_norms.py`): None (the
     default) where the model's output projections are known, True to require it, False for
     neither; queries_and_keys: also keep the post-RoPE queries ("l h q d") and keys ("l g k d")
-    the kernel received, for query-key maps; compute_output: the probe computes each tapped layer's
-    attention output from the pattern blocks it captures instead of running the model's kernel
+    the kernel received, for query-key maps; compute_output: True has the probe compute each tapped
+    layer's attention output from the pattern blocks it captures instead of running the model's kernel
     (attention computed once; equal to the kernel within fp32 rounding, see `kernel_output.py`);
-    False runs the model's kernel untouched (bit-identical output).
+    False runs the model's kernel untouched (bit-identical output); None (the default) computes it
+    when the probe streams without keeping a cube (faster there: README, "Attention computed once")
+    and the model is in eval mode, and leaves the kernel untouched otherwise.
     """
 
     def __init__(self, model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None,
                  last_queries: int | None = None, dtype: torch.dtype = torch.float32, consumers=None,
                  keep: bool = True, chunk_rows: int | None = None, max_bytes: int | None = None, tokenizer=None,
-                 value_norms: bool | None = None, queries_and_keys: bool = False, compute_output: bool = False):
+                 value_norms: bool | None = None, queries_and_keys: bool = False, compute_output: bool | None = None):
         self.model = model
         self.spec = spec or spec_from_model(model)
         if not self.spec.attention_modules:
@@ -127,7 +129,8 @@ class Probe:
         self.queries_and_keys = bool(queries_and_keys)
         self._writers = self._head_writers(value_norms)
         self._side: dict[str, torch.Tensor] = {}
-        self.compute_output = bool(compute_output)
+        self.compute_output = bool(compute_output) if compute_output is not None else \
+            not keep and not model.training and not any(tap.is_computed(module) for module in self._modules)
         self._all_heads = torch.arange(self.spec.num_heads)
 
     def _head_writers(self, value_norms: bool | None) -> dict[int, HeadWriters]:

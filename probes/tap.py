@@ -179,6 +179,11 @@ def compute_instead(module: nn.Module, computer: Callable) -> None:
     _computers[module] = computer
 
 
+def is_computed(module: nn.Module) -> bool:
+    """Whether a capture already computes this module's attention output."""
+    return module in _computers
+
+
 def stop_computing(module: nn.Module, computer: Callable) -> None:
     if _computers.get(module) == computer:  # bound methods are equal, not identical
         del _computers[module]

@@ -130,6 +130,28 @@ def test_one_computer_per_module():
             pass
 
 
+class _Drop:
+    def consume(self, part) -> None:
+        pass
+
+
+def test_the_default_computes_when_streaming_and_leaves_the_kernel_otherwise():
+    """compute_output=None: computed for a streaming capture of a model in eval mode (faster there); untouched
+    when a cube is kept, in training mode, or when an outer capture already computes the layers."""
+    from llm_heatmap.probes import tap
+
+    model = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    with capture(model, consumers=[_Drop()], keep=False) as probe:
+        assert probe.compute_output and tap.is_computed(attention)
+        with capture(model, consumers=[_Drop()], keep=False) as inner:
+            assert not inner.compute_output
+            _outputs(model, _ids())
+    with capture(model) as probe:
+        assert not probe.compute_output and not tap.is_computed(attention)
+    assert not capture(model.train(), consumers=[_Drop()], keep=False).compute_output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "minilm"])
 def test_real_models(name, request):
