@@ -1,0 +1,79 @@
+"""Vision-language sites: Qwen2-VL (M-RoPE, 2x2 patch merge, dynamic resolution) captured exactly on a tiny
+random model, the language model against eager `output_attentions` and the vision tower against its own
+attention recomputed from the module's inputs (its eager `output_attentions` records nothing: the tower's
+attention module returns no weights)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+from llm_heatmap.models import site_specs
+from llm_heatmap.probes import capture_sites
+
+IMAGE, VIDEO, START, END = 70, 71, 72, 73
+
+
+def _eager(model):
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "eager"
+    return model
+
+
+def _qwen2_vl():
+    vision = dict(depth=2, embed_dim=16, hidden_size=16, num_heads=4, mlp_ratio=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    text = dict(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
+    config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                        video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
+                                        bos_token_id=0, eos_token_id=1)
+    return transformers.Qwen2VLForConditionalGeneration(config).eval()
+
+
+def _vision_reference(model, pixels, grid):
+    """softmax(q k^T * scaling) of every tower layer, q and k rebuilt from each attention module's inputs
+    with the tower's own rotary embedding (one image: one attention block over all its patches)."""
+    seen = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        q, k, _ = module.qkv(hidden).reshape(hidden.shape[0], 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = modeling_qwen2_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * module.scaling
+        seen.append(scores.softmax(-1))
+
+    handles = [block.attn.register_forward_pre_hook(record, with_kwargs=True) for block in model.model.visual.blocks]
+    try:
+        with torch.no_grad():
+            model.model.visual(pixels, grid_thw=grid)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(seen)
+
+
+def test_qwen2_vl_language_model_and_vision_tower_equal_their_references():
+    torch.manual_seed(0)
+    model = _qwen2_vl()
+    specs = site_specs(model)
+    assert {site: (s.num_layers, s.num_heads, s.num_kv_heads, s.causal) for site, s in specs.items()} == {
+        "self": (2, 4, 2, True), "vision": (2, 4, 4, False)}
+    grid = torch.tensor([[1, 4, 6]])  # one frame of 4 x 6 patches (dynamic resolution: not square)
+    patches = int(grid.prod())
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(patches, 3 * 2 * 2 * 2, generator=generator)
+    ids = torch.tensor([[5, 6, START] + [IMAGE] * (patches // 4) + [END, 7, 8]])  # a 2x2 merge: 4 patches a token
+    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).int())
+    with torch.no_grad(), capture_sites(model) as probe:
+        model(**inputs)
+    cubes = probe.cubes(ids)
+    with torch.no_grad():
+        out = _eager(model)(**inputs, output_attentions=True)
+    torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cubes["vision"].pattern, _vision_reference(model, pixels, grid), atol=1e-5, rtol=0)
+    assert cubes["self"].num_keys == 12 and cubes["vision"].num_keys == patches
