@@ -131,6 +131,9 @@ _SPEC_TYPES = {  # field: (accepts, what it must be); None allowed where the dat
     "attn_softcap": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                      "a finite number above 0, or null"),
     "site": (lambda v: isinstance(v, str) and v in SITE_ORDER, f"one of {', '.join(SITE_ORDER)}, or null"),
+    "bidirectional_blocks": (lambda v: isinstance(v, list) and all(
+        isinstance(b, list) and len(b) == 2 and all(_whole(p) and p >= 0 for p in b) and b[0] <= b[1] for b in v),
+        "a list of [first, last] positions with first <= last"),
     "attention_modules": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
     "output_projections": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
 }

@@ -10,7 +10,7 @@ import transformers
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from llm_heatmap.models import site_specs
-from llm_heatmap.probes import capture_sites
+from llm_heatmap.probes import AttentionCube, capture_sites
 
 IMAGE, VIDEO, START, END = 70, 71, 72, 73
 
@@ -77,3 +77,63 @@ def test_qwen2_vl_language_model_and_vision_tower_equal_their_references():
     torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(cubes["vision"].pattern, _vision_reference(model, pixels, grid), atol=1e-5, rtol=0)
     assert cubes["self"].num_keys == 12 and cubes["vision"].num_keys == patches
+
+
+VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=32)
+
+
+def test_gemma3_image_tokens_see_each_other_in_the_spec_and_the_geometry(tmp_path):
+    """Gemma 3's language model is causal except among one image's tokens: the captured spec holds that
+    block, and the attendable cells are exactly where the model's own eager weights are positive."""
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=4, sliding_window=3,
+                                         layer_types=["sliding_attention", "full_attention"])
+    config = transformers.Gemma3Config(vision_config=transformers.SiglipVisionConfig(**VISION).to_dict(),
+                                       text_config=text.to_dict(), mm_tokens_per_image=4, image_token_index=70,
+                                       boi_token_index=71, eoi_token_index=72)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.tensor([[5, 6, 71] + [70] * 4 + [72, 7, 8]])
+    pixels = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == 70).long())
+    declared = site_specs(model)
+    assert declared["self"].causal and declared["self"].bidirectional_blocks == ()
+    with torch.no_grad(), capture_sites(model) as probe:
+        model(**inputs)
+    cubes = probe.cubes(ids)
+    with torch.no_grad():
+        out = _eager(model)(**inputs, output_attentions=True)
+        tower = model.model.vision_tower(pixel_values=pixels, output_attentions=True)
+    reference = torch.stack(out.attentions, 1)[0]
+    torch.testing.assert_close(cubes["self"].pattern, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cubes["vision"].pattern, torch.stack(tower.attentions, 1)[0], atol=1e-5, rtol=0)
+    spec = cubes["self"].spec
+    assert spec.causal and spec.bidirectional_blocks == ((3, 6),)
+    mask = cubes["self"].attendable()
+    assert torch.equal(mask, reference.gt(0).any(1)) and torch.equal(mask, reference.gt(0).all(1))
+    assert mask[1, 3, 6] and not mask[1, 2, 3], "the image block is bidirectional, the text before it causal"
+    assert mask[0, 3, 6] and not mask[0, 6, 3], "on a sliding layer the window still cuts the block"
+    loaded = AttentionCube.load(cubes["self"].save(tmp_path / "gemma3.cube.safetensors"))
+    assert loaded.spec.bidirectional_blocks == ((3, 6),) and torch.equal(loaded.attendable(), mask)
+
+
+def test_clip_text_tower_is_causal_as_its_kernel_call_says():
+    """CLIP's text attention module says is_causal=False but calls the kernel with is_causal=True: the
+    captured spec follows the call, under both kernels (SDPA gets no mask, eager a causal one)."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    model = transformers.CLIPModel(transformers.CLIPConfig(vision_config=VISION, text_config=text)).eval()
+    ids = torch.randint(3, 60, (1, 6), generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    for kernel in ("sdpa", "eager"):
+        for module in model.modules():
+            if hasattr(module, "config"):
+                module.config._attn_implementation = kernel
+        with torch.no_grad(), capture_sites(model) as probe:
+            model(pixel_values=pixels, input_ids=ids)
+        cubes = probe.cubes(ids)
+        assert cubes["text"].spec.causal and not cubes["vision"].spec.causal, kernel
+        pattern = cubes["text"].pattern
+        assert torch.equal(cubes["text"].attendable(), pattern.gt(0).all(1)), kernel
