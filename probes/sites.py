@@ -9,7 +9,8 @@ Each site gets its own `Probe` (the same tap, hooks and options), over that site
 and `ModelSpec` (`models.site_specs`). What each site's axes hold: encoder/self/text sites attend over
 `input_ids`; a decoder over `decoder_input_ids`; cross-attention from `decoder_input_ids` (queries) to
 `input_ids` (keys); a vision tower, or an encoder fed `input_features` (Whisper), over positions that
-have no token ids, labelled by `position_labels`.
+have no token ids, labelled by `position_labels`. A vision tower that runs several tiles or images as a
+batch (Idefics3 / SmolVLM's image splitting) gives a batched cube, one sequence per tile (`cube.item(i)`).
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ class SiteProbe:
                 raise InputError(f"site {site} ran no attention in the last forward pass; run a full forward pass "
                                  "(an encoder-decoder model needs decoder_input_ids) inside the block.")
             batch, _, _, queries, keys = probe._buffer.shape
+            if site == VISION and batch > 1:  # tiles or images the tower ran as a batch: one sequence each
+                labels = position_labels(site, probe.spec, keys, self.model)
+                cube = probe.cube(torch.arange(keys).expand(batch, keys), prompt=prompt, source=source)
+                cubes[site] = replace(cube, tokens=[list(labels) for _ in range(batch)])
+                continue
             if batch != 1:
                 raise InputError(f"capture_sites holds one sequence per forward pass, got a batch of {batch}; "
                                  "run the inputs one at a time.")

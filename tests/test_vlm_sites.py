@@ -137,3 +137,29 @@ def test_clip_text_tower_is_causal_as_its_kernel_call_says():
         assert cubes["text"].spec.causal and not cubes["vision"].spec.causal, kernel
         pattern = cubes["text"].pattern
         assert torch.equal(cubes["text"].attendable(), pattern.gt(0).all(1)), kernel
+
+
+def test_idefics3_tiles_are_one_vision_sequence_each_and_the_text_model_equals_eager():
+    """Idefics3 / SmolVLM split an image into tiles that the vision tower runs as a batch: the vision cube
+    holds one sequence per tile, each equal to eager; the text model's pattern over the image tokens too."""
+    torch.manual_seed(0)
+    text = transformers.LlamaConfig(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.Idefics3Config(vision_config=VISION, text_config=text.to_dict(), image_token_id=70,
+                                         scale_factor=2)
+    model = transformers.Idefics3ForConditionalGeneration(config).eval()
+    assert {site: (s.num_layers, s.num_heads, s.causal) for site, s in site_specs(model).items()} == {
+        "vision": (2, 4, False), "text": (2, 4, True)}
+    tiles = torch.randn(1, 3, 3, 8, 8, generator=torch.Generator().manual_seed(1))  # one image in 3 tiles
+    ids = torch.tensor([[5, 6] + [70] * 3 + [7]])  # 4 patches a tile, merged 2x2 (scale_factor 2): a token each
+    with torch.no_grad(), capture_sites(model) as probe:
+        model(input_ids=ids, pixel_values=tiles)
+    cubes = probe.cubes(ids)
+    with torch.no_grad():
+        out = _eager(model)(input_ids=ids, pixel_values=tiles, output_attentions=True)
+        tower = model.model.vision_model(pixel_values=tiles[0], output_attentions=True)
+    torch.testing.assert_close(cubes["text"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
+    vision = cubes["vision"]
+    assert vision.batched and len(vision) == 3
+    torch.testing.assert_close(vision.pattern, torch.stack(tower.attentions, 1), atol=1e-5, rtol=0)
+    assert vision.item(2).tokens == ["patch r0 c0", "patch r0 c1", "patch r1 c0", "patch r1 c1"]
