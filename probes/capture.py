@@ -249,6 +249,12 @@ class Probe:
     def _on_kernel(self, module, kernel, query, key, value, mask, arguments, output, computed=None) -> None:
         layer = self._modules[module]
         self._pending.discard(module)
+        if layer in self._seen and self._seen != set(self.layers):
+            raise InputError(
+                f"layer {layer} ({type(module).__name__}) called the attention kernel again before every layer had run, "
+                "so one pass holds several patterns per layer (Qwen2-VL's vision tower calls it once per image); "
+                "run one image per forward pass."
+            )
         if layer in self._seen or self._pass < 0:
             self._new_pass()
         first_call = not self._seen

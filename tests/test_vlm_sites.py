@@ -5,10 +5,12 @@ attention module returns no weights)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
+from llm_heatmap import InputError
 from llm_heatmap.models import site_specs
 from llm_heatmap.probes import AttentionCube, capture_sites
 
@@ -163,3 +165,15 @@ def test_idefics3_tiles_are_one_vision_sequence_each_and_the_text_model_equals_e
     assert vision.batched and len(vision) == 3
     torch.testing.assert_close(vision.pattern, torch.stack(tower.attentions, 1), atol=1e-5, rtol=0)
     assert vision.item(2).tokens == ["patch r0 c0", "patch r0 c1", "patch r1 c0", "patch r1 c1"]
+
+
+def test_qwen2_vl_with_two_images_in_one_pass_is_refused_in_one_sentence():
+    """Without flash attention the tower calls the kernel once per image in every layer."""
+    torch.manual_seed(0)
+    model = _qwen2_vl()
+    grid = torch.tensor([[1, 2, 2], [1, 2, 4]])
+    pixels = torch.randn(12, 24, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[5, START, IMAGE, END, START, IMAGE, IMAGE, END, 7]])
+    with pytest.raises(InputError, match="called the attention kernel again.*run one image per forward pass"):
+        with torch.no_grad(), capture_sites(model, sites="vision"):
+            model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).int())
