@@ -79,6 +79,18 @@ def test_qwen2_vl_language_model_and_vision_tower_equal_their_references():
     torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(cubes["vision"].pattern, _vision_reference(model, pixels, grid), atol=1e-5, rtol=0)
     assert cubes["self"].num_keys == 12 and cubes["vision"].num_keys == patches
+    # the tower's patches come in 2x2 merge windows: window (0, 0) first, then window (0, 1) from column 2
+    vision = cubes["vision"].key_axis
+    assert vision.kind == "patches" and vision.patch_grid == (4, 6) and vision.merge == 1  # a position: one patch
+    assert vision.patch_cells()[:6].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [0, 0, 2], [0, 0, 3]]
+    assert sorted(map(tuple, vision.patch_cells()[:, 1:].tolist())) == [(r, c) for r in range(4) for c in range(6)]
+    assert cubes["vision"].tokens[4] == "patch r0 c2"
+    # the language model's 6 image tokens are the merged 2 x 3 grid, each standing for 2x2 patches
+    language = cubes["self"].key_axis
+    assert language.kind == "mixed" and language.patch_grid == (2, 3) and language.merge == 2
+    assert language.is_image.tolist() == [False] * 3 + [True] * 6 + [False] * 3
+    assert language.patch_cells()[3:9, 1:].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert language.patch_cells()[0].tolist() == [-1, -1, -1]
 
 
 VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -118,6 +130,9 @@ def test_gemma3_image_tokens_see_each_other_in_the_spec_and_the_geometry(tmp_pat
     assert mask[0, 3, 6] and not mask[0, 6, 3], "on a sliding layer the window still cuts the block"
     loaded = AttentionCube.load(cubes["self"].save(tmp_path / "gemma3.cube.safetensors"))
     assert loaded.spec.bidirectional_blocks == ((3, 6),) and torch.equal(loaded.attendable(), mask)
+    assert cubes["self"].key_axis.is_image.tolist() == [False] * 3 + [True] * 4 + [False] * 3
+    assert cubes["self"].key_axis.patch_grid == (2, 2) and cubes["vision"].key_axis.patch_grid == (2, 2)
+    assert loaded.key_axis == cubes["self"].key_axis
 
 
 def test_clip_text_tower_is_causal_as_its_kernel_call_says():
@@ -165,6 +180,8 @@ def test_idefics3_tiles_are_one_vision_sequence_each_and_the_text_model_equals_e
     assert vision.batched and len(vision) == 3
     torch.testing.assert_close(vision.pattern, torch.stack(tower.attentions, 1), atol=1e-5, rtol=0)
     assert vision.item(2).tokens == ["patch r0 c0", "patch r0 c1", "patch r1 c0", "patch r1 c1"]
+    assert vision.key_axis.patch_grid == (2, 2) and vision.key_axis.special == {}
+    assert cubes["text"].key_axis.is_image.tolist() == [False, False, True, True, True, False]
 
 
 def test_qwen2_vl_with_two_images_in_one_pass_is_refused_in_one_sentence():
