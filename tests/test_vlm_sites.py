@@ -11,6 +11,7 @@ import transformers
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from llm_heatmap import InputError
+from llm_heatmap.analyses.heads.image_share import image_share
 from llm_heatmap.models import site_specs
 from llm_heatmap.probes import AttentionCube, capture_sites
 
@@ -133,6 +134,12 @@ def test_gemma3_image_tokens_see_each_other_in_the_spec_and_the_geometry(tmp_pat
     assert cubes["self"].key_axis.is_image.tolist() == [False] * 3 + [True] * 4 + [False] * 3
     assert cubes["self"].key_axis.patch_grid == (2, 2) and cubes["vision"].key_axis.patch_grid == (2, 2)
     assert loaded.key_axis == cubes["self"].key_axis
+    # text rows after the image: 7 and 8 reach it on the sliding layer (window 3), 7, 8 and 9 on the full one
+    on_image = reference[..., 3:7].sum(-1).double()  # "l h q"
+    table = image_share(cubes["self"])
+    assert table["text_rows"].tolist() == [2] * 4 + [3] * 4
+    expected = torch.cat([on_image[0, :, 7:9].mean(-1), on_image[1, :, 7:10].mean(-1)])
+    torch.testing.assert_close(torch.tensor(table["image_share"].values), expected, atol=1e-6, rtol=0)
 
 
 def test_clip_text_tower_is_causal_as_its_kernel_call_says():
