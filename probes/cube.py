@@ -315,6 +315,8 @@ class AttentionCube:
             query_mask=torch.ones(int(rows.sum()), dtype=torch.bool),
             generated=generated,
             prompt=prompt,
+            # an axis describes every position of the sequence; with padding keys removed it no longer fits
+            key_axis=self.key_axis if len(key_index) == self.key_mask.shape[-1] else None,
         )
 
     def one_sequence(self) -> "AttentionCube":

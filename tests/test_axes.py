@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from llm_heatmap import InputError
 from llm_heatmap.models import spec_from_model
-from llm_heatmap.probes import AttentionCube
+from llm_heatmap.probes import AttentionCube, downsample
 from llm_heatmap.probes.axes import Axis, language_axis, vision_axis
 from llm_heatmap.probes.cube_schema import FORMAT_VERSION
 
@@ -54,6 +54,8 @@ def test_the_key_axis_round_trips_through_a_cube_file(tmp_path):
     special = vision_axis(["[CLS]", "[DIST]"], 2, 2)
     assert AttentionCube.load(_cube(special).save(tmp_path / "vit.cube.safetensors")).key_axis == special
     assert AttentionCube.load(_cube(None).save(tmp_path / "none.cube.safetensors")).key_axis is None
+    pooled = downsample(_cube(axis), 3)  # the axis still describes the 6 positions the 3 bins cover
+    assert AttentionCube.load(pooled.save(tmp_path / "pooled.cube.safetensors")).key_axis == axis
 
 
 def _rewrite(path, change) -> None:
