@@ -251,9 +251,10 @@ class Probe:
         self._pending.discard(module)
         if layer in self._seen and self._seen != set(self.layers):
             raise InputError(
-                f"layer {layer} ({type(module).__name__}) called the attention kernel again before every layer had run, "
-                "so one pass holds several patterns per layer (Qwen2-VL's vision tower calls it once per image); "
-                "run one image per forward pass."
+                f"layer {layer} ({type(module).__name__}) called the attention kernel more than once in one forward "
+                "pass (a vision tower attending per image or per window: Qwen2-VL's with several images, Qwen2.5-VL's "
+                "windowed layers), and a cube holds one pattern per layer; pass one image at a time, or capture the "
+                "other sites only (capture_sites(model, sites=...))."
             )
         if layer in self._seen or self._pass < 0:
             self._new_pass()

@@ -198,6 +198,35 @@ def test_qwen2_vl_with_two_images_in_one_pass_is_refused_in_one_sentence():
     grid = torch.tensor([[1, 2, 2], [1, 2, 4]])
     pixels = torch.randn(12, 24, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[5, START, IMAGE, END, START, IMAGE, IMAGE, END, 7]])
-    with pytest.raises(InputError, match="called the attention kernel again.*run one image per forward pass"):
+    with pytest.raises(InputError, match="called the attention kernel more than once.*pass one image at a time"):
         with torch.no_grad(), capture_sites(model, sites="vision"):
             model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).int())
+
+
+def test_qwen2_5_vl_language_model_equals_eager_and_its_windowed_tower_is_refused_in_one_sentence():
+    """Qwen2.5-VL's tower attends within windows in all but its full-attention layers, one kernel call per
+    window: one pattern per layer cannot hold that, so the vision site is refused and the rest captured."""
+    torch.manual_seed(0)
+    vision = dict(depth=2, hidden_size=16, out_hidden_size=16, intermediate_size=32, num_heads=4, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=4, fullatt_block_indexes=[1])
+    text = dict(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                           video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
+                                           bos_token_id=0, eos_token_id=1)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    grid = torch.tensor([[1, 4, 8]])
+    pixels = torch.randn(32, 24, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[5, START] + [IMAGE] * 8 + [END, 7]])
+    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).int())
+    with pytest.raises(InputError, match="more than once in one forward pass.*capture the other sites only"):
+        with torch.no_grad(), capture_sites(model):
+            model(**inputs)
+    with torch.no_grad(), capture_sites(model, sites="self") as probe:
+        model(**inputs)
+    cube = probe.cubes(ids)["self"]
+    with torch.no_grad():
+        out = _eager(model)(**inputs, output_attentions=True)
+    torch.testing.assert_close(cube.pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
+    assert cube.key_axis.patch_grid == (2, 4) and int(cube.key_axis.is_image.sum()) == 8
