@@ -18,7 +18,7 @@ from llm_heatmap.analyses import head_metrics
 from llm_heatmap.analyses.heads.metrics import HeadMetricsReducer
 from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube, Downsampler, capture, downsample
-from llm_heatmap.probes.geometry import Spans, attendable, attendable_mask, bin_edges, bin_index
+from llm_heatmap.probes.geometry import Spans, attendable, attendable_mask, bin_edges, bin_index, kernel_causality
 from llm_heatmap.viz import save_grid, write_html
 from tiny_models import VOCAB, tiny_model
 
@@ -54,6 +54,24 @@ def test_full_resolution_by_hand():
     rows = attendable(spec(), [0], Spans.points([0, 1]), Spans.points(torch.arange(3)), torch.ones(3, dtype=torch.bool),
                       query_real=torch.tensor([False, True]))[0]
     assert rows.int().tolist() == [[0, 0, 0], [1, 1, 0]], "a padded query row attends nothing"
+
+
+def test_causality_is_read_from_the_kernel_call():
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    image = causal.clone()
+    image[1:4, 1:4] = True  # positions 1..3 see each other
+    additive = torch.zeros(5, 5).masked_fill(~image, torch.finfo(torch.float32).min)
+    assert kernel_causality("eager", additive[None, None], True, 5, 5, declared=True) == (True, ((1, 3),))
+    assert kernel_causality("sdpa", image[None, None], True, 5, 5, declared=False) == (False, ())
+    assert kernel_causality("sdpa", causal[None, None], False, 5, 5, declared=False) == (True, ()), "CLIP's text"
+    assert kernel_causality("sdpa", None, True, 5, 5, declared=False) == (True, ())
+    assert kernel_causality("eager", None, True, 5, 5, declared=True) == (False, ()), "eager applies no is_causal"
+    assert kernel_causality("sdpa", None, True, 1, 5, declared=True) == (True, ()), "a decode step keeps the spec's"
+    padded = causal.clone()
+    padded[0] = True  # a padding row the mask lets see every key is no block
+    assert kernel_causality("sdpa", padded[None, None], True, 5, 5, declared=True) == (True, ())
+    two = torch.stack([image, causal])[:, None]  # a spec holds one sequence's blocks
+    assert kernel_causality("sdpa", two, True, 5, 5, declared=True) == (True, ())
 
 
 @pytest.mark.parametrize("causal,window,blocks", [(True, None, ()), (True, 3, ()), (False, None, ()), (False, 4, ()),
