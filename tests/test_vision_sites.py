@@ -103,3 +103,5 @@ def test_llava_vision_tower_and_language_model_equal_eager():
     torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(cubes["vision"].pattern, torch.stack(tower.attentions, 1)[0], atol=1e-5, rtol=0)
     assert cubes["vision"].tokens == ["[CLS]"] + PATCHES and cubes["self"].num_keys == 9
+    language = cubes["self"].key_axis  # the 4 image tokens are the tower's 2 x 2 patches, CLS dropped
+    assert language.is_image.tolist() == [False] * 2 + [True] * 4 + [False] * 3 and language.patch_grid == (2, 2)
