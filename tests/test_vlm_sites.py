@@ -1,7 +1,8 @@
-"""Vision-language sites: Qwen2-VL (M-RoPE, 2x2 patch merge, dynamic resolution) captured exactly on a tiny
-random model, the language model against eager `output_attentions` and the vision tower against its own
-attention recomputed from the module's inputs (its eager `output_attentions` records nothing: the tower's
-attention module returns no weights)."""
+"""Vision-language sites on tiny random models, every site against an independent reference within 1e-5:
+Qwen2-VL (M-RoPE, 2x2 patch merge, dynamic resolution; its tower's `output_attentions` records nothing, so
+the tower is checked against its attention recomputed from the module's inputs), Qwen2.5-VL (language
+model; its windowed tower refused), Idefics3 / SmolVLM (image tiles), Gemma 3 (bidirectional image block in
+the spec and the geometry); and CLIP's text tower causal as its kernel call says."""
 
 from __future__ import annotations
 
