@@ -26,6 +26,11 @@ class ModelSpec:
     module the attention kernel receives), so probes can find them again with
     `model.get_submodule(path)`; `output_projections` the path of each layer's output projection
     W_O ("" where none was found; see `output_projection.py`).
+
+    `causal` and `bidirectional_blocks` say what the kernel applies: a capture reads them from the
+    kernel call of its forward pass (`probes.geometry.kernel_causality`), so a cube's spec holds what
+    ran. `bidirectional_blocks` are (first, last) key positions, inclusive, of runs whose positions all
+    see each other in a causal model (Gemma 3's image tokens); they belong to one input sequence.
     """
 
     model_type: str
@@ -43,6 +48,7 @@ class ModelSpec:
     max_positions: int | None = None
     attn_softcap: float | None = None
     site: str | None = None
+    bidirectional_blocks: tuple[tuple[int, int], ...] = field(default=(), compare=False)
     attention_modules: tuple[str, ...] = field(default=(), compare=False)
     output_projections: tuple[str, ...] = field(default=(), compare=False)
 
@@ -99,6 +105,7 @@ class ModelSpec:
         data = dict(data)
         for key in ("layer_types", "attention_modules", "output_projections"):
             data[key] = tuple(data.get(key, ()))
+        data["bidirectional_blocks"] = tuple(tuple(int(p) for p in block) for block in data.get("bidirectional_blocks", ()))
         return cls(**data)
 
 

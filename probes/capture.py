@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import replace
 
 import torch
 import transformers
@@ -25,6 +26,7 @@ from llm_heatmap.models.sites import CROSS
 
 from . import tap
 from .cube import AttentionCube, StreamPart
+from .geometry import kernel_causality
 from .memory import check_cube_fits
 from . import kernel_output
 from .value_norms import HeadWriters
@@ -96,7 +98,7 @@ class Probe:
                  keep: bool = True, chunk_rows: int | None = None, max_bytes: int | None = None, tokenizer=None,
                  value_norms: bool | None = None, queries_and_keys: bool = False, compute_output: bool | None = None):
         self.model = model
-        self.spec = spec or spec_from_model(model)
+        self.spec = self.declared_spec = spec or spec_from_model(model)
         if not self.spec.attention_modules:
             raise InputError("the spec has no attention_modules; build it with spec_from_model(model).")
         self.layers = select_indices(layers, self.spec.num_layers, "layer")
@@ -231,6 +233,15 @@ class Probe:
         self._positions = None
         self._sequence = None
 
+    def _read_causality(self, module, kernel: str, mask, arguments: dict, call) -> None:
+        """The pass's spec says what its first kernel call applies (causal, bidirectional blocks), not what
+        the module's attributes claim: CLIP's text tower is `is_causal=False` but calls the kernel causally."""
+        is_causal = arguments.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        causal, blocks = kernel_causality(kernel, mask if isinstance(mask, torch.Tensor) else None, is_causal,
+                                          call.num_queries, call.num_keys, self.declared_spec.causal)
+        self.spec = replace(self.declared_spec, causal=causal, bidirectional_blocks=blocks)
+
     def _compute_kernel(self, module, kernel, query, key, value, mask, arguments):
         """The computed mode: capture the pattern and return the kernel's output `(output "b q h d", None)`."""
         kernel_output.check_computable(module, arguments)
@@ -241,11 +252,21 @@ class Probe:
     def _on_kernel(self, module, kernel, query, key, value, mask, arguments, output, computed=None) -> None:
         layer = self._modules[module]
         self._pending.discard(module)
+        if layer in self._seen and self._seen != set(self.layers):
+            raise InputError(
+                f"layer {layer} ({type(module).__name__}) called the attention kernel more than once in one forward "
+                "pass (a vision tower attending per image or per window: Qwen2-VL's with several images, Qwen2.5-VL's "
+                "windowed layers), and a cube holds one pattern per layer; pass one image at a time, or capture the "
+                "other sites only (capture_sites(model, sites=...))."
+            )
         if layer in self._seen or self._pass < 0:
             self._new_pass()
+        first_call = not self._seen
         self._seen.add(layer)
         with torch.no_grad():
             call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments)
+            if first_call:
+                self._read_causality(module, kernel, mask, arguments, call)
             batch, queries, keys = call.batch_size, call.num_queries, call.num_keys
             if self.consumers and batch != 1:
                 raise InputError(

@@ -15,6 +15,7 @@ from llm_heatmap.models.files import atomic_output
 from llm_heatmap.models import ModelSpec
 
 from . import geometry
+from .axes import Axis, text_axis
 from .cube_schema import FORMAT, FORMAT_VERSION, SIDE_TENSORS, read_cube_file
 
 
@@ -89,6 +90,9 @@ class AttentionCube:
     [-1, 1]). The optional `SIDE_TENSORS` travel with the pattern through `select`, `item` and
     files. A file is checked against one schema when it is loaded (`cube_schema.py`).
 
+    `key_axis` (`axes.Axis`, None where unknown) says what the key positions are: text tokens, image
+    patches with their image, tile, row and column, special tokens, audio frames; `query_axis` the rows.
+
     A cube of one attention site of a multi-site model (`spec.site`: encoder, decoder, cross, vision,
     text) is built the same way. A cross-attention cube is rectangular: its queries are another
     sequence than its keys (target tokens over source tokens), named by `query_tokens`, and
@@ -117,6 +121,14 @@ class AttentionCube:
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     query_tokens: list | None = None
+    key_axis: Axis | None = None
+
+    @property
+    def query_axis(self) -> Axis | None:
+        """What the query rows are: the key axis, except a cross-attention cube's rows (target text)."""
+        if self.query_tokens is not None:
+            return text_axis(len(self.query_tokens))
+        return self.key_axis
 
     def __repr__(self) -> str:
         """One line: shape, dtype, what it holds, the model and the start of the prompt (never the tensors)."""
@@ -303,6 +315,8 @@ class AttentionCube:
             query_mask=torch.ones(int(rows.sum()), dtype=torch.bool),
             generated=generated,
             prompt=prompt,
+            # an axis describes every position of the sequence; with padding keys removed it no longer fits
+            key_axis=self.key_axis if len(key_index) == self.key_mask.shape[-1] else None,
         )
 
     def one_sequence(self) -> "AttentionCube":
@@ -351,6 +365,8 @@ class AttentionCube:
         }
         if self.query_tokens is not None:
             header["query_tokens"] = self.query_tokens
+        if self.key_axis is not None:
+            header["key_axis"] = self.key_axis.to_dict()
         with atomic_output(path, force=True) as temp:  # complete or not at all
             save_file(tensors, str(temp), metadata={"llm_heatmap": json.dumps(header)})
         return path
@@ -382,4 +398,5 @@ class AttentionCube:
             pooling=None if header.get("pooling") is None else Pooling.from_dict(header["pooling"]),
             stream=None if header.get("stream") is None else StreamPart(**header["stream"]),
             query_tokens=header.get("query_tokens"),
+            key_axis=cube_file.key_axis,
         )

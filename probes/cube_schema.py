@@ -11,6 +11,7 @@ run) whose header metadata `llm_heatmap` holds a JSON object:
     weighting   "weights" or "norms"; difference: true for a difference cube (B - A)
     pooling     null, or the bins of an area-pooled cube (edges consistent with the axes)
     stream      null, or where a streamed block of rows sits
+    key_axis    optional (version 3): what the key positions are (`axes.Axis`), one entry per position
     prompt, source, metadata (free text and a JSON object)
 
 and whose tensors are `pattern` `"(b) l h q k"` (float), `token_ids` `"(b) k"` (integers),
@@ -46,9 +47,12 @@ from llm_heatmap.models import ModelSpec
 
 from llm_heatmap.models.sites import SITE_ORDER
 
+from .axes import Axis
+
 FORMAT = "llm-heatmap-cube"
 # 2: the spec names its attention site; rectangular cubes (cross-attention) carry their query tokens
-FORMAT_VERSION = 2
+# 3: the key axis says what its positions are ("key_axis"); the spec may hold bidirectional blocks
+FORMAT_VERSION = 3
 
 # Optional tensors captured beside the pattern, with the axes they share with it (l: the cube's
 # layers, h: its heads, g: the model's KV heads, q: its query rows, k: its keys, d: head size):
@@ -131,6 +135,9 @@ _SPEC_TYPES = {  # field: (accepts, what it must be); None allowed where the dat
     "attn_softcap": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                      "a finite number above 0, or null"),
     "site": (lambda v: isinstance(v, str) and v in SITE_ORDER, f"one of {', '.join(SITE_ORDER)}, or null"),
+    "bidirectional_blocks": (lambda v: isinstance(v, list) and all(
+        isinstance(b, list) and len(b) == 2 and all(_whole(p) and p >= 0 for p in b) and b[0] <= b[1] for b in v),
+        "a list of [first, last] positions with first <= last"),
     "attention_modules": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
     "output_projections": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
 }
@@ -305,6 +312,11 @@ class CubeFile:
         return len(self.shapes["pattern"]) == 5
 
     @property
+    def key_axis(self) -> Axis | None:
+        data = self.header.get("key_axis")
+        return None if data is None else Axis.from_dict(data)
+
+    @property
     def pattern_shape(self) -> tuple[int, int, int, int]:
         """`"l h q k"` of the pattern (of each sequence of a batch)."""
         return tuple(self.shapes["pattern"][-4:])
@@ -351,6 +363,8 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
         _fail('tensor "pattern"', f"covers {tokens} tokens, more than the model's context of {spec.max_positions}")
     _check_tokens(header["tokens"], batch, keys)
     _check_prompt_size(header.get("prompt"), tokens)
+    if header.get("key_axis") is not None:
+        _check_axis(header["key_axis"], tokens)
     query_tokens = header.get("query_tokens")
     if query_tokens is not None and (batch is not None or not isinstance(query_tokens, list) or len(query_tokens) != queries
                                      or not all(isinstance(t, str) for t in query_tokens)):
@@ -461,6 +475,18 @@ def _check_values(cube_file: CubeFile, tensors: dict[str, torch.Tensor]) -> None
             if name in NON_NEGATIVE and bool((values < 0).any()):
                 _fail(f'tensor "{name}"', "holds a negative norm")
     _check_pattern(cube_file, tensors["pattern"], tensors["query_mask"])
+
+
+def _check_axis(data, positions: int) -> None:
+    """The header's "key_axis" (`axes.Axis.to_dict`): its fields, one entry per key position."""
+    if not isinstance(data, dict) or set(data) - {f.name for f in fields(Axis)}:
+        _fail('header field "key_axis"', "must be a JSON object with the fields of an Axis")
+    try:
+        axis = Axis.from_dict(data)
+    except (InputError, TypeError, ValueError) as error:
+        _fail('header field "key_axis"', f"is not an Axis ({str(error).rstrip('.')})")
+    if axis.length != positions:
+        _fail('header field "key_axis"', f"describes {axis.length} positions, but the cube has {positions} keys")
 
 
 def read_cube_file(path: str | Path) -> tuple[CubeFile, dict[str, torch.Tensor]]:

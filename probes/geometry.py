@@ -6,11 +6,13 @@ one column per key position) or area-pooled into bins of consecutive positions. 
 entry b covers positions `first[b]..last[b]` (first == last at full resolution).
 
 The rule is transformers' mask: key j is attendable from query i when both are real (not padding),
-`j <= i` for a causal model, and `i - j < window` on a sliding-window layer. A pooled cell (A, B)
+`j <= i` for a causal model (or both i and j lie in one of the spec's bidirectional blocks: Gemma 3's
+image tokens see each other), and `i - j < window` on a sliding-window layer. A pooled cell (A, B)
 is attendable when some query of A may attend some key of B: both hold a real position, causally
-`first(B) <= last(A)`, and with a window `first(A) - last(B) < window`. For full resolution
-these are the same test. Either way the keys a query entry may attend are one contiguous range of
-key entries (`key_ranges`) minus the padding, which lets metrics work on ranges instead of masks.
+`first(B) <= last(A)` or A and B both reach into one bidirectional block, and with a window
+`first(A) - last(B) < window`. For full resolution these are the same test. Either way the keys a
+query entry may attend are one contiguous range of key entries (`key_ranges`) minus the padding,
+which lets metrics work on ranges instead of masks.
 
 Binning: n positions go into `m = min(n, max_size)` bins, position i into bin `i * m // n`, so bins
 hold floor(n/m) or ceil(n/m) consecutive positions. Pooling averages the query rows of a bin and
@@ -60,7 +62,61 @@ def key_ranges(spec, layer: int, queries: Spans, keys: Spans) -> tuple[torch.Ten
         lo = torch.searchsorted(keys.last, queries.first - window, right=True)
     else:
         lo = torch.zeros(len(queries), dtype=torch.long)
+    # a query reaching into a block also sees the block's later keys; the window still bounds what it
+    # sees behind it (Gemma 3's sliding layers cut an image block as they cut text)
+    for first, last in getattr(spec, "bidirectional_blocks", ()):
+        inside = (queries.last >= first) & (queries.first <= last)
+        block_hi = torch.searchsorted(keys.first, torch.tensor(last), right=True) - 1
+        hi = torch.where(inside, torch.maximum(hi, block_hi), hi)
     return lo, hi
+
+
+def kernel_causality(kernel: str, mask: torch.Tensor | None, is_causal: bool, queries: int, keys: int,
+                     declared: bool) -> tuple[bool, tuple[tuple[int, int], ...]]:
+    """(causal, bidirectional blocks) a kernel call applies, read from its own arguments.
+
+    Without a mask, SDPA and flash kernels apply `is_causal` (the call's, else the module's), eager
+    kernels nothing. With a square mask `"b h q k"` (additive or bool; its first head), the call is
+    causal when no allowed cell lies above the diagonal; a causal spec (`declared`) whose mask lets runs
+    of positions see every later position of the run gets those runs as blocks (Gemma 3's image tokens).
+    A rectangular or one-row call keeps `declared`, and so does a mask the blocks do not describe or
+    whose sequences differ (a spec holds one sequence's blocks)."""
+    if queries != keys or queries < 2:
+        return declared, ()
+    if mask is None:
+        return bool(is_causal) and kernel != "eager", ()
+    if mask.ndim != 4:
+        return declared, ()
+    found = {_mask_causality(mask[b, 0].detach().cpu().expand(queries, keys), declared) for b in range(mask.shape[0])}
+    return found.pop() if len(found) == 1 else (declared, ())
+
+
+def _mask_causality(cells: torch.Tensor, declared: bool) -> tuple[bool, tuple[tuple[int, int], ...]]:
+    """`kernel_causality` of one sequence's `"q k"` mask."""
+    allowed = cells if cells.dtype == torch.bool else cells > torch.finfo(cells.dtype).min / 2
+    upper = torch.ones(allowed.shape, dtype=torch.bool).triu(1)
+    above = allowed & upper
+    if not above.any():
+        return True, ()
+    if not declared:
+        return False, ()
+    rows = torch.arange(len(allowed))
+    reach = torch.where(above.any(-1), allowed.shape[-1] - 1 - above.flip(-1).int().argmax(-1), rows)
+    blocks, row = [], 0
+    while row < len(allowed):
+        if reach[row] > row:
+            blocks.append((row, int(reach[row])))
+            row = int(reach[row]) + 1
+        else:
+            row += 1
+    inside = torch.zeros(allowed.shape, dtype=torch.bool)
+    for first, last in blocks:
+        inside[first:last + 1, first:last + 1] = True
+    # every cell above the diagonal is inside a block, and a block's are all allowed (a padding row the
+    # mask lets see everything is no block)
+    if (above & ~inside).any() or (inside & upper & ~allowed).any():
+        return declared, ()
+    return True, tuple(blocks)
 
 
 def attendable(spec, layers, queries: Spans, keys: Spans, key_real: torch.Tensor,

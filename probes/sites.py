@@ -9,7 +9,8 @@ Each site gets its own `Probe` (the same tap, hooks and options), over that site
 and `ModelSpec` (`models.site_specs`). What each site's axes hold: encoder/self/text sites attend over
 `input_ids`; a decoder over `decoder_input_ids`; cross-attention from `decoder_input_ids` (queries) to
 `input_ids` (keys); a vision tower, or an encoder fed `input_features` (Whisper), over positions that
-have no token ids, labelled by `position_labels`.
+have no token ids, labelled by `position_labels`. A vision tower that runs several tiles or images as a
+batch (Idefics3 / SmolVLM's image splitting) gives a batched cube, one sequence per tile (`cube.item(i)`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec, site_specs
 from llm_heatmap.models.sites import CROSS, DECODER, VISION
 
+from .axes import Axis, frames_axis, language_axis, text_axis, vision_axis
 from .capture import Probe, token_strings
 from .cube import AttentionCube
 
@@ -51,16 +53,48 @@ class SiteCubes(Mapping):
         return f"SiteCubes({shapes})"
 
 
+def position_axis(site: str, count: int, model: nn.Module, image_grid_thw=None) -> Axis:
+    """The axis of `count` positions without token ids: a vision tower's special tokens then its patch
+    grid (Qwen2-VL's tower: one image's `image_grid_thw` patches in merge windows), else audio frames."""
+    config = getattr(model.config, "vision_config", None) or model.config
+    if image_grid_thw is not None and site == VISION:
+        grid = torch.as_tensor(image_grid_thw).reshape(-1, 3)
+        if len(grid) == 1 and int(grid[0, 0]) == 1 and int(grid[0].prod()) == count:
+            merge = int(getattr(config, "spatial_merge_size", 1) or 1)
+            return vision_axis([], int(grid[0, 1]), int(grid[0, 2]), order="windows", merge=merge)
+    if site == VISION or getattr(model.config, "image_size", None) and getattr(model.config, "patch_size", None):
+        side = int(getattr(config, "image_size", 0) or 0) // int(getattr(config, "patch_size", 1) or 1)
+        special = count - side * side
+        if side and 0 <= special:
+            return vision_axis(special_labels(config, special), side, side)
+    return frames_axis(count)
+
+
+def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
+    """The axis of a site over token ids: text, or a VLM's text and image tokens (`axes.language_axis`;
+    Qwen2-VL's image grids from `image_grid_thw`, after the tower's merge)."""
+    config = model.config
+    image_token = next((v for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
+                        if v is not None), None)
+    vision = getattr(config, "vision_config", None)
+    merge = int(getattr(vision, "spatial_merge_size", 1) or 1) if image_grid_thw is not None else 1
+    grids = None
+    if image_grid_thw is not None:
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()]
+    return language_axis(token_ids, image_token, grids, merge)
+
+
+def axis_labels(axis: Axis) -> list[str]:
+    """A label per position of an axis without token ids: special names, "patch rR cC", "frame i"."""
+    if axis.kind == "frames":
+        return [f"frame {i}" for i in range(axis.length)]
+    return [axis.special.get(i) or f"patch r{r} c{c}" for i, (r, c) in enumerate(zip(axis.row, axis.col))]
+
+
 def position_labels(site: str, spec: ModelSpec, count: int, model: nn.Module) -> list[str]:
     """Labels of positions without token ids: a vision tower's [CLS]/special tokens then patches by row
     and column of the patch grid, or numbered frames."""
-    if site == VISION or getattr(model.config, "image_size", None) and getattr(model.config, "patch_size", None):
-        config = getattr(model.config, "vision_config", None) or model.config
-        side = int(getattr(config, "image_size", 0)) // int(getattr(config, "patch_size", 1) or 1)
-        special = count - side * side
-        if side and 0 <= special:
-            return special_labels(config, special) + [f"patch r{r} c{c}" for r in range(side) for c in range(side)]
-    return [f"frame {i}" for i in range(count)]
+    return axis_labels(position_axis(site, count, model))
 
 
 def special_labels(config, count: int) -> list[str]:
@@ -86,9 +120,15 @@ class SiteProbe:
         self.specs = {site: specs[site] for site in chosen}
         self.probes = {site: Probe(model, spec=spec, **options) for site, spec in self.specs.items()}
         self._stack: contextlib.ExitStack | None = None
+        self._image_grid_thw = None
+
+    def _before_model(self, module, args, kwargs) -> None:
+        grid = kwargs.get("image_grid_thw")
+        self._image_grid_thw = grid.detach().cpu() if isinstance(grid, torch.Tensor) else None
 
     def __enter__(self) -> "SiteProbe":
         with contextlib.ExitStack() as stack:
+            stack.callback(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True).remove)
             for probe in self.probes.values():
                 stack.enter_context(probe)
             self._stack = stack.pop_all()
@@ -108,19 +148,28 @@ class SiteProbe:
                 raise InputError(f"site {site} ran no attention in the last forward pass; run a full forward pass "
                                  "(an encoder-decoder model needs decoder_input_ids) inside the block.")
             batch, _, _, queries, keys = probe._buffer.shape
+            grid = self._image_grid_thw
+            if site == VISION and batch > 1:  # tiles or images the tower ran as a batch: one sequence each
+                axis = position_axis(site, keys, self.model)
+                cube = probe.cube(torch.arange(keys).expand(batch, keys), prompt=prompt, source=source)
+                cubes[site] = replace(cube, tokens=[axis_labels(axis) for _ in range(batch)], key_axis=axis)
+                continue
             if batch != 1:
                 raise InputError(f"capture_sites holds one sequence per forward pass, got a batch of {batch}; "
                                  "run the inputs one at a time.")
             decoder_side = site in (DECODER, CROSS)
             key_ids, key_mask = (decoder_input_ids, decoder_attention_mask) if site == DECODER else (input_ids, attention_mask)
-            labels = None
+            axis = None
             if site == VISION or key_ids is None or torch.as_tensor(key_ids).shape[-1] != keys:
                 if decoder_side and site == DECODER:
                     raise InputError("the decoder's cube needs decoder_input_ids; pass the ones the model ran with.")
-                labels, key_ids, key_mask = position_labels(site, probe.spec, keys, self.model), torch.arange(keys), None
-            cube = probe.cube(key_ids, key_mask, tokenizer=None if labels else tokenizer, prompt=prompt, source=source)
-            if labels is not None:
-                cube = replace(cube, tokens=labels)
+                axis = position_axis(site, keys, self.model, grid)
+                key_ids, key_mask = torch.arange(keys), None
+            cube = probe.cube(key_ids, key_mask, tokenizer=None if axis else tokenizer, prompt=prompt, source=source)
+            if axis is not None:
+                cube = replace(cube, tokens=axis_labels(axis), key_axis=axis)
+            else:
+                cube = replace(cube, key_axis=token_axis(self.model, key_ids, grid))
             if site == CROSS:
                 if decoder_input_ids is None:
                     raise InputError("the cross-attention cube needs decoder_input_ids; pass the ones the model ran with.")

@@ -18,15 +18,15 @@ from llm_heatmap.analyses import head_metrics
 from llm_heatmap.analyses.heads.metrics import HeadMetricsReducer
 from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube, Downsampler, capture, downsample
-from llm_heatmap.probes.geometry import Spans, attendable, attendable_mask, bin_edges, bin_index
+from llm_heatmap.probes.geometry import Spans, attendable, attendable_mask, bin_edges, bin_index, kernel_causality
 from llm_heatmap.viz import save_grid, write_html
 from tiny_models import VOCAB, tiny_model
 
 
-def spec(causal=True, window=None, layers=1):
+def spec(causal=True, window=None, layers=1, blocks=()):
     types = ("sliding_attention" if window else "full_attention",) * layers
     return ModelSpec(model_type="toy", architecture="Toy", num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=4,
-                     causal=causal, layer_types=types, sliding_window=window)
+                     causal=causal, layer_types=types, sliding_window=window, bidirectional_blocks=blocks)
 
 
 def test_full_resolution_by_hand():
@@ -45,15 +45,40 @@ def test_full_resolution_by_hand():
                                      [0, 0, 0, 1, 1]]  # q - k < 2, as transformers' sliding masks
     encoder = attendable_mask(spec(causal=False), [0], torch.tensor([3, 4]), real)[0]
     assert encoder.int().tolist() == [[0, 1, 1, 1, 1]] * 2
+    image = attendable_mask(spec(window=2, blocks=((1, 3),)), [0], torch.arange(5), torch.ones(5, dtype=torch.bool))[0]
+    assert image.int().tolist() == [[1, 0, 0, 0, 0],
+                                    [1, 1, 1, 1, 0],
+                                    [0, 1, 1, 1, 0],
+                                    [0, 0, 1, 1, 0],
+                                    [0, 0, 0, 1, 1]]  # positions 1..3 see later ones (Gemma 3's image tokens); the window stays
     rows = attendable(spec(), [0], Spans.points([0, 1]), Spans.points(torch.arange(3)), torch.ones(3, dtype=torch.bool),
                       query_real=torch.tensor([False, True]))[0]
     assert rows.int().tolist() == [[0, 0, 0], [1, 1, 0]], "a padded query row attends nothing"
 
 
-@pytest.mark.parametrize("causal,window", [(True, None), (True, 3), (False, None), (False, 4)])
-def test_a_bin_is_attendable_exactly_when_some_pair_inside_is(causal, window):
+def test_causality_is_read_from_the_kernel_call():
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    image = causal.clone()
+    image[1:4, 1:4] = True  # positions 1..3 see each other
+    additive = torch.zeros(5, 5).masked_fill(~image, torch.finfo(torch.float32).min)
+    assert kernel_causality("eager", additive[None, None], True, 5, 5, declared=True) == (True, ((1, 3),))
+    assert kernel_causality("sdpa", image[None, None], True, 5, 5, declared=False) == (False, ())
+    assert kernel_causality("sdpa", causal[None, None], False, 5, 5, declared=False) == (True, ()), "CLIP's text"
+    assert kernel_causality("sdpa", None, True, 5, 5, declared=False) == (True, ())
+    assert kernel_causality("eager", None, True, 5, 5, declared=True) == (False, ()), "eager applies no is_causal"
+    assert kernel_causality("sdpa", None, True, 1, 5, declared=True) == (True, ()), "a decode step keeps the spec's"
+    padded = causal.clone()
+    padded[0] = True  # a padding row the mask lets see every key is no block
+    assert kernel_causality("sdpa", padded[None, None], True, 5, 5, declared=True) == (True, ())
+    two = torch.stack([image, causal])[:, None]  # a spec holds one sequence's blocks
+    assert kernel_causality("sdpa", two, True, 5, 5, declared=True) == (True, ())
+
+
+@pytest.mark.parametrize("causal,window,blocks", [(True, None, ()), (True, 3, ()), (False, None, ()), (False, 4, ()),
+                                                  (True, None, ((2, 9), (14, 15))), (True, 3, ((1, 7),))])
+def test_a_bin_is_attendable_exactly_when_some_pair_inside_is(causal, window, blocks):
     generator = torch.Generator().manual_seed(0)
-    model = spec(causal=causal, window=window)
+    model = spec(causal=causal, window=window, blocks=blocks)
     for trial in range(20):
         n = int(torch.randint(3, 40, (1,), generator=generator))
         bins = int(torch.randint(1, n + 1, (1,), generator=generator))
@@ -66,7 +91,7 @@ def test_a_bin_is_attendable_exactly_when_some_pair_inside_is(causal, window):
         spans = Spans.from_edges(edges)
         bin_real = onehot.T @ real.float() > 0
         pooled = attendable(model, [0], spans, spans, bin_real, bin_real)[0]
-        if window is None and causal:  # exact: any real row and key with first(B) <= last(A)
+        if window is None and causal and not blocks:  # exact: any real row and key with first(B) <= last(A)
             assert torch.equal(pooled, expected)
         else:  # with padding inside a bin the span test may keep a bin whose real pairs all fall outside
             assert (pooled | ~expected).all(), "every bin with an attendable pair is attendable"

@@ -66,6 +66,9 @@ def test_every_site_of_an_encoder_decoder_equals_eager(family):
         expected = torch.stack(reference, 1)[0]
         assert cubes[site].pattern.shape == expected.shape, site
         torch.testing.assert_close(cubes[site].pattern, expected, atol=1e-5, rtol=0, msg=site)
+        # the captured spec's geometry (causality read from the kernel call) is the model's own mask
+        assert torch.equal(cubes[site].attendable(), expected.gt(0).all(1)), site
+        assert cubes[site].key_axis.kind == ("frames" if site != "decoder" and family == "whisper" else "text"), site
     cross = cubes["cross"]
     assert cross.num_queries == 5 and cross.num_keys == cubes["encoder"].num_keys, "cross-attention is rectangular"
     assert cross.spec.site == "cross" and not cross.spec.causal and cubes["decoder"].spec.causal

@@ -76,6 +76,9 @@ def test_distillation_and_register_tokens_are_labelled(family):
         out = _eager(model)(pixel_values=pixels, output_attentions=True)
     torch.testing.assert_close(cube.pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     assert cube.tokens == special + PATCHES
+    axis = cube.key_axis
+    assert axis.kind == "patches" and axis.patch_grid == (2, 2) and axis.special == dict(enumerate(special))
+    assert axis.patch_cells().tolist() == [[-1, -1, -1]] * len(special) + [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
 
 
 def test_llava_vision_tower_and_language_model_equal_eager():
@@ -100,3 +103,5 @@ def test_llava_vision_tower_and_language_model_equal_eager():
     torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(cubes["vision"].pattern, torch.stack(tower.attentions, 1)[0], atol=1e-5, rtol=0)
     assert cubes["vision"].tokens == ["[CLS]"] + PATCHES and cubes["self"].num_keys == 9
+    language = cubes["self"].key_axis  # the 4 image tokens are the tower's 2 x 2 patches, CLS dropped
+    assert language.is_image.tolist() == [False] * 2 + [True] * 4 + [False] * 3 and language.patch_grid == (2, 2)
