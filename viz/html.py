@@ -196,7 +196,10 @@ def _axis_labels(cube) -> tuple[list[dict], list[dict]]:
 
     cols = [label(a, b, k) for k, (a, b) in enumerate(zip(keys.first.tolist(), keys.last.tolist()))]
     home = (torch.searchsorted(keys.first, queries.first, right=True) - 1).clamp(0, cube.num_keys - 1).tolist()
-    rows = [label(a, b, k) for k, a, b in zip(home, queries.first.tolist(), queries.last.tolist())]
+    if cube.query_tokens is not None:  # cross-attention: the rows are the target's own tokens
+        rows = [{"t": token_text(str(t)), "r": str(t), "p": [q, q], "g": False} for q, t in enumerate(cube.query_tokens)]
+    else:
+        rows = [label(a, b, k) for k, a, b in zip(home, queries.first.tolist(), queries.last.tolist())]
     return rows, cols
 
 
