@@ -152,20 +152,24 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
     """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ..."""
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models.files import atomic_output, claim_outputs
-    from llm_heatmap.viz import save_grid, write_html
+    from llm_heatmap.viz import save_grid, sites_view
 
     sites.multiple_images_check(args, specs)
     chosen = sites.chosen_sites(args, model, specs)
     style, layers, heads = options.grid_style(args)
     planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
     paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
+    pages = {run_name: args.out / f"{run_name}.html" for run_name, _ in planned} if args.html else {}
+    for site_paths in paths.values():
+        site_paths.pop("html", None)  # one page per run, with a site switch
     sites.check_single_site_flags(args)
     lines, files = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
-    with claim_outputs([p for group in paths.values() for p in group.values()], force=args.force):
+    with claim_outputs([p for group in paths.values() for p in group.values()] + list(pages.values()), force=args.force):
         for run_name, image in planned:
             step("capturing")
             cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)
             step("drawing grid")
+            tables = {}
             for site, cube in cubes.items():
                 site_paths = paths[(run_name, site)]
                 with atomic_output(site_paths["grid"], force=args.force) as temp:
@@ -174,12 +178,16 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                 write_table(metrics, site_paths["metrics"], force=args.force)
                 with atomic_output(site_paths["cube"], force=args.force) as temp:
                     cube.save(temp)
-                if "html" in site_paths:
-                    with atomic_output(site_paths["html"], force=args.force) as temp:
-                        write_html(cube, temp, metrics=metrics, style=style)
+                tables[site] = metrics
                 shape = "x".join(str(n) for n in cube.pattern.shape[-2:])
                 lines.append(f"{site}: {shape} per head; wrote " + ", ".join(str(p) for p in site_paths.values()))
                 files[f"{run_name}.{site}"] = {k: str(v) for k, v in site_paths.items()}
+            if run_name in pages:
+                step("writing HTML")
+                with atomic_output(pages[run_name], force=args.force) as temp:
+                    sites_view(cubes, image=image, metrics=tables, style=style).save(temp)
+                lines.append(f"wrote {pages[run_name]} (the sites' views, one page with a site switch)")
+                files[f"{run_name}.html"] = str(pages[run_name])
     step.close()
     emit(args, lines, {"sites": {site: specs[site].summary for site in chosen}, "files": files})
     return 0

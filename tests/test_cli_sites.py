@@ -113,7 +113,8 @@ def test_site_chooses_one_site(clip_dir, picture, tmp_path):
 
 
 def test_reverser_source_and_target_give_an_antidiagonal_cross_grid(reverser_dir, tmp_path):
-    assert run("grid", "12345", "--target", "54321", "--model", reverser_dir, "--out", tmp_path, "--name", "rev") == 0
+    assert run("grid", "12345", "--target", "54321", "--model", reverser_dir, "--out", tmp_path, "--name", "rev",
+               "--html") == 0
     cross = AttentionCube.load(tmp_path / "rev.cross.cube.safetensors")
     assert cross.pattern.shape == (2, 2, 6, 6)  # <s> 5 4 3 2 1 over 1 2 3 4 5 </s>
     assert cross.query_tokens == ["<s>", "5", "4", "3", "2", "1"] and cross.tokens == ["1", "2", "3", "4", "5", "</s>"]
@@ -122,6 +123,8 @@ def test_reverser_source_and_target_give_an_antidiagonal_cross_grid(reverser_dir
     assert table["alignment"].min() < -0.5  # the reverser's heads read the source backwards
     for site in ("encoder", "decoder"):
         assert (tmp_path / f"rev.{site}.png").exists()
+    page = (tmp_path / "rev.html").read_text()  # one page, a site switch
+    assert page.count("<iframe data-site=") == 3 and not list(tmp_path.glob("rev.*.html"))
 
 
 def test_reverser_without_target_decodes_what_it_generates(reverser_dir, tmp_path):
