@@ -63,6 +63,27 @@ def clip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory) -> Path:
+    """A tiny LLaVA (CLIP vision tower, Llama language model) with its processor: 4 image tokens per image."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llava")
+    words = WORDS + ["<image>"]
+    text = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION), text_config=text,
+                                      image_token_index=words.index("<image>"), image_seq_length=4,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer = word_tokenizer(words)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
+                                vision_feature_select_strategy="default", image_token="<image>",
+                                num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def reverser_dir(tmp_path_factory) -> Path:
     """The trained digit reverser with a tokenizer of its ids saved beside it (source: digits then </s>)."""
     folder = tmp_path_factory.mktemp("reverser")
@@ -103,6 +124,22 @@ def test_grid_of_a_clip_directory_writes_both_towers(clip_dir, picture, tmp_path
     text = AttentionCube.load(tmp_path / f"{stem}.text.cube.safetensors")
     assert vision.pattern.shape == (2, 4, 5, 5) and vision.tokens[0] == "[CLS]"
     assert text.pattern.shape == (3, 2, 6, 6) and text.tokens[:5] == ["a", "cat", "on", "the", "mat"]
+
+
+def test_grid_of_a_vlm_directory_equals_eager(llava_dir, picture, tmp_path):
+    assert run("grid", "a cat on the mat", "--image", picture, "--model", llava_dir, "--out", tmp_path, "--name", "v") == 0
+    language = AttentionCube.load(tmp_path / "v.self.cube.safetensors")
+    vision = AttentionCube.load(tmp_path / "v.vision.cube.safetensors")
+    # the processor's image token put first (one per patch), then the prompt's words
+    assert language.tokens[:4] == ["<image>"] * 4 and language.tokens[-5:] == ["a", "cat", "on", "the", "mat"]
+    processor = transformers.AutoProcessor.from_pretrained(llava_dir)
+    inputs = processor(text="<image>\na cat on the mat", images=Image.open(picture).convert("RGB"), return_tensors="pt")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+        tower = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
+    torch.testing.assert_close(language.pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(vision.pattern, torch.stack(tower.attentions, 1)[0], atol=1e-5, rtol=0)
 
 
 def test_site_chooses_one_site(clip_dir, picture, tmp_path):
