@@ -150,6 +150,7 @@ def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
 
 def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: str, step) -> int:
     """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ..."""
+    from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models.files import atomic_output, claim_outputs
     from llm_heatmap.viz import save_grid, sites_view
@@ -174,7 +175,7 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                 site_paths = paths[(run_name, site)]
                 with atomic_output(site_paths["grid"], force=args.force) as temp:
                     save_grid(cube, temp, style, layers=layers, heads=heads)
-                metrics = sites.site_metrics(cube)
+                metrics = site_metrics(cube)
                 write_table(metrics, site_paths["metrics"], force=args.force)
                 with atomic_output(site_paths["cube"], force=args.force) as temp:
                     cube.save(temp)

@@ -57,15 +57,6 @@ def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt:
                        source=str(args.model))
 
 
-def site_metrics(cube):
-    """The per-head table of one site: alignment, coverage and source entropy for cross-attention, the head
-    metrics for every other site."""
-    from llm_heatmap.analyses.heads.cross_metrics import cross_metrics
-    from llm_heatmap.analyses.heads.metrics import head_metrics
-
-    return cross_metrics(cube) if cube.spec.site == "cross" else head_metrics(cube)
-
-
 def multiple_images_check(args, specs: dict) -> None:
     """A VLM's capture holds one sequence, so one image; a vision model or a dual encoder runs once per image."""
     if args.image and len(args.image) > 1 and "vision" in specs and len(set(specs) - {"vision", "text"}):
@@ -74,7 +65,7 @@ def multiple_images_check(args, specs: dict) -> None:
 
 
 def check_single_site_flags(args) -> None:
-    """--stream and --qk keep to the one-site capture of a text model."""
-    if getattr(args, "stream", None) or getattr(args, "qk", False):
-        raise InputError("--stream and --qk work on the one site of a text model; drop them with --site, --image, "
-                         "--target or a model with several sites.")
+    """--stream, --qk and --chat keep to the one-site capture of a text model."""
+    if getattr(args, "stream", None) or getattr(args, "qk", False) or getattr(args, "chat", False):
+        raise InputError("--stream, --qk and --chat work on the one site of a text model; drop them with --site, "
+                         "--image, --target or a model with several sites.")

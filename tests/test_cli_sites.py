@@ -180,6 +180,8 @@ def test_metrics_per_site(reverser_dir, tmp_path):
     (["grid", "x", "--site", "crosss"], "--site 'crosss' is not an attention site"),
     (["grid", "--image", "missing.png"], "--image missing.png does not exist"),
     (["grid", "x", "--target", " "], "--target is empty"),
+    (["grid", "x", "--site", "cross", "--chat"], "--stream, --qk and --chat work on the one site of a text model"),
+    (["metrics", "x", "--target", "y", "--out", "t.csv"], "--out t.csv names one table, but each site gets its own"),
 ])
 def test_refusals_before_loading(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -107,3 +107,11 @@ def _streamed_advice(working: dict[str, int], max_bytes) -> str:
     if max_bytes is not None and not fits(working, max_bytes):
         return f"allow more memory (max_bytes=...): the metrics alone take {size_text(sum(working.values()))}"
     return "capture fewer layers (layers=[...]) or draw fewer tokens per panel (max_tokens=64)"
+
+
+def site_metrics(cube) -> pd.DataFrame:
+    """The per-head table of one site's cube: alignment, monotonicity, coverage and source entropy for
+    cross-attention (`cross_metrics`), the head metrics for every other site."""
+    from .cross_metrics import cross_metrics
+
+    return cross_metrics(cube) if cube.spec.site == "cross" else head_metrics(cube)
