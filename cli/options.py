@@ -104,11 +104,15 @@ def add_prompt_options(parser) -> None:
     add_chat_option(parser)
 
 
+def add_site_option(parser, what: str = "one set of files per site") -> None:
+    parser.add_argument("--site", help=f"the attention site to capture, one of {', '.join(SITES)} (default: every "
+                        f"site of the model, {what})")
+
+
 def add_site_options(parser) -> None:
     """--site, --image and --target: which attention site, and the inputs of vision, VLM and encoder-decoder models."""
     group = parser.add_argument_group("sites and inputs")
-    group.add_argument("--site", help=f"the attention site to capture, one of {', '.join(SITES)} (default: every "
-                       "site of the model, one set of files per site)")
+    add_site_option(group)
     group.add_argument("--image", type=Path, action="append", metavar="PATH",
                        help="an image for a vision model or VLM, prepared by the model's own processor (repeat for "
                        "several: a vision model or CLIP gets one capture per image)")

@@ -209,3 +209,23 @@ def test_refusals_after_loading(vit_dir, reverser_dir, picture, tmp_path, capsys
     assert run("grid", "--image", picture, "--model", no_processor, "--out", tmp_path) == 2
     assert "has no image processor saved with it" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_batch_per_site_with_images_named_in_the_prompt_file(clip_dir, reverser_dir, picture, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    shutil.copy(picture, tmp_path / "cat.png")
+    prompts.write_text('{"prompt": "a cat", "image": "cat.png"}\n{"prompt": "the mat", "image": "cat.png"}\n')
+    assert run("batch", prompts, "--model", clip_dir, "--out", tmp_path / "clip") == 0
+    table = pd.read_csv(tmp_path / "clip" / "heads.csv")
+    assert table.groupby(["prompt_id", "site"]).size().to_dict() == {(0, "text"): 6, (0, "vision"): 8,
+                                                                     (1, "text"): 6, (1, "vision"): 8}
+    digits = tmp_path / "digits.txt"
+    digits.write_text("12345\n987\n")
+    assert run("batch", digits, "--model", reverser_dir, "--out", tmp_path / "rev", "--site", "cross") == 0
+    table = pd.read_csv(tmp_path / "rev" / "heads.csv")
+    assert set(table["site"]) == {"cross"} and len(table) == 8 and table["alignment"].notna().all()
+    assert run("batch", prompts, "--model", reverser_dir, "--out", tmp_path / "bad") == 2
+    assert "names an image, but" in capsys.readouterr().err
+    prompts.write_text('{"prompt": "a cat", "image": "dog.png"}\n')
+    assert run("batch", prompts, "--model", clip_dir, "--out", tmp_path / "missing") == 2
+    assert "dog.png, which does not exist" in capsys.readouterr().err
