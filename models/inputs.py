@@ -21,7 +21,7 @@ import torch
 from llm_heatmap.errors import InputError
 
 from .loading import reads_images
-from .sites import CROSS, DECODER, ENCODER, SELF, TEXT, VISION
+from .sites import CROSS, DECODER, SELF, TEXT, VISION
 
 MAX_GENERATED = 64  # decoder tokens generated greedily when no target is given
 
@@ -64,7 +64,7 @@ def _vision_inputs(model, tokenizer, processor, sites, prompt, image) -> dict:
         return {"pixel_values": image_processor(images=image, return_tensors="pt")["pixel_values"]}
     if prompt is None:
         raise InputError(f"{name} reads an image with text; give a prompt as well.")
-    if TEXT in sites or getattr(processor, "tokenizer", None) is None or ENCODER in sites:
+    if TEXT in sites or getattr(processor, "tokenizer", None) is None:
         text = dict(tokenizer(prompt, return_tensors="pt"))
         return {**text, "pixel_values": image_processor(images=image, return_tensors="pt")["pixel_values"]}
     image_token = getattr(processor, "image_token", None)

@@ -162,6 +162,8 @@ def test_reverser_source_and_target_give_an_antidiagonal_cross_grid(reverser_dir
         assert (tmp_path / f"rev.{site}.png").exists()
     page = (tmp_path / "rev.html").read_text()  # one page, a site switch
     assert page.count("<iframe data-site=") == 3 and not list(tmp_path.glob("rev.*.html"))
+    assert run("render", tmp_path / "rev.cross.cube.safetensors", "--out", tmp_path, "--name", "again") == 0
+    assert (tmp_path / "again.png").stat().st_size > 0  # a site's cube file draws without the model
 
 
 def test_reverser_without_target_decodes_what_it_generates(reverser_dir, tmp_path):
