@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llm_heatmap.errors import InputError
+
 from . import options
 from .run import emit, launched, load, progress_off
 
@@ -23,6 +25,8 @@ def register(subparsers) -> None:
         "heads.shard-i-of-n.*). Under torchrun or accelerate launch each process measures its share of the prompts "
         "(of the shard's prompts, with --shard) on its own device, and rank 0 writes the tables.", example=EXAMPLE)
     options.add_prompt_set_options(parser, "FILE")
+    options.add_site_option(parser, "a site column in the table; a JSONL field or column `image` names each "
+                            "prompt's image, relative to the prompt file")
     options.add_model_options(parser)
     options.add_run_options(parser)
 
@@ -33,15 +37,25 @@ def run(args) -> int:
     from llm_heatmap.analyses.runs.batch import check_fresh_run, run_batch
     from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
 
+    options.check_site_options(args)
     shard = None if args.shard is None else parse_shard(args.shard)
     prompts = read_prompts(args.file, column=args.column)
+    if args.chat and (args.site or any(p.image for p in prompts)):
+        raise InputError("--chat works on the one site of a text model; drop it with --site or images.")
     check_fresh_run(args.out, prompts, shard, resume=args.resume, force=args.force)  # before the model loads
     ranks = launched(args)
     try:
         model, tokenizer, spec = load(args, device=ranks.device())
+        measure, summary = site_measure(args, model, prompts), spec.summary
+        if measure is not None:
+            from llm_heatmap.models import site_specs
+
+            summary = "; ".join(f"{site} {s.summary}" for site, s in site_specs(model).items()
+                                if args.site in (None, site))
         with torch.no_grad():
             result = run_batch(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model), chat=args.chat,
-                               shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args), ranks=ranks)
+                               shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args), ranks=ranks,
+                               measure=measure)
     finally:
         ranks.close()
     if not ranks.is_main:
@@ -49,11 +63,34 @@ def run(args) -> int:
     which = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     if ranks.distributed:
         which += f" by {ranks.world_size} processes"
-    lines = [f"{args.model}: {spec.summary}",
+    lines = [f"{args.model}: {summary}",
              f"{len(result.computed)} prompts computed, {len(result.skipped)} already done{which}; "
              f"{len(result.table)} rows",
              f"wrote {result.parquet}, {result.csv}"]
-    payload = {"model": str(args.model), "spec": spec.summary, "computed": result.computed, "skipped": result.skipped,
+    payload = {"model": str(args.model), "spec": summary, "computed": result.computed, "skipped": result.skipped,
                "rows": len(result.table), "files": {"parquet": str(result.parquet), "csv": str(result.csv)}}
     emit(args, lines, payload)
     return 0
+
+
+def site_measure(args, model, prompts):
+    """The per-prompt measure of a batch over sites (`measure_sites`, a `site` column), or None for the one
+    site of a text model without --site or images."""
+    from functools import partial
+
+    from llm_heatmap.analyses.heads.measure import measure_sites
+    from llm_heatmap.models import site_specs
+    from llm_heatmap.models.loading import load_processor, reads_images
+
+    from . import sites
+
+    specs = site_specs(model)
+    with_image = next((p for p in prompts if p.image), None)
+    if not (args.site or with_image or set(specs) != {"self"}):
+        return None
+    chosen = sites.chosen_sites(args, model, specs)
+    if with_image is not None and "vision" not in specs and not reads_images(model.config):
+        raise InputError(f"{with_image.where} names an image, but {args.model} reads no images (its sites are "
+                         f"{', '.join(specs)}); drop the images from the prompt file.")
+    processor = load_processor(args.model, trust_remote_code=args.trust_remote_code) if with_image else None
+    return partial(measure_sites, processor=processor, sites=chosen)

@@ -47,6 +47,16 @@ API_TO_FLAG = {
     "size=": "--size ",
     "pseudo_group_size=": "--pseudo-group-size ",
     "cell_px or size": "--cell-px or --size",
+    "site=": "--site ",
+    "an image was given": "--image was given",
+    "drop the image": "drop --image",
+    "give an image": "pass --image PATH",
+    "a target was given": "--target was given",
+    "drop the target": "drop --target",
+    "give the target": "pass --target TEXT",
+    "a prompt was given": "PROMPT was given",
+    "drop the prompt": "drop PROMPT",
+    "give a prompt": "give PROMPT",
 }
 
 _API_TEXT = re.compile("|".join(

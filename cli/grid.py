@@ -6,7 +6,7 @@ import argparse
 
 from llm_heatmap.errors import InputError
 
-from . import options
+from . import options, sites
 from .run import Steps, emit, load
 
 AUTO_STREAM_GIB = 1  # analyses.measure.AUTO_STREAM_BYTES, without importing torch to build the parser
@@ -20,6 +20,7 @@ def register(subparsers) -> None:
         description="Capture every attention head of a model for PROMPT and write NAME.png (all-heads grid), "
         "NAME.metrics.csv (one row per head) and NAME.cube.safetensors (re-render with `render`).", example=EXAMPLE)
     options.add_prompt_options(parser)
+    options.add_site_options(parser)
     options.add_model_options(parser)
     options.add_output_options(parser)
     options.add_drawing_options(parser)
@@ -65,19 +66,23 @@ def cube_file_note(wanted: bool | None, size: int) -> str | None:
 def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
 
-    prompt = options.read_prompt(args)
+    options.check_site_options(args)
+    prompt = options.read_prompt(args, optional=bool(args.image))
     options.grid_style(args)  # the drawing options checked before anything loads
     if args.qk and args.stream:
         raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
     if args.qk:
         args.stream = False  # queries and keys need the full cube
     name = options.plain_name(args.name) or options.base_name(args, prompt) + options.drawing_suffix(args)
+    if args.site or args.image or args.target is not None:  # the files are named per site, once the model is known
+        sites.check_single_site_flags(args)
+        return _run(args, prompt, None, name)
     paths = output_paths(args, name)
     with claim_outputs(paths.values(), force=args.force):
-        return _run(args, prompt, paths)
+        return _run(args, prompt, paths, name)
 
 
-def _run(args, prompt: str, paths: dict) -> int:
+def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
     # imported after the checks above, so that a bad prompt or output path can fail before torch loads
     import torch
 
@@ -93,9 +98,14 @@ def _run(args, prompt: str, paths: dict) -> int:
     style, layers, heads = options.grid_style(args)
     max_bytes = options.max_bytes(args.max_cube_mb)
     step = Steps(args, ["loading model", "capturing", "drawing grid", "writing metrics and cube"]
-                 + (["writing HTML"] if "html" in paths else []))
+                 + (["writing HTML"] if args.html else []))
     step("loading model")
     model, tokenizer, spec = load(args)
+    from llm_heatmap.models import site_specs
+
+    specs = site_specs(model)
+    if paths is None or sites.wants_sites(args, specs):
+        return _run_sites(args, model, tokenizer, specs, prompt, name, step)
     drawn_layers, drawn_heads = len(layers or range(spec.num_layers)), len(heads or range(spec.num_heads))
     step("capturing")
     with torch.no_grad():
@@ -135,4 +145,50 @@ def _run(args, prompt: str, paths: dict) -> int:
     payload = {"spec": spec.summary, "tokens": num_tokens, "files": {k: str(v) for k, v in paths.items()},
                "cube": cube_note, "digest": digest}
     emit(args, lines, payload)
+    return 0
+
+
+def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: str, step) -> int:
+    """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ..."""
+    from llm_heatmap.analyses.heads.measure import site_metrics
+    from llm_heatmap.analyses.runs.table_files import write_table
+    from llm_heatmap.models.files import atomic_output, claim_outputs
+    from llm_heatmap.viz import save_grid, sites_view
+
+    sites.multiple_images_check(args, specs)
+    chosen = sites.chosen_sites(args, model, specs)
+    style, layers, heads = options.grid_style(args)
+    planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
+    paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
+    pages = {run_name: args.out / f"{run_name}.html" for run_name, _ in planned} if args.html else {}
+    for site_paths in paths.values():
+        site_paths.pop("html", None)  # one page per run, with a site switch
+    sites.check_single_site_flags(args)
+    lines, files = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
+    with claim_outputs([p for group in paths.values() for p in group.values()] + list(pages.values()), force=args.force):
+        for run_name, image in planned:
+            step("capturing")
+            cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)
+            step("drawing grid")
+            tables = {}
+            for site, cube in cubes.items():
+                site_paths = paths[(run_name, site)]
+                with atomic_output(site_paths["grid"], force=args.force) as temp:
+                    save_grid(cube, temp, style, layers=layers, heads=heads)
+                metrics = site_metrics(cube)
+                write_table(metrics, site_paths["metrics"], force=args.force)
+                with atomic_output(site_paths["cube"], force=args.force) as temp:
+                    cube.save(temp)
+                tables[site] = metrics
+                shape = "x".join(str(n) for n in cube.pattern.shape[-2:])
+                lines.append(f"{site}: {shape} per head; wrote " + ", ".join(str(p) for p in site_paths.values()))
+                files[f"{run_name}.{site}"] = {k: str(v) for k, v in site_paths.items()}
+            if run_name in pages:
+                step("writing HTML")
+                with atomic_output(pages[run_name], force=args.force) as temp:
+                    sites_view(cubes, image=image, metrics=tables, style=style).save(temp)
+                lines.append(f"wrote {pages[run_name]} (the sites' views, one page with a site switch)")
+                files[f"{run_name}.html"] = str(pages[run_name])
+    step.close()
+    emit(args, lines, {"sites": {site: specs[site].summary for site in chosen}, "files": files})
     return 0

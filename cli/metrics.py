@@ -20,6 +20,7 @@ def register(subparsers) -> None:
         "layer x head: entropy, sink, positional, induction scores and pattern class. The table format follows "
         "the --out extension (.csv, .parquet, .json, .md); without --out it is printed as Markdown.", example=EXAMPLE)
     options.add_prompt_options(parser)
+    options.add_site_options(parser)
     options.add_model_options(parser)
     parser.add_argument("--out", type=Path, help="output folder (writes NAME.metrics.csv; --name picks NAME), or a "
                         "table file whose extension (.csv, .parquet, .json, .md) picks the format; without it the "
@@ -35,15 +36,20 @@ def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
     from llm_heatmap.analyses.runs.table_files import table_format
 
-    prompt = options.read_prompt(args)
+    options.check_site_options(args)
+    prompt = options.read_prompt(args, optional=bool(args.image))
     metrics = options.selected_metrics(args)
     if args.induction_probe < 0:
         raise InputError(f"--induction-probe {args.induction_probe} must be a number of random tokens of at least 0 "
                          "(0: no probe).")
-    if args.out is not None:
+    args.out_given = args.out  # a model with several sites writes one table per site into this folder
+    per_site = bool(args.site or args.image or args.target is not None)
+    if per_site:
+        check_per_site(args, metrics)
+    if args.out is not None and not per_site:
         args.out = options.table_or_folder(args.out, options.base_name(args, prompt), "metrics")
         table_format(args.out)
-    with claim_outputs([args.out] if args.out is not None else [], force=args.force):
+    with claim_outputs([args.out] if args.out is not None and not per_site else [], force=args.force):
         return _run(args, prompt, metrics)
 
 
@@ -57,6 +63,13 @@ def _run(args, prompt: str, metrics) -> int:
     from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
 
     model, tokenizer, spec = load(args)
+    from llm_heatmap.models import site_specs
+
+    from . import sites
+
+    specs = site_specs(model)
+    if sites.wants_sites(args, specs):
+        return _run_sites(args, model, tokenizer, specs, prompt, metrics)
     tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
     with torch.no_grad():
         table = stream_head_metrics(model, tokenizer, prompt, spec=spec, chat=args.chat)
@@ -82,3 +95,49 @@ def _run(args, prompt: str, metrics) -> int:
         payload["table"] = table.to_dict(orient="records")
     emit(args, lines, payload)
     return 0
+
+
+def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics) -> int:
+    """One table per site (and per image): NAME.SITE.metrics.csv in --out, or printed one after another."""
+    from llm_heatmap.analyses.heads.measure import site_metrics
+    from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
+    from llm_heatmap.models.files import claim_outputs
+
+    from . import sites
+
+    check_per_site(args, metrics)
+    sites.multiple_images_check(args, specs)
+    chosen = sites.chosen_sites(args, model, specs)
+    out = args.out_given
+    name = options.base_name(args, prompt)
+    planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
+    paths = {(run_name, site): out / f"{run_name}.{site}.metrics.csv" for run_name, _ in planned for site in chosen} \
+        if out is not None else {}
+    lines, payload = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
+    with claim_outputs(paths.values(), force=args.force):
+        for run_name, image in planned:
+            for site, cube in sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image).items():
+                table = site_metrics(cube)
+                key = f"{run_name}.{site}"
+                if out is not None:
+                    write_table(table, paths[(run_name, site)], force=args.force)
+                    lines.append(f"{site}: {len(table)} heads; wrote {paths[(run_name, site)]}")
+                    payload[key] = str(paths[(run_name, site)])
+                else:
+                    lines += [f"{site}: {len(table)} heads", "", to_markdown(table).rstrip("\n"), ""]
+                    payload[key] = table.to_dict(orient="records")
+    emit(args, lines, {"sites": payload})
+    return 0
+
+
+def check_per_site(args, metrics) -> None:
+    """What a run with one table per site cannot take."""
+    from . import sites
+
+    sites.check_single_site_flags(args)
+    if args.induction_probe or metrics is not None:
+        raise InputError("--induction-probe and --metric work on the one site of a text model; drop them with "
+                         "--site, --image, --target or a model with several sites.")
+    out = args.out_given
+    if out is not None and out.suffix and not out.is_dir():
+        raise InputError(f"--out {out} names one table, but each site gets its own; give a folder.")

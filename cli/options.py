@@ -13,7 +13,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from llm_heatmap.choices import BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, WEIGHTINGS  # noqa: F401
+from llm_heatmap.choices import BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, SITES, WEIGHTINGS  # noqa: F401
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
 from llm_heatmap.analyses.bounds import HEAD_MEASURES, MAX_INDEX, MEASURES, PSEUDO_GROUP_SIZE
@@ -104,6 +104,50 @@ def add_prompt_options(parser) -> None:
     add_chat_option(parser)
 
 
+def add_site_option(parser, what: str = "one set of files per site") -> None:
+    parser.add_argument("--site", help=f"the attention site to capture, one of {', '.join(SITES)} (default: every "
+                        f"site of the model, {what})")
+
+
+def add_site_options(parser) -> None:
+    """--site, --image and --target: which attention site, and the inputs of vision, VLM and encoder-decoder models."""
+    group = parser.add_argument_group("sites and inputs")
+    add_site_option(group)
+    group.add_argument("--image", type=Path, action="append", metavar="PATH",
+                       help="an image for a vision model or VLM, prepared by the model's own processor (repeat for "
+                       "several: a vision model or CLIP gets one capture per image)")
+    group.add_argument("--target", metavar="TEXT",
+                       help="an encoder-decoder model's decoder input (PROMPT is the source); default: what the model "
+                       "generates greedily from the source")
+
+
+def check_site_options(args) -> None:
+    """--site, --image and --target checked before a model loads: a site name that exists somewhere, images
+    that open, a target that is not empty."""
+    site = getattr(args, "site", None)
+    if site is not None and site not in SITES:
+        raise InputError(f"--site {site!r} is not an attention site; the sites are {', '.join(SITES)}.")
+    for path in getattr(args, "image", None) or []:
+        read_image(path)
+    target = getattr(args, "target", None)
+    if target is not None and not target.strip():
+        raise InputError("--target is empty; give the decoder's text, or drop --target to let the model generate it.")
+
+
+def read_image(path: Path):
+    """The RGB image at `path`, or one sentence saying why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"--image {path} does not exist; give the path of a PNG or JPEG file.") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"--image {path} cannot be read as an image ({type(error).__name__}); give a PNG or JPEG "
+                         "file.") from None
+
+
 def add_output_options(parser, *, default_out: str = "heatmaps") -> None:
     """An output directory and base name for commands that write several files, with --force and --quiet."""
     parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output directory (default: ./{default_out}/)")
@@ -172,14 +216,17 @@ def add_drawing_options(parser) -> None:
     group.add_argument("--html", action="store_true", help="also write the interactive HTML view")
 
 
-def read_prompt(args) -> str:
-    """The prompt from PROMPT or --prompt-file (exactly one of them), never empty."""
+def read_prompt(args, optional: bool = False) -> str | None:
+    """The prompt from PROMPT or --prompt-file (exactly one of them), never empty; None where it is
+    `optional` (an image given) and absent."""
     from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompt_text
 
     if args.prompt_file is not None:
         if args.prompt is not None:
             raise InputError("give the prompt either as an argument or with --prompt-file, not both.")
         return read_prompt_text(args.prompt_file)
+    if args.prompt is None and optional:
+        return None
     if args.prompt is None:
         raise InputError("the prompt is empty; pass some text as PROMPT or with --prompt-file.")
     return check_prompt(args.prompt)
@@ -239,7 +286,11 @@ def prompt_slug(prompt: str, limit: int = 40) -> str:
 def base_name(args, prompt: str) -> str:
     """--name, or one made from the model and the prompt (and --chat, which changes what is captured)."""
     chat = "_chat" if getattr(args, "chat", False) else ""
-    return plain_name(args.name) or f"{slug(Path(str(args.model)).stem, 24)}{chat}_{prompt_slug(prompt)}"
+    model = slug(Path(str(args.model)).stem, 24)
+    if prompt is None:  # an image alone: the image's name follows (`cli.sites.runs`)
+        return plain_name(args.name) or model
+    target = f"_to_{prompt_slug(args.target, 24)}" if getattr(args, "target", None) else ""
+    return plain_name(args.name) or f"{model}{chat}_{prompt_slug(prompt)}{target}"
 
 
 def drawing_suffix(args) -> str:

@@ -82,6 +82,13 @@ def grid(model, prompt: str, *, tokenizer=None, chat: bool = False, style=None, 
 THUMBNAIL_WIDTH, THUMBNAIL_HEIGHT = 420, 640
 
 
+def sites_html(cubes) -> str:
+    """The notebook display of a capture's sites (`SiteCubes`): the one page with its site switch, inline."""
+    from llm_heatmap.viz.html import sites_view
+
+    return sites_view(cubes)._repr_html_()
+
+
 def cube_html(cube) -> str:
     """A cube's notebook display: what it holds, in a few lines, beside a small all-heads grid."""
     from llm_heatmap.viz.grid import grid_thumbnail

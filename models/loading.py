@@ -223,8 +223,42 @@ def check_config(config, source) -> None:
                          f"{hidden} (num_attention_heads and hidden_size in config.json); fix the config.")
 
 
+def reads_images(config) -> bool:
+    """Whether a config describes a model that reads pixels: a vision tower (ViT, CLIP, a VLM)."""
+    return any(getattr(c, "image_size", None) and getattr(c, "patch_size", None)
+               for c in (config, getattr(config, "vision_config", None)) if c is not None)
+
+
+def _load_tokenizer(load, config):
+    """The model's tokenizer; None for a vision model saved without one (a ViT reads pixels only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return load(AutoTokenizer.from_pretrained)
+    except Exception:  # noqa: BLE001 - a tokenizer's absence reads differently per model type
+        if reads_images(config) and getattr(config, "vision_config", None) is None:
+            return None
+        raise
+
+
+def load_processor(source: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The processor a local model directory ships for images (AutoProcessor, else AutoImageProcessor),
+    or None when it has none."""
+    from transformers import AutoImageProcessor, AutoProcessor
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    for loader in (AutoProcessor, AutoImageProcessor):
+        try:
+            processor = loader.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        except Exception:  # noqa: BLE001 - a folder without the files: the next kind, then None
+            continue
+        if isinstance(getattr(processor, "image_processor", processor), BaseImageProcessor):
+            return processor
+    return None
+
+
 def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_implementation, progress):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     name, local = resolve_source(source, progress=progress)
     common = {"trust_remote_code": trust_remote_code}
@@ -245,8 +279,12 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
             "pass a directory written by save_pretrained, a .gguf file, or one of: " + _offline_names() + "."
         ) from None
     check_config(config, source)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    auto = AutoModelForCausalLM if causal else AutoModel
+    architectures = config.architectures or []
+    causal = any(a.endswith("ForCausalLM") for a in architectures)
+    # an encoder-decoder keeps its LM head, so that the CLI can generate its decoder input greedily
+    seq2seq = getattr(config, "is_encoder_decoder", False) and any(a.endswith("ForConditionalGeneration")
+                                                                   for a in architectures)
+    auto = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM if seq2seq else AutoModel
     kwargs = {"dtype": parse_dtype(dtype) or (None if quantize else torch.float32)}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -262,7 +300,7 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
         with warnings.catch_warnings():  # torch's note on the pickle protocol of a refused file
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             model = load(auto.from_pretrained, **kwargs)
-        tokenizer = load(AutoTokenizer.from_pretrained)
+        tokenizer = _load_tokenizer(load, config)
     except InputError:
         raise
     except pickle.UnpicklingError:  # torch loads pickled weights with its weights-only unpickler, which refused

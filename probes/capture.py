@@ -287,7 +287,9 @@ class Probe:
                 if computed is not None else []
             blocks += [(start, min(queries, start + step), True) for start in range(first_row, queries, step)]
             for start, stop, delivered in blocks:
-                block = call.pattern(heads, start, stop, pad=False)
+                rows = buffer[:, slot, :, start - first_row : stop - first_row] if self.keep and delivered else None
+                into = rows if rows is not None and len(heads) == len(self.heads) else None
+                block = call.pattern(heads, start, stop, pad=False, out=into)
                 if computed is not None:
                     kernel_output.write_block(computed, block, value.detach(), start, stop)
                     if not delivered:
@@ -298,8 +300,8 @@ class Probe:
                         self._block_output_norms(layer, side, computed, start - first_row, start, stop, len(positions))
                 width = block.shape[-1]
                 if self.keep:
-                    rows = buffer[:, slot, :, start - first_row : stop - first_row]
-                    rows[..., :width] = block
+                    if into is None or block.data_ptr() != rows.data_ptr():
+                        rows[..., :width] = block
                     rows[..., width:] = 0
                 if self.consumers:
                     if self.keep:

@@ -48,6 +48,12 @@ class SiteCubes(Mapping):
     def __len__(self) -> int:
         return len(self.cubes)
 
+    def _repr_html_(self) -> str:
+        """The notebook display: one view with a site switch; the drawing is imported only now."""
+        from llm_heatmap.notebook import sites_html
+
+        return sites_html(self)
+
     def __repr__(self) -> str:
         shapes = ", ".join(f"{name} {tuple(cube.pattern.shape)}" for name, cube in self.cubes.items())
         return f"SiteCubes({shapes})"

@@ -259,13 +259,15 @@ class KernelCall:
     def num_keys(self) -> int:
         return self.key.shape[2]
 
-    def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True) -> torch.Tensor:
+    def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
         softmax((q * scaling) k^T, softcapped, + position bias, + mask) with each query head
         reading its KV head (for a head subset the KV heads are indexed, `"b g k d -> b (g r) k d"`).
         With `pad=False` the keys past the last one the kernel's causal rule lets these rows see
-        are left out (they are 0); the caller fills them.
+        are left out (they are 0); the caller fills them. `out` (fp32 `"b h q k"`, with pad=False): where
+        the probabilities are written, returned as its first keys.
         """
         all_heads = self._all_heads(heads)
         heads = heads.to(self.query.device)
@@ -303,6 +305,10 @@ class KernelCall:
             sinks = self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
             sinks = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
             probs = torch.softmax(torch.cat([scores, sinks], -1), dim=-1, dtype=torch.float32)[..., :-1]
+        elif out is not None and out.dtype == torch.float32 and out.shape[-1] >= keys and not pad:
+            # straight into the caller's buffer (its rows of the cube): no second copy of the block
+            probs = out[..., :keys]
+            torch.softmax(scores, dim=-1, dtype=torch.float32, out=probs)
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if keys == self.num_keys or not pad:

@@ -7,7 +7,7 @@ _MODULES = {
     ".figures": ("plot_comparison", "plot_head", "plot_heads", "plot_kv_group", "plot_kv_similarity",
                  "plot_metric_map", "plot_rollout", "save_figure"),
     ".grid": ("DrawnGrid", "GridLayout", "plot_grid", "plot_grid_difference", "save_grid", "save_grid_difference"),
-    ".html": ("HtmlView", "html_view", "write_html"),
+    ".html": ("HtmlView", "html_view", "sites_view", "write_html"),
     ".qk_figures": ("plot_qk_map", "plot_qk_maps"),
     ".style": ("GridStyle",),
     ".tables": ("metric_table",),

@@ -306,7 +306,7 @@ def _image_size(plan: Plan, size) -> tuple[int, int]:
 def _layout(cube, plan: Plan, style: GridStyle, shape, pooled: bool, color, lines) -> GridLayout:
     width, height = _image_size(plan, style.size)
     extra_x, extra_y = (width - plan.natural_w) // 2, (height - plan.natural_h) // 2
-    gx0 = extra_x + plan.pad + int(np.ceil(plan.layer_width)) + plan.pad
+    gx0 = extra_x + plan.pad + int(np.ceil(plan.layer_width)) + plan.pad + int(np.ceil(plan.query_width))
     gy0 = int(np.ceil(extra_y + plan.pad + plan.title_h + plan.pad + plan.head_block[1] + 0.4 * plan.label_px))
     layout = GridLayout(width=width, height=height, cell_px=plan.c, gutter=plan.gutter,
                         grid_box=(gx0, gy0, gx0 + plan.grid_w, gy0 + plan.grid_h), panel_shape=tuple(shape),
@@ -366,7 +366,8 @@ def _draw_title(put, layout: GridLayout, plan: Plan) -> None:
 
 
 def _draw_axis_labels(put, layout: GridLayout, plan: Plan, cube) -> None:
-    """Head labels above the grid, layer labels at its left, key tokens under the bottom row."""
+    """Head labels above the grid, layer labels at its left, key tokens under the bottom row; a cube whose
+    rows are tokens of their own (cross-attention: target over source) names them left of the first head."""
     gx0, gy0 = layout.grid_box[:2]
     head_px = plan.head_block[0]
     for hi, text in plan.head_labels:
@@ -377,7 +378,13 @@ def _draw_axis_labels(put, layout: GridLayout, plan: Plan, cube) -> None:
     layer_px = min(plan.label_px, max(MIN_LABEL_PX, 0.8 * (nq * plan.c + plan.gutter) / 1.2))
     for li, text in plan.layer_labels:
         _, y0, _, y1 = layout.panels[(cube.layers[li], cube.heads[0])]
-        put(gx0 - plan.pad, (y0 + y1) / 2, text, layer_px, ha="right", va="center")
+        put(gx0 - plan.pad - plan.query_width, (y0 + y1) / 2, text, layer_px, ha="right", va="center")
+    if plan.query_width:
+        for layer in cube.layers:
+            x0, y0, _, _ = layout.panels[(layer, cube.heads[0])]
+            for q, token in enumerate(cube.query_tokens):
+                put(x0 - 0.3 * plan.label_px, y0 + (q + 0.5) * plan.c, token_label(token), plan.token_px,
+                    ha="right", va="center")
     if plan.token_px:
         for head in cube.heads:
             x0, _, _, y1 = layout.panels[(cube.layers[-1], head)]

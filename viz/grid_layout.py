@@ -71,6 +71,7 @@ class Plan:
     natural_h: int
     pad: int
     title_h: float
+    query_width: float = 0.0  # row labels (a cross-attention cube's target tokens) between layer labels and grid
 
 
 def _label_px(pitch, grid_w):
@@ -131,12 +132,15 @@ def plan_grid(cube, nq, nk, c, *, show_tokens: bool, n_title_lines: int) -> Plan
             token_width = max(text_size(token_label(t), token_px)[0] for t in cube.tokens)
         else:
             token_px = 0.0
+    query_width = 0.0
+    if token_px and cube.query_tokens is not None and len(cube.query_tokens) == nq:
+        query_width = max(text_size(token_label(t), token_px)[0] for t in cube.query_tokens) + 0.4 * label_px
 
     pad = int(round(label_px * PAD_FRACTION)) + 2
     tick_px = label_px * 0.9
     cbar_width = (label_px + max(10, label_px) + 0.5 * label_px + text_size("0.0000", tick_px)[0]
                   + 0.6 * label_px + label_px * 1.3)
-    natural_w = int(np.ceil(pad + layer_width + pad + grid_w + cbar_width + pad))
+    natural_w = int(np.ceil(pad + layer_width + pad + query_width + grid_w + cbar_width + pad))
     natural_w = max(natural_w, 480)
     title_px = round(min(label_px * 1.3, natural_w / TITLE_CHARS))  # a narrow grid keeps a readable title line
     title_h = n_title_lines * title_px * 1.35
@@ -144,7 +148,7 @@ def plan_grid(cube, nq, nk, c, *, show_tokens: bool, n_title_lines: int) -> Plan
                             + (0.4 * label_px + token_width if token_px else 0) + pad))
     return Plan(c, gutter, sep_width, cols, rows, col_starts, row_starts, label_px, title_px, head_labels,
                  layer_labels, head_block, layer_width, token_px, token_width, cbar_width, grid_w, grid_h,
-                 natural_w, natural_h, pad, title_h)
+                 natural_w, natural_h, pad, title_h, query_width)
 
 
 def start_cell_px(num_layers: int, num_heads: int, nq: int, nk: int, cell_px, size) -> int:

@@ -173,6 +173,37 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return _SLOT.sub(lambda slot: values.get(slot.group(1), slot.group(0)), template)
 
 
+def sites_view(cubes, *, image=None, metrics=None, title: str | None = None, **options) -> HtmlView:
+    """The cubes of one capture's sites (`probes.SiteCubes`, or any mapping site -> cube) as one page: a
+    selector switching between each site's interactive view (`html_view`, hover naming the query and key
+    tokens or patches), with `image` (a PIL image) shown above a vision site. `metrics` maps site -> table;
+    `options` go to every site's `html_view`."""
+    if not len(cubes):
+        raise InputError("cubes holds no site; capture at least one (capture_sites).")
+    metrics = metrics or {}
+    frames, choices, summaries, vision = [], [], {}, []
+    for site, cube in cubes.items():
+        page = html_view(cube, metrics=metrics.get(site), **options).page
+        frames.append(f'<iframe data-site="{html.escape(site)}" title="{html.escape(site)}" sandbox="allow-scripts" '
+                      f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
+        choices.append(f'<option value="{html.escape(site)}">{html.escape(site)}</option>')
+        summaries[site] = f"{cube.spec.summary}; " + " x ".join(map(str, cube.pattern.shape[-2:])) + " per head"
+        if site == "vision" or (cube.tokens and str(cube.tokens[-1]).startswith("patch ")):
+            vision.append(site)
+    picture = ""
+    if image is not None:
+        import io
+
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        picture = f'<img alt="the input image" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    first = next(iter(cubes.values()))
+    heading = title or f"{model_name(first.source)} · {len(cubes)} attention site" + ("s" if len(cubes) > 1 else "")
+    page = _page(heading, "sites", HEADING=html.escape(heading), OPTIONS="".join(choices), FRAMES="".join(frames),
+                 IMAGE=picture, META=_script_json({"sites": list(cubes), "summaries": summaries, "vision": vision}))
+    return HtmlView(page, height=900)
+
+
 def _page(title: str, name: str, **data: str) -> str:
     """Page `name` of viz/assets/ (`name`.html, .css, .js) inside the shared shell (page.html, theme.css),
     with the title and the `data` slots of its body filled."""
@@ -196,7 +227,10 @@ def _axis_labels(cube) -> tuple[list[dict], list[dict]]:
 
     cols = [label(a, b, k) for k, (a, b) in enumerate(zip(keys.first.tolist(), keys.last.tolist()))]
     home = (torch.searchsorted(keys.first, queries.first, right=True) - 1).clamp(0, cube.num_keys - 1).tolist()
-    rows = [label(a, b, k) for k, a, b in zip(home, queries.first.tolist(), queries.last.tolist())]
+    if cube.query_tokens is not None:  # cross-attention: the rows are the target's own tokens
+        rows = [{"t": token_text(str(t)), "r": str(t), "p": [q, q], "g": False} for q, t in enumerate(cube.query_tokens)]
+    else:
+        rows = [label(a, b, k) for k, a, b in zip(home, queries.first.tolist(), queries.last.tolist())]
     return rows, cols
 
 

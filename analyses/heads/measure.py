@@ -107,3 +107,38 @@ def _streamed_advice(working: dict[str, int], max_bytes) -> str:
     if max_bytes is not None and not fits(working, max_bytes):
         return f"allow more memory (max_bytes=...): the metrics alone take {size_text(sum(working.values()))}"
     return "capture fewer layers (layers=[...]) or draw fewer tokens per panel (max_tokens=64)"
+
+
+def site_metrics(cube) -> pd.DataFrame:
+    """The per-head table of one site's cube: alignment, monotonicity, coverage and source entropy for
+    cross-attention (`cross_metrics`), the head metrics for every other site."""
+    from .cross_metrics import cross_metrics
+
+    return cross_metrics(cube) if cube.spec.site == "cross" else head_metrics(cube)
+
+
+def measure_sites(model, tokenizer, text: str, *, spec=None, chat: bool = False, image=None, processor=None,
+                  sites=None, target: str | None = None, **capture_options) -> pd.DataFrame:
+    """The per-head table of every site (or of `sites`) of one forward pass over `text` (and `image`, a path
+    or PIL image, prepared by `processor`), a `site` column first: the `measure` of a batch over a model
+    with several sites (`models.inputs.site_inputs` says what each kind of model gets). `spec` and `chat`
+    are taken for the batch's signature; a chat template is not applied."""
+    from llm_heatmap.models import site_specs
+    from llm_heatmap.models.inputs import site_inputs
+    from llm_heatmap.probes import capture_sites
+
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        from PIL import Image
+
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    specs = site_specs(model)
+    inputs = site_inputs(model, tokenizer, processor, specs, prompt=text, image=image, target=target)
+    inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
+    with torch.no_grad(), capture_sites(model, sites=sites, **capture_options) as probe:
+        model(**inputs)
+    cubes = probe.cubes(inputs.get("input_ids"), decoder_input_ids=inputs.get("decoder_input_ids"),
+                        attention_mask=inputs.get("attention_mask"), tokenizer=tokenizer, prompt=text)
+    tables = [site_metrics(cube).assign(site=site) for site, cube in cubes.items()]
+    table = pd.concat(tables, ignore_index=True)
+    return table[["site", *[c for c in table.columns if c != "site"]]]

@@ -83,8 +83,9 @@ class _Model(Section):
         return self.counts
 
     def measure(self, prompt: Prompt) -> pd.DataFrame:
+        image = {} if prompt.image is None else {"image": prompt.image}  # only a measure that reads images gets one
         return self.measure_text(self.model, self.tokenizer, prompt.text, spec=self.spec, chat=self.chat,
-                                 **self.capture_options)
+                                 **image, **self.capture_options)
 
 
 def run_batch(
@@ -113,7 +114,8 @@ def run_batch(
     recomputes this shard's prompts. `ranks` (default: from the launcher's environment) splits
     the prompts to compute between processes (module docstring). `on_prompt(prompt, table)` runs
     after each finished prompt. `measure(model, tokenizer, text, spec=, chat=, **capture_options)`
-    defaults to `stream_head_metrics`. `quiet` turns off the progress bar (shown by rank 0 only,
+    defaults to `stream_head_metrics`; a prompt that names an image passes it as `image=` (its path), which
+    `heads.measure.measure_sites` reads. `quiet` turns off the progress bar (shown by rank 0 only,
     on a terminal).
     """
     from llm_heatmap.models import spec_from_model

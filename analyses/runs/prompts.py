@@ -34,6 +34,7 @@ class Prompt:
     text: str
     group: str | None = None
     origin: str | None = field(default=None, compare=False)
+    image: str | None = None  # an image file the prompt goes with (JSONL field or column `image`), for vision models
 
     @property
     def where(self) -> str:
@@ -133,11 +134,21 @@ def _from_jsonl(path: Path, text: str, column: str) -> list[Prompt]:
             raise InputError(f'{where} has no "{column}" field; write {hint}, or pass column=NAME, the field that holds the prompt.')
         check_prompt(record[column], f'the "{column}" on {where}')
         prompt_id = check_text(str(record.get("id", len(prompts))), f'the "id" on {where}')
-        group = record.get("group")
+        group, image = record.get("group"), record.get("image")
         prompts.append(Prompt(id=prompt_id, text=record[column],
                               group=None if group is None else check_text(str(group), f'the "group" on {where}'),
-                              origin=where))
+                              origin=where, image=_image_path(path, image, f'the "image" on {where}')))
     return prompts
+
+
+def _image_path(prompt_file: Path, image, where: str) -> str | None:
+    """An image named by a prompt, relative to the prompt file's folder, as a path that exists."""
+    if image is None:
+        return None
+    path = prompt_file.parent / check_text(str(image), where)
+    if not path.is_file():
+        raise InputError(f"{where} names {path}, which does not exist; give the image's path relative to the prompt file.")
+    return str(path)
 
 
 def _read_table(path: Path):
@@ -187,10 +198,10 @@ def _from_table(path: Path, column: str) -> list[Prompt]:
         where = f"row {number} of {path}"
         text = record[column]
         check_prompt(None if text is None or text is pd.NA else text, f"the '{column}' of {where}")
-        prompt_id, group = record.get("id"), record.get("group")
+        prompt_id, group, image = record.get("id"), record.get("group"), record.get("image")
         prompts.append(Prompt(id=str(len(prompts)) if _blank(prompt_id) else check_text(_cell_text(prompt_id), f"the id of {where}"),
                               text=text, group=None if _blank(group) else check_text(_cell_text(group), f"the group of {where}"),
-                              origin=where))
+                              origin=where, image=None if _blank(image) else _image_path(path, image, f"the image of {where}")))
     return prompts
 
 

@@ -1,0 +1,88 @@
+"""The inputs of one forward pass of a model with several attention sites: text, images through the model's
+own processor, and an encoder-decoder's source and target.
+
+    inputs = site_inputs(model, tokenizer, processor, sites, prompt="a cat", image=picture)
+    model(**inputs)
+
+What each kind of model gets:
+- a vision model (only a vision site, ViT): the image's `pixel_values`; no text;
+- a dual encoder (vision and text sites, CLIP): the image and the prompt, each to its tower;
+- a VLM (a vision tower and a language model): the prompt, with the processor's image token put first where
+  the prompt has none, and the image;
+- an encoder-decoder: the prompt is the source; the decoder input is the decoder start token followed by
+  `target`'s tokens (teacher forcing, as in training), or, without `target`, the sequence the model
+  generates greedily from the source.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm_heatmap.errors import InputError
+
+from .loading import reads_images
+from .sites import CROSS, DECODER, SELF, TEXT, VISION
+
+MAX_GENERATED = 64  # decoder tokens generated greedily when no target is given
+
+
+def site_inputs(model, tokenizer, processor, sites, *, prompt: str | None = None, image=None,
+                target: str | None = None) -> dict:
+    """The keyword arguments of `model(...)` for one sequence (module docstring); `sites` are the model's
+    site names, `image` a PIL image or None."""
+    sites = set(sites)
+    name = type(model).__name__
+    if sites == {SELF} and reads_images(model.config):
+        sites = {VISION}  # a vision model alone (ViT, DeiT): its one stack is its vision tower
+    if image is not None and VISION not in sites:
+        raise InputError(f"an image was given, but {name} reads no images (its sites are {', '.join(sorted(sites))}); "
+                         "drop the image.")
+    if target is not None and DECODER not in sites:
+        raise InputError(f"a target was given, but {name} has no decoder (its sites are {', '.join(sorted(sites))}); "
+                         "drop the target.")
+    if VISION in sites:
+        return _vision_inputs(model, tokenizer, processor, sites, prompt, image)
+    if prompt is None:
+        raise InputError(f"{name} reads text; give a prompt.")
+    inputs = dict(tokenizer(prompt, return_tensors="pt"))
+    if DECODER in sites or CROSS in sites:
+        inputs["decoder_input_ids"] = _decoder_ids(model, tokenizer, inputs, target)
+    return inputs
+
+
+def _vision_inputs(model, tokenizer, processor, sites, prompt, image) -> dict:
+    name = type(model).__name__
+    if image is None:
+        raise InputError(f"{name} reads images; give an image.")
+    if processor is None:
+        raise InputError(f"{name} has no image processor saved with it (preprocessor_config.json), so its images "
+                         "cannot be prepared as it expects; save the model's processor beside it (save_pretrained).")
+    image_processor = getattr(processor, "image_processor", processor)
+    if sites == {VISION}:
+        if prompt is not None:
+            raise InputError(f"{name} reads only images, but a prompt was given; drop the prompt.")
+        return {"pixel_values": image_processor(images=image, return_tensors="pt")["pixel_values"]}
+    if prompt is None:
+        raise InputError(f"{name} reads an image with text; give a prompt as well.")
+    if TEXT in sites or getattr(processor, "tokenizer", None) is None:
+        text = dict(tokenizer(prompt, return_tensors="pt"))
+        return {**text, "pixel_values": image_processor(images=image, return_tensors="pt")["pixel_values"]}
+    image_token = getattr(processor, "image_token", None)
+    if image_token and image_token not in prompt:
+        prompt = f"{image_token}\n{prompt}"
+    return dict(processor(text=prompt, images=image, return_tensors="pt"))
+
+
+def _decoder_ids(model, tokenizer, inputs: dict, target: str | None) -> torch.Tensor:
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        raise InputError(f"{type(model).__name__} names no decoder_start_token_id in its config, so its decoder input "
+                         "cannot be built; set it in config.json.")
+    if target is not None:
+        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        return torch.tensor([[start, *ids]])
+    if not hasattr(model, "generate") or getattr(model, "lm_head", None) is None:
+        raise InputError(f"{type(model).__name__} has no language-model head to generate the decoder's text; "
+                         "give the target.")
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=MAX_GENERATED, do_sample=False, num_beams=1)
