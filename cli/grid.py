@@ -66,7 +66,8 @@ def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
 
     prompt = options.read_prompt(args)
-    options.grid_style(args)  # the drawing options checked before anything loads
+    _, layers, heads = options.grid_style(args)  # the drawing options checked before anything loads
+    options.check_model_indices(args.model, layers, heads)
     if args.qk and args.stream:
         raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
     if args.qk:

