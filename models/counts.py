@@ -42,8 +42,8 @@ def _gguf_counts(path: Path) -> tuple[int, int] | None:
 def _config_counts(name: str) -> tuple[int, int] | None:
     from transformers import AutoConfig
 
-    try:  # no code of the model runs here: trust_remote_code stays off, and a config that needs it says None
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    try:  # no code of the model runs here (False, not None: None would ask on a terminal); a config that needs it says None
+        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except Exception:  # the loader refuses a broken or missing config with its own sentence
         return None
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "sub_configs", None):
