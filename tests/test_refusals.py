@@ -109,3 +109,21 @@ def test_the_gguf_header_gives_the_converted_models_counts():
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     assert _gguf_counts(path) == (config.num_hidden_layers, config.num_attention_heads) == (30, 9)
     assert layer_and_head_counts("smollm2-135m") == (30, 9)
+
+
+def test_counts_are_none_where_the_config_does_not_say_them_plainly(tmp_path):
+    """Encoder-decoder and custom-code configs are left to the check after loading (no false refusal, no question)."""
+    import json
+
+    from transformers import BartConfig
+
+    from llm_heatmap.models.counts import layer_and_head_counts
+
+    BartConfig(encoder_layers=2, decoder_layers=3, d_model=16, encoder_attention_heads=2, decoder_attention_heads=2,
+               vocab_size=50).save_pretrained(tmp_path / "bart")
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(
+        {"model_type": "no-such-type", "auto_map": {"AutoConfig": "x.XConfig"}, "num_hidden_layers": 2}))
+    assert layer_and_head_counts(tmp_path / "bart") is None
+    assert layer_and_head_counts(tmp_path / "custom") is None
+    assert layer_and_head_counts(tmp_path / "absent") is None
