@@ -51,9 +51,10 @@ def figure_paths(out: Path, models: list[str]) -> dict[str, Path]:
     return {model: out.with_name(f"{out.stem}.{options.slug(Path(model).stem, 24)}.png") for model in models}
 
 
-def kv_chart(layers, model: str):
+def kv_chart(layers, model: str, seed: int = 0):
     """Within- vs between-group similarity per layer of `model` (the mean over the prompts) for the table's
-    first measure (JS by default), first token kept, as `viz.plot_kv_similarity` draws it."""
+    first measure (JS by default), first token kept, as `viz.plot_kv_similarity` draws it; with several prompts,
+    below it the gap per layer with a bootstrap interval over the prompts (seeded by `seed`)."""
     from llm_heatmap.viz import plot_kv_similarity
 
     measure = layers["measure"].iloc[0]
@@ -62,8 +63,16 @@ def kv_chart(layers, model: str):
     per_layer = part.groupby("layer", as_index=False)[["within", "between"]].mean().assign(grouping=grouping)
     size, prompts = int(part["group_size"].iloc[0]), part["prompt"].nunique()
     groups = "KV groups" if grouping == "kv" else "pseudo-groups"
+    note = ""
+    if prompts > 1:  # the gap per layer with a bootstrap interval over the prompts
+        from llm_heatmap.analyses.stats import bootstrap_means
+
+        gaps = part.pivot_table(index="prompt", columns="layer", values="gap")[per_layer["layer"]]
+        stats = bootstrap_means(gaps.to_numpy(), seed=seed)
+        per_layer = per_layer.assign(gap=stats["mean"], gap_low=stats["ci_low"], gap_high=stats["ci_high"])
+        note = "; gap: 95% bootstrap interval over prompts"
     return plot_kv_similarity(per_layer, title=f"{model}: {measure} similarity per layer, first token kept\n"
-                              f"{groups} of {size} heads; mean over {prompts} prompt{'s' * (prompts != 1)}")
+                              f"{groups} of {size} heads; mean over {prompts} prompt{'s' * (prompts != 1)}{note}")
 
 
 def run(args) -> int:
@@ -111,7 +120,7 @@ def _run(args, prompts: list[str]) -> int:
         files["summary"] = write_table(report.summary, summary_path(args.out), force=args.force)
         from llm_heatmap.viz import save_figure
 
-        files["figures"] = [save_figure(kv_chart(report.layers, model), path)
+        files["figures"] = [save_figure(kv_chart(report.layers, model, args.seed), path)
                             for model, path in figure_paths(args.out, models).items()]
     summary = report.summary
     lines = [f"{len(models)} model(s) x {len(prompts)} prompt(s); gap = within - between (mean over prompts and layers)"]

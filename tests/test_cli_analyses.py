@@ -212,6 +212,11 @@ def test_kv_similarity_two_models(run, tmp_path):
     within, between = (line.get_ydata() for line in chart.axes[0].get_lines())
     assert np.allclose(within, kept["within"].mean()) and np.allclose(between, kept["between"].mean())
     assert "mean over 2 prompts" in chart._suptitle.get_text()
+    gap_axis = chart.axes[1]  # the gap per layer, its interval around the mean over the prompts
+    assert np.allclose(gap_axis.get_lines()[0].get_ydata(), kept["gap"].mean())
+    (low, high) = np.array([segment[:, 1] for segment in gap_axis.collections[0].get_segments()]).T
+    assert (low <= kept["gap"].mean().to_numpy() + 1e-12).all() and (kept["gap"].mean().to_numpy() <= high + 1e-12).all()
+    assert (low <= kept["gap"].min().to_numpy() + 1e-12).all() and (kept["gap"].max().to_numpy() <= high + 1e-12).all()
     assert figure_paths(out, ["minilm-l6"]) == {"minilm-l6": charts["minilm-l6"]}
 
 
