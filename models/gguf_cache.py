@@ -80,7 +80,7 @@ def header_values(path: Path, keys: set[str]) -> dict:
             kind = read("<I")[0]
             wanted = next((k for k in keys if key == k or key.endswith("." + k)), None)
             if wanted is not None and kind in _SCALARS:
-                found[wanted] = read("<" + _SCALARS[kind])[0]
+                found.setdefault(wanted, read("<" + _SCALARS[kind])[0])
             else:
                 skip(kind)
             if keys <= found.keys():
