@@ -185,10 +185,8 @@ def test_browser_opens_on_the_strongest_classified_head_ranked_by_its_class_scor
     open_rendered(browser, path)
     layers = int(embedded(path.read_text())["models"][0]["numLayers"])
     classified = heads[heads["pattern_class"].isin(CLASS_METRIC)].copy()
-    classified["rate"] = [row[f"pattern_{c.replace('+', '_')}_rate"] for c, (_, row) in
-                          zip(classified["pattern_class"], classified.iterrows())]
-    classified["score"] = [row[f"{CLASS_METRIC[c]}_mean"] for c, (_, row) in
-                           zip(classified["pattern_class"], classified.iterrows())]
+    classified["rate"] = classified.apply(lambda r: r[f"pattern_{r.pattern_class.replace('+', '_')}_rate"], axis=1)
+    classified["score"] = classified.apply(lambda r: r[f"{CLASS_METRIC[r.pattern_class]}_mean"], axis=1)
     best = classified.sort_values(["rate", "score"], ascending=False).iloc[0]
     rank = Select(browser.find_element(By.ID, "rank-by"))
     assert browser.find_element(By.ID, "detail-title").text == f"tiny · L{best['layer']} H{best['head']}"
@@ -197,11 +195,9 @@ def test_browser_opens_on_the_strongest_classified_head_ranked_by_its_class_scor
     assert heading == f"top prompts by {CLASS_METRIC[best['pattern_class']].replace('_', ' ')}"
 
     # another head of another class: the ranking follows it; once the reader picks a metric, it stays
-    other = classified[classified["pattern_class"].map(CLASS_METRIC) != CLASS_METRIC[best["pattern_class"]]]
-    if len(other):
-        row = other.iloc[0]
-        click_head(browser, row["layer"], row["head"], layers)
-        assert rank.first_selected_option.get_attribute("value") == CLASS_METRIC[row["pattern_class"]]
+    row = classified[classified["pattern_class"].map(CLASS_METRIC) != CLASS_METRIC[best["pattern_class"]]].iloc[0]
+    click_head(browser, row["layer"], row["head"], layers)
+    assert rank.first_selected_option.get_attribute("value") == CLASS_METRIC[row["pattern_class"]]
     rank.select_by_value("sink_score")
     click_head(browser, best["layer"], best["head"], layers)
     assert browser.find_element(By.ID, "detail-title").text == f"tiny · L{best['layer']} H{best['head']}"
