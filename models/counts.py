@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from .gguf_cache import MARKER, cache_dir_for, header_values
+from .gguf_cache import header_values
 from .offline import OFFLINE_MODELS
 
 
@@ -22,10 +22,7 @@ def layer_and_head_counts(source) -> tuple[int, int] | None:
         text = str(path)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        converted = cache_dir_for(path)
-        if not (converted / MARKER).exists():
-            return _gguf_counts(path)
-        path = converted
+        return _gguf_counts(path)  # the header, read in milliseconds; transformers is not imported
     return _config_counts(str(path))
 
 
