@@ -130,7 +130,8 @@ def _run(args, prompts: list[str]) -> int:
                      f"gap {row.gap:+.3f}; gap > 0 in {row.share_gap_positive:.0%} of layers, p < 0.05 in {row.share_significant:.0%}")
     if files:
         lines.append("wrote " + ", ".join(str(p) for p in [files["layers"], files["summary"], *files["figures"]]))
-    payload = {"models": models, "prompts": prompts, "files": {k: str(v) for k, v in files.items()},
+    payload = {"models": models, "prompts": prompts,
+               "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()},
                "summary": summary.to_dict(orient="records")}
     emit(args, lines, payload)
     return 0
