@@ -47,8 +47,12 @@ def summary_path(out: Path) -> Path:
 
 
 def figure_paths(out: Path, models: list[str]) -> dict[str, Path]:
-    """One chart per model beside the per-layer table: STEM.MODEL.png."""
-    return {model: out.with_name(f"{out.stem}.{options.slug(Path(model).stem, 24)}.png") for model in models}
+    """One chart per model beside the per-layer table: STEM.MODEL.png (with a hash of the source where two
+    models' names would match, e.g. two folders called `model`)."""
+    names = {model: options.slug(Path(model).stem, 24) for model in models}
+    shared = {name for name in names.values() if list(names.values()).count(name) > 1}
+    return {model: out.with_name(f"{out.stem}.{name}{'-' + options.prompt_hash(model) if name in shared else ''}.png")
+            for model, name in names.items()}
 
 
 def kv_chart(layers, model: str, seed: int = 0):

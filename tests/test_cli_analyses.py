@@ -218,6 +218,7 @@ def test_kv_similarity_two_models(run, tmp_path):
     assert (low <= kept["gap"].mean().to_numpy() + 1e-12).all() and (kept["gap"].mean().to_numpy() <= high + 1e-12).all()
     assert (low <= kept["gap"].min().to_numpy() + 1e-12).all() and (kept["gap"].max().to_numpy() <= high + 1e-12).all()
     assert figure_paths(out, ["minilm-l6"]) == {"minilm-l6": charts["minilm-l6"]}
+    assert len(set(figure_paths(out, ["a/model", "b/model"]).values())) == 2
     code, stdout, _ = run("kv-similarity", "--model", "minilm-l6", "cats sleep", "--measure", "js", "--permutations", "10",
                           "--out", tmp_path / "again.csv", "--quiet", "--json")
     assert code == 0 and json.loads(stdout)["files"]["figures"] == [str(tmp_path / "again.minilm-l6.png")]
