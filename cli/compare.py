@@ -279,7 +279,8 @@ def run(args) -> int:
             raise InputError(f"{flag} needs the difference cube of two prompts, and {reason}; drop {flag}.")
     if args.cube_out is not None and args.no_cube:
         raise InputError("--cube-out and --no-cube contradict each other; drop one of them.")
-    options.grid_style(args)  # drawing options checked before the model loads
+    _, layers, heads = options.grid_style(args)  # drawing options checked before the model loads
+    options.check_model_indices(args.model, layers, heads)
     paths = output_paths(args)
     for key in ("deltas", "heads", "layers"):
         if key in paths:

@@ -68,7 +68,8 @@ def run(args) -> int:
 
     options.check_site_options(args)
     prompt = options.read_prompt(args, optional=bool(args.image))
-    options.grid_style(args)  # the drawing options checked before anything loads
+    _, layers, heads = options.grid_style(args)  # the drawing options checked before anything loads
+    options.check_model_indices(args.model, layers, heads)
     if args.qk and args.stream:
         raise InputError("--qk keeps every query and key, which --stream does not; drop one of them.")
     if args.qk:

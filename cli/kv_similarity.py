@@ -31,8 +31,9 @@ def register(subparsers) -> None:
                         "that holds the prompt (default: prompt)")
     options.add_chat_option(parser)
     options.add_model_options(parser, several=True)
-    parser.add_argument("--out", type=Path, help="output folder (NAME.kv.csv per layer, NAME.kv.summary.csv), or the "
-                        "per-layer table's own path (the summary goes beside it as STEM.summary.EXT)")
+    parser.add_argument("--out", type=Path, help="output folder (NAME.kv.csv per layer, NAME.kv.summary.csv, and a chart "
+                        "per model, NAME.kv.MODEL.png), or the per-layer table's own path (the summary and charts go "
+                        "beside it as STEM.summary.EXT and STEM.MODEL.png)")
     parser.add_argument("--name", help="base name of the tables in --out (default: from the models and prompts)")
     options.add_pseudo_group_option(parser)
     parser.add_argument("--measure", action="append", choices=options.MEASURES,
@@ -43,6 +44,39 @@ def register(subparsers) -> None:
 
 def summary_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.summary{out.suffix}")
+
+
+def figure_paths(out: Path, models: list[str]) -> dict[str, Path]:
+    """One chart per model beside the per-layer table: STEM.MODEL.png (with a hash of the source where two
+    models' names would match, e.g. two folders called `model`)."""
+    names = {model: options.slug(Path(model).stem, 24) for model in models}
+    shared = {name for name in names.values() if list(names.values()).count(name) > 1}
+    return {model: out.with_name(f"{out.stem}.{name}{'-' + options.prompt_hash(model) if name in shared else ''}.png")
+            for model, name in names.items()}
+
+
+def kv_chart(layers, model: str, seed: int = 0):
+    """Within- vs between-group similarity per layer of `model` (the mean over the prompts) for the table's
+    first measure (JS by default), first token kept, as `viz.plot_kv_similarity` draws it; with several prompts,
+    below it the gap per layer with a bootstrap interval over the prompts (seeded by `seed`)."""
+    from llm_heatmap.viz import plot_kv_similarity
+
+    measure = layers["measure"].iloc[0]
+    part = layers[(layers["model"] == model) & (layers["measure"] == measure) & (layers["first_token"] == "kept")]
+    grouping = part["grouping"].iloc[0]
+    per_layer = part.groupby("layer", as_index=False)[["within", "between"]].mean().assign(grouping=grouping)
+    size, prompts = int(part["group_size"].iloc[0]), part["prompt"].nunique()
+    groups = "KV groups" if grouping == "kv" else "pseudo-groups"
+    note = ""
+    if prompts > 1:  # the gap per layer with a bootstrap interval over the prompts
+        from llm_heatmap.analyses.stats import bootstrap_means
+
+        gaps = part.pivot_table(index="prompt", columns="layer", values="gap")[per_layer["layer"]]
+        stats = bootstrap_means(gaps.to_numpy(), seed=seed)
+        per_layer = per_layer.assign(gap=stats["mean"], gap_low=stats["ci_low"], gap_high=stats["ci_high"])
+        note = "; gap: 95% bootstrap interval over prompts"
+    return plot_kv_similarity(per_layer, title=f"{model}: {measure} similarity per layer, first token kept\n"
+                              f"{groups} of {size} heads; mean over {prompts} prompt{'s' * (prompts != 1)}{note}")
 
 
 def run(args) -> int:
@@ -66,7 +100,9 @@ def run(args) -> int:
         name = options.plain_name(args.name) or f"{models}_{options.prompt_slug(' '.join(prompts), 24)}"
         args.out = options.table_or_folder(args.out, name, "kv")
         table_format(args.out)
-    with claim_outputs([args.out, summary_path(args.out)] if args.out is not None else [], force=args.force):
+    models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
+    outputs = [] if args.out is None else [args.out, summary_path(args.out), *figure_paths(args.out, models).values()]
+    with claim_outputs(outputs, force=args.force):
         return _run(args, prompts)
 
 
@@ -86,6 +122,10 @@ def _run(args, prompts: list[str]) -> int:
     if args.out is not None:
         files["layers"] = write_table(report.layers, args.out, force=args.force)
         files["summary"] = write_table(report.summary, summary_path(args.out), force=args.force)
+        from llm_heatmap.viz import save_figure
+
+        files["figures"] = [save_figure(kv_chart(report.layers, model, args.seed), path)
+                            for model, path in figure_paths(args.out, models).items()]
     summary = report.summary
     lines = [f"{len(models)} model(s) x {len(prompts)} prompt(s); gap = within - between (mean over prompts and layers)"]
     for row in summary.itertuples():
@@ -93,8 +133,9 @@ def _run(args, prompts: list[str]) -> int:
                      f"first token {row.first_token:7s}: within {row.within:.3f} between {row.between:.3f} "
                      f"gap {row.gap:+.3f}; gap > 0 in {row.share_gap_positive:.0%} of layers, p < 0.05 in {row.share_significant:.0%}")
     if files:
-        lines.append("wrote " + ", ".join(str(p) for p in files.values()))
-    payload = {"models": models, "prompts": prompts, "files": {k: str(v) for k, v in files.items()},
+        lines.append("wrote " + ", ".join(str(p) for p in [files["layers"], files["summary"], *files["figures"]]))
+    payload = {"models": models, "prompts": prompts,
+               "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()},
                "summary": summary.to_dict(orient="records")}
     emit(args, lines, payload)
     return 0

@@ -359,3 +359,21 @@ def grid_style(args):
                       background=args.background, cmap=args.cmap, cell_px=args.cell_px, size=parse_size(args.size),
                       max_tokens=args.max_tokens, weighting=args.weighting, max_pixels=args.max_pixels)
     return style, parse_indices(args.layers, "--layers"), parse_indices(args.heads, "--heads")
+
+
+def check_model_indices(model, layers: list[int] | None, heads: list[int] | None,
+                        flags: tuple[str, str] = ("--layers", "--heads")) -> None:
+    """Layers and heads past `model`'s counts (read from its config, `models.counts`), refused before it loads;
+    a model whose config does not say is checked after loading, where the capture refuses them."""
+    if not layers and not heads:
+        return
+    from llm_heatmap.models.counts import layer_and_head_counts
+
+    counts = layer_and_head_counts(model)
+    if counts is None:
+        return
+    for flag, wanted, count, what in ((flags[0], layers, counts[0], "layers"), (flags[1], heads, counts[1], "heads")):
+        past = [index for index in wanted or () if index >= count]
+        if past:
+            raise InputError(f"{flag} names {what[:-1]} {past[0]}, but {model} has {count} {what} "
+                             f"(0-{count - 1}); pick indices in that range.")

@@ -50,6 +50,9 @@ def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_projection
 
     check_projection(args.method)  # before anything loads
+    if args.cube is None:
+        options.check_model_indices(args.model, [args.layer], None if args.head is None else [args.head],
+                                    flags=("--layer", "--head"))
     name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}{which}.{args.method}"
     path = args.out / f"{name}.png"
     with claim_outputs([path], force=args.force):

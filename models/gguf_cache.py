@@ -31,11 +31,19 @@ _STRING, _ARRAY = 8, 9
 
 
 def _header_file_type(path: Path) -> int | None:
-    """`general.file_type` from the key/value header, read without parsing the whole file.
+    """`general.file_type` from the key/value header (see `header_values`)."""
+    value = header_values(path, {"general.file_type"}).get("general.file_type")
+    return None if value is None else int(value)
+
+
+def header_values(path: Path, keys: set[str]) -> dict:
+    """The scalar `keys` found in the key/value header, each matched whole or as the end of a key after a dot
+    (`block_count` finds `llama.block_count`), read without parsing the whole file; it stops once all are found.
 
     gguf.GGUFReader builds every field (a tokenizer's ~100k strings) and every tensor view,
     seconds per call; the conversion reads the file through transformers anyway.
     """
+    found = {}
     with open(path, "rb") as file:
         def read(fmt):
             size = struct.calcsize(fmt)
@@ -70,10 +78,14 @@ def _header_file_type(path: Path) -> int | None:
                 raise ValueError("a header key is implausibly long")
             key = file.read(length).decode("utf-8", "replace")
             kind = read("<I")[0]
-            if key == "general.file_type" and kind in _SCALARS:
-                return int(read("<" + _SCALARS[kind])[0])
-            skip(kind)
-    return None
+            wanted = next((k for k in keys if key == k or key.endswith("." + k)), None)
+            if wanted is not None and kind in _SCALARS:
+                found.setdefault(wanted, read("<" + _SCALARS[kind])[0])
+            else:
+                skip(kind)
+            if keys <= found.keys():
+                break
+    return found
 
 
 def _file_type_name(value: int) -> str:

@@ -163,3 +163,53 @@ def test_browser_select_colour_and_top_prompts(browser, result, tmp_path):
                                   ".every((td) => td.scrollWidth <= td.clientWidth);")
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "atlas_page.png"))
+
+
+CLASS_METRIC = {"vertical+diagonal": "vertical_score", "vertical": "vertical_score", "diagonal": "diagonal_score",
+                "block": "block_score"}
+
+
+def test_browser_opens_on_the_strongest_classified_head_ranked_by_its_class_score(browser, result, tmp_path):
+    """Issue 21: the page opens on the head whose pattern class holds on the most prompts (ties: the highest mean
+    of its class's score), with "Top prompts by" on that score; the ranking follows the selected head's class
+    until the reader picks a metric."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    inputs = result.page_inputs()
+    heads = inputs["heads"].copy()  # the tiny random model's heads are all heterogeneous: give three a class
+    for row, name, rate in ((2, "diagonal", 1.0), (5, "vertical", 1.0), (6, "block", 0.75)):
+        heads.loc[heads.index[row], ["pattern_class", f"pattern_{name}_rate"]] = [name, rate]
+    inputs["heads"] = heads
+    path = write_atlas(tmp_path / "atlas.html", **inputs)
+    open_rendered(browser, path)
+    layers = int(embedded(path.read_text())["models"][0]["numLayers"])
+    classified = heads[heads["pattern_class"].isin(CLASS_METRIC)].copy()
+    classified["rate"] = classified.apply(lambda r: r[f"pattern_{r.pattern_class.replace('+', '_')}_rate"], axis=1)
+    classified["score"] = classified.apply(lambda r: r[f"{CLASS_METRIC[r.pattern_class]}_mean"], axis=1)
+    best = classified.sort_values(["rate", "score"], ascending=False).iloc[0]
+    rank = Select(browser.find_element(By.ID, "rank-by"))
+    assert browser.find_element(By.ID, "detail-title").text == f"tiny · L{best['layer']} H{best['head']}"
+    assert rank.first_selected_option.get_attribute("value") == CLASS_METRIC[best["pattern_class"]]
+    heading = browser.find_element(By.CSS_SELECTOR, "#detail h3").text.lower()
+    assert heading == f"top prompts by {CLASS_METRIC[best['pattern_class']].replace('_', ' ')}"
+
+    # another head of another class: the ranking follows it; once the reader picks a metric, it stays
+    row = classified[classified["pattern_class"].map(CLASS_METRIC) != CLASS_METRIC[best["pattern_class"]]].iloc[0]
+    click_head(browser, row["layer"], row["head"], layers)
+    assert rank.first_selected_option.get_attribute("value") == CLASS_METRIC[row["pattern_class"]]
+    rank.select_by_value("sink_score")
+    click_head(browser, best["layer"], best["head"], layers)
+    assert browser.find_element(By.ID, "detail-title").text == f"tiny · L{best['layer']} H{best['head']}"
+    assert rank.first_selected_option.get_attribute("value") == "sink_score"
+
+
+def click_head(browser, layer: int, head: int, layers: int) -> None:
+    """Click the cell of (layer, head) in the first depth strip (cells of 14 px; its 300 px split into `layers` rows)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    strip = browser.find_element(By.CSS_SELECTOR, "#depth-row canvas.hit")
+    x = head * 14 + 7 - strip.size["width"] / 2
+    y = (layer + 0.5) * 300 / layers - strip.size["height"] / 2
+    ActionChains(browser).move_to_element_with_offset(strip, x, y).click().perform()

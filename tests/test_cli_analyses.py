@@ -192,8 +192,10 @@ def test_compare_metrics_only_and_sets(run, tmp_path):
 def test_kv_similarity_two_models(run, tmp_path):
     out = tmp_path / "kv.csv"
     code, stdout, _ = run("kv-similarity", "--model", "smollm2-135m", "--model", "minilm-l6", "the sky is blue",
-                          "--measure", "js", "--permutations", "50", "--out", out, "--quiet")
+                          "cats sleep", "--measure", "js", "--permutations", "50", "--out", out, "--quiet")
     assert code == 0
+    charts = {model: tmp_path / f"kv.{model}.png" for model in ("smollm2-135m", "minilm-l6")}
+    assert all(path.stat().st_size > 0 for path in charts.values()) and str(charts["minilm-l6"]) in stdout
     layers, summary = pd.read_csv(out), pd.read_csv(tmp_path / "kv.summary.csv")
     assert layers.groupby("model")["layer"].nunique().to_dict() == {"smollm2-135m": 30, "minilm-l6": 6}
     kinds = summary.set_index("model")
@@ -202,6 +204,24 @@ def test_kv_similarity_two_models(run, tmp_path):
     assert (summary["group_size"] == 3).all() and set(summary["first_token"]) == {"kept", "dropped"}
     assert "smollm2-135m (GQA, kv groups of 3)" in stdout and "minilm-l6 (MHA, pseudo groups of 3)" in stdout
     assert set(layers["measure"]) == {"js"} and ((layers["p_value"] > 0) & (layers["p_value"] <= 1)).all()
+    # the chart draws the table's per-layer means over the two prompts, first token kept
+    from llm_heatmap.cli.kv_similarity import figure_paths, kv_chart
+
+    kept = layers[(layers["model"] == "minilm-l6") & (layers["first_token"] == "kept")].groupby("layer")
+    chart = kv_chart(layers, "minilm-l6")
+    within, between = (line.get_ydata() for line in chart.axes[0].get_lines())
+    assert np.allclose(within, kept["within"].mean()) and np.allclose(between, kept["between"].mean())
+    assert "mean over 2 prompts" in chart._suptitle.get_text()
+    gap_axis = chart.axes[1]  # the gap per layer, its interval around the mean over the prompts
+    assert np.allclose(gap_axis.get_lines()[0].get_ydata(), kept["gap"].mean())
+    (low, high) = np.array([segment[:, 1] for segment in gap_axis.collections[0].get_segments()]).T
+    assert (low <= kept["gap"].mean().to_numpy() + 1e-12).all() and (kept["gap"].mean().to_numpy() <= high + 1e-12).all()
+    assert (low <= kept["gap"].min().to_numpy() + 1e-12).all() and (kept["gap"].max().to_numpy() <= high + 1e-12).all()
+    assert figure_paths(out, ["minilm-l6"]) == {"minilm-l6": charts["minilm-l6"]}
+    assert len(set(figure_paths(out, ["a/model", "b/model"]).values())) == 2
+    code, stdout, _ = run("kv-similarity", "--model", "minilm-l6", "cats sleep", "--measure", "js", "--permutations", "10",
+                          "--out", tmp_path / "again.csv", "--quiet", "--json")
+    assert code == 0 and json.loads(stdout)["files"]["figures"] == [str(tmp_path / "again.minilm-l6.png")]
 
 
 def test_batch_resume_and_shards(run, tmp_path, minilm):

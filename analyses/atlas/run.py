@@ -57,7 +57,7 @@ from llm_heatmap.options import spread
 
 TABLES = ("prompt_heads", "heads", "layers", "models", "prompt_layers", "top_prompts", "head_distances")
 RANK_BY = ("sink_score", "previous_token_score", "duplicate_token_score", "induction_score", "diagonal_score",
-           "vertical_score")
+           "vertical_score", "block_score")
 
 
 def output_paths(out_dir: str | Path) -> dict[str, Path]:

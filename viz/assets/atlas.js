@@ -15,6 +15,10 @@ const CLASS_COLOURS = {"vertical+diagonal": "#9333ea", "vertical": "#dc2626", "d
                        "block": "#16a34a", "heterogeneous": "#a3a7ae"};
 // models get colours no pattern class uses, so a model's line never reads as a class
 const MODEL_COLOURS = ["#0f766e", "#c2410c", "#a16207", "#be185d", "#4338ca", "#4d7c0f"];
+// the score that defines each pattern class (analyses/heads/patterns.py): "Top prompts by" shows it for the
+// selected head until the reader picks a metric
+const CLASS_METRIC = {"vertical+diagonal": "vertical_score", "vertical": "vertical_score", "diagonal": "diagonal_score",
+                      "block": "block_score"};
 const MAP_PX = 260, STRIP_PX = 300, CELL = 14;
 
 const models = data.models.map((m, index) => {
@@ -183,7 +187,7 @@ function build() {
   const rank = $("rank-by");
   for (const metric of data.rankBy) rank.add(new Option(metric.replace(/_/g, " "), metric));
   rank.disabled = !data.rankBy.length;
-  rank.addEventListener("change", () => { state.rank = rank.value; showDetail(); });
+  rank.addEventListener("change", () => { state.rank = rank.value; state.rankChosen = true; showDetail(); });
 
   const row = $("depth-row");
   const axis = document.createElement("canvas");
@@ -306,7 +310,29 @@ function redraw() {
 }
 
 // ---- detail of the selected head ---------------------------------------------------------------
-function select(m, u) { state.sel = {m, u}; redraw(); }
+function classMetric(m, u) {
+  const metric = m.heads.class ? CLASS_METRIC[m.heads.class[u]] : undefined;
+  return data.rankBy.includes(metric) ? metric : null;
+}
+function select(m, u) {
+  state.sel = {m, u};
+  const metric = classMetric(m, u);
+  if (metric && !state.rankChosen) { state.rank = metric; $("rank-by").value = metric; }
+  redraw();
+}
+// the head the page opens on: of the heads with a pattern class, the one whose class holds on the most prompts,
+// ties broken by the mean of its class's score; without classes, the first head in clustering order
+function openingHead() {
+  let best = null, key = [-1, -Infinity];
+  for (const m of models) for (let u = 0; u < m.n; u++) {
+    const metric = classMetric(m, u);
+    if (!metric) continue;
+    const rate = (m.values[`pattern_${m.heads.class[u].replace("+", "_")}_rate`] || [])[u] ?? 0;
+    const mean = (m.values[`${metric}_mean`] || [])[u] ?? -Infinity;
+    if (rate > key[0] || (rate === key[0] && mean > key[1])) { best = {m, u}; key = [rate, mean]; }
+  }
+  return best || {m: models[0], u: models[0].heads.order[0]};
+}
 
 function drawThumb(canvas, picture) {
   const size = 96, s = size / Math.max(picture.q, picture.k);
@@ -407,6 +433,6 @@ function showDetail() {
 
 build();
 redraw();
-if (models.length) select(models[0], models[0].heads.order[0]);
+if (models.length) { const {m, u} = openingHead(); select(m, u); }
 document.body.dataset.ready = "1";
 })();
