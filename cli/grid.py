@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--qk", action="store_true",
                         help="also keep the queries and keys (in the cube file) and, with --html, show each head's "
                         "query-key map in the interactive view")
+    options.add_attention_output_option(parser)
     parser.add_argument("--max-cube-mb", type=float,
                         help="refuse a full cube that, with what drawing and measuring it takes, needs more than this "
                         "many MiB (default: 80%% of the memory available)")
@@ -114,6 +115,7 @@ def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
             model, tokenizer, spec, prompt, stream=args.stream, max_tokens=args.max_tokens, chat=args.chat,
             dtype=parse_dtype(args.cube_dtype), layers=layers, heads=heads, source=str(args.model),
             max_bytes=max_bytes, weighting=style.weighting, queries_and_keys=args.qk,
+            compute_output=options.compute_output(args),
             also_needs=lambda tokens: grid_needs(drawn_layers, drawn_heads, tokens, style))
     step("drawing grid")
     with atomic_output(paths["grid"], force=args.force) as temp:

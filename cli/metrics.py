@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--induction-probe", type=int, metavar="N", default=0,
                         help="also score every head on BOS + N random tokens repeated twice (probe_* columns)")
     options.add_metric_option(parser)
+    options.add_attention_output_option(parser)
     options.add_run_options(parser)
 
 
@@ -72,7 +73,8 @@ def _run(args, prompt: str, metrics) -> int:
         return _run_sites(args, model, tokenizer, specs, prompt, metrics)
     tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
     with torch.no_grad():
-        table = stream_head_metrics(model, tokenizer, prompt, spec=spec, chat=args.chat)
+        table = stream_head_metrics(model, tokenizer, prompt, spec=spec, chat=args.chat,
+                                    compute_output=options.compute_output(args))
     digest = digest_lines(table, spec)
     if args.induction_probe:
         probe = induction_probe_scores(model, tokenizer, spec=spec, length=args.induction_probe)

@@ -13,7 +13,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from llm_heatmap.choices import BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, SITES, WEIGHTINGS  # noqa: F401
+from llm_heatmap.choices import ATTENTION_OUTPUTS, BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, SITES, WEIGHTINGS  # noqa: F401
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
 from llm_heatmap.analyses.bounds import HEAD_MEASURES, MAX_INDEX, MEASURES, PSEUDO_GROUP_SIZE
@@ -48,6 +48,19 @@ def add_run_options(parser) -> None:
     add_force_option(parser)
     add_json_option(parser)
     add_quiet_option(parser)
+
+
+def add_attention_output_option(parser) -> None:
+    parser.add_argument("--attention-output", choices=ATTENTION_OUTPUTS, default="auto",
+                        help="who computes each layer's attention output while the pattern is captured: 'computed' "
+                        "(the capture's own softmax blocks times the values: attention once, equal to the model's "
+                        "kernel within fp32 rounding), 'model' (the model's kernel untouched: bit-identical output), "
+                        "'auto' (computed when streaming, else the model's kernel)")
+
+
+def compute_output(args) -> bool | None:
+    """The capture's `compute_output` for --attention-output."""
+    return {"auto": None, "computed": True, "model": False}[args.attention_output]
 
 
 def add_loading_options(parser) -> None:

@@ -8,4 +8,5 @@ BACKGROUNDS = ("white", "transparent")  # the page behind a drawn grid
 PROJECTIONS = ("pca", "tsne", "umap")  # how a query-key map projects queries and keys to the plane
 DTYPES = ("float32", "float16", "bfloat16")  # weight dtypes offered when loading a model
 QUANTIZE = ("4bit", "8bit")  # bitsandbytes quantization offered when loading a model
+ATTENTION_OUTPUTS = ("auto", "computed", "model")  # who computes attention's output during a capture (probes.capture)
 SITES = ("self", "encoder", "decoder", "cross", "vision", "text")  # attention sites (models.sites.SITE_ORDER)

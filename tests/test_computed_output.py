@@ -171,3 +171,37 @@ def test_real_models(name, request):
                                                                                plain.hidden_states, eager.hidden_states))]:
         bound = max(1e-5, 2 * (other - theirs).abs().max().item())
         assert (mine - theirs).abs().max().item() <= bound, what
+
+
+@pytest.mark.parametrize("command", ["metrics", "grid"])
+def test_the_cli_flag_picks_who_computes_the_output(command, tmp_path, monkeypatch):
+    """--attention-output: 'auto' computes when streaming (metrics streams; grid keeps a short prompt's cube),
+    'computed' and 'model' force either; the tables agree within fp32 rounding."""
+    import pandas as pd
+
+    from llm_heatmap import cli
+    from llm_heatmap.probes.capture import Probe
+    from tiny_models import write_tiny_gguf
+
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    modes = []
+    enter = Probe.__enter__
+
+    def recording_enter(probe):
+        modes.append(probe.compute_output)
+        return enter(probe)
+
+    monkeypatch.setattr(Probe, "__enter__", recording_enter)
+    tables = {}
+    for flag in ("auto", "computed", "model"):
+        out = tmp_path / flag
+        argv = [command, "the cat sat on the mat", "--model", str(model), "--attention-output", flag, "--quiet"]
+        argv += ["--out", str(out / "t.csv")] if command == "metrics" else ["--out", str(out), "--name", "g", "--no-cube"]
+        modes.clear()
+        assert cli.main(argv) == 0
+        assert modes == [{"auto": command == "metrics", "computed": True, "model": False}[flag]]
+        tables[flag] = pd.read_csv(out / "t.csv" if command == "metrics" else out / "g.metrics.csv")
+    numbers = [t.select_dtypes("number").to_numpy(float) for t in tables.values()]
+    for other in numbers[1:]:
+        assert abs(other - numbers[0]).max() < 1e-4

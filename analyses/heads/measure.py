@@ -38,7 +38,8 @@ def stream_head_metrics(model, tokenizer, prompt: str, *, spec=None, chat: bool 
 def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None = None, max_tokens: int = 256,
                    chat: bool = False, dtype: torch.dtype = torch.float32, layers=None, heads=None,
                    max_bytes: int | None = None, source: str | None = None, weighting: str = "weights",
-                   queries_and_keys: bool = False, also_needs: Callable[[int], dict[str, int]] | None = None):
+                   queries_and_keys: bool = False, also_needs: Callable[[int], dict[str, int]] | None = None,
+                   compute_output: bool | None = None):
     """(cube, per-head metrics table) of `prompt`, only the chosen layers and heads captured.
 
     stream=False keeps the full cube (refused with the numbers and the way out when the run would not
@@ -49,7 +50,7 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     working set and `also_needs(tokens)`, what the caller will do with a cube of that many tokens (e.g.
     `viz.grid.grid_needs` for drawing it), all checked before anything is captured. weighting="norms"
     requires value norms (and a streamed cube pools the norm-weighted pattern); queries_and_keys
-    keeps them in a full cube.
+    keeps them in a full cube; compute_output is the capture's (None: computed when streaming).
     """
     num_tokens = check_length(tokenizer, spec, prompt, chat=chat, min_tokens=1)
     source = source or source_name(model)
@@ -62,7 +63,7 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     if stream is None:
         stream = size > AUTO_STREAM_BYTES or not fits(full, max_bytes)
     options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads,
-                   value_norms=True if weighting == "norms" else None)
+                   value_norms=True if weighting == "norms" else None, compute_output=compute_output)
     what = f"the attention cube for {num_tokens} tokens"
     pooled = min(num_tokens, max_tokens)
     streamed = {"pooled cube": num_layers * num_heads * pooled * pooled * 4, **working,
