@@ -91,10 +91,11 @@ def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
 
 
 def axis_labels(axis: Axis) -> list[str]:
-    """A label per position of an axis without token ids: special names, "patch rR cC", "frame i"."""
+    """A label per position of an axis without token ids: special names, "rR,cC" for the patch at row R and
+    column C, "fI" for frame I (no spaces: every view shows a space in a token as a visible mark)."""
     if axis.kind == "frames":
-        return [f"frame {i}" for i in range(axis.length)]
-    return [axis.special.get(i) or f"patch r{r} c{c}" for i, (r, c) in enumerate(zip(axis.row, axis.col))]
+        return [f"f{i}" for i in range(axis.length)]
+    return [axis.special.get(i) or f"r{r},c{c}" for i, (r, c) in enumerate(zip(axis.row, axis.col))]
 
 
 def position_labels(site: str, spec: ModelSpec, count: int, model: nn.Module) -> list[str]:

@@ -101,7 +101,7 @@ def test_grid_of_a_vit_directory_from_an_image(vit_dir, picture, tmp_path, capsy
     assert run("grid", "--image", picture, "--model", vit_dir, "--out", tmp_path) == 0
     cube = AttentionCube.load(tmp_path / f"{vit_dir.name}_cat.self.cube.safetensors")
     assert cube.pattern.shape == (2, 4, 5, 5)
-    assert cube.tokens == ["[CLS]", "patch r0 c0", "patch r0 c1", "patch r1 c0", "patch r1 c1"]
+    assert cube.tokens == ["[CLS]", "r0,c0", "r0,c1", "r1,c0", "r1,c1"]
     assert (tmp_path / f"{vit_dir.name}_cat.self.png").stat().st_size > 0
     assert len(pd.read_csv(tmp_path / f"{vit_dir.name}_cat.self.metrics.csv")) == 8
 

@@ -76,7 +76,7 @@ def test_every_site_of_an_encoder_decoder_equals_eager(family):
     assert torch.equal(cubes["decoder"].attendable()[0], torch.ones(5, 5, dtype=torch.bool).tril())
     assert cross.attendable().all()
     if family == "whisper":
-        assert cubes["encoder"].tokens[0] == "frame 0"
+        assert cubes["encoder"].tokens[0] == "f0"
 
 
 def test_site_specs_read_each_stack():
@@ -113,7 +113,7 @@ def test_vit_is_captured_exactly_with_patch_labels():
     with torch.no_grad():
         out = _eager(model)(pixel_values=pixels, output_attentions=True)
     torch.testing.assert_close(cubes[site].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
-    assert cubes[site].tokens == ["[CLS]", "patch r0 c0", "patch r0 c1", "patch r1 c0", "patch r1 c1"]
+    assert cubes[site].tokens == ["[CLS]", "r0,c0", "r0,c1", "r1,c0", "r1,c1"]
 
 
 def test_a_cross_attention_cube_saves_and_loads(tmp_path):

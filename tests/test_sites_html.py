@@ -106,4 +106,4 @@ def test_browser_site_switch_hover_and_image(browser, tmp_path):
     open_rendered(browser, path)
     assert browser.find_element(By.CSS_SELECTOR, "#site-image img").is_displayed()
     (frame,) = [f for f in browser.find_elements(By.CSS_SELECTOR, "#site-frames iframe") if f.is_displayed()]
-    assert hover_labels(browser, frame, 0, 4) == ("[CLS]", "patch␣r1␣c1")  # token_text shows spaces
+    assert hover_labels(browser, frame, 0, 4) == ("[CLS]", "r1,c1")

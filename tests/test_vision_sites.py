@@ -14,7 +14,7 @@ VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, n
               intermediate_size=32)
 TEXT = dict(vocab_size=60, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-PATCHES = ["patch r0 c0", "patch r0 c1", "patch r1 c0", "patch r1 c1"]
+PATCHES = ["r0,c0", "r0,c1", "r1,c0", "r1,c1"]
 
 
 def _eager(model):

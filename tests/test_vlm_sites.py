@@ -86,7 +86,7 @@ def test_qwen2_vl_language_model_and_vision_tower_equal_their_references():
     assert vision.kind == "patches" and vision.patch_grid == (4, 6) and vision.merge == 1  # a position: one patch
     assert vision.patch_cells()[:6].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [0, 0, 2], [0, 0, 3]]
     assert sorted(map(tuple, vision.patch_cells()[:, 1:].tolist())) == [(r, c) for r in range(4) for c in range(6)]
-    assert cubes["vision"].tokens[4] == "patch r0 c2"
+    assert cubes["vision"].tokens[4] == "r0,c2"
     # the language model's 6 image tokens are the merged 2 x 3 grid, each standing for 2x2 patches
     language = cubes["self"].key_axis
     assert language.kind == "mixed" and language.patch_grid == (2, 3) and language.merge == 2
@@ -187,7 +187,7 @@ def test_idefics3_tiles_are_one_vision_sequence_each_and_the_text_model_equals_e
     vision = cubes["vision"]
     assert vision.batched and len(vision) == 3
     torch.testing.assert_close(vision.pattern, torch.stack(tower.attentions, 1), atol=1e-5, rtol=0)
-    assert vision.item(2).tokens == ["patch r0 c0", "patch r0 c1", "patch r1 c0", "patch r1 c1"]
+    assert vision.item(2).tokens == ["r0,c0", "r0,c1", "r1,c0", "r1,c1"]
     assert vision.key_axis.patch_grid == (2, 2) and vision.key_axis.special == {}
     assert cubes["text"].key_axis.is_image.tolist() == [False, False, True, True, True, False]
 

@@ -188,7 +188,7 @@ def sites_view(cubes, *, image=None, metrics=None, title: str | None = None, **o
                       f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
         choices.append(f'<option value="{html.escape(site)}">{html.escape(site)}</option>')
         summaries[site] = f"{cube.spec.summary}; " + " x ".join(map(str, cube.pattern.shape[-2:])) + " per head"
-        if site == "vision" or (cube.tokens and str(cube.tokens[-1]).startswith("patch ")):
+        if site == "vision" or (cube.key_axis is not None and cube.key_axis.kind == "patches"):
             vision.append(site)
     picture = ""
     if image is not None:
