@@ -16,7 +16,7 @@ from test_html import embedded
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy_models"
 sys.path.insert(0, str(TOY))
-from train_digit_reverser import BOS, EOS, DigitTokenizer, tokens  # noqa: E402
+from train_digit_reverser import BOS, EOS, digit_tokenizer, tokens  # noqa: E402
 
 
 def cross_cube():
@@ -25,7 +25,7 @@ def cross_cube():
     target = torch.tensor([[BOS] + tokens("5141")])  # 5 query rows over 6 source keys
     with torch.no_grad(), capture_sites(model, sites="cross") as probe:
         model(input_ids=source, decoder_input_ids=target)
-    return probe.cubes(source, decoder_input_ids=target, tokenizer=DigitTokenizer())["cross"]
+    return probe.cubes(source, decoder_input_ids=target, tokenizer=digit_tokenizer())["cross"]
 
 
 def test_png_labels_rows_with_target_and_columns_with_source_tokens():

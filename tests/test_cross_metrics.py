@@ -41,11 +41,11 @@ def test_the_toy_reverser_reverses_and_its_cross_attention_is_anti_diagonal():
 
     sys.path.insert(0, str(TOY))
     try:
-        from train_digit_reverser import EOS, DigitTokenizer, tokens
+        from train_digit_reverser import EOS, digit_tokenizer, tokens
     finally:
         sys.path.remove(str(TOY))
     model = BartForConditionalGeneration.from_pretrained(TOY / "digit-reverser").eval()
-    tokenizer = DigitTokenizer()
+    tokenizer = digit_tokenizer()
     for digits in ("3141592", "27182", "9081726354"):
         source = torch.tensor([tokens(digits) + [EOS]])
         with torch.no_grad():

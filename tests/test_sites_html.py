@@ -22,7 +22,7 @@ from rendered import open_rendered
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy_models"
 sys.path.insert(0, str(TOY))
-from train_digit_reverser import BOS, EOS, DigitTokenizer, tokens  # noqa: E402
+from train_digit_reverser import BOS, EOS, digit_tokenizer, tokens  # noqa: E402
 
 VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=32)
@@ -33,7 +33,7 @@ def reverser_cubes():
     source, target = torch.tensor([tokens("271") + [EOS]]), torch.tensor([[BOS] + tokens("17")])
     with torch.no_grad(), capture_sites(model) as probe:
         model(input_ids=source, decoder_input_ids=target)
-    return probe.cubes(source, decoder_input_ids=target, tokenizer=DigitTokenizer())
+    return probe.cubes(source, decoder_input_ids=target, tokenizer=digit_tokenizer())
 
 
 def vit_cubes():

@@ -29,7 +29,7 @@ from llm_heatmap.models.files import atomic_output
 from llm_heatmap.probes.stream import downsample
 
 from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, panels_px, plan_grid, start_cell_px
-from .labels import drawable, fit_text, model_name, prompt_text, text_size, token_label
+from .labels import drawable, fit_text, model_name, prompt_text, text_size, token_label, token_text
 from .png import png_bytes
 from .raster import (BACKGROUND, MASKED, QUANTITIES, ColorScale, compose, get_cmap, lookup_table, lut_index, normalise,
                      normalise_difference, range_and_grey)
@@ -430,7 +430,12 @@ def _title_lines(cube, title, scale_text, width, px, subtract=None) -> list[str]
     beside = width - text_size(f" · {facts}", px)[0] - text_size(quotes, px)[0]
     split = beside < width / 2
     room = (width - text_size(quotes, px)[0]) if split else beside
-    if pair is None:
+    if pair is None and cube.query_tokens is not None:  # cross-attention: the target reads the source
+        target = drawable("".join(token_text(t) for t in cube.query_tokens).replace("␣", " "))
+        source, target = (fit_text(text, px, room / 2 - text_size(' → ""', px)[0]) for text in (prompt_text(cube), target))
+        prompt = f'"{source}" → "{target}"'
+        facts = f"{cube.num_tokens} source x {len(cube.query_tokens)} target tokens · {scale_text}"
+    elif pair is None:
         prompt = f'"{fit_text(prompt_text(cube), px, room)}"'
     else:
         b, a = (fit_text(drawable(" ".join(text.split())), px, room / 2) for text in pair)

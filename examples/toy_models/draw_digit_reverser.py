@@ -11,13 +11,13 @@ from llm_heatmap.analyses.heads.cross_metrics import cross_metrics
 from llm_heatmap.probes import capture_sites
 from llm_heatmap.viz import GridStyle, save_grid
 
-from train_digit_reverser import EOS, OUT, DigitTokenizer, tokens
+from train_digit_reverser import EOS, OUT, digit_tokenizer, tokens
 
 DOCS = Path(__file__).parents[2] / "docs" / "sites"
 
 if __name__ == "__main__":
     model = BartForConditionalGeneration.from_pretrained(OUT).eval()
-    tokenizer, digits = DigitTokenizer(), "31415926"
+    tokenizer, digits = digit_tokenizer(), "31415926"
     source = torch.tensor([tokens(digits) + [EOS]])
     target = model.generate(source, max_new_tokens=len(digits) + 2, do_sample=False, num_beams=1)[:, : len(digits)]
     with torch.no_grad(), capture_sites(model) as probe:

@@ -22,13 +22,18 @@ def tokens(digits: str) -> list[int]:
     return [FIRST_DIGIT + int(d) for d in digits]
 
 
-class DigitTokenizer:
-    """Names the toy's token ids, for the cubes' labels (`capture_sites(...).cubes(..., tokenizer=DigitTokenizer())`)."""
+def digit_tokenizer():
+    """The toy's tokenizer, saved beside its weights: one token per digit (spaces ignored), the source ending
+    with </s> as in training; ids PAD, BOS, EOS, then the digits."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    names = {PAD: "<pad>", BOS: "<s>", EOS: "</s>"}
-
-    def convert_ids_to_tokens(self, ids) -> list[str]:
-        return [self.names.get(int(i), str(int(i) - FIRST_DIGIT)) for i in ids]
+    words = ["<pad>", "<s>", "</s>", *"0123456789"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                      pre_tokenizers.Split(Regex(r"\d"), behavior="isolated")])
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def batch(generator: torch.Generator, size: int, low: int = 4, high: int = 10):
@@ -71,4 +76,5 @@ def train(steps: int = 1500, seed: int = 0) -> BartForConditionalGeneration:
 if __name__ == "__main__":
     model = train()
     model.save_pretrained(OUT)
+    digit_tokenizer().save_pretrained(OUT)
     print(f"saved {OUT}")
