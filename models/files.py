@@ -229,3 +229,14 @@ def _identity(path: Path):
     except OSError:
         return None
     return stat.st_dev, stat.st_ino, stat.st_mtime_ns
+
+
+def check_cube_path(path) -> Path:
+    """`path` as a Path, if it names an existing regular file; else one sentence (before anything heavy loads)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"cube file {path} does not exist; pass a file written by AttentionCube.save or `llm-heatmap grid`.")
+    if not path.is_file():
+        raise InputError(f"cube file {path} is not a regular file (a folder, pipe or device); pass a file written by "
+                         "AttentionCube.save or `llm-heatmap grid`.")
+    return path

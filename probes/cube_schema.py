@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from llm_heatmap.choices import WEIGHTINGS
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
+from llm_heatmap.models.files import check_cube_path
 
 from llm_heatmap.models.sites import SITE_ORDER
 
@@ -384,12 +385,7 @@ def _check_layout(header: dict, spec: ModelSpec, shapes: dict, dtypes: dict) -> 
 
 def inspect_cube_file(path: str | Path) -> CubeFile:
     """The checked header and tensor layout of a cube file, reading no tensor data (module docstring)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"cube file {path} does not exist; pass a file written by AttentionCube.save or `llm-heatmap grid`.")
-    if not path.is_file():
-        raise InputError(f"cube file {path} is not a regular file (a folder, pipe or device); pass a file written by "
-                         "AttentionCube.save or `llm-heatmap grid`.")
+    path = check_cube_path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("llm_heatmap")

@@ -63,6 +63,16 @@ def test_metric_names_are_checked_without_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_a_missing_cube_file_is_refused_without_torch(tmp_path):
+    """`render` of a file that is not there answers at once, naming the file (it used to import torch first)."""
+    missing = tmp_path / "nosuch.safetensors"
+    script = (f"import sys; from llm_heatmap.cli import main; code = main(['render', {str(missing)!r}]); "
+              "assert code == 2 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"cube file {missing} does not exist" in result.stderr
+
+
 def test_metric_names_match_the_tables_order():
     from llm_heatmap.analyses.bounds import METRIC_TABLE_COLUMNS
     from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS
