@@ -22,12 +22,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from llm_heatmap.models.files import check_cube_path, claim_outputs
 
-    check_cube_path(args.cube)  # a missing file is refused before torch loads
     options.grid_style(args)  # the drawing options checked before the cube is read
     name = (options.plain_name(args.name) or args.cube.name.removesuffix(".safetensors").removesuffix(".cube")
             + ".render" + options.drawing_suffix(args))
     paths = [args.out / f"{name}.{args.format}"] + ([args.out / f"{name}.html"] if args.html else [])
     with claim_outputs(paths, force=args.force):
+        check_cube_path(args.cube)  # a missing file is refused before torch loads
         return _run(args, paths)
 
 

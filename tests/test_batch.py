@@ -53,13 +53,14 @@ def test_one_row_per_prompt_and_head(minilm, uninterrupted):
     csv = pd.read_csv(uninterrupted.csv)
     assert csv.shape == table.shape
     pd.testing.assert_series_equal(csv["norm_entropy"], table["norm_entropy"], check_exact=False, rtol=1e-9)
-    # the streamed rows equal metrics of a fully kept cube
+    # the streamed rows equal metrics of a fully kept cube (streaming computes the attention output itself,
+    # so later layers see hidden states within fp32 rounding of the kept capture's)
     with torch.no_grad():
         cube = capture_prompt(model, tokenizer, PROMPTS[1].text, spec=spec)
     reference = head_metrics(cube)
     rows = table[table["prompt_id"] == "b"].reset_index(drop=True)
     assert (rows["n_tokens"] == cube.num_keys).all()
-    pd.testing.assert_frame_equal(rows[reference.columns], reference, check_exact=False, rtol=1e-6, atol=1e-7,
+    pd.testing.assert_frame_equal(rows[reference.columns], reference, check_exact=False, rtol=1e-5, atol=1e-5,
                                   check_dtype=False)
 
 
