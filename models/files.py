@@ -101,8 +101,9 @@ def _check_folder(folder: Path) -> None:
 @contextmanager
 def atomic_output(path: str | Path, *, force: bool = False):
     """Yield a temporary path with `path`'s name, in a temporary folder beside it (module docstring);
-    rename it to `path` only on success. A `path` that is itself inside such a folder (a save inside the
-    CLI's atomic output) is yielded as it is: the outer rename makes it atomic."""
+    rename it to `path` only on success. The writer may make it a file or a directory (a directory
+    replaces only an absent or empty `path`). A `path` that is itself inside such a folder (a save inside
+    the CLI's atomic output) is yielded as it is: the outer rename makes it atomic."""
     path = Path(path)
     if path.parent.name.endswith(f".{TEMP_MARK}"):  # already the temporary of an outer atomic_output
         yield path
@@ -119,7 +120,8 @@ def atomic_output(path: str | Path, *, force: bool = False):
         stall_point(f"write:{path.name}")
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # writers that replace the file through their own temporary leave 0600
+        # writers that replace the file through their own temporary leave 0600
+        os.chmod(temp, (0o777 if temp.is_dir() else 0o666) & ~umask)
         os.replace(temp, path)
     except Exception as error:
         if is_disk_full(error):

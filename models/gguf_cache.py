@@ -9,10 +9,11 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 from llm_heatmap.errors import InputError
+
+from .files import atomic_output
 
 MARKER = "llm_heatmap_gguf.json"
 
@@ -129,8 +130,8 @@ def cache_dir_for(path: Path) -> Path:
 def converted_dir(path: Path, *, progress=None) -> Path:
     """The safetensors directory for `path`, converting on first use.
 
-    The conversion is written to a temporary sibling directory and renamed into place, so an
-    interrupted conversion never leaves a half-written cache entry.
+    The conversion is written through `files.atomic_output` (a temporary sibling directory renamed into
+    place), so an interrupted conversion never leaves a half-written cache entry.
     """
     target = cache_dir_for(path)
     if (target / MARKER).exists():
@@ -169,20 +170,16 @@ def converted_dir(path: Path, *, progress=None) -> Path:
     model.load_state_dict(dequantized.state_dict())
     del dequantized
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    if target.exists() and not (target / MARKER).exists():
+        shutil.rmtree(target)  # left by an older, non-atomic writer: never trust it
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps({"source": str(path.resolve()), "gguf_type": file_type}))
-        if target.exists() and not (target / MARKER).exists():
-            shutil.rmtree(target)  # left by an older, non-atomic writer: never trust it
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_output(target, force=True) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / MARKER).write_text(json.dumps({"source": str(path.resolve()), "gguf_type": file_type}))
+    except OSError:  # another process finished first: its directory stays
+        if not (target / MARKER).exists():
+            raise
     return target
 
 
