@@ -393,7 +393,6 @@ def test_unsupported_gguf_architecture(cache, tmp_path):
     path = write_tiny_gguf(tmp_path / "alien.gguf", arch="llmheatmapalien")
     with pytest.raises(InputError, match=r"llmheatmapalien is not supported.*a GGUF of a supported architecture"):
         load_model(path)
-    assert not isinstance(failure, OSError) or "the disk is full" in str(raised.value)
     assert [p for p in cache.rglob("*") if p.is_file()] == []
 
 
