@@ -1,0 +1,160 @@
+"""Retrieval heads (Wu et al. 2024): the score on hand-made decode steps, the needle prompts, the decode rows
+against eager generate(output_attentions=True), and the probe end to end on a tiny GGUF and on SmolLM2."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llm_heatmap.analyses.heads.needle import Needle, check_grid, needle_prompt, rouge1_recall
+from llm_heatmap.analyses.heads.retrieval_probe import (copy_steps, decode_steps, grid_scores, retrieval_head_scores,
+                                                        run_scores)
+from llm_heatmap.errors import InputError
+
+# prompt 0..6, answer span 1..4 = tokens 5 6 7 8; token 5 also sits outside the span at position 5
+PROMPT = [1, 5, 6, 7, 8, 5, 9]
+GENERATED = [5, 6, 3, 7, 8, 5]  # the last step copies token 5 a second time
+SPAN = (1, 5)
+
+
+def hand_case():
+    sequence = torch.tensor(PROMPT + GENERATED)
+    top_keys = torch.tensor([  # "s l h": one layer, four heads
+        [[1, 1, 5, 0]],  # generates 5: head 0 and 1 on the answer's 5, head 2 on the 5 outside it
+        [[2, 1, 5, 2]],  # generates 6: head 0 and 3 on the 6; head 1 still on the 5 (not this token)
+        [[0, 1, 5, 3]],  # generates 3 (not in the answer): nobody copies, head 3 sits on a 7
+        [[3, 1, 5, 3]],  # generates 7: head 0 and 3 on the 7
+        [[4, 8, 5, 0]],  # generates 8: head 0 on the 8, head 1 on a generated position
+        [[1, 1, 5, 1]],  # generates 5 again: head 0, 1 and 3 on the answer's 5
+    ])
+    return sequence, top_keys
+
+
+def test_copy_steps_follow_the_definition():
+    sequence, top_keys = hand_case()
+    copies = copy_steps(top_keys, sequence, len(PROMPT), SPAN)
+    expected = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 1], [1, 0, 0, 0], [1, 1, 0, 1]]).bool()
+    assert torch.equal(copies[:, 0], expected)
+
+
+def test_run_score_is_the_share_of_needle_positions_copied():
+    sequence, top_keys = hand_case()
+    copies = copy_steps(top_keys, sequence, len(PROMPT), SPAN)
+    scores = run_scores(top_keys, copies, SPAN)
+    # head 0 copies all four positions (position 1 twice: a set, so still 4/4); head 1 position 1 only;
+    # head 2 never (its 5 is outside the needle); head 3 positions 2, 3 and 1
+    assert scores[0].tolist() == [1.0, 0.25, 0.0, 0.75]
+    assert copies.sum(0)[0].tolist() == [5, 2, 0, 3]
+
+
+def test_runs_that_do_not_recall_contribute_nothing():
+    scores = torch.tensor([[[1.0, 0.5]], [[0.0, 0.0]], [[0.5, 0.25]]])  # "r l h"
+    assert grid_scores(scores, torch.tensor([True, False, True])).tolist() == [[0.75, 0.375]]
+    assert grid_scores(scores, torch.tensor([False, True, False])).tolist() == [[0.0, 0.0]]
+    assert torch.isnan(grid_scores(scores, torch.tensor([False, False, False]))).all()
+
+
+def test_rouge1_recall():
+    assert rouge1_recall("eat a custard tart", "You should eat a Custard tart!") == 1.0
+    assert rouge1_recall("eat a custard tart", "a tart") == 0.5
+    assert rouge1_recall("a a b", "a b") == pytest.approx(2 / 3)  # words count with multiplicity
+    assert rouge1_recall("eat a tart", "") == 0.0
+
+
+def test_needle_checks():
+    with pytest.raises(InputError, match="not part of its sentence"):
+        Needle(sentence="The key is under the mat.", answer="behind the door", question="Where is the key?")
+    with pytest.raises(InputError, match="0..1"):
+        check_grid([100], [1.5])
+    with pytest.raises(InputError, match="too short"):
+        check_grid([10], [0.5])
+
+
+@pytest.fixture(scope="module")
+def tiny_byte_model(tmp_path_factory):
+    """A tiny random Llama GGUF (2 layers, 4 heads on 2 KV heads) with a byte-level tokenizer and 512 positions,
+    eager, with query and key weights scaled up so that every head has a clear most-attended key."""
+    from llm_heatmap.models import load_model
+    from tiny_models import write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-retrieval")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LLM_HEATMAP_CACHE", str(folder / "cache"))
+    try:
+        model, tokenizer, spec = load_model(write_tiny_gguf(folder / "tiny.gguf", context=512), attn_implementation="eager")
+    finally:
+        patch.undo()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+            layer.self_attn.k_proj.weight.mul_(40)
+    return model, tokenizer, spec
+
+
+def test_needle_prompt_locates_the_answer(tiny_byte_model):
+    _, tokenizer, _ = tiny_byte_model
+    needle = Needle()
+    for depth in (0.0, 0.5, 1.0):
+        cell = needle_prompt(tokenizer, 400, depth, needle, chat=False)
+        assert tokenizer.decode(cell.input_ids[cell.answer_start:cell.answer_stop]) == needle.answer
+        document = cell.prompt.split("\n\nBased on the text above")[0]
+        assert needle.sentence in document and cell.prompt.endswith("\nAnswer:")
+        assert abs(len(tokenizer(document, add_special_tokens=False)["input_ids"]) - 400) < 80
+    starts = [needle_prompt(tokenizer, 400, d, needle, chat=False).prompt.index(needle.sentence) for d in (0.0, 0.5, 1.0)]
+    assert starts[0] == 0 < starts[1] < starts[2]
+
+
+def test_decode_rows_equal_eager_generate_steps(tiny_byte_model):
+    """Each decode step's most-attended key equals eager generate(output_attentions=True) step by step."""
+    model, tokenizer, spec = tiny_byte_model
+    prompt = "The best thing to do in Lisbon is to eat a custard tart. Question: what is best?"
+    steps = decode_steps(model, tokenizer, prompt, chat=False, max_new_tokens=6, spec=spec)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             output_attentions=True, return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
+    assert torch.equal(steps.sequence, out.sequences[0])
+    reference = torch.stack([torch.stack([layer[0, :, -1].argmax(-1) for layer in step]) for step in out.attentions])
+    assert steps.top_keys.shape == (6, spec.num_layers, spec.num_heads)
+    assert torch.equal(steps.top_keys, reference)
+
+
+def test_probe_end_to_end_on_a_tiny_model(tiny_byte_model):
+    model, tokenizer, spec = tiny_byte_model
+    seen = []
+    counted = retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=(120, 200), depths=(0.0, 1.0),
+                                    max_new_tokens=8, min_recall=0.0, on_run=seen.append)
+    assert len(counted.runs) == len(seen) == 4 and counted.runs["recalled"].all()  # min_recall 0 counts every run
+    assert counted.run_scores.shape == (4, spec.num_layers, spec.num_heads)
+    assert ((counted.run_scores >= 0) & (counted.run_scores <= 1)).all()
+    assert len(counted.heads) == spec.num_layers * spec.num_heads
+    assert np.allclose(counted.heads["probe_retrieval_score"], counted.run_scores.mean(0).reshape(-1))
+    assert (counted.heads["probe_retrieval_copies"] == counted.run_copies.sum(0).reshape(-1)).all()
+    assert set(counted.run_heads().columns) >= {"context_length", "depth", "layer", "head", "score"}
+    # a random model does not recall the needle: with the default threshold no run counts
+    strict = retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=(120,), depths=(0.5,), max_new_tokens=8)
+    assert not strict.runs["recalled"].any()
+    assert strict.heads["probe_retrieval_score"].isna().all() and (strict.heads["probe_retrieval_copies"] == 0).all()
+
+
+def test_probe_refuses_contexts_past_the_model(tiny_byte_model):
+    model, tokenizer, spec = tiny_byte_model
+    with pytest.raises(InputError, match="passes the model's 512 positions"):
+        retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=(600,), depths=(0.5,))
+    with pytest.raises(InputError, match="min_recall"):
+        retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=(120,), depths=(0.5,), min_recall=2)
+
+
+@pytest.mark.slow
+def test_smollm2_recalls_the_needle_through_few_heads(smollm2):
+    model, tokenizer, spec = smollm2
+    result = retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=(250,), depths=(0.5,))
+    run = result.runs.iloc[0]
+    assert run.recalled and run.recall == 1.0  # chat template by default; the answer copies the needle
+    chosen = result.retrieval_heads(0.1)
+    assert 0 < len(chosen) < 0.15 * len(result.heads)
+    assert chosen["probe_retrieval_score"].iloc[0] > 0.5 and chosen["layer"].min() > spec.num_layers // 3
+    assert math.isclose(result.heads["probe_retrieval_score"].max(), chosen["probe_retrieval_score"].iloc[0])
