@@ -51,7 +51,7 @@ def summary(heads, runs, threshold: float, model: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--lengths", default="250,500,1000,2000,4000")
+    parser.add_argument("--lengths", default="250,500,1000,2000,4000,8000")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--threshold", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm_heatmap.analyses.heads.needle import Needle, check_grid, needle_prompt, rouge1_recall
+from llm_heatmap.analyses.bounds import check_needle_grid
+from llm_heatmap.analyses.heads.needle import Needle, needle_prompt, rouge1_recall
 from llm_heatmap.analyses.heads.retrieval_probe import (copy_steps, decode_steps, grid_scores, retrieval_head_scores,
                                                         run_scores)
 from llm_heatmap.errors import InputError
@@ -68,9 +69,9 @@ def test_needle_checks():
     with pytest.raises(InputError, match="not part of its sentence"):
         Needle(sentence="The key is under the mat.", answer="behind the door", question="Where is the key?")
     with pytest.raises(InputError, match="0..1"):
-        check_grid([100], [1.5])
+        check_needle_grid([100], [1.5])
     with pytest.raises(InputError, match="too short"):
-        check_grid([10], [0.5])
+        check_needle_grid([10], [0.5])
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,49 @@ def test_smollm2_recalls_the_needle_through_few_heads(smollm2):
     assert 0 < len(chosen) < 0.15 * len(result.heads)
     assert chosen["probe_retrieval_score"].iloc[0] > 0.5 and chosen["layer"].min() > spec.num_layers // 3
     assert math.isclose(result.heads["probe_retrieval_score"].max(), chosen["probe_retrieval_score"].iloc[0])
+
+
+def test_atlas_writes_the_retrieval_columns(tiny_byte_model, tmp_path):
+    from llm_heatmap.analyses.atlas.run import run_atlas
+    from llm_heatmap.analyses.runs.prompts import Prompt
+
+    model, tokenizer, spec = tiny_byte_model
+    result = run_atlas({"tiny": tiny_byte_model}, [Prompt("a", "the cat sat", None), Prompt("b", "one two", None)],
+                       tmp_path, retrieval_lengths=(120,), probe_length=4, n_resamples=50, n_permutations=10, quiet=True)
+    heads = result.tables["heads"]
+    direct = retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=(120,)).heads
+    for column in ("probe_retrieval_score", "probe_retrieval_copies"):
+        np.testing.assert_array_equal(heads[column].to_numpy(), direct[column].to_numpy())
+    assert "probe_induction_score" in heads.columns
+    with pytest.raises(InputError, match="too short"):
+        run_atlas({"tiny": tiny_byte_model}, [Prompt("a", "x", None)], tmp_path / "again", retrieval_lengths=(8,))
+
+
+def run_cli(capsys, *args):
+    from llm_heatmap.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("value, message", [("250,abc", "is not a list of context lengths"), ("250,10", "too short")])
+def test_cli_refuses_bad_retrieval_lengths_before_loading(capsys, monkeypatch, tmp_path, value, message):
+    monkeypatch.setattr("llm_heatmap.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    code, _, err = run_cli(capsys, "metrics", "the sky", "--retrieval-probe", value, "--out", tmp_path / "m.csv")
+    assert code == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "m.csv").exists()
+
+
+@pytest.mark.slow
+def test_cli_metrics_with_retrieval_probe(capsys, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "m.csv"
+    code, stdout, err = run_cli(capsys, "metrics", "the cat sat on the mat", "--out", out, "--retrieval-probe", "64",
+                                "--metric", "sink_score", "--metric", "probe_retrieval_score")
+    assert code == 0, err
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["layer", "head", "kv_group", "sink_score", "probe_retrieval_score",
+                                   "probe_retrieval_copies"]
+    assert table["probe_retrieval_score"].between(0, 1).all() and table["probe_retrieval_score"].max() > 0.1
+    assert "retrieval heads on 5 needle prompts (5 recalled)" in stdout

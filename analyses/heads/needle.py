@@ -53,18 +53,6 @@ class NeedlePrompt:
     answer_stop: int
 
 
-def check_grid(context_lengths, depths) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    lengths = tuple(int(n) for n in context_lengths)
-    depths = tuple(float(d) for d in depths)
-    if not lengths or not depths:
-        raise InputError("the retrieval probe needs at least one context length and one depth.")
-    if min(lengths) < 32:
-        raise InputError(f"context length {min(lengths)} is too short for a needle in a haystack; use 32 tokens or more.")
-    if not all(0.0 <= d <= 1.0 for d in depths):
-        raise InputError(f"needle depths {list(depths)} must lie in 0..1 (0: the document's start, 1: its end).")
-    return lengths, depths
-
-
 @lru_cache(maxsize=1)
 def haystack_text() -> str:
     return HAYSTACK.read_text(encoding="utf-8")

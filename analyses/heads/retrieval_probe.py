@@ -23,10 +23,10 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.models import spec_from_model
 from llm_heatmap.probes.generate import capture_generate
 
-from llm_heatmap.analyses.heads.needle import (CONTEXT_LENGTHS, DEPTHS, Needle, check_grid, check_tokenizer,
+from llm_heatmap.analyses.bounds import check_needle_grid
+from llm_heatmap.analyses.runs.progress import progress_bar
+from llm_heatmap.analyses.heads.needle import (CONTEXT_LENGTHS, DEPTHS, Needle, NeedlePrompt, check_tokenizer,
                                                needle_prompt, rouge1_recall)
-
-SCORE_COLUMNS = ("probe_retrieval_score", "probe_retrieval_copies")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,23 @@ class RetrievalScores:
         return frame
 
 
+def measure_cell(model, tokenizer, cell: NeedlePrompt, needle: Needle, *, max_new_tokens: int, spec):
+    """One grid cell: its row (the answer and its recall), every head's score "l h" and copying steps "l h"."""
+    steps = decode_steps(model, tokenizer, cell.prompt, chat=cell.chat, max_new_tokens=max_new_tokens, spec=spec)
+    if not torch.equal(steps.sequence[:steps.prompt_tokens], cell.input_ids):
+        raise InputError("the prompt was encoded differently from the needle's positions; the probe cannot "
+                         "locate the needle with this tokenizer.")
+    answer_span = (cell.answer_start, cell.answer_stop)
+    kept = answer_steps(tokenizer, steps.generated)
+    top = steps.top_keys[:kept]
+    copied = copy_steps(top, steps.sequence, steps.prompt_tokens, answer_span)
+    answer = tokenizer.decode(steps.generated[:kept], skip_special_tokens=True).strip()
+    row = {"context_length": cell.context_length, "depth": cell.depth, "prompt_tokens": steps.prompt_tokens,
+           "answer_start": cell.answer_start, "answer_stop": cell.answer_stop, "answer": answer,
+           "recall": rouge1_recall(needle.answer, answer)}
+    return row, run_scores(top, copied, answer_span), copied.sum(0)
+
+
 def retrieval_head_scores(model, tokenizer, *, spec=None, context_lengths=CONTEXT_LENGTHS, depths=DEPTHS,
                           needle: Needle | None = None, chat: bool | None = None, max_new_tokens: int | None = None,
                           min_recall: float = 0.5, on_run=None) -> RetrievalScores:
@@ -141,41 +158,37 @@ def retrieval_head_scores(model, tokenizer, *, spec=None, context_lengths=CONTEX
     lower-case words, no stemming). `on_run(row)` is called with each finished run's row.
     """
     spec = spec or spec_from_model(model)
+    if not spec.causal:
+        raise InputError(f"the retrieval probe needs a causal language model that generates text; {spec.summary} "
+                         "is not one.")
     needle = needle or Needle()
-    lengths, depths = check_grid(context_lengths, depths)
+    lengths, depths = check_needle_grid(context_lengths, depths)
     check_tokenizer(tokenizer)
     if not 0.0 <= float(min_recall) <= 1.0:
         raise InputError(f"min_recall={min_recall} must lie in 0..1 (the share of the answer's words recalled).")
     chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else bool(chat)
     if max_new_tokens is None:
         max_new_tokens = len(tokenizer(" " + needle.answer, add_special_tokens=False)["input_ids"]) + 24
-    if int(max_new_tokens) < 1:
+    max_new_tokens = int(max_new_tokens)
+    if max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    cells = [needle_prompt(tokenizer, length, depth, needle, chat) for length in lengths for depth in depths]
+    longest = max(cells, key=lambda cell: len(cell.input_ids))
+    if spec.max_positions and len(longest.input_ids) + max_new_tokens > spec.max_positions:
+        raise InputError(f"context length {longest.context_length} makes a prompt of {len(longest.input_ids)} tokens, "
+                         f"which with {max_new_tokens} new tokens passes the model's {spec.max_positions} positions; "
+                         "pick shorter context lengths.")
     rows, scores, copies = [], [], []
-    for length in lengths:
-        for depth in depths:
-            cell = needle_prompt(tokenizer, length, depth, needle, chat)
-            if spec.max_positions and len(cell.input_ids) + max_new_tokens > spec.max_positions:
-                raise InputError(f"context length {length} makes a prompt of {len(cell.input_ids)} tokens, which with "
-                                 f"{max_new_tokens} new tokens passes the model's {spec.max_positions} positions; "
-                                 "pick shorter context lengths.")
-            steps = decode_steps(model, tokenizer, cell.prompt, chat=chat, max_new_tokens=int(max_new_tokens), spec=spec)
-            if not torch.equal(steps.sequence[:steps.prompt_tokens], cell.input_ids):
-                raise InputError("the prompt was encoded differently from the needle's positions; the probe cannot "
-                                 "locate the needle with this tokenizer.")
-            answer_span = (cell.answer_start, cell.answer_stop)
-            kept = answer_steps(tokenizer, steps.generated)
-            top = steps.top_keys[:kept]
-            copied = copy_steps(top, steps.sequence, steps.prompt_tokens, answer_span)
-            answer = tokenizer.decode(steps.generated[:kept], skip_special_tokens=True).strip()
-            recall = rouge1_recall(needle.answer, answer)
-            rows.append({"context_length": length, "depth": depth, "prompt_tokens": steps.prompt_tokens,
-                         "answer_start": cell.answer_start, "answer_stop": cell.answer_stop, "answer": answer,
-                         "recall": recall, "recalled": recall >= min_recall})
-            scores.append(run_scores(top, copied, answer_span))
-            copies.append(copied.sum(0))
-            if on_run is not None:
-                on_run(rows[-1])
+    bar = progress_bar(len(cells), "needle prompts", unit="prompt")
+    for cell in cells:
+        row, score, copied = measure_cell(model, tokenizer, cell, needle, max_new_tokens=max_new_tokens, spec=spec)
+        rows.append({**row, "recalled": row["recall"] >= min_recall})
+        scores.append(score)
+        copies.append(copied)
+        bar.update()
+        if on_run is not None:
+            on_run(rows[-1])
+    bar.close()
     runs = pd.DataFrame(rows)
     scores, copies = torch.stack(scores), torch.stack(copies)
     recalled = torch.tensor(runs["recalled"].to_numpy(dtype=bool))
