@@ -205,3 +205,35 @@ def test_cli_metrics_with_retrieval_probe(capsys, tmp_path):
                                    "probe_retrieval_copies"]
     assert table["probe_retrieval_score"].between(0, 1).all() and table["probe_retrieval_score"].max() > 0.1
     assert "retrieval heads on 5 needle prompts (5 recalled)" in stdout
+
+
+def synthetic_run_heads():
+    import pandas as pd
+
+    rows = []
+    for length, recall in ((100, 1.0), (200, 0.2)):
+        for depth in (0.0, 1.0):
+            for layer in range(2):
+                for head in range(2):
+                    rows.append({"context_length": length, "depth": depth, "recall": recall, "recalled": recall >= 0.5,
+                                 "layer": layer, "head": head, "score": 0.25 * (2 * layer + head) + 0.1 * depth})
+    return pd.DataFrame(rows)
+
+
+def test_figure_by_depth_draws_recall_and_the_top_heads(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from llm_heatmap.viz import plot_retrieval_probe, save_figure
+
+    table = synthetic_run_heads()
+    fig = plot_retrieval_probe(table, top=2)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    # recall, then the two best heads over the recalled runs (length 100): L1H1 (0.75, 0.85 -> 0.80), L1H0
+    assert [ax.get_title() for ax in panels] == ["recall of the answer", "L1H1  (score 0.80)", "L1H0  (score 0.55)"]
+    hatched = [[p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch()] for ax in panels]
+    assert [len(h) for h in hatched] == [0, 2, 2]  # the two cells of the run length that did not recall
+    assert save_figure(fig, tmp_path / "r.png").stat().st_size > 0
+    with pytest.raises(InputError, match="no run recalled"):
+        plot_retrieval_probe(table.assign(recalled=False))
+    with pytest.raises(InputError, match="lacks column"):
+        plot_retrieval_probe(table.drop(columns=["score"]))

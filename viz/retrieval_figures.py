@@ -100,6 +100,6 @@ def plot_retrieval_probe(run_heads, heads=None, *, top: int = 7, columns: int = 
         ((width - 0.75) / width, bottom / height, 0.14 / width, (height - top_margin - bottom) / height)))
     bar.ax.tick_params(labelsize=8)
     bar.set_label("recall / retrieval score", fontsize=9)
-    text = title or "Retrieval heads by needle depth and context length (hatched: run did not recall, not counted)"
+    text = title or "Retrieval heads by needle depth and context length (hatched: no recall, not counted)"
     fig.suptitle(fit_text(text, 11 * 1.4, width * DPI * 0.95), fontsize=11, y=1 - 0.12 / height, va="top")
     return fig
