@@ -237,3 +237,19 @@ def test_figure_by_depth_draws_recall_and_the_top_heads(tmp_path):
         plot_retrieval_probe(table.assign(recalled=False))
     with pytest.raises(InputError, match="lacks column"):
         plot_retrieval_probe(table.drop(columns=["score"]))
+
+
+def test_experiment_summary_counts_heads_recall_and_overlap():
+    import pandas as pd
+
+    from experiments.retrieval_heads import summary
+
+    heads = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "kv_group": [0, 0, 0, 0],
+                          "probe_retrieval_score": [0.5, 0.05, 0.3, 0.0], "probe_retrieval_copies": [9, 1, 5, 0],
+                          "probe_induction_score": [0.9, 0.8, 0.1, 0.0]})
+    runs = pd.DataFrame({"context_length": [100, 100, 200], "recall": [1.0, 0.8, 0.2], "recalled": [True, True, False]})
+    text = "\n".join(summary(heads, runs, 0.1, "m"))
+    assert "2 of 3 runs recalled" in text and "| 100 | 2 of 2 | 0.90 |" in text and "| 200 | 0 of 1 | 0.20 |" in text
+    assert "2 of 4 heads (50.0%) score above 0.1" in text
+    assert "| L0H0 | 0 | 0.500 | 9 | 0.900 |" in text.splitlines()[text.splitlines().index("| --- | --- | --- | --- | --- |") + 1]
+    assert "Top 2 induction heads: L0H0 (0.90), L0H1 (0.80)" in text and "Shared with the retrieval heads: 1 of 2 (L0H0)" in text
