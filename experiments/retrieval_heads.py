@@ -6,8 +6,7 @@ and whether the retrieval heads are the induction heads.
 Runs `retrieval_head_scores` on the grid `--lengths` x `--depths` (greedy, chat template), then the
 induction probe (BOS + 50 random tokens repeated), on one model. Writes into OUT: `heads.csv` (one
 row per head: retrieval score and copies, induction score), `runs.csv` (one row per grid cell: the
-answer and its recall), `run_heads.csv` (per run x head scores) and `reading.md`, the printed
-summary; `--png` is the by-depth figure.
+answer and its recall) and `reading.md`, the printed summary; `--png` is the by-depth figure.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     induction = induction_probe_scores(model, tokenizer, spec=spec, length=50)
     heads = result.heads.merge(induction, on=["layer", "head", "kv_group"])
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("heads", heads), ("runs", result.runs), ("run_heads", result.run_heads())):
+    for name, table in (("heads", heads), ("runs", result.runs)):
         with atomic_output(args.out / f"{name}.csv", force=True) as temp:
             table.to_csv(temp, index=False, float_format="%.6g")
     lines = summary(heads, result.runs, args.threshold, args.model)

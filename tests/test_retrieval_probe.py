@@ -12,7 +12,7 @@ import torch
 from llm_heatmap.analyses.bounds import check_needle_grid
 from llm_heatmap.analyses.heads.needle import Needle, needle_prompt, rouge1_recall
 from llm_heatmap.analyses.heads.retrieval_probe import (copy_steps, decode_steps, grid_scores, retrieval_head_scores,
-                                                        run_scores)
+                                                        run_score)
 from llm_heatmap.errors import InputError
 
 # prompt 0..6, answer span 1..4 = tokens 5 6 7 8; token 5 also sits outside the span at position 5
@@ -44,7 +44,7 @@ def test_copy_steps_follow_the_definition():
 def test_run_score_is_the_share_of_needle_positions_copied():
     sequence, top_keys = hand_case()
     copies = copy_steps(top_keys, sequence, len(PROMPT), SPAN)
-    scores = run_scores(top_keys, copies, SPAN)
+    scores = run_score(top_keys, copies, SPAN)
     # head 0 copies all four positions (position 1 twice: a set, so still 4/4); head 1 position 1 only;
     # head 2 never (its 5 is outside the needle); head 3 positions 2, 3 and 1
     assert scores[0].tolist() == [1.0, 0.25, 0.0, 0.75]
@@ -253,3 +253,10 @@ def test_experiment_summary_counts_heads_recall_and_overlap():
     assert "2 of 4 heads (50.0%) score above 0.1" in text
     assert "| L0H0 | 0 | 0.500 | 9 | 0.900 |" in text.splitlines()[text.splitlines().index("| --- | --- | --- | --- | --- |") + 1]
     assert "Top 2 induction heads: L0H0 (0.90), L0H1 (0.80)" in text and "Shared with the retrieval heads: 1 of 2 (L0H0)" in text
+
+
+def test_the_answer_shares_only_function_words_with_the_haystack():
+    from llm_heatmap.analyses.heads.needle import haystack_text, words
+
+    shared = set(words(Needle().answer)) & set(words(haystack_text()))
+    assert shared <= {"a", "and", "at", "the", "to"}

@@ -15,9 +15,10 @@ keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Par
 
 Parts: `OUT/parts/<model key>/<prompt key>.{safetensors,parquet}` per prompt (the parquet, written
 last, marks the prompt done), `model.json` (the spec) and `probe.parquet` (induction-probe
-scores on repeated random tokens, retrieval-probe scores on needle prompts) per model; `OUT/atlas.json` holds the settings the parts were
-computed with (`atlas.shard-i-of-n.json` for a shard). `resume=True` computes only prompts
-without parts; a model whose parts are all present is not loaded at all.
+scores on repeated random tokens, retrieval-probe scores on needle prompts) per model;
+`OUT/atlas.json` holds the settings the parts were computed with (`atlas.shard-i-of-n.json` for a
+shard). `resume=True` computes only prompts without parts; a model whose parts are all present is
+not loaded at all.
 
 Distributed: under torchrun / accelerate launch (`ranks.launcher_ranks`), each rank loads each
 model on its own device and measures its share of the prompts still to do; after a barrier rank 0
@@ -261,8 +262,8 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     `n_permutations` shuffles of the head grouping (MHA models: pseudo-groups of
     `pseudo_group_size`, default the first GQA model's group size, else 3). `probe_length`:
     random tokens of the induction probe (0 to skip it). `retrieval_lengths`: context lengths of the
-    retrieval probe's needle prompts (`retrieval_head_scores`, five depths each; empty skips it). `shard`, `resume`, `force`, `ranks`: as
-    in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
+    retrieval probe's needle prompts (`retrieval_head_scores`, five depths each; empty skips it).
+    `shard`, `resume`, `force`, `ranks`: as in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
     in three groups, `options` (`AtlasOptions`), `bootstrap` (`stats.Bootstrap`: n_resamples, confidence,
     seed) and `run` (`RunOptions`: shard, resume, force, quiet, ranks), and each also as a keyword.
     """

@@ -73,7 +73,8 @@ def answer_steps(tokenizer, generated: torch.Tensor) -> int:
     return len(generated)
 
 
-def copy_steps(top_keys: torch.Tensor, sequence: torch.Tensor, prompt_tokens: int, answer: tuple[int, int]) -> torch.Tensor:
+def copy_steps(top_keys: torch.Tensor, sequence: torch.Tensor, prompt_tokens: int,
+               answer: tuple[int, int]) -> torch.Tensor:
     """"s l h" True where a head's most-attended key is an answer token equal to the token generated at step s."""
     start, stop = answer
     generated = sequence[prompt_tokens:prompt_tokens + top_keys.shape[0]]
@@ -81,7 +82,7 @@ def copy_steps(top_keys: torch.Tensor, sequence: torch.Tensor, prompt_tokens: in
     return inside & (sequence[top_keys] == generated[:, None, None])
 
 
-def run_scores(top_keys: torch.Tensor, copies: torch.Tensor, answer: tuple[int, int]) -> torch.Tensor:
+def run_score(top_keys: torch.Tensor, copies: torch.Tensor, answer: tuple[int, int]) -> torch.Tensor:
     """"l h": the share of the answer's positions each head copied at some step (|g_h ∩ k| / |k|)."""
     start, stop = answer
     positions = torch.nn.functional.one_hot((top_keys - start).clamp(0, stop - start - 1), stop - start)
@@ -143,7 +144,7 @@ def measure_cell(model, tokenizer, cell: NeedlePrompt, needle: Needle, *, max_ne
     row = {"context_length": cell.context_length, "depth": cell.depth, "prompt_tokens": steps.prompt_tokens,
            "answer_start": cell.answer_start, "answer_stop": cell.answer_stop, "answer": answer,
            "recall": rouge1_recall(needle.answer, answer)}
-    return row, run_scores(top, copied, answer_span), copied.sum(0)
+    return row, run_score(top, copied, answer_span), copied.sum(0)
 
 
 def retrieval_head_scores(model, tokenizer, *, spec=None, context_lengths=CONTEXT_LENGTHS, depths=DEPTHS,
@@ -166,7 +167,10 @@ def retrieval_head_scores(model, tokenizer, *, spec=None, context_lengths=CONTEX
     check_tokenizer(tokenizer)
     if not 0.0 <= float(min_recall) <= 1.0:
         raise InputError(f"min_recall={min_recall} must lie in 0..1 (the share of the answer's words recalled).")
-    chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else bool(chat)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    chat = has_template if chat is None else bool(chat)
+    if chat and not has_template:
+        raise InputError("chat=True needs a tokenizer with a chat template, and this one has none; pass chat=False.")
     if max_new_tokens is None:
         max_new_tokens = len(tokenizer(" " + needle.answer, add_special_tokens=False)["input_ids"]) + 24
     max_new_tokens = int(max_new_tokens)
@@ -193,7 +197,8 @@ def retrieval_head_scores(model, tokenizer, *, spec=None, context_lengths=CONTEX
     scores, copies = torch.stack(scores), torch.stack(copies)
     recalled = torch.tensor(runs["recalled"].to_numpy(dtype=bool))
     layers = tuple(range(spec.num_layers))
-    heads = pd.DataFrame({"layer": np.repeat(layers, spec.num_heads), "head": np.tile(np.arange(spec.num_heads), len(layers)),
+    heads = pd.DataFrame({"layer": np.repeat(layers, spec.num_heads),
+                          "head": np.tile(np.arange(spec.num_heads), len(layers)),
                           "kv_group": np.tile([spec.kv_group(h) for h in range(spec.num_heads)], len(layers)),
                           "probe_retrieval_score": grid_scores(scores, recalled).reshape(-1).numpy(),
                           "probe_retrieval_copies": copies[recalled].sum(0).reshape(-1).numpy()})
