@@ -1,6 +1,7 @@
 """Metrics over an `AttentionCube` and runs over prompt sets, in rooms by concept:
 
-- `heads/`: per-head metrics, TransformerLens head scores, the induction probe, a prompt measured in one call;
+- `heads/`: per-head metrics, TransformerLens head scores, the induction and retrieval probes, a prompt measured in
+  one call;
 - `similarity/`: divergences between heads, KV-group similarity and its report, head maps;
 - `maps/`: query-key maps and rollout;
 - `stats.py`: the one statistics module (bootstrap intervals, permutation tests, interval means);
@@ -20,6 +21,8 @@ _MODULES = {
     ".compare": ("compare_cubes", "compare_sets"),
     ".heads.head_detector": ("detection_patterns", "head_detector_scores", "repeated_random_tokens"),
     ".heads.induction_probe": ("induction_probe_scores",),
+    ".heads.needle": ("Needle",),
+    ".heads.retrieval_probe": ("RetrievalScores", "retrieval_head_scores"),
     ".similarity.kv_similarity": ("HeadSimilarity", "head_similarity_matrix", "kv_group_similarity",
                        "layer_similarity"),
     ".heads.measure": ("measure_prompt", "stream_head_metrics"),

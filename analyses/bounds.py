@@ -22,14 +22,31 @@ METRIC_TABLE_COLUMNS = (
     "pattern_class", "n_rows")
 METRIC_NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_weighted_entropy", "output_norm")
 DETECTOR_SCORES = ("previous_token_score", "duplicate_token_score", "induction_score")
+RETRIEVAL_SCORES = ("retrieval_score", "retrieval_copies")  # the retrieval probe's columns, as probe_*
+MIN_NEEDLE_CONTEXT = 32  # tokens: shorter, a needle is most of its haystack
 PROJECTION_PACKAGES = {"tsne": ("scikit-learn", "sklearn"), "umap": ("umap-learn", "umap")}  # (pip name, import name)
 
 
-def metric_choices(*, probe: bool = False) -> list[str]:
+def metric_choices(*, probe: bool = False, retrieval: bool = False) -> list[str]:
     """Every column a head-metrics table can hold besides its keys (with value norms, as the CLI computes
-    it; `probe`: also the induction probe's `probe_*` scores), for checking metric names before any work."""
+    it; `probe`: also the induction probe's `probe_*` scores; `retrieval`: the retrieval probe's), for
+    checking metric names before any work."""
     probe_columns = [f"probe_{name}" for name in DETECTOR_SCORES] if probe else []
+    probe_columns += [f"probe_{name}" for name in RETRIEVAL_SCORES] if retrieval else []
     return [c for c in (*METRIC_TABLE_COLUMNS, *METRIC_NORM_COLUMNS) if c not in ("layer", "head", "kv_group")] + probe_columns
+
+
+def check_needle_grid(context_lengths, depths) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The retrieval probe's grid: context lengths of at least `MIN_NEEDLE_CONTEXT` tokens, depths in 0..1."""
+    lengths, depths = tuple(int(n) for n in context_lengths), tuple(float(d) for d in depths)
+    if not lengths or not depths:
+        raise InputError("the retrieval probe needs at least one context length and one needle depth.")
+    if min(lengths) < MIN_NEEDLE_CONTEXT:
+        raise InputError(f"context length {min(lengths)} is too short for a needle in a haystack; use "
+                         f"{MIN_NEEDLE_CONTEXT} tokens or more.")
+    if not all(0.0 <= d <= 1.0 for d in depths):
+        raise InputError(f"needle depths {list(depths)} must lie in 0..1 (0: the document's start, 1: its end).")
+    return lengths, depths
 
 
 def check_projection(method) -> None:

@@ -25,9 +25,9 @@ def register(subparsers) -> None:
         subparsers, "atlas", run, summary="every head of one or more models over a prompt file: tables and one HTML page",
         description="Capture every prompt of PROMPTS (TXT: one per line; JSONL, CSV, Parquet: --column) on every "
         "--model and write, to OUT: per-head metrics of every prompt (prompt_heads.parquet), each head's means and "
-        "rates with bootstrap intervals over prompts, pattern-class frequencies, induction-probe scores and map "
-        "position (heads.parquet), per-layer means and KV-group similarity (layers.parquet, prompt_layers.parquet), "
-        "per-model means (models.parquet), each head's top prompts (top_prompts.parquet), the prompt-mean divergence "
+        "rates with bootstrap intervals over prompts, pattern-class frequencies, induction- and retrieval-probe "
+        "scores and map position (heads.parquet), per-layer means and KV-group similarity (layers.parquet, "
+        "prompt_layers.parquet), per-model means (models.parquet), each head's top prompts (top_prompts.parquet), the prompt-mean divergence "
         "of every pair of heads (head_distances.parquet), and atlas.html, one offline page with every model side by "
         "side. Each prompt is kept in OUT/parts/, so --resume computes only what is missing. Under torchrun or "
         "accelerate launch each process takes its share of the prompts on its own device and rank 0 writes the "
@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     atlas.add_argument("--thumbnail-size", type=int, default=16, help="pooled size of the top prompts' patterns (default 16)")
     atlas.add_argument("--probe-length", type=int, default=50,
                        help="random tokens of the induction probe, repeated once (default 50; 0 skips it)")
+    options.add_retrieval_probe_option(atlas)
     options.add_pseudo_group_option(atlas)
     options.add_bootstrap_options(atlas)
     options.add_permutation_options(atlas, default=1000, help="head-grouping permutations per layer")
@@ -76,6 +77,7 @@ def run(args) -> int:
     from llm_heatmap.viz.atlas import atlas_view
 
     shard = None if args.shard is None else parse_shard(args.shard)
+    retrieval_lengths = options.needle_lengths(args.retrieval_probe)
     prompts = read_prompts(args.prompts, column=args.column)
     page = args.out / PAGE
     if page.exists() and not (args.resume or args.force) and shard is None:
@@ -88,6 +90,7 @@ def run(args) -> int:
             result = run_atlas(models, prompts, args.out, chat=args.chat, measure=args.measure, max_rows=args.max_rows,
                                top_k=args.top_k, rank_by=tuple(args.rank_by or RANK_BY),
                                thumbnail_size=args.thumbnail_size, probe_length=args.probe_length,
+                               retrieval_lengths=retrieval_lengths,
                                pseudo_group_size=args.pseudo_group_size, n_resamples=args.resamples,
                                confidence=args.confidence, n_permutations=args.permutations, seed=args.seed,
                                shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args),

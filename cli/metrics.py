@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--name", help="base name of the table in --out (default: from the model and prompt)")
     parser.add_argument("--induction-probe", type=int, metavar="N", default=0,
                         help="also score every head on BOS + N random tokens repeated twice (probe_* columns)")
+    options.add_retrieval_probe_option(parser)
     options.add_metric_option(parser)
     options.add_attention_output_option(parser)
     options.add_run_options(parser)
@@ -43,6 +44,7 @@ def run(args) -> int:
     if args.induction_probe < 0:
         raise InputError(f"--induction-probe {args.induction_probe} must be a number of random tokens of at least 0 "
                          "(0: no probe).")
+    args.retrieval_probe = options.needle_lengths(args.retrieval_probe)
     args.out_given = args.out  # a model with several sites writes one table per site into this folder
     per_site = bool(args.site or args.image or args.target is not None)
     if per_site:
@@ -82,6 +84,15 @@ def _run(args, prompt: str, metrics) -> int:
         digest.append(f"strongest induction heads on {args.induction_probe} repeated random tokens: "
                       + ", ".join(f"L{r.layer}H{r.head} ({r.probe_induction_score:.2f})"
                                   for r in probe.nlargest(3, "probe_induction_score").itertuples()))
+    if args.retrieval_probe:
+        from llm_heatmap.analyses.heads.retrieval_probe import retrieval_head_scores
+
+        retrieval = retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=args.retrieval_probe)
+        table = table.merge(retrieval.heads, on=["layer", "head", "kv_group"])
+        chosen = retrieval.retrieval_heads()
+        top = ", ".join(f"L{r.layer}H{r.head} ({r.probe_retrieval_score:.2f})" for r in chosen.head(3).itertuples())
+        digest.append(f"retrieval heads on {len(retrieval.runs)} needle prompts ({int(retrieval.runs['recalled'].sum())} "
+                      f"recalled): {len(chosen)} of {len(table)} score above 0.1" + (f", strongest {top}" if top else ""))
     if metrics is not None:
         probe_columns = [c for c in table.columns if c.startswith("probe_") and c not in metrics]
         table = table[["layer", "head", "kv_group", *metrics, *probe_columns]]

@@ -16,7 +16,7 @@ from pathlib import Path
 from llm_heatmap.choices import ATTENTION_OUTPUTS, BACKGROUNDS, DTYPES, PROJECTIONS, QUANTIZE, SCALES, SINK_MODES, SITES, WEIGHTINGS  # noqa: F401
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
-from llm_heatmap.analyses.bounds import HEAD_MEASURES, MAX_INDEX, MEASURES, PSEUDO_GROUP_SIZE
+from llm_heatmap.analyses.bounds import HEAD_MEASURES, MAX_INDEX, MEASURES, PSEUDO_GROUP_SIZE, check_needle_grid
 from llm_heatmap.viz.style import MAX_PIXELS
 
 
@@ -245,13 +245,31 @@ def read_prompt(args, optional: bool = False) -> str | None:
     return check_prompt(args.prompt)
 
 
+def add_retrieval_probe_option(parser) -> None:
+    parser.add_argument("--retrieval-probe", metavar="LENGTHS",
+                        help="also score every head as a retrieval head on needle-in-a-haystack prompts of these "
+                        "comma-separated context lengths in tokens, 5 needle depths each (probe_retrieval_* columns)")
+
+
+def needle_lengths(value: str | None) -> tuple[int, ...]:
+    """The `--retrieval-probe` context lengths, checked before any work; () without the flag."""
+    if value is None:
+        return ()
+    try:
+        lengths = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--retrieval-probe {value!r} is not a list of context lengths; write e.g. 250,500.") from None
+    return check_needle_grid(lengths, [0.5])[0]
+
+
 def selected_metrics(args) -> list[str] | None:
     """The `--metric` names, checked before any work; None when all metrics are wanted."""
     if not args.metric:
         return None
     from llm_heatmap.analyses.bounds import metric_choices
 
-    valid = metric_choices(probe=bool(getattr(args, "induction_probe", 0)))
+    valid = metric_choices(probe=bool(getattr(args, "induction_probe", 0)),
+                           retrieval=bool(getattr(args, "retrieval_probe", None)))
     names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in valid]
     if unknown:

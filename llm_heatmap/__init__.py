@@ -23,7 +23,7 @@ _MODULES = {
                            "capture_sites", "Downsampler"),
     "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "measure_prompt", "kv_group_similarity",
                              "head_similarity_matrix", "rollout", "qk_map", "compare_cubes", "compare_sets",
-                             "read_prompts", "run_batch", "run_atlas", "kv_report"),
+                             "read_prompts", "run_batch", "run_atlas", "kv_report", "retrieval_head_scores"),
     "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "html_view", "sites_view", "write_html", "write_atlas"),
     "llm_heatmap.analyses.importance.attribution": ("logit_attribution", "LogitAttribution"),
     "llm_heatmap.analyses.importance.knockout": ("Edges", "knocked_out", "knockout_effect", "knockout_scan"),

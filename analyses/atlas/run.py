@@ -6,7 +6,7 @@ keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Par
 
     OUT/prompt_heads.parquet   one row per model x prompt x head (the metrics of `head_metrics`)
     OUT/heads.parquet          one row per model x head: means and rates with bootstrap intervals, pattern-class
-                               frequencies, induction-probe scores, map position and clustering rank
+                               frequencies, induction- and retrieval-probe scores, map position and clustering rank
     OUT/layers.parquet         one row per model x layer: KV-group similarity and layer means over prompts
     OUT/models.parquet         one row per model
     OUT/prompt_layers.parquet  one row per model x prompt x layer: KV-group within / between / gap
@@ -15,9 +15,10 @@ keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Par
 
 Parts: `OUT/parts/<model key>/<prompt key>.{safetensors,parquet}` per prompt (the parquet, written
 last, marks the prompt done), `model.json` (the spec) and `probe.parquet` (induction-probe
-scores on repeated random tokens) per model; `OUT/atlas.json` holds the settings the parts were
-computed with (`atlas.shard-i-of-n.json` for a shard). `resume=True` computes only prompts
-without parts; a model whose parts are all present is not loaded at all.
+scores on repeated random tokens, retrieval-probe scores on needle prompts) per model;
+`OUT/atlas.json` holds the settings the parts were computed with (`atlas.shard-i-of-n.json` for a
+shard). `resume=True` computes only prompts without parts; a model whose parts are all present is
+not loaded at all.
 
 Distributed: under torchrun / accelerate launch (`ranks.launcher_ranks`), each rank loads each
 model on its own device and measures its share of the prompts still to do; after a barrier rank 0
@@ -42,8 +43,9 @@ import torch
 from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt
 from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                 prompt_layer_kv, top_prompts)
-from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_pseudo_group_size, check_statistics,
-                                         pseudo_group_size_of)
+from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_needle_grid, check_pseudo_group_size,
+                                         check_statistics, pseudo_group_size_of)
+from llm_heatmap.analyses.heads.needle import DEPTHS
 from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
 from llm_heatmap.models.files import atomic_output
 from llm_heatmap.analyses.runs.parts import part_done, part_key, sealed, write_part
@@ -101,10 +103,11 @@ class _ModelParts(Section):
     prompt is measured on it (loaded in `open`, on the ranks with prompts to measure or files to write)."""
 
     def __init__(self, name: str, folder: Path, source, loader, prompts: list[Prompt], options: dict,
-                 max_bytes: int | None, probe_length: int, fresh: bool):
+                 max_bytes: int | None, probe_length: int, fresh: bool, retrieval_lengths: tuple[int, ...] = ()):
         super().__init__(name, folder)
         self.source, self.loader, self.prompts, self.options = source, loader, prompts, options
         self.max_bytes, self.probe_length, self.fresh = max_bytes, probe_length, fresh
+        self.retrieval_lengths = retrieval_lengths
         self.loaded = None  # (model, tokenizer, spec) while open, or loaded early by the check
 
     def tensors(self, prompt: Prompt) -> Path:
@@ -137,7 +140,7 @@ class _ModelParts(Section):
             return None
         counts = self.load()  # every rank, the same verdict
         if ranks.is_main:
-            _write_model_files(self, self.name, *self.loaded, self.probe_length, self.fresh)
+            _write_model_files(self, self.name, *self.loaded, self.probe_length, self.fresh, self.retrieval_lengths)
         return counts
 
     def measure(self, prompt: Prompt) -> pd.DataFrame:
@@ -154,11 +157,13 @@ class _ModelParts(Section):
 
 
 def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
-                   pseudo_group_size, probe_length, rank_by, seed) -> None:
+                   pseudo_group_size, probe_length, rank_by, seed, retrieval_lengths=()) -> None:
     check_head_measure(measure)
     at_least("thumbnail_size", thumbnail_size, 2)
     at_least("top_k", top_k, 1)
     at_least("probe_length", probe_length, 0, " (0 skips the induction probe)")
+    if retrieval_lengths:
+        check_needle_grid(retrieval_lengths, DEPTHS)
     check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence, seed=seed)
     check_pseudo_group_size(pseudo_group_size)
     unknown = [name for name in ([rank_by] if isinstance(rank_by, str) else rank_by) if name not in RANK_BY]
@@ -240,6 +245,7 @@ class AtlasOptions:
     pseudo_group_size: int | None = None
     probe_length: int = 50
     max_bytes: int | None = None
+    retrieval_lengths: tuple[int, ...] = ()
 
 
 def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: AtlasOptions | None = None, *,
@@ -255,8 +261,9 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     `n_resamples` bootstrap resamples of the prompts at `confidence`; layer gap p-values from
     `n_permutations` shuffles of the head grouping (MHA models: pseudo-groups of
     `pseudo_group_size`, default the first GQA model's group size, else 3). `probe_length`:
-    random tokens of the induction probe (0 to skip it). `shard`, `resume`, `force`, `ranks`: as
-    in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
+    random tokens of the induction probe (0 to skip it). `retrieval_lengths`: context lengths of the
+    retrieval probe's needle prompts (`retrieval_head_scores`, five depths each; empty skips it).
+    `shard`, `resume`, `force`, `ranks`: as in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
     in three groups, `options` (`AtlasOptions`), `bootstrap` (`stats.Bootstrap`: n_resamples, confidence,
     seed) and `run` (`RunOptions`: shard, resume, force, quiet, ranks), and each also as a keyword.
     """
@@ -264,10 +271,11 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     chat, measure, thumbnail_size, max_rows = options.chat, options.measure, options.thumbnail_size, options.max_rows
     top_k, rank_by, n_permutations = options.top_k, options.rank_by, options.n_permutations
     pseudo_group_size, probe_length, max_bytes = options.pseudo_group_size, options.probe_length, options.max_bytes
+    retrieval_lengths = tuple(int(n) for n in options.retrieval_lengths)
     n_resamples, confidence, seed = bootstrap.n_resamples, bootstrap.confidence, bootstrap.seed
     shard, resume, force, ranks = run.shard, run.resume, run.force, run.ranks
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
-                   pseudo_group_size, probe_length, rank_by, seed)
+                   pseudo_group_size, probe_length, rank_by, seed, retrieval_lengths)
     entries = _model_entries(models)
     prompts = _check_prompts(prompts)
     ranks = launcher_ranks() if ranks is None else ranks
@@ -276,9 +284,11 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     files = output_paths(out_dir)
     per_prompt = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
     models_parts = [_ModelParts(name, out_dir / "parts" / part_key(name), source, loader, mine, per_prompt, max_bytes,
-                                probe_length, fresh=force and not resume) for name, source in entries]
+                                probe_length, fresh=force and not resume, retrieval_lengths=retrieval_lengths)
+                    for name, source in entries]
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
-                "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length}
+                "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length,
+                "retrieval_lengths": list(retrieval_lengths)}
     result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
                          prompts={p.id: p.text for p in mine})
 
@@ -319,8 +329,9 @@ def _model(source, loader):
     return load_model(source)
 
 
-def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, probe_length: int, fresh: bool) -> None:
-    """The model's spec and its induction-probe scores (rank 0, once per model)."""
+def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, probe_length: int, fresh: bool,
+                       retrieval_lengths: tuple[int, ...] = ()) -> None:
+    """The model's spec and its induction- and retrieval-probe scores (rank 0, once per model)."""
     if fresh or not parts.spec_file.exists():
         with atomic_output(parts.spec_file, force=True) as temp:
             temp.write_text(json.dumps({"name": name, "spec": spec.to_dict()}, indent=2) + "\n")
@@ -332,6 +343,12 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, pr
             probe = probe.drop(columns=["kv_group"])
         else:
             probe = pd.DataFrame(columns=["layer", "head"])
+        if retrieval_lengths:
+            from llm_heatmap.analyses.heads.retrieval_probe import retrieval_head_scores
+
+            retrieval = retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=retrieval_lengths)
+            retrieval = retrieval.heads.drop(columns=["kv_group"])
+            probe = retrieval if probe.empty else probe.merge(retrieval, on=["layer", "head"])
         write_part(parts.probe_file, lambda temp: write_table(probe, temp))
 
 

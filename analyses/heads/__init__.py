@@ -1,2 +1,2 @@
 """Per-head metrics: the head-metrics table and its streaming reducer, TransformerLens head scores,
-the induction probe, pattern classes, and a prompt measured in one call."""
+the induction and retrieval probes, pattern classes, and a prompt measured in one call."""
