@@ -16,3 +16,11 @@ def eager_cube(loaded, prompt: str, **fields) -> AttentionCube:
     ids = encoded["input_ids"][0]
     return AttentionCube.from_pattern(torch.stack(out.attentions, 1)[0].float(), spec, ids,
                                       tokenizer.convert_ids_to_tokens(ids), prompt=prompt, **fields)
+
+
+def to_eager(model):
+    """`model` with every (sub)config set to eager attention, so output_attentions returns weights."""
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "eager"
+    return model

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from eager_reference import to_eager
 from llm_heatmap.models import site_specs
 from llm_heatmap.probes import capture_sites
 
@@ -15,13 +16,6 @@ VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, n
 TEXT = dict(vocab_size=60, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 PATCHES = ["r0,c0", "r0,c1", "r1,c0", "r1,c1"]
-
-
-def _eager(model):
-    for module in model.modules():
-        if hasattr(module, "config"):
-            module.config._attn_implementation = "eager"
-    return model
 
 
 def _inputs():
@@ -42,7 +36,7 @@ def test_both_towers_of_a_dual_encoder_equal_eager(family):
         model(pixel_values=pixels, input_ids=ids)
     cubes = probe.cubes(ids)
     with torch.no_grad():
-        out = _eager(model)(pixel_values=pixels, input_ids=ids, output_attentions=True)
+        out = to_eager(model)(pixel_values=pixels, input_ids=ids, output_attentions=True)
     references = {"vision": out.vision_model_output.attentions, "text": out.text_model_output.attentions}
     for site, reference in references.items():
         torch.testing.assert_close(cubes[site].pattern, torch.stack(reference, 1)[0], atol=1e-5, rtol=0, msg=site)
@@ -73,7 +67,7 @@ def test_distillation_and_register_tokens_are_labelled(family):
         model(pixel_values=pixels)
     (cube,) = probe.cubes().values()
     with torch.no_grad():
-        out = _eager(model)(pixel_values=pixels, output_attentions=True)
+        out = to_eager(model)(pixel_values=pixels, output_attentions=True)
     torch.testing.assert_close(cube.pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     assert cube.tokens == special + PATCHES
     axis = cube.key_axis
@@ -98,7 +92,7 @@ def test_llava_vision_tower_and_language_model_equal_eager():
         model(input_ids=ids, pixel_values=pixels)
     cubes = probe.cubes(ids)
     with torch.no_grad():
-        out = _eager(model)(input_ids=ids, pixel_values=pixels, output_attentions=True)
+        out = to_eager(model)(input_ids=ids, pixel_values=pixels, output_attentions=True)
         tower = model.model.vision_tower(pixel_values=pixels, output_attentions=True)
     torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(cubes["vision"].pattern, torch.stack(tower.attentions, 1)[0], atol=1e-5, rtol=0)

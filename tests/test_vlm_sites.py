@@ -11,28 +11,21 @@ import torch
 import transformers
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
+from eager_reference import to_eager
 from llm_heatmap import InputError
 from llm_heatmap.analyses.heads.image_share import image_share
 from llm_heatmap.models import site_specs
 from llm_heatmap.probes import AttentionCube, capture_sites
 
 IMAGE, VIDEO, START, END = 70, 71, 72, 73
-
-
-def _eager(model):
-    for module in model.modules():
-        if hasattr(module, "config"):
-            module.config._attn_implementation = "eager"
-    return model
+QWEN_TEXT = dict(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
 
 
 def _qwen2_vl():
     vision = dict(depth=2, embed_dim=16, hidden_size=16, num_heads=4, mlp_ratio=2, patch_size=2, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3)
-    text = dict(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64,
-                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
-    config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+    config = transformers.Qwen2VLConfig(vision_config=vision, text_config=QWEN_TEXT, image_token_id=IMAGE,
                                         video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
                                         bos_token_id=0, eos_token_id=1)
     return transformers.Qwen2VLForConditionalGeneration(config).eval()
@@ -77,7 +70,7 @@ def test_qwen2_vl_language_model_and_vision_tower_equal_their_references():
         model(**inputs)
     cubes = probe.cubes(ids)
     with torch.no_grad():
-        out = _eager(model)(**inputs, output_attentions=True)
+        out = to_eager(model)(**inputs, output_attentions=True)
     torch.testing.assert_close(cubes["self"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(cubes["vision"].pattern, _vision_reference(model, pixels, grid), atol=1e-5, rtol=0)
     assert cubes["self"].num_keys == 12 and cubes["vision"].num_keys == patches
@@ -119,7 +112,7 @@ def test_gemma3_image_tokens_see_each_other_in_the_spec_and_the_geometry(tmp_pat
         model(**inputs)
     cubes = probe.cubes(ids)
     with torch.no_grad():
-        out = _eager(model)(**inputs, output_attentions=True)
+        out = to_eager(model)(**inputs, output_attentions=True)
         tower = model.model.vision_tower(pixel_values=pixels, output_attentions=True)
     reference = torch.stack(out.attentions, 1)[0]
     torch.testing.assert_close(cubes["self"].pattern, reference, atol=1e-5, rtol=0)
@@ -181,7 +174,7 @@ def test_idefics3_tiles_are_one_vision_sequence_each_and_the_text_model_equals_e
         model(input_ids=ids, pixel_values=tiles)
     cubes = probe.cubes(ids)
     with torch.no_grad():
-        out = _eager(model)(input_ids=ids, pixel_values=tiles, output_attentions=True)
+        out = to_eager(model)(input_ids=ids, pixel_values=tiles, output_attentions=True)
         tower = model.model.vision_model(pixel_values=tiles[0], output_attentions=True)
     torch.testing.assert_close(cubes["text"].pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     vision = cubes["vision"]
@@ -210,10 +203,7 @@ def test_qwen2_5_vl_language_model_equals_eager_and_its_windowed_tower_is_refuse
     torch.manual_seed(0)
     vision = dict(depth=2, hidden_size=16, out_hidden_size=16, intermediate_size=32, num_heads=4, patch_size=2,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=4, fullatt_block_indexes=[1])
-    text = dict(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64,
-                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
-    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE,
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=QWEN_TEXT, image_token_id=IMAGE,
                                            video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
                                            bos_token_id=0, eos_token_id=1)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -228,6 +218,6 @@ def test_qwen2_5_vl_language_model_equals_eager_and_its_windowed_tower_is_refuse
         model(**inputs)
     cube = probe.cubes(ids)["self"]
     with torch.no_grad():
-        out = _eager(model)(**inputs, output_attentions=True)
+        out = to_eager(model)(**inputs, output_attentions=True)
     torch.testing.assert_close(cube.pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
     assert cube.key_axis.patch_grid == (2, 4) and int(cube.key_axis.is_image.sum()) == 8

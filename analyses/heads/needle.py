@@ -10,6 +10,7 @@ longer than it. The needle's answer shares no word with the haystack beyond "a",
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,15 +116,7 @@ def words(text: str) -> list[str]:
 
 def rouge1_recall(reference: str, response: str) -> float:
     """The share of `reference`'s words that `response` contains, counted with multiplicity (ROUGE-1 recall)."""
-    wanted = words(reference)
+    wanted = Counter(words(reference))
     if not wanted:
         return 0.0
-    available: dict[str, int] = {}
-    for word in words(response):
-        available[word] = available.get(word, 0) + 1
-    found = 0
-    for word in wanted:
-        if available.get(word, 0) > 0:
-            available[word] -= 1
-            found += 1
-    return found / len(wanted)
+    return sum((wanted & Counter(words(response))).values()) / sum(wanted.values())
