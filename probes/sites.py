@@ -9,7 +9,7 @@ Each site gets its own `Probe` (the same tap, hooks and options), over that site
 and `ModelSpec` (`models.site_specs`). What each site's axes hold: encoder/self/text sites attend over
 `input_ids`; a decoder over `decoder_input_ids`; cross-attention from `decoder_input_ids` (queries) to
 `input_ids` (keys); a vision tower, or an encoder fed `input_features` (Whisper), over positions that
-have no token ids, labelled by `position_labels`. A vision tower that runs several tiles or images as a
+have no token ids, labelled from their axis (`position_axis`, `axis_labels`). A vision tower that runs several tiles or images as a
 batch (Idefics3 / SmolVLM's image splitting) gives a batched cube, one sequence per tile (`cube.item(i)`).
 """
 
@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from llm_heatmap.errors import InputError
-from llm_heatmap.models import ModelSpec, site_specs
+from llm_heatmap.models import site_specs
+from llm_heatmap.models.loading import reads_images
 from llm_heatmap.models.sites import CROSS, DECODER, VISION
 
 from .axes import Axis, frames_axis, language_axis, text_axis, vision_axis
@@ -68,7 +69,7 @@ def position_axis(site: str, count: int, model: nn.Module, image_grid_thw=None) 
         if len(grid) == 1 and int(grid[0, 0]) == 1 and int(grid[0].prod()) == count:
             merge = int(getattr(config, "spatial_merge_size", 1) or 1)
             return vision_axis([], int(grid[0, 1]), int(grid[0, 2]), order="windows", merge=merge)
-    if site == VISION or getattr(model.config, "image_size", None) and getattr(model.config, "patch_size", None):
+    if site == VISION or reads_images(model.config):
         side = int(getattr(config, "image_size", 0) or 0) // int(getattr(config, "patch_size", 1) or 1)
         special = count - side * side
         if side and 0 <= special:
@@ -96,12 +97,6 @@ def axis_labels(axis: Axis) -> list[str]:
     if axis.kind == "frames":
         return [f"f{i}" for i in range(axis.length)]
     return [axis.special.get(i) or f"r{r},c{c}" for i, (r, c) in enumerate(zip(axis.row, axis.col))]
-
-
-def position_labels(site: str, spec: ModelSpec, count: int, model: nn.Module) -> list[str]:
-    """Labels of positions without token ids: a vision tower's [CLS]/special tokens then patches by row
-    and column of the patch grid, or numbered frames."""
-    return axis_labels(position_axis(site, count, model))
 
 
 def special_labels(config, count: int) -> list[str]:
