@@ -281,3 +281,37 @@ def compare_groups(table: pd.DataFrame, a: str, b: str, *, by: str = "group", **
         if name not in present:
             raise InputError(f"group '{name}' has no prompts; the table's groups are: {', '.join(present) or 'none'}.")
     return compare_sets(table[table[by] == a], table[table[by] == b], **options)
+
+
+def run_set_comparison(model, tokenizer, set_a, set_b, out_dir, *, spec=None, source: str | None = None,
+                       chat: bool = False, pairs=None, metrics=None, run=None, **statistics) -> SetComparison | None:
+    """Measure every prompt of two sets (`runs.prompts.Prompt` lists) and compare B with A (`compare_sets`).
+
+    The measuring is one resumable, shardable, data-parallel run of `runs.engine` into `out_dir`
+    (`parts/`, `sets.json`, and `sets.parquet`: one row per prompt x head, prompt ids `A:<id>` and `B:<id>`);
+    `run` (`runs.engine.RunOptions`) resumes, forces or shards it; a resumed run must have the same model
+    (`source`, default the spec's architecture), spec and chat setting. `pairs` match prompt ids of A and B
+    (paired statistics); `statistics` go to `compare_sets`. None on the ranks of a launched run other
+    than rank 0, which compares once every part is written.
+    """
+    from llm_heatmap.analyses.heads.measure import stream_head_metrics
+    from llm_heatmap.analyses.runs.engine import RunOptions, run_per_prompt
+    from llm_heatmap.analyses.runs.prompts import check_length
+    from llm_heatmap.models import spec_from_model
+
+    spec = spec or spec_from_model(model)
+    prompts = [replace(p, id=f"{name}:{p.id}", group=name) for name, prompts in (("A", set_a), ("B", set_b))
+               for p in prompts]
+    for prompt in prompts:
+        check_length(tokenizer, spec, prompt.text, chat=chat, where=f"{prompt.where} of set {prompt.group}")
+
+    def measure(prompt):
+        return stream_head_metrics(model, tokenizer, prompt.text, spec=spec, chat=chat)
+
+    record = run_per_prompt(measure, prompts, out_dir, kind="sets", options=run or RunOptions(),
+                            settings={"model": source or spec.architecture, "spec": spec.summary, "chat": chat})
+    if not record.ranks.is_main:
+        return None
+    table = record.tables(record.sections[0])
+    return compare_sets(table[table["group"] == "A"], table[table["group"] == "B"], metrics=metrics,
+                        pairs=None if pairs is None else [(f"A:{a}", f"B:{b}") for a, b in pairs], **statistics)

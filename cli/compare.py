@@ -7,7 +7,7 @@ from pathlib import Path
 from llm_heatmap.errors import InputError
 
 from . import options
-from .run import Steps, emit, load
+from .run import Steps, emit, load, progress_off
 
 EXAMPLE = """examples:
   llm-heatmap compare "Tell me a very simple short story." "Explain the core idea behind quantum entanglement." --html
@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         "(red: B attends more). Writes into --out: NAME.deltas.csv, NAME.diff.png, NAME.diff.cube.safetensors "
         "(skip it with --no-cube) and, with --html, NAME.diff.html. With --sets, A and B are prompt files "
         "(TXT, one prompt per line, JSONL, CSV or Parquet) and the result is per-head and per-layer mean deltas with "
-        "bootstrap confidence intervals and permutation p-values (NAME.heads.csv, NAME.layers.csv).", example=EXAMPLE)
+        "bootstrap confidence intervals and permutation p-values (NAME.heads.csv, NAME.layers.csv); each prompt's "
+        "per-head rows are kept in NAME.sets/ (a resumable run: --resume after an interruption).", example=EXAMPLE)
     parser.add_argument("a", metavar="A", help="prompt A (the baseline), or a prompt file with --sets")
     parser.add_argument("b", metavar="B", nargs="?", help="prompt B, or a prompt file with --sets (none with "
                         "--group-column: both sets come from A)")
@@ -47,6 +48,8 @@ def register(subparsers) -> None:
                       "field (e.g. group)")
     sets.add_argument("--groups", metavar="A,B", help="with --group-column: the two group values to compare, A first "
                       "(default: the file's two groups in order of appearance)")
+    sets.add_argument("--resume", action="store_true", help="keep the prompts an interrupted run already measured "
+                      "(in OUT/NAME.sets/), measure the rest")
     sets.add_argument("--paired", metavar="FIELD", help="with --group-column: prompts matched by this field (e.g. "
                       "pair), one of each group per value; paired statistics (sign-flip permutation test)")
     stats = parser.add_argument_group("set statistics (--sets)")
@@ -69,8 +72,8 @@ def output_paths(args) -> dict[str, Path]:
     else:
         folder, name = out, options.plain_name(args.name) or _default_name(args) + options.drawing_suffix(args)
         table = folder / f"{name}.{'heads' if args.sets else 'deltas'}.csv"
-    if args.sets:
-        return {"heads": table, "layers": layers_path(table)}
+    if args.sets:  # "run": the folder of the resumable run measuring both sets (not an output file)
+        return {"heads": table, "layers": layers_path(table), "run": folder / f"{name}.sets"}
     paths = {"deltas": table}
     if not args.metrics_only:
         paths["grid"] = folder / f"{name}.diff.{args.format}"
@@ -162,43 +165,24 @@ def _run_pair(args, metrics, paths: dict) -> tuple[list[str], dict]:
     return lines, payload
 
 
-def _set_table(model, tokenizer, spec, prompts, chat, name):
-    import pandas as pd
-
-    from llm_heatmap.analyses.heads.measure import stream_head_metrics
-
-    from llm_heatmap.analyses.runs.progress import progress_bar
-
-    frames = []
-    with progress_bar(len(prompts), f"set {name}", unit="prompt") as bar:
-        for prompt in prompts:
-            table = stream_head_metrics(model, tokenizer, prompt.text, spec=spec, chat=chat)
-            table.insert(0, "prompt_id", f"{name}:{prompt.id}")
-            frames.append(table)
-            bar.update()
-    return pd.concat(frames, ignore_index=True)
-
-
-def _run_sets(args, metrics, paths: dict) -> tuple[list[str], dict]:
+def _run_sets(args, metrics, paths: dict, run_folder) -> tuple[list[str], dict]:
     import torch
 
-    from llm_heatmap.analyses.compare import compare_sets
-    from llm_heatmap.analyses.runs.prompts import check_length, read_prompts
+    from llm_heatmap.analyses.compare import run_set_comparison
+    from llm_heatmap.analyses.runs.engine import RunOptions
     from llm_heatmap.analyses.runs.table_files import write_table
 
     set_a, set_b, pairs, names = read_sets(args)
     model, tokenizer, spec = load(args)
-    for name, prompts in (("A", set_a), ("B", set_b)):
-        for prompt in prompts:
-            check_length(tokenizer, spec, prompt.text, chat=args.chat, where=f"{prompt.where} of set {name}")
     with torch.no_grad():
-        table_a = _set_table(model, tokenizer, spec, set_a, args.chat, "A")
-        table_b = _set_table(model, tokenizer, spec, set_b, args.chat, "B")
-    result = compare_sets(table_a, table_b, metrics=metrics, n_resamples=args.resamples,
-                          n_permutations=args.permutations, confidence=args.confidence, seed=args.seed,
-                          pairs=None if pairs is None else [(f"A:{a}", f"B:{b}") for a, b in pairs])
-    files = {"heads": write_table(result.heads, paths["heads"], force=args.force),
-             "layers": write_table(result.layers, paths["layers"], force=args.force)}
+        result = run_set_comparison(model, tokenizer, set_a, set_b, run_folder, spec=spec, source=str(args.model),
+                                    chat=args.chat, pairs=pairs, metrics=metrics,
+                                    run=RunOptions(resume=args.resume, force=args.force, quiet=progress_off(args)),
+                                    n_resamples=args.resamples, n_permutations=args.permutations,
+                                    confidence=args.confidence, seed=args.seed)
+    again = args.force or args.resume
+    files = {"heads": write_table(result.heads, paths["heads"], force=again),
+             "layers": write_table(result.layers, paths["layers"], force=again)}
     significant = result.heads[result.heads["q_value"] < 0.05]
     lines = [f"{args.model}: {spec.summary}",
              f"set A: {len(set_a)} prompts ({names[0]}), set B: {len(set_b)} prompts ({names[1]}); "
@@ -285,7 +269,10 @@ def run(args) -> int:
     for key in ("deltas", "heads", "layers"):
         if key in paths:
             table_format(paths[key])
-    with claim_outputs(paths.values(), force=args.force):
-        lines, payload = (_run_sets if args.sets else _run_pair)(args, metrics, paths)
+    if args.resume and not args.sets:
+        raise InputError("--resume continues an interrupted --sets run; drop it, or add --sets and two prompt files.")
+    run_folder = paths.pop("run", None)
+    with claim_outputs(paths.values(), force=args.force or args.resume):
+        lines, payload = _run_sets(args, metrics, paths, run_folder) if args.sets else _run_pair(args, metrics, paths)
     emit(args, lines, payload)
     return 0

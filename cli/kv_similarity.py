@@ -8,7 +8,7 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.models.offline import DEFAULT_MODEL
 
 from . import options
-from .run import emit, load, progress_printer
+from .run import emit, load, progress_off
 
 EXAMPLE = """example:
   llm-heatmap kv-similarity --model smollm2-135m --model minilm-l6 "the sky is blue" \\
@@ -35,11 +35,18 @@ def register(subparsers) -> None:
                         "per model, NAME.kv.MODEL.png), or the per-layer table's own path (the summary and charts go "
                         "beside it as STEM.summary.EXT and STEM.MODEL.png)")
     parser.add_argument("--name", help="base name of the tables in --out (default: from the models and prompts)")
+    parser.add_argument("--resume", action="store_true", help="with --out: keep the prompts an interrupted run already "
+                        "measured (in NAME.kv/ beside the table), measure the rest")
     options.add_pseudo_group_option(parser)
     parser.add_argument("--measure", action="append", choices=options.MEASURES,
                         help="similarity measure (repeat; default all three)")
     options.add_permutation_options(parser, default=1000, help="permutations per layer")
     options.add_run_options(parser)
+
+
+def run_folder(out: Path) -> Path:
+    """The resumable run beside the per-layer table NAME.kv.csv: NAME.kv/ (its parts, settings and rows)."""
+    return out.with_suffix("")
 
 
 def summary_path(out: Path) -> Path:
@@ -82,14 +89,15 @@ def kv_chart(layers, model: str, seed: int = 0):
 def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics
     from llm_heatmap.models.files import claim_outputs
-    from llm_heatmap.analyses.runs.prompts import check_prompt, read_prompt_text, read_prompts
+    from llm_heatmap.analyses.runs.prompts import Prompt, check_prompt, read_prompt_text, read_prompts
     from llm_heatmap.analyses.runs.table_files import table_format
 
-    prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
+    prompts = [Prompt(f"argument-{i + 1}", check_prompt(text, f"prompt {i + 1}"), origin=f"argument {i + 1}")
+               for i, text in enumerate(args.prompts)]
     if args.prompt_file is not None:
-        prompts.append(read_prompt_text(args.prompt_file))
+        prompts.append(Prompt("prompt-file", read_prompt_text(args.prompt_file), origin=str(args.prompt_file)))
     if args.prompt_set is not None:
-        prompts += [p.text for p in read_prompts(args.prompt_set, column=args.column)]
+        prompts += read_prompts(args.prompt_set, column=args.column)
     if not prompts:
         raise InputError("no prompt given; pass PROMPT arguments, --prompt-file FILE (one prompt) or --prompts FILE "
                          "(one per line).")
@@ -97,31 +105,34 @@ def run(args) -> int:
     check_pseudo_group_size(args.pseudo_group_size)
     if args.out is not None:
         models = "-".join(options.slug(Path(str(m)).stem, 16) for m in args.model or [DEFAULT_MODEL])
-        name = options.plain_name(args.name) or f"{models}_{options.prompt_slug(' '.join(prompts), 24)}"
+        name = options.plain_name(args.name) or f"{models}_{options.prompt_slug(' '.join(p.text for p in prompts), 24)}"
         args.out = options.table_or_folder(args.out, name, "kv")
         table_format(args.out)
     models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
     outputs = [] if args.out is None else [args.out, summary_path(args.out), *figure_paths(args.out, models).values()]
-    with claim_outputs(outputs, force=args.force):
+    if args.resume and args.out is None:
+        raise InputError("--resume continues the run kept beside the tables of --out; add --out, or drop --resume.")
+    with claim_outputs(outputs, force=args.force or args.resume):
         return _run(args, prompts)
 
 
 def _run(args, prompts: list[str]) -> int:
     import torch
 
-    from llm_heatmap.analyses.similarity.kv_report import kv_report
+    from llm_heatmap.analyses.runs.engine import RunOptions
     from llm_heatmap.analyses.runs.table_files import write_table
+    from llm_heatmap.analyses.similarity.kv_report import kv_report
 
     models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
-    progress = progress_printer(args)
     with torch.no_grad():
         report = kv_report(models, prompts, pseudo_group_size=args.pseudo_group_size, chat=args.chat,
                            measures=args.measure, n_permutations=args.permutations, seed=args.seed,
-                           loader=lambda source: load(args, source), progress=progress)
+                           loader=lambda source: load(args, source), out_dir=None if args.out is None else run_folder(args.out),
+                           run=RunOptions(resume=args.resume, force=args.force, quiet=progress_off(args)))
     files = {}
     if args.out is not None:
-        files["layers"] = write_table(report.layers, args.out, force=args.force)
-        files["summary"] = write_table(report.summary, summary_path(args.out), force=args.force)
+        files["layers"] = write_table(report.layers, args.out, force=True)  # claimed above
+        files["summary"] = write_table(report.summary, summary_path(args.out), force=True)
         from llm_heatmap.viz import save_figure
 
         files["figures"] = [save_figure(kv_chart(report.layers, model, args.seed), path)
@@ -134,7 +145,7 @@ def _run(args, prompts: list[str]) -> int:
                      f"gap {row.gap:+.3f}; gap > 0 in {row.share_gap_positive:.0%} of layers, p < 0.05 in {row.share_significant:.0%}")
     if files:
         lines.append("wrote " + ", ".join(str(p) for p in [files["layers"], files["summary"], *files["figures"]]))
-    payload = {"models": models, "prompts": prompts,
+    payload = {"models": models, "prompts": [p.text for p in prompts],
                "files": {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()},
                "summary": summary.to_dict(orient="records")}
     emit(args, lines, payload)

@@ -398,12 +398,12 @@ def check_model_indices(model, layers: list[int] | None, heads: list[int] | None
     a model whose config does not say is checked after loading, where the capture refuses them."""
     if not layers and not heads:
         return
-    from llm_heatmap.models.counts import layer_and_head_counts
+    from llm_heatmap.models.counts import attention_counts
 
-    counts = layer_and_head_counts(model)
+    counts = attention_counts(model)
     if counts is None:
         return
-    for flag, wanted, count, what in ((flags[0], layers, counts[0], "layers"), (flags[1], heads, counts[1], "heads")):
+    for flag, wanted, count, what in ((flags[0], layers, counts.layers, "layers"), (flags[1], heads, counts.heads, "heads")):
         past = [index for index in wanted or () if index >= count]
         if past:
             raise InputError(f"{flag} names {what[:-1]} {past[0]}, but {model} has {count} {what} "

@@ -12,7 +12,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# Under pytest-xdist the cores are shared out among the workers (and the processes the tests start), so that
+# two workers on two cores do not each run two torch threads.
+_THREADS = str(max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+torch.set_num_threads(int(_THREADS))
 
 REAL_MODEL_FIXTURES = {"smollm2", "smollm2_eager", "minilm", "minilm_eager"}
 

@@ -187,6 +187,15 @@ def test_compare_metrics_only_and_sets(run, tmp_path):
     # 2 vs 2 prompts: 6 label splits, enumerated exactly, so p >= 1/3
     assert (heads["p_value"] >= 1 / 3 - 1e-9).all()
     assert (heads["ci_low"] <= heads["delta"]).all() and (heads["delta"] <= heads["ci_high"]).all()
+    # the prompts' rows are a resumable run beside the tables: a second run is refused, --resume takes it up
+    assert len(pd.read_parquet(tmp_path / "sets.sets" / "sets.parquet")) == 4 * 72
+    again = ["compare", simple, hard, "--sets", "--model", "minilm-l6", "--out", out, "--resamples", "200",
+             "--permutations", "100", "--metric", "norm_entropy"]
+    code, _, err = run(*again)
+    assert code == 2 and "--force" in err
+    code, stdout, err = run(*again, "--resume")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(pd.read_csv(out), heads)
 
 
 def test_kv_similarity_two_models(run, tmp_path):

@@ -293,3 +293,82 @@ def test_prompt_fields_of_the_shipped_pairs_file():
     assert len(fields) == len(read_prompts(path)) == 16 and fields[0] == {"group": "simple", "pair": "1"}
     with pytest.raises(InputError, match="no field or column 'pairs'"):
         prompt_fields(path, ["pairs"])
+
+
+def test_set_comparison_is_a_resumable_run_giving_the_tables_compare_sets_gives(tiny_gguf, tmp_path):
+    """`run_set_comparison` measures both sets through the run engine; its statistics are `compare_sets` of the
+    per-prompt tables measured directly, and a resumed run measures only the prompts whose parts are missing."""
+    from llm_heatmap.analyses.compare import run_set_comparison
+    from llm_heatmap.analyses.heads.measure import stream_head_metrics
+    from llm_heatmap.analyses.runs.engine import RunOptions
+    from llm_heatmap.analyses.runs.prompts import Prompt
+
+    model, tokenizer, spec = tiny_gguf
+    set_a = [Prompt(str(i), text) for i, text in enumerate(["the sky is blue", "cats sleep a lot", "rain falls"])]
+    set_b = [Prompt(str(i), text) for i, text in enumerate(["prove the theorem", "define an integral"])]
+    statistics = dict(metrics=["norm_entropy"], n_resamples=100, n_permutations=50, seed=3)
+    result = run_set_comparison(model, tokenizer, set_a, set_b, tmp_path, spec=spec, **statistics)
+
+    def direct(name, prompts):
+        tables = [stream_head_metrics(model, tokenizer, p.text, spec=spec).assign(prompt_id=f"{name}:{p.id}")
+                  for p in prompts]
+        return pd.concat(tables, ignore_index=True)
+
+    expected = compare_sets(direct("A", set_a), direct("B", set_b), **statistics)
+    pd.testing.assert_frame_equal(result.heads, expected.heads, rtol=1e-6)
+    pd.testing.assert_frame_equal(result.layers, expected.layers, rtol=1e-6)
+    rows = pd.read_parquet(tmp_path / "sets.parquet")
+    assert rows.groupby("group")["prompt_id"].nunique().to_dict() == {"A": 3, "B": 2}
+
+    with pytest.raises(InputError, match="resume=True"):
+        run_set_comparison(model, tokenizer, set_a, set_b, tmp_path, spec=spec, **statistics)
+    parts = sorted((tmp_path / "parts").glob("*.parquet"))
+    assert len(parts) == 5
+    kept = {path: path.stat().st_mtime_ns for path in parts[1:]}
+    parts[0].unlink()  # an interrupted run: one prompt's part missing
+    again = run_set_comparison(model, tokenizer, set_a, set_b, tmp_path, spec=spec, run=RunOptions(resume=True),
+                               **statistics)
+    assert {path: path.stat().st_mtime_ns for path in parts[1:]} == kept and parts[0].exists()
+    pd.testing.assert_frame_equal(again.heads, result.heads, rtol=1e-6)
+
+
+def test_kv_report_is_a_resumable_run_that_knows_the_group_size_before_loading(tmp_path, monkeypatch):
+    """Sources are loaded one at a time by the run engine; an MHA source listed before a GQA one gets the GQA
+    model's group size, read from the GQA model's file before either loads; a resumed run measures only the
+    prompts whose parts are missing, and its rows equal `kv_group_similarity` of each prompt's cube."""
+    from llm_heatmap.analyses.runs.engine import RunOptions
+    from llm_heatmap.analyses.similarity.kv_report import kv_report
+    from llm_heatmap.analyses.similarity.kv_similarity import kv_group_similarity
+    from llm_heatmap.models import load_model
+    from llm_heatmap.probes import capture_prompt
+    from tiny_models import write_tiny_gguf
+
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path / "cache"))
+    mha = write_tiny_gguf(tmp_path / "mha.gguf", heads=4, kv_heads=4)
+    gqa = write_tiny_gguf(tmp_path / "gqa.gguf", heads=4, kv_heads=2)
+    loads = []
+
+    def loader(source):
+        loads.append(source)
+        return load_model(source)
+
+    prompts = ["the sky is blue", "cats sleep a lot"]
+    options = dict(measures=["js"], n_permutations=20, loader=loader, out_dir=tmp_path / "kv")
+    report = kv_report([mha, gqa], prompts, **options)
+    assert loads == [mha, gqa] and (report.layers["group_size"] == 2).all()
+    assert report.layers.groupby("model")["grouping"].first().to_dict() == {str(mha): "pseudo", str(gqa): "kv"}
+    model, tokenizer, spec = load_model(gqa)
+    direct = kv_group_similarity(capture_prompt(model, tokenizer, prompts[1], spec=spec), measures=["js"],
+                                 n_permutations=20)
+    mine = report.layers[(report.layers["model"] == str(gqa)) & (report.layers["prompt"] == prompts[1])]
+    np.testing.assert_allclose(mine["gap"].to_numpy(), direct["gap"].to_numpy(), rtol=1e-6)
+
+    with pytest.raises(InputError, match="resume=True"):
+        kv_report([mha, gqa], prompts, **options)
+    parts = sorted((tmp_path / "kv" / "parts").rglob("*.parquet"))
+    assert len(parts) == 4
+    parts[0].unlink()  # an interrupted run: one prompt of one model to do again
+    loads.clear()
+    again = kv_report([mha, gqa], prompts, run=RunOptions(resume=True), **options)
+    assert len(loads) == 1 and parts[0].exists()
+    pd.testing.assert_frame_equal(again.layers, report.layers)

