@@ -91,6 +91,7 @@ def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
     from llm_heatmap.analyses.heads.digest import digest_lines
     from llm_heatmap.models.files import atomic_output
     from llm_heatmap.analyses.heads.measure import measure_prompt
+    from llm_heatmap.probes import CaptureOptions
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models import parse_dtype
     from llm_heatmap.probes.memory import size_text
@@ -113,10 +114,10 @@ def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
     with torch.no_grad():
         cube, metrics = measure_prompt(
             model, tokenizer, spec, prompt, stream=args.stream, max_tokens=args.max_tokens, chat=args.chat,
-            dtype=parse_dtype(args.cube_dtype), layers=layers, heads=heads, source=str(args.model),
-            max_bytes=max_bytes, weighting=style.weighting, queries_and_keys=args.qk,
-            compute_output=options.compute_output(args),
-            also_needs=lambda tokens: grid_needs(drawn_layers, drawn_heads, tokens, style))
+            source=str(args.model), weighting=style.weighting,
+            also_needs=lambda tokens: grid_needs(drawn_layers, drawn_heads, tokens, style),
+            capture=CaptureOptions(layers=layers, heads=heads, dtype=parse_dtype(args.cube_dtype), max_bytes=max_bytes,
+                                   queries_and_keys=args.qk, compute_output=options.compute_output(args)))
     step("drawing grid")
     with atomic_output(paths["grid"], force=args.force) as temp:
         save_grid(cube, temp, style, layers=layers, heads=heads)

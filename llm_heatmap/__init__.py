@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _MODULES = {
     "llm_heatmap.models": ("load_model", "ModelSpec", "spec_from_model"),
-    "llm_heatmap.probes": ("AttentionCube", "Probe", "capture", "capture_prompt", "capture_generate", "capture_lens",
+    "llm_heatmap.probes": ("AttentionCube", "CaptureOptions", "Probe", "capture", "capture_prompt", "capture_generate", "capture_lens",
                            "capture_sites", "Downsampler"),
     "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "measure_prompt", "kv_group_similarity",
                              "head_similarity_matrix", "rollout", "qk_map", "compare_cubes", "compare_sets",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import transformers
@@ -69,34 +69,49 @@ def select_indices(values, total: int, what: str) -> tuple[int, ...]:
     return chosen
 
 
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What a capture records. layers / heads: model layer and head indices to keep (default all);
+    last_queries: keep only the last N query rows (only those are computed); dtype: the cube's dtype;
+    keep=False keeps no cube (streaming to consumers only); chunk_rows: query rows computed at once
+    (default: automatic, past `stream.CHUNK_BYTES` per layer); max_bytes: refuse a kept cube above this
+    size (default: 80% of the available memory); value_norms: also record what every head writes
+    (`value_norms` "l h k" and `output_norms` "l h q", see `value_norms.py`): None (the default) where the
+    model's output projections are known, True to require it, False for neither; queries_and_keys: also
+    keep the post-RoPE queries ("l h q d") and keys ("l g k d") the kernel received, for query-key maps;
+    compute_output: True has the probe compute each tapped layer's attention output from the pattern
+    blocks it captures instead of running the model's kernel (attention computed once; equal to the kernel
+    within fp32 rounding, see `kernel_output.py`); False runs the model's kernel untouched (bit-identical
+    output); None (the default) computes it when the probe streams without keeping a cube (faster there:
+    README, "Attention computed once") and the model is in eval mode, and leaves the kernel untouched
+    otherwise."""
+
+    layers: object = None
+    heads: object = None
+    last_queries: int | None = None
+    dtype: torch.dtype = torch.float32
+    keep: bool = True
+    chunk_rows: int | None = None
+    max_bytes: int | None = None
+    value_norms: bool | None = None
+    queries_and_keys: bool = False
+    compute_output: bool | None = None
+
+
 class Probe:
     """One capture session on one model; use through `capture(model, **options)`.
 
     After each forward pass inside the `with` block the probe holds that pass's patterns
     (`keep=True`) in one preallocated tensor `"b l h q k"`; `cube()` wraps the last pass.
-
-    Options: spec (default: read from the model); layers / heads: model layer and head indices to
-    keep (default all); last_queries: keep only the last N query rows (only those are computed);
-    dtype: the cube's dtype; consumers: objects with `consume(part)` (and optionally `finish()`)
-    that receive one layer's rows at a time; keep=False keeps no cube (streaming only);
-    chunk_rows: query rows computed at once (default: automatic, past `stream.CHUNK_BYTES` per
-    layer); max_bytes: refuse a kept cube above this size (default: 80% of the available
-    memory); tokenizer: turns ids into token strings; value_norms: also record what every head
-    writes (`value_norms` "l h k" and `output_norms` "l h q", see `value_norms.py`): None (the
-    default) where the model's output projections are known, True to require it, False for
-    neither; queries_and_keys: also keep the post-RoPE queries ("l h q d") and keys ("l g k d")
-    the kernel received, for query-key maps; compute_output: True has the probe compute each tapped
-    layer's attention output from the pattern blocks it captures instead of running the model's kernel
-    (attention computed once; equal to the kernel within fp32 rounding, see `kernel_output.py`);
-    False runs the model's kernel untouched (bit-identical output); None (the default) computes it
-    when the probe streams without keeping a cube (faster there: README, "Attention computed once")
-    and the model is in eval mode, and leaves the kernel untouched otherwise.
+    `options` (`CaptureOptions`) say what is recorded; spec: default read from the model; consumers:
+    objects with `consume(part)` (and optionally `finish()`) that receive one layer's rows at a time;
+    tokenizer: turns ids into token strings.
     """
 
-    def __init__(self, model: nn.Module, *, spec: ModelSpec | None = None, layers=None, heads=None,
-                 last_queries: int | None = None, dtype: torch.dtype = torch.float32, consumers=None,
-                 keep: bool = True, chunk_rows: int | None = None, max_bytes: int | None = None, tokenizer=None,
-                 value_norms: bool | None = None, queries_and_keys: bool = False, compute_output: bool | None = None):
+    def __init__(self, model: nn.Module, options: CaptureOptions = CaptureOptions(), *, spec: ModelSpec | None = None,
+                 consumers=None, tokenizer=None):
+        layers, heads, last_queries, dtype = options.layers, options.heads, options.last_queries, options.dtype
+        keep, value_norms, compute_output = options.keep, options.value_norms, options.compute_output
         self.model = model
         self.spec = self.declared_spec = spec or spec_from_model(model)
         if not self.spec.attention_modules:
@@ -114,8 +129,8 @@ class Probe:
         self.consumers = list(consumers or [])
         self._trimmed_parts = all(getattr(consumer, "takes_trimmed_parts", False) for consumer in self.consumers)
         self.keep = keep
-        self.chunk_rows = chunk_rows
-        self.max_bytes = max_bytes
+        self.chunk_rows = options.chunk_rows
+        self.max_bytes = options.max_bytes
         self.tokenizer = tokenizer
         self.kernels: dict[int, str] = {}
         self._modules = {self._module(layer): layer for layer in self.layers}
@@ -128,7 +143,7 @@ class Probe:
         self._positions: torch.Tensor | None = None
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._sequence: dict | None = None
-        self.queries_and_keys = bool(queries_and_keys)
+        self.queries_and_keys = bool(options.queries_and_keys)
         self._writers = self._head_writers(value_norms)
         self._side: dict[str, torch.Tensor] = {}
         self.compute_output = bool(compute_output) if compute_output is not None else \
@@ -486,10 +501,11 @@ def token_strings(ids: torch.Tensor, tokenizer) -> list[str]:
     return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
-def capture(model: nn.Module, **options) -> Probe:
+def capture(model: nn.Module, *, spec: ModelSpec | None = None, consumers=None, tokenizer=None, **options) -> Probe:
     """A context manager that records the attention patterns of every forward pass run inside it:
-    `with capture(model, layers=[0, 1]) as probe: model(ids)`. The options are `Probe`'s."""
-    return Probe(model, **options)
+    `with capture(model, layers=[0, 1]) as probe: model(ids)`. `options` are `CaptureOptions`' fields;
+    the rest are `Probe`'s."""
+    return Probe(model, CaptureOptions(**options), spec=spec, consumers=consumers, tokenizer=tokenizer)
 
 
 def encode_prompt(tokenizer, prompt, *, chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

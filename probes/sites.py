@@ -28,7 +28,7 @@ from llm_heatmap.models.loading import reads_images
 from llm_heatmap.models.sites import CROSS, DECODER, VISION
 
 from .axes import Axis, frames_axis, language_axis, text_axis, vision_axis
-from .capture import Probe, token_strings
+from .capture import capture, token_strings
 from .cube import AttentionCube
 
 
@@ -120,7 +120,7 @@ class SiteProbe:
             raise InputError(f"site={unknown[0]!r} is not a site of {type(model).__name__}; its sites are {', '.join(specs)}.")
         self.model = model
         self.specs = {site: specs[site] for site in chosen}
-        self.probes = {site: Probe(model, spec=spec, **options) for site, spec in self.specs.items()}
+        self.probes = {site: capture(model, spec=spec, **options) for site, spec in self.specs.items()}
         self._stack: contextlib.ExitStack | None = None
         self._image_grid_thw = None
 
@@ -186,5 +186,5 @@ class SiteProbe:
 
 def capture_sites(model: nn.Module, *, sites=None, **options) -> SiteProbe:
     """A context manager capturing every attention site (or the `sites` named) of each forward pass run
-    inside it; the options are `Probe`'s."""
+    inside it; the options are `capture`'s."""
     return SiteProbe(model, sites=sites, **options)

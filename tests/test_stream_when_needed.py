@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llm_heatmap.analyses.heads.measure as measure
+from llm_heatmap.probes import CaptureOptions
 from llm_heatmap.cli.grid import AUTO_STREAM_GIB, CUBE_FILE_MB, cube_file_note
 from llm_heatmap.errors import InputError
 
@@ -63,6 +64,6 @@ def test_cube_file_written_above_the_size_only_when_asked():
 def test_refusal_without_any_way_that_fits_asks_for_memory(tiny_gguf):
     model, tokenizer, spec = tiny_gguf
     with pytest.raises(InputError) as refused:
-        measure.measure_prompt(model, tokenizer, spec, PROMPT, stream=False, max_bytes=2**20)
+        measure.measure_prompt(model, tokenizer, spec, PROMPT, stream=False, capture=CaptureOptions(max_bytes=2**20))
     assert "allow more memory (max_bytes=...; the streamed run needs" in str(refused.value)
     assert "stream=True" not in str(refused.value) and "float16" not in str(refused.value)

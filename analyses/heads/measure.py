@@ -11,7 +11,7 @@ import torch
 
 from llm_heatmap.models.offline import source_name
 from llm_heatmap.probes import Downsampler, capture_prompt
-from llm_heatmap.probes.capture import estimate_cube_bytes
+from llm_heatmap.probes.capture import CaptureOptions, estimate_cube_bytes
 from llm_heatmap.probes.memory import check_fits, fits, size_text
 from llm_heatmap.probes.stream import CHUNK_BYTES
 
@@ -36,22 +36,22 @@ def stream_head_metrics(model, tokenizer, prompt: str, *, spec=None, chat: bool 
 
 
 def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None = None, max_tokens: int = 256,
-                   chat: bool = False, dtype: torch.dtype = torch.float32, layers=None, heads=None,
-                   max_bytes: int | None = None, source: str | None = None, weighting: str = "weights",
-                   queries_and_keys: bool = False, also_needs: Callable[[int], dict[str, int]] | None = None,
-                   compute_output: bool | None = None):
-    """(cube, per-head metrics table) of `prompt`, only the chosen layers and heads captured.
+                   chat: bool = False, source: str | None = None, weighting: str = "weights",
+                   also_needs: Callable[[int], dict[str, int]] | None = None, capture: CaptureOptions = CaptureOptions()):
+    """(cube, per-head metrics table) of `prompt`; `capture` (`probes.CaptureOptions`) chooses the layers, heads,
+    dtype, memory bound and who computes the attention output (keep and last_queries are this function's).
 
     stream=False keeps the full cube (refused with the numbers and the way out when the run would not
-    fit `max_bytes`, default 80% of the memory headroom, `probes.memory`); stream=True keeps one layer
+    fit `capture.max_bytes`, default 80% of the memory headroom, `probes.memory`); stream=True keeps one layer
     at a time, the cube area-pooled to `max_tokens` per axis and the table from the streaming reducer;
     A prompt of one token gives its cube and an empty table (every metric needs a row that spreads over two
     keys). stream=None streams when the full cube would not fit or is above `AUTO_STREAM_BYTES`. The run is the cube, the metrics'
     working set and `also_needs(tokens)`, what the caller will do with a cube of that many tokens (e.g.
     `viz.grid.grid_needs` for drawing it), all checked before anything is captured. weighting="norms"
-    requires value norms (and a streamed cube pools the norm-weighted pattern); queries_and_keys
-    keeps them in a full cube; compute_output is the capture's (None: computed when streaming).
+    requires value norms (and a streamed cube pools the norm-weighted pattern); `capture.queries_and_keys`
+    keeps them in a full cube.
     """
+    layers, heads, dtype, max_bytes = capture.layers, capture.heads, capture.dtype, capture.max_bytes
     num_tokens = check_length(tokenizer, spec, prompt, chat=chat, min_tokens=1)
     source = source or source_name(model)
     num_layers, num_heads = len(layers) if layers else spec.num_layers, len(heads) if heads else spec.num_heads
@@ -62,8 +62,9 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
         stream = False  # one token: nothing to stream, nothing to measure
     if stream is None:
         stream = size > AUTO_STREAM_BYTES or not fits(full, max_bytes)
-    options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads,
-                   value_norms=True if weighting == "norms" else None, compute_output=compute_output)
+    options = dict(spec=spec, chat=chat, source=source, dtype=dtype, layers=layers, heads=heads, max_bytes=max_bytes,
+                   value_norms=True if weighting == "norms" else capture.value_norms,
+                   compute_output=capture.compute_output, chunk_rows=capture.chunk_rows)
     what = f"the attention cube for {num_tokens} tokens"
     pooled = min(num_tokens, max_tokens)
     streamed = {"pooled cube": num_layers * num_heads * pooled * pooled * 4, **working,
@@ -71,7 +72,7 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     if not stream:
         check_fits(full, what + (" and what is done with it" if also_needs else ""), max_bytes,
                    advice=_full_cube_advice(full, streamed, size, num_layers, dtype, max_bytes))
-        cube = capture_prompt(model, tokenizer, prompt, queries_and_keys=queries_and_keys, **options)
+        cube = capture_prompt(model, tokenizer, prompt, queries_and_keys=capture.queries_and_keys, **options)
         if num_tokens < MIN_TOKENS:  # a grid of one token draws; no row spreads over two keys, so no metrics
             return cube, pd.DataFrame(columns=list(COLUMNS))
         return cube, head_metrics(cube)
