@@ -8,9 +8,11 @@ Rows (interleaved repetitions, median wall-clock and CPU seconds, fp32):
 - direct logit attribution of the last position (one forward with hooks, then per-head work in float64);
 - one forward with an edge set knocked out inside the sdpa kernel (last position -> tokens 1-3, every layer);
 - knockout_effect (a clean and a knocked forward);
-- ALTI contributions and rollout (one capture forward, then `"i j m"` vectors per layer in float64).
+- ALTI contributions and rollout (one capture forward, then `"i j m"` vectors per layer in float64);
+- every head ablated alone (`head_ablation_rows`: 270 copies of the prompt, batched, every logits row).
 
-Expected: DLA and a knocked forward cost about one forward; ALTI grows with T^2 x model width per layer.
+Expected: DLA and a knocked forward cost about one forward; ALTI grows with T^2 x model width per layer;
+ablating every head costs about 270 forwards with every logits row, less what batching saves.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_capture import forward, prompt_ids, timed  # noqa: E402
 
+from llm_heatmap.analyses.importance.ablation import head_ablation_rows  # noqa: E402
 from llm_heatmap.analyses.importance.attribution import logit_attribution  # noqa: E402
 from llm_heatmap.analyses.importance.contributions import token_contributions  # noqa: E402
 from llm_heatmap.analyses.importance.knockout import Edges, knocked_out, knockout_effect  # noqa: E402
@@ -59,6 +62,8 @@ def main() -> None:
             "one knocked-out forward": knocked,
             "knockout_effect (clean + knocked)": lambda: knockout_effect(model, input_ids=ids, edges=edges, spec=spec),
             "ALTI contributions + rollout": lambda: token_contributions(model, input_ids=ids, spec=spec),
+            f"every head ablated alone ({spec.num_layers * spec.num_heads} heads, batched)":
+                lambda: head_ablation_rows(model, ids, spec=spec),
         }
         with torch.no_grad():
             for run in modes.values():  # warm up

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     atlas.add_argument("--probe-length", type=int, default=50,
                        help="random tokens of the induction probe, repeated once (default 50; 0 skips it)")
     options.add_retrieval_probe_option(atlas)
+    atlas.add_argument("--ablation", choices=("zero", "mean"), help="also ablate every head alone on every prompt "
+                       "(its output zero, or its mean over the prompts) and add the importance columns "
+                       "ablation_delta_log_prob and ablation_delta_loss (decoders with an LM head; as `ablate`)")
     options.add_pseudo_group_option(atlas)
     options.add_bootstrap_options(atlas)
     options.add_permutation_options(atlas, default=1000, help="head-grouping permutations per layer")
@@ -90,7 +93,7 @@ def run(args) -> int:
             result = run_atlas(models, prompts, args.out, chat=args.chat, measure=args.measure, max_rows=args.max_rows,
                                top_k=args.top_k, rank_by=tuple(args.rank_by or RANK_BY),
                                thumbnail_size=args.thumbnail_size, probe_length=args.probe_length,
-                               retrieval_lengths=retrieval_lengths,
+                               retrieval_lengths=retrieval_lengths, ablation=args.ablation,
                                pseudo_group_size=args.pseudo_group_size, n_resamples=args.resamples,
                                confidence=args.confidence, n_permutations=args.permutations, seed=args.seed,
                                shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args),

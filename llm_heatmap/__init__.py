@@ -28,7 +28,8 @@ _MODULES = {
     "llm_heatmap.analyses.importance.attribution": ("logit_attribution", "LogitAttribution"),
     "llm_heatmap.analyses.importance.knockout": ("Edges", "knocked_out", "knockout_effect", "knockout_scan"),
     "llm_heatmap.analyses.importance.contributions": ("token_contributions", "TokenContributions"),
-    "llm_heatmap.analyses.importance.ablation": ("heads_replaced", "ablation_effect", "mean_head_outputs"),
+    "llm_heatmap.analyses.importance.ablation": ("heads_replaced", "ablation_effect", "mean_head_outputs",
+                                                 "head_ablation_rows", "run_head_ablation", "HeadAblation"),
     "llm_heatmap.notebook": ("view", "grid"),
 }
 

@@ -166,6 +166,26 @@ def test_bad_input_is_refused_before_anything_is_written(tiny, tmp_path):
     assert not out.exists() or not any(out.rglob("*.*"))
 
 
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_the_importance_columns_are_each_heads_ablation_averaged_over_the_prompts(tiny, tmp_path, mode):
+    """With `ablation`, each prompt's rows carry `head_ablation_rows`' changes and the head table their mean with an
+    interval; mean ablation uses the head outputs averaged over every prompt of the run."""
+    from llm_heatmap.analyses.importance.ablation import head_ablation_rows, mean_head_outputs
+    from llm_heatmap.probes.capture import encode_prompt
+
+    model, tokenizer, spec = tiny
+    prompts = PROMPTS[:3]
+    result = run_atlas({"tiny": tiny}, prompts, tmp_path, ablation=mode, **FAST)
+    ids = [encode_prompt(tokenizer, p.text)[0] for p in prompts]
+    means = mean_head_outputs(model, ids, spec) if mode == "mean" else None
+    expected = np.mean([head_ablation_rows(model, i, spec=spec, means=means)["delta_log_prob"].to_numpy() for i in ids], 0)
+    heads = result.tables["heads"].sort_values(["layer", "head"])
+    np.testing.assert_allclose(heads["ablation_delta_log_prob_mean"].to_numpy(), expected, atol=1e-9)
+    assert (heads["ablation_delta_log_prob_low"] <= heads["ablation_delta_log_prob_mean"] + 1e-12).all()
+    with pytest.raises(InputError, match="ablation='median' is not an ablation mode"):
+        run_atlas({"tiny": tiny}, prompts, tmp_path / "x", ablation="median", **FAST)
+
+
 @pytest.mark.slow
 def test_real_models_side_by_side(smollm2, minilm, tmp_path):
     prompts = [Prompt(str(i), text) for i, text in enumerate([

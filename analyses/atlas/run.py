@@ -103,11 +103,12 @@ class _ModelParts(Section):
     prompt is measured on it (loaded in `open`, on the ranks with prompts to measure or files to write)."""
 
     def __init__(self, name: str, folder: Path, source, loader, prompts: list[Prompt], options: dict,
-                 max_bytes: int | None, probe_length: int, fresh: bool, retrieval_lengths: tuple[int, ...] = ()):
+                 max_bytes: int | None, probe_length: int, fresh: bool, retrieval_lengths: tuple[int, ...] = (),
+                 ablation: "Ablation | None" = None):
         super().__init__(name, folder)
         self.source, self.loader, self.prompts, self.options = source, loader, prompts, options
         self.max_bytes, self.probe_length, self.fresh = max_bytes, probe_length, fresh
-        self.retrieval_lengths = retrieval_lengths
+        self.retrieval_lengths, self.ablation = retrieval_lengths, ablation
         self.loaded = None  # (model, tokenizer, spec) while open, or loaded early by the check
 
     def tensors(self, prompt: Prompt) -> Path:
@@ -132,8 +133,12 @@ class _ModelParts(Section):
         """Load the model (once) and check every prompt of the run against it; the token counts."""
         if self.loaded is None:
             self.loaded = _model(self.source, self.loader)
-        _, tokenizer, spec = self.loaded
-        return _check_fits(spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name, self.probe_length)
+        model, tokenizer, spec = self.loaded
+        counts = _check_fits(spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name,
+                             self.probe_length)
+        if self.ablation is not None:
+            self.ablation.prepare(model, tokenizer, spec, self.options["chat"], self.name)
+        return counts
 
     def open(self, share, ranks):
         if not self.needs_model(share, ranks):
@@ -150,10 +155,44 @@ class _ModelParts(Section):
         measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **self.options)
         write_part(self.tensors(prompt), lambda temp: save_file(
             {"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp)))
-        return measured.heads
+        if self.ablation is None:
+            return measured.heads
+        return measured.heads.merge(self.ablation.columns(model, tokenizer, spec, prompt.text, self.options["chat"]),
+                                    on=["layer", "head"], how="left")
 
     def close(self) -> None:
         self.loaded = None
+
+
+class Ablation:
+    """The atlas's importance columns: every head ablated alone on each prompt ("zero", or "mean": its mean
+    output over every prompt of the run, computed once per model when it loads)."""
+
+    def __init__(self, mode: str, prompts: list[Prompt]):
+        from llm_heatmap.analyses.importance.ablation import ABLATION_MODES
+
+        if mode not in ABLATION_MODES:
+            raise InputError(f"ablation={mode!r} is not an ablation mode; use one of {', '.join(ABLATION_MODES)}.")
+        self.mode, self.prompts, self.means = mode, prompts, None
+
+    def prepare(self, model, tokenizer, spec, chat: bool, name: str) -> None:
+        from llm_heatmap.analyses.importance.ablation import mean_head_outputs
+        from llm_heatmap.probes.capture import encode_prompt
+
+        if not spec.causal or model.get_output_embeddings() is None:
+            raise InputError(f"ablation needs decoders with an LM head, and {name} has none; leave it out of this atlas "
+                             "or drop the ablation.")
+        if self.mode == "mean":
+            self.means = mean_head_outputs(model, [encode_prompt(tokenizer, p.text, chat=chat)[0] for p in self.prompts],
+                                           spec)
+
+    def columns(self, model, tokenizer, spec, text: str, chat: bool) -> pd.DataFrame:
+        from llm_heatmap.analyses.importance.ablation import head_ablation_rows
+        from llm_heatmap.probes.capture import encode_prompt
+
+        rows = head_ablation_rows(model, encode_prompt(tokenizer, text, chat=chat)[0], spec=spec, means=self.means)
+        return rows[["layer", "head", "delta_log_prob", "delta_loss"]].rename(
+            columns={"delta_log_prob": "ablation_delta_log_prob", "delta_loss": "ablation_delta_loss"})
 
 
 def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
@@ -246,6 +285,7 @@ class AtlasOptions:
     probe_length: int = 50
     max_bytes: int | None = None
     retrieval_lengths: tuple[int, ...] = ()
+    ablation: str | None = None
 
 
 def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: AtlasOptions | None = None, *,
@@ -263,6 +303,9 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     `pseudo_group_size`, default the first GQA model's group size, else 3). `probe_length`:
     random tokens of the induction probe (0 to skip it). `retrieval_lengths`: context lengths of the
     retrieval probe's needle prompts (`retrieval_head_scores`, five depths each; empty skips it).
+    `ablation` ("zero" or "mean"; None skips it): every head ablated alone on every prompt
+    (`importance.ablation.head_ablation_rows`), its change in log p of the prediction and in the loss as the
+    per-prompt columns `ablation_delta_log_prob` and `ablation_delta_loss` (decoders with an LM head only).
     `shard`, `resume`, `force`, `ranks`: as in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
     in three groups, `options` (`AtlasOptions`), `bootstrap` (`stats.Bootstrap`: n_resamples, confidence,
     seed) and `run` (`RunOptions`: shard, resume, force, quiet, ranks), and each also as a keyword.
@@ -284,11 +327,12 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     files = output_paths(out_dir)
     per_prompt = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
     models_parts = [_ModelParts(name, out_dir / "parts" / part_key(name), source, loader, mine, per_prompt, max_bytes,
-                                probe_length, fresh=force and not resume, retrieval_lengths=retrieval_lengths)
+                                probe_length, fresh=force and not resume, retrieval_lengths=retrieval_lengths,
+                                ablation=Ablation(options.ablation, prompts) if options.ablation else None)
                     for name, source in entries]
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length,
-                "retrieval_lengths": list(retrieval_lengths)}
+                "retrieval_lengths": list(retrieval_lengths), "ablation": options.ablation}
     result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
                          prompts={p.id: p.text for p in mine})
 
