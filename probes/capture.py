@@ -142,7 +142,7 @@ class Probe:
         self._pending: set[nn.Module] = set()
         self._positions: torch.Tensor | None = None
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        self._sequence: dict | None = None
+        self._sequence: dict[int, dict] = {}
         self.queries_and_keys = bool(options.queries_and_keys)
         self._writers = self._head_writers(value_norms)
         self._side: dict[str, torch.Tensor] = {}
@@ -246,7 +246,7 @@ class Probe:
         self._seen.clear()
         self._buffer = None
         self._positions = None
-        self._sequence = None
+        self._sequence = {}
 
     def _read_causality(self, module, kernel: str, mask, arguments: dict, call) -> None:
         """The pass's spec says what its first kernel call applies (causal, bidirectional blocks), not what
@@ -382,8 +382,8 @@ class Probe:
     def _part(self, layer: int, pattern: torch.Tensor, positions: torch.Tensor, stream: StreamPart,
               keys: int, side: dict[str, torch.Tensor]) -> AttentionCube:
         """One layer's block of rows, on the device it was computed on; the sequence fields are built
-        once per pass."""
-        if self._sequence is None:
+        once per pass and key count (a decode step's sliding-window layers see fewer keys than its others)."""
+        if keys not in self._sequence:
             ids, mask = self._inputs
             if ids is not None and ids.ndim == 2 and ids.shape[-1] == keys:
                 token_ids = ids[0].detach().cpu()
@@ -391,9 +391,9 @@ class Probe:
                 token_ids = torch.zeros(0, dtype=torch.long)
             key_mask = mask[0].detach().cpu().bool() if mask is not None and mask.ndim == 2 and mask.shape[-1] == keys \
                 else torch.ones(keys, dtype=torch.bool)
-            self._sequence = {"tokens": token_strings(token_ids, self.tokenizer), "token_ids": token_ids,
-                              "key_mask": key_mask, "metadata": self._metadata()}
-        sequence = self._sequence
+            self._sequence[keys] = {"tokens": token_strings(token_ids, self.tokenizer), "token_ids": token_ids,
+                                    "key_mask": key_mask, "metadata": self._metadata()}
+        sequence = self._sequence[keys]
         return AttentionCube(
             pattern=pattern,
             spec=self.spec,

@@ -1,0 +1,125 @@
+"""capture_decode: every decode step's rows straight from the kernel, against eager `generate(output_attentions=True)`
+step by step, on the dynamic, static, sliding-window and quantized caches; sampling; refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_heatmap.errors import InputError
+from llm_heatmap.probes.decode import capture_decode, step_key_positions
+from tiny_models import VOCAB, tiny_model
+
+
+class IdTokenizer:
+    """Token ids written as numbers: enough for generate() and the cube's token strings."""
+
+    pad_token_id = 0
+    eos_token_id = None
+    chat_template = None
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, text, return_tensors=None):
+        return {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids)}
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]
+
+
+def prompt(length: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def eager_steps(model, ids, new_tokens: int, **options):
+    """(sequence, per step the list of each layer's "h k" row) of eager generate with output_attentions: the
+    prefill's last row, then each decode step's one row, as the kernel saw its keys."""
+    out = model.generate(input_ids=ids, max_new_tokens=new_tokens, output_attentions=True, return_dict_in_generate=True,
+                         pad_token_id=0, **options)
+    return out.sequences[0], [[layer[0, :, -1] for layer in step] for step in out.attentions]
+
+
+CASES = {  # family: generate options (a window of 4 in the sliding families, 7 new tokens after 9: past it)
+    "llama-dynamic": ("llama", {}),
+    "llama-static": ("llama", {"cache_implementation": "static"}),
+    "qwen2-dynamic": ("qwen2", {}),
+    "mistral-sliding": ("mistral", {}),
+    "gemma3-hybrid": ("gemma3", {}),
+    "llama-fp8-quantized": ("llama", {"cache_implementation": "quantized", "cache_config": {"backend": "fp8"}}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_step_equals_eager_generate(case):
+    family, options = CASES[case]
+    model, eager = tiny_model(family), tiny_model(family, "eager")
+    ids = prompt()
+    with torch.no_grad():
+        steps = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=7, do_sample=False, **options)
+        sequence, reference = eager_steps(eager, ids, 7, do_sample=False, **options)
+    assert torch.equal(steps.sequence, sequence) and steps.num_steps == 7
+    for step, (mine, layers) in enumerate(zip(steps.rows, reference)):
+        position = ids.shape[-1] - 1 + step
+        assert mine.shape[-1] == position + 1
+        for layer, theirs in enumerate(layers):
+            seen = step_key_positions(position, theirs.shape[-1])
+            torch.testing.assert_close(mine[layer][:, seen], theirs[:, :len(seen)], rtol=1e-5, atol=1e-6)
+            assert (theirs[:, len(seen):] == 0).all()  # a static cache's empty slots
+            outside = torch.ones(position + 1, dtype=torch.bool)
+            outside[seen] = False
+            assert (mine[layer][:, outside] == 0).all()
+
+
+def test_a_sliding_window_step_sees_only_the_window_and_the_cube_places_it():
+    model = tiny_model("mistral")  # sliding_window=4
+    ids = prompt()
+    with torch.no_grad():
+        steps = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=6, do_sample=False)
+    window = model.config.sliding_window
+    seen = (steps.rows[-1] > 0).any(1).any(0).nonzero().flatten()
+    assert len(seen) <= window and seen[-1] == len(steps.sequence) - 2
+    cube = steps.cube()
+    assert cube.pattern.shape == (2, 4, 6, len(steps.sequence))
+    assert cube.query_positions.tolist() == list(range(ids.shape[-1] - 1, ids.shape[-1] + 5))
+    row = cube.pattern[:, :, -1]
+    assert (row[..., :int(seen[0])] == 0).all() and torch.allclose(row.sum(-1), torch.ones(()))
+    assert cube.generated.sum() == 6 and steps.top_keys().shape == (6, 2, 4)
+
+
+def test_quantized_cache_rows_differ_from_a_re_forward_of_the_final_sequence():
+    """The fp8 cache quantizes the keys the kernel reads, so what the model looked at is not what a re-forward
+    of the same tokens computes: only the per-step capture shows the former."""
+    model = tiny_model("llama")
+    ids = prompt()
+    with torch.no_grad():
+        steps = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=5, do_sample=False,
+                               cache_implementation="quantized", cache_config={"backend": "fp8"})
+        again = tiny_model("llama", "eager")(input_ids=steps.sequence[None], output_attentions=True).attentions
+    re_forward = torch.stack([layer[0, :, ids.shape[-1] + 3, :ids.shape[-1] + 4] for layer in again])
+    assert steps.rows[4].shape == re_forward.shape
+    # a dynamic cache agrees with the re-forward to 1e-6 (test_sampling_...); fp8 keys move the rows past that
+    assert (steps.rows[4] - re_forward).abs().max() > 1e-5
+
+
+def test_sampling_rows_are_the_rows_of_the_sampled_sequence():
+    model = tiny_model("llama")
+    ids = prompt()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        steps = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=6, do_sample=True, temperature=1.5)
+        again = tiny_model("llama", "eager")(input_ids=steps.sequence[None], output_attentions=True).attentions
+    for step, row in enumerate(steps.rows):  # dynamic cache: a re-forward of the sampled tokens has the same rows
+        position = ids.shape[-1] - 1 + step
+        expected = torch.stack([layer[0, :, position, :position + 1] for layer in again])
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_beam_search_and_encoders_are_refused():
+    model, ids = tiny_model("llama"), prompt()
+    with pytest.raises(InputError, match="beam search"):
+        capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=3, num_beams=2)
+    with pytest.raises(InputError, match="cannot generate"):
+        capture_decode(tiny_model("bert"), IdTokenizer(ids), "p")
+    with pytest.raises(InputError, match="max_new_tokens=0"):
+        capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=0)
