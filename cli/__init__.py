@@ -29,7 +29,7 @@ except KeyboardInterrupt:
 NETWORK_SWITCHES = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DISABLE_KERNEL_MAPPING": "1",
                     "KERNELS_CACHE": "/dev/null/no-hub-kernels"}
 
-COMMAND_NAMES = ("grid", "render", "metrics", "attribute", "ablate", "compare", "kv_similarity", "qk_map", "batch", "atlas",
+COMMAND_NAMES = ("grid", "render", "metrics", "attribute", "ablate", "generate", "compare", "kv_similarity", "qk_map", "batch", "atlas",
                  "models")
 
 

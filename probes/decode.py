@@ -25,6 +25,7 @@ from torch import nn
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
+from llm_heatmap.models.offline import source_name
 
 from .capture import capture, encode_prompt, token_strings
 from .cube import AttentionCube
@@ -149,7 +150,7 @@ def capture_decode(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int =
     return DecodeSteps(sequence=sequence, prompt_tokens=prompt_tokens, rows=rows,
                        spec=probe.spec, layers=probe.layers, heads=probe.heads,
                        tokens=token_strings(sequence, tokenizer), prompt=prompt if isinstance(prompt, str) else None,
-                       source=source, metadata={"generation": {"max_new_tokens": int(max_new_tokens),
+                       source=source or source_name(model), metadata={"generation": {"max_new_tokens": int(max_new_tokens),
                                                                "prompt_tokens": int(prompt_tokens),
                                                                "generated_tokens": int(steps),
                                                                **{k: repr(v) for k, v in generate_options.items()}}})

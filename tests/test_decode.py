@@ -123,3 +123,53 @@ def test_beam_search_and_encoders_are_refused():
         capture_decode(tiny_model("bert"), IdTokenizer(ids), "p")
     with pytest.raises(InputError, match="max_new_tokens=0"):
         capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=0)
+
+
+@pytest.mark.slow
+def test_smollm2_steps_equal_eager_generate(smollm2, smollm2_eager):
+    model, tokenizer, _ = smollm2
+    text = "The capital of France is"
+    with torch.no_grad():
+        steps = capture_decode(model, tokenizer, text, max_new_tokens=4, do_sample=False)
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        sequence, reference = eager_steps(smollm2_eager[0], ids, 4, do_sample=False)
+    assert torch.equal(steps.sequence, sequence)
+    for mine, layers in zip(steps.rows, reference):
+        torch.testing.assert_close(mine, torch.stack(layers), rtol=1e-4, atol=1e-5)
+
+
+def test_the_step_table_reads_each_row():
+    from llm_heatmap.analyses.heads.decode_table import decode_step_table
+
+    model, ids = tiny_model("llama"), prompt()
+    with torch.no_grad():
+        steps = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=3, do_sample=False)
+    table = decode_step_table(steps)
+    assert len(table) == 3 * 2 * 4
+    row = table[(table["step"] == 2) & (table["layer"] == 1) & (table["head"] == 3)].iloc[0]
+    weights = steps.rows[2][1, 3].double()
+    assert row.top_key == int(weights.argmax()) and row.top_weight == pytest.approx(float(weights.max()))
+    assert row.entropy == pytest.approx(float(-(weights * weights.log()).sum()), rel=1e-9)
+    assert row.position == ids.shape[-1] + 1 and row.token == steps.tokens[ids.shape[-1] + 2] and row.kv_group == 1
+
+
+def test_the_generate_command_writes_the_table_the_cube_and_the_view(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from llm_heatmap.cli import main
+    from llm_heatmap.probes import AttentionCube
+    from tiny_models import write_tiny_gguf
+
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path / "cache"))
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "out"
+    argv = ["generate", "the sky is", "--max-new-tokens", "4", "--model", str(model), "--out", str(out), "--html",
+            "--name", "sky"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "generated 4 tokens" in capsys.readouterr().out
+    table = pd.read_csv(out / "sky.steps.csv")
+    cube = AttentionCube.load(out / "sky.decode.cube.safetensors")
+    assert len(table) == 4 * 2 * 4 and cube.pattern.shape[2] == 4 and int(cube.generated.sum()) == 4
+    assert (out / "sky.decode.html").read_text().count('id="dv-data"') == 1
+    assert main([*argv, "--do-sample", "--temperature", "0", "--force"]) == 2
+    assert "--temperature" in capsys.readouterr().err

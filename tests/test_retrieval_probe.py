@@ -11,7 +11,7 @@ import torch
 
 from llm_heatmap.analyses.bounds import check_needle_grid
 from llm_heatmap.analyses.heads.needle import Needle, needle_prompt, rouge1_recall
-from llm_heatmap.analyses.heads.retrieval_probe import (copy_steps, decode_steps, grid_scores, retrieval_head_scores,
+from llm_heatmap.analyses.heads.retrieval_probe import (copy_steps, grid_scores, retrieval_head_scores,
                                                         run_score)
 from llm_heatmap.errors import InputError
 
@@ -109,18 +109,21 @@ def test_needle_prompt_locates_the_answer(tiny_byte_model):
 
 
 def test_decode_rows_equal_eager_generate_steps(tiny_byte_model):
-    """Each decode step's most-attended key equals eager generate(output_attentions=True) step by step."""
+    """Each decode step's most-attended key (what the probe scores) equals eager generate(output_attentions=True)
+    step by step."""
+    from llm_heatmap.probes.decode import capture_decode
+
     model, tokenizer, spec = tiny_byte_model
     prompt = "The best thing to do in Lisbon is to eat a custard tart. Question: what is best?"
-    steps = decode_steps(model, tokenizer, prompt, chat=False, max_new_tokens=6, spec=spec)
+    steps = capture_decode(model, tokenizer, prompt, max_new_tokens=6, spec=spec, do_sample=False)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              output_attentions=True, return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
     assert torch.equal(steps.sequence, out.sequences[0])
     reference = torch.stack([torch.stack([layer[0, :, -1].argmax(-1) for layer in step]) for step in out.attentions])
-    assert steps.top_keys.shape == (6, spec.num_layers, spec.num_heads)
-    assert torch.equal(steps.top_keys, reference)
+    assert steps.top_keys().shape == (6, spec.num_layers, spec.num_heads)
+    assert torch.equal(steps.top_keys(), reference)
 
 
 def test_probe_end_to_end_on_a_tiny_model(tiny_byte_model):

@@ -4,6 +4,7 @@ from llm_heatmap.lazy import lazy_exports
 
 _MODULES = {
     ".atlas": ("atlas_view", "write_atlas"),
+    ".decode": ("decode_view",),
     ".figures": ("plot_comparison", "plot_head", "plot_heads", "plot_kv_group", "plot_kv_similarity",
                  "plot_metric_map", "plot_rollout", "save_figure"),
     ".grid": ("DrawnGrid", "GridLayout", "plot_grid", "plot_grid_difference", "save_grid", "save_grid_difference"),

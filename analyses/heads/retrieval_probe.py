@@ -17,49 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from einops import rearrange
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import spec_from_model
-from llm_heatmap.probes.generate import capture_generate
+from llm_heatmap.probes.decode import capture_decode
 
 from llm_heatmap.analyses.bounds import check_needle_grid
 from llm_heatmap.analyses.runs.progress import progress_bar
 from llm_heatmap.analyses.heads.needle import (CONTEXT_LENGTHS, DEPTHS, Needle, NeedlePrompt, check_tokenizer,
                                                needle_prompt, rouge1_recall)
-
-
-@dataclass(frozen=True)
-class DecodeSteps:
-    """What each head looked at while the model generated: `sequence` ("t": prompt + generated ids),
-    `prompt_tokens`, and `top_keys` ("s l h"): at decode step s (producing token prompt_tokens + s) the
-    key each head attended most."""
-
-    sequence: torch.Tensor
-    prompt_tokens: int
-    top_keys: torch.Tensor
-
-    @property
-    def generated(self) -> torch.Tensor:
-        return self.sequence[self.prompt_tokens:]
-
-
-def decode_steps(model, tokenizer, prompt, *, chat: bool, max_new_tokens: int, spec) -> DecodeSteps:
-    """Greedy generation of `prompt` and every head's most-attended key at each decode step.
-
-    The one place the probe gets decode-time attention: `capture_generate` generates, then captures one
-    forward over the final sequence, keeping only the last rows (`last_queries`), so nothing T x T is
-    held. For the default dynamic cache those rows are the decode steps' rows. When `generate()` can
-    stream its steps, this function takes them from there instead.
-    """
-    cube = capture_generate(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens, spec=spec,
-                            last_queries=max_new_tokens + 1, value_norms=False)
-    prompt_tokens = int(cube.metadata["generation"]["prompt_tokens"])
-    sequence = cube.token_ids.cpu()
-    # the row at position p produced token p + 1: rows prompt_tokens - 1 .. end - 2 made the generated tokens
-    rows = (cube.query_positions >= prompt_tokens - 1) & (cube.query_positions < len(sequence) - 1)
-    top = cube.pattern[:, :, rows].argmax(-1)
-    return DecodeSteps(sequence, prompt_tokens, rearrange(top, "l h s -> s l h"))
 
 
 def answer_steps(tokenizer, generated: torch.Tensor) -> int:
@@ -132,13 +98,14 @@ class RetrievalScores:
 
 def measure_cell(model, tokenizer, cell: NeedlePrompt, needle: Needle, *, max_new_tokens: int, spec):
     """One grid cell: its row (the answer and its recall), every head's score "l h" and copying steps "l h"."""
-    steps = decode_steps(model, tokenizer, cell.prompt, chat=cell.chat, max_new_tokens=max_new_tokens, spec=spec)
+    steps = capture_decode(model, tokenizer, cell.prompt, chat=cell.chat, max_new_tokens=max_new_tokens, spec=spec,
+                           do_sample=False)
     if not torch.equal(steps.sequence[:steps.prompt_tokens], cell.input_ids):
         raise InputError("the prompt was encoded differently from the needle's positions; the probe cannot "
                          "locate the needle with this tokenizer.")
     answer_span = (cell.answer_start, cell.answer_stop)
     kept = answer_steps(tokenizer, steps.generated)
-    top = steps.top_keys[:kept]
+    top = steps.top_keys()[:kept]
     copied = copy_steps(top, steps.sequence, steps.prompt_tokens, answer_span)
     answer = tokenizer.decode(steps.generated[:kept], skip_special_tokens=True).strip()
     row = {"context_length": cell.context_length, "depth": cell.depth, "prompt_tokens": steps.prompt_tokens,
