@@ -94,6 +94,11 @@ class DecodeSteps:
         return (f"DecodeSteps({self.num_steps} steps after {self.prompt_tokens} prompt tokens, "
                 f"{len(self.layers)} layers x {len(self.heads)} heads, {self.source or self.spec.model_type})")
 
+    def _repr_html_(self) -> str:
+        from llm_heatmap.viz.decode import decode_view
+
+        return decode_view(self)._repr_html_()
+
     def top_keys(self) -> torch.Tensor:
         """long `"s l h"`: the sequence position of each head's most-attended key at each step."""
         return torch.stack([row.argmax(-1) for row in self.rows])

@@ -46,6 +46,11 @@ def test_the_embedded_rows_are_the_steps_rows(steps):
     assert at == len(data)
 
 
+def test_a_notebook_shows_the_view_inline(steps):
+    shown = steps._repr_html_()
+    assert shown.startswith("<iframe srcdoc=") and "dv-data" in shown
+
+
 def test_a_page_too_large_is_refused(steps, monkeypatch):
     monkeypatch.setattr("llm_heatmap.viz.decode.MAX_PAGE_MB", 1e-6)
     with pytest.raises(InputError, match="fewer layers or heads"):
