@@ -40,8 +40,9 @@ browser:
 demo: setup
 	$(BIN)/llm-heatmap grid "$(PROMPT)" --html --force
 
+# pytest-xdist: one worker per core (tests/conftest.py shares the cores' torch threads out among them).
 test: setup browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 # The tests that start processes or wait on them, $(STRESS_ROUNDS) times in a row while every core is kept busy.
 test-stress: setup browser
