@@ -10,7 +10,8 @@ Per-position fields are tuples of ints, -1 where a position is not a patch: `ima
 `tile` (which tile of that image, 0 when it is not split), `row`, `col` (the cell of the image's patch
 grid). `merge` is how many patches a side one position stands for (Qwen2-VL's language model: 2, a
 position covers rows 2r..2r+1 and columns 2c..2c+1 of the tower's grid; 1 elsewhere), and `grids` the
-(rows, cols) of each image's grid in these units. `special` names the positions that are neither text
+(rows, cols) of each image's grid in these units. `patch_pixels`: the side of one patch in pixels of the
+image the model saw (0 where unknown; a position covers `merge * patch_pixels`). `special` names the positions that are neither text
 nor patches ("[CLS]", "[DIST]", "[REG i]"). The axis describes the positions of the sequence, also
 when the cube's entries are pooled bins (`cube.pooling` maps bins to positions).
 """
@@ -39,10 +40,13 @@ class Axis:
     merge: int = 1
     grids: tuple[tuple[int, int], ...] = ()
     special: dict[int, str] = field(default_factory=dict)
+    patch_pixels: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise InputError(f"axis kind {self.kind!r} is not one of {', '.join(KINDS)}.")
+        if self.patch_pixels < 0:
+            raise InputError(f"axis patch_pixels={self.patch_pixels} must be 0 (unknown) or a positive pixel count.")
         for name in _PER_POSITION:
             values = getattr(self, name)
             if values and len(values) != self.length:
@@ -78,6 +82,7 @@ class Axis:
             data[name] = tuple(int(v) for v in data.get(name, ()))
         data["grids"] = tuple((int(r), int(c)) for r, c in data.get("grids", ()))
         data["special"] = {int(position): str(name) for position, name in data.get("special", {}).items()}
+        data["patch_pixels"] = int(data.get("patch_pixels", 0))
         return cls(**data)
 
 
@@ -89,7 +94,8 @@ def frames_axis(length: int) -> Axis:
     return Axis("frames", length)
 
 
-def vision_axis(special: list[str], rows: int, cols: int, order: str = "rows", merge: int = 1) -> Axis:
+def vision_axis(special: list[str], rows: int, cols: int, order: str = "rows", merge: int = 1,
+                patch_pixels: int = 0) -> Axis:
     """A vision tower's axis: the `special` tokens, then one image's rows x cols patches, row by row, or
     (`order="windows"`, Qwen2-VL's tower) in merge x merge windows, each window's patches row by row."""
     cells = [(r, c) for r in range(rows) for c in range(cols)]
@@ -99,10 +105,10 @@ def vision_axis(special: list[str], rows: int, cols: int, order: str = "rows", m
     n, count = len(special), len(special) + len(cells)
     return Axis("patches", count, image=(-1,) * n + (0,) * len(cells), tile=(-1,) * n + (0,) * len(cells),
                 row=(-1,) * n + tuple(r for r, _ in cells), col=(-1,) * n + tuple(c for _, c in cells),
-                grids=((rows, cols),), special=dict(enumerate(special)))
+                grids=((rows, cols),), special=dict(enumerate(special)), patch_pixels=patch_pixels)
 
 
-def language_axis(token_ids, image_token_id: int | None, grids=None, merge: int = 1) -> Axis:
+def language_axis(token_ids, image_token_id: int | None, grids=None, merge: int = 1, patch_pixels: int = 0) -> Axis:
     """A VLM language model's axis: text tokens, and runs of `image_token_id` each one image, its tokens
     in row order over `grids[i]` (rows, cols) when given (Qwen2-VL, after its merge), else over a square
     grid when the run's length is a square, else one row. A text-only sequence is a text axis."""
@@ -133,4 +139,4 @@ def language_axis(token_ids, image_token_id: int | None, grids=None, merge: int 
         position = end
     tile = [0 if i >= 0 else -1 for i in image]
     return Axis("mixed", len(ids), image=tuple(image), tile=tuple(tile), row=tuple(row), col=tuple(col), merge=merge,
-                grids=tuple(found))
+                grids=tuple(found), patch_pixels=patch_pixels)

@@ -68,12 +68,13 @@ def position_axis(site: str, count: int, model: nn.Module, image_grid_thw=None) 
         grid = torch.as_tensor(image_grid_thw).reshape(-1, 3)
         if len(grid) == 1 and int(grid[0, 0]) == 1 and int(grid[0].prod()) == count:
             merge = int(getattr(config, "spatial_merge_size", 1) or 1)
-            return vision_axis([], int(grid[0, 1]), int(grid[0, 2]), order="windows", merge=merge)
+            return vision_axis([], int(grid[0, 1]), int(grid[0, 2]), order="windows", merge=merge,
+                               patch_pixels=_patch_pixels(config))
     if site == VISION or reads_images(model.config):
         side = int(getattr(config, "image_size", 0) or 0) // int(getattr(config, "patch_size", 1) or 1)
         special = count - side * side
         if side and 0 <= special:
-            return vision_axis(special_labels(config, special), side, side)
+            return vision_axis(special_labels(config, special), side, side, patch_pixels=_patch_pixels(config))
     return frames_axis(count)
 
 
@@ -88,7 +89,13 @@ def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
     grids = None
     if image_grid_thw is not None:
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()]
-    return language_axis(token_ids, image_token, grids, merge)
+    return language_axis(token_ids, image_token, grids, merge, patch_pixels=_patch_pixels(vision))
+
+
+def _patch_pixels(config) -> int:
+    """The side of one patch in pixels (`patch_size` of a vision config), 0 where the config does not say."""
+    size = getattr(config, "patch_size", 0) if config is not None else 0
+    return int(size) if isinstance(size, int) else 0
 
 
 def axis_labels(axis: Axis) -> list[str]:

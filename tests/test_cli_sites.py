@@ -177,6 +177,17 @@ def test_metrics_per_site(reverser_dir, tmp_path):
                                                     "m.cross.metrics.csv"}
 
 
+def test_vlm_metrics_carry_the_image_share_and_the_vision_metrics(llava_dir, picture, tmp_path):
+    import pandas as pd
+
+    assert run("metrics", "a cat on the mat", "--image", picture, "--model", llava_dir, "--out", tmp_path,
+               "--name", "m") == 0
+    language, vision = pd.read_csv(tmp_path / "m.self.metrics.csv"), pd.read_csv(tmp_path / "m.vision.metrics.csv")
+    assert language["image_share"].between(0, 1).all() and (language["text_rows"] > 0).all()
+    assert {"attention_distance_px", "spatial_entropy", "cls_mass"} <= set(vision.columns)
+    assert vision["attention_distance_px"].notna().all()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["grid", "x", "--site", "crosss"], "--site 'crosss' is not an attention site"),
     (["grid", "--image", "missing.png"], "--image missing.png does not exist"),

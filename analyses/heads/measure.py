@@ -113,10 +113,21 @@ def _streamed_advice(working: dict[str, int], max_bytes) -> str:
 
 def site_metrics(cube) -> pd.DataFrame:
     """The per-head table of one site's cube: alignment, monotonicity, coverage and source entropy for
-    cross-attention (`cross_metrics`), the head metrics for every other site."""
+    cross-attention (`cross_metrics`), the head metrics for every other site, with the vision metrics
+    (`vision_metrics`) where the keys are image patches and the image share of text rows (`image_share`)
+    where a language model's keys mix text and image tokens."""
     from .cross_metrics import cross_metrics
+    from .image_share import image_share
+    from .vision_metrics import vision_metrics
 
-    return cross_metrics(cube) if cube.spec.site == "cross" else head_metrics(cube)
+    if cube.spec.site == "cross":
+        return cross_metrics(cube)
+    table = head_metrics(cube)
+    axis = cube.key_axis
+    if axis is None or cube.pooling is not None or not bool(axis.is_image.any()):
+        return table
+    extra = vision_metrics(cube) if axis.kind == "patches" else image_share(cube).drop(columns="kv_group", errors="ignore")
+    return table.merge(extra, on=["layer", "head"], how="left")
 
 
 def measure_sites(model, tokenizer, text: str, *, spec=None, chat: bool = False, image=None, processor=None,
