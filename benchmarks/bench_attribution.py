@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_capture import forward, prompt_ids, timed  # noqa: E402
+from bench_capture import forward, interleaved_medians, prompt_ids  # noqa: E402
 
 from llm_heatmap.analyses.importance.ablation import head_ablation_rows  # noqa: E402
 from llm_heatmap.analyses.importance.attribution import logit_attribution  # noqa: E402
@@ -66,15 +65,9 @@ def main() -> None:
                 lambda: head_ablation_rows(model, ids, spec=spec),
         }
         with torch.no_grad():
-            for run in modes.values():  # warm up
-                run()
-            times = {name: [] for name in modes}
-            for _ in range(args.reps):
-                for name, run in modes.items():
-                    times[name].append(timed(run))
-        plain = statistics.median(t[1] for t in times["plain sdpa forward"])
-        for name, samples in times.items():
-            wall, cpu = (statistics.median(t[i] for t in samples) for i in (0, 1))
+            times = interleaved_medians(modes, args.reps)
+        plain = times["plain sdpa forward"][1]
+        for name, (wall, cpu) in times.items():
             print(f"| {length} | {name} | {wall:.3f} | {cpu:.3f} | {cpu / plain:.2f}x |")
 
 

@@ -55,6 +55,18 @@ def timed(run) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def interleaved_medians(modes: dict, reps: int) -> dict[str, tuple[float, float]]:
+    """(median wall s, median CPU s) of each mode: every mode run once to warm up, then `reps` rounds of every
+    mode in turn, so a load that comes and goes hits all modes alike."""
+    for run in modes.values():
+        run()
+    times = {name: [] for name in modes}
+    for _ in range(reps):
+        for name, run in modes.items():
+            times[name].append(timed(run))
+    return {name: tuple(statistics.median(t[i] for t in samples) for i in (0, 1)) for name, samples in times.items()}
+
+
 def forward(model, ids, **kwargs):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs)

@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from importlib import resources
+from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_capture import interleaved_medians  # noqa: E402
 
 from llm_heatmap.models import load_model  # noqa: E402
 from llm_heatmap.probes.decode import capture_decode  # noqa: E402
-
-
-def timed(run) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    run()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def haystack_prompt(tokenizer, tokens: int) -> str:
@@ -64,15 +59,9 @@ def main() -> None:
                 "capture_decode": lambda: capture_decode(model, tokenizer, prompt, spec=spec, **options),
             }
             with torch.no_grad():
-                for run in modes.values():  # warm up
-                    run()
-                times = {name: [] for name in modes}
-                for _ in range(args.reps):
-                    for name, run in modes.items():
-                        times[name].append(timed(run))
-            plain = statistics.median(t[1] for t in times["plain generate"])
-            for name, samples in times.items():
-                wall, cpu = (statistics.median(t[i] for t in samples) for i in (0, 1))
+                times = interleaved_medians(modes, args.reps)
+            plain = times["plain generate"][1]
+            for name, (wall, cpu) in times.items():
                 print(f"| {threads} | {new} | {name} | {wall:.2f} | {cpu:.2f} | {cpu / plain:.2f}x |")
             sys.stdout.flush()
 

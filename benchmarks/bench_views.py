@@ -25,7 +25,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_capture import forward, prompt_ids, timed  # noqa: E402
+from bench_capture import forward, interleaved_medians, prompt_ids, timed  # noqa: E402
 
 from llm_heatmap.analyses.maps.qk_maps import qk_map  # noqa: E402
 from llm_heatmap.models import load_model  # noqa: E402
@@ -56,19 +56,12 @@ def main() -> None:
         "capture + value/output norms": captured(value_norms=True),
         "capture + norms + queries/keys": captured(value_norms=True, queries_and_keys=True),
     }
-    for run in modes.values():  # warm up
-        run()
-    times = {name: [] for name in modes}
-    for _ in range(args.reps):
-        for name, run in modes.items():
-            times[name].append(timed(run))
+    times = interleaved_medians(modes, args.reps)
     print(f"SmolLM2-135M fp32, {args.length} tokens, {torch.get_num_threads()} thread(s), median of {args.reps}")
-    print(f"| mode | wall s | CPU s | / plain | / capture without norms |")
+    print("| mode | wall s | CPU s | / plain | / capture without norms |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    plain = statistics.median(t[1] for t in times["plain sdpa forward"])
-    bare = statistics.median(t[1] for t in times["capture, no norms"])
-    for name, samples in times.items():
-        wall, cpu = (statistics.median(t[i] for t in samples) for i in (0, 1))
+    plain, bare = times["plain sdpa forward"][1], times["capture, no norms"][1]
+    for name, (wall, cpu) in times.items():
         print(f"| {name} | {wall:.3f} | {cpu:.3f} | {cpu / plain:.2f}x | {cpu / bare:.3f}x |")
 
     with capture(model, queries_and_keys=True) as probe:

@@ -21,11 +21,17 @@ torch.set_num_threads(int(_THREADS))
 REAL_MODEL_FIXTURES = {"smollm2", "smollm2_eager", "minilm", "minilm_eager"}
 
 
+# The files whose tests take longest (notebook kernels, launched processes) run first, so that under
+# pytest-xdist the workers do not end with one of them running alone.
+LONGEST_FIRST = ("test_notebooks.py", "test_distributed.py", "test_hostile_processes.py")
+
+
 def pytest_collection_modifyitems(items):
     """A test that takes a real offline model is `slow`, marked or not, so `-m "not slow"` never loads one."""
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,8 @@ from llm_heatmap.cli import command_modules, main
 from llm_heatmap.cli.errors import cli_message
 
 HEAVY = ("torch", "transformers", "matplotlib")
-COMMAND_NAMES = ["grid", "render", "metrics", "attribute", "compare", "kv-similarity", "qk-map", "batch", "atlas", "models"]
+COMMAND_NAMES = ["grid", "render", "metrics", "attribute", "ablate", "generate", "compare", "kv-similarity", "qk-map",
+                 "batch", "atlas", "models"]
 
 # main(argv) in a fresh interpreter; prints the exit status and which heavy modules got imported.
 PROBE = """

@@ -35,7 +35,8 @@ def test_prompt_file_is_one_prompt_and_prompts_is_a_set(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr("llm_heatmap.cli.kv_similarity._run", lambda args, prompts: seen.setdefault("p", prompts) and 0)
     assert cli.main(["kv-similarity", "--prompt-file", str(one), "--prompts", str(many)]) == 0
-    assert seen["p"] == ["first line\nsecond line of the same prompt", "the sky is blue", "cats sleep a lot"]
+    assert [p.text for p in seen["p"]] == ["first line\nsecond line of the same prompt", "the sky is blue",
+                                           "cats sleep a lot"]
 
 
 def test_readme_states_the_vocabulary():
