@@ -110,8 +110,8 @@ def head_image_maps(cube, query, *, image: int = 0) -> ImageMaps:
     row of the query (`pattern[l, h, row]`) with each patch key at its cell."""
     cube = cube.one_sequence()
     _check_full(cube)
-    position = resolve_query(cube, query)
     keys, cells, grid = _image_cells(cube, image)
+    position = resolve_query(cube, query)
     row = cube.pattern[:, :, _query_row(cube, position)].double()  # "l h k"
     values = _onto_grid(row[..., keys], cells, grid)
     return _maps(cube, values, row[..., keys].sum(-1), position, image, grid, "attention per head", cube.heads)
@@ -123,8 +123,8 @@ def layer_image_maps(cube, query, *, image: int = 0, residual: float = 0.5) -> t
     consecutive layers)."""
     cube = cube.one_sequence()
     _check_full(cube)
-    position = resolve_query(cube, query)
     keys, cells, grid = _image_cells(cube, image)
+    position = resolve_query(cube, query)
     mean = einops.reduce(cube.pattern[:, :, _query_row(cube, position)].double(), "l h k -> l k", "mean")[:, keys]
     rolled = rollout(cube, residual=residual)[:, position, keys]
     return (_maps(cube, _onto_grid(mean, cells, grid), mean.sum(-1), position, image, grid, "layer mean"),
