@@ -8,8 +8,6 @@ model); a position must be a row of every image site."""
 
 from __future__ import annotations
 
-import argparse
-
 from llm_heatmap.errors import InputError
 
 UPSAMPLING = ("bilinear", "nearest")  # viz.overlays.UPSAMPLING, without importing torch to build the parser
@@ -18,7 +16,7 @@ SCALES = ("panel", "shared")  # viz.overlays.SCALES
 
 def add_overlay_options(parser) -> None:
     group = parser.add_argument_group("image overlays (with --image)")
-    group.add_argument("--overlay", metavar="QUERY", type=parse_query,
+    group.add_argument("--overlay", metavar="QUERY",
                        help="also draw every head's attention from QUERY over the image (NAME.SITE.overlay.png) and "
                        "the layer mean and rollout (NAME.SITE.rollout.png): cls (the [CLS] token), last (the last "
                        "position) or a position")
@@ -35,12 +33,16 @@ def parse_query(text: str):
         return word
     if word.isdigit():
         return int(word)
-    raise argparse.ArgumentTypeError(f"{text!r} is not cls, last or a position (a whole number from 0)")
+    raise InputError(f"--overlay {text} is not cls, last or a position; give one of those (a position is a whole "
+                     "number from 0).")
 
 
 def check_overlay_flags(args) -> None:
-    """Before the model loads: an overlay needs an image."""
-    if args.overlay is not None and not args.image:
+    """Before the model loads: QUERY read (`args.overlay` becomes "cls", "last" or an int); an overlay needs an image."""
+    if args.overlay is None:
+        return
+    args.overlay = parse_query(args.overlay)
+    if not args.image:
         raise InputError("--overlay draws attention over an image, but no --image was given; give --image PATH.")
 
 

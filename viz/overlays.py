@@ -50,7 +50,7 @@ def _base(picture, size: tuple[int, int]) -> np.ndarray:
 
     rgb = np.asarray(picture.convert("RGB").resize(size[::-1], Image.Resampling.BILINEAR), dtype=np.float64) / 255
     grey = rgb.mean(-1, keepdims=True)
-    return 0.75 * (0.5 * rgb + 0.5 * grey)
+    return 0.85 * (0.6 * rgb + 0.4 * grey)
 
 
 def upsampled(values: torch.Tensor, size: tuple[int, int], mode: str) -> np.ndarray:
@@ -95,6 +95,7 @@ def _draw(panels, masses, row_labels, col_labels, title_lines, cmap, shared_top)
     """The figure: title, column labels above, row labels left, the panels, a mass in each panel's corner."""
     rows, cols = len(row_labels), len(col_labels)
     canvas = _canvas(panels, rows, cols)
+    title_lines = _wrapped(title_lines, canvas.shape[1] + 6 * LABEL_PX)
     _, h, w, _ = panels.shape
     px = LABEL_PX
     mass_px = max(8.0, min(11.0, 0.16 * min(h, w)))
@@ -104,8 +105,7 @@ def _draw(panels, masses, row_labels, col_labels, title_lines, cmap, shared_top)
     top = title_h + int(col_lines * px * 1.25 + 0.5 * px)
     bar = int(7 * px) if shared_top is not None else 0
     width = left + canvas.shape[1] + bar + px
-    width = max(width, int(max(text_size(t, px, "bold" if i == 0 else "normal")[0] for i, t in enumerate(title_lines))
-                           + 2 * px))
+    width = max(width, int(max(text_size(t, px, "bold")[0] for t in title_lines) + 2 * px))
     height = top + canvas.shape[0] + px
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     fig.patch.set_facecolor("white")
@@ -115,7 +115,7 @@ def _draw(panels, masses, row_labels, col_labels, title_lines, cmap, shared_top)
     font = px * 72 / DPI  # points for px pixels
     for line, text in enumerate(title_lines):
         fig.text(px / width, 1 - (px * 0.7 + line * px * 1.45) / height, text, fontsize=font, va="top",
-                 weight="bold" if line == 0 else "normal")
+                 weight="bold" if line < len(title_lines) - 1 else "normal")
     for c, text in enumerate(col_labels):
         x = left + c * (w + GUTTER) + w / 2
         fig.text(x / width, 1 - (top - 0.3 * px) / height, text, fontsize=font, ha="center", va="bottom",
@@ -140,6 +140,15 @@ def _draw(panels, masses, row_labels, col_labels, title_lines, cmap, shared_top)
     return fig
 
 
+def _wrapped(lines: list[str], width: float) -> list[str]:
+    """The first (bold) line split after its first ": " when it is wider than `width` pixels."""
+    first, rest = lines[0], lines[1:]
+    if ": " in first and text_size(first, LABEL_PX, "bold")[0] > width:
+        head, tail = first.split(": ", 1)
+        return [head + ":", tail, *rest]
+    return lines
+
+
 def _query_text(maps) -> str:
     grid = f"{maps.grid[0]} x {maps.grid[1]} patches" + (f" of {maps.merge} x {maps.merge} merged" if maps.merge > 1 else "")
     return f"query {maps.query} '{token_label(maps.query_label)}' over image {maps.image} ({grid})"
@@ -159,7 +168,7 @@ def _panels(values: torch.Tensor, picture, panel_px, upsample, scale, cmap, alph
 
 
 def plot_overlays(maps, picture, *, upsample: str = "bilinear", scale: str = "panel", cmap: str = "inferno",
-                  alpha: float = 0.75, panel_px: int = 112, title: str | None = None, context: str = "") -> Figure:
+                  alpha: float = 0.6, panel_px: int = 112, title: str | None = None, context: str = "") -> Figure:
     """The layers x heads grid of `maps` (`head_image_maps`: values `"l h r c"`) over `picture`, rows
     labelled L, columns H (with the KV group, H / KV, where heads share KV heads)."""
     if maps.values.dim() != 4:
@@ -175,7 +184,7 @@ def plot_overlays(maps, picture, *, upsample: str = "bilinear", scale: str = "pa
 
 
 def plot_layer_overlays(mean, rolled, picture, *, upsample: str = "bilinear", scale: str = "panel",
-                        cmap: str = "inferno", alpha: float = 0.75, panel_px: int = 112,
+                        cmap: str = "inferno", alpha: float = 0.6, panel_px: int = 112,
                         title: str | None = None, context: str = "") -> Figure:
     """Two rows over `picture`, a column per layer: the mean over heads and the rollout after that layer
     (`layer_image_maps`)."""
