@@ -86,7 +86,8 @@ def drawn_sites(args, cubes, sites: list[str]) -> list[str]:
         try:
             resolve_query(cubes[site], args.overlay)
         except InputError as error:
-            raise InputError(f"--overlay {args.overlay} on site {site}: {error}") from None
+            other = "" if args.site else " (or draw another site alone with --site)"
+            raise InputError(f"--overlay {args.overlay} on site {site}: {str(error).rstrip('.')}{other}.") from None
     return sites
 
 

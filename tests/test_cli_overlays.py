@@ -99,9 +99,18 @@ def test_cls_draws_only_the_sites_with_a_cls(llava_dir, picture, tmp_path):
     assert (tmp_path / "v.vision.overlay.png").exists() and not (tmp_path / "v.self.overlay.png").exists()
 
 
+def test_layers_and_heads_pick_the_overlay_panels(vit_dir, picture, tmp_path):
+    assert run("grid", "--image", picture, "--model", vit_dir, "--out", tmp_path, "--name", "all", "--overlay", "3") == 0
+    assert run("grid", "--image", picture, "--model", vit_dir, "--out", tmp_path, "--name", "two", "--overlay", "3",
+               "--heads", "1,3", "--layers", "1") == 0
+    every, picked = _pixels(tmp_path / "all_shapes.self.overlay.png"), _pixels(tmp_path / "two_shapes.self.overlay.png")
+    # one panel row fewer (the title may take one more line above a narrower grid), no wider
+    assert every.shape[0] - picked.shape[0] >= 112 + 6 - 20 and picked.shape[1] <= every.shape[1]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--site", "self", "--overlay", "cls"], "--overlay cls on site self: query 'cls' needs a special position"),
-    (["--overlay", "70"], "--overlay 70 on site self: query position 70 is not a query row of this cube (it has 69"),
+    (["--overlay", "70"], "--overlay 70 on site self: query position 70 is not a query row of this cube (it has 69 rows, positions 0-68); give a position in that range (or draw another site alone with --site)."),
 ])
 def test_refusals_after_the_capture_leave_no_files(llava_dir, picture, tmp_path, capsys, argv, message):
     assert run("grid", "a cat on the mat", "--image", picture, "--model", llava_dir, "--out", tmp_path, *argv) == 2
