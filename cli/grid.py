@@ -179,6 +179,7 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
             step("capturing")
             cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)
             drawn = overlays.drawn_sites(args, cubes, image_sites) if image_sites else []
+            pictures = sites.processed(args, image) if drawn else None
             step("drawing grid")
             tables = {}
             for site, cube in cubes.items():
@@ -194,8 +195,7 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                 lines.append(f"{site}: {shape} per head; wrote " + ", ".join(str(p) for p in site_paths.values()))
                 files[f"{run_name}.{site}"] = {k: str(v) for k, v in site_paths.items()}
                 if site in drawn:
-                    lines += overlays.write_overlays(args, cubes, site, sites.processed(args, image),
-                                                     overlay_paths[(run_name, site)])
+                    lines += overlays.write_overlays(args, cubes, site, pictures, overlay_paths[(run_name, site)])
                     files[f"{run_name}.{site}"].update({k: str(v) for k, v in overlay_paths[(run_name, site)].items()})
             if run_name in pages:
                 step("writing HTML")

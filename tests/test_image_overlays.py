@@ -59,6 +59,16 @@ def test_vit_head_maps_are_the_query_row_on_the_patch_grid(vit_cube, query, row)
     torch.testing.assert_close(maps.values, expected.double(), atol=0, rtol=0)
     torch.testing.assert_close(maps.mass, vit_cube.pattern[:, :, row, 1:].sum(-1).double())
     assert maps.query_label == vit_cube.tokens[row] and maps.layers == (0, 1, 2) and maps.heads == (0, 1, 2, 3)
+    assert maps.query_cell == (None if row == 0 else divmod(row - 1, 4))  # a patch query: its own cell
+
+
+def test_a_patch_query_is_framed_in_white(vit_cube):
+    picture = Image.new("RGB", (16, 16), (0, 0, 0))
+    figure = plot_overlays(head_image_maps(vit_cube, 6), picture, panel_px=64)  # patch (1, 1): pixels 16-31
+    canvas = figure.axes[0].get_images()[0].get_array()
+    panel = np.asarray(canvas[:64, :64])
+    assert (panel[16:32, 16] == 1).all() and (panel[16, 16:32] == 1).all() and (panel[31, 16:32] == 1).all()
+    assert (panel[:16, :16] < 1).all()
 
 
 def test_vit_layer_mean_and_rollout_rows(vit_cube):

@@ -13,7 +13,8 @@ same rule holds. The heat is upsampled to the panel `"nearest"` (one block per p
 laid over a dimmed copy of the picture with an opacity that grows with the value, so low attention leaves
 the picture visible. Each panel is scaled to its own maximum (`scale="panel"`), or all panels share one
 range (`scale="shared"`, with a colorbar); the number in a panel's corner is the attention mass that the
-query puts on the image's patches (the rest goes to text, CLS, registers or other images).
+query puts on the image's patches (the rest goes to text, CLS, registers or other images). A query that is
+itself a patch of the image has its cell framed in white.
 """
 
 from __future__ import annotations
@@ -159,12 +160,26 @@ def _scale_text(scale: str) -> str:
         "; corner: attention mass on the image"
 
 
-def _panels(values: torch.Tensor, picture, panel_px, upsample, scale, cmap, alpha):
-    """`"p r c"` maps -> blended `"p h w 3"` panels and the shared maximum (None with per-panel scaling)."""
+def _outline(panels: np.ndarray, grid: tuple[int, int], cell: tuple[int, int] | None) -> np.ndarray:
+    """A white frame around `cell` of the patch grid in every panel: where the query itself sits."""
+    if cell is None:
+        return panels
+    _, h, w, _ = panels.shape
+    top, bottom = round(cell[0] * h / grid[0]), round((cell[0] + 1) * h / grid[0]) - 1
+    left, right = round(cell[1] * w / grid[1]), round((cell[1] + 1) * w / grid[1]) - 1
+    panels[:, top:bottom + 1, [left, right]] = 1.0
+    panels[:, [top, bottom], left:right + 1] = 1.0
+    return panels
+
+
+def _panels(values: torch.Tensor, picture, panel_px, upsample, scale, cmap, alpha, grid, cell):
+    """`"p r c"` maps -> blended `"p h w 3"` panels (the query's cell framed) and the shared maximum (None with
+    per-panel scaling)."""
     size = _panel_size(picture, panel_px)
     heat, top = _normalised(upsampled(values, size, upsample), scale)
     base = _base(picture, size)
-    return np.stack([_blend(base, panel, cmap, alpha) for panel in heat]), (top if scale == "shared" else None)
+    panels = np.stack([_blend(base, panel, cmap, alpha) for panel in heat])
+    return _outline(panels, grid, cell), (top if scale == "shared" else None)
 
 
 def plot_overlays(maps, picture, *, upsample: str = "bilinear", scale: str = "panel", cmap: str = "inferno",
@@ -175,7 +190,8 @@ def plot_overlays(maps, picture, *, upsample: str = "bilinear", scale: str = "pa
         raise InputError("plot_overlays draws per-head maps (values 'l h r c', from head_image_maps); "
                          "use plot_layer_overlays for the layer mean and the rollout.")
     layers, heads = maps.values.shape[:2]
-    panels, top = _panels(maps.values.reshape(-1, *maps.grid), picture, panel_px, upsample, scale, cmap, alpha)
+    panels, top = _panels(maps.values.reshape(-1, *maps.grid), picture, panel_px, upsample, scale, cmap, alpha,
+                          maps.grid, maps.query_cell)
     grouped = any(a == b for a, b in zip(maps.kv_groups, maps.kv_groups[1:]))
     col_labels = [f"H{h}\nKV{g}" if grouped else f"H{h}" for h, g in zip(maps.heads, maps.kv_groups)]
     titles = [drawable(title or f"{context}{maps.title}: {_query_text(maps)}"), _scale_text(scale)]
@@ -191,7 +207,7 @@ def plot_layer_overlays(mean, rolled, picture, *, upsample: str = "bilinear", sc
     if mean.values.dim() != 3 or rolled.values.shape != mean.values.shape:
         raise InputError("plot_layer_overlays draws the two per-layer maps of layer_image_maps (values 'l r c').")
     values = torch.cat([mean.values, rolled.values])
-    panels, top = _panels(values, picture, panel_px, upsample, scale, cmap, alpha)
+    panels, top = _panels(values, picture, panel_px, upsample, scale, cmap, alpha, mean.grid, mean.query_cell)
     masses = torch.cat([mean.mass, rolled.mass]).tolist()
     titles = [drawable(title or f"{context}layer mean and {rolled.title}: {_query_text(mean)}"), _scale_text(scale)]
     row_labels = ["mean", "rollout"]

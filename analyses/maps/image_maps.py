@@ -39,6 +39,7 @@ class ImageMaps:
     grid: tuple[int, int]
     merge: int
     title: str = ""
+    query_cell: tuple[int, int] | None = None  # (row, col) of the query when it is a patch of this image
 
 
 def resolve_query(cube, query) -> int:
@@ -99,10 +100,11 @@ def _check_full(cube) -> None:
 
 def _maps(cube, values, mass, position, image, grid, title, heads=()) -> ImageMaps:
     axis = cube.key_axis
+    picture, row, col = axis.patch_cells()[position].tolist()
     return ImageMaps(values=values, mass=mass, layers=tuple(cube.layers), heads=tuple(heads),
                      kv_groups=tuple(int(g) for g in cube.kv_groups) if heads else (), query=position,
                      query_label=str(cube.query_labels()[_query_row(cube, position)]), image=image, grid=grid,
-                     merge=axis.merge, title=title)
+                     merge=axis.merge, title=title, query_cell=(row, col) if picture == image else None)
 
 
 def head_image_maps(cube, query, *, image: int = 0) -> ImageMaps:
