@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from llm_heatmap.errors import InputError
 
+from . import options
+
 UPSAMPLING = ("bilinear", "nearest")  # viz.overlays.UPSAMPLING, without importing torch to build the parser
 SCALES = ("panel", "shared")  # viz.overlays.SCALES
 
@@ -99,11 +101,9 @@ def write_overlays(args, cubes, site: str, processed, paths: dict) -> list[str]:
     from llm_heatmap.viz.overlays import plot_layer_overlays, plot_overlays
     from llm_heatmap.viz.saving import save_deterministic
 
-    from . import options
-
     cube = cubes[site]
     _, layers, heads = options.grid_style(args)
-    picture = processed[0]
+    picture = processed[0]  # one image per capture: image 0 of the site's axis
     drawing = dict(upsample=args.overlay_upsample, scale=args.overlay_scale, context=f"{model_name(args.model)} {site}: ")
     maps = head_image_maps(cube.select(layers=layers, heads=heads) if layers or heads else cube, args.overlay)
     mean, rolled = layer_image_maps(cube, args.overlay)

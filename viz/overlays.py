@@ -65,7 +65,7 @@ def upsampled(values: torch.Tensor, size: tuple[int, int], mode: str) -> np.ndar
 
 
 def _blend(base: np.ndarray, heat: np.ndarray, cmap, alpha: float) -> np.ndarray:
-    """`heat` (0-1) coloured by `cmap` over `base`, opacity `alpha * heat`."""
+    """`heat` (0-1) coloured by `cmap` over `base`, opacity `alpha * heat ** 0.7` (faint attention still shows)."""
     colours = get_cmap(cmap)(np.clip(heat, 0, 1))[..., :3]
     weight = alpha * np.clip(heat, 0, 1)[..., None] ** 0.7
     return base * (1 - weight) + colours * weight
