@@ -3,7 +3,7 @@
 - `heads/`: per-head metrics, TransformerLens head scores, the induction and retrieval probes, a prompt measured in
   one call;
 - `similarity/`: divergences between heads, KV-group similarity and its report, head maps;
-- `maps/`: query-key maps and rollout;
+- `maps/`: query-key maps, rollout, and one query's attention over an image's patches;
 - `stats.py`: the one statistics module (bootstrap intervals, permutation tests, interval means);
 - `runs/`: the resumable prompt-set run engine, prompt files, output files, and the batch run;
 - `atlas/`: the head atlas over a prompt set and its summary tables;
@@ -28,6 +28,7 @@ _MODULES = {
     ".heads.measure": ("measure_prompt", "stream_head_metrics"),
     ".heads.metrics": ("HeadMetricsReducer", "head_metrics"),
     ".heads.patterns": ("classify_heads", "is_special_token", "segment_ids", "special_token_mask"),
+    ".maps.image_maps": ("ImageMaps", "head_image_maps", "layer_image_maps"),
     ".maps.qk_maps": ("QKMap", "layer_maps", "qk_map"),
     ".maps.rollouts": ("rollout",),
     ".stats": ("bootstrap_means", "group_gap", "paired_statistics", "set_statistics"),

@@ -6,7 +6,7 @@ import argparse
 
 from llm_heatmap.errors import InputError
 
-from . import options, sites
+from . import options, overlays, sites
 from .run import Steps, emit, load
 
 AUTO_STREAM_GIB = 1  # analyses.measure.AUTO_STREAM_BYTES, without importing torch to build the parser
@@ -37,6 +37,7 @@ def register(subparsers) -> None:
                         help="also keep the queries and keys (in the cube file) and, with --html, show each head's "
                         "query-key map in the interactive view")
     options.add_attention_output_option(parser)
+    overlays.add_overlay_options(parser)
     parser.add_argument("--max-cube-mb", type=float,
                         help="refuse a full cube that, with what drawing and measuring it takes, needs more than this "
                         "many MiB (default: 80%% of the memory available)")
@@ -68,6 +69,7 @@ def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
 
     options.check_site_options(args)
+    overlays.check_overlay_flags(args)
     prompt = options.read_prompt(args, optional=bool(args.image))
     _, layers, heads = options.grid_style(args)  # the drawing options checked before anything loads
     options.check_model_indices(args.model, layers, heads)
@@ -165,14 +167,20 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
     planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
     paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
     pages = {run_name: args.out / f"{run_name}.html" for run_name, _ in planned} if args.html else {}
+    image_sites = overlays.image_sites(args, model, chosen) if args.overlay is not None else []
+    overlay_paths = {(run_name, site): overlays.output_paths(args, run_name, site)
+                     for run_name, _ in planned for site in image_sites}
     for site_paths in paths.values():
         site_paths.pop("html", None)  # one page per run, with a site switch
     sites.check_single_site_flags(args)
     lines, files = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
-    with claim_outputs([p for group in paths.values() for p in group.values()] + list(pages.values()), force=args.force):
+    outputs = [p for group in [*paths.values(), *overlay_paths.values()] for p in group.values()] + list(pages.values())
+    with claim_outputs(outputs, force=args.force):
         for run_name, image in planned:
             step("capturing")
             cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)
+            drawn = overlays.drawn_sites(args, cubes, image_sites) if image_sites else []
+            pictures = sites.processed(args, image) if drawn else None
             step("drawing grid")
             tables = {}
             for site, cube in cubes.items():
@@ -187,6 +195,9 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                 shape = "x".join(str(n) for n in cube.pattern.shape[-2:])
                 lines.append(f"{site}: {shape} per head; wrote " + ", ".join(str(p) for p in site_paths.values()))
                 files[f"{run_name}.{site}"] = {k: str(v) for k, v in site_paths.items()}
+                if site in drawn:
+                    lines += overlays.write_overlays(args, cubes, site, pictures, overlay_paths[(run_name, site)])
+                    files[f"{run_name}.{site}"].update({k: str(v) for k, v in overlay_paths[(run_name, site)].items()})
             if run_name in pages:
                 step("writing HTML")
                 with atomic_output(pages[run_name], force=args.force) as temp:

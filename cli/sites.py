@@ -57,6 +57,14 @@ def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt:
                        source=str(args.model))
 
 
+def processed(args, image) -> list:
+    """The pictures the model's processor makes of `image`, as the model sees them (resized, cropped)."""
+    from llm_heatmap.models.loading import load_processor
+    from llm_heatmap.models.processed_images import processed_pictures
+
+    return processed_pictures(load_processor(args.model, trust_remote_code=args.trust_remote_code), image)
+
+
 def multiple_images_check(args, specs: dict) -> None:
     """A VLM's capture holds one sequence, so one image; a vision model or a dual encoder runs once per image."""
     if args.image and len(args.image) > 1 and "vision" in specs and len(set(specs) - {"vision", "text"}):

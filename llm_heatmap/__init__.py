@@ -18,15 +18,15 @@ from .lazy import lazy_exports
 __version__ = "0.1.0"
 
 _MODULES = {
-    "llm_heatmap.models": ("load_model", "ModelSpec", "spec_from_model"),
-    "llm_heatmap.probes": ("AttentionCube", "CaptureOptions", "Probe", "capture", "capture_prompt", "capture_generate", "capture_decode",
-                           "DecodeSteps", "capture_lens",
-                           "capture_sites", "Downsampler"),
+    "llm_heatmap.models": ("load_model", "ModelSpec", "spec_from_model", "processed_pictures"),
+    "llm_heatmap.probes": ("AttentionCube", "CaptureOptions", "Probe", "capture", "capture_prompt", "capture_generate",
+                           "capture_decode", "DecodeSteps", "capture_lens", "capture_sites", "Downsampler"),
     "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "measure_prompt", "kv_group_similarity",
                              "head_similarity_matrix", "rollout", "qk_map", "compare_cubes", "compare_sets",
-                             "read_prompts", "run_batch", "run_atlas", "kv_report", "retrieval_head_scores"),
+                             "read_prompts", "run_batch", "run_atlas", "kv_report", "retrieval_head_scores",
+                             "head_image_maps", "layer_image_maps"),
     "llm_heatmap.viz": ("GridStyle", "plot_grid", "save_grid", "html_view", "sites_view", "decode_view", "write_html",
-                        "write_atlas"),
+                        "write_atlas", "plot_overlays", "plot_layer_overlays"),
     "llm_heatmap.analyses.importance.attribution": ("logit_attribution", "LogitAttribution"),
     "llm_heatmap.analyses.importance.knockout": ("Edges", "knocked_out", "knockout_effect", "knockout_scan"),
     "llm_heatmap.analyses.importance.contributions": ("token_contributions", "TokenContributions"),

@@ -9,6 +9,7 @@ _MODULES = {
                  "plot_metric_map", "plot_rollout", "save_figure"),
     ".grid": ("DrawnGrid", "GridLayout", "plot_grid", "plot_grid_difference", "save_grid", "save_grid_difference"),
     ".html": ("HtmlView", "html_view", "sites_view", "write_html"),
+    ".overlays": ("plot_layer_overlays", "plot_overlays"),
     ".qk_figures": ("plot_qk_map", "plot_qk_maps"),
     ".retrieval_figures": ("plot_retrieval_probe",),
     ".style": ("GridStyle",),

@@ -1,1 +1,1 @@
-"""Maps of one head or layer: query-key maps and attention rollout."""
+"""Maps of one head or layer: query-key maps, attention rollout, one query's attention over an image's patches."""
