@@ -106,5 +106,7 @@ def test_example_notebook_runs_and_shows_its_outputs(name):
     if name in ("quickstart", "long_prompts", "value_norms_and_qk_maps"):
         assert any(page.startswith("<iframe srcdoc=") and "hm-meta" in page for page in html), "the interactive view"
         assert any("AttentionCube" in page for page in html), "the cube's own display"
+    if name == "attention_sites":  # the sites' own view (a site switch), then grids, tables and overlays as pictures
+        assert any("sites-meta" in page for page in html) and sum("image/png" in k for k in kinds) >= 4
     if name == "quickstart":
         assert any("dataframe" in page for page in html) and any("background-color" in page for page in html)

@@ -28,12 +28,12 @@ from matplotlib.figure import Figure
 
 from llm_heatmap.errors import InputError
 
+from .figures import DPI, _figure
 from .labels import drawable, text_size, token_label
 from .raster import get_cmap
 
 UPSAMPLING = ("nearest", "bilinear")
 SCALES = ("panel", "shared")
-DPI = 100
 GUTTER = 6
 LABEL_PX = 13
 
@@ -108,8 +108,7 @@ def _draw(panels, masses, row_labels, col_labels, title_lines, cmap, shared_top)
     width = left + canvas.shape[1] + bar + px
     width = max(width, int(max(text_size(t, px, "bold")[0] for t in title_lines) + 2 * px))
     height = top + canvas.shape[0] + px
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    fig.patch.set_facecolor("white")
+    fig = _figure(width / DPI, height / DPI)  # white, and shown as a PNG in a notebook
     axes = fig.add_axes((left / width, px / height, canvas.shape[1] / width, canvas.shape[0] / height))
     axes.imshow(canvas, interpolation="nearest", aspect="auto")
     axes.set_axis_off()
