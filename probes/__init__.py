@@ -1,14 +1,19 @@
-"""Capturing attention patterns from a running model into an `AttentionCube`."""
+"""Capturing attention patterns from a running model into an `AttentionCube`.
 
-from .capture import CaptureOptions, Probe, capture, capture_prompt, estimate_cube_bytes
-from .cube import AttentionCube, Pooling, StreamPart
-from .decode import DecodeSteps, capture_decode
-from .geometry import attendable_mask
-from .generate import capture_generate
-from .lens import capture_lens, lens_spec
-from .sites import SiteCubes, SiteProbe, capture_sites
-from .stream import CubeConsumer, Downsampler, downsample, replay
+Names load on first use, so reading a cube file (`AttentionCube`) does not import transformers."""
 
-__all__ = ["AttentionCube", "CaptureOptions", "CubeConsumer", "Downsampler", "Pooling", "Probe", "StreamPart", "attendable_mask", "capture", "capture_decode", "capture_generate", "DecodeSteps",
-           "capture_lens", "capture_sites", "SiteCubes", "SiteProbe",
-           "capture_prompt", "downsample", "estimate_cube_bytes", "lens_spec", "replay"]
+from llm_heatmap.lazy import lazy_exports
+
+_MODULES = {
+    ".capture": ("CaptureOptions", "Probe", "capture", "capture_prompt", "estimate_cube_bytes"),
+    ".cube": ("AttentionCube", "Pooling", "StreamPart"),
+    ".decode": ("DecodeSteps", "capture_decode"),
+    ".geometry": ("attendable_mask",),
+    ".generate": ("capture_generate",),
+    ".lens": ("capture_lens", "lens_spec"),
+    ".sites": ("SiteCubes", "SiteProbe", "capture_sites"),
+    ".stream": ("CubeConsumer", "Downsampler", "downsample", "replay"),
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)
+__all__ = [name for names in _MODULES.values() for name in names]

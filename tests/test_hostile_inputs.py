@@ -324,8 +324,8 @@ def test_command_options_out_of_bounds_before_any_work(case, tmp_path, monkeypat
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.slow
-def test_a_one_token_prompt_is_refused_like_metrics(tmp_path):
+def test_a_one_token_prompt_is_refused_like_metrics(tmp_path, smollm2, monkeypatch):
+    monkeypatch.setattr("llm_heatmap.models.load_model", lambda *args, **options: smollm2)  # the session's copy
     code, lines = run_cli("kv-similarity", "a", "--model", "smollm2-135m", "--out", tmp_path / "kv.csv")
     metrics_code, metrics_lines = run_cli("metrics", "a", "--model", "smollm2-135m", "--out", tmp_path / "m.csv")
     assert (code, metrics_code) == (2, 2) and len(lines) == 1 and "need at least 2" in lines[0], lines

@@ -219,9 +219,9 @@ class _Stall:
             return None
         sys.meta_path.remove(self)
         marker = os.environ["HOSTILE_STALL_MARKER"]
-        open(marker, "w").close()
         deadline = time.monotonic() + 600
-        try:
+        try:  # the marker is written inside the try: a signal sent on seeing it always lands here
+            open(marker, "w").close()
             while time.monotonic() < deadline:
                 time.sleep(0.005)
         except KeyboardInterrupt:
