@@ -16,7 +16,6 @@ import inspect
 from dataclasses import dataclass, replace
 
 import torch
-import transformers
 from torch import nn
 
 from llm_heatmap.errors import InputError
@@ -48,6 +47,8 @@ def estimate_cube_bytes(spec: ModelSpec, num_tokens: int, num_layers: int | None
 
 
 def library_versions() -> dict:
+    import transformers
+
     import llm_heatmap
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "llm-heatmap": llm_heatmap.__version__}

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from llm_heatmap.errors import InputError
-from llm_heatmap.models import ModelSpec
+from llm_heatmap.models import ModelSpec, spec_from_model
 from llm_heatmap.models.offline import source_name
 
-from .capture import capture, encode_prompt, token_strings
+from .capture import capture, encode_prompt, select_indices, token_strings
 from .cube import AttentionCube
 
 
@@ -47,23 +47,68 @@ def placed_rows(layer_rows: list[torch.Tensor], position: int) -> torch.Tensor:
     return placed
 
 
-class _LastRows:
-    """A consumer keeping, per forward pass, the last query row of every captured layer (`"l h k"`)."""
+class StepConsumer:
+    """What receives decode steps as they happen (`capture_decode(consumers=[...])`): `consume_step(step,
+    position, rows)` with `rows` `"l h k"` over positions 0..`position` (module docstring), then `finish()`."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self.passes: dict[int, list[torch.Tensor]] = {}
+    def consume_step(self, step: int, position: int, rows: torch.Tensor) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class TopKeys(StepConsumer):
+    """Per step, each head's `k` most-attended positions and their weights: `positions` and `weights`
+    `"s l h k"` (fewer than `k` where a step saw fewer keys: position -1, weight 0), memory k per head and step."""
+
+    def __init__(self, k: int = 5):
+        if int(k) < 1:
+            raise InputError(f"k={k} must be at least 1 key per head.")
+        self.k, self._positions, self._weights = int(k), [], []
+
+    def consume_step(self, step: int, position: int, rows: torch.Tensor) -> None:
+        weights, positions = rows.float().topk(min(self.k, rows.shape[-1]), dim=-1)
+        missing = self.k - weights.shape[-1]
+        self._weights.append(torch.nn.functional.pad(weights, (0, missing)))
+        self._positions.append(torch.nn.functional.pad(positions, (0, missing), value=-1))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.stack(self._positions)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.stack(self._weights)
+
+
+class _Steps:
+    """The probe's consumer during generate(): each forward's last row of every captured layer (parts arrive layer
+    by layer, first captured layer first), placed over positions 0..p once the pass is complete and handed to
+    the step consumers (and kept, with `keep`)."""
+
+    def __init__(self, num_layers: int, prompt_tokens: int, consumers: list, keep: bool, dtype: torch.dtype):
+        self.num_layers, self.prompt_tokens, self.consumers, self.keep, self.dtype = \
+            num_layers, prompt_tokens, consumers, keep, dtype
+        self.rows: list[torch.Tensor] = []
+        self._layers: list[torch.Tensor] = []
 
     def consume(self, part: AttentionCube) -> None:
         info = part.stream
         if info.row_stop != info.num_queries:
             return  # a block of prefill rows before the last one
-        # parts of one pass arrive layer by layer, first captured layer first; "... h q k" -> "h k"
-        row = part.pattern.reshape(-1, *part.pattern.shape[-2:])[:, -1]
-        self.passes.setdefault(info.pass_index, []).append(row.to("cpu", self.dtype))
+        self._layers.append(part.pattern.reshape(-1, *part.pattern.shape[-2:])[:, -1].to("cpu", self.dtype))
+        if len(self._layers) < self.num_layers:
+            return
+        step = info.pass_index
+        position = self.prompt_tokens - 1 + step
+        rows, self._layers = placed_rows(self._layers, position), []
+        for consumer in self.consumers:
+            consumer.consume_step(step, position, rows)
+        if self.keep:
+            self.rows.append(rows)
 
     def finish(self) -> None:
-        pass
+        for consumer in self.consumers:
+            consumer.finish()
 
 
 @dataclass
@@ -84,7 +129,7 @@ class DecodeSteps:
 
     @property
     def num_steps(self) -> int:
-        return len(self.rows)
+        return len(self.sequence) - self.prompt_tokens
 
     @property
     def generated(self) -> torch.Tensor:
@@ -99,16 +144,23 @@ class DecodeSteps:
 
         return decode_view(self)._repr_html_()
 
+    def kept_rows(self) -> list[torch.Tensor]:
+        """`rows`, refused in one sentence when the capture kept none (`keep_rows=False`)."""
+        if not self.rows and self.num_steps:
+            raise InputError("this generation kept no rows (keep_rows=False); capture again with keep_rows=True, or "
+                             "pass the consumers you need (TopKeys, DecodeStepReducer) to capture_decode.")
+        return self.rows
+
     def top_keys(self) -> torch.Tensor:
         """long `"s l h"`: the sequence position of each head's most-attended key at each step."""
-        return torch.stack([row.argmax(-1) for row in self.rows])
+        return torch.stack([row.argmax(-1) for row in self.kept_rows()])
 
     def cube(self) -> AttentionCube:
         """`"l h s T"`: every step's row placed over the whole final sequence (keys a step did not see are 0);
         query row s stands at position `prompt_tokens - 1 + s`, the one that produced generated token s."""
         length = len(self.sequence)
         pattern = torch.zeros(len(self.layers), len(self.heads), self.num_steps, length, dtype=torch.float32)
-        for step, row in enumerate(self.rows):
+        for step, row in enumerate(self.kept_rows()):
             pattern[:, :, step, :row.shape[-1]] = row.float()
         query_positions = torch.arange(self.num_steps) + self.prompt_tokens - 1
         generated = torch.arange(length) >= self.prompt_tokens
@@ -121,12 +173,15 @@ class DecodeSteps:
 
 def capture_decode(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 20, chat: bool = False,
                    spec: ModelSpec | None = None, layers=None, heads=None, dtype: torch.dtype = torch.float32,
-                   source: str | None = None, **generate_options) -> DecodeSteps:
+                   source: str | None = None, consumers=(), keep_rows: bool = True, **generate_options) -> DecodeSteps:
     """Generate from `prompt` (one string) and keep every decode step's attention rows (module docstring).
 
     `generate_options` go to `model.generate` (do_sample, temperature, cache_implementation, ...); beam
     search (num_beams > 1) is refused: its steps reorder the cache between hypotheses, so a step's row
-    belongs to no single output. `dtype` stores the rows (float16 halves the memory)."""
+    belongs to no single output. `dtype` stores the rows (float16 halves the memory). `consumers`
+    (`StepConsumer`s: `TopKeys`, `analyses.heads.decode_table.DecodeStepReducer`, your own) receive each step
+    as it happens; with `keep_rows=False` no row is kept, so memory stays bounded however long the generation
+    (`rows` is then empty)."""
     if not hasattr(model, "generate") or model.get_output_embeddings() is None:
         raise InputError(f"{type(model).__name__} cannot generate text; pass a causal language model with an LM head.")
     if not isinstance(prompt, str) and not chat:
@@ -141,7 +196,9 @@ def capture_decode(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int =
     input_ids, attention_mask = encode_prompt(tokenizer, prompt, chat=chat)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    recorder = _LastRows(dtype)
+    spec = spec or spec_from_model(model)
+    recorder = _Steps(len(select_indices(layers, spec.num_layers, "layer")), input_ids.shape[-1], list(consumers),
+                      keep_rows, dtype)
     probe = capture(model, spec=spec, layers=layers, heads=heads, last_queries=1, keep=False, compute_output=False,
                     value_norms=False, consumers=[recorder])
     with torch.no_grad(), probe:
@@ -150,9 +207,7 @@ def capture_decode(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int =
     sequence = sequence[0].cpu()
     prompt_tokens = input_ids.shape[-1]
     steps = len(sequence) - prompt_tokens
-    passes = [recorder.passes[index] for index in sorted(recorder.passes)][:steps]
-    rows = [placed_rows(layers_rows, prompt_tokens - 1 + step) for step, layers_rows in enumerate(passes)]
-    return DecodeSteps(sequence=sequence, prompt_tokens=prompt_tokens, rows=rows,
+    return DecodeSteps(sequence=sequence, prompt_tokens=prompt_tokens, rows=recorder.rows[:steps],
                        spec=probe.spec, layers=probe.layers, heads=probe.heads,
                        tokens=token_strings(sequence, tokenizer), prompt=prompt if isinstance(prompt, str) else None,
                        source=source or source_name(model), metadata={"generation": {"max_new_tokens": int(max_new_tokens),

@@ -25,8 +25,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
 from llm_heatmap.errors import InputError
 
 _MISSING = object()
@@ -45,6 +43,14 @@ _taps: dict[str, _Tap] = {}
 _listeners: dict[nn.Module, list[Callable]] = {}
 _computers: dict[nn.Module, Callable] = {}
 _signatures: dict[Callable, inspect.Signature] = {}
+
+
+def _registry():
+    """(the shared `ALL_ATTENTION_FUNCTIONS` map, the `AttentionInterface` class), imported on first use so that
+    importing the probes (to read a cube file) does not import transformers."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    return ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 
 def kernel_key(module: nn.Module, model: nn.Module | None = None) -> str:
@@ -75,7 +81,7 @@ def eager_default(module: nn.Module) -> Callable:
 def check_tappable(module: nn.Module, key: str) -> None:
     """Raise `InputError` before the forward when no kernel can be found for `module` under `key`."""
     tap = _taps.get(key)
-    local = tap.original_local if tap else ALL_ATTENTION_FUNCTIONS.get(key, _MISSING)
+    local = tap.original_local if tap else _registry()[0].get(key, _MISSING)
     if local is _MISSING and _class_wide(key) is _MISSING:
         eager_default(module)
 
@@ -122,12 +128,13 @@ def _make_wrapper(key: str) -> Callable:
 
 def _class_wide(key: str):
     """The class-wide registry entry under `key`: a fresh instance has no overrides of its own."""
-    return AttentionInterface().get(key, _MISSING)
+    return _registry()[1]().get(key, _MISSING)
 
 
 def acquire(key: str) -> None:
     """Put the wrapper under `key` in the registry (refcounted)."""
     tap = _taps.get(key)
+    ALL_ATTENTION_FUNCTIONS, AttentionInterface = _registry()
     if tap is None:
         original_global = _class_wide(key)
         current = ALL_ATTENTION_FUNCTIONS.get(key, _MISSING)
@@ -148,6 +155,7 @@ def release(key: str) -> None:
     if tap.count > 0:
         return
     del _taps[key]
+    ALL_ATTENTION_FUNCTIONS, AttentionInterface = _registry()
     if tap.original_global is not _MISSING:
         AttentionInterface.register(key, tap.original_global)
     if tap.original_local is not _MISSING:

@@ -173,3 +173,26 @@ def test_the_generate_command_writes_the_table_the_cube_and_the_view(tmp_path, m
     assert (out / "sky.decode.html").read_text().count('id="dv-data"') == 1
     assert main([*argv, "--do-sample", "--temperature", "0", "--force"]) == 2
     assert "--temperature" in capsys.readouterr().err
+
+
+def test_steps_stream_to_consumers_and_need_no_rows():
+    """Consumers receive each step as it happens; without kept rows the top keys and the step table come from
+    them, equal to what the kept rows give."""
+    from llm_heatmap.analyses.heads.decode_table import DecodeStepReducer, decode_step_table
+    from llm_heatmap.probes.decode import TopKeys
+
+    model, ids = tiny_model("mistral"), prompt()  # a sliding window: rows past it hold zeros
+    with torch.no_grad():
+        kept = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=6, do_sample=False)
+        top, reducer = TopKeys(3), DecodeStepReducer()
+        streamed = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=6, do_sample=False,
+                                  consumers=[top, reducer], keep_rows=False)
+    assert streamed.rows == [] and torch.equal(streamed.sequence, kept.sequence)
+    assert torch.equal(top.positions[..., 0], kept.top_keys()) and top.positions.shape == (6, 2, 4, 3)
+    expected = torch.stack([row.topk(3, dim=-1).values for row in kept.rows])
+    torch.testing.assert_close(top.weights, expected)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(reducer.table(streamed), decode_step_table(kept))
+    with pytest.raises(InputError, match="keep_rows=False"):
+        streamed.cube()

@@ -196,9 +196,10 @@ def test_cli_refuses_bad_retrieval_lengths_before_loading(capsys, monkeypatch, t
 
 
 @pytest.mark.slow
-def test_cli_metrics_with_retrieval_probe(capsys, tmp_path):
+def test_cli_metrics_with_retrieval_probe(capsys, tmp_path, smollm2, monkeypatch):
     import pandas as pd
 
+    monkeypatch.setattr("llm_heatmap.models.load_model", lambda *args, **options: smollm2)  # the session's copy
     out = tmp_path / "m.csv"
     code, stdout, err = run_cli(capsys, "metrics", "the cat sat on the mat", "--out", out, "--retrieval-probe", "64",
                                 "--metric", "sink_score", "--metric", "probe_retrieval_score")

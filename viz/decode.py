@@ -32,13 +32,14 @@ MAX_PAGE_MB = 64  # the rows of every step, one byte each, above this make a pag
 
 def decode_view(steps, *, title: str | None = None) -> HtmlView:
     """`steps` (`probes.capture_decode`'s `DecodeSteps`) as one self-contained page (module docstring)."""
-    size = sum(row.numel() for row in steps.rows)
+    rows = steps.kept_rows()
+    size = sum(row.numel() for row in rows)
     if size > MAX_PAGE_MB * 2**20:
         raise InputError(f"the decode view would hold {size / 2**20:,.0f} MiB of rows ({steps.num_steps} steps x "
                          f"{len(steps.layers)} layers x {len(steps.heads)} heads); capture fewer layers or heads "
                          "(layers=..., heads=...) or fewer new tokens.")
     scales, levels = [], []
-    for row in steps.rows:
+    for row in rows:
         row = row.float().clamp(min=0)
         scale = row.amax(-1)
         scale = torch.where(scale > 0, scale, torch.ones(()))

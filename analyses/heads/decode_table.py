@@ -1,4 +1,13 @@
-"""`decode_step_table`: one row per decode step x head of a generation (`probes.capture_decode`)."""
+"""Per decode step and head, what a head did while the model generated (`probes.capture_decode`).
+
+    reducer = DecodeStepReducer()
+    steps = capture_decode(model, tokenizer, prompt, consumers=[reducer], keep_rows=False)   # bounded memory
+    reducer.table(steps)            # or decode_step_table(steps) when the rows were kept
+
+Columns, one row per step x head: `step`, `position` (of the query row; it wrote the token at position + 1),
+`token` (the one it wrote), `layer`, `head`, `kv_group`, `top_key` (the most-attended position), `top_key_token`,
+`top_weight`, `entropy` (nats, `-sum_k A_k ln A_k` over the row), `first_token_mass` (the weight on position 0).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +15,45 @@ import pandas as pd
 import torch
 from einops import rearrange
 
+from llm_heatmap.errors import InputError
+from llm_heatmap.probes.decode import StepConsumer
+
+
+class DecodeStepReducer(StepConsumer):
+    """The module's columns, computed as each step arrives; keeps a few numbers per step and head."""
+
+    def __init__(self):
+        self._steps: list[tuple[int, int, torch.Tensor]] = []
+
+    def consume_step(self, step: int, position: int, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        weight, key = rows.max(-1)
+        values = torch.stack([key.double(), weight, torch.special.entr(rows).sum(-1), rows[..., 0]])
+        self._steps.append((step, position, values))
+
+    def table(self, steps) -> pd.DataFrame:
+        """The table, with the tokens, layers and heads of `steps` (the `DecodeSteps` this reducer listened to)."""
+        if len(self._steps) != steps.num_steps:
+            raise InputError(f"this reducer saw {len(self._steps)} steps and the generation has {steps.num_steps}; "
+                             "use a new DecodeStepReducer for each capture_decode.")
+        group = max(1, steps.spec.num_heads // steps.spec.num_kv_heads)
+        layers, heads = torch.tensor(steps.layers), torch.tensor(steps.heads)
+        frames = []
+        for step, position, values in self._steps:
+            key, weight, entropy, first = (rearrange(v, "l h -> (l h)").numpy() for v in values)
+            frames.append(pd.DataFrame({
+                "step": step, "position": position, "token": steps.tokens[position + 1],
+                "layer": layers.repeat_interleave(len(heads)).numpy(), "head": heads.repeat(len(layers)).numpy(),
+                "top_key": key.astype(int), "top_weight": weight, "entropy": entropy, "first_token_mass": first}))
+        table = pd.concat(frames, ignore_index=True)
+        table.insert(5, "kv_group", table["head"] // group)
+        table.insert(7, "top_key_token", [steps.tokens[k] for k in table["top_key"]])
+        return table
+
 
 def decode_step_table(steps) -> pd.DataFrame:
-    """Per step (the row that wrote generated token `token` at `position + 1`) and head: the most-attended
-    position `top_key`, its token and weight, and the row's entropy in nats (`-sum_k A_k ln A_k`)."""
-    group = max(1, steps.spec.num_heads // steps.spec.num_kv_heads)
-    frames = []
-    for step, row in enumerate(steps.rows):
-        row = row.double()
-        weight, key = row.max(-1)
-        entropy = torch.special.entr(row).sum(-1)
-        layers, heads = (rearrange(torch.tensor(v), f"{a} -> {b}") for v, a, b in
-                         ((steps.layers, "l", "l 1"), (steps.heads, "h", "1 h")))
-        position = steps.prompt_tokens - 1 + step
-        frames.append(pd.DataFrame({
-            "step": step, "position": position, "token": steps.tokens[position + 1],
-            "layer": layers.expand_as(key).reshape(-1).numpy(), "head": heads.expand_as(key).reshape(-1).numpy(),
-            "top_key": key.reshape(-1).numpy(), "top_weight": weight.reshape(-1).numpy(),
-            "entropy": entropy.reshape(-1).numpy()}))
-    table = pd.concat(frames, ignore_index=True)
-    table.insert(5, "kv_group", table["head"] // group)
-    table.insert(7, "top_key_token", [steps.tokens[k] for k in table["top_key"]])
-    return table
+    """The module's table from the rows a capture kept (`DecodeStepReducer` replayed over them)."""
+    reducer = DecodeStepReducer()
+    for step, rows in enumerate(steps.kept_rows()):
+        reducer.consume_step(step, steps.prompt_tokens - 1 + step, rows)
+    return reducer.table(steps)
