@@ -200,3 +200,87 @@ def test_grid_with_one_site_writes_only_that_site_and_refuses_a_site_the_model_l
     assert run("grid", "12345", "--site", "vision", "--model", reverser_dir, "--out", tmp_path / "v", "--name", "v") == 2
     assert "--site vision is not a site of" in capsys.readouterr().err
     assert not (tmp_path / "v").exists() or not list((tmp_path / "v").iterdir())
+
+
+# the atlas per site
+
+
+@pytest.fixture(scope="module")
+def bart_dir(tmp_path_factory) -> Path:
+    """A tiny random BART (2 + 2 layers, 4 heads) with a word tokenizer."""
+    import torch
+    import transformers
+
+    from test_cli_sites import WORDS, word_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bart")
+    config = transformers.BartConfig(vocab_size=len(WORDS), d_model=16, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None)
+    transformers.BartForConditionalGeneration(config).save_pretrained(folder)
+    word_tokenizer(WORDS, eos="</s>").save_pretrained(folder)
+    return folder
+
+
+ATLAS_OPTIONS = ["--probe-length", "4", "--resamples", "20", "--permutations", "20", "--quiet"]
+
+
+def atlas(prompts, model, out, *extra) -> int:
+    return main(["atlas", str(prompts), "--model", str(model), "--out", str(out), *ATLAS_OPTIONS, *map(str, extra)])
+
+
+def test_atlas_of_an_encoder_decoder_covers_the_encoder_site(bart_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat on the mat\nthe cat\na mat on the cat\n")
+    assert atlas(prompts, bart_dir, tmp_path / "none") == 2  # which site is not guessed
+    assert ("has several attention sites (encoder, decoder, cross) and an atlas covers one; pass --site encoder."
+            in capsys.readouterr().err)
+    assert not (tmp_path / "none" / "atlas.json").exists()
+
+    assert atlas(prompts, bart_dir, tmp_path / "enc", "--site", "encoder") == 0
+    heads = pd.read_parquet(tmp_path / "enc" / "prompt_heads.parquet")
+    assert len(heads) == 3 * 2 * 4
+    spec = json.loads(next((tmp_path / "enc" / "parts").glob("*/model.json")).read_text())["spec"]
+    assert spec["site"] == "encoder" and spec["attention_modules"][0].startswith("model.encoder.")
+    assert main(["metrics", "a cat on the mat", "--target", "the cat", "--site", "encoder", "--model", str(bart_dir),
+                 "--out", str(tmp_path), "--name", "one", "--quiet"]) == 0
+    alone = pd.read_csv(tmp_path / "one.encoder.metrics.csv")  # the encoder's numbers do not depend on the target
+    mine = heads[heads["prompt_id"] == "0"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine[METRIC_COLUMNS], alone[METRIC_COLUMNS], check_dtype=False, atol=1e-6, rtol=0)
+    assert (tmp_path / "enc" / "atlas.html").stat().st_size > 0
+
+    assert atlas(prompts, bart_dir, tmp_path / "enc", "--resume") == 2  # resumed without the site it was run with
+    assert "holds a atlas run with other settings (site differ)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("site, why", [
+    ("cross", "its heads read source keys from target rows"),
+    ("decoder", "its input is a target or a generated text"),
+    ("vision", "it reads images"),
+])
+def test_atlas_refuses_sites_it_cannot_characterise_before_loading(site, why, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("12345\n")
+    assert atlas(prompts, tmp_path / "no-such-model", tmp_path / "out", "--site", site) == 2
+    error = capsys.readouterr().err
+    assert f"--site '{site}' has no atlas yet: {why}" in error and "--site 'self' or --site 'encoder'" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_atlas_of_the_digit_reverser_encoder_has_no_kv_gap_with_two_heads(reverser_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("12345\n987\n4321\n")
+    assert atlas(prompts, reverser_dir, tmp_path / "out", "--site", "encoder") == 0
+    layers = pd.read_parquet(tmp_path / "out" / "layers.parquet")
+    assert len(layers) == 2 and layers["gap_p_value"].isna().all() and layers["entropy_mean"].notna().all()
+    models = pd.read_parquet(tmp_path / "out" / "models.parquet")
+    assert models["num_heads"].tolist() == [2] and models["gap_mean"].isna().all()
+
+
+def test_atlas_of_a_vision_model_is_refused(vit_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert atlas(prompts, vit_dir, tmp_path / "out") == 2
+    assert f"{vit_dir} reads images, and the atlas reads text prompts" in capsys.readouterr().err

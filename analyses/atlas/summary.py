@@ -37,7 +37,7 @@ from llm_heatmap.analyses.compare import DESCRIPTIVE, metric_columns
 from llm_heatmap.analyses.similarity.head_map import head_map
 from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE
 from llm_heatmap.analyses.similarity.kv_similarity import cluster_order, divergence_similarity, spec_head_groups
-from llm_heatmap.analyses.stats import Bootstrap, group_gap, group_means, unit_means
+from llm_heatmap.analyses.stats import Bootstrap, group_gap, group_means, groups_comparable, unit_means
 from llm_heatmap.analyses.heads.patterns import PATTERN_CLASSES
 
 UNIT = ["layer", "head"]
@@ -181,8 +181,9 @@ def layer_table(rows: ModelRows, kv: pd.DataFrame, bootstrap: Bootstrap, *, n_pe
                           "n_prompts": len(rows.prompt_ids), "measure": rows.measure, "grouping": grouping,
                           "group_size": size})
     kv_columns = pd.DataFrame(summarise(kv_values, ["within", "between", "gap"], [], bootstrap))
+    # a model with too few heads to group (two per layer) has no gap to test: its p-values are NaN
     kv_columns["gap_p_value"] = [group_gap(block, groups, n_permutations, bootstrap.seed)["p_value"]
-                                 for block in mean_blocks]
+                                 if groups_comparable(groups) else np.nan for block in mean_blocks]
     return pd.concat([front, kv_columns, rows.summarise(x, bootstrap)], axis=1)
 
 
