@@ -250,6 +250,7 @@ def test_atlas_of_an_encoder_decoder_covers_the_encoder_site(bart_dir, tmp_path,
     mine = heads[heads["prompt_id"] == "0"].reset_index(drop=True)
     pd.testing.assert_frame_equal(mine[METRIC_COLUMNS], alone[METRIC_COLUMNS], check_dtype=False, atol=1e-6, rtol=0)
     assert (tmp_path / "enc" / "atlas.html").stat().st_size > 0
+    assert pd.read_parquet(tmp_path / "enc" / "models.parquet")["site"].tolist() == ["encoder"]
 
     assert atlas(prompts, bart_dir, tmp_path / "enc", "--resume") == 2  # resumed without the site it was run with
     assert "holds a atlas run with other settings (site differ)" in capsys.readouterr().err
@@ -284,3 +285,29 @@ def test_atlas_of_a_vision_model_is_refused(vit_dir, tmp_path, capsys):
     prompts.write_text("a cat\n")
     assert atlas(prompts, vit_dir, tmp_path / "out") == 2
     assert f"{vit_dir} reads images, and the atlas reads text prompts" in capsys.readouterr().err
+
+
+def test_atlas_of_a_t5_encoder_equals_its_site_capture(tmp_path):
+    """T5 has no default decoder input: the atlas's forward passes give its decoder one start token."""
+    import torch
+    import transformers
+
+    from llm_heatmap.analyses.atlas.run import run_atlas
+    from llm_heatmap.analyses.heads.measure import measure_sites
+    from llm_heatmap.analyses.runs.prompts import Prompt
+    from llm_heatmap.models import spec_from_model
+    from test_cli_sites import WORDS, word_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=len(WORDS), d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                   num_decoder_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2,
+                                   decoder_start_token_id=0)
+    model, tokenizer = transformers.T5ForConditionalGeneration(config).eval(), word_tokenizer(WORDS, eos="</s>")
+    prompts = [Prompt(id=str(i), text=text) for i, text in enumerate(["a cat on the mat", "the cat", "a mat on the cat"])]
+    result = run_atlas({"t5": (model, tokenizer, spec_from_model(model))}, prompts, tmp_path, site="encoder",
+                       probe_length=4, n_resamples=20, n_permutations=20, quiet=True)
+    assert result.tables["models"]["site"].tolist() == ["encoder"]
+    heads = result.tables["prompt_heads"]
+    alone = measure_sites(model, tokenizer, "a cat on the mat", target="the cat", sites=["encoder"])
+    mine = heads[heads["prompt_id"] == "0"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine[METRIC_COLUMNS], alone[METRIC_COLUMNS], check_dtype=False, atol=1e-6, rtol=0)

@@ -194,7 +194,7 @@ def model_table(rows: ModelRows, kv: pd.DataFrame, bootstrap: Bootstrap, source:
     gap = kv.groupby("prompt_id", sort=False)["gap"].mean().reindex(rows.prompt_ids).to_numpy()[:, None, None]
     tokens = rows.table.groupby("prompt_id", sort=False)["n_tokens"].first() if "n_tokens" in rows.table else None
     front = pd.DataFrame({
-        "model": [rows.name], "source": [source or rows.name], "summary": [spec.summary],
+        "model": [rows.name], "source": [source or rows.name], "site": [spec.site or "self"], "summary": [spec.summary],
         "architecture": [spec.architecture], "attention_kind": [spec.attention_kind], "causal": [spec.causal],
         "num_layers": [spec.num_layers], "num_heads": [spec.num_heads], "num_kv_heads": [spec.num_kv_heads],
         "n_prompts": [len(rows.prompt_ids)], "mean_tokens": [float(tokens.mean()) if tokens is not None else np.nan],
