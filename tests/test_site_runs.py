@@ -311,3 +311,25 @@ def test_atlas_of_a_t5_encoder_equals_its_site_capture(tmp_path):
     alone = measure_sites(model, tokenizer, "a cat on the mat", target="the cat", sites=["encoder"])
     mine = heads[heads["prompt_id"] == "0"].reset_index(drop=True)
     pd.testing.assert_frame_equal(mine[METRIC_COLUMNS], alone[METRIC_COLUMNS], check_dtype=False, atol=1e-6, rtol=0)
+
+
+def test_run_batch_takes_sites_and_targets_from_python(bart_dir, tmp_path):
+    from llm_heatmap.analyses.runs.batch import run_batch
+    from llm_heatmap.analyses.runs.prompts import Prompt
+    from llm_heatmap.models import load_model
+
+    model, tokenizer, spec = load_model(bart_dir)
+    with pytest.raises(InputError, match=r"^site='vision' is not a site of BartForConditionalGeneration; its sites are "
+                                         "encoder, decoder, cross\\.$"):
+        run_batch(model, tokenizer, [Prompt(id="0", text="a cat")], tmp_path / "bad", sites=["vision"], quiet=True)
+    assert not (tmp_path / "bad").exists()
+    prompts = [Prompt(id="0", text="a cat on the mat", target="the mat"), Prompt(id="1", text="the cat", target="a cat")]
+    result = run_batch(model, tokenizer, prompts, tmp_path / "run", quiet=True)  # a target: every site
+    assert result.table.groupby("site").size().to_dict() == {"cross": 16, "decoder": 16, "encoder": 16}
+    from llm_heatmap.analyses.heads.measure import measure_sites
+
+    alone = measure_sites(model, tokenizer, "a cat on the mat", target="the mat", sites=["cross"])  # the record's target
+    cross = result.table[(result.table["site"] == "cross") & (result.table["prompt_id"] == "0")].reset_index(drop=True)
+    columns = ["layer", "head", "alignment", "coverage", "source_entropy"]
+    pd.testing.assert_frame_equal(cross[columns], alone[columns], check_dtype=False, atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "run" / "batch.json").read_text())["targets"] == {"0": "the mat", "1": "a cat"}

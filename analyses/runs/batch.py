@@ -175,7 +175,7 @@ def _measured_sites(model, prompts: list[Prompt], sites: list[str] | None) -> li
         return list(specs) if any(p.image is not None or p.target is not None for p in prompts) else None
     unknown = [site for site in sites if site not in specs]
     if unknown:
-        raise InputError(f"site {unknown[0]} is not a site of {type(model).__name__}; its sites are {', '.join(specs)}.")
+        raise InputError(f"site={unknown[0]!r} is not a site of {type(model).__name__}; its sites are {', '.join(specs)}.")
     return list(sites)
 
 
