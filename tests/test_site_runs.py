@@ -5,7 +5,7 @@ single site's file names before the model loads."""
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +64,8 @@ def test_table_rows_name_images_and_targets(tmp_path):
 def test_bad_records_are_named_by_file_and_line(tmp_path, record, message):
     write_images(tmp_path)
     file = write_jsonl(tmp_path / "p.jsonl", [{"image": "pictures/cat.png"}, record])
-    with pytest.raises(InputError, match="^" + _escaped(message.format(file=file, folder=tmp_path))):
+    with pytest.raises(InputError, match="^" + re.escape(message.format(file=file, folder=tmp_path))):
         read_prompts(file)
-
-
-def _escaped(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 # batch per site
@@ -274,6 +268,7 @@ def test_atlas_of_the_digit_reverser_encoder_has_no_kv_gap_with_two_heads(revers
     prompts = tmp_path / "p.txt"
     prompts.write_text("12345\n987\n4321\n")
     assert atlas(prompts, reverser_dir, tmp_path / "out", "--site", "encoder") == 0
+    assert "KV-group gap: none (2 heads per layer cannot be split into pseudo groups of 3" in capsys.readouterr().out
     layers = pd.read_parquet(tmp_path / "out" / "layers.parquet")
     assert len(layers) == 2 and layers["gap_p_value"].isna().all() and layers["entropy_mean"].notna().all()
     models = pd.read_parquet(tmp_path / "out" / "models.parquet")

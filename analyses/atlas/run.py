@@ -295,7 +295,7 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length,
                 "retrieval_lengths": list(retrieval_lengths)}
-    if options.site is not None:  # absent when not chosen, so atlases written before sites still resume
+    if options.site not in (None, "self"):  # absent for the one stack, so atlases written before sites still resume
         settings["site"] = options.site
     result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
                          prompts={p.id: p.text for p in mine})
