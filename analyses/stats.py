@@ -226,6 +226,17 @@ def group_means(similarity, same_group):
     return within, between
 
 
+def groups_comparable(groups) -> bool:
+    """Whether a grouping of heads (one label per head) has a pair of heads in one group and a pair in two,
+    which a within-minus-between gap needs."""
+    import torch
+
+    groups = torch.as_tensor(groups)
+    upper = torch.ones(len(groups), len(groups), dtype=torch.bool).triu(1)
+    same = groups[:, None] == groups[None, :]
+    return bool((same & upper).any() and (~same & upper).any())
+
+
 def group_gap(similarity, groups, n_permutations: int = 1000, seed: int = 0) -> dict:
     """within, between, gap = within - between and a one-sided permutation p-value of a head x head
     similarity `"h h"` under the grouping `groups` (one label per head): the share of `n_permutations`
@@ -238,9 +249,8 @@ def group_gap(similarity, groups, n_permutations: int = 1000, seed: int = 0) -> 
     check_statistics(n_permutations=n_permutations, seed=seed)
     groups = torch.as_tensor(groups)
     heads = len(groups)
-    upper = torch.ones(heads, heads, dtype=torch.bool).triu(1)
     same = groups[:, None] == groups[None, :]
-    if not (same & upper).any() or not (~same & upper).any():
+    if not groups_comparable(groups):
         raise InputError("the KV-group statistic needs at least one pair of heads in the same group and one in different groups; "
                          "pass more heads or another pseudo_group_size.")
     layers = similarity if similarity.dim() == 3 else similarity[None]  # l h h

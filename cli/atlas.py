@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     options.add_prompt_set_options(parser, "PROMPTS")
     options.add_model_options(parser, several=True)
     atlas = parser.add_argument_group("atlas")
+    atlas.add_argument("--site", help="the attention site characterised: self (the one stack of a decoder LLM or "
+                       "BERT, the default) or encoder (an encoder-decoder's encoder; PROMPTS are its sources); a model "
+                       "with several sites needs it, and other sites are refused (measure them with batch --site)")
     atlas.add_argument("--measure", choices=options.HEAD_MEASURES, default="js",
                        help="head divergence: js (exact Jensen-Shannon, default) or hellinger (one matrix product)")
     atlas.add_argument("--max-rows", type=int, help="query rows per prompt the divergence averages over (default all)")
@@ -64,8 +67,12 @@ def _summary_lines(result, page: Path | None) -> list[str]:
         lines.append(f"{row.model}: {row.summary}; {row.n_prompts} prompts, {len(result.computed[row.model])} computed now")
         if classes is not None:
             lines.append("  heads by most frequent pattern: " + ", ".join(f"{name} {count}" for name, count in classes.items()))
-        lines.append(f"  KV-group gap ({row.grouping} groups of {row.group_size}, {row.measure}): {row.gap_mean:+.3f} "
-                     f"[{row.gap_low:+.3f}, {row.gap_high:+.3f}]")
+        if row.gap_mean != row.gap_mean:  # NaN: too few heads per layer for a pair within and a pair between groups
+            lines.append(f"  KV-group gap: none ({row.num_heads} heads per layer cannot be split into {row.grouping} groups "
+                         f"of {row.group_size} with pairs within and between them)")
+        else:
+            lines.append(f"  KV-group gap ({row.grouping} groups of {row.group_size}, {row.measure}): {row.gap_mean:+.3f} "
+                         f"[{row.gap_low:+.3f}, {row.gap_high:+.3f}]")
     files = [*result.files.values(), *([page] if page else [])]
     lines.append("wrote " + ", ".join(str(p) for p in files))
     return lines
@@ -75,10 +82,13 @@ def run(args) -> int:
     import torch
 
     from llm_heatmap.analyses.atlas.run import RANK_BY, run_atlas
+    from llm_heatmap.analyses.atlas.sites import check_atlas_site
     from llm_heatmap.models.files import atomic_output
     from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
     from llm_heatmap.viz.atlas import atlas_view
 
+    options.check_site_options(args)
+    check_atlas_site(args.site)  # before any model loads
     shard = None if args.shard is None else parse_shard(args.shard)
     retrieval_lengths = options.needle_lengths(args.retrieval_probe)
     prompts = read_prompts(args.prompts, column=args.column)
@@ -94,7 +104,7 @@ def run(args) -> int:
                                top_k=args.top_k, rank_by=tuple(args.rank_by or RANK_BY),
                                thumbnail_size=args.thumbnail_size, probe_length=args.probe_length,
                                retrieval_lengths=retrieval_lengths, ablation=args.ablation,
-                               pseudo_group_size=args.pseudo_group_size, n_resamples=args.resamples,
+                               pseudo_group_size=args.pseudo_group_size, site=args.site, n_resamples=args.resamples,
                                confidence=args.confidence, n_permutations=args.permutations, seed=args.seed,
                                shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args),
                                ranks=ranks, loader=lambda source: load(args, source, device=ranks.device()))

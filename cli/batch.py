@@ -40,22 +40,24 @@ def run(args) -> int:
     options.check_site_options(args)
     shard = None if args.shard is None else parse_shard(args.shard)
     prompts = read_prompts(args.file, column=args.column)
-    if args.chat and (args.site or any(p.image for p in prompts)):
-        raise InputError("--chat works on the one site of a text model; drop it with --site or images.")
+    if args.chat and (args.site or any(p.image or p.target for p in prompts)):
+        raise InputError("--chat works on the one site of a text model; drop it with --site, images or targets.")
     check_fresh_run(args.out, prompts, shard, resume=args.resume, force=args.force)  # before the model loads
     ranks = launched(args)
     try:
         model, tokenizer, spec = load(args, device=ranks.device())
-        measure, summary = site_measure(args, model, prompts), spec.summary
-        if measure is not None:
+        chosen, processor, summary = site_choice(args, model, prompts), None, spec.summary
+        if chosen is not None:
             from llm_heatmap.models import site_specs
+            from llm_heatmap.models.loading import load_processor
 
-            summary = "; ".join(f"{site} {s.summary}" for site, s in site_specs(model).items()
-                                if args.site in (None, site))
+            if any(p.image for p in prompts):
+                processor = load_processor(args.model, trust_remote_code=args.trust_remote_code)
+            summary = "; ".join(f"{site} {s.summary}" for site, s in site_specs(model).items() if site in chosen)
         with torch.no_grad():
             result = run_batch(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model), chat=args.chat,
                                shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args), ranks=ranks,
-                               measure=measure)
+                               sites=chosen, processor=processor)
     finally:
         ranks.close()
     if not ranks.is_main:
@@ -73,24 +75,14 @@ def run(args) -> int:
     return 0
 
 
-def site_measure(args, model, prompts):
-    """The per-prompt measure of a batch over sites (`measure_sites`, a `site` column), or None for the one
-    site of a text model without --site or images."""
-    from functools import partial
-
-    from llm_heatmap.analyses.heads.measure import measure_sites
+def site_choice(args, model, prompts) -> list[str] | None:
+    """The sites a batch measures (--site, or every site of a model with several, or of one whose prompts name
+    images or targets), or None for the one site of a text model."""
     from llm_heatmap.models import site_specs
-    from llm_heatmap.models.loading import load_processor, reads_images
 
     from . import sites
 
     specs = site_specs(model)
-    with_image = next((p for p in prompts if p.image), None)
-    if not (args.site or with_image or set(specs) != {"self"}):
+    if not (args.site or set(specs) != {"self"} or any(p.image or p.target for p in prompts)):
         return None
-    chosen = sites.chosen_sites(args, model, specs)
-    if with_image is not None and "vision" not in specs and not reads_images(model.config):
-        raise InputError(f"{with_image.where} names an image, but {args.model} reads no images (its sites are "
-                         f"{', '.join(specs)}); drop the images from the prompt file.")
-    processor = load_processor(args.model, trust_remote_code=args.trust_remote_code) if with_image else None
-    return partial(measure_sites, processor=processor, sites=chosen)
+    return sites.chosen_sites(args, model, specs)

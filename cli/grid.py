@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from llm_heatmap.errors import InputError
 
@@ -78,15 +79,41 @@ def run(args) -> int:
     if args.qk:
         args.stream = False  # queries and keys need the full cube
     name = options.plain_name(args.name) or options.base_name(args, prompt) + options.drawing_suffix(args)
-    if args.site or args.image or args.target is not None:  # the files are named per site, once the model is known
+    if args.site or args.image or args.target is not None:  # the files are named per site
         sites.check_single_site_flags(args)
+        if args.site:  # one site named: its files are known, and claimed, before the model loads
+            outputs = site_outputs(args, prompt, name, [args.site])
+            with claim_outputs(outputs.files(), force=args.force):
+                return _run(args, prompt, None, name, outputs)
         return _run(args, prompt, None, name)
     paths = output_paths(args, name)
     with claim_outputs(paths.values(), force=args.force):
         return _run(args, prompt, paths, name)
 
 
-def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
+@dataclass
+class SiteOutputs:
+    """The files of a run over sites: per forward pass (its name and image), per site a grid, table and cube,
+    and one page per forward pass with --html."""
+
+    planned: list  # (run name, image or None)
+    paths: dict  # (run name, site) -> output_paths
+    pages: dict  # run name -> NAME.html
+
+    def files(self) -> list:
+        return [p for group in self.paths.values() for p in group.values()] + list(self.pages.values())
+
+
+def site_outputs(args, prompt: str | None, name: str, chosen: list[str]) -> SiteOutputs:
+    planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
+    paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
+    for site_paths in paths.values():
+        site_paths.pop("html", None)  # one page per run, with a site switch
+    pages = {run_name: args.out / f"{run_name}.html" for run_name, _ in planned} if args.html else {}
+    return SiteOutputs(planned, paths, pages)
+
+
+def _run(args, prompt: str | None, paths: dict | None, name: str, outputs: SiteOutputs | None = None) -> int:
     # imported after the checks above, so that a bad prompt or output path can fail before torch loads
     import torch
 
@@ -110,7 +137,7 @@ def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
 
     specs = site_specs(model)
     if paths is None or sites.wants_sites(args, specs):
-        return _run_sites(args, model, tokenizer, specs, prompt, name, step)
+        return _run_sites(args, model, tokenizer, specs, prompt, name, step, outputs)
     drawn_layers, drawn_heads = len(layers or range(spec.num_layers)), len(heads or range(spec.num_heads))
     step("capturing")
     with torch.no_grad():
@@ -154,8 +181,10 @@ def _run(args, prompt: str | None, paths: dict | None, name: str) -> int:
     return 0
 
 
-def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: str, step) -> int:
-    """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ..."""
+def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: str, step,
+               outputs: SiteOutputs | None) -> int:
+    """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ...
+    (`outputs`: already claimed for the one site of --site)."""
     from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models.files import atomic_output, claim_outputs
@@ -164,18 +193,17 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
     sites.multiple_images_check(args, specs)
     chosen = sites.chosen_sites(args, model, specs)
     style, layers, heads = options.grid_style(args)
-    planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
-    paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
-    pages = {run_name: args.out / f"{run_name}.html" for run_name, _ in planned} if args.html else {}
+    claimed = outputs is not None
+    outputs = outputs or site_outputs(args, prompt, name, chosen)
+    planned, paths, pages = outputs.planned, outputs.paths, outputs.pages
     image_sites = overlays.image_sites(args, model, chosen) if args.overlay is not None else []
     overlay_paths = {(run_name, site): overlays.output_paths(args, run_name, site)
                      for run_name, _ in planned for site in image_sites}
-    for site_paths in paths.values():
-        site_paths.pop("html", None)  # one page per run, with a site switch
     sites.check_single_site_flags(args)
     lines, files = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
-    outputs = [p for group in [*paths.values(), *overlay_paths.values()] for p in group.values()] + list(pages.values())
-    with claim_outputs(outputs, force=args.force):
+    # the site files may be claimed before the load (--site); the overlays' names need the model's sites
+    unclaimed = [p for group in overlay_paths.values() for p in group.values()] + ([] if claimed else outputs.files())
+    with claim_outputs(unclaimed, force=args.force):
         for run_name, image in planned:
             step("capturing")
             cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)

@@ -30,40 +30,60 @@ def site_inputs(model, tokenizer, processor, sites, *, prompt: str | None = None
                 target: str | None = None) -> dict:
     """The keyword arguments of `model(...)` for one sequence (module docstring); `sites` are the model's
     site names, `image` a PIL image or None."""
-    sites = set(sites)
-    name = type(model).__name__
-    if sites == {SELF} and reads_images(model.config):
-        sites = {VISION}  # a vision model alone (ViT, DeiT): its one stack is its vision tower
-    if image is not None and VISION not in sites:
-        raise InputError(f"an image was given, but {name} reads no images (its sites are {', '.join(sorted(sites))}); "
-                         "drop the image.")
-    if target is not None and DECODER not in sites:
-        raise InputError(f"a target was given, but {name} has no decoder (its sites are {', '.join(sorted(sites))}); "
-                         "drop the target.")
+    sites = check_site_inputs(model, processor, sites, prompt=prompt, image=image, target=target)
     if VISION in sites:
-        return _vision_inputs(model, tokenizer, processor, sites, prompt, image)
-    if prompt is None:
-        raise InputError(f"{name} reads text; give a prompt.")
+        return _vision_inputs(processor, tokenizer, sites, prompt, image)
     inputs = dict(tokenizer(prompt, return_tensors="pt"))
     if DECODER in sites or CROSS in sites:
         inputs["decoder_input_ids"] = _decoder_ids(model, tokenizer, inputs, target)
     return inputs
 
 
-def _vision_inputs(model, tokenizer, processor, sites, prompt, image) -> dict:
+def check_site_inputs(model, processor, sites, *, prompt: str | None = None, image=None,
+                      target: str | None = None, where: str | None = None) -> set[str]:
+    """The model's sites (a vision model's one stack named `vision`) when `prompt`, `image` (anything but None
+    counts as given) and `target` are what the model reads (module docstring), else one sentence saying what
+    is wrong; nothing runs, so a prompt set can be checked before any of it is measured. `where` names a
+    record of a prompt file (its fields "prompt", "image", "target"), and the sentence speaks of that record."""
+    sites = set(sites)
     name = type(model).__name__
+    listed = ", ".join(sorted(sites))
+
+    def refuse(plain: str, record: str) -> InputError:
+        return InputError(plain if where is None else f"{where} {record}")
+
+    if sites == {SELF} and reads_images(model.config):
+        sites = {VISION}  # a vision model alone (ViT, DeiT): its one stack is its vision tower
+    if image is not None and VISION not in sites:
+        raise refuse(f"an image was given, but {name} reads no images (its sites are {listed}); drop the image.",
+                     f'names an "image", but {name} reads no images (its sites are {listed}); drop the images '
+                     "from the prompt file.")
+    if target is not None and DECODER not in sites:
+        raise refuse(f"a target was given, but {name} has no decoder (its sites are {listed}); drop the target.",
+                     f'names a "target", but {name} has no decoder (its sites are {listed}); drop the targets '
+                     "from the prompt file.")
+    if VISION not in sites:
+        if prompt is None:
+            raise refuse(f"{name} reads text; give a prompt.", f'has no text, but {name} reads text; write its "prompt".')
+        return sites
     if image is None:
-        raise InputError(f"{name} reads images; give an image.")
+        raise refuse(f"{name} reads images; give an image.", f'names no image, but {name} reads images; add its "image".')
     if processor is None:
         raise InputError(f"{name} has no image processor saved with it (preprocessor_config.json), so its images "
                          "cannot be prepared as it expects; save the model's processor beside it (save_pretrained).")
+    if sites == {VISION} and prompt is not None:
+        raise refuse(f"{name} reads only images, but a prompt was given; drop the prompt.",
+                     f'has text, but {name} reads only images; leave its "prompt" empty.')
+    if sites != {VISION} and prompt is None:
+        raise refuse(f"{name} reads an image with text; give a prompt as well.",
+                     f'has no text, but {name} reads an image with text; write its "prompt".')
+    return sites
+
+
+def _vision_inputs(processor, tokenizer, sites, prompt, image) -> dict:
     image_processor = getattr(processor, "image_processor", processor)
     if sites == {VISION}:
-        if prompt is not None:
-            raise InputError(f"{name} reads only images, but a prompt was given; drop the prompt.")
         return {"pixel_values": image_processor(images=image, return_tensors="pt")["pixel_values"]}
-    if prompt is None:
-        raise InputError(f"{name} reads an image with text; give a prompt as well.")
     if TEXT in sites or getattr(processor, "tokenizer", None) is None:
         text = dict(tokenizer(prompt, return_tensors="pt"))
         return {**text, "pixel_values": image_processor(images=image, return_tensors="pt")["pixel_values"]}

@@ -546,6 +546,12 @@ def forward_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         kwargs["logits_to_keep"] = 1
     if "position_ids" in accepted and not bool(attention_mask.bool().all()):
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
+    config = getattr(model, "config", None)
+    start = getattr(config, "decoder_start_token_id", None)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in accepted and start is not None:
+        # the tokens reach an encoder-decoder's encoder, whose attention does not depend on the decoder's input: one
+        # start token per row keeps the decoder's work small, and lets a family without a default (T5) run
+        kwargs["decoder_input_ids"] = torch.full((input_ids.shape[0], 1), start, device=device)
     return kwargs
 
 

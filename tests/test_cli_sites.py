@@ -237,7 +237,7 @@ def test_batch_per_site_with_images_named_in_the_prompt_file(clip_dir, reverser_
     table = pd.read_csv(tmp_path / "rev" / "heads.csv")
     assert set(table["site"]) == {"cross"} and len(table) == 8 and table["alignment"].notna().all()
     assert run("batch", prompts, "--model", reverser_dir, "--out", tmp_path / "bad") == 2
-    assert "names an image, but" in capsys.readouterr().err
+    assert 'names an "image", but' in capsys.readouterr().err
     prompts.write_text('{"prompt": "a cat", "image": "dog.png"}\n')
     assert run("batch", prompts, "--model", clip_dir, "--out", tmp_path / "missing") == 2
     assert "dog.png, which does not exist" in capsys.readouterr().err

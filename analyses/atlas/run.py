@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt
+from llm_heatmap.analyses.atlas.sites import atlas_spec, check_atlas_site
 from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                 prompt_layer_kv, top_prompts)
 from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_needle_grid, check_pseudo_group_size,
@@ -104,9 +105,9 @@ class _ModelParts(Section):
 
     def __init__(self, name: str, folder: Path, source, loader, prompts: list[Prompt], options: dict,
                  max_bytes: int | None, probe_length: int, fresh: bool, retrieval_lengths: tuple[int, ...] = (),
-                 ablation: "Ablation | None" = None):
+                 ablation: "Ablation | None" = None, site: str | None = None):
         super().__init__(name, folder)
-        self.source, self.loader, self.prompts, self.options = source, loader, prompts, options
+        self.source, self.loader, self.prompts, self.options, self.site = source, loader, prompts, options, site
         self.max_bytes, self.probe_length, self.fresh = max_bytes, probe_length, fresh
         self.retrieval_lengths, self.ablation = retrieval_lengths, ablation
         self.loaded = None  # (model, tokenizer, spec) while open, or loaded early by the check
@@ -132,7 +133,8 @@ class _ModelParts(Section):
     def load(self) -> dict[str, int]:
         """Load the model (once) and check every prompt of the run against it; the token counts."""
         if self.loaded is None:
-            self.loaded = _model(self.source, self.loader)
+            model, tokenizer, spec = _model(self.source, self.loader)
+            self.loaded = model, tokenizer, atlas_spec(model, spec, self.site, self.name)
         model, tokenizer, spec = self.loaded
         counts = _check_fits(spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name,
                              self.probe_length)
@@ -286,6 +288,7 @@ class AtlasOptions:
     max_bytes: int | None = None
     retrieval_lengths: tuple[int, ...] = ()
     ablation: str | None = None
+    site: str | None = None  # the attention site characterised on every model (`atlas/sites.py`)
 
 
 def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: AtlasOptions | None = None, *,
@@ -315,6 +318,7 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     top_k, rank_by, n_permutations = options.top_k, options.rank_by, options.n_permutations
     pseudo_group_size, probe_length, max_bytes = options.pseudo_group_size, options.probe_length, options.max_bytes
     retrieval_lengths = tuple(int(n) for n in options.retrieval_lengths)
+    check_atlas_site(options.site)
     n_resamples, confidence, seed = bootstrap.n_resamples, bootstrap.confidence, bootstrap.seed
     shard, resume, force, ranks = run.shard, run.resume, run.force, run.ranks
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
@@ -328,11 +332,17 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     per_prompt = dict(chat=chat, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
     models_parts = [_ModelParts(name, out_dir / "parts" / part_key(name), source, loader, mine, per_prompt, max_bytes,
                                 probe_length, fresh=force and not resume, retrieval_lengths=retrieval_lengths,
-                                ablation=Ablation(options.ablation, prompts) if options.ablation else None)
+                                ablation=Ablation(options.ablation, prompts) if options.ablation else None,
+                                site=options.site)
                     for name, source in entries]
     settings = {"models": [name for name, _ in entries], "chat": chat, "measure": measure,
                 "thumbnail_size": thumbnail_size, "max_rows": max_rows, "probe_length": probe_length,
-                "retrieval_lengths": list(retrieval_lengths), "ablation": options.ablation}
+                "retrieval_lengths": list(retrieval_lengths)}
+    # absent when unused, so atlases written before sites and ablation still resume
+    if options.site not in (None, "self"):
+        settings["site"] = options.site
+    if options.ablation:
+        settings["ablation"] = options.ablation
     result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
                          prompts={p.id: p.text for p in mine})
 

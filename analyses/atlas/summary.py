@@ -37,7 +37,7 @@ from llm_heatmap.analyses.compare import DESCRIPTIVE, metric_columns
 from llm_heatmap.analyses.similarity.head_map import head_map
 from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE
 from llm_heatmap.analyses.similarity.kv_similarity import cluster_order, divergence_similarity, spec_head_groups
-from llm_heatmap.analyses.stats import Bootstrap, group_gap, group_means, unit_means
+from llm_heatmap.analyses.stats import Bootstrap, group_gap, group_means, groups_comparable, unit_means
 from llm_heatmap.analyses.heads.patterns import PATTERN_CLASSES
 
 UNIT = ["layer", "head"]
@@ -181,8 +181,9 @@ def layer_table(rows: ModelRows, kv: pd.DataFrame, bootstrap: Bootstrap, *, n_pe
                           "n_prompts": len(rows.prompt_ids), "measure": rows.measure, "grouping": grouping,
                           "group_size": size})
     kv_columns = pd.DataFrame(summarise(kv_values, ["within", "between", "gap"], [], bootstrap))
+    # a model with too few heads to group (two per layer) has no gap to test: its p-values are NaN
     kv_columns["gap_p_value"] = [group_gap(block, groups, n_permutations, bootstrap.seed)["p_value"]
-                                 for block in mean_blocks]
+                                 if groups_comparable(groups) else np.nan for block in mean_blocks]
     return pd.concat([front, kv_columns, rows.summarise(x, bootstrap)], axis=1)
 
 
@@ -193,7 +194,7 @@ def model_table(rows: ModelRows, kv: pd.DataFrame, bootstrap: Bootstrap, source:
     gap = kv.groupby("prompt_id", sort=False)["gap"].mean().reindex(rows.prompt_ids).to_numpy()[:, None, None]
     tokens = rows.table.groupby("prompt_id", sort=False)["n_tokens"].first() if "n_tokens" in rows.table else None
     front = pd.DataFrame({
-        "model": [rows.name], "source": [source or rows.name], "summary": [spec.summary],
+        "model": [rows.name], "source": [source or rows.name], "site": [spec.site or "self"], "summary": [spec.summary],
         "architecture": [spec.architecture], "attention_kind": [spec.attention_kind], "causal": [spec.causal],
         "num_layers": [spec.num_layers], "num_heads": [spec.num_heads], "num_kv_heads": [spec.num_kv_heads],
         "n_prompts": [len(rows.prompt_ids)], "mean_tokens": [float(tokens.mean()) if tokens is not None else np.nan],

@@ -18,12 +18,13 @@ input before any rank writes, so bad input stops all of them alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from llm_heatmap.analyses.heads.measure import stream_head_metrics
+from llm_heatmap.analyses.heads.measure import measure_sites, stream_head_metrics
 from llm_heatmap.errors import InputError
 
 from .engine import FRONT, PromptSetRun, RunOptions, Section, run_prompt_set
@@ -83,9 +84,11 @@ class _Model(Section):
         return self.counts
 
     def measure(self, prompt: Prompt) -> pd.DataFrame:
-        image = {} if prompt.image is None else {"image": prompt.image}  # only a measure that reads images gets one
-        return self.measure_text(self.model, self.tokenizer, prompt.text, spec=self.spec, chat=self.chat,
-                                 **image, **self.capture_options)
+        # only a measure over sites gets an image and a target (and no text where the record has none)
+        inputs = {name: value for name, value in [("image", prompt.image), ("target", prompt.target)] if value is not None}
+        text = prompt.text or None if inputs else prompt.text
+        return self.measure_text(self.model, self.tokenizer, text, spec=self.spec, chat=self.chat,
+                                 **inputs, **self.capture_options)
 
 
 def run_batch(
@@ -104,6 +107,8 @@ def run_batch(
     ranks: Ranks | None = None,
     on_prompt: Callable[[Prompt, pd.DataFrame], None] | None = None,
     measure: Callable[..., pd.DataFrame] | None = None,
+    sites: list[str] | None = None,
+    processor=None,
     **capture_options,
 ) -> BatchResult:
     """Measure every prompt of `prompts` (or of `shard=(i, n)`) and write one row per prompt x head.
@@ -114,22 +119,32 @@ def run_batch(
     recomputes this shard's prompts. `ranks` (default: from the launcher's environment) splits
     the prompts to compute between processes (module docstring). `on_prompt(prompt, table)` runs
     after each finished prompt. `measure(model, tokenizer, text, spec=, chat=, **capture_options)`
-    defaults to `stream_head_metrics`; a prompt that names an image passes it as `image=` (its path), which
-    `heads.measure.measure_sites` reads. `quiet` turns off the progress bar (shown by rank 0 only,
-    on a terminal).
+    defaults to `stream_head_metrics`. `sites` (names of the model's attention sites) measures those sites
+    instead (`heads.measure.measure_sites`: a `site` column first; every site when a prompt names an image or
+    a target): a prompt's `image` (its path, prepared by `processor`) and `target` go to the measure, and the
+    sites, images and targets are part of the settings a resumed run must find unchanged. `quiet` turns off
+    the progress bar (shown by rank 0 only, on a terminal).
     """
     from llm_heatmap.models import spec_from_model
 
     spec = spec or spec_from_model(model)
     out_dir = Path(out_dir)
     mine = shard_prompts(prompts, shard)
-    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in mine}
+    sites = _measured_sites(model, prompts, sites)
+    if sites is not None:
+        measure = measure or partial(measure_sites, processor=processor, sites=sites)
+        _check_site_prompts(model, processor, mine)
+    counts = {p.id: None if p.image is not None else check_length(tokenizer, spec, p.text, chat=chat, where=p.where)
+              for p in mine}
     parquet_path, csv_path = output_paths(out_dir, shard)
     model_name = source or spec.architecture
     section = _Model(model_name, out_dir / "parts", model, tokenizer, spec, counts, measure or stream_head_metrics,
                      chat, capture_options)
     settings = {"model": model_name, "spec": spec.summary, "chat": chat,
                 "capture_options": {k: repr(v) for k, v in sorted(capture_options.items())}}
+    if sites is not None:  # the whole file's images and targets: every shard records the same settings
+        settings.update(sites=sites, images={p.id: p.image for p in prompts if p.image is not None},
+                        targets={p.id: p.target for p in prompts if p.target is not None})
     result = BatchResult(table=pd.DataFrame(), parquet=parquet_path, csv=csv_path)
 
     def merge(record) -> None:
@@ -149,6 +164,30 @@ def run_batch(
         tables = [mine_rows[p.id] for p in mine if p.id in mine_rows]
         result.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=FRONT)
     return result
+
+
+def _measured_sites(model, prompts: list[Prompt], sites: list[str] | None) -> list[str] | None:
+    """`sites` checked against the model's, every site where a prompt names an image or a target, else None."""
+    from llm_heatmap.models import site_specs
+
+    specs = site_specs(model)
+    if sites is None:
+        return list(specs) if any(p.image is not None or p.target is not None for p in prompts) else None
+    unknown = [site for site in sites if site not in specs]
+    if unknown:
+        raise InputError(f"site={unknown[0]!r} is not a site of {type(model).__name__}; its sites are {', '.join(specs)}.")
+    return list(sites)
+
+
+def _check_site_prompts(model, processor, prompts: list[Prompt]) -> None:
+    """Every prompt's text, image and target checked against what the model reads, before any is measured."""
+    from llm_heatmap.models import site_specs
+    from llm_heatmap.models.inputs import check_site_inputs
+
+    specs = site_specs(model)
+    for prompt in prompts:
+        check_site_inputs(model, processor, specs, prompt=prompt.text or None, image=prompt.image,
+                          target=prompt.target, where=prompt.where)
 
 
 def read_batch(out_dir: str | Path) -> pd.DataFrame:

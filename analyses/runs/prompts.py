@@ -1,6 +1,10 @@
 """Prompt files: TXT (one prompt per line), JSONL (`{"prompt": ..., "id": ..., "group": ...}` per line),
 CSV or Parquet (a table with a `prompt` column and optional `id` and `group` columns).
 
+JSONL records and table rows may also name an `image` (a path, relative paths resolved against the prompt
+file's folder; the prompt may then be empty or left out, for a model that reads only images) and a
+`target` (an encoder-decoder model's decoder text).
+
 `read_prompts` returns `Prompt` records in file order; `column` names the field or column that
 holds the text in JSONL, CSV and Parquet files. A prompt without an id gets its zero-based
 position in the file as id, so a resumed or sharded batch names prompts the same way every time
@@ -35,6 +39,7 @@ class Prompt:
     group: str | None = None
     origin: str | None = field(default=None, compare=False)
     image: str | None = None  # an image file the prompt goes with (JSONL field or column `image`), for vision models
+    target: str | None = None  # an encoder-decoder's decoder text (JSONL field or column `target`)
 
     @property
     def where(self) -> str:
@@ -127,17 +132,22 @@ def _from_jsonl(path: Path, text: str, column: str) -> list[Prompt]:
         except RecursionError:
             raise InputError(f"{where} nests JSON too deeply to read; write flat objects like "
                              f'{{"{column}": "...", "id": "..."}}.') from None
+        image = record.get("image") if isinstance(record, dict) else None
+        if image is not None and record.get(column, "") == "":
+            record = {**record, column: ""}  # an image alone, for a model that reads only images
         if not isinstance(record, dict) or column not in record:
             hint = f'objects like {{"{column}": "...", "id": "..."}}'
             if column == TEXT_COLUMN:
                 raise InputError(f'{where} has no "{column}" field; write {hint}.')
             raise InputError(f'{where} has no "{column}" field; write {hint}, or pass column=NAME, the field that holds the prompt.')
-        check_prompt(record[column], f'the "{column}" on {where}')
+        if not (image is not None and record[column] == ""):
+            check_prompt(record[column], f'the "{column}" on {where}')
         prompt_id = check_text(str(record.get("id", len(prompts))), f'the "id" on {where}')
-        group, image = record.get("group"), record.get("image")
+        group, target = record.get("group"), record.get("target")
         prompts.append(Prompt(id=prompt_id, text=record[column],
                               group=None if group is None else check_text(str(group), f'the "group" on {where}'),
-                              origin=where, image=_image_path(path, image, f'the "image" on {where}')))
+                              origin=where, image=_image_path(path, image, f'the "image" on {where}'),
+                              target=None if target is None else check_prompt(target, f'the "target" on {where}')))
     return prompts
 
 
@@ -196,12 +206,15 @@ def _from_table(path: Path, column: str) -> list[Prompt]:
     prompts = []
     for number, record in enumerate(table.to_dict("records"), start=1):
         where = f"row {number} of {path}"
-        text = record[column]
-        check_prompt(None if text is None or text is pd.NA else text, f"the '{column}' of {where}")
-        prompt_id, group, image = record.get("id"), record.get("group"), record.get("image")
+        text, image, target = record[column], record.get("image"), record.get("target")
+        if _blank(image) or not _blank(text):  # an image alone may leave the prompt empty
+            check_prompt(None if text is None or text is pd.NA else text, f"the '{column}' of {where}")
+        prompt_id, group = record.get("id"), record.get("group")
         prompts.append(Prompt(id=str(len(prompts)) if _blank(prompt_id) else check_text(_cell_text(prompt_id), f"the id of {where}"),
-                              text=text, group=None if _blank(group) else check_text(_cell_text(group), f"the group of {where}"),
-                              origin=where, image=None if _blank(image) else _image_path(path, image, f"the image of {where}")))
+                              text="" if _blank(text) else text,
+                              group=None if _blank(group) else check_text(_cell_text(group), f"the group of {where}"),
+                              origin=where, image=None if _blank(image) else _image_path(path, image, f"the image of {where}"),
+                              target=None if _blank(target) else check_prompt(_cell_text(target), f"the target of {where}")))
     return prompts
 
 
