@@ -425,8 +425,8 @@ def test_a_grid_whose_drawing_would_not_fit_is_refused_before_the_model_runs(tmp
 
 # ---- batch: bad prompts named by line, damaged parts recomputed ------------------------------------
 
-@pytest.mark.slow
-def test_a_batch_names_a_prompt_too_short_for_metrics_by_line(tmp_path):
+def test_a_batch_names_a_prompt_too_short_for_metrics_by_line(tmp_path, smollm2, monkeypatch):
+    monkeypatch.setattr("llm_heatmap.models.load_model", lambda *args, **options: smollm2)  # the session's copy
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the first prompt is fine\nthe second one too\na\nthe fourth is fine\n")
     out = tmp_path / "out"
