@@ -86,8 +86,8 @@ def tiny_gguf(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gguf")
     patch = pytest.MonkeyPatch()
     patch.setenv("LLM_HEATMAP_CACHE", str(folder / "cache"))
-    try:
-        yield load_model(write_tiny_gguf(folder / "tiny.gguf"))
+    try:  # its own cache for this load only: the rest of the session keeps the cache it was started with
+        return load_model(write_tiny_gguf(folder / "tiny.gguf"))
     finally:
         patch.undo()
 
