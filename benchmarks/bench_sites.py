@@ -6,14 +6,14 @@ at 512 source and 512 target tokens, against the plain SDPA forward of the same 
 One process, interleaved repetitions, median wall-clock and process CPU seconds (one torch thread by
 default, so CPU seconds measure the work on a busy machine); the ratio is to the plain forward of the
 same repetitions. "capture every site" keeps the fp32 cubes of the encoder, decoder and cross sites (the
-model's kernel untouched); "computed once" is the same capture with compute_output=True (the tap's blockwise
-softmax also gives the attention output, so the kernel does not run a second time).
+model's kernel untouched) with their value and output norms (as by default); "computed once" is the same capture
+with compute_output=True (the tap's blockwise softmax also gives the attention output, so the kernel does not run
+a second time); "patterns only" leaves the norms out (value_norms=False).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from transformers import BartConfig, BartModel
 from llm_heatmap.probes.sites import capture_sites
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_capture import timed  # noqa: E402
+from bench_capture import interleaved_medians  # noqa: E402
 
 
 def main() -> None:
@@ -46,31 +46,23 @@ def main() -> None:
         with torch.no_grad():
             model(input_ids=source, decoder_input_ids=target, use_cache=False)
 
-    def every_site():
-        with torch.no_grad(), capture_sites(model) as probe:
-            model(input_ids=source, decoder_input_ids=target, use_cache=False)
-        probe.cubes(source, decoder_input_ids=target)
+    def captured(**options):
+        def run():
+            with torch.no_grad(), capture_sites(model, **options) as probe:
+                model(input_ids=source, decoder_input_ids=target, use_cache=False)
+            probe.cubes(source, decoder_input_ids=target)
+        return run
 
-    def computed_once():
-        with torch.no_grad(), capture_sites(model, compute_output=True) as probe:
-            model(input_ids=source, decoder_input_ids=target, use_cache=False)
-        probe.cubes(source, decoder_input_ids=target)
-
-    paths = {"plain forward": plain, "capture every site": every_site, "  computed once": computed_once}
-    times = {name: ([], []) for name in paths}
-    every_site()  # warm-up
-    for _ in range(args.reps):
-        for name, run in paths.items():
-            wall, cpu = timed(run)
-            times[name][0].append(wall)
-            times[name][1].append(cpu)
-    base_wall, base_cpu = (statistics.median(times["plain forward"][i]) for i in (0, 1))
+    paths = {"plain forward": plain, "capture every site": captured(), "  computed once": captured(compute_output=True),
+             "  patterns only": captured(value_norms=False),
+             "  computed, patterns only": captured(compute_output=True, value_norms=False)}
+    times = interleaved_medians(paths, args.reps)
+    base_wall, base_cpu = times["plain forward"]
     print(f"BART 6+6 x 8 heads, {args.tokens} source + {args.tokens} target tokens, {args.threads} thread(s), "
           f"median of {args.reps}")
-    print(f"{'path':<22}{'wall s':>9}{'cpu s':>9}{'wall x':>8}{'cpu x':>8}")
+    print(f"{'path':<28}{'wall s':>9}{'cpu s':>9}{'wall x':>8}{'cpu x':>8}")
     for name, (wall, cpu) in times.items():
-        wall, cpu = statistics.median(wall), statistics.median(cpu)
-        print(f"{name:<22}{wall:>9.3f}{cpu:>9.3f}{wall / base_wall:>8.2f}{cpu / base_cpu:>8.2f}")
+        print(f"{name:<28}{wall:>9.3f}{cpu:>9.3f}{wall / base_wall:>8.2f}{cpu / base_cpu:>8.2f}")
 
 
 if __name__ == "__main__":
