@@ -7,7 +7,8 @@
 `generate()` runs with the model's own cache (dynamic, static, sliding-window, quantized: whatever
 `generate_options` choose) while the probe listens to each kernel call, keeping only the last query row
 of each forward pass: the prefill's last row produced the first new token, each decode forward's one row
-the next. Nothing T x T is held: a step costs `layers x heads x keys` numbers.
+the next. Nothing T x T is held: a step costs `layers x heads x keys` numbers, and with `keep_rows=False`
+nothing at all beyond what the step consumers (`consumers=[TopKeys(5), ...]`) keep as the steps arrive.
 
 Key positions: a layer whose kernel saw k keys at a step whose query stands at position p saw positions
 0..p when its cache holds every earlier key (dynamic cache; a static cache's slots past p are empty and
