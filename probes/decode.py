@@ -8,7 +8,8 @@
 `generate_options` choose) while the probe listens to each kernel call, keeping only the last query row
 of each forward pass: the prefill's last row produced the first new token, each decode forward's one row
 the next. Nothing T x T is held: a step costs `layers x heads x keys` numbers, and with `keep_rows=False`
-nothing at all beyond what the step consumers (`consumers=[TopKeys(5), ...]`) keep as the steps arrive.
+nothing at all beyond what the step consumers keep as the steps arrive (`TopKeys(k)`, `PooledStrip(length, bins)`,
+`analyses.heads.decode_table.DecodeStepReducer`).
 
 Key positions: a layer whose kernel saw k keys at a step whose query stands at position p saw positions
 0..p when its cache holds every earlier key (dynamic cache; a static cache's slots past p are empty and
@@ -30,6 +31,7 @@ from llm_heatmap.models.offline import source_name
 
 from .capture import capture, encode_prompt, select_indices, token_strings
 from .cube import AttentionCube
+from .geometry import bin_edges, edges_index
 
 
 def step_key_positions(position: int, keys: int) -> torch.Tensor:
@@ -79,6 +81,30 @@ class TopKeys(StepConsumer):
     @property
     def weights(self) -> torch.Tensor:
         return torch.stack(self._weights)
+
+
+class PooledStrip(StepConsumer):
+    """Each step's rows area-pooled onto at most `bins` bins of the positions 0..`length` - 1 (the bins the
+    cube's downsampling cuts, `geometry.bin_edges`): `strip` `"s l h b"` holds each bin's summed weight, so a
+    generation of any length is a fixed-width strip per head (`length`: prompt plus new tokens, or more)."""
+
+    def __init__(self, length: int, bins: int = 256):
+        if int(length) < 1 or int(bins) < 1:
+            raise InputError(f"length={length} and bins={bins} must be positive.")
+        self.edges = bin_edges(int(length), int(bins))
+        self._index = edges_index(self.edges)
+        self._rows: list[torch.Tensor] = []
+
+    def consume_step(self, step: int, position: int, rows: torch.Tensor) -> None:
+        if rows.shape[-1] > len(self._index):
+            raise InputError(f"step {step} sees {rows.shape[-1]} positions, past the strip's length {len(self._index)}; "
+                             "give PooledStrip a length of at least the prompt plus the new tokens.")
+        pooled = rows.new_zeros(*rows.shape[:-1], len(self.edges) - 1)
+        self._rows.append(pooled.index_add_(-1, self._index[:rows.shape[-1]], rows))
+
+    @property
+    def strip(self) -> torch.Tensor:
+        return torch.stack(self._rows)
 
 
 class _Steps:

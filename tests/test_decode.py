@@ -179,14 +179,14 @@ def test_steps_stream_to_consumers_and_need_no_rows():
     """Consumers receive each step as it happens; without kept rows the top keys and the step table come from
     them, equal to what the kept rows give."""
     from llm_heatmap.analyses.heads.decode_table import DecodeStepReducer, decode_step_table
-    from llm_heatmap.probes.decode import TopKeys
+    from llm_heatmap.probes.decode import PooledStrip, TopKeys
 
     model, ids = tiny_model("mistral"), prompt()  # a sliding window: rows past it hold zeros
     with torch.no_grad():
         kept = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=6, do_sample=False)
-        top, reducer = TopKeys(3), DecodeStepReducer()
+        top, reducer, strip = TopKeys(3), DecodeStepReducer(), PooledStrip(ids.shape[-1] + 6, bins=4)
         streamed = capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=6, do_sample=False,
-                                  consumers=[top, reducer], keep_rows=False)
+                                  consumers=[top, reducer, strip], keep_rows=False)
     assert streamed.rows == [] and torch.equal(streamed.sequence, kept.sequence)
     assert torch.equal(top.positions[..., 0], kept.top_keys()) and top.positions.shape == (6, 2, 4, 3)
     expected = torch.stack([row.topk(3, dim=-1).values for row in kept.rows])
@@ -194,5 +194,13 @@ def test_steps_stream_to_consumers_and_need_no_rows():
     import pandas as pd
 
     pd.testing.assert_frame_equal(reducer.table(streamed), decode_step_table(kept))
+    # 15 positions in 4 bins (the downsampler's cut); each bin holds the summed weight of its positions
+    cube = kept.cube()
+    from llm_heatmap.probes.geometry import bin_edges
+
+    edges = bin_edges(len(kept.sequence), 4)
+    expected_strip = torch.stack([cube.pattern[..., a:b].sum(-1) for a, b in zip(edges, edges[1:])], -1)
+    torch.testing.assert_close(strip.strip, torch.einsum("lhsb->slhb", expected_strip))
+    torch.testing.assert_close(strip.strip.sum(-1), torch.ones(6, 2, 4))
     with pytest.raises(InputError, match="keep_rows=False"):
         streamed.cube()
