@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from llm_heatmap.cli import main
 from llm_heatmap.probes import AttentionCube
 from test_cli_sites import WORDS, word_tokenizer
+from tiny_models import write_tiny_llava
 
 VISION = dict(image_size=32, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=32)
@@ -42,21 +43,8 @@ def vit_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory) -> Path:
     """A tiny LLaVA: CLIP tower over 8 x 8 patches (and [CLS], dropped), Llama with 2 KV heads for 4 heads."""
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llava")
-    words = WORDS + ["<image>"]
-    text = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2)
-    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION), text_config=text,
-                                      image_token_index=words.index("<image>"), image_seq_length=64,
-                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer = word_tokenizer(words)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
-                                vision_feature_select_strategy="default", image_token="<image>",
-                                num_additional_image_tokens=1).save_pretrained(folder)
+    write_tiny_llava(folder, WORDS, word_tokenizer(WORDS + ["<image>"]), VISION, text_layers=2)
     return folder
 
 

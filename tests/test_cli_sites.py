@@ -16,6 +16,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
 from llm_heatmap.cli import main
 from llm_heatmap.probes import AttentionCube
+from tiny_models import write_tiny_llava
 
 REVERSER = Path(__file__).resolve().parents[1] / "examples" / "toy_models" / "digit-reverser"
 VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -65,21 +66,8 @@ def clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory) -> Path:
     """A tiny LLaVA (CLIP vision tower, Llama language model) with its processor: 4 image tokens per image."""
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llava")
-    words = WORDS + ["<image>"]
-    text = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                    num_attention_heads=4, num_key_value_heads=2)
-    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION), text_config=text,
-                                      image_token_index=words.index("<image>"), image_seq_length=4,
-                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer = word_tokenizer(words)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
-    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
-                                vision_feature_select_strategy="default", image_token="<image>",
-                                num_additional_image_tokens=1).save_pretrained(folder)
+    write_tiny_llava(folder, WORDS, word_tokenizer(WORDS + ["<image>"]), VISION, text_layers=3)
     return folder
 
 

@@ -124,3 +124,26 @@ def write_tiny_gguf(path, arch: str = "llama", *, layers: int = 2, hidden: int =
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tiny_llava(folder, words: list[str], tokenizer, vision: dict, *, text_layers: int) -> None:
+    """Save a tiny random LLaVA with its processor to `folder`: a CLIP tower (`vision`: a CLIPVisionConfig's
+    fields, its [CLS] dropped), a Llama of `text_layers` layers with 4 heads on 2 KV heads over `words` plus
+    "<image>" (one image token per patch), and `tokenizer` (for `words`) taught the image token."""
+    import transformers
+
+    torch.manual_seed(0)
+    words = words + ["<image>"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    text = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**vision), text_config=text,
+                                      image_token_index=words.index("<image>"), image_seq_length=patches,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    side = vision["image_size"]
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision["patch_size"],
+                                vision_feature_select_strategy="default", image_token="<image>",
+                                num_additional_image_tokens=1).save_pretrained(folder)
