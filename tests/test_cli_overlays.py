@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from llm_heatmap.cli import main
 from llm_heatmap.probes import AttentionCube
 from test_cli_sites import WORDS, word_tokenizer
-from tiny_models import write_tiny_llava
+from tiny_models import write_tiny_llava, write_tiny_vit
 
 VISION = dict(image_size=32, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=32)
@@ -33,10 +33,8 @@ def picture(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("vit")
-    transformers.ViTModel(transformers.ViTConfig(**VISION)).save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    write_tiny_vit(folder, VISION)
     return folder
 
 

@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
 from llm_heatmap.cli import main
 from llm_heatmap.probes import AttentionCube
-from tiny_models import write_tiny_llava
+from tiny_models import write_tiny_llava, write_tiny_vit
 
 REVERSER = Path(__file__).resolve().parents[1] / "examples" / "toy_models" / "digit-reverser"
 VISION = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -44,10 +44,8 @@ def picture(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("vit")
-    transformers.ViTModel(transformers.ViTConfig(**VISION)).save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(folder)
+    write_tiny_vit(folder, VISION)
     return folder
 
 

@@ -147,3 +147,13 @@ def write_tiny_llava(folder, words: list[str], tokenizer, vision: dict, *, text_
     transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision["patch_size"],
                                 vision_feature_select_strategy="default", image_token="<image>",
                                 num_additional_image_tokens=1).save_pretrained(folder)
+
+
+def write_tiny_vit(folder, vision: dict) -> None:
+    """Save a tiny random ViT (`vision`: a ViTConfig's fields) with an image processor resizing to its input size."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.ViTModel(transformers.ViTConfig(**vision)).save_pretrained(folder)
+    side = vision["image_size"]
+    transformers.ViTImageProcessor(size={"height": side, "width": side}).save_pretrained(folder)
