@@ -103,12 +103,12 @@ def check_pseudo_group_size(pseudo_group_size) -> None:
         at_least("pseudo_group_size", pseudo_group_size, 2, " (a group of one head has no pair to compare)")
 
 
-def pseudo_group_size_of(specs, chosen: int | None = None) -> int:
-    """`chosen`, else the group size of the first GQA model among `specs`, else `PSEUDO_GROUP_SIZE`."""
+def pseudo_group_size_of(head_counts, chosen: int | None = None) -> int:
+    """`chosen`, else the group size of the first GQA model among `head_counts` ((query heads, KV heads) per
+    model, in order), else `PSEUDO_GROUP_SIZE`."""
     if chosen is not None:
         return chosen
-    gqa = [spec.group_size for spec in specs if spec.attention_kind == "GQA"]
-    return gqa[0] if gqa else PSEUDO_GROUP_SIZE
+    return next((heads // kv for heads, kv in head_counts if 1 < kv < heads), PSEUDO_GROUP_SIZE)
 
 
 def check_head_measure(measure) -> None:

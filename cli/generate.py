@@ -46,11 +46,10 @@ def run(args) -> int:
         raise InputError("--temperature sets the sampling temperature: give a positive value together with --do-sample.")
     layers, heads = options.parse_indices(args.layers, "--layers"), options.parse_indices(args.heads, "--heads")
     options.check_model_indices(args.model, layers, heads)
-    name = f"{options.base_name(args, prompt)}.decode"
-    paths = {"table": args.out / f"{name.removesuffix('.decode')}.steps.csv",
-             "cube": args.out / f"{name}.cube.safetensors"}
+    name = options.base_name(args, prompt)
+    paths = {"table": args.out / f"{name}.steps.csv", "cube": args.out / f"{name}.decode.cube.safetensors"}
     if args.html:
-        paths["html"] = args.out / f"{name}.html"
+        paths["html"] = args.out / f"{name}.decode.html"
     with claim_outputs(paths.values(), force=args.force):
         return _run(args, prompt, layers, heads, paths)
 

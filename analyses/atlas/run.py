@@ -418,7 +418,7 @@ def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[P
         if not parts.spec_file.exists():
             raise InputError(f"{parts.folder} has no model.json; run the atlas again with resume=True to write it.")
         specs[parts.name] = ModelSpec.from_dict(json.loads(parts.spec_file.read_text())["spec"])
-    pseudo_group_size = pseudo_group_size_of(specs.values(), pseudo_group_size)
+    pseudo_group_size = pseudo_group_size_of(((s.num_heads, s.num_kv_heads) for s in specs.values()), pseudo_group_size)
     frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
     for parts in models_parts:
         spec = specs[parts.name]

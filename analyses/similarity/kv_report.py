@@ -21,7 +21,7 @@ import pandas as pd
 
 from llm_heatmap.errors import InputError
 
-from llm_heatmap.analyses.bounds import PSEUDO_GROUP_SIZE, check_pseudo_group_size, check_statistics
+from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics, pseudo_group_size_of
 from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
 from llm_heatmap.analyses.runs.parts import part_key
 from llm_heatmap.analyses.runs.prompts import Prompt, check_length, check_prompt
@@ -85,22 +85,17 @@ class _ModelSection(Section):
         self.loaded = None
 
 
-def _pseudo_group_size(entries, chosen: int | None) -> int:
-    """`chosen`, else the group size of the first GQA model, read from the loaded specs and the sources'
-    configs (`models.counts`) before any model loads (a source whose config does not say counts as MHA)."""
+def _head_counts(entries):
+    """(query heads, KV heads) of each entry, from a loaded spec or the source's config (`models.counts`), before
+    any model loads (a source whose config does not say counts as MHA)."""
     from llm_heatmap.models.counts import attention_counts
 
-    if chosen is not None:
-        return chosen
     for _, value in entries:
         if isinstance(value, tuple):
-            heads, kv_heads = value[2].num_heads, value[2].num_kv_heads
+            yield value[2].num_heads, value[2].num_kv_heads
         else:
             counts = attention_counts(value)
-            heads, kv_heads = (counts.heads, counts.kv_heads) if counts else (1, 1)
-        if 1 < kv_heads < heads:
-            return heads // kv_heads
-    return PSEUDO_GROUP_SIZE
+            yield (counts.heads, counts.kv_heads) if counts else (1, 1)
 
 
 def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bool = False, measures=None,
@@ -129,7 +124,7 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
     entries = list(models.items()) if isinstance(models, dict) else [(str(source), source) for source in models]
     from llm_heatmap.analyses.similarity.kv_similarity import MEASURES
 
-    similarity = dict(measures=tuple(measures or MEASURES), pseudo_group_size=_pseudo_group_size(entries, pseudo_group_size),
+    similarity = dict(measures=tuple(measures or MEASURES), pseudo_group_size=pseudo_group_size_of(_head_counts(entries), pseudo_group_size),
                       n_permutations=n_permutations, seed=seed)
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="llm-heatmap-kv-") as folder:
