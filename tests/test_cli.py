@@ -178,7 +178,7 @@ def test_bad_input_exit_status_from_a_real_process(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is empty" in result.stderr
 
 
-def test_batch_interrupted_then_resumed(tmp_path):
+def test_batch_interrupted_then_resumed(tmp_path, cli_in_process):
     """Ctrl-C in the middle of a batch keeps the finished prompts; --resume computes only the rest. The run is
     held (llm_heatmap.stall) with the third prompt's part complete but not yet in place, then interrupted."""
     from llm_heatmap.analyses.runs.parts import part_key
@@ -202,7 +202,7 @@ def test_batch_interrupted_then_resumed(tmp_path):
     finished = [p for p in (out / "parts").glob("*.parquet") if not p.name.startswith(".")]
     assert len(finished) == 2 and not (out / "heads.csv").exists()
 
-    resumed = cli("batch", prompts, "--out", out, "--model", "minilm-l6", "--resume", "--json")
+    resumed = cli_in_process("batch", prompts, "--out", out, "--model", "minilm-l6", "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert len(summary["skipped"]) == 2 and len(summary["computed"]) == 4

@@ -67,18 +67,10 @@ def one_process(prompts, tmp_path_factory) -> Path:
     return out
 
 
-def test_atlas_on_two_processes_equals_one(prompts, one_process, tmp_path):
-    result = run("atlas", prompts, *MODELS, "--out", tmp_path, "--resamples", 300, "--permutations", 100, processes=2)
-    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
-    assert_same_tables(one_process, tmp_path, TABLES)
-    assert (one_process / "atlas.html").read_text() == (tmp_path / "atlas.html").read_text()
-    parts = sorted(p.name for p in (tmp_path / "parts").rglob("*.parquet") if p.name != "probe.parquet")
-    assert len(parts) == 2 * len(TEXTS) and not list((tmp_path / "parts").rglob(".*"))  # no temporary left
-
-
 def test_interrupted_run_resumes_on_two_processes(prompts, one_process, tmp_path):
     """The atlas is held (llm_heatmap.stall) as the first model's third part is about to go in place, interrupted
-    there, and resumed by two processes: the tables equal the one-process run's."""
+    there, and resumed by two processes, which compute the rest: the tables and the page equal the one-process
+    run's, rank 0 alone reports (stdout is one JSON document), and no temporary file is left."""
     from llm_heatmap.analyses.runs.parts import part_key
 
     marker = tmp_path.parent / f"{tmp_path.name}.held"
@@ -102,14 +94,16 @@ def test_interrupted_run_resumes_on_two_processes(prompts, one_process, tmp_path
     skipped = sum(len(ids) for ids in summary["skipped"].values())
     assert computed + skipped == 2 * len(TEXTS) and skipped == 2  # p0 and p1 of the first model
     assert_same_tables(one_process, tmp_path, TABLES)
+    assert (one_process / "atlas.html").read_text() == (tmp_path / "atlas.html").read_text()
+    parts = sorted(p.name for p in (tmp_path / "parts").rglob("*.parquet") if p.name != "probe.parquet")
+    assert len(parts) == 2 * len(TEXTS) and not list((tmp_path / "parts").rglob(".*"))  # no temporary left
 
 
 def test_batch_on_two_processes_and_shards_of_a_job_array(prompts, tmp_path):
-    reference, parallel, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "shards"
+    """A job array of two shards, the first itself split over two processes: together they give the table of
+    one process, row for row."""
+    reference, sharded = tmp_path / "one", tmp_path / "shards"
     run("batch", prompts, "--model", "minilm-l6", "--out", reference)
-    run("batch", prompts, "--model", "minilm-l6", "--out", parallel, processes=2)
-    assert_same_tables(reference, parallel, ["heads"])
-    # a job array of two shards, the first itself split over two processes
     first = run("batch", prompts, "--model", "minilm-l6", "--out", sharded, "--shard", "0/2", "--json", processes=2)
     run("batch", prompts, "--model", "minilm-l6", "--out", sharded, "--shard", "1/2")
     assert json.loads(first.stdout)["computed"] == [f"p{i}" for i in range(0, len(TEXTS), 2)]

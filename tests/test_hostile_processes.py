@@ -93,6 +93,33 @@ class Run:
         self.process.send_signal(signum)
 
 
+class RunHere:
+    """The same command run inside this test process (`cli.main`), where what is tested is the command's answer
+    and not what happens to a process (signals, kills, races): same interface as `Run`, without the seconds a
+    new process takes to import torch and transformers. Its pid is this process's."""
+
+    def __init__(self, args):
+        import contextlib
+        import io
+
+        from llm_heatmap.cli import main
+
+        self.args, self.pid = [str(a) for a in args], os.getpid()
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            self.status = main(self.args)
+        self._stdout, self._stderr = out.getvalue(), err.getvalue()
+
+    def finish(self) -> int:
+        return self.status
+
+    def stderr(self) -> str:
+        return self._stderr
+
+    def stdout(self) -> str:
+        return self._stdout
+
+
 @pytest.fixture
 def start(tmp_path):
     """`start(tag, *args, env=None)` -> a started `Run`; every run still alive at the end is continued and killed."""
@@ -354,7 +381,7 @@ def test_sigkill_mid_write_leaves_a_temporary_file_that_the_next_run_removes(tmp
 
     # the killed run's lock files (if any) block nobody; its temporary files go; only the final files stay
     finished = names(out) & FINAL  # normally none: the grid image is the first file written
-    again = start("again", *grid_args(PROMPT_A, out, "--quiet", *(["--force"] if finished else [])))
+    again = RunHere(grid_args(PROMPT_A, out, "--quiet", *(["--force"] if finished else [])))
     assert again.finish() == 0, again.stderr()
     assert names(out) == FINAL, f"left after the next run: {sorted(names(out) - FINAL)}"
     assert_only_complete_outputs(out, PROMPT_A)
@@ -375,7 +402,7 @@ def test_sigkill_during_the_cube_write_leaves_nothing_after_the_next_run(tmp_pat
     (folder / ".tmpk1ll3d").write_bytes(b"half a cube")
     killed.signal(signal.SIGKILL)
     assert killed.finish() == -signal.SIGKILL
-    again = start("again", *grid_args(PROMPT_A, out, "--quiet", "--force"))
+    again = RunHere(grid_args(PROMPT_A, out, "--quiet", "--force"))
     assert again.finish() == 0, again.stderr()
     left = {n: (out / n).stat().st_size for n in sorted(names(out) - FINAL)}
     assert not left, f"left in --out after the next run (name: bytes): {left}"
@@ -415,7 +442,7 @@ LOCKED_OUT = "is being written by another llm-heatmap run"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize("round_", range(2))  # each order once; `make test-stress` repeats them
 def test_two_grid_runs_on_one_output_set(round_, tmp_path, start, reference):
     """Started together with the same --out and --name and different prompts: the output set is claimed
     before any work, so exactly one run writes it (exit 0) and the other is refused with one sentence
@@ -450,7 +477,7 @@ def test_grid_run_refused_while_another_holds_the_set_and_after_it_finished(tmp_
     wait_until(held.exists, first, "the first run held while writing the grid")
     try:
         before = snapshot(out)
-        second = start("second", *grid_args(PROMPT_B, out))
+        second = RunHere(grid_args(PROMPT_B, out))
         assert second.finish() == 2, second.stderr()
         assert_one_sentence(second, LOCKED_OUT, f"(pid {first.pid})")
         assert snapshot(out) == before, "the refused run changed the output folder"
@@ -461,7 +488,7 @@ def test_grid_run_refused_while_another_holds_the_set_and_after_it_finished(tmp_
     assert written_by(out, reference) == {name: PROMPT_A for name in sorted(FINAL)}
 
     before = snapshot(out)
-    third = start("third", *grid_args(PROMPT_B, out))
+    third = RunHere(grid_args(PROMPT_B, out))
     assert third.finish() == 2, third.stderr()
     assert_one_sentence(third, "already exists", "--force")
     assert snapshot(out) == before, "the refused run changed the output folder"
@@ -501,7 +528,7 @@ def test_batch_resume_refused_while_another_run_holds_the_folder(tmp_path, start
     try:
         parts_before = sorted(p.name for p in finished_parts(out))
         assert len(parts_before) == count
-        second = start("second", *args)
+        second = RunHere(args)
         assert second.finish() == 2, second.stderr()
         assert_one_sentence(second, LOCKED_OUT, f"(pid {first.pid})")
         assert sorted(p.name for p in finished_parts(out)) == parts_before, "the refused run wrote parts"
@@ -512,7 +539,7 @@ def test_batch_resume_refused_while_another_run_holds_the_folder(tmp_path, start
     assert len(json.loads(first.stdout())["computed"]) == count
     assert_batch_table(out, count)
 
-    again = start("again", *args)
+    again = RunHere(args)
     assert again.finish() == 0, again.stderr()
     summary = json.loads(again.stdout())
     assert summary["computed"] == [] and len(summary["skipped"]) == count
@@ -581,13 +608,13 @@ def test_hostile_payloads_are_live(kind, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["raw", "torch"])
-def test_pickled_weights_are_refused_and_never_run(kind, tmp_path, start):
+def test_pickled_weights_are_refused_and_never_run(kind, tmp_path):
     from tiny_models import tiny_config
 
     folder, marker, out = tmp_path / "model", tmp_path / "unpickled", tmp_path / "out"
     tiny_config("bert").save_pretrained(folder)
     write_pickle(folder / "pytorch_model.bin", marker, kind)
-    run = start("grid", "grid", PROMPT_A, "--model", folder, "--out", out, "--name", NAME)
+    run = RunHere(["grid", PROMPT_A, "--model", folder, "--out", out, "--name", NAME])
     assert run.finish() == 2, run.stderr()
     assert_one_sentence(run, "pickled weights", "safetensors")
     assert not marker.exists(), "the pickled weights were unpickled: their payload ran"
@@ -661,10 +688,10 @@ def test_remote_code_of_an_unknown_architecture_is_refused_unless_trusted(tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["raw", "torch"])
-def test_render_refuses_a_pickle_posing_as_a_cube(kind, tmp_path, start):
+def test_render_refuses_a_pickle_posing_as_a_cube(kind, tmp_path):
     marker, out = tmp_path / "unpickled", tmp_path / "out"
     cube = write_pickle(tmp_path / "evil.cube.safetensors", marker, kind)
-    run = start("render", "render", cube, "--out", out)
+    run = RunHere(["render", cube, "--out", out])
     assert run.finish() == 2, run.stderr()
     assert_one_sentence(run, str(cube), "not a safetensors file")
     assert not marker.exists(), "the pickle posing as a cube was unpickled: its payload ran"
@@ -738,15 +765,8 @@ def test_every_writer_of_the_library_reports_a_full_disk_in_one_sentence(kind, t
 
 
 def _in_process(*args) -> tuple[int, list[str]]:
-    import contextlib
-    import io
-
-    from llm_heatmap.cli import main
-
-    errors = io.StringIO()
-    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
-        code = main([str(a) for a in args])
-    return code, errors.getvalue().strip().splitlines()
+    run = RunHere(args)
+    return run.finish(), run.stderr().strip().splitlines()
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
