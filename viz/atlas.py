@@ -98,7 +98,7 @@ def _model_payload(name: str, heads: pd.DataFrame, layers: pd.DataFrame, info: d
     units = list(zip(heads["layer"].astype(int), heads["head"].astype(int)))
     order = np.argsort(heads["cluster_rank"].to_numpy()) if "cluster_rank" in heads else np.arange(len(heads))
     payload = {
-        "name": name, "summary": info.get("summary"), "numLayers": int(info.get("num_layers", heads["layer"].max() + 1)),
+        "name": name, "summary": "; ".join(str(part) for part in (info.get("summary"), info.get("notes")) if part), "numLayers": int(info.get("num_layers", heads["layer"].max() + 1)),
         "nPrompts": int(info.get("n_prompts", 0)), "meanTokens": _finite([info.get("mean_tokens", np.nan)])[0],
         "gap": _finite([info.get(k, np.nan) for k in ("gap_mean", "gap_low", "gap_high")]),
         "grouping": info.get("grouping"), "groupSize": info.get("group_size"),
