@@ -115,13 +115,13 @@ def test_decoder_probe_reads_bos_r_r_as_the_decoder_input(bart_dir):
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
     from llm_heatmap.analyses.atlas.probes import site_probe_scores
-    from llm_heatmap.analyses.atlas.sites import atlas_spec
+    from llm_heatmap.analyses.atlas.sites import resolve_site
     from llm_heatmap.analyses.heads.head_detector import repeated_random_tokens
     from llm_heatmap.models import spec_from_model
 
     model = BartForConditionalGeneration.from_pretrained(bart_dir, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(bart_dir)
-    site = atlas_spec(model, spec_from_model(model), "decoder", "bart")
+    site = resolve_site(model, spec_from_model(model), "decoder", "bart")
     scores = site_probe_scores(model, tokenizer, site, probe_length=3, retrieval_lengths=())
     ids = repeated_random_tokens(tokenizer, 3, 0)
     decoder = ids.clone()
@@ -215,6 +215,18 @@ def test_a_site_atlas_resumes_and_refuses_other_targets(bart_dir, tmp_path, caps
     assert "(targets differ)" in capsys.readouterr().err
 
 
+def test_a_site_atlas_in_shards_merges_to_the_whole_run(bart_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", SOURCES)
+    assert atlas(prompts, bart_dir, tmp_path / "whole", "--site", "cross") == 0
+    sharded = tmp_path / "sharded"
+    for shard in ("0/2", "1/2"):
+        assert atlas(prompts, bart_dir, sharded, "--site", "cross", "--shard", shard) == 0
+    assert not (sharded / "heads.parquet").exists()  # shards write parts only
+    assert atlas(prompts, bart_dir, sharded, "--site", "cross", "--resume") == 0
+    for name, table in tables(tmp_path / "whole").items():
+        pd.testing.assert_frame_equal(tables(sharded)[name], table)
+
+
 @pytest.mark.parametrize("site, records, message", [
     ("cross", [{"prompt": "12345", "target": "54321"}, {"prompt": "987"}],
      'prompt \'1\' (line 2 of {file}) has no "target", and the atlas of the cross site reads each record\'s target'),
@@ -240,9 +252,17 @@ def test_ablation_of_another_site_is_refused_before_the_model_loads(tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-def test_a_vlm_record_without_text_is_refused_before_anything_is_written(llava_dir, tmp_path, capsys):
+@pytest.mark.parametrize("model, site, records, message", [
+    ("llava", "vision", [{"image": "pictures/cat.png"}],
+     "prompt '0' (line 1 of {file}) has no text, but LlavaModel reads an image with text"),
+    ("reverser", "encoder", [{"prompt": "12"}, {"prompt": "34", "image": "pictures/cat.png"}],
+     'prompt \'1\' (line 2 of {file}) names an "image", but BartForConditionalGeneration reads no images'),
+])
+def test_records_the_model_cannot_read_are_refused_before_anything_is_written(model, site, records, message, llava_dir,
+                                                                             reverser_dir, tmp_path, capsys):
     write_images(tmp_path)
-    file = write_jsonl(tmp_path / "p.jsonl", [{"image": "pictures/cat.png"}])
-    assert atlas(file, llava_dir, tmp_path / "out", "--site", "vision") == 2
-    assert "prompt '0' (line 1 of" in capsys.readouterr().err
+    file = write_jsonl(tmp_path / "p.jsonl", records)
+    folder = {"llava": llava_dir, "reverser": reverser_dir}[model]
+    assert atlas(file, folder, tmp_path / "out", "--site", site) == 2
+    assert message.format(file=file) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -39,9 +39,15 @@ def _induction(model, tokenizer, resolved, length: int) -> pd.DataFrame:
     from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS, head_detector_scores, repeated_random_tokens
     from llm_heatmap.probes import capture
 
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        from llm_heatmap.errors import InputError
+
+        raise InputError(f"{type(model).__name__} names no decoder_start_token_id in its config, so the induction probe "
+                         "cannot build its decoder input; set it in config.json, or pass probe_length=0.")
     ids = repeated_random_tokens(tokenizer, length, 0)
     decoder_ids = ids.clone()
-    decoder_ids[:, 0] = model.config.decoder_start_token_id
+    decoder_ids[:, 0] = start
     device = next(model.parameters()).device
     with torch.no_grad(), capture(model, spec=resolved.spec, tokenizer=tokenizer) as probe:
         model(input_ids=ids.to(device), decoder_input_ids=decoder_ids.to(device), use_cache=False)

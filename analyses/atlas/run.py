@@ -1,14 +1,15 @@
 """The head atlas: every head of one or more models characterised over a whole prompt set.
 
-`run_atlas(models, prompts, out_dir)` measures every prompt on every model (`atlas/prompt.py`: the
-per-head metrics, the divergence between every pair of heads, a pooled picture of every head),
+`run_atlas(models, prompts, out_dir)` measures every prompt on every model, on one attention site of each
+(`site`; `atlas/sites.py` holds the table of what each site reads and which measures apply) (`atlas/prompt.py`:
+the site's per-head metrics, the divergence between every pair of heads, a pooled picture of every head),
 keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Parquet tables:
 
-    OUT/prompt_heads.parquet   one row per model x prompt x head (the metrics of `head_metrics`)
+    OUT/prompt_heads.parquet   one row per model x prompt x head (the site's metrics, `site_metrics`)
     OUT/heads.parquet          one row per model x head: means and rates with bootstrap intervals, pattern-class
                                frequencies, induction- and retrieval-probe scores, map position and clustering rank
     OUT/layers.parquet         one row per model x layer: KV-group similarity and layer means over prompts
-    OUT/models.parquet         one row per model
+    OUT/models.parquet         one row per model, with its site and the note of probes skipped for the site
     OUT/prompt_layers.parquet  one row per model x prompt x layer: KV-group within / between / gap
     OUT/top_prompts.parquet    one row per model x head x ranking metric x rank: where the head scores highest
     OUT/head_distances.parquet one row per model x pair of heads: prompt-mean divergence and similarity
@@ -42,7 +43,7 @@ import torch
 
 from llm_heatmap.analyses.atlas.probes import site_probe_scores
 from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt, measure_atlas_site_prompt
-from llm_heatmap.analyses.atlas.sites import (ATLAS_SITES, RANKABLE, SELF, TEXT_RANKING, atlas_site, atlas_spec,
+from llm_heatmap.analyses.atlas.sites import (ATLAS_SITES, RANKABLE, SELF, TEXT_RANKING, atlas_site, resolve_site,
                                               check_site_records, skipped_probes)
 from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                 prompt_layer_kv, top_prompts)
@@ -135,15 +136,15 @@ class _ModelParts(Section):
         """Load the model (once) and check every prompt of the run against it; the token counts."""
         if self.loaded is None:
             model, tokenizer, spec, processor = _model(self.source, self.loader, self.prompts)
-            self.loaded = model, tokenizer, atlas_spec(model, spec, self.site, self.name), processor
+            self.loaded = model, tokenizer, resolve_site(model, spec, self.site, self.name), processor
         model, tokenizer, site, processor = self.loaded
-        if site.through_sites:
+        if site.through_sites and self.options["chat"]:
+            raise InputError(f"chat applies a chat template to a text model's prompt, and the {site.name} site of "
+                             f"{self.name} reads its inputs through the model's sites; drop chat.")
+        if site.through_sites or any(p.image is not None or p.target is not None for p in self.prompts):
             from llm_heatmap.analyses.runs.batch import check_site_prompts
 
-            if self.options["chat"]:
-                raise InputError(f"chat applies a chat template to a text model's prompt, and the {site.name} site of "
-                                 f"{self.name} reads its inputs through the model's sites; drop chat.")
-            check_site_prompts(model, processor, self.prompts)
+            check_site_prompts(model, processor, self.prompts)  # as a batch checks them: what the model reads
         probe_length = self.probe_length if atlas_site(site.name).induction_probe is None else 0
         counts = _check_fits(site.spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name,
                              probe_length)
@@ -313,10 +314,13 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     """Measure `prompts` on every model and write the atlas's tables to `out_dir` (module docstring).
 
     `models`: a list of sources for `load_model` (loaded one at a time; `loader(source)` returns
-    `(model, tokenizer, spec)` instead), or a dict `{name: (model, tokenizer, spec)}`. `measure`:
+    `(model, tokenizer, spec)` or `(model, tokenizer, spec, processor)` instead), or a dict `{name: (model,
+    tokenizer, spec[, processor])}`; a source's own image processor is loaded when a prompt names an image.
+    `site`: the attention site characterised (`sites.ATLAS_SITES`; a model with several needs it); a prompt's
+    `image` and `target` are what the site reads, checked before anything is written. `measure`:
     the head divergence, "js" (exact Jensen-Shannon) or "hellinger". `max_rows`: evenly spaced
     query rows the divergence averages over (default all). `thumbnail_size`: the pooled pictures'
-    size. `top_k` prompts per head and `rank_by` metric are kept with their pictures. Intervals:
+    size. `top_k` prompts per head and `rank_by` metric (default: the site's) are kept with their pictures. Intervals:
     `n_resamples` bootstrap resamples of the prompts at `confidence`; layer gap p-values from
     `n_permutations` shuffles of the head grouping (MHA models: pseudo-groups of
     `pseudo_group_size`, default the first GQA model's group size, else 3). `probe_length`:

@@ -67,10 +67,6 @@ def atlas_site(site: str | None) -> AtlasSite:
     return ATLAS_SITES[site]
 
 
-def check_atlas_site(site: str | None) -> None:
-    atlas_site(site)
-
-
 def skipped_probes(site: str | None, *, induction: bool, retrieval: bool) -> str:
     """The atlas's note on the probes asked for (`induction`, `retrieval`) that do not run on `site` ("" if none)."""
     row = atlas_site(site)
@@ -105,7 +101,7 @@ class ResolvedSite:
     through_sites: bool
 
 
-def atlas_spec(model, spec, site: str | None, name: str) -> ResolvedSite:
+def resolve_site(model, spec, site: str | None, name: str) -> ResolvedSite:
     """The site the atlas characterises on `model` (`spec` where that is its one stack); a model with several
     sites needs `site`."""
     from llm_heatmap.models import spec_from_model
