@@ -43,8 +43,8 @@ import torch
 
 from llm_heatmap.analyses.atlas.probes import site_probe_scores
 from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt, measure_atlas_site_prompt
-from llm_heatmap.analyses.atlas.sites import (ATLAS_SITES, RANKABLE, SELF, TEXT_RANKING, atlas_site, resolve_site,
-                                              check_site_records, skipped_probes)
+from llm_heatmap.analyses.atlas.sites import (ATLAS_SITES, RANKABLE, SELF, atlas_site, check_site_records,
+                                              resolve_site, skipped_probes)
 from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                 prompt_layer_kv, top_prompts)
 from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_needle_grid, check_pseudo_group_size,
@@ -62,7 +62,6 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.options import spread
 
 TABLES = ("prompt_heads", "heads", "layers", "models", "prompt_layers", "top_prompts", "head_distances")
-RANK_BY = TEXT_RANKING  # the default of a text site; each site's is in sites.ATLAS_SITES
 
 
 def output_paths(out_dir: str | Path) -> dict[str, Path]:
@@ -157,7 +156,9 @@ class _ModelParts(Section):
             return None
         counts = self.load()  # every rank, the same verdict
         if ranks.is_main:
-            _write_model_files(self, self.name, *self.loaded, self.probe_length, self.fresh, self.retrieval_lengths)
+            model, tokenizer, site, _ = self.loaded
+            _write_model_files(self, self.name, model, tokenizer, site, self.probe_length, self.fresh,
+                               self.retrieval_lengths)
         return counts
 
     def measure(self, prompt: Prompt) -> pd.DataFrame:
@@ -390,8 +391,7 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     def merge(record) -> None:
         if shard is None:
             _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by, probe_length=probe_length,
-                   retrieval_lengths=retrieval_lengths,
-                   bootstrap=bootstrap, n_permutations=n_permutations,
+                   retrieval_lengths=retrieval_lengths, bootstrap=bootstrap, n_permutations=n_permutations,
                    pseudo_group_size=pseudo_group_size)
 
     prompt_set = PromptSetRun(kind="atlas", title="an atlas", sections=models_parts, settings=settings,
@@ -430,8 +430,8 @@ def _model(source, loader, prompts: list[Prompt]):
     return (*loaded, processor)
 
 
-def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, site, processor, probe_length: int,
-                       fresh: bool, retrieval_lengths: tuple[int, ...] = ()) -> None:
+def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, site, probe_length: int, fresh: bool,
+                       retrieval_lengths: tuple[int, ...] = ()) -> None:
     """The model's spec and site, and its induction- and retrieval-probe scores where they apply to the site
     (rank 0, once per model)."""
     if fresh or not parts.spec_file.exists():
@@ -443,8 +443,8 @@ def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, site, pr
 
 
 def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[Prompt], *, measure: str, top_k: int,
-           probe_length: int, retrieval_lengths: tuple[int, ...],
-           rank_by, bootstrap: Bootstrap, n_permutations: int, pseudo_group_size: int | None) -> None:
+           probe_length: int, retrieval_lengths: tuple[int, ...], rank_by, bootstrap: Bootstrap, n_permutations: int,
+           pseudo_group_size: int | None) -> None:
     """Read every part and write the tables (rank 0, after the barrier)."""
     from safetensors.numpy import load_file
 
