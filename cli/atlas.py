@@ -36,15 +36,19 @@ def register(subparsers) -> None:
     options.add_model_options(parser, several=True)
     atlas = parser.add_argument_group("atlas")
     atlas.add_argument("--site", help="the attention site characterised: self (the one stack of a decoder LLM or "
-                       "BERT, the default) or encoder (an encoder-decoder's encoder; PROMPTS are its sources); a model "
-                       "with several sites needs it, and other sites are refused (measure them with batch --site)")
+                       "BERT, or a VLM's language model, the default), encoder or decoder (an encoder-decoder's; PROMPTS "
+                       "are the sources, a record's target the decoder's text), cross (its cross-attention: alignment, "
+                       "monotonicity, coverage, source entropy), vision (a ViT, CLIP's or a VLM's vision tower; records "
+                       "name an image, relative to PROMPTS) or text (CLIP's text tower); a model with several sites "
+                       "needs it")
     atlas.add_argument("--measure", choices=options.HEAD_MEASURES, default="js",
                        help="head divergence: js (exact Jensen-Shannon, default) or hellinger (one matrix product)")
     atlas.add_argument("--max-rows", type=int, help="query rows per prompt the divergence averages over (default all)")
     atlas.add_argument("--top-k", type=int, default=3, help="top prompts kept per head and ranking metric (default 3)")
     atlas.add_argument("--rank-by", action="append", metavar="METRIC",
-                       help="metric that ranks a head's top prompts (repeat; default: sink, previous-token, "
-                       "duplicate-token, induction, diagonal and vertical scores)")
+                       help="metric that ranks a head's top prompts (repeat; default: the site's, e.g. sink, "
+                       "previous-token, duplicate-token, induction, diagonal and vertical scores for text, alignment, "
+                       "monotonicity, coverage and source entropy for cross)")
     atlas.add_argument("--thumbnail-size", type=int, default=16, help="pooled size of the top prompts' patterns (default 16)")
     atlas.add_argument("--probe-length", type=int, default=50,
                        help="random tokens of the induction probe, repeated once (default 50; 0 skips it)")
@@ -67,6 +71,8 @@ def _summary_lines(result, page: Path | None) -> list[str]:
         lines.append(f"{row.model}: {row.summary}; {row.n_prompts} prompts, {len(result.computed[row.model])} computed now")
         if classes is not None:
             lines.append("  heads by most frequent pattern: " + ", ".join(f"{name} {count}" for name, count in classes.items()))
+        if getattr(row, "notes", ""):
+            lines.append(f"  {row.notes}")
         if row.gap_mean != row.gap_mean:  # NaN: too few heads per layer for a pair within and a pair between groups
             lines.append(f"  KV-group gap: none ({row.num_heads} heads per layer cannot be split into {row.grouping} groups "
                          f"of {row.group_size} with pairs within and between them)")
@@ -78,20 +84,30 @@ def _summary_lines(result, page: Path | None) -> list[str]:
     return lines
 
 
+def _processor(args, source, with_images: bool):
+    """The model's own image processor where a record names an image, else None."""
+    if not with_images:
+        return None
+    from llm_heatmap.models.loading import load_processor
+
+    return load_processor(source, trust_remote_code=args.trust_remote_code)
+
+
 def run(args) -> int:
     import torch
 
-    from llm_heatmap.analyses.atlas.run import RANK_BY, run_atlas
-    from llm_heatmap.analyses.atlas.sites import check_atlas_site
+    from llm_heatmap.analyses.atlas.run import run_atlas
+    from llm_heatmap.analyses.atlas.sites import atlas_site
     from llm_heatmap.models.files import atomic_output
     from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
     from llm_heatmap.viz.atlas import atlas_view
 
     options.check_site_options(args)
-    check_atlas_site(args.site)  # before any model loads
+    atlas_site(args.site)  # before any model loads
     shard = None if args.shard is None else parse_shard(args.shard)
     retrieval_lengths = options.needle_lengths(args.retrieval_probe)
     prompts = read_prompts(args.prompts, column=args.column)
+    with_images = any(p.image is not None for p in prompts)
     page = args.out / PAGE
     if page.exists() and not (args.resume or args.force) and shard is None:
         raise InputError(f"{args.out} already holds an atlas ({PAGE}); pass --resume to continue it, --force to "
@@ -101,13 +117,14 @@ def run(args) -> int:
     try:
         with torch.no_grad():
             result = run_atlas(models, prompts, args.out, chat=args.chat, measure=args.measure, max_rows=args.max_rows,
-                               top_k=args.top_k, rank_by=tuple(args.rank_by or RANK_BY),
+                               top_k=args.top_k, rank_by=tuple(args.rank_by) if args.rank_by else None,
                                thumbnail_size=args.thumbnail_size, probe_length=args.probe_length,
                                retrieval_lengths=retrieval_lengths, ablation=args.ablation,
                                pseudo_group_size=args.pseudo_group_size, site=args.site, n_resamples=args.resamples,
                                confidence=args.confidence, n_permutations=args.permutations, seed=args.seed,
                                shard=shard, resume=args.resume, force=args.force, quiet=progress_off(args),
-                               ranks=ranks, loader=lambda source: load(args, source, device=ranks.device()))
+                               ranks=ranks, loader=lambda source: (*load(args, source, device=ranks.device()),
+                                                                   _processor(args, source, with_images)))
     finally:
         ranks.close()
     if not ranks.is_main:

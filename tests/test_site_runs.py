@@ -250,20 +250,6 @@ def test_atlas_of_an_encoder_decoder_covers_the_encoder_site(bart_dir, tmp_path,
     assert "holds a atlas run with other settings (site differ)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("site, why", [
-    ("cross", "its heads read source keys from target rows"),
-    ("decoder", "its input is a target or a generated text"),
-    ("vision", "it reads images"),
-])
-def test_atlas_refuses_sites_it_cannot_characterise_before_loading(site, why, tmp_path, capsys):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("12345\n")
-    assert atlas(prompts, tmp_path / "no-such-model", tmp_path / "out", "--site", site) == 2
-    error = capsys.readouterr().err
-    assert f"--site '{site}' has no atlas yet: {why}" in error and "--site 'self' or --site 'encoder'" in error
-    assert not (tmp_path / "out").exists()
-
-
 def test_atlas_of_the_digit_reverser_encoder_has_no_kv_gap_with_two_heads(reverser_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("12345\n987\n4321\n")
@@ -273,13 +259,6 @@ def test_atlas_of_the_digit_reverser_encoder_has_no_kv_gap_with_two_heads(revers
     assert len(layers) == 2 and layers["gap_p_value"].isna().all() and layers["entropy_mean"].notna().all()
     models = pd.read_parquet(tmp_path / "out" / "models.parquet")
     assert models["num_heads"].tolist() == [2] and models["gap_mean"].isna().all()
-
-
-def test_atlas_of_a_vision_model_is_refused(vit_dir, tmp_path, capsys):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a cat\n")
-    assert atlas(prompts, vit_dir, tmp_path / "out") == 2
-    assert f"{vit_dir} reads images, and the atlas reads text prompts" in capsys.readouterr().err
 
 
 def test_atlas_of_a_t5_encoder_equals_its_site_capture(tmp_path):

@@ -11,7 +11,8 @@ frequencies and its top prompts with their pooled patterns.
 
 Inputs are the atlas's tables and small arrays (what `AtlasResult.page_inputs()` returns):
 `heads`, `layers`, `models` (one row per model x head / layer / model; metric columns `m_mean`,
-`m_low`, `m_high` and flag columns `f_rate`, `f_low`, `f_high`), `prompt_heads` (one row per
+`m_low`, `m_high` and flag columns `f_rate`, `f_low`, `f_high`; a `notes` column of `models`, the
+probes skipped for the site, is shown after the model's summary), `prompt_heads` (one row per
 model x prompt x head, for the distributions), `top_prompts` (model, layer, head, metric, rank,
 prompt_id, value), `similarity` ({model: `"n n"` head similarity, heads in the heads table's
 order}), `thumbnails` ({model: {(prompt_id, layer, head): uint8 `"q k"`}}, 0 = not attendable,
@@ -98,7 +99,9 @@ def _model_payload(name: str, heads: pd.DataFrame, layers: pd.DataFrame, info: d
     units = list(zip(heads["layer"].astype(int), heads["head"].astype(int)))
     order = np.argsort(heads["cluster_rank"].to_numpy()) if "cluster_rank" in heads else np.arange(len(heads))
     payload = {
-        "name": name, "summary": info.get("summary"), "numLayers": int(info.get("num_layers", heads["layer"].max() + 1)),
+        # the summary shows a site's note (probes skipped for the site) after the spec
+        "name": name, "summary": "; ".join(str(part) for part in (info.get("summary"), info.get("notes")) if part),
+        "numLayers": int(info.get("num_layers", heads["layer"].max() + 1)),
         "nPrompts": int(info.get("n_prompts", 0)), "meanTokens": _finite([info.get("mean_tokens", np.nan)])[0],
         "gap": _finite([info.get(k, np.nan) for k in ("gap_mean", "gap_low", "gap_high")]),
         "grouping": info.get("grouping"), "groupSize": info.get("group_size"),

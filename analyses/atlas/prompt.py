@@ -8,8 +8,8 @@ The part files of a prompt (`atlas.py` writes them under `parts/<model key>/`):
   uint8 `"l h q k"`: the pattern area-pooled to at most `thumbnail_size` per axis
   (`probes.stream.downsample`), 0 where a cell is not attendable, else 1 + round(254 w / w_max)
   with w_max the head's largest pooled weight.
-- `<prompt key>.parquet`: one row per head, `head_metrics` of the prompt behind the columns
-  model, prompt_id, group, prompt, n_tokens; written last, so it marks the prompt as done.
+- `<prompt key>.parquet`: one row per head, `site_metrics` of the prompt (the metrics of the site, `sites.py`)
+  behind the columns model, prompt_id, group, prompt, n_tokens; written last, so it marks the prompt as done.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from llm_heatmap.probes import capture_prompt
 from llm_heatmap.probes.stream import downsample
 
 from llm_heatmap.analyses.similarity.kv_similarity import head_distributions, head_divergence
-from llm_heatmap.analyses.heads.metrics import head_metrics
+from llm_heatmap.analyses.heads.measure import capture_site_cubes, site_metrics
 
 THUMBNAIL_SIZE = 16
 
 
 @dataclass
 class PromptMeasures:
-    heads: pd.DataFrame  # head_metrics: one row per layer x head
+    heads: pd.DataFrame  # site_metrics: one row per layer x head
     divergence: np.ndarray  # float32 "n n"
     thumbnails: np.ndarray  # uint8 "l h q k"
 
@@ -51,6 +51,21 @@ def measure_atlas_prompt(model, tokenizer, text: str, *, spec, chat: bool = Fals
     """Capture `text` once, keeping its whole cube, and keep what the atlas needs (module docstring).
     `max_rows` bounds the query rows the divergence averages over (evenly spaced)."""
     cube = capture_prompt(model, tokenizer, text, spec=spec, chat=chat)
+    return cube_measures(cube, measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
+
+
+def measure_atlas_site_prompt(model, tokenizer, prompt, *, site: str, processor=None, measure: str = "js",
+                              thumbnail_size: int = THUMBNAIL_SIZE, max_rows: int | None = None) -> PromptMeasures:
+    """The same for one site of a model read through its sites: `prompt` (a `runs.prompts.Prompt`) gives the text,
+    the image and the target of one forward pass (`heads.measure.capture_site_cubes`), and `site` names the cube kept."""
+    cubes = capture_site_cubes(model, tokenizer, prompt.text or None, image=prompt.image, processor=processor,
+                               sites=[site], target=prompt.target)
+    return cube_measures(cubes[site], measure=measure, thumbnail_size=thumbnail_size, max_rows=max_rows)
+
+
+def cube_measures(cube, *, measure: str = "js", thumbnail_size: int = THUMBNAIL_SIZE,
+                  max_rows: int | None = None) -> PromptMeasures:
+    """What the atlas keeps of one prompt's cube of one site (module docstring)."""
     divergence, _ = head_divergence(head_distributions(cube, max_rows=max_rows), measure)
-    return PromptMeasures(heads=head_metrics(cube), divergence=divergence.float().numpy(),
+    return PromptMeasures(heads=site_metrics(cube), divergence=divergence.float().numpy(),
                           thumbnails=thumbnails(cube, thumbnail_size))

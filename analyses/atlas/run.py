@@ -1,14 +1,15 @@
 """The head atlas: every head of one or more models characterised over a whole prompt set.
 
-`run_atlas(models, prompts, out_dir)` measures every prompt on every model (`atlas/prompt.py`: the
-per-head metrics, the divergence between every pair of heads, a pooled picture of every head),
+`run_atlas(models, prompts, out_dir)` measures every prompt on every model, on one attention site of each
+(`site`; `atlas/sites.py` holds the table of what each site reads and which measures apply) (`atlas/prompt.py`:
+the site's per-head metrics, the divergence between every pair of heads, a pooled picture of every head),
 keeps each as part files, and summarises them (`atlas/summary.py`) into tidy Parquet tables:
 
-    OUT/prompt_heads.parquet   one row per model x prompt x head (the metrics of `head_metrics`)
+    OUT/prompt_heads.parquet   one row per model x prompt x head (the site's metrics, `site_metrics`)
     OUT/heads.parquet          one row per model x head: means and rates with bootstrap intervals, pattern-class
                                frequencies, induction- and retrieval-probe scores, map position and clustering rank
     OUT/layers.parquet         one row per model x layer: KV-group similarity and layer means over prompts
-    OUT/models.parquet         one row per model
+    OUT/models.parquet         one row per model, with its site and the note of probes skipped for the site
     OUT/prompt_layers.parquet  one row per model x prompt x layer: KV-group within / between / gap
     OUT/top_prompts.parquet    one row per model x head x ranking metric x rank: where the head scores highest
     OUT/head_distances.parquet one row per model x pair of heads: prompt-mean divergence and similarity
@@ -40,8 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt
-from llm_heatmap.analyses.atlas.sites import atlas_spec, check_atlas_site
+from llm_heatmap.analyses.atlas.probes import site_probe_scores
+from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt, measure_atlas_site_prompt
+from llm_heatmap.analyses.atlas.sites import (ATLAS_SITES, RANKABLE, SELF, atlas_site, check_site_records,
+                                              resolve_site, skipped_probes)
 from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                 prompt_layer_kv, top_prompts)
 from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_needle_grid, check_pseudo_group_size,
@@ -59,8 +62,6 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.options import spread
 
 TABLES = ("prompt_heads", "heads", "layers", "models", "prompt_layers", "top_prompts", "head_distances")
-RANK_BY = ("sink_score", "previous_token_score", "duplicate_token_score", "induction_score", "diagonal_score",
-           "vertical_score", "block_score")
 
 
 def output_paths(out_dir: str | Path) -> dict[str, Path]:
@@ -110,7 +111,7 @@ class _ModelParts(Section):
         self.source, self.loader, self.prompts, self.options, self.site = source, loader, prompts, options, site
         self.max_bytes, self.probe_length, self.fresh = max_bytes, probe_length, fresh
         self.retrieval_lengths, self.ablation = retrieval_lengths, ablation
-        self.loaded = None  # (model, tokenizer, spec) while open, or loaded early by the check
+        self.loaded = None  # (model, tokenizer, sites.ResolvedSite, processor) while open, or loaded early by the check
 
     def tensors(self, prompt: Prompt) -> Path:
         return self.folder / f"{part_key(prompt.id)}.safetensors"
@@ -133,13 +134,21 @@ class _ModelParts(Section):
     def load(self) -> dict[str, int]:
         """Load the model (once) and check every prompt of the run against it; the token counts."""
         if self.loaded is None:
-            model, tokenizer, spec = _model(self.source, self.loader)
-            self.loaded = model, tokenizer, atlas_spec(model, spec, self.site, self.name)
-        model, tokenizer, spec = self.loaded
-        counts = _check_fits(spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name,
-                             self.probe_length)
+            model, tokenizer, spec, processor = _model(self.source, self.loader, self.prompts)
+            self.loaded = model, tokenizer, resolve_site(model, spec, self.site, self.name), processor
+        model, tokenizer, site, processor = self.loaded
+        if site.through_sites and self.options["chat"]:
+            raise InputError(f"chat applies a chat template to a text model's prompt, and the {site.name} site of "
+                             f"{self.name} reads its inputs through the model's sites; drop chat.")
+        if site.through_sites or any(p.image is not None or p.target is not None for p in self.prompts):
+            from llm_heatmap.analyses.runs.batch import check_site_prompts
+
+            check_site_prompts(model, processor, self.prompts)  # as a batch checks them: what the model reads
+        probe_length = self.probe_length if atlas_site(site.name).induction_probe is None else 0
+        counts = _check_fits(site.spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name,
+                             probe_length)
         if self.ablation is not None:
-            self.ablation.prepare(model, tokenizer, spec, self.options["chat"], self.name)
+            self.ablation.prepare(model, tokenizer, site.spec, self.options["chat"], self.name)
         return counts
 
     def open(self, share, ranks):
@@ -147,14 +156,21 @@ class _ModelParts(Section):
             return None
         counts = self.load()  # every rank, the same verdict
         if ranks.is_main:
-            _write_model_files(self, self.name, *self.loaded, self.probe_length, self.fresh, self.retrieval_lengths)
+            model, tokenizer, site, _ = self.loaded
+            _write_model_files(self, self.name, model, tokenizer, site, self.probe_length, self.fresh,
+                               self.retrieval_lengths)
         return counts
 
     def measure(self, prompt: Prompt) -> pd.DataFrame:
         from safetensors.numpy import save_file
 
-        model, tokenizer, spec = self.loaded
-        measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **self.options)
+        model, tokenizer, site, processor = self.loaded
+        spec = site.spec
+        if site.through_sites:
+            options = {k: v for k, v in self.options.items() if k != "chat"}
+            measured = measure_atlas_site_prompt(model, tokenizer, prompt, site=site.key, processor=processor, **options)
+        else:
+            measured = measure_atlas_prompt(model, tokenizer, prompt.text, spec=spec, **self.options)
         write_part(self.tensors(prompt), lambda temp: save_file(
             {"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp)))
         if self.ablation is None:
@@ -207,10 +223,10 @@ def _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_pe
         check_needle_grid(retrieval_lengths, DEPTHS)
     check_statistics(n_resamples=n_resamples, n_permutations=n_permutations, confidence=confidence, seed=seed)
     check_pseudo_group_size(pseudo_group_size)
-    unknown = [name for name in ([rank_by] if isinstance(rank_by, str) else rank_by) if name not in RANK_BY]
+    unknown = [name for name in ([rank_by] if isinstance(rank_by, str) else rank_by or ()) if name not in RANKABLE]
     if unknown:
         raise InputError(f"rank_by={unknown[0]!r} is not a score the atlas ranks prompts by; use some of "
-                         f"{', '.join(RANK_BY)}.")
+                         f"{', '.join(RANKABLE)}.")
     if max_rows is not None:
         at_least("max_rows", max_rows, 1, ", or None for every row")
 
@@ -252,9 +268,11 @@ def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: i
     from llm_heatmap.probes.capture import estimate_cube_bytes
     from llm_heatmap.probes.memory import cube_fits
 
-    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) for p in prompts}
-    if counts:
-        longest = max(counts, key=counts.get)
+    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) if p.text or p.image is None
+              else None for p in prompts}
+    counted = {key: count for key, count in counts.items() if count is not None}
+    if counted:
+        longest = max(counted, key=counted.get)
         size = estimate_cube_bytes(spec, counts[longest])
         if not cube_fits(size, max_bytes):
             raise InputError(f"prompt '{longest}' has {counts[longest]} tokens, and the atlas keeps one prompt's whole "
@@ -281,7 +299,7 @@ class AtlasOptions:
     thumbnail_size: int = THUMBNAIL_SIZE
     max_rows: int | None = None
     top_k: int = 3
-    rank_by: tuple = RANK_BY
+    rank_by: tuple | None = None  # default: the site's (sites.ATLAS_SITES)
     n_permutations: int = 1000
     pseudo_group_size: int | None = None
     probe_length: int = 50
@@ -297,10 +315,13 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     """Measure `prompts` on every model and write the atlas's tables to `out_dir` (module docstring).
 
     `models`: a list of sources for `load_model` (loaded one at a time; `loader(source)` returns
-    `(model, tokenizer, spec)` instead), or a dict `{name: (model, tokenizer, spec)}`. `measure`:
+    `(model, tokenizer, spec)` or `(model, tokenizer, spec, processor)` instead), or a dict `{name: (model,
+    tokenizer, spec[, processor])}`; a source's own image processor is loaded when a prompt names an image.
+    `site`: the attention site characterised (`sites.ATLAS_SITES`; a model with several needs it); a prompt's
+    `image` and `target` are what the site reads, checked before anything is written. `measure`:
     the head divergence, "js" (exact Jensen-Shannon) or "hellinger". `max_rows`: evenly spaced
     query rows the divergence averages over (default all). `thumbnail_size`: the pooled pictures'
-    size. `top_k` prompts per head and `rank_by` metric are kept with their pictures. Intervals:
+    size. `top_k` prompts per head and `rank_by` metric (default: the site's) are kept with their pictures. Intervals:
     `n_resamples` bootstrap resamples of the prompts at `confidence`; layer gap p-values from
     `n_permutations` shuffles of the head grouping (MHA models: pseudo-groups of
     `pseudo_group_size`, default the first GQA model's group size, else 3). `probe_length`:
@@ -316,15 +337,20 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     options, bootstrap, run = spread(keywords, options or AtlasOptions(), bootstrap or Bootstrap(), run or RunOptions())
     chat, measure, thumbnail_size, max_rows = options.chat, options.measure, options.thumbnail_size, options.max_rows
     top_k, rank_by, n_permutations = options.top_k, options.rank_by, options.n_permutations
+    rank_by = (rank_by,) if isinstance(rank_by, str) else rank_by
     pseudo_group_size, probe_length, max_bytes = options.pseudo_group_size, options.probe_length, options.max_bytes
     retrieval_lengths = tuple(int(n) for n in options.retrieval_lengths)
-    check_atlas_site(options.site)
+    atlas_site(options.site)
+    if options.ablation and options.site not in (None, SELF):
+        raise InputError(f"ablation measures a decoder LLM's prediction through its one stack, and site={options.site!r} "
+                         "is not it; drop the ablation or the site.")
     n_resamples, confidence, seed = bootstrap.n_resamples, bootstrap.confidence, bootstrap.seed
     shard, resume, force, ranks = run.shard, run.resume, run.force, run.ranks
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,
                    pseudo_group_size, probe_length, rank_by, seed, retrieval_lengths)
     entries = _model_entries(models)
     prompts = _check_prompts(prompts)
+    check_site_records(options.site, prompts)
     ranks = launcher_ranks() if ranks is None else ranks
     out_dir = Path(out_dir)
     mine = shard_prompts(prompts, shard)
@@ -343,8 +369,12 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
         settings["site"] = options.site
     if options.ablation:
         settings["ablation"] = options.ablation
+    for key, field in (("images", "image"), ("targets", "target")):  # the whole file's: every shard records the same
+        named = {p.id: getattr(p, field) for p in prompts if getattr(p, field) is not None}
+        if named:
+            settings[key] = named
     result = AtlasResult(out_dir=out_dir, tables=None, files=files, measure=measure,
-                         prompts={p.id: p.text for p in mine})
+                         prompts={p.id: prompt_label(p) for p in mine})
 
     def check(pending: dict[str, list[Prompt]]) -> None:
         if loader is None:
@@ -360,8 +390,8 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
 
     def merge(record) -> None:
         if shard is None:
-            _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by,
-                   bootstrap=bootstrap, n_permutations=n_permutations,
+            _merge(result, models_parts, mine, measure=measure, top_k=top_k, rank_by=rank_by, probe_length=probe_length,
+                   retrieval_lengths=retrieval_lengths, bootstrap=bootstrap, n_permutations=n_permutations,
                    pseudo_group_size=pseudo_group_size)
 
     prompt_set = PromptSetRun(kind="atlas", title="an atlas", sections=models_parts, settings=settings,
@@ -372,52 +402,61 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     return result
 
 
-def _model(source, loader):
-    """(model, tokenizer, spec) of a loaded entry or a source."""
+def prompt_label(prompt: Prompt) -> str:
+    """How the page names a prompt: its text, the image's file name, the target after an arrow."""
+    label = " ".join(part for part in (Path(prompt.image).name if prompt.image else "", prompt.text) if part)
+    return label if prompt.target is None else f"{label} \u2192 {prompt.target}"
+
+
+def _model(source, loader, prompts: list[Prompt]):
+    """(model, tokenizer, spec, processor) of a loaded entry or a source; an entry or a loader gives
+    (model, tokenizer, spec) or those and the processor; a source's own processor is loaded when a prompt names
+    an image."""
     if isinstance(source, tuple):
-        return source
-    if loader is not None:
-        return loader(source)
-    from llm_heatmap.models import load_model
+        loaded = source
+    elif loader is not None:
+        loaded = loader(source)
+    else:
+        from llm_heatmap.models import load_model
 
-    return load_model(source)
+        loaded = load_model(source)
+    if len(loaded) == 4:
+        return tuple(loaded)
+    processor = None
+    if not isinstance(source, tuple) and any(p.image is not None for p in prompts):
+        from llm_heatmap.models.loading import load_processor
+
+        processor = load_processor(source)
+    return (*loaded, processor)
 
 
-def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, spec, probe_length: int, fresh: bool,
+def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, site, probe_length: int, fresh: bool,
                        retrieval_lengths: tuple[int, ...] = ()) -> None:
-    """The model's spec and its induction- and retrieval-probe scores (rank 0, once per model)."""
+    """The model's spec and site, and its induction- and retrieval-probe scores where they apply to the site
+    (rank 0, once per model)."""
     if fresh or not parts.spec_file.exists():
         with atomic_output(parts.spec_file, force=True) as temp:
-            temp.write_text(json.dumps({"name": name, "spec": spec.to_dict()}, indent=2) + "\n")
+            temp.write_text(json.dumps({"name": name, "spec": site.spec.to_dict(), "site": site.name}, indent=2) + "\n")
     if fresh or not sealed(parts.probe_file):
-        if probe_length > 0:
-            from llm_heatmap.analyses.heads.induction_probe import induction_probe_scores
-
-            probe = induction_probe_scores(model, tokenizer, spec=spec, length=probe_length)
-            probe = probe.drop(columns=["kv_group"])
-        else:
-            probe = pd.DataFrame(columns=["layer", "head"])
-        if retrieval_lengths:
-            from llm_heatmap.analyses.heads.retrieval_probe import retrieval_head_scores
-
-            retrieval = retrieval_head_scores(model, tokenizer, spec=spec, context_lengths=retrieval_lengths)
-            retrieval = retrieval.heads.drop(columns=["kv_group"])
-            probe = retrieval if probe.empty else probe.merge(retrieval, on=["layer", "head"])
+        probe = site_probe_scores(model, tokenizer, site, probe_length=probe_length, retrieval_lengths=retrieval_lengths)
         write_part(parts.probe_file, lambda temp: write_table(probe, temp))
 
 
 def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[Prompt], *, measure: str, top_k: int,
-           rank_by, bootstrap: Bootstrap, n_permutations: int, pseudo_group_size: int | None) -> None:
+           probe_length: int, retrieval_lengths: tuple[int, ...], rank_by, bootstrap: Bootstrap, n_permutations: int,
+           pseudo_group_size: int | None) -> None:
     """Read every part and write the tables (rank 0, after the barrier)."""
     from safetensors.numpy import load_file
 
     from llm_heatmap.models import ModelSpec
 
-    specs = {}
+    specs, sites = {}, {}
     for parts in models_parts:
         if not parts.spec_file.exists():
             raise InputError(f"{parts.folder} has no model.json; run the atlas again with resume=True to write it.")
-        specs[parts.name] = ModelSpec.from_dict(json.loads(parts.spec_file.read_text())["spec"])
+        written = json.loads(parts.spec_file.read_text())
+        specs[parts.name] = ModelSpec.from_dict(written["spec"])
+        sites[parts.name] = written.get("site", specs[parts.name].site or SELF)  # model.json before sites: its spec's
     pseudo_group_size = pseudo_group_size_of(((s.num_heads, s.num_kv_heads) for s in specs.values()), pseudo_group_size)
     frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
     for parts in models_parts:
@@ -435,12 +474,14 @@ def _merge(result: AtlasResult, models_parts: list[_ModelParts], prompts: list[P
         probe = pd.read_parquet(parts.probe_file)
         if len(probe):
             heads = heads.merge(probe, on=["layer", "head"], how="left")
-        top = top_prompts(rows, rank_by, top_k)
+        top = top_prompts(rows, rank_by or ATLAS_SITES[sites[parts.name]].rank_by, top_k)
         frames["prompt_heads"].append(rows.prompt_heads)
         frames["heads"].append(heads)
         frames["layers"].append(layer_table(rows, kv, bootstrap, n_permutations=n_permutations,
                                             pseudo_group_size=pseudo_group_size))
-        frames["models"].append(model_table(rows, kv, bootstrap))
+        frames["models"].append(model_table(rows, kv, bootstrap).assign(
+            site=sites[parts.name], notes=skipped_probes(sites[parts.name], induction=probe_length > 0,
+                                                         retrieval=bool(retrieval_lengths))))
         frames["prompt_layers"].append(kv)
         frames["top_prompts"].append(top)
         frames["head_distances"].append(_distance_table(rows))

@@ -136,6 +136,17 @@ def measure_sites(model, tokenizer, text: str, *, spec=None, chat: bool = False,
     or PIL image, prepared by `processor`), a `site` column first: the `measure` of a batch over a model
     with several sites (`models.inputs.site_inputs` says what each kind of model gets). `spec` and `chat`
     are taken for the batch's signature; a chat template is not applied."""
+    cubes = capture_site_cubes(model, tokenizer, text, image=image, processor=processor, sites=sites, target=target,
+                               **capture_options)
+    tables = [site_metrics(cube).assign(site=site) for site, cube in cubes.items()]
+    table = pd.concat(tables, ignore_index=True)
+    return table[["site", *[c for c in table.columns if c != "site"]]]
+
+
+def capture_site_cubes(model, tokenizer, text: str | None, *, image=None, processor=None, sites=None,
+                       target: str | None = None, **capture_options):
+    """The `SiteCubes` (site -> cube) of one forward pass over `text`, `image` (a path or PIL image, prepared by
+    `processor`) and `target`, as `measure_sites` measures them."""
     from llm_heatmap.models import site_specs
     from llm_heatmap.models.inputs import site_inputs
     from llm_heatmap.probes import capture_sites
@@ -150,8 +161,5 @@ def measure_sites(model, tokenizer, text: str, *, spec=None, chat: bool = False,
     inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
     with torch.no_grad(), capture_sites(model, sites=sites, **capture_options) as probe:
         model(**inputs)
-    cubes = probe.cubes(inputs.get("input_ids"), decoder_input_ids=inputs.get("decoder_input_ids"),
-                        attention_mask=inputs.get("attention_mask"), tokenizer=tokenizer, prompt=text)
-    tables = [site_metrics(cube).assign(site=site) for site, cube in cubes.items()]
-    table = pd.concat(tables, ignore_index=True)
-    return table[["site", *[c for c in table.columns if c != "site"]]]
+    return probe.cubes(inputs.get("input_ids"), decoder_input_ids=inputs.get("decoder_input_ids"),
+                       attention_mask=inputs.get("attention_mask"), tokenizer=tokenizer, prompt=text)

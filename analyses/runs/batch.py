@@ -133,7 +133,7 @@ def run_batch(
     sites = _measured_sites(model, prompts, sites)
     if sites is not None:
         measure = measure or partial(measure_sites, processor=processor, sites=sites)
-        _check_site_prompts(model, processor, mine)
+        check_site_prompts(model, processor, mine)
     counts = {p.id: None if p.image is not None else check_length(tokenizer, spec, p.text, chat=chat, where=p.where)
               for p in mine}
     parquet_path, csv_path = output_paths(out_dir, shard)
@@ -179,7 +179,7 @@ def _measured_sites(model, prompts: list[Prompt], sites: list[str] | None) -> li
     return list(sites)
 
 
-def _check_site_prompts(model, processor, prompts: list[Prompt]) -> None:
+def check_site_prompts(model, processor, prompts: list[Prompt]) -> None:
     """Every prompt's text, image and target checked against what the model reads, before any is measured."""
     from llm_heatmap.models import site_specs
     from llm_heatmap.models.inputs import check_site_inputs
