@@ -23,9 +23,13 @@ class HeadWriters:
     """The output maps of the chosen heads of one layer, as Gram matrices."""
 
     def __init__(self, projection: nn.Module, spec, heads: tuple[int, ...]):
-        maps = head_maps(projection, spec.num_heads, spec.head_dim)[torch.tensor(heads)]  # "h d m", float32
-        self.grams = maps @ maps.transpose(-1, -2)  # "h d d"
+        maps = head_maps(projection, spec.num_heads, spec.head_dim)  # "h d m", float32
+        self.every_head = tuple(heads) == tuple(range(spec.num_heads))
         chosen = torch.tensor(heads)
+        if not self.every_head:
+            maps = maps[chosen]
+        self.grams = maps @ maps.mT  # "h d d"
+        self.group_size = spec.group_size
         self.kv_heads = chosen // spec.group_size  # the KV head each chosen head reads
 
     @classmethod
@@ -39,16 +43,24 @@ class HeadWriters:
             )
         return cls(model.get_submodule(path), spec, heads)
 
-    def _norms(self, vectors: torch.Tensor) -> torch.Tensor:
-        """`"b h n d"` -> `"b h n"`: sqrt(v G_h v^T) for each head's own Gram matrix."""
-        grams = self.grams.to(vectors.device)
-        squared = torch.einsum("bhnd,hde,bhne->bhn", vectors.float(), grams, vectors.float())
-        return squared.clamp_min(0).sqrt()
-
     def value_norms(self, value: torch.Tensor) -> torch.Tensor:
         """`"b g k d"` values as the kernel got them -> `"b h k"`: ||v_j W_O^h|| for every chosen head."""
-        return self._norms(value.index_select(1, self.kv_heads.to(value.device)))
+        grams = self.grams.to(value.device)
+        if not self.every_head:
+            return _quadratic_norms(value.index_select(1, self.kv_heads.to(value.device)).float(), grams)
+        # every head: each KV head's values meet its group's Gram matrices without being repeated
+        # ("b g k d" as "b g 1 k d" against "(g r) d d" as "g r d d" -> "b g r k" -> "b (g r) k")
+        values = value.float().unsqueeze(2)
+        squared = torch.linalg.vecdot(values @ grams.unflatten(0, (-1, self.group_size)), values)
+        return squared.flatten(1, 2).clamp_min(0).sqrt()
 
     def output_norms(self, output: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """`"b q h d"` kernel output (every head) -> `"b h q"`: the norm of what each chosen head writes per row."""
-        return self._norms(output.index_select(2, heads.to(output.device)).transpose(1, 2))
+        if not self.every_head:
+            output = output.index_select(2, heads.to(output.device))
+        return _quadratic_norms(output.float().transpose(1, 2), self.grams.to(output.device))
+
+
+def _quadratic_norms(vectors: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+    """`"b h n d"` -> `"b h n"`: sqrt(v G_h v^T) for each head's own Gram matrix."""
+    return torch.linalg.vecdot(vectors @ grams, vectors).clamp_min(0).sqrt()

@@ -81,6 +81,23 @@ def test_tiny_family_value_and_output_norms_equal_the_direct_computation(family)
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [(3, 0), (1,), (0, 1, 2, 3)], ids=["two-groups-reordered", "one", "every"])
+def test_a_head_subset_gets_the_norms_of_its_heads(heads):
+    """A GQA model (4 heads on 2 KV heads) captured for some heads: each head's norms are its own, in the order
+    asked for (the every-head path meets each KV head's values without repeating them; a subset indexes them)."""
+    model = tiny_model("llama", "eager")
+    spec = spec_from_model(model)
+    assert spec.num_heads == 4 and spec.num_kv_heads == 2
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), capture(model, heads=heads, value_norms=True) as probe:
+        model(input_ids=ids)
+    cube = probe.cube(ids)
+    value_norms, output_norms = direct_norms(model, spec, ids)
+    chosen = torch.tensor(heads)
+    torch.testing.assert_close(cube.value_norms.double(), value_norms[:, chosen], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cube.output_norms.double(), output_norms[:, chosen], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["smollm2_eager", "minilm_eager"])
 def test_real_models_value_and_output_norms_equal_the_direct_computation(fixture, request):
