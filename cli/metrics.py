@@ -52,11 +52,26 @@ def run(args) -> int:
     if args.out is not None and not per_site:
         args.out = options.table_or_folder(args.out, options.base_name(args, prompt), "metrics")
         table_format(args.out)
+    if per_site and args.site:  # one site named: its tables are known, and claimed, before the model loads
+        claimed = site_table_paths(args, prompt, [args.site])
+        with claim_outputs(claimed.values(), force=args.force):
+            return _run(args, prompt, metrics, claimed)
     with claim_outputs([args.out] if args.out is not None and not per_site else [], force=args.force):
         return _run(args, prompt, metrics)
 
 
-def _run(args, prompt: str, metrics) -> int:
+def site_table_paths(args, prompt, chosen: list[str]) -> dict:
+    """(run name, site) -> NAME.SITE.metrics.csv in --out, per forward pass (image) and site; {} without --out."""
+    from . import sites
+
+    if args.out_given is None:
+        return {}
+    name = options.base_name(args, prompt)
+    return {(name + suffix, site): args.out_given / f"{name + suffix}.{site}.metrics.csv"
+            for suffix, _ in sites.runs(args, prompt) for site in chosen}
+
+
+def _run(args, prompt: str, metrics, claimed: dict | None = None) -> int:
     import torch
 
     from llm_heatmap.analyses.heads.measure import stream_head_metrics
@@ -72,7 +87,7 @@ def _run(args, prompt: str, metrics) -> int:
 
     specs = site_specs(model)
     if sites.wants_sites(args, specs):
-        return _run_sites(args, model, tokenizer, specs, prompt, metrics)
+        return _run_sites(args, model, tokenizer, specs, prompt, metrics, claimed)
     tokens = check_length(tokenizer, spec, prompt, chat=args.chat)
     with torch.no_grad():
         table = stream_head_metrics(model, tokenizer, prompt, spec=spec, chat=args.chat,
@@ -110,8 +125,9 @@ def _run(args, prompt: str, metrics) -> int:
     return 0
 
 
-def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics) -> int:
-    """One table per site (and per image): NAME.SITE.metrics.csv in --out, or printed one after another."""
+def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics, claimed: dict | None) -> int:
+    """One table per site (and per image): NAME.SITE.metrics.csv in --out, or printed one after another
+    (`claimed`: the paths of the one site of --site, already claimed)."""
     from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
     from llm_heatmap.models.files import claim_outputs
@@ -124,10 +140,9 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics) -> int:
     out = args.out_given
     name = options.base_name(args, prompt)
     planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
-    paths = {(run_name, site): out / f"{run_name}.{site}.metrics.csv" for run_name, _ in planned for site in chosen} \
-        if out is not None else {}
+    paths = site_table_paths(args, prompt, chosen) if claimed is None else claimed
     lines, payload = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
-    with claim_outputs(paths.values(), force=args.force):
+    with claim_outputs(paths.values() if claimed is None else [], force=args.force):
         for run_name, image in planned:
             for site, cube in sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image).items():
                 table = site_metrics(cube)

@@ -187,6 +187,18 @@ def test_refusals_before_loading(argv, message, capsys, tmp_path, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, written", [("metrics", "m.cross.metrics.csv"), ("grid", "m.cross.png")])
+def test_one_named_site_claims_its_files_before_the_model_loads(command, written, tmp_path, capsys):
+    """With --site the files are known before loading: one that exists is refused first (the model named here
+    does not even exist), and nothing is written or removed."""
+    (tmp_path / written).write_text("an earlier run's file")
+    argv = [command, "12345", "--target", "54321", "--site", "cross", "--model", "no-such-model-dir", "--out", tmp_path,
+            "--name", "m"]
+    assert main([str(a) for a in argv]) == 2
+    assert f"{tmp_path / written} already exists" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {written: "an earlier run's file"}
+
+
 def test_unreadable_image_is_refused(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
