@@ -131,11 +131,37 @@ def converted_dir(path: Path, *, progress=None) -> Path:
     """The safetensors directory for `path`, converting on first use.
 
     The conversion is written through `files.atomic_output` (a temporary sibling directory renamed into
-    place), so an interrupted conversion never leaves a half-written cache entry.
+    place), so an interrupted conversion never leaves a half-written cache entry. Processes that need the
+    same file at once (the ranks of a torchrun job, parallel test workers) convert it once: the others
+    wait for the first and read its entry.
     """
     target = cache_dir_for(path)
     if (target / MARKER).exists():
         return target
+    with _one_converter(path):
+        if (target / MARKER).exists():  # converted by the process this one waited for
+            return target
+        return _convert(path, target, progress)
+
+
+@contextlib.contextmanager
+def _one_converter(path: Path):
+    """An exclusive advisory lock on the GGUF file itself (no lock file to leave behind), where the system has
+    one; released when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: concurrent conversions stay possible, each still atomic
+        yield
+        return
+    with open(path, "rb") as source:
+        try:
+            fcntl.flock(source, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: as above
+            pass
+        yield
+
+
+def _convert(path: Path, target: Path, progress) -> Path:
     file_type = gguf_file_type(path)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 

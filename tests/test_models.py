@@ -317,6 +317,38 @@ def test_tiny_gguf_converts_once(cache, tmp_path, monkeypatch):
     assert again == spec and _files(cache) == before
 
 
+def _waiting_for_a_lock_on(path: Path) -> bool:
+    """Whether some process waits for a lock on `path`'s inode (Linux lists waiters in /proc/locks with "->")."""
+    inode = f":{path.stat().st_ino} "
+    return any(line.split()[1] == "->" and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks to see a waiting process")
+def test_a_second_load_waits_for_the_first_conversion_and_reads_it(cache, tmp_path, monkeypatch):
+    """While one process converts a GGUF file (here: this test, holding the file's lock), another that needs it
+    waits at the lock instead of converting too, then reads the first one's entry: one conversion."""
+    import fcntl
+    import threading
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    conversions = []
+    convert = gguf_cache._convert
+    monkeypatch.setattr(gguf_cache, "_convert", lambda *args: conversions.append(args) or convert(*args))
+    found = {}
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first converter
+        waiter = threading.Thread(target=lambda: found.setdefault("dir", gguf_cache.converted_dir(path)))
+        waiter.start()
+        deadline = time.monotonic() + 120
+        while not _waiting_for_a_lock_on(path):
+            assert waiter.is_alive() and time.monotonic() < deadline, "the second converter did not wait at the lock"
+            time.sleep(0.01)
+        target = gguf_cache._convert(path, gguf_cache.cache_dir_for(path), None)
+    waiter.join(timeout=120)
+    assert found["dir"] == target and len(conversions) == 1
+    assert load_model(path)[2].summary.endswith("GGUF F32")
+
+
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_interrupted_conversion_leaves_nothing(cache, tmp_path, monkeypatch, failure):
     from transformers import PreTrainedModel
