@@ -736,9 +736,9 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["--html"], ["--format", "svg"]], ids=["png", "png+html", "svg"])
-def test_render_onto_a_full_disk_gives_one_sentence_and_leaves_nothing(extra, tiny_cube, small_disk, start):
+def test_render_onto_a_full_disk_gives_one_sentence_and_leaves_nothing(extra, tiny_cube, small_disk):
     out = small_disk(2 * 4096)  # room for the lock files' pids, not for the drawing
-    run = start("render", "render", tiny_cube, "--out", out, "--name", NAME, "--cell-px", "12", *extra)
+    run = RunHere(["render", tiny_cube, "--out", out, "--name", NAME, "--cell-px", "12", *extra])
     assert run.finish() == 2, run.stderr()
     assert_one_sentence(run, "disk is full", str(out))
     assert names(out) == set()
