@@ -94,14 +94,9 @@ def frames_axis(length: int) -> Axis:
     return Axis("frames", length)
 
 
-def vision_axis(special: list[str], rows: int, cols: int, order: str = "rows", merge: int = 1,
-                patch_pixels: int = 0) -> Axis:
-    """A vision tower's axis: the `special` tokens, then one image's rows x cols patches, row by row, or
-    (`order="windows"`, Qwen2-VL's tower) in merge x merge windows, each window's patches row by row."""
+def vision_axis(special: list[str], rows: int, cols: int, patch_pixels: int = 0) -> Axis:
+    """A vision tower's axis: the `special` tokens, then one image's rows x cols patches, row by row."""
     cells = [(r, c) for r in range(rows) for c in range(cols)]
-    if order == "windows":
-        cells = [(br * merge + r, bc * merge + c) for br in range(rows // merge) for bc in range(cols // merge)
-                 for r in range(merge) for c in range(merge)]
     n, count = len(special), len(special) + len(cells)
     return Axis("patches", count, image=(-1,) * n + (0,) * len(cells), tile=(-1,) * n + (0,) * len(cells),
                 row=(-1,) * n + tuple(r for r, _ in cells), col=(-1,) * n + tuple(c for _, c in cells),

@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import einops
 import torch
 from torch import nn
 
@@ -65,17 +66,38 @@ def position_axis(site: str, count: int, model: nn.Module, image_grid_thw=None) 
     grid (Qwen2-VL's tower: one image's `image_grid_thw` patches in merge windows), else audio frames."""
     config = getattr(model.config, "vision_config", None) or model.config
     if image_grid_thw is not None and site == VISION:
-        grid = torch.as_tensor(image_grid_thw).reshape(-1, 3)
-        if len(grid) == 1 and int(grid[0, 0]) == 1 and int(grid[0].prod()) == count:
-            merge = int(getattr(config, "spatial_merge_size", 1) or 1)
-            return vision_axis([], int(grid[0, 1]), int(grid[0, 2]), order="windows", merge=merge,
-                               patch_pixels=_patch_pixels(config))
+        axis = packed_tower_axis(image_grid_thw, config, count)
+        if axis is not None:
+            return axis
     if site == VISION or reads_images(model.config):
         side = int(getattr(config, "image_size", 0) or 0) // int(getattr(config, "patch_size", 1) or 1)
         special = count - side * side
         if side and 0 <= special:
             return vision_axis(special_labels(config, special), side, side, patch_pixels=_patch_pixels(config))
     return frames_axis(count)
+
+
+def packed_tower_axis(image_grid_thw, config, count: int) -> Axis | None:
+    """The axis of a tower that packs its images into one sequence (Qwen2-VL, Qwen2.5-VL), in the tower's own
+    order: image by image, each image's patches in merge x merge blocks as the processor lays them out, and, where
+    the tower attends within windows (a vision config with `window_size` and `fullatt_block_indexes`: Qwen2.5-VL),
+    reordered window by window as the tower runs them (transformers' `get_vision_window_index`), in every layer.
+    None where the grids are not `count` patches of single frames."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    grid = torch.as_tensor(image_grid_thw).reshape(-1, 3).long().cpu()
+    if int(grid.prod(-1).sum()) != count or bool((grid[:, 0] != 1).any()):
+        return None
+    merge = int(getattr(config, "spatial_merge_size", 1) or 1)
+    cells = get_vision_position_ids(grid, merge)  # "n 2": (row, col) of each patch, in the processor's order
+    images = torch.arange(len(grid)).repeat_interleave(grid.prod(-1))
+    if getattr(config, "window_size", None) and hasattr(config, "fullatt_block_indexes"):
+        windows, _ = get_vision_window_index(grid, merge, int(config.window_size), int(config.patch_size))
+        order = einops.rearrange(windows[:, None] * merge * merge + torch.arange(merge * merge), "w u -> (w u)")
+        cells, images = cells[order], images[order]
+    return Axis("patches", count, image=tuple(images.tolist()), tile=(0,) * count, row=tuple(cells[:, 0].tolist()),
+                col=tuple(cells[:, 1].tolist()), grids=tuple((h, w) for _, h, w in grid.tolist()),
+                patch_pixels=_patch_pixels(config))
 
 
 def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
@@ -103,6 +125,8 @@ def axis_labels(axis: Axis) -> list[str]:
     column C, "fI" for frame I (no spaces: every view shows a space in a token as a visible mark)."""
     if axis.kind == "frames":
         return [f"f{i}" for i in range(axis.length)]
+    if len(axis.grids) > 1:  # several images: each patch says which
+        return [axis.special.get(i) or f"i{m},r{r},c{c}" for i, (m, r, c) in enumerate(zip(axis.image, axis.row, axis.col))]
     return [axis.special.get(i) or f"r{r},c{c}" for i, (r, c) in enumerate(zip(axis.row, axis.col))]
 
 
