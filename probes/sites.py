@@ -100,9 +100,10 @@ def packed_tower_axis(image_grid_thw, config, count: int) -> Axis | None:
                 patch_pixels=_patch_pixels(config))
 
 
-def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
+def token_axis(model: nn.Module, token_ids, image_grid_thw=None, tokens=None) -> Axis:
     """The axis of a site over token ids: text, or a VLM's text and image tokens (`axes.language_axis`;
-    Qwen2-VL's image grids from `image_grid_thw`, after the tower's merge)."""
+    Qwen2-VL's image grids from `image_grid_thw`, after the tower's merge; Idefics3's tiles grouped by image from
+    the token strings `tokens`)."""
     config = model.config
     image_token = next((v for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
                         if v is not None), None)
@@ -111,7 +112,7 @@ def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
     grids = None
     if image_grid_thw is not None:
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()]
-    return language_axis(token_ids, image_token, grids, merge, patch_pixels=_patch_pixels(vision))
+    return language_axis(token_ids, image_token, grids, merge, patch_pixels=_patch_pixels(vision), tokens=tokens)
 
 
 def _patch_pixels(config) -> int:
@@ -202,7 +203,7 @@ class SiteProbe:
             if axis is not None:
                 cube = replace(cube, tokens=axis_labels(axis), key_axis=axis)
             else:
-                cube = replace(cube, key_axis=token_axis(self.model, key_ids, grid))
+                cube = replace(cube, key_axis=token_axis(self.model, key_ids, grid, cube.tokens))
             if site == CROSS:
                 if decoder_input_ids is None:
                     raise InputError("the cross-attention cube needs decoder_input_ids; pass the ones the model ran with.")
