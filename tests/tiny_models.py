@@ -202,3 +202,31 @@ def qwen_image_inputs(grids: list[tuple[int, int]], text_before=(5, 6), text_aft
         ids += [QWEN_START] + [QWEN_IMAGE] * (rows * cols // 4) + [QWEN_END]
     ids = torch.tensor([ids + list(text_after)])
     return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == QWEN_IMAGE).int())
+
+
+IDEFICS3_WORDS = ["<unk>", "<pad>", "look", "at", "and", "this", "<fake_token_around_image>", "<image>",
+                  "<end_of_utterance>", "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+
+
+def tiny_idefics3(seed: int = 0):
+    """A seeded random Idefics3 (SmolVLM's architecture) in eval mode and its processor: tiles of 16 x 16 pixels in
+    4 x 4 patches, shuffled 2x2 into 4 image tokens; an image is resized to 48 pixels on its long side and split
+    into tiles, each tile's tokens after a <row_I_col_J> token and the global view's after <global-img>."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(IDEFICS3_WORDS)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>")
+    images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 48}, max_image_size={"longest_edge": 16},
+                                                    do_image_splitting=True)
+    processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+    torch.manual_seed(seed)
+    vision = dict(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=32)
+    text = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.Idefics3Config(vision_config=vision, text_config=text.to_dict(),
+                                         image_token_id=vocab["<image>"], scale_factor=2)
+    return transformers.Idefics3ForConditionalGeneration(config).eval(), processor
