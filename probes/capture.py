@@ -369,16 +369,16 @@ class Probe:
         pattern over the whole packed sequence, which is zero between segments (block-diagonal)."""
         packed, layer = self._packed[module], self._modules[module]
         start, stop = packed.bounds[packed.done], packed.bounds[packed.done + 1]
-        name = f"layer {layer} ({type(module).__name__})"
+        who = f"layer {layer} ({type(module).__name__})"
         if self.consumers or self.last_queries is not None:
             raise InputError(
-                f"{name} attends per image or per window of one packed sequence, which streaming consumers and "
+                f"{who} attends per image or per window of one packed sequence, which streaming consumers and "
                 "last_queries do not follow; capture the whole cube (keep=True, no consumers or last_queries) or "
                 "pass one image at a time."
             )
         if query.shape[2] != stop - start or key.shape[2] != stop - start:
             raise InputError(
-                f"{name} ran one attention call over {query.shape[2]} positions for the segments {list(packed.bounds)} "
+                f"{who} ran one attention call over {query.shape[2]} positions for the segments {list(packed.bounds)} "
                 f"of its packed sequence (kernel '{kernel}'), which llm-heatmap cannot split; load the model with "
                 "attn_implementation='sdpa' or 'eager'."
             )

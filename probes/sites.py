@@ -63,7 +63,7 @@ class SiteCubes(Mapping):
 
 def position_axis(site: str, count: int, model: nn.Module, image_grid_thw=None) -> Axis:
     """The axis of `count` positions without token ids: a vision tower's special tokens then its patch
-    grid (Qwen2-VL's tower: one image's `image_grid_thw` patches in merge windows), else audio frames."""
+    grid (a tower given `image_grid_thw`: its images in its own order, `packed_tower_axis`), else audio frames."""
     config = getattr(model.config, "vision_config", None) or model.config
     if image_grid_thw is not None and site == VISION:
         axis = packed_tower_axis(image_grid_thw, config, count)

@@ -182,3 +182,27 @@ def test_one_image_is_one_segment_and_keeps_the_plain_capture():
     reference, _ = tower_reference(model, inputs)
     torch.testing.assert_close(cube.pattern, reference, atol=1e-5, rtol=0)
     assert cube.tokens[4] == "r0,c2"
+
+
+def test_a_packed_layer_that_skips_a_segment_is_refused_in_one_sentence():
+    """The module's cu_seqlens name two images, but (a hook of the user's cutting the input to the first image) it
+    calls the kernel once: the capture refuses rather than keep rows no call wrote."""
+    model = tiny_qwen2_vl()
+    inputs = qwen_image_inputs([(4, 6), (2, 4)])
+    attention = model.model.visual.blocks[0].attn
+
+    def first_image_only(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        cos, sin = kwargs["position_embeddings"]
+        kwargs.update(cu_seqlens=kwargs["cu_seqlens"][:2], position_embeddings=(cos[:24], sin[:24]))
+        return (hidden[:24],), kwargs
+
+    with capture_sites(model, sites="vision"):
+        handle = attention.register_forward_pre_hook(first_image_only, with_kwargs=True)
+        try:
+            with pytest.raises(InputError, match=r"called the attention kernel for 1 of the 2 segments its cu_seqlens "
+                                                 r"name; load the model with attn_implementation='sdpa' or 'eager'\.$"):
+                with torch.no_grad():
+                    model(**inputs)
+        finally:
+            handle.remove()
