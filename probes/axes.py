@@ -71,13 +71,16 @@ class Axis:
             return torch.full((self.length, 3), -1, dtype=torch.long)
         return torch.tensor([self.image, self.row, self.col], dtype=torch.long).T.contiguous()
 
+    @property
+    def tile_index(self) -> torch.Tensor:
+        """long `[n]`: the tile of every position (`tile`; 0 everywhere on an axis that records no tiles)."""
+        return torch.tensor(self.tile, dtype=torch.long) if self.tile else torch.zeros(self.length, dtype=torch.long)
+
     def tile_names(self) -> dict[tuple[int, int], str]:
         """{(image, tile): name} of every tile on the axis: "image" for an image that is one tile, else "rI,cJ" for
         the tile at row I, column J of the image's tiles (from 0) and "global" for its global view (its last tile,
         the whole picture downscaled, whose cells are those of its own grid)."""
-        cells = self.patch_cells()
-        tiles = torch.tensor(self.tile) if self.tile else torch.full((self.length,), -1)
-        names = {}
+        cells, tiles, names = self.patch_cells(), self.tile_index, {}
         for image in sorted(set(cells[:, 0].tolist()) - {-1}):
             numbers = sorted(set(tiles[cells[:, 0] == image].tolist()))
             for number in numbers:

@@ -62,6 +62,6 @@ def _key_groups(axis, per: str):
     cells = axis.patch_cells()
     if per == "image":
         return [({"image": image}, cells[:, 0] == image) for image in sorted(set(cells[:, 0].tolist()) - {-1})]
-    tiles = torch.tensor(axis.tile)
+    tiles = axis.tile_index
     return [({"image": image, "tile": tile, "tile_name": name}, (cells[:, 0] == image) & (tiles == tile))
             for (image, tile), name in axis.tile_names().items()]

@@ -83,7 +83,7 @@ def _image_cells(cube, image: int, tile: int | None = None):
     if image not in images:
         raise InputError(f"image {image} is not on this site's key axis (it holds images {images}); pick one of those.")
     names = {number: name for (picture, number), name in axis.tile_names().items() if picture == image}
-    tiles = torch.tensor(axis.tile)
+    tiles = axis.tile_index
     if tile is None:
         chosen = cells[:, 0] == image
         if len(names) > 1:
