@@ -400,12 +400,14 @@ class Probe:
             step = auto_chunk_rows(batch, len(heads), size, size, self.chunk_rows)
             for first in range(0, size, step):
                 last = min(size, first + step)
-                block = call.pattern(heads, first, last)
+                into = rows[:, :, first:last, start:stop]
+                block = call.pattern(heads, first, last, pad=False, out=into if len(heads) == len(self.heads) else None)
                 if computed is not None:
                     kernel_output.write_block(computed, block, value.detach(), first, last)
                     if len(heads) != len(self.heads):
                         block = block.index_select(1, self._head_index.to(block.device))
-                rows[:, :, first:last, start:stop] = block
+                if block.data_ptr() != into.data_ptr():
+                    into.copy_(block)
             side = self._side_tensors(layer, call, value, output, 0)
             if computed is not None and layer in self._writers:
                 side["output_norms"] = self._writers[layer].output_norms(computed, self._head_index)
