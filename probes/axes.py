@@ -5,12 +5,14 @@
     axis.is_image              # bool [n]: which positions are image patches (or merged patch tokens)
     axis.patch_grid            # (rows, cols) of the first image's patch grid, in this axis's units
     axis.patch_cells()         # long [n, 3]: (image, row, col) of every position, -1 where not a patch
+    axis.tile_names()          # {(image, tile): "image", "rI,cJ" or "global"}
 
 Per-position fields are tuples of ints, -1 where a position is not a patch: `image` (which image),
 `tile` (which tile of that image, 0 when it is not split; Idefics3 / SmolVLM's split images: its tiles in the
-order they run, the global view last, `tile_names()`), `row`, `col` (the cell of the image's patch grid). `merge` is how many patches a side one position stands for (Qwen2-VL's language model: 2, a
-position covers rows 2r..2r+1 and columns 2c..2c+1 of the tower's grid; 1 elsewhere), and `grids` the
-(rows, cols) of each image's grid in these units. `patch_pixels`: the side of one patch in pixels of the
+order they run, the global view last, `tile_names()`), `row`, `col` (the cell of the image's patch grid).
+`merge` is how many patches a side one position stands for (Qwen2-VL's language model: 2, a position covers
+rows 2r..2r+1 and columns 2c..2c+1 of the tower's grid; 1 elsewhere), and `grids` the (rows, cols) of each
+image's grid in these units. `patch_pixels`: the side of one patch in pixels of the
 image the model saw (0 where unknown; a position covers `merge * patch_pixels`). `special` names the positions that are neither text
 nor patches ("[CLS]", "[DIST]", "[REG i]"). The axis describes the positions of the sequence, also
 when the cube's entries are pooled bins (`cube.pooling` maps bins to positions).
