@@ -401,7 +401,8 @@ class Probe:
             for first in range(0, size, step):
                 last = min(size, first + step)
                 into = rows[:, :, first:last, start:stop]
-                block = call.pattern(heads, first, last, pad=False, out=into if len(heads) == len(self.heads) else None)
+                direct = len(heads) == len(self.heads) and into.device == query.device
+                block = call.pattern(heads, first, last, pad=False, out=into if direct else None)
                 if computed is not None:
                     kernel_output.write_block(computed, block, value.detach(), first, last)
                     if len(heads) != len(self.heads):
