@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -150,6 +150,7 @@ class Probe:
         self.compute_output = bool(compute_output) if compute_output is not None else \
             not keep and not model.training and not any(tap.is_computed(module) for module in self._modules)
         self._all_heads = torch.arange(self.spec.num_heads)
+        self._packed: dict[nn.Module, _Packed] = {}
 
     def _head_writers(self, value_norms: bool | None) -> dict[int, HeadWriters]:
         """What each layer's heads write, for value and output norms ({} when not recorded)."""
@@ -189,6 +190,9 @@ class Probe:
                     stack.callback(tap.unlisten, module, self._on_kernel)
                 stack.callback(module.register_forward_pre_hook(self._before_layer).remove)
                 stack.callback(module.register_forward_hook(self._after_layer).remove)
+                if "cu_seqlens" in inspect.signature(module.forward).parameters:
+                    stack.callback(module.register_forward_pre_hook(self._before_packed, with_kwargs=True).remove)
+                    stack.callback(module.register_forward_hook(self._after_packed).remove)
             stack.callback(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True).remove)
         except BaseException:
             stack.close()
@@ -268,13 +272,9 @@ class Probe:
     def _on_kernel(self, module, kernel, query, key, value, mask, arguments, output, computed=None) -> None:
         layer = self._modules[module]
         self._pending.discard(module)
-        if layer in self._seen and self._seen != set(self.layers):
-            raise InputError(
-                f"layer {layer} ({type(module).__name__}) called the attention kernel more than once in one forward "
-                "pass (a vision tower attending per image or per window: Qwen2-VL's with several images, Qwen2.5-VL's "
-                "windowed layers), and a cube holds one pattern per layer; pass one image at a time, or capture the "
-                "other sites only (capture_sites(model, sites=...))."
-            )
+        if module in self._packed:
+            return self._on_packed_segment(module, kernel, query, key, value, mask, arguments, output, computed)
+        self._check_called_once(module, layer)
         if layer in self._seen or self._pass < 0:
             self._new_pass()
         first_call = not self._seen
@@ -335,6 +335,87 @@ class Probe:
                 del block
             if self.keep:
                 self._keep_side(batch, layer, side)
+
+    def _check_called_once(self, module, layer: int) -> None:
+        if layer in self._seen and self._seen != set(self.layers):
+            raise InputError(
+                f"layer {layer} ({type(module).__name__}) called the attention kernel more than once in one forward "
+                "pass without naming its segments (cu_seqlens), and a cube holds one pattern per layer; pass one "
+                "image at a time, or capture the other sites only (capture_sites(model, sites=...))."
+            )
+
+    # ---- packed layers: one kernel call per image or window of one packed sequence --------------
+    def _before_packed(self, module, args, kwargs) -> None:
+        """A module given `cu_seqlens` attends within segments of one packed sequence (Qwen2-VL's tower: one
+        segment per image; Qwen2.5-VL's windowed layers: one per window), one kernel call per segment unless
+        the kernel is a flash kernel taking them all at once."""
+        bounds = kwargs.get("cu_seqlens")
+        if isinstance(bounds, torch.Tensor) and bounds.numel() > 2:
+            self._packed[module] = _Packed(tuple(int(b) for b in bounds.tolist()))
+        else:
+            self._packed.pop(module, None)
+
+    def _after_packed(self, module, args, output) -> None:
+        packed = self._packed.pop(module, None)
+        if packed is not None and packed.done != len(packed.bounds) - 1:
+            raise InputError(
+                f"layer {self._modules[module]} ({type(module).__name__}) called the attention kernel for {packed.done} "
+                f"of the {len(packed.bounds) - 1} segments its cu_seqlens name; load the model with "
+                "attn_implementation='sdpa' or 'eager'."
+            )
+
+    def _on_packed_segment(self, module, kernel, query, key, value, mask, arguments, output, computed) -> None:
+        """One segment's kernel call: its pattern is the block at the segment's rows and keys of the layer's
+        pattern over the whole packed sequence, which is zero between segments (block-diagonal)."""
+        packed, layer = self._packed[module], self._modules[module]
+        start, stop = packed.bounds[packed.done], packed.bounds[packed.done + 1]
+        who = f"layer {layer} ({type(module).__name__})"
+        if self.consumers or self.last_queries is not None:
+            raise InputError(
+                f"{who} attends per image or per window of one packed sequence, which streaming consumers and "
+                "last_queries do not follow; capture the whole cube (keep=True, no consumers or last_queries) or "
+                "pass one image at a time."
+            )
+        if query.shape[2] != stop - start or key.shape[2] != stop - start:
+            raise InputError(
+                f"{who} ran one attention call over {query.shape[2]} positions for the segments {list(packed.bounds)} "
+                f"of its packed sequence (kernel '{kernel}'), which llm-heatmap cannot split; load the model with "
+                "attn_implementation='sdpa' or 'eager'."
+            )
+        self._pending.discard(module)
+        if packed.done == 0:
+            self._check_called_once(module, layer)
+            if layer in self._seen or self._pass < 0:
+                self._new_pass()
+        first_call = not self._seen
+        self._seen.add(layer)
+        with torch.no_grad():
+            call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments)
+            if first_call:
+                self._read_causality(module, kernel, mask, arguments, call)
+            total, batch, size = packed.bounds[-1], call.batch_size, stop - start
+            rows = self._ensure_buffer(batch, torch.arange(total), total)[:, self.layers.index(layer), :, start:stop]
+            rows.zero_()
+            heads = self._head_index if computed is None else self._all_heads
+            step = auto_chunk_rows(batch, len(heads), size, size, self.chunk_rows)
+            for first in range(0, size, step):
+                last = min(size, first + step)
+                into = rows[:, :, first:last, start:stop]
+                direct = len(heads) == len(self.heads) and into.device == query.device
+                block = call.pattern(heads, first, last, pad=False, out=into if direct else None)
+                if computed is not None:
+                    kernel_output.write_block(computed, block, value.detach(), first, last)
+                    if len(heads) != len(self.heads):
+                        block = block.index_select(1, self._head_index.to(block.device))
+                if block.data_ptr() != into.data_ptr():
+                    into.copy_(block)
+            side = self._side_tensors(layer, call, value, output, 0)
+            if computed is not None and layer in self._writers:
+                side["output_norms"] = self._writers[layer].output_norms(computed, self._head_index)
+            packed.sides.append(side)
+            packed.done += 1
+            if packed.done == len(packed.bounds) - 1:  # every side tensor has its positions on axis 2
+                self._keep_side(batch, layer, {name: torch.cat([s[name] for s in packed.sides], 2) for name in side})
 
     def _block_output_norms(self, layer: int, side: dict, computed: torch.Tensor, row: int, start: int, stop: int,
                             rows: int) -> None:
@@ -477,6 +558,16 @@ class Probe:
                 source=source, metadata=cube.metadata, **{name: tensor[0] for name, tensor in self._side.items()},
             )
         return cube.item(0)
+
+
+@dataclass
+class _Packed:
+    """A packed layer's forward in progress: its segments' bounds (`cu_seqlens`), how many have been captured,
+    and their side tensors."""
+
+    bounds: tuple[int, ...]
+    done: int = 0
+    sides: list = field(default_factory=list)
 
 
 def _head_outputs(output, num_queries: int, num_heads: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import einops
 import torch
 from torch import nn
 
@@ -62,14 +63,12 @@ class SiteCubes(Mapping):
 
 def position_axis(site: str, count: int, model: nn.Module, image_grid_thw=None) -> Axis:
     """The axis of `count` positions without token ids: a vision tower's special tokens then its patch
-    grid (Qwen2-VL's tower: one image's `image_grid_thw` patches in merge windows), else audio frames."""
+    grid (a tower given `image_grid_thw`: its images in its own order, `packed_tower_axis`), else audio frames."""
     config = getattr(model.config, "vision_config", None) or model.config
     if image_grid_thw is not None and site == VISION:
-        grid = torch.as_tensor(image_grid_thw).reshape(-1, 3)
-        if len(grid) == 1 and int(grid[0, 0]) == 1 and int(grid[0].prod()) == count:
-            merge = int(getattr(config, "spatial_merge_size", 1) or 1)
-            return vision_axis([], int(grid[0, 1]), int(grid[0, 2]), order="windows", merge=merge,
-                               patch_pixels=_patch_pixels(config))
+        axis = packed_tower_axis(image_grid_thw, config, count)
+        if axis is not None:
+            return axis
     if site == VISION or reads_images(model.config):
         side = int(getattr(config, "image_size", 0) or 0) // int(getattr(config, "patch_size", 1) or 1)
         special = count - side * side
@@ -78,9 +77,33 @@ def position_axis(site: str, count: int, model: nn.Module, image_grid_thw=None) 
     return frames_axis(count)
 
 
-def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
+def packed_tower_axis(image_grid_thw, config, count: int) -> Axis | None:
+    """The axis of a tower that packs its images into one sequence (Qwen2-VL, Qwen2.5-VL), in the tower's own
+    order: image by image, each image's patches in merge x merge blocks as the processor lays them out, and, where
+    the tower attends within windows (a vision config with `window_size` and `fullatt_block_indexes`: Qwen2.5-VL),
+    reordered window by window as the tower runs them (transformers' `get_vision_window_index`), in every layer.
+    None where the grids are not `count` patches of single frames."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    grid = torch.as_tensor(image_grid_thw).reshape(-1, 3).long().cpu()
+    if int(grid.prod(-1).sum()) != count or bool((grid[:, 0] != 1).any()):
+        return None
+    merge = int(getattr(config, "spatial_merge_size", 1) or 1)
+    cells = get_vision_position_ids(grid, merge)  # "n 2": (row, col) of each patch, in the processor's order
+    images = torch.arange(len(grid)).repeat_interleave(grid.prod(-1))
+    if getattr(config, "window_size", None) and hasattr(config, "fullatt_block_indexes"):
+        windows, _ = get_vision_window_index(grid, merge, int(config.window_size), int(config.patch_size))
+        order = einops.rearrange(windows[:, None] * merge * merge + torch.arange(merge * merge), "w u -> (w u)")
+        cells, images = cells[order], images[order]
+    return Axis("patches", count, image=tuple(images.tolist()), tile=(0,) * count, row=tuple(cells[:, 0].tolist()),
+                col=tuple(cells[:, 1].tolist()), grids=tuple((h, w) for _, h, w in grid.tolist()),
+                patch_pixels=_patch_pixels(config))
+
+
+def token_axis(model: nn.Module, token_ids, image_grid_thw=None, tokens=None) -> Axis:
     """The axis of a site over token ids: text, or a VLM's text and image tokens (`axes.language_axis`;
-    Qwen2-VL's image grids from `image_grid_thw`, after the tower's merge)."""
+    Qwen2-VL's image grids from `image_grid_thw`, after the tower's merge; Idefics3's tiles grouped by image from
+    the token strings `tokens`)."""
     config = model.config
     image_token = next((v for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
                         if v is not None), None)
@@ -89,7 +112,7 @@ def token_axis(model: nn.Module, token_ids, image_grid_thw=None) -> Axis:
     grids = None
     if image_grid_thw is not None:
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()]
-    return language_axis(token_ids, image_token, grids, merge, patch_pixels=_patch_pixels(vision))
+    return language_axis(token_ids, image_token, grids, merge, patch_pixels=_patch_pixels(vision), tokens=tokens)
 
 
 def _patch_pixels(config) -> int:
@@ -103,6 +126,8 @@ def axis_labels(axis: Axis) -> list[str]:
     column C, "fI" for frame I (no spaces: every view shows a space in a token as a visible mark)."""
     if axis.kind == "frames":
         return [f"f{i}" for i in range(axis.length)]
+    if len(axis.grids) > 1:  # several images: each patch says which
+        return [axis.special.get(i) or f"i{m},r{r},c{c}" for i, (m, r, c) in enumerate(zip(axis.image, axis.row, axis.col))]
     return [axis.special.get(i) or f"r{r},c{c}" for i, (r, c) in enumerate(zip(axis.row, axis.col))]
 
 
@@ -178,7 +203,7 @@ class SiteProbe:
             if axis is not None:
                 cube = replace(cube, tokens=axis_labels(axis), key_axis=axis)
             else:
-                cube = replace(cube, key_axis=token_axis(self.model, key_ids, grid))
+                cube = replace(cube, key_axis=token_axis(self.model, key_ids, grid, cube.tokens))
             if site == CROSS:
                 if decoder_input_ids is None:
                     raise InputError("the cross-attention cube needs decoder_input_ids; pass the ones the model ran with.")

@@ -18,7 +18,7 @@ from llm_heatmap.analyses.maps.image_maps import head_image_maps, layer_image_ma
 from llm_heatmap.models.processed_images import processed_pictures
 from llm_heatmap.probes import capture_sites
 from llm_heatmap.viz.overlays import plot_layer_overlays, plot_overlays, upsampled
-from test_vlm_sites import END, IMAGE, START, _qwen2_vl
+from tiny_models import QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START, tiny_qwen2_vl
 
 VIT = dict(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, intermediate_size=32)
 
@@ -41,7 +41,7 @@ def vit_cube():
 @pytest.fixture(scope="module")
 def qwen_cubes():
     torch.manual_seed(0)
-    model = _qwen2_vl()
+    model = tiny_qwen2_vl()
     grid = torch.tensor([[1, 4, 6]])  # 4 x 6 tower patches, 2 x 3 language-model tokens after the 2 x 2 merge
     pixels = torch.randn(24, 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[5, 6, START] + [IMAGE] * 6 + [END, 7, 8]])

@@ -1,35 +1,20 @@
 """Vision-language sites on tiny random models, every site against an independent reference within 1e-5:
 Qwen2-VL (M-RoPE, 2x2 patch merge, dynamic resolution; its tower's `output_attentions` records nothing, so
-the tower is checked against its attention recomputed from the module's inputs), Qwen2.5-VL (language
-model; its windowed tower refused), Idefics3 / SmolVLM (image tiles), Gemma 3 (bidirectional image block in
-the spec and the geometry); and CLIP's text tower causal as its kernel call says."""
+the tower is checked against its attention recomputed from the module's inputs), Idefics3 / SmolVLM (image
+tiles), Gemma 3 (bidirectional image block in the spec and the geometry); and CLIP's text tower causal as its
+kernel call says. Several images in one Qwen2-VL pass and Qwen2.5-VL's windowed tower: test_vlm_packed.py."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import transformers
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from eager_reference import to_eager
-from llm_heatmap import InputError
 from llm_heatmap.analyses.heads.image_share import image_share
 from llm_heatmap.models import site_specs
 from llm_heatmap.probes import AttentionCube, capture_sites
-
-IMAGE, VIDEO, START, END = 70, 71, 72, 73
-QWEN_TEXT = dict(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
-
-
-def _qwen2_vl():
-    vision = dict(depth=2, embed_dim=16, hidden_size=16, num_heads=4, mlp_ratio=2, patch_size=2, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
-    config = transformers.Qwen2VLConfig(vision_config=vision, text_config=QWEN_TEXT, image_token_id=IMAGE,
-                                        video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
-                                        bos_token_id=0, eos_token_id=1)
-    return transformers.Qwen2VLForConditionalGeneration(config).eval()
-
+from tiny_models import QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START, tiny_qwen2_vl
 
 def _vision_reference(model, pixels, grid):
     """softmax(q k^T * scaling) of every tower layer, q and k rebuilt from each attention module's inputs
@@ -55,8 +40,7 @@ def _vision_reference(model, pixels, grid):
 
 
 def test_qwen2_vl_language_model_and_vision_tower_equal_their_references():
-    torch.manual_seed(0)
-    model = _qwen2_vl()
+    model = tiny_qwen2_vl()
     specs = site_specs(model)
     assert {site: (s.num_layers, s.num_heads, s.num_kv_heads, s.causal) for site, s in specs.items()} == {
         "self": (2, 4, 2, True), "vision": (2, 4, 4, False)}
@@ -183,41 +167,3 @@ def test_idefics3_tiles_are_one_vision_sequence_each_and_the_text_model_equals_e
     assert vision.item(2).tokens == ["r0,c0", "r0,c1", "r1,c0", "r1,c1"]
     assert vision.key_axis.patch_grid == (2, 2) and vision.key_axis.special == {}
     assert cubes["text"].key_axis.is_image.tolist() == [False, False, True, True, True, False]
-
-
-def test_qwen2_vl_with_two_images_in_one_pass_is_refused_in_one_sentence():
-    """Without flash attention the tower calls the kernel once per image in every layer."""
-    torch.manual_seed(0)
-    model = _qwen2_vl()
-    grid = torch.tensor([[1, 2, 2], [1, 2, 4]])
-    pixels = torch.randn(12, 24, generator=torch.Generator().manual_seed(1))
-    ids = torch.tensor([[5, START, IMAGE, END, START, IMAGE, IMAGE, END, 7]])
-    with pytest.raises(InputError, match="called the attention kernel more than once.*pass one image at a time"):
-        with torch.no_grad(), capture_sites(model, sites="vision"):
-            model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).int())
-
-
-def test_qwen2_5_vl_language_model_equals_eager_and_its_windowed_tower_is_refused_in_one_sentence():
-    """Qwen2.5-VL's tower attends within windows in all but its full-attention layers, one kernel call per
-    window: one pattern per layer cannot hold that, so the vision site is refused and the rest captured."""
-    torch.manual_seed(0)
-    vision = dict(depth=2, hidden_size=16, out_hidden_size=16, intermediate_size=32, num_heads=4, patch_size=2,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=4, fullatt_block_indexes=[1])
-    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=QWEN_TEXT, image_token_id=IMAGE,
-                                           video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
-                                           bos_token_id=0, eos_token_id=1)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    grid = torch.tensor([[1, 4, 8]])
-    pixels = torch.randn(32, 24, generator=torch.Generator().manual_seed(1))
-    ids = torch.tensor([[5, START] + [IMAGE] * 8 + [END, 7]])
-    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).int())
-    with pytest.raises(InputError, match="more than once in one forward pass.*capture the other sites only"):
-        with torch.no_grad(), capture_sites(model):
-            model(**inputs)
-    with torch.no_grad(), capture_sites(model, sites="self") as probe:
-        model(**inputs)
-    cube = probe.cubes(ids)["self"]
-    with torch.no_grad():
-        out = to_eager(model)(**inputs, output_attentions=True)
-    torch.testing.assert_close(cube.pattern, torch.stack(out.attentions, 1)[0], atol=1e-5, rtol=0)
-    assert cube.key_axis.patch_grid == (2, 4) and int(cube.key_axis.is_image.sum()) == 8

@@ -157,3 +157,76 @@ def write_tiny_vit(folder, vision: dict) -> None:
     transformers.ViTModel(transformers.ViTConfig(**vision)).save_pretrained(folder)
     side = vision["image_size"]
     transformers.ViTImageProcessor(size={"height": side, "width": side}).save_pretrained(folder)
+
+
+# Qwen2-VL / Qwen2.5-VL: token ids of the image and vision markers, and a language model with M-RoPE.
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 70, 71, 72, 73
+QWEN_TEXT = dict(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 0]})
+QWEN_MARKERS = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+                    vision_end_token_id=QWEN_END, bos_token_id=0, eos_token_id=1)
+
+
+def tiny_qwen2_vl(seed: int = 0):
+    """A seeded random Qwen2-VL in eval mode: a 2-layer tower of 2x2-pixel patches merged 2x2, a 2-layer language model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(depth=2, embed_dim=16, hidden_size=16, num_heads=4, mlp_ratio=2, patch_size=2, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    config = transformers.Qwen2VLConfig(vision_config=vision, text_config=QWEN_TEXT, **QWEN_MARKERS)
+    return transformers.Qwen2VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen2_5_vl(seed: int = 0, *, depth: int = 2, full_layers=(1,)):
+    """A seeded random Qwen2.5-VL in eval mode: a tower of 2x2-pixel patches merged 2x2 whose layers attend within
+    8-pixel windows (2x2 merged tokens) except `full_layers`, and a 2-layer language model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = dict(depth=depth, hidden_size=16, out_hidden_size=16, intermediate_size=32, num_heads=4, patch_size=2,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=8,
+                  fullatt_block_indexes=list(full_layers))
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=QWEN_TEXT, **QWEN_MARKERS)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen_image_inputs(grids: list[tuple[int, int]], text_before=(5, 6), text_after=(7, 8), seed: int = 1) -> dict:
+    """Model inputs with one image per (rows, cols) patch grid (single frames, rows and cols even), built by hand as
+    the processor would (it needs torchvision): seeded random patches, and per image START, one image token per
+    2x2 merged patches, END."""
+    grid = torch.tensor([[1, rows, cols] for rows, cols in grids])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(seed))
+    ids = list(text_before)
+    for rows, cols in grids:
+        ids += [QWEN_START] + [QWEN_IMAGE] * (rows * cols // 4) + [QWEN_END]
+    ids = torch.tensor([ids + list(text_after)])
+    return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == QWEN_IMAGE).int())
+
+
+IDEFICS3_WORDS = ["<unk>", "<pad>", "look", "at", "and", "this", "<fake_token_around_image>", "<image>",
+                  "<end_of_utterance>", "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+
+
+def tiny_idefics3(seed: int = 0):
+    """A seeded random Idefics3 (SmolVLM's architecture) in eval mode and its processor: tiles of 16 x 16 pixels in
+    4 x 4 patches, shuffled 2x2 into 4 image tokens; an image is resized to 48 pixels on its long side and split
+    into tiles, each tile's tokens after a <row_I_col_J> token and the global view's after <global-img>."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(IDEFICS3_WORDS)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>")
+    images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 48}, max_image_size={"longest_edge": 16},
+                                                    do_image_splitting=True)
+    processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+    torch.manual_seed(seed)
+    vision = dict(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=32)
+    text = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.Idefics3Config(vision_config=vision, text_config=text.to_dict(),
+                                         image_token_id=vocab["<image>"], scale_factor=2)
+    return transformers.Idefics3ForConditionalGeneration(config).eval(), processor

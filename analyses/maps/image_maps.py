@@ -9,6 +9,10 @@ of the chosen image is put at its cell `(row, col)` of that image's grid (`Axis.
 own units: a Qwen2-VL language-model token stands for `merge x merge` tower patches and is one cell of the
 merged grid. Keys that are not the image's patches (CLS, registers, text, other images) are left out; their
 share is what `mass` does not hold. The rollout is `analyses.maps.rollouts.rollout`'s row of the query.
+
+An image split into tiles (Idefics3 / SmolVLM) is drawn with its tiles side by side on the image's grid; its
+global view (the whole picture downscaled, the image's last tile) is left out unless chosen: `tile=` picks one
+tile of the image (`Axis.tile_names()`) on that tile's own grid, and the title names it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class ImageMaps:
     merge: int
     title: str = ""
     query_cell: tuple[int, int] | None = None  # (row, col) of the query when it is a patch of this image
+    tile: int | None = None  # the one tile drawn (None: the image's tiles side by side)
 
 
 def resolve_query(cube, query) -> int:
@@ -66,8 +71,9 @@ def resolve_query(cube, query) -> int:
     return position
 
 
-def _image_cells(cube, image: int):
-    """(key positions of `image`'s patches, their (row, col) cells, the image's grid)."""
+def _image_cells(cube, image: int, tile: int | None = None):
+    """(key positions of `image`'s patches, their (row, col) cells, the grid, the title's tile words): the
+    image's tiles side by side (an image split into tiles: without its global view), or the one `tile`."""
     axis = cube.key_axis
     if axis is None or not bool(axis.is_image.any()):
         raise InputError("this site's keys are not image patches, so there is nothing to draw over an image; "
@@ -76,8 +82,19 @@ def _image_cells(cube, image: int):
     images = sorted(set(cells[:, 0].tolist()) - {-1})
     if image not in images:
         raise InputError(f"image {image} is not on this site's key axis (it holds images {images}); pick one of those.")
-    positions = (cells[:, 0] == image).nonzero().squeeze(-1)
-    return positions, cells[positions, 1:], tuple(axis.grids[image])
+    names = {number: name for (picture, number), name in axis.tile_names().items() if picture == image}
+    tiles = axis.tile_index
+    if tile is None:
+        chosen = cells[:, 0] == image
+        if len(names) > 1:
+            chosen &= tiles != max(names)
+        positions = chosen.nonzero().squeeze(-1)
+        return positions, cells[positions, 1:], tuple(axis.grids[image]), ""
+    if tile not in names:
+        raise InputError(f"tile {tile} is not a tile of image {image} (it has tiles {sorted(names)}); pick one of those.")
+    positions = ((cells[:, 0] == image) & (tiles == tile)).nonzero().squeeze(-1)
+    local = cells[positions, 1:] - cells[positions, 1:].min(0).values
+    return positions, local, tuple((local.max(0).values + 1).tolist()), f", tile {tile} ({names[tile]})"
 
 
 def _onto_grid(values: torch.Tensor, cells: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -98,37 +115,41 @@ def _check_full(cube) -> None:
                          "(without streaming) to draw it over the image.")
 
 
-def _maps(cube, values, mass, position, image, grid, title, heads=()) -> ImageMaps:
+def _maps(cube, values, mass, position, image, drawn, title, heads=(), tile=None) -> ImageMaps:
+    """`drawn`: `_image_cells`' (keys, cells, grid, tile words)."""
+    keys, cells, grid, tile_words = drawn
     axis = cube.key_axis
-    picture, row, col = axis.patch_cells()[position].tolist()
+    at = (keys == position).nonzero().flatten().tolist()
     return ImageMaps(values=values, mass=mass, layers=tuple(cube.layers), heads=tuple(heads),
                      kv_groups=tuple(int(g) for g in cube.kv_groups) if heads else (), query=position,
                      query_label=str(cube.query_labels()[_query_row(cube, position)]), image=image, grid=grid,
-                     merge=axis.merge, title=title, query_cell=(row, col) if picture == image else None)
+                     merge=axis.merge, title=title + tile_words,
+                     query_cell=tuple(cells[at[0]].tolist()) if at else None, tile=tile)
 
 
-def head_image_maps(cube, query, *, image: int = 0) -> ImageMaps:
-    """Every head's attention from `query` over image `image`'s patch grid: values `"l h r c"`, the cube's
-    row of the query (`pattern[l, h, row]`) with each patch key at its cell."""
+def head_image_maps(cube, query, *, image: int = 0, tile: int | None = None) -> ImageMaps:
+    """Every head's attention from `query` over image `image`'s patch grid (or its tile `tile`'s): values
+    `"l h r c"`, the cube's row of the query (`pattern[l, h, row]`) with each patch key at its cell."""
     cube = cube.one_sequence()
     _check_full(cube)
-    keys, cells, grid = _image_cells(cube, image)
+    drawn = keys, cells, grid, _ = _image_cells(cube, image, tile)
     position = resolve_query(cube, query)
     row = cube.pattern[:, :, _query_row(cube, position)].double()  # "l h k"
     values = _onto_grid(row[..., keys], cells, grid)
-    return _maps(cube, values, row[..., keys].sum(-1), position, image, grid, "attention per head", cube.heads)
+    return _maps(cube, values, row[..., keys].sum(-1), position, image, drawn, "attention per head", cube.heads, tile)
 
 
-def layer_image_maps(cube, query, *, image: int = 0, residual: float = 0.5) -> tuple[ImageMaps, ImageMaps]:
+def layer_image_maps(cube, query, *, image: int = 0, tile: int | None = None,
+                     residual: float = 0.5) -> tuple[ImageMaps, ImageMaps]:
     """(mean over heads of each layer, rollout after each layer) of `query`'s row over image `image`'s patch
-    grid, values `"l r c"`; the rollout is `rollout(cube, residual=...)` (which needs every query row and
-    consecutive layers)."""
+    grid (or its tile `tile`'s), values `"l r c"`; the rollout is `rollout(cube, residual=...)` (which needs
+    every query row and consecutive layers)."""
     cube = cube.one_sequence()
     _check_full(cube)
-    keys, cells, grid = _image_cells(cube, image)
+    drawn = keys, cells, grid, _ = _image_cells(cube, image, tile)
     position = resolve_query(cube, query)
     mean = einops.reduce(cube.pattern[:, :, _query_row(cube, position)].double(), "l h k -> l k", "mean")[:, keys]
     rolled = rollout(cube, residual=residual)[:, position, keys]
-    return (_maps(cube, _onto_grid(mean, cells, grid), mean.sum(-1), position, image, grid, "layer mean"),
-            _maps(cube, _onto_grid(rolled, cells, grid), rolled.sum(-1), position, image, grid,
-                  f"rollout (residual {residual:g})"))
+    return (_maps(cube, _onto_grid(mean, cells, grid), mean.sum(-1), position, image, drawn, "layer mean", tile=tile),
+            _maps(cube, _onto_grid(rolled, cells, grid), rolled.sum(-1), position, image, drawn,
+                  f"rollout (residual {residual:g})", tile=tile))
