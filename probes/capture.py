@@ -304,7 +304,9 @@ class Probe:
             blocks += [(start, min(queries, start + step), True) for start in range(first_row, queries, step)]
             for start, stop, delivered in blocks:
                 rows = buffer[:, slot, :, start - first_row : stop - first_row] if self.keep and delivered else None
-                into = rows if rows is not None and len(heads) == len(self.heads) else None
+                # the softmax goes straight into the cube's rows where both are on one device and hold every head
+                into = rows if rows is not None and len(heads) == len(self.heads) and rows.device == query.device \
+                    else None
                 block = call.pattern(heads, start, stop, pad=False, out=into)
                 if computed is not None:
                     kernel_output.write_block(computed, block, value.detach(), start, stop)

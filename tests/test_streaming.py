@@ -154,8 +154,29 @@ class OnDevice:
         self.devices |= {t.device.type for t in (part.pattern, part.value_norms, part.output_norms) if t is not None}
 
 
-@pytest.mark.parametrize("device", [
+ON_DEVICES = pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))])
+
+
+@ON_DEVICES
+def test_a_kept_cube_of_a_model_on_its_device_equals_the_cpu_capture(gemma3, device):
+    """The kept cube lives in host memory whatever the model's device: blocks computed on the device are copied
+    into it (the softmax writes straight into the cube only where both are on one device)."""
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+
+    def kept(on):
+        model = gemma3.to(on)
+        with torch.no_grad(), capture(model, chunk_rows=7) as probe:
+            model(input_ids=ids.to(on))
+        return probe.cube(ids)
+
+    cube, reference = kept(device), kept("cpu")
+    assert cube.pattern.device.type == "cpu"
+    torch.testing.assert_close(cube.pattern, reference.pattern, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cube.value_norms, reference.value_norms, atol=1e-5, rtol=1e-4)
+
+
+@ON_DEVICES
 def test_streamed_grid_and_metrics_stay_on_the_models_device(gemma3, device):
     """Every part reaches the consumers on the model's device (nothing copied to the host per block), and
     the downsampled grid and the metrics equal those of the same capture on the CPU."""
