@@ -293,3 +293,16 @@ def test_real_smollm2_cube(smollm2_eager):
     assert table.kv_group.tolist() == [h // 3 for h in range(9)] * 30
     assert (table.next_token_mass == 0).all()  # causal
     assert table.sink_head.sum() > 0 and (table.vertical_key[table.pattern_class == "vertical"] == 0).mean() > 0.5
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_weight_on_one_cell_outside_the_rows_keys_does_not_count(window):
+    """The check that the cells no row may attend are 0 (`RowBlock.outside_is_zero`) must see one stray
+    cell of a corner: after a causal row's last key (right corner) and before a window's first key (left)."""
+    spec = make_spec(layers=1, heads=2, window=window)
+    cube = random_cube(spec, 12, seed=3)
+    clean = head_metrics(cube)
+    for row, key in ((8, 10), (9, 2)) if window else ((8, 10),):
+        stray = cube.pattern.clone()
+        stray[0, 1, row, key] = 0.25
+        pd.testing.assert_frame_equal(head_metrics(replace(cube, pattern=stray)), clean)

@@ -112,8 +112,8 @@ class RowBlock:
     key_start: int  # the slice key_start:key_stop holds every key any row may attend and has weight on
     key_stop: int
     near_start: int  # the first row's position; every key before it is before every row
-    left_corner: torch.Tensor  # bool "q k" on the slice's first keys: cells before the row's range
-    right_corner: torch.Tensor  # bool "q k" on the slice's last keys: cells after the row's range
+    left_corner: torch.Tensor  # float32 "q k" on the slice's first keys: 1 on cells before the row's range, else 0
+    right_corner: torch.Tensor  # float32 "q k" on the slice's last keys: 1 on cells after the row's range, else 0
     padding: torch.Tensor  # long: slice index of each padding key in the slice
     spread: torch.Tensor  # float32 [q]: rows with two or more keys (R), 1 or 0
     row_weights: torch.Tensor  # float64 "q s o": statistic s of row i counts this much in sum o (`ROW_SUMS`)
@@ -183,8 +183,8 @@ class RowBlock:
         left, right = int(lo.max()), max(int(lo.max()), int(hi.min()) + 1)  # every row's range holds left..right-1
         return cls(
             lo=_on(lo, device), hi=_on(hi, device), key_start=key_start, key_stop=key_stop, near_start=near_start,
-            left_corner=_on(keys[None, :left - key_start] < lo[:, None], device),
-            right_corner=_on(keys[None, right - key_start:] > hi[:, None], device),
+            left_corner=_on((keys[None, :left - key_start] < lo[:, None]).float(), device),
+            right_corner=_on((keys[None, right - key_start:] > hi[:, None]).float(), device),
             padding=_on((~sequence.real[key_start:key_stop]).nonzero().squeeze(-1), device),
             spread=_on(spread.float(), device), row_weights=_on(row_weights, device), totals=_on(totals, device),
             column_index=_on(torch.cat([lo[spread], hi[spread] + 1]), device),
@@ -205,13 +205,18 @@ class RowBlock:
 
     def outside_is_zero(self, weights: torch.Tensor) -> bool:
         """Whether `weights` (`"h q k"` over the slice) are 0 on every cell no row may attend, checked
-        only where such cells can be: the corners the ranges leave out and the padding keys."""
+        only where such cells can be: the corners the ranges leave out and the padding keys.
+
+        A corner is multiplied by its 0/1 mask, one pass instead of compare, and, any (the corner of a
+        causal block is the square's upper triangle, a tenth of its cells). A NaN or infinite weight on a
+        row's own keys also reads as not zero there (x 0 = NaN); the caller then masks, which leaves such
+        weights as they are."""
         left, right = self.left_corner.shape[1], self.right_corner.shape[1]
         found = []
         if left:
-            found.append(weights[..., :left].ne(0).logical_and_(self.left_corner).any())
+            found.append(torch.mul(weights[..., :left], self.left_corner).any())
         if right:
-            found.append(weights[..., weights.shape[-1] - right:].ne(0).logical_and_(self.right_corner).any())
+            found.append(torch.mul(weights[..., weights.shape[-1] - right:], self.right_corner).any())
         if len(self.padding):
             found.append(weights.index_select(-1, self.padding).ne(0).any())
         return not (found and bool(torch.stack(found).any()))
