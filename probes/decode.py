@@ -211,6 +211,10 @@ def capture_decode(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int =
     (`rows` is then empty)."""
     if not hasattr(model, "generate") or model.get_output_embeddings() is None:
         raise InputError(f"{type(model).__name__} cannot generate text; pass a causal language model with an LM head.")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise InputError(f"{type(model).__name__} is an encoder-decoder model, and capture_decode follows the steps of a "
+                         "decoder-only model over its own prompt; capture the decoder and cross-attention sites of a "
+                         "target with capture_sites (CLI: grid SOURCE --target TEXT).")
     if not isinstance(prompt, str) and not chat:
         raise InputError("capture_decode takes one prompt string; call it once per prompt.")
     if int(max_new_tokens) < 1:

@@ -123,6 +123,13 @@ def test_beam_search_and_encoders_are_refused():
         capture_decode(tiny_model("bert"), IdTokenizer(ids), "p")
     with pytest.raises(InputError, match="max_new_tokens=0"):
         capture_decode(model, IdTokenizer(ids), "p", max_new_tokens=0)
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    seq2seq = BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                      encoder_attention_heads=2, decoder_attention_heads=2,
+                                                      encoder_ffn_dim=32, decoder_ffn_dim=32)).eval()
+    with pytest.raises(InputError, match="is an encoder-decoder model.*--target"):
+        capture_decode(seq2seq, IdTokenizer(ids), "p")
 
 
 @pytest.mark.slow
