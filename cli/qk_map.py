@@ -12,7 +12,8 @@ from .run import Steps, emit, load
 EXAMPLE = """examples:
   llm-heatmap qk-map "The cat sat on the mat." --layer 5               # every KV group of layer 5
   llm-heatmap qk-map "The cat sat on the mat." --layer 5 --head 3
-  llm-heatmap qk-map --cube heatmaps/run.cube.safetensors --layer 2 --group 1   # a cube saved by grid --qk"""
+  llm-heatmap qk-map --cube heatmaps/run.cube.safetensors --layer 2 --group 1   # a cube saved by grid --qk
+  llm-heatmap qk-map 3141 --target 1413 --site cross --layer 1 --model DIR      # target queries, source keys"""
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,7 @@ def register(subparsers) -> None:
     which.add_argument("--group", type=int, help="only this KV group (its query heads share one set of keys)")
     parser.add_argument("--method", choices=options.PROJECTIONS, default="pca",
                         help="projection (default pca; tsne and umap need pip install 'llm-heatmap[maps]')")
+    options.add_site_options(parser)
     options.add_output_options(parser)
     options.add_json_option(parser)
 
@@ -50,10 +52,16 @@ def run(args) -> int:
     from llm_heatmap.analyses.bounds import check_projection
 
     check_projection(args.method)  # before anything loads
+    options.check_site_options(args)
+    if args.cube is not None and (args.site or args.image or args.target is not None):
+        raise InputError("--site, --image and --target choose what a capture reads; a --cube was captured already, "
+                         "drop them.")
     if args.cube is None:
         options.check_model_indices(args.model, [args.layer], None if args.head is None else [args.head],
                                     flags=("--layer", "--head"))
-    name = options.plain_name(args.name) or f"{options.base_name(args, prompt)}.qk-L{args.layer}{which}.{args.method}"
+    site = f".{args.site}" if args.site else ""
+    name = options.plain_name(args.name) or \
+        f"{options.base_name(args, prompt)}{site}.qk-L{args.layer}{which}.{args.method}"
     path = args.out / f"{name}.png"
     with claim_outputs([path], force=args.force):
         return _run(args, prompt, path)
@@ -73,9 +81,24 @@ def _run(args, prompt: str, path: Path) -> int:
         cube = AttentionCube.load(args.cube)
     else:
         model, tokenizer, spec = load(args)
-        with torch.no_grad():  # one layer (an index the model lacks is refused before the forward pass)
-            cube = capture_prompt(model, tokenizer, prompt, spec=spec, chat=args.chat, source=str(args.model),
-                                  layers=[args.layer], queries_and_keys=True, value_norms=False)
+        from llm_heatmap.models import site_specs
+
+        from . import sites
+
+        specs = site_specs(model)
+        if sites.wants_sites(args, specs):  # one site's layer: a cross site's queries are the target's, its keys the source's
+            sites.check_single_site_flags(args)
+            site = sites.one_site(args, model, specs, "qk-map")
+            images = args.image or [None]
+            if len(images) > 1:
+                raise InputError(f"--image is given {len(images)} times, and qk-map draws one forward pass; give one.")
+            picture = sites.runs(args, prompt)[0][1]
+            cube = sites.capture_cubes(args, model, tokenizer, specs, [site], prompt, picture, layers=[args.layer],
+                                       queries_and_keys=True, value_norms=False)[site]
+        else:
+            with torch.no_grad():  # one layer (an index the model lacks is refused before the forward pass)
+                cube = capture_prompt(model, tokenizer, prompt, spec=spec, chat=args.chat, source=str(args.model),
+                                      layers=[args.layer], queries_and_keys=True, value_norms=False)
     step("mapping")
     if args.head is not None:
         maps = [qk_map(cube, args.layer, head=args.head, method=args.method)]

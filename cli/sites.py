@@ -17,6 +17,14 @@ def wants_sites(args, specs: dict) -> bool:
     return bool(args.site or args.image or args.target is not None) or set(specs) != {"self"}
 
 
+def one_site(args, model, specs: dict, command: str) -> str:
+    """The one site a command that draws one site reads: --site, or the model's only site."""
+    if args.site is None and len(specs) > 1:
+        raise InputError(f"{args.model} has several attention sites ({', '.join(specs)}) and {command} reads one; "
+                         f"pass --site (e.g. --site {next(iter(specs))}).")
+    return chosen_sites(args, model, specs)[0]
+
+
 def chosen_sites(args, model, specs: dict) -> list[str]:
     """--site (checked against the model's sites) or every site of the model."""
     if args.site is None:
@@ -39,8 +47,8 @@ def runs(args, prompt: str | None) -> list[tuple[str, object]]:
     return [(f"_{options.slug(Path(path).stem, 24)}", picture) for path, picture in zip(images, pictures)]
 
 
-def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt: str | None, image):
-    """The `SiteCubes` of one forward pass over `prompt`, `image` and --target."""
+def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt: str | None, image, **capture_options):
+    """The `SiteCubes` of one forward pass over `prompt`, `image` and --target (`capture_options`: `capture`'s)."""
     import torch
 
     from llm_heatmap.models.inputs import site_inputs
@@ -50,7 +58,7 @@ def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt:
     processor = load_processor(args.model, trust_remote_code=args.trust_remote_code) if image is not None else None
     inputs = site_inputs(model, tokenizer, processor, specs, prompt=prompt, image=image, target=args.target)
     inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
-    with torch.no_grad(), capture_sites(model, sites=sites) as probe:
+    with torch.no_grad(), capture_sites(model, sites=sites, **capture_options) as probe:
         model(**inputs)
     return probe.cubes(inputs.get("input_ids"), decoder_input_ids=inputs.get("decoder_input_ids"),
                        attention_mask=inputs.get("attention_mask"), tokenizer=tokenizer, prompt=prompt,

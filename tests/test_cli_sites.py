@@ -157,6 +157,35 @@ def test_reverser_without_target_decodes_what_it_generates(reverser_dir, tmp_pat
     assert cross.query_tokens[:5] == ["<s>", "1", "4", "1", "3"]
 
 
+def test_qk_map_of_the_cross_site_reads_target_queries_and_source_keys(reverser_dir, tmp_path, capsys):
+    """qk-map --site cross: the queries are the decoder's (labelled with the target's tokens), the keys the
+    encoder's (the source's), as a capture of the sites gives them; a model with several sites needs --site."""
+    from llm_heatmap.analyses.maps.qk_maps import qk_map
+    from llm_heatmap.models import load_model, site_specs
+    from llm_heatmap.probes import capture_sites
+
+    assert run("qk-map", "31415", "--target", "51413", "--site", "cross", "--layer", "1", "--model", reverser_dir,
+               "--out", tmp_path, "--name", "qk") == 0
+    assert (tmp_path / "qk.png").exists()
+    model, tokenizer, _ = load_model(reverser_dir)
+    source, target = tokenizer("31415", return_tensors="pt").input_ids, tokenizer("51413", return_tensors="pt").input_ids
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=target)
+    assert set(site_specs(model)) == {"encoder", "decoder", "cross"}
+    with torch.no_grad(), capture_sites(model, sites=["cross"], layers=[1], queries_and_keys=True) as probe:
+        model(input_ids=source, decoder_input_ids=decoder_ids)
+    cube = probe.cubes(source, decoder_input_ids=decoder_ids, tokenizer=tokenizer)["cross"]
+    picture = qk_map(cube, 1, head=0)
+    queries, keys = ~picture.is_key, picture.is_key
+    assert picture.tokens[: int(queries.sum())] == cube.query_tokens  # the target's tokens, not the source's
+    assert [picture.tokens[i] for i in keys.nonzero().flatten()] == cube.tokens
+    assert cube.queries.shape[-2] == decoder_ids.shape[-1] and cube.keys.shape[-2] == source.shape[-1]
+    capsys.readouterr()
+    assert run("qk-map", "31415", "--layer", "1", "--model", reverser_dir, "--out", tmp_path, "--name", "none") == 2
+    assert "has several attention sites (encoder, decoder, cross) and qk-map reads one; pass --site" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_metrics_per_site(reverser_dir, tmp_path):
     assert run("metrics", "12345", "--target", "54321", "--model", reverser_dir, "--out", tmp_path, "--name", "m") == 0
     assert {p.name for p in tmp_path.iterdir()} == {"m.encoder.metrics.csv", "m.decoder.metrics.csv",

@@ -115,11 +115,14 @@ def qk_map(cube, layer: int, *, head: int | None = None, group: int | None = Non
     key_positions = torch.arange(cube.num_keys)[real_keys]
     position = torch.cat([query_positions.repeat(len(heads)), key_positions])
     n_queries = len(heads) * len(query_positions)
+    # a query's own token (a cross-attention cube's rows are another sequence than its keys)
+    query_tokens = [str(t) for t, real in zip(cube.query_labels(), rows.tolist()) if real]
+    tokens = query_tokens * len(heads) + [str(cube.tokens[int(p)]) for p in key_positions]
     return QKMap(
         layer=layer, heads=heads, group=group, method=method, points=points,
         is_key=torch.arange(len(points)) >= n_queries,
         head=torch.cat([torch.tensor(heads).repeat_interleave(len(query_positions)), torch.full((len(keys),), -1)]),
-        position=position, tokens=[str(cube.tokens[int(p)]) for p in position], explained=explained,
+        position=position, tokens=tokens, explained=explained,
     )
 
 
