@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--sets", action="store_true", help="A and B are prompt files: compare the two sets")
     options.add_chat_option(parser)
     options.add_model_options(parser)
+    options.add_site_options(parser)
     options.add_output_options(parser)
     parser.add_argument("--no-cube", action="store_true", help="do not write the difference cube file")
     parser.add_argument("--cube-out", type=Path, help="write the difference cube (B - A) to this file instead of "
@@ -70,7 +71,8 @@ def output_paths(args) -> dict[str, Path]:
         folder, name = out.parent, options.plain_name(args.name) or out.stem.removesuffix(".heads")
         table = out
     else:
-        folder, name = out, options.plain_name(args.name) or _default_name(args) + options.drawing_suffix(args)
+        site = f".{args.site}" if getattr(args, "site", None) else ""
+        folder, name = out, options.plain_name(args.name) or _default_name(args) + site + options.drawing_suffix(args)
         table = folder / f"{name}.{'heads' if args.sets else 'deltas'}.csv"
     if args.sets:  # "run": the folder of the resumable run measuring both sets (not an output file)
         return {"heads": table, "layers": layers_path(table), "run": folder / f"{name}.sets"}
@@ -114,11 +116,11 @@ def _run_pair(args, metrics, paths: dict) -> tuple[list[str], dict]:
 
     from llm_heatmap.analyses.heads.measure import stream_head_metrics
     from llm_heatmap.analyses.compare import compare_cubes, compare_tables
-    from llm_heatmap.models.files import atomic_output
     from llm_heatmap.analyses.runs.prompts import check_length, check_prompt
-    from llm_heatmap.analyses.runs.table_files import write_table
+    from llm_heatmap.models import site_specs
     from llm_heatmap.probes import capture_prompt
-    from llm_heatmap.viz import save_grid, write_html
+
+    from . import sites
 
     a = check_prompt(args.a, "prompt A")
     b = check_prompt(args.b, "prompt B")
@@ -126,6 +128,11 @@ def _run_pair(args, metrics, paths: dict) -> tuple[list[str], dict]:
     step = Steps(args, ["loading model", "capturing A", "capturing B", "writing"])
     step("loading model")
     model, tokenizer, spec = load(args)
+    specs = site_specs(model)
+    if sites.wants_sites(args, specs):
+        result, summary, counts = _compare_site(args, model, tokenizer, specs, a, b, metrics, step)
+        count_a, count_b = counts
+        return _write_pair(args, paths, result, summary, count_a, count_b, style, layers, heads, step)
     count_a = check_length(tokenizer, spec, a, chat=args.chat, where="prompt A")
     count_b = check_length(tokenizer, spec, b, chat=args.chat, where="prompt B")
     if count_a != count_b and not args.metrics_only:
@@ -144,6 +151,36 @@ def _run_pair(args, metrics, paths: dict) -> tuple[list[str], dict]:
                 step(f"capturing {name}")
                 cubes.append(capture_prompt(model, tokenizer, prompt, spec=spec, chat=args.chat, source=str(args.model)))
             result = compare_cubes(*cubes, metrics=metrics)
+    return _write_pair(args, paths, result, spec.summary, count_a, count_b, style, layers, heads, step)
+
+
+def _compare_site(args, model, tokenizer, specs: dict, a: str, b: str, metrics, step):
+    """(comparison, the site's summary, (keys of A, keys of B)) of one site of a model read through its sites:
+    prompts A and B as the text (an encoder-decoder's source), with the same --image and --target."""
+    from llm_heatmap.analyses.compare import compare_cubes
+    from llm_heatmap.analyses.heads.measure import site_metrics
+
+    from . import sites
+
+    sites.check_single_site_flags(args)
+    site = sites.one_site(args, model, specs, "compare")
+    if args.image and len(args.image) > 1:
+        raise InputError(f"--image is given {len(args.image)} times, and compare reads prompts A and B beside one "
+                         "image; give one.")
+    picture = sites.runs(args, a)[0][1]
+    cubes = []
+    for name, prompt in (("A", a), ("B", b)):
+        step(f"capturing {name}")
+        cubes.append(sites.capture_cubes(args, model, tokenizer, specs, [site], prompt, picture)[site])
+    result = compare_cubes(*cubes, metrics=metrics, metrics_only=args.metrics_only, head_metrics=site_metrics)
+    return result, specs[site].summary, (cubes[0].num_keys, cubes[1].num_keys)
+
+
+def _write_pair(args, paths: dict, result, summary: str, count_a: int, count_b: int, style, layers, heads, step):
+    from llm_heatmap.analyses.runs.table_files import write_table
+    from llm_heatmap.models.files import atomic_output
+    from llm_heatmap.viz import save_grid, write_html
+
     step("writing")
     write_table(result.deltas, paths["deltas"], force=args.force)
     if "grid" in paths:
@@ -157,10 +194,10 @@ def _run_pair(args, metrics, paths: dict) -> tuple[list[str], dict]:
             result.difference.save(temp)
     step.close()
     digest = _top_lines(result.deltas)
-    lines = [f"{args.model}: {spec.summary}", f"A: {count_a} tokens, B: {count_b} tokens; deltas are B - A"
+    lines = [f"{args.model}: {summary}", f"A: {count_a} tokens, B: {count_b} tokens; deltas are B - A"
              + ("" if result.difference is None else "; difference cube computed"), *digest,
              "wrote " + ", ".join(str(p) for p in paths.values())]
-    payload = {"model": str(args.model), "spec": spec.summary, "tokens": {"a": count_a, "b": count_b},
+    payload = {"model": str(args.model), "spec": summary, "tokens": {"a": count_a, "b": count_b},
                "files": {k: str(v) for k, v in paths.items()}, "digest": digest}
     return lines, payload
 
@@ -256,6 +293,10 @@ def run(args) -> int:
             raise InputError(f"{flag} needs --group-column FIELD (the field that says which set a prompt belongs to).")
     if args.sets:
         _group_names(args)
+    options.check_site_options(args)
+    if args.sets and (args.site or args.image or args.target is not None):
+        raise InputError("--site, --image and --target compare two prompts of one site; --sets does not read sites "
+                         "yet, so drop them, or compare two prompts.")
     drawn = not (args.sets or args.metrics_only)
     for flag, given in (("--cube-out", args.cube_out is not None), ("--no-cube", args.no_cube), ("--html", args.html)):
         if given and not drawn:

@@ -186,6 +186,38 @@ def test_qk_map_of_the_cross_site_reads_target_queries_and_source_keys(reverser_
     assert not (tmp_path / "none.png").exists()
 
 
+def test_compare_of_one_site_gives_the_difference_of_that_sites_cubes(reverser_dir, tmp_path, capsys):
+    """compare A B --site cross --target T: the difference cube is B's cross cube minus A's (the same target), the
+    deltas are those of the site's metrics; a model with several sites needs --site, and --sets does not take it."""
+    from llm_heatmap.analyses.heads.measure import site_metrics
+    from llm_heatmap.models import load_model, site_specs
+    from llm_heatmap.models.inputs import site_inputs
+    from llm_heatmap.probes import capture_sites
+
+    assert run("compare", "31415", "92653", "--target", "51413", "--site", "cross", "--model", reverser_dir,
+               "--out", tmp_path, "--name", "c") == 0
+    difference = AttentionCube.load(tmp_path / "c.diff.cube.safetensors")
+    deltas = pd.read_csv(tmp_path / "c.deltas.csv")
+    model, tokenizer, _ = load_model(reverser_dir)
+    specs = site_specs(model)
+    cubes = []
+    for source in ("31415", "92653"):
+        inputs = site_inputs(model, tokenizer, None, specs, prompt=source, image=None, target="51413")
+        with torch.no_grad(), capture_sites(model, sites=["cross"]) as probe:
+            model(**inputs)
+        cubes.append(probe.cubes(inputs["input_ids"], decoder_input_ids=inputs["decoder_input_ids"],
+                                 tokenizer=tokenizer)["cross"])
+    assert difference.spec.site == "cross" and difference.query_tokens == cubes[0].query_tokens
+    torch.testing.assert_close(difference.pattern, cubes[1].pattern - cubes[0].pattern, atol=1e-6, rtol=0)
+    alignment = deltas[deltas["metric"] == "alignment"].sort_values(["layer", "head"])["delta"].to_numpy()
+    a, b = (site_metrics(cube).sort_values(["layer", "head"])["alignment"].to_numpy() for cube in cubes)
+    np.testing.assert_allclose(alignment, b - a, atol=1e-6)
+    capsys.readouterr()
+    assert run("compare", "31415", "92653", "--model", reverser_dir, "--out", tmp_path, "--name", "none") == 2
+    assert "has several attention sites (encoder, decoder, cross) and compare reads one" in capsys.readouterr().err
+    assert not list(tmp_path.glob("none*"))
+
+
 def test_metrics_per_site(reverser_dir, tmp_path):
     assert run("metrics", "12345", "--target", "54321", "--model", reverser_dir, "--out", tmp_path, "--name", "m") == 0
     assert {p.name for p in tmp_path.iterdir()} == {"m.encoder.metrics.csv", "m.decoder.metrics.csv",
