@@ -274,15 +274,8 @@ class Probe:
         self._pending.discard(module)
         if module in self._packed:
             return self._on_packed_segment(module, kernel, query, key, value, mask, arguments, output, computed)
-        self._check_called_once(module, layer)
-        if layer in self._seen or self._pass < 0:
-            self._new_pass()
-        first_call = not self._seen
-        self._seen.add(layer)
         with torch.no_grad():
-            call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments)
-            if first_call:
-                self._read_causality(module, kernel, mask, arguments, call)
+            call = self._begin_call(module, layer, kernel, query, key, mask, arguments, first_of_layer=True)
             batch, queries, keys = call.batch_size, call.num_queries, call.num_keys
             if self.consumers and batch != 1:
                 raise InputError(
@@ -338,6 +331,21 @@ class Probe:
             if self.keep:
                 self._keep_side(batch, layer, side)
 
+    def _begin_call(self, module, layer: int, kernel, query, key, mask, arguments, *,
+                    first_of_layer: bool) -> tap.KernelCall:
+        """A kernel call's arguments, once its layer is counted: the layer's first call of a forward pass starts a
+        new pass where the layer was already seen, and the pass's first call reads the kernel's causality."""
+        if first_of_layer:
+            self._check_called_once(module, layer)
+            if layer in self._seen or self._pass < 0:
+                self._new_pass()
+        first_call = not self._seen
+        self._seen.add(layer)
+        call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments)
+        if first_call:
+            self._read_causality(module, kernel, mask, arguments, call)
+        return call
+
     def _check_called_once(self, module, layer: int) -> None:
         if layer in self._seen and self._seen != set(self.layers):
             raise InputError(
@@ -385,16 +393,8 @@ class Probe:
                 "attn_implementation='sdpa' or 'eager'."
             )
         self._pending.discard(module)
-        if packed.done == 0:
-            self._check_called_once(module, layer)
-            if layer in self._seen or self._pass < 0:
-                self._new_pass()
-        first_call = not self._seen
-        self._seen.add(layer)
         with torch.no_grad():
-            call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments)
-            if first_call:
-                self._read_causality(module, kernel, mask, arguments, call)
+            call = self._begin_call(module, layer, kernel, query, key, mask, arguments, first_of_layer=packed.done == 0)
             total, batch, size = packed.bounds[-1], call.batch_size, stop - start
             rows = self._ensure_buffer(batch, torch.arange(total), total)[:, self.layers.index(layer), :, start:stop]
             rows.zero_()
