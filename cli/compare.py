@@ -164,10 +164,7 @@ def _compare_site(args, model, tokenizer, specs: dict, a: str, b: str, metrics, 
 
     sites.check_single_site_flags(args)
     site = sites.one_site(args, model, specs, "compare")
-    if args.image and len(args.image) > 1:
-        raise InputError(f"--image is given {len(args.image)} times, and compare reads prompts A and B beside one "
-                         "image; give one.")
-    picture = sites.runs(args, a)[0][1]
+    picture = sites.one_picture(args, "compare")
     cubes = []
     for name, prompt in (("A", a), ("B", b)):
         step(f"capturing {name}")

@@ -105,7 +105,7 @@ class SiteOutputs:
 
 
 def site_outputs(args, prompt: str | None, name: str, chosen: list[str]) -> SiteOutputs:
-    planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
+    planned = sites.runs(args, prompt, name)
     paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
     for site_paths in paths.values():
         site_paths.pop("html", None)  # one page per run, with a site switch

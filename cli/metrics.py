@@ -6,7 +6,7 @@ from pathlib import Path
 
 from llm_heatmap.errors import InputError
 
-from . import options
+from . import options, sites
 from .run import emit, load
 
 EXAMPLE = ('example: llm-heatmap metrics "the sky is blue" --model minilm-l6 --out sky.metrics.csv '
@@ -53,22 +53,19 @@ def run(args) -> int:
         args.out = options.table_or_folder(args.out, options.base_name(args, prompt), "metrics")
         table_format(args.out)
     if per_site and args.site:  # one site named: its tables are known, and claimed, before the model loads
-        claimed = site_table_paths(args, prompt, [args.site])
+        claimed = site_table_paths(args, sites.runs(args, prompt, options.base_name(args, prompt)), [args.site])
         with claim_outputs(claimed.values(), force=args.force):
             return _run(args, prompt, metrics, claimed)
     with claim_outputs([args.out] if args.out is not None and not per_site else [], force=args.force):
         return _run(args, prompt, metrics)
 
 
-def site_table_paths(args, prompt, chosen: list[str]) -> dict:
-    """(run name, site) -> NAME.SITE.metrics.csv in --out, per forward pass (image) and site; {} without --out."""
-    from . import sites
-
+def site_table_paths(args, planned, chosen: list[str]) -> dict:
+    """(run name, site) -> RUN.SITE.metrics.csv in --out for each planned forward pass (`sites.runs`) and site;
+    {} without --out."""
     if args.out_given is None:
         return {}
-    name = options.base_name(args, prompt)
-    return {(name + suffix, site): args.out_given / f"{name + suffix}.{site}.metrics.csv"
-            for suffix, _ in sites.runs(args, prompt) for site in chosen}
+    return {(run_name, site): args.out_given / f"{run_name}.{site}.metrics.csv" for run_name, _ in planned for site in chosen}
 
 
 def _run(args, prompt: str, metrics, claimed: dict | None = None) -> int:
@@ -83,7 +80,6 @@ def _run(args, prompt: str, metrics, claimed: dict | None = None) -> int:
     model, tokenizer, spec = load(args)
     from llm_heatmap.models import site_specs
 
-    from . import sites
 
     specs = site_specs(model)
     if sites.wants_sites(args, specs):
@@ -132,15 +128,13 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics, claimed: di
     from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
     from llm_heatmap.models.files import claim_outputs
 
-    from . import sites
 
     check_per_site(args, metrics)
     sites.multiple_images_check(args, specs)
     chosen = sites.chosen_sites(args, model, specs)
     out = args.out_given
-    name = options.base_name(args, prompt)
-    planned = [(name + suffix, image) for suffix, image in sites.runs(args, prompt)]
-    paths = site_table_paths(args, prompt, chosen) if claimed is None else claimed
+    planned = sites.runs(args, prompt, options.base_name(args, prompt))
+    paths = site_table_paths(args, planned, chosen) if claimed is None else claimed
     lines, payload = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
     with claim_outputs(paths.values() if claimed is None else [], force=args.force):
         for run_name, image in planned:
@@ -160,7 +154,6 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics, claimed: di
 
 def check_per_site(args, metrics) -> None:
     """What a run with one table per site cannot take."""
-    from . import sites
 
     sites.check_single_site_flags(args)
     if args.induction_probe or metrics is not None:

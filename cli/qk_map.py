@@ -89,10 +89,7 @@ def _run(args, prompt: str, path: Path) -> int:
         if sites.wants_sites(args, specs):  # one site's layer: a cross site's queries are the target's, its keys the source's
             sites.check_single_site_flags(args)
             site = sites.one_site(args, model, specs, "qk-map")
-            images = args.image or [None]
-            if len(images) > 1:
-                raise InputError(f"--image is given {len(images)} times, and qk-map draws one forward pass; give one.")
-            picture = sites.runs(args, prompt)[0][1]
+            picture = sites.one_picture(args, "qk-map")
             cube = sites.capture_cubes(args, model, tokenizer, specs, [site], prompt, picture, layers=[args.layer],
                                        queries_and_keys=True, value_norms=False)[site]
         else:

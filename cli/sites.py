@@ -35,16 +35,23 @@ def chosen_sites(args, model, specs: dict) -> list[str]:
     return [args.site]
 
 
-def runs(args, prompt: str | None) -> list[tuple[str, object]]:
-    """(name suffix, image) of each forward pass: one per --image (named after the image where there are
-    several), or one without an image."""
+def runs(args, prompt: str | None, name: str = "") -> list[tuple[str, object]]:
+    """(run name: `name` and a suffix, image) of each forward pass: one per --image (named after the image where
+    there are several), or one without an image."""
     images = args.image or []
     if not images:
-        return [("", None)]
+        return [(name, None)]
     pictures = [options.read_image(path) for path in images]
     if len(images) == 1:
-        return [("" if prompt else f"_{options.slug(Path(images[0]).stem, 24)}", pictures[0])]
-    return [(f"_{options.slug(Path(path).stem, 24)}", picture) for path, picture in zip(images, pictures)]
+        return [(name + ("" if prompt else f"_{options.slug(Path(images[0]).stem, 24)}"), pictures[0])]
+    return [(f"{name}_{options.slug(Path(path).stem, 24)}", picture) for path, picture in zip(images, pictures)]
+
+
+def one_picture(args, command: str):
+    """The one --image of a command that reads one image per forward pass (None without --image)."""
+    if args.image and len(args.image) > 1:
+        raise InputError(f"--image is given {len(args.image)} times, and {command} reads one image; give one.")
+    return options.read_image(args.image[0]) if args.image else None
 
 
 def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt: str | None, image, **capture_options):

@@ -36,7 +36,6 @@ class DecodeStepReducer(StepConsumer):
         if len(self._steps) != steps.num_steps:
             raise InputError(f"this reducer saw {len(self._steps)} steps and the generation has {steps.num_steps}; "
                              "use a new DecodeStepReducer for each capture_decode.")
-        group = max(1, steps.spec.num_heads // steps.spec.num_kv_heads)
         layers, heads = torch.tensor(steps.layers), torch.tensor(steps.heads)
         frames = []
         for step, position, values in self._steps:
@@ -46,7 +45,7 @@ class DecodeStepReducer(StepConsumer):
                 "layer": layers.repeat_interleave(len(heads)).numpy(), "head": heads.repeat(len(layers)).numpy(),
                 "top_key": key.astype(int), "top_weight": weight, "entropy": entropy, "first_token_mass": first}))
         table = pd.concat(frames, ignore_index=True)
-        table.insert(5, "kv_group", table["head"] // group)
+        table.insert(5, "kv_group", table["head"] // steps.spec.group_size)
         table.insert(7, "top_key_token", [steps.tokens[k] for k in table["top_key"]])
         return table
 
