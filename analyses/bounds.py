@@ -21,19 +21,26 @@ METRIC_TABLE_COLUMNS = (
     "vertical_score", "vertical_key", "previous_token_score", "duplicate_token_score", "induction_score",
     "pattern_class", "n_rows")
 METRIC_NORM_COLUMNS = ("norm_sink_score", "norm_sink_score_no_q0", "noop_sink", "norm_weighted_entropy", "output_norm")
+# the columns of a site's table (heads.measure.site_metrics): a cross-attention site's instead of the head metrics,
+# a patch site's (vision metrics) and a VLM language model's (image share) beside them
+CROSS_METRIC_COLUMNS = ("alignment", "monotonicity", "coverage", "source_entropy")
+SITE_METRIC_COLUMNS = (*CROSS_METRIC_COLUMNS, "attention_distance", "attention_distance_px", "spatial_entropy",
+                       "cls_mass", "register_mass", "patch_share", "image_share", "text_rows")
 DETECTOR_SCORES = ("previous_token_score", "duplicate_token_score", "induction_score")
 RETRIEVAL_SCORES = ("retrieval_score", "retrieval_copies")  # the retrieval probe's columns, as probe_*
 MIN_NEEDLE_CONTEXT = 32  # tokens: shorter, a needle is most of its haystack
 PROJECTION_PACKAGES = {"tsne": ("scikit-learn", "sklearn"), "umap": ("umap-learn", "umap")}  # (pip name, import name)
 
 
-def metric_choices(*, probe: bool = False, retrieval: bool = False) -> list[str]:
+def metric_choices(*, probe: bool = False, retrieval: bool = False, sites: bool = False) -> list[str]:
     """Every column a head-metrics table can hold besides its keys (with value norms, as the CLI computes
-    it; `probe`: also the induction probe's `probe_*` scores; `retrieval`: the retrieval probe's), for
-    checking metric names before any work."""
+    it; `probe`: also the induction probe's `probe_*` scores; `retrieval`: the retrieval probe's; `sites`: a
+    site's columns), for checking metric names before any work."""
     probe_columns = [f"probe_{name}" for name in DETECTOR_SCORES] if probe else []
     probe_columns += [f"probe_{name}" for name in RETRIEVAL_SCORES] if retrieval else []
-    return [c for c in (*METRIC_TABLE_COLUMNS, *METRIC_NORM_COLUMNS) if c not in ("layer", "head", "kv_group")] + probe_columns
+    site_columns = list(SITE_METRIC_COLUMNS) if sites else []
+    return [c for c in (*METRIC_TABLE_COLUMNS, *METRIC_NORM_COLUMNS) if c not in ("layer", "head", "kv_group")] + \
+        probe_columns + site_columns
 
 
 def check_needle_grid(context_lengths, depths) -> tuple[tuple[int, ...], tuple[float, ...]]:

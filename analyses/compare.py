@@ -284,32 +284,39 @@ def compare_groups(table: pd.DataFrame, a: str, b: str, *, by: str = "group", **
 
 
 def run_set_comparison(model, tokenizer, set_a, set_b, out_dir, *, spec=None, source: str | None = None,
-                       chat: bool = False, pairs=None, metrics=None, run=None, **statistics) -> SetComparison | None:
+                       chat: bool = False, pairs=None, metrics=None, run=None, site: str | None = None, processor=None,
+                       **statistics) -> SetComparison | None:
     """Measure every prompt of two sets (`runs.prompts.Prompt` lists) and compare B with A (`compare_sets`).
 
     The measuring is one resumable, shardable, data-parallel run of `runs.engine` into `out_dir`
     (`parts/`, `sets.json`, and `sets.parquet`: one row per prompt x head, prompt ids `A:<id>` and `B:<id>`);
     `run` (`runs.engine.RunOptions`) resumes, forces or shards it; a resumed run must have the same model
-    (`source`, default the spec's architecture), spec and chat setting. `pairs` match prompt ids of A and B
-    (paired statistics); `statistics` go to `compare_sets`. None on the ranks of a launched run other
-    than rank 0, which compares once every part is written.
+    (`source`, default the spec's architecture), spec, site and chat setting. `pairs` match prompt ids of A and B
+    (paired statistics); `statistics` go to `compare_sets`. `site` names the attention site measured on a
+    model with several (`runs.sites`; records give their images, read with `processor`, and targets). None on
+    the ranks of a launched run other than rank 0, which compares once every part is written.
     """
-    from llm_heatmap.analyses.heads.measure import stream_head_metrics
+    from llm_heatmap.analyses.heads.measure import site_metrics, stream_head_metrics
     from llm_heatmap.analyses.runs.engine import RunOptions, run_per_prompt
-    from llm_heatmap.analyses.runs.prompts import check_length
+    from llm_heatmap.analyses.runs.sites import check_site_run, record_lengths, resolve_site, site_cube
     from llm_heatmap.models import spec_from_model
 
-    spec = spec or spec_from_model(model)
+    model_name = source or type(model).__name__
+    resolved = resolve_site(model, spec or spec_from_model(model), site, model_name, "a set comparison reads one")
+    spec = resolved.spec
     prompts = [replace(p, id=f"{name}:{p.id}", group=name) for name, prompts in (("A", set_a), ("B", set_b))
                for p in prompts]
-    for prompt in prompts:
-        check_length(tokenizer, spec, prompt.text, chat=chat, where=f"{prompt.where} of set {prompt.group}")
+    check_site_run(model, processor, resolved, prompts, chat=chat, name=model_name)
+    record_lengths(tokenizer, spec, prompts, chat=chat)  # the ids name the set: prompt 'A:3' (line 3 of a.jsonl)
 
     def measure(prompt):
+        if resolved.through_sites:
+            return site_metrics(site_cube(model, tokenizer, prompt, resolved, processor))
         return stream_head_metrics(model, tokenizer, prompt.text, spec=spec, chat=chat)
 
+    settings = {"model": source or spec.architecture, "spec": spec.summary, "chat": chat}
     record = run_per_prompt(measure, prompts, out_dir, kind="sets", options=run or RunOptions(),
-                            settings={"model": source or spec.architecture, "spec": spec.summary, "chat": chat})
+                            settings={**settings, **({"site": site} if site else {})})
     if not record.ranks.is_main:
         return None
     table = record.tables(record.sections[0])

@@ -204,13 +204,17 @@ def _run_sets(args, metrics, paths: dict, run_folder) -> tuple[list[str], dict]:
 
     from llm_heatmap.analyses.compare import run_set_comparison
     from llm_heatmap.analyses.runs.engine import RunOptions
+    from llm_heatmap.analyses.runs.sites import loaded_with_processor
     from llm_heatmap.analyses.runs.table_files import write_table
 
+    from llm_heatmap.models import site_specs
+
     set_a, set_b, pairs, names = read_sets(args)
-    model, tokenizer, spec = load(args)
+    model, tokenizer, spec, processor = loaded_with_processor(args.model, lambda source: load(args, source),
+                                                              [*set_a, *set_b])
     with torch.no_grad():
         result = run_set_comparison(model, tokenizer, set_a, set_b, run_folder, spec=spec, source=str(args.model),
-                                    chat=args.chat, pairs=pairs, metrics=metrics,
+                                    chat=args.chat, pairs=pairs, metrics=metrics, site=args.site, processor=processor,
                                     run=RunOptions(resume=args.resume, force=args.force, quiet=progress_off(args)),
                                     n_resamples=args.resamples, n_permutations=args.permutations,
                                     confidence=args.confidence, seed=args.seed)
@@ -218,6 +222,7 @@ def _run_sets(args, metrics, paths: dict, run_folder) -> tuple[list[str], dict]:
     files = {"heads": write_table(result.heads, paths["heads"], force=again),
              "layers": write_table(result.layers, paths["layers"], force=again)}
     significant = result.heads[result.heads["q_value"] < 0.05]
+    spec = spec if args.site is None else site_specs(model)[args.site]
     lines = [f"{args.model}: {spec.summary}",
              f"set A: {len(set_a)} prompts ({names[0]}), set B: {len(set_b)} prompts ({names[1]}); "
              f"deltas are B - A" + (f", paired by {args.paired} ({len(pairs)} pairs, sign-flip test)" if pairs else ""),
@@ -291,9 +296,9 @@ def run(args) -> int:
     if args.sets:
         _group_names(args)
     options.check_site_options(args)
-    if args.sets and (args.site or args.image or args.target is not None):
-        raise InputError("--site, --image and --target compare two prompts of one site; --sets does not read sites "
-                         "yet, so drop them, or compare two prompts.")
+    if args.sets and (args.image or args.target is not None):
+        raise InputError("--image and --target are the inputs of two prompts; with --sets each record names its own "
+                         "(JSONL fields or columns image, target), so drop them.")
     drawn = not (args.sets or args.metrics_only)
     for flag, given in (("--cube-out", args.cube_out is not None), ("--no-cube", args.no_cube), ("--html", args.html)):
         if given and not drawn:

@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                         "that holds the prompt (default: prompt)")
     options.add_chat_option(parser)
     options.add_model_options(parser, several=True)
+    parser.add_argument("--site", help="the attention site read on every model, one of " + ", ".join(options.SITES) +
+                        "; a model with several sites (an encoder-decoder, a VLM) needs it; records of a --prompts "
+                        "file give their images and targets (JSONL fields or columns image, target); without a target "
+                        "an encoder-decoder's decoder reads what it generates greedily from the source")
     parser.add_argument("--out", type=Path, help="output folder (NAME.kv.csv per layer, NAME.kv.summary.csv, and a chart "
                         "per model, NAME.kv.MODEL.png), or the per-layer table's own path (the summary and charts go "
                         "beside it as STEM.summary.EXT and STEM.MODEL.png)")
@@ -103,9 +107,11 @@ def run(args) -> int:
                          "(one per line).")
     check_statistics(n_permutations=args.permutations, seed=args.seed)
     check_pseudo_group_size(args.pseudo_group_size)
+    options.check_site_options(args)
     if args.out is not None:
         models = "-".join(options.slug(Path(str(m)).stem, 16) for m in args.model or [DEFAULT_MODEL])
-        name = options.plain_name(args.name) or f"{models}_{options.prompt_slug(' '.join(p.text for p in prompts), 24)}"
+        site = f".{args.site}" if args.site else ""
+        name = options.plain_name(args.name) or f"{models}_{options.prompt_slug(' '.join(p.text for p in prompts), 24)}{site}"
         args.out = options.table_or_folder(args.out, name, "kv")
         table_format(args.out)
     models = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
@@ -127,7 +133,8 @@ def _run(args, prompts: list[str]) -> int:
     with torch.no_grad():
         report = kv_report(models, prompts, pseudo_group_size=args.pseudo_group_size, chat=args.chat,
                            measures=args.measure, n_permutations=args.permutations, seed=args.seed,
-                           loader=lambda source: load(args, source), out_dir=None if args.out is None else run_folder(args.out),
+                           loader=lambda source: load(args, source), site=args.site,
+                           out_dir=None if args.out is None else run_folder(args.out),
                            run=RunOptions(resume=args.resume, force=args.force, quiet=progress_off(args)))
     files = {}
     if args.out is not None:
@@ -138,7 +145,8 @@ def _run(args, prompts: list[str]) -> int:
         files["figures"] = [save_figure(kv_chart(report.layers, model, args.seed), path)
                             for model, path in figure_paths(args.out, models).items()]
     summary = report.summary
-    lines = [f"{len(models)} model(s) x {len(prompts)} prompt(s); gap = within - between (mean over prompts and layers)"]
+    lines = [f"{len(models)} model(s) x {len(prompts)} prompt(s)" + (f", {args.site} site" if args.site else "") +
+             "; gap = within - between (mean over prompts and layers)"]
     for row in summary.itertuples():
         lines.append(f"{row.model} ({row.attention_kind}, {row.grouping} groups of {row.group_size}) {row.measure:7s} "
                      f"first token {row.first_token:7s}: within {row.within:.3f} between {row.between:.3f} "

@@ -269,7 +269,7 @@ def selected_metrics(args) -> list[str] | None:
     from llm_heatmap.analyses.bounds import metric_choices
 
     valid = metric_choices(probe=bool(getattr(args, "induction_probe", 0)),
-                           retrieval=bool(getattr(args, "retrieval_probe", None)))
+                           retrieval=bool(getattr(args, "retrieval_probe", None)), sites=bool(getattr(args, "site", None)))
     names = [name.strip() for value in args.metric for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in valid]
     if unknown:

@@ -115,7 +115,7 @@ def test_decoder_probe_reads_bos_r_r_as_the_decoder_input(bart_dir):
     from transformers import AutoTokenizer, BartForConditionalGeneration
 
     from llm_heatmap.analyses.atlas.probes import site_probe_scores
-    from llm_heatmap.analyses.atlas.sites import resolve_site
+    from llm_heatmap.analyses.runs.sites import resolve_site
     from llm_heatmap.analyses.heads.head_detector import repeated_random_tokens
     from llm_heatmap.models import spec_from_model
 

@@ -16,7 +16,7 @@ from .sites import DECODER, atlas_site
 
 
 def site_probe_scores(model, tokenizer, resolved, *, probe_length: int, retrieval_lengths: tuple[int, ...]) -> pd.DataFrame:
-    """One row per head of `resolved` (a `sites.ResolvedSite`) with the `probe_*` columns of the probes that run
+    """One row per head of `resolved` (a `runs.sites.ResolvedSite`) with the `probe_*` columns of the probes that run
     on it; columns layer and head alone where none does."""
     row = atlas_site(resolved.name)
     probe = pd.DataFrame(columns=["layer", "head"])

@@ -43,8 +43,7 @@ import torch
 
 from llm_heatmap.analyses.atlas.probes import site_probe_scores
 from llm_heatmap.analyses.atlas.prompt import THUMBNAIL_SIZE, measure_atlas_prompt, measure_atlas_site_prompt
-from llm_heatmap.analyses.atlas.sites import (ATLAS_SITES, RANKABLE, SELF, atlas_site, check_site_records,
-                                              resolve_site, skipped_probes)
+from llm_heatmap.analyses.atlas.sites import ATLAS_SITES, RANKABLE, SELF, atlas_site, check_site_records, skipped_probes
 from llm_heatmap.analyses.atlas.summary import (ModelRows, head_table, layer_blocks, layer_table, model_table,
                                                 prompt_layer_kv, top_prompts)
 from llm_heatmap.analyses.bounds import (at_least, check_head_measure, check_needle_grid, check_pseudo_group_size,
@@ -53,8 +52,9 @@ from llm_heatmap.analyses.heads.needle import DEPTHS
 from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
 from llm_heatmap.models.files import atomic_output
 from llm_heatmap.analyses.runs.parts import part_done, part_key, sealed, write_part
-from llm_heatmap.analyses.runs.prompts import Prompt, check_length, shard_prompts
+from llm_heatmap.analyses.runs.prompts import Prompt, shard_prompts
 from llm_heatmap.analyses.runs.ranks import Ranks, launcher_ranks
+from llm_heatmap.analyses.runs.sites import check_site_run, loaded_with_processor, record_lengths, resolve_site
 from llm_heatmap.analyses.runs.table_files import write_table
 from llm_heatmap.analyses.similarity.kv_similarity import divergence_similarity
 from llm_heatmap.analyses.stats import Bootstrap
@@ -111,7 +111,7 @@ class _ModelParts(Section):
         self.source, self.loader, self.prompts, self.options, self.site = source, loader, prompts, options, site
         self.max_bytes, self.probe_length, self.fresh = max_bytes, probe_length, fresh
         self.retrieval_lengths, self.ablation = retrieval_lengths, ablation
-        self.loaded = None  # (model, tokenizer, sites.ResolvedSite, processor) while open, or loaded early by the check
+        self.loaded = None  # (model, tokenizer, runs.sites.ResolvedSite, processor) while open, or loaded early by the check
 
     def tensors(self, prompt: Prompt) -> Path:
         return self.folder / f"{part_key(prompt.id)}.safetensors"
@@ -134,16 +134,10 @@ class _ModelParts(Section):
     def load(self) -> dict[str, int]:
         """Load the model (once) and check every prompt of the run against it; the token counts."""
         if self.loaded is None:
-            model, tokenizer, spec, processor = _model(self.source, self.loader, self.prompts)
-            self.loaded = model, tokenizer, resolve_site(model, spec, self.site, self.name), processor
+            model, tokenizer, spec, processor = loaded_with_processor(self.source, self.loader, self.prompts)
+            self.loaded = model, tokenizer, resolve_site(model, spec, self.site, self.name, "an atlas covers one"), processor
         model, tokenizer, site, processor = self.loaded
-        if site.through_sites and self.options["chat"]:
-            raise InputError(f"chat applies a chat template to a text model's prompt, and the {site.name} site of "
-                             f"{self.name} reads its inputs through the model's sites; drop chat.")
-        if site.through_sites or any(p.image is not None or p.target is not None for p in self.prompts):
-            from llm_heatmap.analyses.runs.batch import check_site_prompts
-
-            check_site_prompts(model, processor, self.prompts)  # as a batch checks them: what the model reads
+        check_site_run(model, processor, site, self.prompts, chat=self.options["chat"], name=self.name)
         probe_length = self.probe_length if atlas_site(site.name).induction_probe is None else 0
         counts = _check_fits(site.spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name,
                              probe_length)
@@ -268,8 +262,7 @@ def _check_fits(spec, tokenizer, prompts: list[Prompt], chat: bool, max_bytes: i
     from llm_heatmap.probes.capture import estimate_cube_bytes
     from llm_heatmap.probes.memory import cube_fits
 
-    counts = {p.id: check_length(tokenizer, spec, p.text, chat=chat, where=p.where) if p.text or p.image is None
-              else None for p in prompts}
+    counts = record_lengths(tokenizer, spec, prompts, chat=chat)
     counted = {key: count for key, count in counts.items() if count is not None}
     if counted:
         longest = max(counted, key=counted.get)
@@ -407,27 +400,6 @@ def prompt_label(prompt: Prompt) -> str:
     label = " ".join(part for part in (Path(prompt.image).name if prompt.image else "", prompt.text) if part)
     return label if prompt.target is None else f"{label} \u2192 {prompt.target}"
 
-
-def _model(source, loader, prompts: list[Prompt]):
-    """(model, tokenizer, spec, processor) of a loaded entry or a source; an entry or a loader gives
-    (model, tokenizer, spec) or those and the processor; a source's own processor is loaded when a prompt names
-    an image."""
-    if isinstance(source, tuple):
-        loaded = source
-    elif loader is not None:
-        loaded = loader(source)
-    else:
-        from llm_heatmap.models import load_model
-
-        loaded = load_model(source)
-    if len(loaded) == 4:
-        return tuple(loaded)
-    processor = None
-    if not isinstance(source, tuple) and any(p.image is not None for p in prompts):
-        from llm_heatmap.models.loading import load_processor
-
-        processor = load_processor(source)
-    return (*loaded, processor)
 
 
 def _write_model_files(parts: _ModelParts, name: str, model, tokenizer, site, probe_length: int, fresh: bool,

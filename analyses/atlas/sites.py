@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from llm_heatmap.errors import InputError
 
-SELF, ENCODER, DECODER, CROSS, VISION, TEXT = "self", "encoder", "decoder", "cross", "vision", "text"
+from llm_heatmap.models.sites import CROSS, DECODER, ENCODER, SELF, TEXT, VISION
 TEXT_RANKING = ("sink_score", "previous_token_score", "duplicate_token_score", "induction_score", "diagonal_score",
                 "vertical_score", "block_score")
 CROSS_RANKING = ("alignment", "monotonicity", "coverage", "source_entropy")
@@ -87,39 +87,3 @@ def check_site_records(site: str | None, prompts) -> None:
         if getattr(prompt, field) is None:
             raise InputError(f'{prompt.where} has no "{field}", and the atlas of the {site} site reads each record\'s '
                              f'{field} ({what}); add a "{field}" to every record of the prompt file.')
-
-
-@dataclass(frozen=True)
-class ResolvedSite:
-    """The site characterised on one model: its name in the atlas, its key among the model's sites (a ViT's one
-    stack is its vision site, captured as "self"), its spec, and whether it is captured through the sites
-    (`heads.measure.capture_site_cubes`: images, targets, towers) rather than from the prompt's tokens alone."""
-
-    name: str
-    key: str
-    spec: object
-    through_sites: bool
-
-
-def resolve_site(model, spec, site: str | None, name: str) -> ResolvedSite:
-    """The site the atlas characterises on `model` (`spec` where that is its one stack); a model with several
-    sites needs `site`."""
-    from llm_heatmap.models import spec_from_model
-    from llm_heatmap.models.loading import reads_images
-    from llm_heatmap.models.sites import find_sites
-
-    atlas_site(site)
-    images = reads_images(getattr(model, "config", None))
-    specs = find_sites(model) or {SELF: None}  # a model without *Attention modules (a TransformerLens model): one stack
-    if set(specs) == {SELF} and images:
-        specs = {VISION: None}  # a vision model alone (ViT): its one stack is its vision tower
-    if site is None and len(specs) > 1:
-        raise InputError(f"{name} has several attention sites ({', '.join(specs)}) and an atlas covers one; pass "
-                         f"site={next(iter(specs))}.")
-    site = site or next(iter(specs))
-    if site not in specs:
-        raise InputError(f"site={site!r} is not a site of {name}; its sites are {', '.join(specs)}.")
-    if VISION in specs and set(find_sites(model)) <= {SELF}:
-        return ResolvedSite(VISION, SELF, spec, True)
-    site_spec = spec if site == SELF else spec_from_model(model, site)
-    return ResolvedSite(site, site, site_spec, images or site in (DECODER, CROSS, TEXT))

@@ -24,7 +24,7 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.analyses.bounds import check_pseudo_group_size, check_statistics, pseudo_group_size_of
 from llm_heatmap.analyses.runs.engine import PromptSetRun, RunOptions, Section, run_prompt_set
 from llm_heatmap.analyses.runs.parts import part_key
-from llm_heatmap.analyses.runs.prompts import Prompt, check_length, check_prompt
+from llm_heatmap.analyses.runs.prompts import Prompt, check_prompt
 from llm_heatmap.analyses.runs.table_files import write_table
 
 SUMMARY_KEYS = ["model", "attention_kind", "grouping", "group_size", "measure", "first_token"]
@@ -55,30 +55,36 @@ class _ModelSection(Section):
     """One model of the report: loaded in `open` (a source) or given loaded; a prompt's rows are
     `kv_group_similarity` of its cube."""
 
-    def __init__(self, name: str, folder: Path, entry, load, prompts: list[Prompt], chat: bool, similarity: dict):
+    def __init__(self, name: str, folder: Path, entry, load, prompts: list[Prompt], chat: bool, similarity: dict,
+                 site: str | None = None):
         super().__init__(name, folder)
         self.entry, self.load, self.prompts, self.chat, self.similarity = entry, load, prompts, chat, similarity
-        self.loaded = None
+        self.site = site
+        self.loaded = None  # (model, tokenizer, runs.sites.ResolvedSite, processor)
 
     def load_and_check(self) -> dict[str, int]:
         """Load the model (once) and check every prompt against it; the token counts."""
+        from llm_heatmap.analyses.runs.sites import check_site_run, loaded_with_processor, record_lengths, resolve_site
+
         if self.loaded is None:
-            self.loaded = self.entry if isinstance(self.entry, tuple) else self.load(self.entry)
-        _, tokenizer, spec = self.loaded
-        return {p.id: check_length(tokenizer, spec, p.text, chat=self.chat, where=f"{self.name}: {p.where}")
-                for p in self.prompts}
+            model, tokenizer, spec, processor = loaded_with_processor(self.entry, self.load, self.prompts)
+            site = resolve_site(model, spec, self.site, self.name, "the KV report reads one")
+            self.loaded = model, tokenizer, site, processor
+        model, tokenizer, site, processor = self.loaded
+        check_site_run(model, processor, site, self.prompts, chat=self.chat, name=self.name)
+        return record_lengths(tokenizer, site.spec, self.prompts, chat=self.chat, name=self.name)
 
     def open(self, share, ranks):
         return self.load_and_check() if share else None
 
     def measure(self, prompt: Prompt) -> pd.DataFrame:
+        from llm_heatmap.analyses.runs.sites import site_cube
         from llm_heatmap.analyses.similarity.kv_similarity import kv_group_similarity
-        from llm_heatmap.probes import capture_prompt
 
-        model, tokenizer, spec = self.loaded
-        cube = capture_prompt(model, tokenizer, prompt.text, spec=spec, chat=self.chat)
+        model, tokenizer, site, processor = self.loaded
+        cube = site_cube(model, tokenizer, prompt, site, processor, chat=self.chat)
         table = kv_group_similarity(cube, **self.similarity)
-        table.insert(0, "attention_kind", spec.attention_kind)
+        table.insert(0, "attention_kind", site.spec.attention_kind)
         return table
 
     def close(self) -> None:
@@ -100,7 +106,7 @@ def _head_counts(entries):
 
 def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bool = False, measures=None,
               n_permutations: int = 1000, seed: int = 0, loader=None, out_dir=None,
-              run: RunOptions | None = None) -> KVReport:
+              run: RunOptions | None = None, site: str | None = None) -> KVReport:
     """Per-layer KV-group similarity of every model on every prompt, plus a model-level summary.
 
     `models`: a dict `{name: (model, tokenizer, spec)}` of loaded models, or a list of sources
@@ -109,6 +115,8 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
     first GQA model, else 3) forms the pseudo-groups of MHA/MQA models. The measuring is one resumable,
     shardable, data-parallel run of `runs.engine` into `out_dir` (default: a temporary folder), resumed
     or forced with `run` (`runs.engine.RunOptions`); `kv.parquet` there holds every model's rows.
+    `site` names the attention site read on every model (`runs.sites`: a model with several sites, an
+    encoder-decoder or a VLM, needs it; records give their images and targets as in a batch).
     """
     from llm_heatmap.models import load_model
 
@@ -128,10 +136,10 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
                       n_permutations=n_permutations, seed=seed)
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="llm-heatmap-kv-") as folder:
-            return kv_report(models, prompts, chat=chat, loader=loader, out_dir=folder, run=run, **similarity)
+            return kv_report(models, prompts, chat=chat, loader=loader, out_dir=folder, run=run, site=site, **similarity)
     out_dir = Path(out_dir)
     sections = [_ModelSection(name, out_dir / "parts" / part_key(name), value, loader or load_model, prompts, chat,
-                              similarity) for name, value in entries]
+                              similarity, site) for name, value in entries]
     report = {}
 
     def merge(record) -> None:
@@ -142,7 +150,7 @@ def kv_report(models, prompts, *, pseudo_group_size: int | None = None, chat: bo
         write_table(layers, out_dir / "kv.parquet", force=True)
         report["result"] = KVReport(layers=layers, summary=summarize(layers))
 
-    settings = {"models": [name for name, _ in entries], "chat": chat,
+    settings = {"models": [name for name, _ in entries], "chat": chat, **({"site": site} if site else {}),
                 "similarity": {k: list(v) if isinstance(v, tuple) else v for k, v in similarity.items()}}
     def check(pending) -> None:  # the first model's verdict on the prompts comes before anything is written
         if pending[sections[0].name]:
