@@ -31,6 +31,9 @@ class ModelSpec:
     kernel call of its forward pass (`probes.geometry.kernel_causality`), so a cube's spec holds what
     ran. `bidirectional_blocks` are (first, last) key positions, inclusive, of runs whose positions all
     see each other in a causal model (Gemma 3's image tokens); they belong to one input sequence.
+    `segments` (per layer, empty where none) are the bounds of the segments a packed layer attends within
+    (`cu_seqlens`: Qwen2-VL's tower with several images, Qwen2.5-VL's windows): a position sees only its
+    own segment's. A capture reads them from the layer's call, for the sequence it captured.
     """
 
     model_type: str
@@ -49,6 +52,7 @@ class ModelSpec:
     attn_softcap: float | None = None
     site: str | None = None
     bidirectional_blocks: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+    segments: tuple[tuple[int, ...], ...] = field(default=(), compare=False)
     attention_modules: tuple[str, ...] = field(default=(), compare=False)
     output_projections: tuple[str, ...] = field(default=(), compare=False)
 
@@ -75,6 +79,10 @@ class ModelSpec:
 
     def kv_groups(self) -> torch.Tensor:
         return torch.arange(self.num_heads) // self.group_size
+
+    def layer_segments(self, layer: int) -> tuple[int, ...]:
+        """The bounds of the segments `layer` attends within, `(0, s1, ..., n)`, or () for one sequence."""
+        return self.segments[layer] if layer < len(self.segments) else ()
 
     def window(self, layer: int) -> int | None:
         """Sliding-window size of `layer`, or None for full attention."""
@@ -105,7 +113,8 @@ class ModelSpec:
         data = dict(data)
         for key in ("layer_types", "attention_modules", "output_projections"):
             data[key] = tuple(data.get(key, ()))
-        data["bidirectional_blocks"] = tuple(tuple(int(p) for p in block) for block in data.get("bidirectional_blocks", ()))
+        for key in ("bidirectional_blocks", "segments"):
+            data[key] = tuple(tuple(int(p) for p in block) for block in data.get(key, ()))
         return cls(**data)
 
 

@@ -395,6 +395,10 @@ class Probe:
         self._pending.discard(module)
         with torch.no_grad():
             call = self._begin_call(module, layer, kernel, query, key, mask, arguments, first_of_layer=packed.done == 0)
+            if packed.done == 0:
+                segments = list(self.spec.segments) or [()] * self.spec.num_layers
+                segments[layer] = packed.bounds
+                self.spec = replace(self.spec, segments=tuple(segments))
             total, batch, size = packed.bounds[-1], call.batch_size, stop - start
             rows = self._ensure_buffer(batch, torch.arange(total), total)[:, self.layers.index(layer), :, start:stop]
             rows.zero_()

@@ -139,6 +139,9 @@ _SPEC_TYPES = {  # field: (accepts, what it must be); None allowed where the dat
     "bidirectional_blocks": (lambda v: isinstance(v, list) and all(
         isinstance(b, list) and len(b) == 2 and all(_whole(p) and p >= 0 for p in b) and b[0] <= b[1] for b in v),
         "a list of [first, last] positions with first <= last"),
+    "segments": (lambda v: isinstance(v, list) and all(isinstance(b, list) and all(_whole(p) for p in b) and (
+        not b or (len(b) >= 2 and b[0] == 0 and all(x < y for x, y in zip(b, b[1:])))) for b in v),
+        "a list (one per layer) of increasing segment bounds from 0, or empty lists"),
     "attention_modules": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
     "output_projections": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of text"),
 }
@@ -169,7 +172,7 @@ def check_spec(data) -> ModelSpec:
         _fail("spec.layer_types", f"lists {len(data['layer_types'])} layers, but spec.num_layers is {data['num_layers']}")
     if "sliding_attention" in data["layer_types"] and data.get("sliding_window") is None:
         _fail("spec.sliding_window", "must be set where spec.layer_types has sliding layers")
-    for name in ("attention_modules", "output_projections"):
+    for name in ("attention_modules", "output_projections", "segments"):
         if len(data.get(name, [])) not in (0, data["num_layers"]):
             _fail(f"spec.{name}", f"must list one entry per layer ({data['num_layers']}) or none")
     return ModelSpec.from_dict(data)

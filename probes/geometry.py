@@ -68,6 +68,13 @@ def key_ranges(spec, layer: int, queries: Spans, keys: Spans) -> tuple[torch.Ten
         inside = (queries.last >= first) & (queries.first <= last)
         block_hi = torch.searchsorted(keys.first, torch.tensor(last), right=True) - 1
         hi = torch.where(inside, torch.maximum(hi, block_hi), hi)
+    bounds = spec.layer_segments(layer) if hasattr(spec, "layer_segments") else ()
+    if bounds:  # a packed layer: the keys of the segments the query entry's positions lie in
+        bounds = torch.tensor(bounds)
+        start = bounds[torch.searchsorted(bounds, queries.first, right=True) - 1]
+        stop = bounds[torch.searchsorted(bounds, queries.last, right=True).clamp_max(len(bounds) - 1)]
+        lo = torch.maximum(lo, torch.searchsorted(keys.last, start))
+        hi = torch.minimum(hi, torch.searchsorted(keys.first, stop) - 1)
     return lo, hi
 
 

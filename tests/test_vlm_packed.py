@@ -206,3 +206,25 @@ def test_a_packed_layer_that_skips_a_segment_is_refused_in_one_sentence():
                     model(**inputs)
         finally:
             handle.remove()
+
+
+def test_a_packed_layer_attends_within_its_segments_in_the_geometry_and_the_metrics(tmp_path):
+    """The cube's spec holds each packed layer's segments: `attendable()` is the block-diagonal of the tower's own
+    reference (a key outside the query's image or window is no cell of the row), so `norm_entropy` divides each
+    row's entropy by the log of its segment's size; the segments survive a save and load."""
+    from llm_heatmap.analyses.heads.metrics import head_metrics
+    from llm_heatmap.probes import AttentionCube
+
+    model = tiny_qwen2_5_vl()
+    inputs = qwen_image_inputs([(6, 4), (4, 8)])
+    vision = capture_all(model, inputs)["vision"]
+    reference, _ = tower_reference(model, inputs)
+    assert len(vision.spec.segments) == vision.spec.num_layers and all(vision.spec.segments)
+    assert torch.equal(vision.attendable(), reference.gt(0).any(1))  # "l q k", every head alike
+    entropy = -torch.special.xlogy(reference.double(), reference.double()).sum(-1)  # "l h q"
+    sizes = reference.gt(0).sum(-1).double()
+    expected = (entropy / sizes.log()).mean(-1)  # "l h": every row has a segment of several patches
+    table = head_metrics(vision).sort_values(["layer", "head"])
+    torch.testing.assert_close(torch.tensor(table["norm_entropy"].to_numpy()), expected.flatten(), atol=1e-5, rtol=0)
+    vision.save(tmp_path / "v.safetensors")
+    assert AttentionCube.load(tmp_path / "v.safetensors").spec.segments == vision.spec.segments

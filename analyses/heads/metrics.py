@@ -171,8 +171,9 @@ class HeadMetricsReducer:
         return self._context
 
     def _block(self, part, layer: int, positions: torch.Tensor, width: int, context: dict) -> RowBlock:
-        """The `RowBlock` of these rows, shared by every layer with the same window (cached per prompt)."""
-        key = (part.spec.window(layer), width, positions.numpy().tobytes())
+        """The `RowBlock` of these rows, shared by every layer with the same window and segments (cached per
+        prompt)."""
+        key = (part.spec.window(layer), part.spec.layer_segments(layer), width, positions.numpy().tobytes())
         block = self._blocks.get(key)
         if block is None:
             block = self._blocks[key] = RowBlock.build(
