@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llm_heatmap.choices import STEP_SITES
 from llm_heatmap.errors import InputError
 
 from . import options
@@ -13,7 +14,6 @@ EXAMPLE = """examples:
   llm-heatmap generate "The capital of France is" --max-new-tokens 12 --html
   llm-heatmap generate "Once upon a time" --max-new-tokens 64 --do-sample --temperature 0.8 --seed 1
   llm-heatmap generate 31415 --model examples/toy_models/digit-reverser --site cross"""
-STEP_SITES = ("decoder", "cross")  # the sites an encoder-decoder's decode steps run through
 
 
 def register(subparsers) -> None:

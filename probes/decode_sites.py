@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from llm_heatmap.choices import STEP_SITES
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 from llm_heatmap.models.offline import source_name
@@ -36,7 +37,6 @@ from .cube import AttentionCube
 from .decode import DecodeSteps, _Steps, check_generation, placed_rows
 from .sites import SiteCubes, axis_labels, capture_sites, position_axis, token_axis
 
-STEP_SITES = (DECODER, CROSS)
 
 
 def stacked_rows(layer_rows: list[torch.Tensor], position: int) -> torch.Tensor:
@@ -66,7 +66,8 @@ class SiteDecodeSteps:
     """The decode steps of one generation of an encoder-decoder (module docstring): the decoder's `sequence`
     (its start tokens, `prompt_tokens` of them, then the generated ids) and `tokens`; per site the `rows` of
     each step (decoder: `"l h k"` over positions 0..p; cross: `"l h S"` over the source) and the `specs`; the
-    source's ids (empty for audio), `source_tokens` (its labels) and `source_axis`."""
+    source's ids (for audio: its frame indices), `source_tokens` (its labels) and `source_axis` (the three empty
+    where neither the source's ids nor a kept cross row say what its positions are)."""
 
     sequence: torch.Tensor
     prompt_tokens: int
@@ -77,7 +78,7 @@ class SiteDecodeSteps:
     tokens: list[str]
     source_ids: torch.Tensor
     source_tokens: list[str]
-    source_axis: Axis
+    source_axis: Axis | None
     prompt: str | None = None
     source: str | None = None
     metadata: dict = field(default_factory=dict)
@@ -121,8 +122,7 @@ class SiteDecodeSteps:
             cube = self.decoder_steps().cube()
             return replace(cube, query_tokens=generated, key_axis=text_axis(len(self.sequence)))
         rows = self._kept(site)
-        pattern = torch.stack(rows, 2).float() if rows else \
-            torch.zeros(len(self.layers), len(self.heads), 0, len(self.source_tokens))
+        pattern = torch.stack(rows, 2).float()
         keys = pattern.shape[-1]
         return AttentionCube(pattern=pattern, spec=self.specs[site], tokens=self.source_tokens, token_ids=self.source_ids,
                              layers=self.layers, heads=self.heads,
@@ -137,7 +137,7 @@ class SiteDecodeSteps:
         return SiteCubes({site: self.cube(site) for site in self.rows})
 
 
-def _encoder_inputs(model: nn.Module, tokenizer, prompt) -> dict:
+def _encoder_inputs(tokenizer, prompt) -> dict:
     """`generate`'s source arguments: a string's tokens, or a mapping of the encoder's inputs as given
     (`input_features` of a Whisper, `input_ids`)."""
     if isinstance(prompt, Mapping):
@@ -173,7 +173,7 @@ def capture_decode_sites(model: nn.Module, tokenizer, prompt, *, max_new_tokens:
         raise InputError(f"consumers name the sites {', '.join(consumers)}, but the captured sites are "
                          f"{', '.join(chosen)}.")
     check_generation(max_new_tokens, generate_options)
-    encoder_inputs = _encoder_inputs(model, tokenizer, prompt)
+    encoder_inputs = _encoder_inputs(tokenizer, prompt)
     device = next(model.parameters()).device
     encoder_inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoder_inputs.items()}
     recorders: dict[str, _Steps] = {}
@@ -196,32 +196,31 @@ def capture_decode_sites(model: nn.Module, tokenizer, prompt, *, max_new_tokens:
                 recorder.prompt_tokens = ids.shape[-1]
         fed.append(ids[0].detach().cpu())
 
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                if t is not None), None)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.callback(model.register_forward_pre_hook(before_forward, with_kwargs=True).remove)
         stack.enter_context(probe)
         output = model.generate(**encoder_inputs, max_new_tokens=int(max_new_tokens),
                                 **({"pad_token_id": pad} if pad is not None else {}), **generate_options)
-    steps = len(fed)
-    output = output[0].cpu()
+    steps, output = len(fed), output[0].cpu()  # one forward per step, and max_new_tokens >= 1 forwards at least once
     # Whisper returns the generated tokens without its start tokens: the start tokens are the first forward's
-    sequence = torch.cat([fed[0], output[len(output) - steps:]]) if steps else output
+    sequence = torch.cat([fed[0], output[len(output) - steps:]])
     return SiteDecodeSteps(
-        sequence=sequence, prompt_tokens=len(fed[0]) if fed else len(output),
+        sequence=sequence, prompt_tokens=len(fed[0]),
         rows={site: recorder.rows[:steps] for site, recorder in recorders.items()},
         specs={site: site_probe.spec for site, site_probe in probe.probes.items()},
         layers=next(iter(probe.probes.values())).layers, heads=next(iter(probe.probes.values())).heads,
         tokens=token_strings(sequence, tokenizer), **_source_labels(model, tokenizer, encoder_inputs, recorders),
         prompt=prompt if isinstance(prompt, str) else None, source=source or source_name(model),
-        metadata={"generation": {"max_new_tokens": int(max_new_tokens), "prompt_tokens": len(fed[0]) if fed else 0,
+        metadata={"generation": {"max_new_tokens": int(max_new_tokens), "prompt_tokens": len(fed[0]),
                                  "generated_tokens": steps, **{k: repr(v) for k, v in generate_options.items()}}})
 
 
 def _source_labels(model: nn.Module, tokenizer, encoder_inputs: dict, recorders: dict) -> dict:
     """The source's ids, labels and axis: its tokens where it was given as input_ids, else the positions
-    the cross-attention keys stand for (a Whisper encoder's frames), counted from a kept cross row."""
+    the cross-attention keys stand for (a Whisper encoder's frames), counted from a kept cross row, else none."""
     ids = encoder_inputs.get("input_ids")
     if isinstance(ids, torch.Tensor):
         ids = ids[0].detach().cpu()
@@ -229,8 +228,7 @@ def _source_labels(model: nn.Module, tokenizer, encoder_inputs: dict, recorders:
         return {"source_ids": ids, "source_tokens": tokens, "source_axis": token_axis(model, ids, None, tokens)}
     cross = recorders.get(CROSS)
     if cross is None or not cross.rows:
-        raise InputError("the source's positions are known from the cross-attention rows; capture the cross site "
-                         "with keep_rows=True, or give the source as input_ids.")
+        return {"source_ids": torch.zeros(0, dtype=torch.long), "source_tokens": [], "source_axis": None}
     count = cross.rows[0].shape[-1]
     axis = position_axis(CROSS, count, model)
     return {"source_ids": torch.arange(count), "source_tokens": axis_labels(axis), "source_axis": axis}

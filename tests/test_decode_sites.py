@@ -106,6 +106,8 @@ def test_one_site_layers_heads_and_streamed_consumers():
         streamed.cube("cross")
     with pytest.raises(InputError, match="site='cross' was not captured"):
         sampled_steps(model, inputs, sites="decoder").cube("cross")
+    whisper = sampled_steps(tiny_seq2seq("whisper"), source_inputs("whisper"), sites="decoder")
+    assert whisper.source_tokens == [] and whisper.cube("decoder").pattern.shape == (2, 4, 6, 7)  # frames unknown
 
 
 def test_refusals():
