@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 _MODULES = {
     "llm_heatmap.models": ("load_model", "ModelSpec", "spec_from_model", "processed_pictures"),
     "llm_heatmap.probes": ("AttentionCube", "CaptureOptions", "Probe", "capture", "capture_prompt", "capture_generate",
-                           "capture_decode", "DecodeSteps", "capture_lens", "capture_sites", "Downsampler"),
+                           "capture_decode", "DecodeSteps", "capture_decode_sites", "capture_lens", "capture_sites",
+                           "Downsampler"),
     "llm_heatmap.analyses": ("head_metrics", "HeadMetricsReducer", "measure_prompt", "kv_group_similarity",
                              "head_similarity_matrix", "rollout", "qk_map", "compare_cubes", "compare_sets",
                              "read_prompts", "run_batch", "run_atlas", "kv_report", "retrieval_head_scores",

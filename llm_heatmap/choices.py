@@ -10,3 +10,4 @@ DTYPES = ("float32", "float16", "bfloat16")  # weight dtypes offered when loadin
 QUANTIZE = ("4bit", "8bit")  # bitsandbytes quantization offered when loading a model
 ATTENTION_OUTPUTS = ("auto", "computed", "model")  # who computes attention's output during a capture (probes.capture)
 SITES = ("self", "encoder", "decoder", "cross", "vision", "text")  # attention sites (models.sites.SITE_ORDER)
+STEP_SITES = ("decoder", "cross")  # the sites an encoder-decoder's decode steps run through (probes.decode_sites)

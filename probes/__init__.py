@@ -11,6 +11,7 @@ from .capture import CaptureOptions, Probe, capture, capture_prompt, estimate_cu
 _MODULES = {
     ".cube": ("AttentionCube", "Pooling", "StreamPart"),
     ".decode": ("DecodeSteps", "capture_decode"),
+    ".decode_sites": ("SiteDecodeSteps", "capture_decode_sites"),
     ".geometry": ("attendable_mask",),
     ".generate": ("capture_generate",),
     ".lens": ("capture_lens", "lens_spec"),

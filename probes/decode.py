@@ -109,12 +109,13 @@ class PooledStrip(StepConsumer):
 
 class _Steps:
     """The probe's consumer during generate(): each forward's last row of every captured layer (parts arrive layer
-    by layer, first captured layer first), placed over positions 0..p once the pass is complete and handed to
-    the step consumers (and kept, with `keep`)."""
+    by layer, first captured layer first), placed over positions 0..p once the pass is complete (`place`: the
+    layers' rows and p -> `"l h k"`) and handed to the step consumers (and kept, with `keep`)."""
 
-    def __init__(self, num_layers: int, prompt_tokens: int, consumers: list, keep: bool, dtype: torch.dtype):
-        self.num_layers, self.prompt_tokens, self.consumers, self.keep, self.dtype = \
-            num_layers, prompt_tokens, consumers, keep, dtype
+    def __init__(self, num_layers: int, prompt_tokens: int, consumers: list, keep: bool, dtype: torch.dtype,
+                 place=placed_rows):
+        self.num_layers, self.prompt_tokens, self.consumers, self.keep, self.dtype, self.place = \
+            num_layers, prompt_tokens, consumers, keep, dtype, place
         self.rows: list[torch.Tensor] = []
         self._layers: list[torch.Tensor] = []
 
@@ -127,7 +128,7 @@ class _Steps:
             return
         step = info.pass_index
         position = self.prompt_tokens - 1 + step
-        rows, self._layers = placed_rows(self._layers, position), []
+        rows, self._layers = self.place(self._layers, position), []
         for consumer in self.consumers:
             consumer.consume_step(step, position, rows)
         if self.keep:
@@ -198,6 +199,17 @@ class DecodeSteps:
                              prompt=self.prompt, source=self.source, metadata=self.metadata)
 
 
+def check_generation(max_new_tokens: int, generate_options: dict) -> None:
+    """One generated sequence whose steps each belong to it: at least one new token, no beam search."""
+    if int(max_new_tokens) < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    if int(generate_options.get("num_beams", 1) or 1) > 1:
+        raise InputError("beam search (num_beams > 1) reorders the cache between hypotheses, so a step's attention "
+                         "belongs to no single output; generate greedily or by sampling (num_beams=1).")
+    if int(generate_options.get("num_return_sequences", 1) or 1) > 1:
+        raise InputError("capture_decode follows one generated sequence; pass num_return_sequences=1.")
+
+
 def capture_decode(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 20, chat: bool = False,
                    spec: ModelSpec | None = None, layers=None, heads=None, dtype: torch.dtype = torch.float32,
                    source: str | None = None, consumers=(), keep_rows: bool = True, **generate_options) -> DecodeSteps:
@@ -213,17 +225,12 @@ def capture_decode(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int =
         raise InputError(f"{type(model).__name__} cannot generate text; pass a causal language model with an LM head.")
     if getattr(model.config, "is_encoder_decoder", False):
         raise InputError(f"{type(model).__name__} is an encoder-decoder model, and capture_decode follows the steps of a "
-                         "decoder-only model over its own prompt; capture the decoder and cross-attention sites of a "
-                         "target with capture_sites (CLI: grid SOURCE --target TEXT).")
+                         "decoder-only model over its own prompt; capture its decoder and cross-attention steps with "
+                         "capture_decode_sites (CLI: generate SOURCE), or a given target's with capture_sites (CLI: "
+                         "grid SOURCE --target TEXT).")
     if not isinstance(prompt, str) and not chat:
         raise InputError("capture_decode takes one prompt string; call it once per prompt.")
-    if int(max_new_tokens) < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens} must be at least 1.")
-    if int(generate_options.get("num_beams", 1) or 1) > 1:
-        raise InputError("beam search (num_beams > 1) reorders the cache between hypotheses, so a step's attention "
-                         "belongs to no single output; generate greedily or by sampling (num_beams=1).")
-    if int(generate_options.get("num_return_sequences", 1) or 1) > 1:
-        raise InputError("capture_decode follows one generated sequence; pass num_return_sequences=1.")
+    check_generation(max_new_tokens, generate_options)
     input_ids, attention_mask = encode_prompt(tokenizer, prompt, chat=chat)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -26,6 +26,7 @@ from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
 from llm_heatmap.errors import InputError
 from llm_heatmap.models.files import atomic_output
+from llm_heatmap.models.sites import DECODER
 from llm_heatmap.probes.stream import downsample
 
 from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, panels_px, plan_grid, start_cell_px
@@ -435,6 +436,8 @@ def _title_lines(cube, title, scale_text, width, px, subtract=None) -> list[str]
         source, target = (fit_text(text, px, room / 2 - text_size(' → ""', px)[0]) for text in (prompt_text(cube), target))
         prompt = f'"{source}" → "{target}"'
         facts = f"{cube.num_tokens} source x {len(cube.query_tokens)} target tokens · {scale_text}"
+        if cube.spec.site == DECODER:  # a decoder's decode steps (`capture_decode_sites`) read the target so far
+            facts = f"{len(cube.query_tokens)} steps over {cube.num_tokens} target tokens · {scale_text}"
     elif pair is None:
         prompt = f'"{fit_text(prompt_text(cube), px, room)}"'
     else:
