@@ -1,0 +1,93 @@
+"""Audio for a speech encoder-decoder (Whisper): WAV files read with the standard library, the model's own
+feature extractor, a Whisper directory loaded with its speech head, and the CLI's `--audio` checked against
+eager `output_attentions` of the same features."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llm_heatmap.cli import main
+from llm_heatmap.errors import InputError
+from llm_heatmap.models.audio import audio_features, read_wav
+from test_cli_sites import WORDS, word_tokenizer
+
+RATE = 16000
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = RATE, width: int = 2, channels: int = 1) -> Path:
+    """`samples` (int, "n" or "n c") written as PCM."""
+    kind = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(channels)
+        file.setsampwidth(width)
+        file.setframerate(rate)
+        file.writeframes(np.ascontiguousarray(samples, dtype=kind).tobytes())
+    return path
+
+
+def tone(seconds: float = 0.5, rate: int = RATE) -> np.ndarray:
+    """A 440 Hz tone with a seeded hiss, 16-bit."""
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(0).standard_normal(len(t))
+    return (8000 * np.sin(2 * np.pi * 440 * t) + 300 * noise).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory) -> Path:
+    """A tiny random Whisper (2 + 2 layers, 4 heads, 8 mel bins, a 1 s window of 100 frames) with its feature
+    extractor and a word tokenizer."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("whisper")
+    config = transformers.WhisperConfig(
+        vocab_size=len(WORDS), d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=50,
+        max_target_positions=32, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(folder)
+    word_tokenizer(WORDS, eos="</s>").save_pretrained(folder)
+    transformers.WhisperFeatureExtractor(feature_size=8, sampling_rate=RATE, hop_length=160, chunk_length=1,
+                                         n_fft=400).save_pretrained(folder)
+    return folder
+
+
+def test_wav_files_read_as_mono_floats(tmp_path):
+    samples = tone()
+    mono, rate = read_wav(write_wav(tmp_path / "mono.wav", samples))
+    assert rate == RATE and mono.dtype == np.float32
+    np.testing.assert_array_equal(mono, samples / 32768.0)
+    stereo = np.stack([samples, np.zeros_like(samples)], -1)
+    mixed, _ = read_wav(write_wav(tmp_path / "stereo.wav", stereo, channels=2))
+    np.testing.assert_allclose(mixed, samples / 65536.0, atol=1e-7)
+    eight = (samples // 256 + 128).astype(np.uint8)
+    unsigned, _ = read_wav(write_wav(tmp_path / "eight.wav", eight, width=1))
+    np.testing.assert_array_equal(unsigned, (eight.astype(np.float64) - 128) / 128)
+
+
+def test_audio_that_is_not_what_the_extractor_reads_is_refused(tmp_path, whisper_dir):
+    extractor = transformers.WhisperFeatureExtractor.from_pretrained(whisper_dir)
+    (tmp_path / "notes.wav").write_text("not audio")
+    with pytest.raises(InputError, match="is not a PCM WAV file"):
+        read_wav(tmp_path / "notes.wav")
+    with pytest.raises(InputError, match="does not exist"):
+        read_wav(tmp_path / "missing.wav")
+    samples, rate = read_wav(write_wav(tmp_path / "slow.wav", tone(rate=8000), rate=8000))
+    with pytest.raises(InputError, match="sampled at 8000 Hz, and the model's feature extractor reads 16000 Hz"):
+        audio_features(extractor, samples, rate)
+    samples, rate = read_wav(write_wav(tmp_path / "long.wav", tone(seconds=1.5)))
+    with pytest.raises(InputError, match=r"lasts 1.5 s, and the model's encoder reads 1 s at a time"):
+        audio_features(extractor, samples, rate)
+    features = audio_features(extractor, *read_wav(write_wav(tmp_path / "ok.wav", tone())))
+    assert features.shape == (1, 8, 100)
+
+
+def test_a_whisper_directory_loads_with_its_speech_head(whisper_dir):
+    from llm_heatmap.models import load_model, site_specs
+
+    model, _, _ = load_model(whisper_dir)
+    assert type(model).__name__ == "WhisperForConditionalGeneration"
+    assert list(site_specs(model)) == ["encoder", "decoder", "cross"]
