@@ -204,10 +204,8 @@ def _run_sets(args, metrics, paths: dict, run_folder) -> tuple[list[str], dict]:
 
     from llm_heatmap.analyses.compare import run_set_comparison
     from llm_heatmap.analyses.runs.engine import RunOptions
-    from llm_heatmap.analyses.runs.sites import loaded_with_processor
+    from llm_heatmap.analyses.runs.sites import loaded_with_processor, resolve_site
     from llm_heatmap.analyses.runs.table_files import write_table
-
-    from llm_heatmap.models import site_specs
 
     set_a, set_b, pairs, names = read_sets(args)
     model, tokenizer, spec, processor = loaded_with_processor(args.model, lambda source: load(args, source),
@@ -222,7 +220,7 @@ def _run_sets(args, metrics, paths: dict, run_folder) -> tuple[list[str], dict]:
     files = {"heads": write_table(result.heads, paths["heads"], force=again),
              "layers": write_table(result.layers, paths["layers"], force=again)}
     significant = result.heads[result.heads["q_value"] < 0.05]
-    spec = spec if args.site is None else site_specs(model)[args.site]
+    spec = resolve_site(model, spec, args.site, str(args.model)).spec  # the site's, as run_set_comparison read it
     lines = [f"{args.model}: {spec.summary}",
              f"set A: {len(set_a)} prompts ({names[0]}), set B: {len(set_b)} prompts ({names[1]}); "
              f"deltas are B - A" + (f", paired by {args.paired} ({len(pairs)} pairs, sign-flip test)" if pairs else ""),

@@ -137,3 +137,24 @@ def test_compare_sets_of_the_decoder_site_writes_its_name_into_the_files(bart_di
     assert any(name.endswith(f".{site}.heads.csv") for name in files), files
     settings = json.loads(next((tmp_path / "out").glob("*.sets/sets.json")).read_text())
     assert settings["site"] == site and settings["spec"] == "dense decoder, MHA 4q:4kv x 2 layers"
+
+
+def test_compare_sets_of_a_vit_reads_each_records_image(vit_dir, tmp_path, capsys):
+    from llm_heatmap.analyses.heads.measure import capture_site_cubes
+    from llm_heatmap.analyses.heads.vision_metrics import vision_metrics
+    from llm_heatmap.models import load_model
+    from llm_heatmap.models.loading import load_processor
+
+    write_images(tmp_path)
+    set_a = write_jsonl(tmp_path / "a.jsonl", [{"image": "pictures/cat.png"}])
+    set_b = write_jsonl(tmp_path / "b.jsonl", [{"image": "pictures/dog.png"}])
+    assert main(["compare", str(set_a), str(set_b), "--sets", "--model", str(vit_dir), "--out", str(tmp_path / "out"),
+                 "--name", "cmp", "--site", "vision", "--metric", "attention_distance", "--resamples", "20",
+                 "--permutations", "20", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(": dense encoder, MHA 4q:4kv x 2 layers")  # a ViT: one stack
+    model, tokenizer, _ = load_model(vit_dir)
+    distances = [vision_metrics(capture_site_cubes(model, tokenizer, None, image=tmp_path / "pictures" / f"{name}.png",
+                                                   processor=load_processor(vit_dir))["self"])["attention_distance"]
+                 for name in ("cat", "dog")]
+    heads = pd.read_csv(tmp_path / "out" / "cmp.heads.csv").sort_values(["layer", "head"])
+    np.testing.assert_allclose(heads["delta"].to_numpy(), (distances[1] - distances[0]).to_numpy(), atol=1e-6)
