@@ -71,7 +71,7 @@ def run(args) -> int:
 
     options.check_site_options(args)
     overlays.check_overlay_flags(args)
-    prompt = options.read_prompt(args, optional=bool(args.image))
+    prompt = options.read_prompt(args, optional=bool(args.image or args.audio))
     _, layers, heads = options.grid_style(args)  # the drawing options checked before anything loads
     options.check_model_indices(args.model, layers, heads)
     if args.qk and args.stream:
@@ -79,7 +79,7 @@ def run(args) -> int:
     if args.qk:
         args.stream = False  # queries and keys need the full cube
     name = options.plain_name(args.name) or options.base_name(args, prompt) + options.drawing_suffix(args)
-    if args.site or args.image or args.target is not None:  # the files are named per site
+    if args.site or args.image or args.audio or args.target is not None:  # the files are named per site
         sites.check_single_site_flags(args)
         if args.site:  # one site named: its files are known, and claimed, before the model loads
             outputs = site_outputs(args, prompt, name, [args.site])

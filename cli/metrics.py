@@ -39,14 +39,14 @@ def run(args) -> int:
     from llm_heatmap.analyses.runs.table_files import table_format
 
     options.check_site_options(args)
-    prompt = options.read_prompt(args, optional=bool(args.image))
+    prompt = options.read_prompt(args, optional=bool(args.image or args.audio))
     metrics = options.selected_metrics(args)
     if args.induction_probe < 0:
         raise InputError(f"--induction-probe {args.induction_probe} must be a number of random tokens of at least 0 "
                          "(0: no probe).")
     args.retrieval_probe = options.needle_lengths(args.retrieval_probe)
     args.out_given = args.out  # a model with several sites writes one table per site into this folder
-    per_site = bool(args.site or args.image or args.target is not None)
+    per_site = bool(args.site or args.image or args.audio or args.target is not None)
     if per_site:
         check_per_site(args, metrics)
     if args.out is not None and not per_site:

@@ -129,19 +129,28 @@ def add_site_options(parser) -> None:
     group.add_argument("--image", type=Path, action="append", metavar="PATH",
                        help="an image for a vision model or VLM, prepared by the model's own processor (repeat for "
                        "several: a vision model or CLIP gets one capture per image)")
+    group.add_argument("--audio", type=Path, metavar="WAV",
+                       help="a speech model's recording (Whisper): a PCM WAV file at the sample rate of the model's "
+                       "feature extractor, no longer than its window; no PROMPT then (--target gives the decoder's text)")
     group.add_argument("--target", metavar="TEXT",
                        help="an encoder-decoder model's decoder input (PROMPT is the source); default: what the model "
                        "generates greedily from the source")
 
 
 def check_site_options(args) -> None:
-    """--site, --image and --target checked before a model loads: a site name that exists somewhere, images
-    that open, a target that is not empty."""
+    """--site, --image, --audio and --target checked before a model loads: a site name that exists somewhere,
+    images that open, a WAV file that reads, a target that is not empty."""
     site = getattr(args, "site", None)
     if site is not None and site not in SITES:
         raise InputError(f"--site {site!r} is not an attention site; the sites are {', '.join(SITES)}.")
     for path in getattr(args, "image", None) or []:
         read_image(path)
+    if getattr(args, "audio", None) is not None:
+        if getattr(args, "image", None):
+            raise InputError("--audio and --image go to different models (a speech model, a vision model); give one.")
+        from llm_heatmap.models.audio import read_wav
+
+        read_wav(args.audio)
     target = getattr(args, "target", None)
     if target is not None and not target.strip():
         raise InputError("--target is empty; give the decoder's text, or drop --target to let the model generate it.")
@@ -318,9 +327,9 @@ def base_name(args, prompt: str) -> str:
     """--name, or one made from the model and the prompt (and --chat, which changes what is captured)."""
     chat = "_chat" if getattr(args, "chat", False) else ""
     model = slug(Path(str(args.model)).stem, 24)
-    if prompt is None:  # an image alone: the image's name follows (`cli.sites.runs`)
-        return plain_name(args.name) or model
     target = f"_to_{prompt_slug(args.target, 24)}" if getattr(args, "target", None) else ""
+    if prompt is None:  # an image or a recording alone: its file's name follows (`cli.sites.runs`)
+        return plain_name(args.name) or model + target
     return plain_name(args.name) or f"{model}{chat}_{prompt_slug(prompt)}{target}"
 
 

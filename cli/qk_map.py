@@ -53,9 +53,9 @@ def run(args) -> int:
 
     check_projection(args.method)  # before anything loads
     options.check_site_options(args)
-    if args.cube is not None and (args.site or args.image or args.target is not None):
-        raise InputError("--site, --image and --target choose what a capture reads; a --cube was captured already, "
-                         "drop them.")
+    if args.cube is not None and (args.site or args.image or args.audio or args.target is not None):
+        raise InputError("--site, --image, --audio and --target choose what a capture reads; a --cube was captured "
+                         "already, drop them.")
     if args.cube is None:
         options.check_model_indices(args.model, [args.layer], None if args.head is None else [args.head],
                                     flags=("--layer", "--head"))

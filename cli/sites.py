@@ -14,7 +14,8 @@ from . import options
 def wants_sites(args, specs: dict) -> bool:
     """Whether this run goes through the sites: asked for by a flag, or the model has more than one kind of
     attention (anything but a single self-attention stack)."""
-    return bool(args.site or args.image or args.target is not None) or set(specs) != {"self"}
+    return bool(args.site or args.image or getattr(args, "audio", None) or args.target is not None) \
+        or set(specs) != {"self"}
 
 
 def one_site(args, model, specs: dict, command: str) -> str:
@@ -37,8 +38,10 @@ def chosen_sites(args, model, specs: dict) -> list[str]:
 
 def runs(args, prompt: str | None, name: str = "") -> list[tuple[str, object]]:
     """(run name: `name` and a suffix, image) of each forward pass: one per --image (named after the image where
-    there are several), or one without an image."""
+    there are several), or one without an image (named after --audio's file where there is no prompt)."""
     images = args.image or []
+    if getattr(args, "audio", None) is not None and not prompt:
+        return [(name + f"_{options.slug(Path(args.audio).stem, 24)}", None)]
     if not images:
         return [(name, None)]
     pictures = [options.read_image(path) for path in images]
@@ -58,12 +61,16 @@ def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt:
     """The `SiteCubes` of one forward pass over `prompt`, `image` and --target (`capture_options`: `capture`'s)."""
     import torch
 
+    from llm_heatmap.models.audio import load_feature_extractor, read_wav, reads_audio
     from llm_heatmap.models.inputs import site_inputs
     from llm_heatmap.models.loading import load_processor
     from llm_heatmap.probes import capture_sites
 
-    processor = load_processor(args.model, trust_remote_code=args.trust_remote_code) if image is not None else None
-    inputs = site_inputs(model, tokenizer, processor, specs, prompt=prompt, image=image, target=args.target)
+    audio = read_wav(args.audio) if getattr(args, "audio", None) is not None else None
+    processor = load_processor(args.model, trust_remote_code=args.trust_remote_code) if image is not None else \
+        load_feature_extractor(args.model, trust_remote_code=args.trust_remote_code) if reads_audio(model) else None
+    inputs = site_inputs(model, tokenizer, processor, specs, prompt=prompt, image=image, target=args.target,
+                         audio=audio)
     inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
     with torch.no_grad(), capture_sites(model, sites=sites, **capture_options) as probe:
         model(**inputs)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import wave
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from llm_heatmap.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_TYPES = {1: np.uint8, 2: np.int16, 4: np.int32}  # bytes per sample -> PCM type (8-bit PCM is unsigned)
 

@@ -20,6 +20,7 @@ import torch
 
 from llm_heatmap.errors import InputError
 
+from .audio import reads_audio
 from .loading import reads_images
 from .sites import CROSS, DECODER, SELF, TEXT, VISION
 
@@ -27,10 +28,16 @@ MAX_GENERATED = 64  # decoder tokens generated greedily when no target is given
 
 
 def site_inputs(model, tokenizer, processor, sites, *, prompt: str | None = None, image=None,
-                target: str | None = None) -> dict:
+                target: str | None = None, audio=None) -> dict:
     """The keyword arguments of `model(...)` for one sequence (module docstring); `sites` are the model's
-    site names, `image` a PIL image or None."""
-    sites = check_site_inputs(model, processor, sites, prompt=prompt, image=image, target=target)
+    site names, `image` a PIL image or None, `audio` (samples, sample rate) for a speech model, whose `processor`
+    is its feature extractor."""
+    sites = check_site_inputs(model, processor, sites, prompt=prompt, image=image, target=target, audio=audio)
+    if audio is not None:
+        from .audio import audio_features
+
+        inputs = {"input_features": audio_features(processor, *audio)}
+        return {**inputs, "decoder_input_ids": _decoder_ids(model, tokenizer, inputs, target)}
     if VISION in sites:
         return _vision_inputs(processor, tokenizer, sites, prompt, image)
     inputs = dict(tokenizer(prompt, return_tensors="pt"))
@@ -40,7 +47,7 @@ def site_inputs(model, tokenizer, processor, sites, *, prompt: str | None = None
 
 
 def check_site_inputs(model, processor, sites, *, prompt: str | None = None, image=None,
-                      target: str | None = None, where: str | None = None) -> set[str]:
+                      target: str | None = None, where: str | None = None, audio=None) -> set[str]:
     """The model's sites (a vision model's one stack named `vision`) when `prompt`, `image` (anything but None
     counts as given) and `target` are what the model reads (module docstring), else one sentence saying what
     is wrong; nothing runs, so a prompt set can be checked before any of it is measured. `where` names a
@@ -62,6 +69,9 @@ def check_site_inputs(model, processor, sites, *, prompt: str | None = None, ima
         raise refuse(f"a target was given, but {name} has no decoder (its sites are {listed}); drop the target.",
                      f'names a "target", but {name} has no decoder (its sites are {listed}); drop the targets '
                      "from the prompt file.")
+    if reads_audio(model) or audio is not None:
+        _check_audio_inputs(model, processor, prompt, audio, refuse)
+        return sites
     if VISION not in sites:
         if prompt is None:
             raise refuse(f"{name} reads text; give a prompt.", f'has no text, but {name} reads text; write its "prompt".')
@@ -78,6 +88,24 @@ def check_site_inputs(model, processor, sites, *, prompt: str | None = None, ima
         raise refuse(f"{name} reads an image with text; give a prompt as well.",
                      f'has no text, but {name} reads an image with text; write its "prompt".')
     return sites
+
+
+def _check_audio_inputs(model, processor, prompt, audio, refuse) -> None:
+    """A speech model (Whisper) reads a recording and no prompt; any other model reads no audio."""
+    name = type(model).__name__
+    if not reads_audio(model):
+        raise InputError(f"audio was given, but {name} reads no audio; drop --audio.")
+    if audio is None:
+        raise refuse(f"{name} reads audio (its encoder's input_features), not text; give a recording with --audio "
+                     "PATH.wav (and the decoder's text, if you like, with --target).",
+                     f"is text, but {name} reads audio, which prompt files do not name yet; capture it with "
+                     "`grid --audio PATH.wav`.")
+    if prompt is not None:
+        raise InputError(f"{name} reads a recording as its source, and a prompt was given as well; drop the prompt "
+                         "(the decoder's text goes to --target).")
+    if processor is None or not hasattr(processor, "sampling_rate"):
+        raise InputError(f"{name} has no feature extractor saved with it (preprocessor_config.json), so its audio "
+                         "cannot be prepared as it expects; save the model's feature extractor beside it.")
 
 
 def _vision_inputs(processor, tokenizer, sites, prompt, image) -> dict:

@@ -91,3 +91,56 @@ def test_a_whisper_directory_loads_with_its_speech_head(whisper_dir):
     model, _, _ = load_model(whisper_dir)
     assert type(model).__name__ == "WhisperForConditionalGeneration"
     assert list(site_specs(model)) == ["encoder", "decoder", "cross"]
+
+
+def test_grid_of_a_whisper_recording_equals_eager_attention_of_its_features(whisper_dir, tmp_path, capsys):
+    """`grid --audio` draws the encoder over the recording's frames, the decoder over --target and the
+    cross-attention between them; each saved cube equals eager `output_attentions` of the same features."""
+    from llm_heatmap.probes import AttentionCube
+
+    recording = write_wav(tmp_path / "hello.wav", tone())
+    assert main(["grid", "--audio", str(recording), "--target", "the cat", "--model", str(whisper_dir),
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    name = f"{whisper_dir.name}_to_the-cat_hello"
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {f"{name}.{site}.png" for site in ("encoder", "decoder", "cross")} <= files, files
+    extractor = transformers.WhisperFeatureExtractor.from_pretrained(whisper_dir)
+    features = extractor(tone() / 32768.0, sampling_rate=RATE, return_tensors="pt")["input_features"]
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(whisper_dir, attn_implementation="eager")
+    target = torch.tensor([[1, WORDS.index("the"), WORDS.index("cat")]])
+    with torch.no_grad():
+        out = model.eval()(input_features=features, decoder_input_ids=target, output_attentions=True)
+    for site, eager in (("encoder", out.encoder_attentions), ("decoder", out.decoder_attentions),
+                        ("cross", out.cross_attentions)):
+        cube = AttentionCube.load(tmp_path / "out" / f"{name}.{site}.cube.safetensors")
+        torch.testing.assert_close(cube.pattern, torch.stack(eager, 1)[0], atol=1e-5, rtol=0)
+    cube = AttentionCube.load(tmp_path / "out" / f"{name}.cross.cube.safetensors")
+    assert cube.key_axis.kind == "frames" and cube.num_keys == 50 and cube.query_tokens[1:] == ["the", "cat"]
+
+
+def test_audio_goes_only_to_a_model_that_reads_it(whisper_dir, tmp_path, capsys):
+    recording = write_wav(tmp_path / "hello.wav", tone())
+    out = tmp_path / "out"
+    assert main(["grid", "the cat", "--model", str(whisper_dir), "--out", str(out), "--quiet"]) == 2
+    assert "reads audio (its encoder's input_features), not text; give a recording with --audio" in \
+        capsys.readouterr().err
+    assert main(["grid", "the cat", "--audio", str(recording), "--model", str(whisper_dir), "--out", str(out),
+                 "--quiet"]) == 2
+    assert "reads a recording as its source, and PROMPT was given as well; drop PROMPT" in capsys.readouterr().err
+    slow = write_wav(tmp_path / "slow.wav", tone(rate=8000), rate=8000)
+    assert main(["grid", "--audio", str(slow), "--model", str(whisper_dir), "--out", str(out), "--quiet"]) == 2
+    assert "is sampled at 8000 Hz, and the model's feature extractor reads 16000 Hz" in capsys.readouterr().err
+    (tmp_path / "notes.wav").write_text("not audio")
+    assert main(["grid", "--audio", str(tmp_path / "notes.wav"), "--model", str(whisper_dir), "--out", str(out),
+                 "--quiet"]) == 2
+    assert "is not a PCM WAV file" in capsys.readouterr().err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_audio_for_a_text_model_is_refused(tmp_path, capsys):
+    from test_cli_sites import REVERSER
+
+    recording = write_wav(tmp_path / "hello.wav", tone())
+    assert main(["grid", "--audio", str(recording), "--model", str(REVERSER), "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 2
+    assert "audio was given, but BartForConditionalGeneration reads no audio; drop --audio." in capsys.readouterr().err

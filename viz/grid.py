@@ -30,7 +30,7 @@ from llm_heatmap.models.sites import DECODER
 from llm_heatmap.probes.stream import downsample
 
 from .grid_layout import MIN_LABEL_PX, Plan, axis_map, fit_cells, panels_px, plan_grid, start_cell_px
-from .labels import drawable, fit_text, model_name, prompt_text, text_size, token_label, token_text
+from .labels import drawable, fit_text, model_name, positions_text, prompt_text, text_size, token_label, token_text
 from .png import png_bytes
 from .raster import (BACKGROUND, MASKED, QUANTITIES, ColorScale, compose, get_cmap, lookup_table, lut_index, normalise,
                      normalise_difference, range_and_grey)
@@ -425,7 +425,8 @@ def _title_lines(cube, title, scale_text, width, px, subtract=None) -> list[str]
     """Two lines: "model · spec" and the prompt with token count and scale; three when the prompt
     would get less than half the width beside the scale text. Every line is fitted to `width`."""
     head = drawable(title if title is not None else " · ".join(x for x in (model_name(cube.source), cube.spec.summary) if x))
-    facts = f"{cube.num_tokens} tokens · {scale_text}"
+    described = positions_text(cube)  # drawn as it is, not quoted as a prompt
+    facts = scale_text if described else f"{cube.num_tokens} tokens · {scale_text}"
     pair = _prompt_pair(cube, subtract)
     quotes = '""' if pair is None else 'B − A · B: "" · A: ""'
     beside = width - text_size(f" · {facts}", px)[0] - text_size(quotes, px)[0]
@@ -434,12 +435,13 @@ def _title_lines(cube, title, scale_text, width, px, subtract=None) -> list[str]
     if pair is None and cube.query_tokens is not None:  # cross-attention: the target reads the source
         target = drawable("".join(token_text(t) for t in cube.query_tokens).replace("␣", " "))
         source, target = (fit_text(text, px, room / 2 - text_size(' → ""', px)[0]) for text in (prompt_text(cube), target))
-        prompt = f'"{source}" → "{target}"'
-        facts = f"{cube.num_tokens} source x {len(cube.query_tokens)} target tokens · {scale_text}"
+        prompt = f'{source} → "{target}"' if described else f'"{source}" → "{target}"'
+        facts = f"{len(cube.query_tokens)} target tokens · {scale_text}" if described else \
+            f"{cube.num_tokens} source x {len(cube.query_tokens)} target tokens · {scale_text}"
         if cube.spec.site == DECODER:  # a decoder's decode steps (`capture_decode_sites`) read the target so far
             facts = f"{len(cube.query_tokens)} steps over {cube.num_tokens} target tokens · {scale_text}"
     elif pair is None:
-        prompt = f'"{fit_text(prompt_text(cube), px, room)}"'
+        prompt = fit_text(described, px, room) if described else f'"{fit_text(prompt_text(cube), px, room)}"'
     else:
         b, a = (fit_text(drawable(" ".join(text.split())), px, room / 2) for text in pair)
         prompt = f'B − A · B: "{b}" · A: "{a}"'

@@ -106,9 +106,22 @@ def model_name(source) -> str:
     return name.removesuffix(".gguf")
 
 
+def positions_text(cube) -> str | None:
+    """What a cube without a prompt reads where its positions are no text ("50 audio frames", "4 x 4 patches":
+    their labels say nothing a title should), else None."""
+    axis = getattr(cube, "key_axis", None)
+    if isinstance(cube.prompt, str) or axis is None:
+        return None
+    if axis.kind == "frames":
+        return f"{axis.length} audio frames"
+    if axis.kind == "patches" and axis.grids:
+        return " + ".join(f"{rows} x {cols} patches" for rows, cols in axis.grids)
+    return None
+
+
 def prompt_text(cube) -> str:
-    """The cube's prompt on one line (its tokens joined when it has no prompt)."""
-    prompt = cube.prompt if isinstance(cube.prompt, str) else None
+    """The cube's prompt on one line (its tokens joined when it has no prompt, or `positions_text`)."""
+    prompt = cube.prompt if isinstance(cube.prompt, str) else positions_text(cube)
     if prompt is None and cube.tokens:
         prompt = " ".join(str(t) for t in cube.tokens)
     return drawable(" ".join((prompt or "").split()))
