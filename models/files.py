@@ -89,13 +89,25 @@ def disk_full(path) -> InputError:
                       "directory (no half-written file was left).")
 
 
-def _check_folder(folder: Path) -> None:
+def _check_folder(folder: Path) -> list[Path]:
+    """Make `folder` (and its parents) where missing and check it is writable; the folders made, deepest first."""
+    made = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"output directory {folder} cannot be created ({error.strerror}); choose another directory.") from None
     if not os.access(folder, os.W_OK):
         raise InputError(f"output directory {folder} is not writable; choose another directory.")
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run made, deepest first, where nothing is left in them."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's files, a resumable run's parts) or gone
+            pass
 
 
 @contextmanager
@@ -191,23 +203,28 @@ def claim_outputs(paths, *, force: bool, resumable: bool = False):
     run is `resumable` (batch, atlas: its settings file stays with its parts for --resume)."""
     paths = [Path(p) for p in paths]
     check_distinct(paths)
-    for path in paths:
-        _check_folder(path.parent)
-    with ExitStack() as held:
-        for path in sorted(set(paths), key=lambda p: str(p.resolve())):
-            held.enter_context(_locked(path))
+    made = []  # the output folders this run makes: removed again where a refused or failed run leaves them empty
+    try:
         for path in paths:
-            check_writable(path, force=force)
-        before = {path: _identity(path) for path in paths}
-        try:
-            yield
-        except BaseException as error:
-            # a reader of stdout that left (`... | head`) stops only the summary: the outputs are complete
-            keep = resumable or isinstance(error, BrokenPipeError)
-            for path in [] if keep else paths:
-                if _identity(path) not in (None, before[path]):
-                    path.unlink(missing_ok=True)
-            raise
+            made += _check_folder(path.parent)
+        with ExitStack() as held:
+            for path in sorted(set(paths), key=lambda p: str(p.resolve())):
+                held.enter_context(_locked(path))
+            for path in paths:
+                check_writable(path, force=force)
+            before = {path: _identity(path) for path in paths}
+            try:
+                yield
+            except BaseException as error:
+                # a reader of stdout that left (`... | head`) stops only the summary: the outputs are complete
+                keep = resumable or isinstance(error, BrokenPipeError)
+                for path in [] if keep else paths:
+                    if _identity(path) not in (None, before[path]):
+                        path.unlink(missing_ok=True)
+                raise
+    except BaseException:
+        _remove_empty(sorted(set(made), key=lambda folder: len(folder.parts), reverse=True))  # their locks are gone
+        raise
 
 
 def check_distinct(paths) -> None:

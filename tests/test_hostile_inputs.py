@@ -599,3 +599,17 @@ def test_an_atlas_probe_too_long_for_the_model_is_refused_before_any_write(tmp_p
     code, lines = run_cli("atlas", prompts, "--model", "minilm-l6", "--out", out, "--probe-length", "1000000")
     assert code == 2 and len(lines) == 1 and "--probe-length 1000000" in lines[0], lines
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_a_refused_run_leaves_no_folder_it_made(tmp_path, capsys):
+    """A refusal after the outputs were claimed removes the output folders the run made (and only those that
+    are empty), so a mistyped command leaves nothing behind."""
+    from test_cli_sites import REVERSER
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for out in (tmp_path / "new" / "deeper", kept):  # the reverser is post-norm: direct attribution is refused
+        assert main(["attribute", "31415", "--model", str(REVERSER), "--out", str(out), "--quiet"]) == 2
+        assert "direct logit attribution" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert kept.is_dir() and not list(kept.iterdir())  # a folder that was there stays
