@@ -116,6 +116,9 @@ def test_grid_of_a_whisper_recording_equals_eager_attention_of_its_features(whis
         torch.testing.assert_close(cube.pattern, torch.stack(eager, 1)[0], atol=1e-5, rtol=0)
     cube = AttentionCube.load(tmp_path / "out" / f"{name}.cross.cube.safetensors")
     assert cube.key_axis.kind == "frames" and cube.num_keys == 50 and cube.query_tokens[1:] == ["the", "cat"]
+    from llm_heatmap.viz.labels import prompt_text
+
+    assert prompt_text(cube) == "50 audio frames"  # the title says what the source is, not f0 f1 f2 ...
 
 
 def test_audio_goes_only_to_a_model_that_reads_it(whisper_dir, tmp_path, capsys):

@@ -66,3 +66,8 @@ def test_the_cli_draws_its_grid_from_the_shipped_example(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
         ["toy_example.self.cube.safetensors", "toy_example.self.metrics.csv", "toy_example.self.png"]
+    from llm_heatmap.probes import AttentionCube
+    from llm_heatmap.viz.labels import prompt_text
+
+    cube = AttentionCube.load(tmp_path / "toy_example.self.cube.safetensors")
+    assert prompt_text(cube) == "[CLS] + 4 x 4 patches"  # its title, instead of "[CLS] r0,c0 r0,c1 ..."

@@ -115,7 +115,8 @@ def positions_text(cube) -> str | None:
     if axis.kind == "frames":
         return f"{axis.length} audio frames"
     if axis.kind == "patches" and axis.grids:
-        return " + ".join(f"{rows} x {cols} patches" for rows, cols in axis.grids)
+        specials = [axis.special[position] for position in sorted(axis.special)]
+        return " + ".join([*specials, *(f"{rows} x {cols} patches" for rows, cols in axis.grids)])
     return None
 
 
