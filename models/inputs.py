@@ -129,8 +129,10 @@ def _decoder_ids(model, tokenizer, inputs: dict, target: str | None) -> torch.Te
     if target is not None:
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]
         return torch.tensor([[start, *ids]])
-    if not hasattr(model, "generate") or getattr(model, "lm_head", None) is None:
+    if not hasattr(model, "generate") or model.get_output_embeddings() is None:
         raise InputError(f"{type(model).__name__} has no language-model head to generate the decoder's text; "
                          "give the target.")
+    positions = getattr(model.config, "max_target_positions", None)  # Whisper's decoder holds fewer than 64 + 1
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=MAX_GENERATED, do_sample=False, num_beams=1)
+        return model.generate(**inputs, max_new_tokens=min(MAX_GENERATED, (positions or MAX_GENERATED + 1) - 1),
+                              do_sample=False, num_beams=1)

@@ -147,3 +147,14 @@ def test_audio_for_a_text_model_is_refused(tmp_path, capsys):
     assert main(["grid", "--audio", str(recording), "--model", str(REVERSER), "--out", str(tmp_path / "out"),
                  "--quiet"]) == 2
     assert "audio was given, but BartForConditionalGeneration reads no audio; drop --audio." in capsys.readouterr().err
+
+
+def test_without_a_target_the_decoder_reads_what_the_model_generates_within_its_positions(whisper_dir, tmp_path):
+    """Greedy generation stops where the decoder's positions end (32 here, fewer than the 64 tokens allowed)."""
+    from llm_heatmap.probes import AttentionCube
+
+    recording = write_wav(tmp_path / "hello.wav", tone())
+    assert main(["grid", "--audio", str(recording), "--model", str(whisper_dir), "--out", str(tmp_path / "out"),
+                 "--site", "cross", "--quiet"]) == 0
+    cube = AttentionCube.load(tmp_path / "out" / f"{whisper_dir.name}_hello.cross.cube.safetensors")
+    assert 1 < len(cube.query_tokens) <= 32 and cube.num_keys == 50
