@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--heads", help="heads to record, e.g. 0-3 (default all)")
     parser.add_argument("--html", action="store_true", help="also write the decode view NAME.decode.html")
     options.add_site_option(parser, "an encoder-decoder's decoder and cross; the encoder does not step")
+    parser.add_argument("--audio", type=Path, metavar="WAV", help="a speech encoder-decoder's recording (Whisper) as "
+                        "the source, instead of PROMPT: a PCM WAV file at its feature extractor's sample rate")
     options.add_output_options(parser)
     options.add_json_option(parser)
 
@@ -44,14 +46,15 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
 
-    prompt = options.read_prompt(args)
+    prompt = options.read_prompt(args, optional=args.audio is not None)
+    options.check_site_options(args)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {args.max_new_tokens} must be at least 1.")
     if args.temperature is not None and (not args.do_sample or args.temperature <= 0):
         raise InputError("--temperature sets the sampling temperature: give a positive value together with --do-sample.")
     layers, heads = options.parse_indices(args.layers, "--layers"), options.parse_indices(args.heads, "--heads")
     options.check_model_indices(args.model, layers, heads)
-    name = options.base_name(args, prompt)
+    name = options.base_name(args, prompt) + (f"_{options.slug(args.audio.stem, 24)}" if prompt is None else "")
     if args.site is not None:  # an encoder-decoder's one site: its files are known, and claimed, before the load
         check_step_site(args.site)
         paths = site_paths(args, name, [args.site])
@@ -94,6 +97,8 @@ def _run(args, prompt: str, layers, heads, paths: dict[str, Path] | None, name: 
     model, tokenizer, spec = load(args)
     if getattr(model.config, "is_encoder_decoder", False):
         return _run_sites(args, model, tokenizer, prompt, layers, heads, name, step, claimed_sites)
+    if args.audio is not None:
+        raise InputError(f"audio was given, but {type(model).__name__} reads no audio; drop --audio.")
     if args.site is not None:
         raise InputError(f"--site picks the decoder or cross site of an encoder-decoder, and {args.model} "
                          f"({type(model).__name__}) is a decoder-only model with one site; drop --site.")
@@ -125,12 +130,13 @@ def _run(args, prompt: str, layers, heads, paths: dict[str, Path] | None, name: 
     return 0
 
 
-def _run_sites(args, model, tokenizer, prompt: str, layers, heads, name: str, step, claimed: dict | None) -> int:
+def _run_sites(args, model, tokenizer, prompt: str | None, layers, heads, name: str, step, claimed: dict | None) -> int:
     """An encoder-decoder: the decode steps of the decoder and cross sites (or --site's), one grid and cube each
     (`claimed`: the files of --site, claimed before the load)."""
     import torch
 
     from llm_heatmap.analyses.heads.cross_metrics import cross_metrics
+    from llm_heatmap.models.audio import reads_audio
     from llm_heatmap.models.files import atomic_output, claim_outputs
     from llm_heatmap.probes.decode_sites import capture_decode_sites
     from llm_heatmap.viz import save_grid
@@ -139,13 +145,15 @@ def _run_sites(args, model, tokenizer, prompt: str, layers, heads, name: str, st
         raise InputError(f"--html and --chat follow a decoder-only model, and {args.model} ({type(model).__name__}) "
                          "is an encoder-decoder (its steps are drawn in NAME.decoder.decode.png and "
                          "NAME.cross.decode.png); drop them.")
+    source = {"input_features": _audio_features(args, model, prompt)} if args.audio is not None or reads_audio(model) \
+        else prompt
     paths = claimed or site_paths(args, name, list(STEP_SITES))
     sampling = {"do_sample": True, **({"temperature": args.temperature} if args.temperature else {})} \
         if args.do_sample else {"do_sample": False}
     with claim_outputs([] if claimed else [p for group in paths.values() for p in group.values()], force=args.force):
         step("generating")
         torch.manual_seed(args.seed)
-        steps = capture_decode_sites(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, sites=list(paths),
+        steps = capture_decode_sites(model, tokenizer, source, max_new_tokens=args.max_new_tokens, sites=list(paths),
                                      layers=layers, heads=heads, source=str(args.model), **sampling)
         step("writing")
         text = tokenizer.decode(steps.generated)
@@ -172,3 +180,16 @@ def _run_sites(args, model, tokenizer, prompt: str, layers, heads, name: str, st
     emit(args, lines, {"model": str(args.model), "generated": text, "steps": steps.num_steps,
                        "files": {site: {k: str(v) for k, v in group.items()} for site, group in paths.items()}})
     return 0
+
+
+def _audio_features(args, model, prompt: str | None):
+    """--audio as the encoder's `input_features`, through the model's feature extractor (checked as `grid` checks
+    it: a model that reads audio, a recording and no prompt)."""
+    from llm_heatmap.models import site_specs
+    from llm_heatmap.models.audio import audio_features, load_feature_extractor, read_wav
+    from llm_heatmap.models.inputs import check_site_inputs
+
+    extractor = load_feature_extractor(args.model, trust_remote_code=args.trust_remote_code)
+    audio = None if args.audio is None else read_wav(args.audio)
+    check_site_inputs(model, extractor, site_specs(model), prompt=prompt, audio=audio)
+    return audio_features(extractor, *audio, where=f"--audio {args.audio}")

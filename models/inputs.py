@@ -97,7 +97,7 @@ def _check_audio_inputs(model, processor, prompt, audio, refuse) -> None:
         raise InputError(f"audio was given, but {name} reads no audio; drop --audio.")
     if audio is None:
         raise refuse(f"{name} reads audio (its encoder's input_features), not text; give a recording with --audio "
-                     "PATH.wav (and the decoder's text, if you like, with --target).",
+                     "PATH.wav.",
                      f"is text, but {name} reads audio, which prompt files do not name yet; capture it with "
                      "`grid --audio PATH.wav`.")
     if prompt is not None:

@@ -158,3 +158,18 @@ def test_without_a_target_the_decoder_reads_what_the_model_generates_within_its_
                  "--site", "cross", "--quiet"]) == 0
     cube = AttentionCube.load(tmp_path / "out" / f"{whisper_dir.name}_hello.cross.cube.safetensors")
     assert 1 < len(cube.query_tokens) <= 32 and cube.num_keys == 50
+
+
+def test_generate_follows_a_recordings_decode_steps(whisper_dir, tmp_path, capsys):
+    from llm_heatmap.probes import AttentionCube
+
+    recording = write_wav(tmp_path / "hello.wav", tone())
+    out = tmp_path / "out"
+    assert main(["generate", "--audio", str(recording), "--model", str(whisper_dir), "--out", str(out),
+                 "--max-new-tokens", "4", "--quiet"]) == 0
+    cross = AttentionCube.load(out / f"{whisper_dir.name}_hello.cross.decode.cube.safetensors")
+    assert cross.num_keys == 50 and len(cross.query_tokens) == 4 and cross.key_axis.kind == "frames"
+    torch.testing.assert_close(cross.pattern.sum(-1), torch.ones(2, 4, 4), atol=1e-5, rtol=0)
+    assert main(["generate", "the cat", "--model", str(whisper_dir), "--out", str(tmp_path / "text"), "--quiet"]) == 2
+    assert "reads audio (its encoder's input_features), not text" in capsys.readouterr().err
+    assert not (tmp_path / "text").exists()
