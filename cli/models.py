@@ -13,7 +13,9 @@ from .run import load
 def register(subparsers) -> None:
     parser = options.add_command(
         subparsers, "models", run, summary="list the offline models, or print the spec of a model source",
-        description="List the offline models (installed or not) with their specs, or print the spec of SOURCE.",
+        description="List the offline models (installed or not) with their specs, or print the spec of SOURCE (of "
+        "each attention site for a model with several: an encoder-decoder, a dual encoder, a VLM; with --json an "
+        "object keyed by site).",
         example="example: llm-heatmap models smollm2-135m --json")
     parser.add_argument("source", nargs="?", help="offline model name, local directory, .gguf file or hub id")
     options.add_json_option(parser, help="print JSON instead of text")
@@ -22,8 +24,17 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     if args.source:
-        spec = load(args, args.source)[2]
-        print(json.dumps(spec.to_dict(), indent=2) if args.json else f"{args.source}: {spec.summary}")
+        from llm_heatmap.models import site_specs
+
+        model, _, spec = load(args, args.source)
+        specs = site_specs(model)
+        if len(specs) < 2:
+            print(json.dumps(spec.to_dict(), indent=2) if args.json else f"{args.source}: {spec.summary}")
+        elif args.json:
+            print(json.dumps({site: site_spec.to_dict() for site, site_spec in specs.items()}, indent=2))
+        else:
+            print(f"{args.source}: {len(specs)} attention sites")
+            print("\n".join(f"  {site}: {site_spec.summary}" for site, site_spec in specs.items()))
         return 0
     rows = []
     for name, offline in OFFLINE_MODELS.items():

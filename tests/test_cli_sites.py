@@ -3,6 +3,7 @@ processor), source and --target for the trained digit-reverser BART, --site, and
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -300,3 +301,13 @@ def test_batch_per_site_with_images_named_in_the_prompt_file(clip_dir, reverser_
     prompts.write_text('{"prompt": "a cat", "image": "dog.png"}\n')
     assert run("batch", prompts, "--model", clip_dir, "--out", tmp_path / "missing") == 2
     assert "dog.png, which does not exist" in capsys.readouterr().err
+
+
+def test_models_prints_the_spec_of_every_site(capsys):
+    assert main(["models", str(REVERSER)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{REVERSER}: 3 attention sites", "  encoder: dense encoder, MHA 2q:2kv x 2 layers",
+                     "  decoder: dense decoder, MHA 2q:2kv x 2 layers", "  cross: dense cross, MHA 2q:2kv x 2 layers"]
+    assert main(["models", str(REVERSER), "--json"]) == 0
+    specs = json.loads(capsys.readouterr().out)
+    assert list(specs) == ["encoder", "decoder", "cross"] and specs["decoder"]["causal"] is True
