@@ -6,7 +6,7 @@ from pathlib import Path
 
 from llm_heatmap.errors import InputError
 
-from . import options
+from . import options, sites
 from .run import Steps, emit, load
 
 EXAMPLE = """examples:
@@ -43,7 +43,7 @@ def run(args) -> int:
     from llm_heatmap.models.files import claim_outputs
 
     if args.cube is None:
-        prompt = options.read_prompt(args)
+        prompt = options.read_prompt(args, optional=bool(args.image or args.audio))
     elif args.prompt is not None or args.prompt_file is not None:
         raise InputError("give either PROMPT (or --prompt-file) or --cube, not both.")
     else:
@@ -60,8 +60,9 @@ def run(args) -> int:
         options.check_model_indices(args.model, [args.layer], None if args.head is None else [args.head],
                                     flags=("--layer", "--head"))
     site = f".{args.site}" if args.site else ""
-    name = options.plain_name(args.name) or \
-        f"{options.base_name(args, prompt)}{site}.qk-L{args.layer}{which}.{args.method}"
+    run_name = options.base_name(args, prompt)  # and an image's or a recording's file name without a prompt
+    run_name = run_name if args.cube is not None else sites.runs(args, prompt, run_name)[0][0]
+    name = options.plain_name(args.name) or f"{run_name}{site}.qk-L{args.layer}{which}.{args.method}"
     path = args.out / f"{name}.png"
     with claim_outputs([path], force=args.force):
         return _run(args, prompt, path)
@@ -82,8 +83,6 @@ def _run(args, prompt: str, path: Path) -> int:
     else:
         model, tokenizer, spec = load(args)
         from llm_heatmap.models import site_specs
-
-        from . import sites
 
         specs = site_specs(model)
         if sites.wants_sites(args, specs):  # one site's layer: a cross site's queries are the target's, its keys the source's

@@ -173,3 +173,10 @@ def test_generate_follows_a_recordings_decode_steps(whisper_dir, tmp_path, capsy
     assert main(["generate", "the cat", "--model", str(whisper_dir), "--out", str(tmp_path / "text"), "--quiet"]) == 2
     assert "reads audio (its encoder's input_features), not text" in capsys.readouterr().err
     assert not (tmp_path / "text").exists()
+
+
+def test_qk_map_of_a_recordings_encoder_layer(whisper_dir, tmp_path):
+    recording = write_wav(tmp_path / "hello.wav", tone())
+    assert main(["qk-map", "--audio", str(recording), "--model", str(whisper_dir), "--site", "encoder", "--layer", "0",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{whisper_dir.name}_hello.encoder.qk-L0.pca.png"]

@@ -311,3 +311,8 @@ def test_models_prints_the_spec_of_every_site(capsys):
     assert main(["models", str(REVERSER), "--json"]) == 0
     specs = json.loads(capsys.readouterr().out)
     assert list(specs) == ["encoder", "decoder", "cross"] and specs["decoder"]["causal"] is True
+
+
+def test_qk_map_of_a_vit_reads_its_image_without_a_prompt(vit_dir, picture, tmp_path):
+    assert run("qk-map", "--image", picture, "--model", vit_dir, "--layer", "1", "--out", tmp_path) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == [f"{vit_dir.name}_cat.qk-L1.pca.png"]
