@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -191,8 +192,32 @@ def claim_outputs(paths, *, force: bool, resumable: bool = False):
     run is `resumable` (batch, atlas: its settings file stays with its parts for --resume)."""
     paths = [Path(p) for p in paths]
     check_distinct(paths)
-    for path in paths:
-        _check_folder(path.parent)
+    made = _missing_folders(path.parent for path in paths)
+    try:
+        for path in paths:
+            _check_folder(path.parent)
+        with _held(paths, force=force, resumable=resumable):
+            yield
+    except BaseException:
+        for folder in made:  # deepest first; only an empty folder goes (a refused run leaves none behind)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _missing_folders(folders) -> list[Path]:
+    """The folders (and their absent parents) that do not exist yet, deepest first."""
+    missing = set()
+    for folder in folders:
+        folder = Path(folder).absolute()
+        while not folder.exists() and folder != folder.parent:
+            missing.add(folder)
+            folder = folder.parent
+    return sorted(missing, key=lambda f: len(f.parts), reverse=True)
+
+
+@contextmanager
+def _held(paths: list[Path], *, force: bool, resumable: bool):
     with ExitStack() as held:
         for path in sorted(set(paths), key=lambda p: str(p.resolve())):
             held.enter_context(_locked(path))
