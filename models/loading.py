@@ -258,7 +258,8 @@ def load_processor(source: str | os.PathLike, *, trust_remote_code: bool = False
 
 
 def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_implementation, progress):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoModelForSeq2SeqLM)
 
     name, local = resolve_source(source, progress=progress)
     common = {"trust_remote_code": trust_remote_code}
@@ -284,7 +285,10 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
     # an encoder-decoder keeps its LM head, so that the CLI can generate its decoder input greedily
     seq2seq = getattr(config, "is_encoder_decoder", False) and any(a.endswith("ForConditionalGeneration")
                                                                    for a in architectures)
-    auto = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM if seq2seq else AutoModel
+    # an image classifier keeps its head, so that an ablation can score its predicted class
+    classifier = any(a.endswith("ForImageClassification") for a in architectures)
+    auto = (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM if seq2seq
+            else AutoModelForImageClassification if classifier else AutoModel)
     kwargs = {"dtype": parse_dtype(dtype) or (None if quantize else torch.float32)}
     if device_map is not None:
         kwargs["device_map"] = device_map
