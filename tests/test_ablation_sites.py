@@ -274,3 +274,26 @@ def test_knockout_and_attribution_name_what_the_model_is(reverser, shape_vit):
         knockout_effect(model, tokenizer, "31415", [Edges(layers=[0], queries=[1], keys=[0])])
     with pytest.raises(InputError, match=r"^ViTForImageClassification is an image classifier, and direct logit "):
         logit_attribution(shape_vit, input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+# the atlas's importance columns on a site
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_the_cross_atlas_of_the_reverser_carries_each_heads_ablation(reverser, mode, tmp_path):
+    from llm_heatmap.analyses.atlas.run import run_atlas
+    from llm_heatmap.analyses.importance.site_ablation import record_inputs, site_mean_head_outputs
+
+    model, tokenizer = reverser
+    file = tmp_path / "p.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "31415", "target": "51413"},
+                                                          {"prompt": "27182", "target": "28172"}]))
+    prompts = read_prompts(file)
+    run_atlas({"rev": str(REVERSER)}, prompts, tmp_path / "out", site="cross", ablation=mode, probe_length=0,
+              n_resamples=50, quiet=True)
+    spec = spec_from_model(model, "cross")
+    inputs = [record_inputs(model, tokenizer, None, p) for p in prompts]
+    means = site_mean_head_outputs(model, inputs, spec) if mode == "mean" else None
+    expected = np.mean([site_head_ablation_rows(model, i, spec=spec, means=means).delta_log_prob for i in inputs], 0)
+    heads = pd.read_parquet(tmp_path / "out" / "heads.parquet").sort_values(["layer", "head"])
+    np.testing.assert_allclose(heads["ablation_delta_log_prob_mean"].to_numpy(), expected, atol=1e-5)
