@@ -84,7 +84,7 @@ def _run(args, prompts, shard) -> int:
         return 0
     importance = result.importance
     files = [args.out / f"ablation{shard_suffix(shard)}.parquet"]
-    scored = {None: "the predicted token", "target": "the target", "class": "the predicted class"}[_scored(result)]
+    scored = {"next token": "the predicted token", "target": "the target", "class": "the predicted class"}[result.scored]
     if shard is None:
         files.append(write_table(importance, args.out / "importance.csv", force=True))
         site = f"{args.site} site, " if args.site else ""
@@ -98,15 +98,9 @@ def _run(args, prompts, shard) -> int:
               for r in top.itertuples()]
     lines = [f"{args.model}: {spec.summary}",
              f"{args.mode} ablation of {len(importance)} heads on {importance['n_prompts'].iloc[0]} prompts; "
-             f"largest drops in log p of {'the prediction' if _scored(result) is None else scored}: " + ", ".join(listed),
+             f"largest drops in log p of {'the prediction' if result.scored == 'next token' else scored}: "
+             + ", ".join(listed),
              "wrote " + ", ".join(map(str, files))]
     emit(args, lines, {"model": str(args.model), "spec": spec.summary, "mode": args.mode, "largest_drops": listed,
                        "files": [str(p) for p in files]})
     return 0
-
-
-def _scored(result) -> str | None:
-    """What the rows scored: None (a decoder LM's next token), "target" (an encoder-decoder's) or "class"."""
-    if "n_target_tokens" not in result.rows:
-        return None
-    return "class" if (result.rows["target_id"] >= 0).all() else "target"

@@ -201,10 +201,12 @@ def head_ablation_rows(model: nn.Module, input_ids: torch.Tensor, *, spec, means
 class HeadAblation:
     """A head ablation over a prompt set: `rows` (one per prompt x head, `head_ablation_rows` behind the run's
     prompt columns) and `importance` (one per head: the mean `delta_log_prob` and `delta_loss` over the prompts,
-    each with a bootstrap interval)."""
+    each with a bootstrap interval); `scored`: what the log-probability is of ("next token", or on a site
+    `site_ablation.TARGET` or `site_ablation.CLASS`)."""
 
     rows: pd.DataFrame
     importance: pd.DataFrame
+    scored: str = "next token"
 
     def _repr_html_(self) -> str:
         from llm_heatmap.notebook import tables_html
@@ -278,20 +280,18 @@ def run_head_ablation(model: nn.Module, tokenizer, prompts, out_dir: str | Path,
 
 
 def _through_sites(model: nn.Module) -> bool:
-    """Whether `model` is ablated on one of its sites: it has more than one plain self-attention stack, or reads
+    """Whether `model` is ablated on one of its sites: it has sites other than one self-attention stack, or reads
     images (a decoder-only LM and a BERT have one stack, read from the prompt's tokens)."""
     from llm_heatmap.models.loading import reads_images
     from llm_heatmap.models.sites import SELF, find_sites
 
-    config = getattr(model, "config", None)
-    return not set(find_sites(model)) <= {SELF} or reads_images(config) or bool(
-        getattr(config, "is_encoder_decoder", False))
+    return not set(find_sites(model)) <= {SELF} or reads_images(getattr(model, "config", None))
 
 
 def _run_site_ablation(model, tokenizer, prompts, out_dir, *, spec, source, chat, mode, bootstrap, run, site,
                        processor) -> HeadAblation | None:
     from llm_heatmap.analyses.runs.engine import RunOptions, run_per_prompt
-    from llm_heatmap.analyses.runs.sites import check_site_run, resolve_site
+    from llm_heatmap.analyses.runs.sites import check_site_run, record_lengths, resolve_site
 
     from .site_ablation import record_inputs, site_head_ablation_rows, site_mean_head_outputs, site_output
 
@@ -301,6 +301,7 @@ def _run_site_ablation(model, tokenizer, prompts, out_dir, *, spec, source, chat
     if not prompts:
         raise InputError("head ablation needs at least one prompt; pass prompts, e.g. read_prompts('prompts.txt').")
     check_site_run(model, processor, resolved, prompts, chat=chat, name=name)
+    record_lengths(tokenizer, resolved.spec, prompts)
     means = None
     if mode == "mean":
         means = site_mean_head_outputs(model, [record_inputs(model, tokenizer, processor, p) for p in prompts],
@@ -316,4 +317,4 @@ def _run_site_ablation(model, tokenizer, prompts, out_dir, *, spec, source, chat
     if not record.ranks.is_main:
         return None
     rows = record.tables(record.sections[0])
-    return HeadAblation(rows=rows, importance=ablation_importance(rows, bootstrap))
+    return HeadAblation(rows=rows, importance=ablation_importance(rows, bootstrap), scored=output)
