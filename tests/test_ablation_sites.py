@@ -309,3 +309,17 @@ def test_one_head_of_the_shape_vits_first_layer_carries_its_class(shape_vit):
     drops = rows.groupby(["layer", "head"]).delta_log_prob.agg(["mean", "min"])
     assert drops["mean"].idxmin() == (0, 0) and drops.loc[(0, 0), "min"] < -1
     assert (drops.drop(index=(0, 0))["min"] > -0.1).all()
+
+
+def test_a_failed_claim_removes_the_empty_folders_it_made_and_nothing_else(tmp_path):
+    from llm_heatmap.models.files import claim_outputs
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(InputError, match="refused"), claim_outputs([tmp_path / "kept" / "a" / "b" / "x.csv"], force=False):
+        assert (tmp_path / "kept" / "a" / "b").is_dir()
+        raise InputError("refused.")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not list((tmp_path / "kept").iterdir())
+    with pytest.raises(InputError, match="refused"), claim_outputs([tmp_path / "new" / "x.csv"], force=False):
+        (tmp_path / "new" / "notes.txt").write_text("written by someone else")
+        raise InputError("refused.")
+    assert (tmp_path / "new" / "notes.txt").exists()
