@@ -8,7 +8,9 @@ from .run import emit, launched, load, progress_off
 EXAMPLE = """examples:
   llm-heatmap ablate prompts.txt --out runs/ablation/                 # zero ablation
   llm-heatmap ablate prompts.txt --out runs/ablation/ --mode mean     # each head's mean output over the prompts
-  llm-heatmap ablate prompts.txt --out runs/ablation/ --resume        # after an interruption"""
+  llm-heatmap ablate prompts.txt --out runs/ablation/ --resume        # after an interruption
+  llm-heatmap ablate digits.jsonl --model examples/toy_models/digit-reverser --site cross --out runs/rev/
+  llm-heatmap ablate pictures.jsonl --model examples/toy_models/shape-vit --out runs/vit/   # {"image": "a.png"}"""
 
 FILES = ("ablation.parquet", "importance.csv", "importance.png")
 
@@ -22,11 +24,16 @@ def register(subparsers) -> None:
         "and in the prompt's mean next-token loss (delta_loss). Writes OUT/ablation.parquet (one row per prompt x "
         "head), OUT/importance.csv (per head: the mean change over the prompts with a bootstrap interval) and "
         "OUT/importance.png (the mean delta_log_prob per head). Resumable (--resume), shardable (--shard i/n) and "
-        "data-parallel under torchrun or accelerate launch, like batch. Decoders with an LM head only.",
+        "data-parallel under torchrun or accelerate launch, like batch. A decoder-only LM is scored by its next token; "
+        "an encoder-decoder (--site encoder, decoder or cross; records give their target, else the greedy output) by "
+        "the teacher-forced log p of the target, summed over its tokens, and the mean loss per target token; an "
+        "image classifier (records give their image) by log p of the class it predicts.",
         example=EXAMPLE)
     options.add_prompt_set_options(parser, "FILE")
     parser.add_argument("--mode", choices=("zero", "mean"), default="zero",
                         help="what replaces a head's output: zero (default) or its mean over the prompt set")
+    parser.add_argument("--site", help="the attention site whose heads are ablated: encoder, decoder or cross of an "
+                        "encoder-decoder (needed there), vision of an image classifier; a decoder-only LM has one, self")
     options.add_bootstrap_options(parser)
     options.add_model_options(parser)
     options.add_run_options(parser)
@@ -38,6 +45,7 @@ def run(args) -> int:
     from llm_heatmap.analyses.runs.prompts import parse_shard, read_prompts
 
     check_statistics(n_resamples=args.resamples, confidence=args.confidence)
+    options.check_site_options(args)
     shard = None if args.shard is None else parse_shard(args.shard)
     prompts = read_prompts(args.file, column=args.column)
     outputs = [args.out / name for name in FILES[1:]] if shard is None else []
@@ -59,20 +67,32 @@ def _run(args, prompts, shard) -> int:
     ranks = launched(args)
     try:
         model, tokenizer, spec = load(args, device=ranks.device())
+        processor = None
+        if any(p.image is not None for p in prompts):
+            from llm_heatmap.models.loading import load_processor
+
+            processor = load_processor(args.model, trust_remote_code=args.trust_remote_code)
         with torch.no_grad():
             result = run_head_ablation(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model),
                                        chat=args.chat, mode=args.mode, bootstrap=Bootstrap(args.resamples, args.confidence),
                                        run=RunOptions(shard=shard, resume=args.resume, force=args.force,
-                                                      quiet=progress_off(args), ranks=ranks))
+                                                      quiet=progress_off(args), ranks=ranks),
+                                       site=args.site, processor=processor)
+        if args.site not in (None, "self", "vision"):  # an encoder-decoder's site has its own spec
+            from llm_heatmap.models import spec_from_model
+
+            spec = spec_from_model(model, args.site)
     finally:
         ranks.close()
     if result is None:
         return 0
     importance = result.importance
     files = [args.out / f"ablation{shard_suffix(shard)}.parquet"]
+    scored = {"next token": "the predicted token", "target": "the target", "class": "the predicted class"}[result.scored]
     if shard is None:
         files.append(write_table(importance, args.out / "importance.csv", force=True))
-        title = (f"{args.mode} ablation: mean change in log p of the predicted token over {len(prompts)} prompt"
+        site = f"{args.site} site, " if args.site else ""
+        title = (f"{site}{args.mode} ablation: mean change in log p of {scored} over {len(prompts)} prompt"
                  f"{'s' * (len(prompts) != 1)}")
         with atomic_output(args.out / "importance.png", force=True) as temp:
             save_figure(plot_metric_map(importance, "delta_log_prob", center=0.0, title=title), temp)
@@ -82,7 +102,8 @@ def _run(args, prompts, shard) -> int:
               for r in top.itertuples()]
     lines = [f"{args.model}: {spec.summary}",
              f"{args.mode} ablation of {len(importance)} heads on {importance['n_prompts'].iloc[0]} prompts; "
-             "largest drops in log p of the prediction: " + ", ".join(listed),
+             f"largest drops in log p of {'the prediction' if result.scored == 'next token' else scored}: "
+             + ", ".join(listed),
              "wrote " + ", ".join(map(str, files))]
     emit(args, lines, {"model": str(args.model), "spec": spec.summary, "mode": args.mode, "largest_drops": listed,
                        "files": [str(p) for p in files]})

@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     options.add_retrieval_probe_option(atlas)
     atlas.add_argument("--ablation", choices=("zero", "mean"), help="also ablate every head alone on every prompt "
                        "(its output zero, or its mean over the prompts) and add the importance columns "
-                       "ablation_delta_log_prob and ablation_delta_loss (decoders with an LM head; as `ablate`)")
+                       "ablation_delta_log_prob and ablation_delta_loss (as `ablate`: a decoder LM, or a site of an "
+                       "encoder-decoder or an image classifier)")
     options.add_pseudo_group_option(atlas)
     options.add_bootstrap_options(atlas)
     options.add_permutation_options(atlas, default=1000, help="head-grouping permutations per layer")

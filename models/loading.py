@@ -258,7 +258,8 @@ def load_processor(source: str | os.PathLike, *, trust_remote_code: bool = False
 
 
 def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_implementation, progress):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
+                              AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq)
     from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
 
     name, local = resolve_source(source, progress=progress)
@@ -286,8 +287,10 @@ def _load_model(source, *, dtype, device_map, quantize, trust_remote_code, attn_
     seq2seq = getattr(config, "is_encoder_decoder", False) and any(a.endswith("ForConditionalGeneration")
                                                                    for a in architectures)
     speech = seq2seq and config.model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES  # Whisper: audio in, text out
-    auto = AutoModelForCausalLM if causal else AutoModelForSpeechSeq2Seq if speech else \
-        AutoModelForSeq2SeqLM if seq2seq else AutoModel
+    # an image classifier keeps its head, so that an ablation can score its predicted class
+    classifier = any(a.endswith("ForImageClassification") for a in architectures)
+    auto = (AutoModelForCausalLM if causal else AutoModelForSpeechSeq2Seq if speech else AutoModelForSeq2SeqLM if seq2seq
+            else AutoModelForImageClassification if classifier else AutoModel)
     kwargs = {"dtype": parse_dtype(dtype) or (None if quantize else torch.float32)}
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -244,11 +244,15 @@ def test_records_without_what_the_site_reads_are_refused_before_the_model_loads(
     assert not (tmp_path / "out").exists()
 
 
-def test_ablation_of_another_site_is_refused_before_the_model_loads(tmp_path, capsys):
-    file = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "12345", "target": "54321"}])
-    assert atlas(file, tmp_path / "no-such-model", tmp_path / "out", "--site", "cross", "--ablation", "zero") == 2
-    assert "ablation measures a decoder LLM's prediction through its one stack, and --site 'cross' is not it" in \
-        capsys.readouterr().err
+def test_ablation_of_a_site_with_no_output_to_score_is_refused(clip_dir, tmp_path, capsys):
+    """A site's ablation scores an encoder-decoder's target or an image classifier's class (its agreement with a
+    hand-edited W_O is tests/test_ablation_sites.py); CLIP's towers output neither."""
+    write_images(tmp_path)
+    file = write_jsonl(tmp_path / "p.jsonl", CAPTIONS)
+    assert atlas(file, clip_dir, tmp_path / "out", "--site", "text", "--ablation", "zero") == 2
+    error = capsys.readouterr().err
+    assert "CLIPModel has no classification head and no LM head, so an ablation has no class or token probability " \
+        "to change" in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -142,7 +142,7 @@ class _ModelParts(Section):
         counts = _check_fits(site.spec, tokenizer, self.prompts, self.options["chat"], self.max_bytes, self.name,
                              probe_length)
         if self.ablation is not None:
-            self.ablation.prepare(model, tokenizer, site.spec, self.options["chat"], self.name)
+            self.ablation.prepare(model, tokenizer, site, processor, self.options["chat"], self.name)
         return counts
 
     def open(self, share, ranks):
@@ -169,7 +169,7 @@ class _ModelParts(Section):
             {"divergence": measured.divergence, "thumbnails": measured.thumbnails}, str(temp)))
         if self.ablation is None:
             return measured.heads
-        return measured.heads.merge(self.ablation.columns(model, tokenizer, spec, prompt.text, self.options["chat"]),
+        return measured.heads.merge(self.ablation.columns(model, tokenizer, site, processor, prompt, self.options["chat"]),
                                     on=["layer", "head"], how="left")
 
     def close(self) -> None:
@@ -178,19 +178,30 @@ class _ModelParts(Section):
 
 class Ablation:
     """The atlas's importance columns: every head ablated alone on each prompt ("zero", or "mean": its mean
-    output over every prompt of the run, computed once per model when it loads)."""
+    output over every prompt of the run, computed once per model when it loads). A decoder LLM's prediction is
+    scored through its one stack; the site of an encoder-decoder or an image classifier by that model's output
+    (`importance.site_ablation`)."""
 
     def __init__(self, mode: str, prompts: list[Prompt]):
         from llm_heatmap.analyses.importance.ablation import ABLATION_MODES
 
         if mode not in ABLATION_MODES:
             raise InputError(f"ablation={mode!r} is not an ablation mode; use one of {', '.join(ABLATION_MODES)}.")
-        self.mode, self.prompts, self.means = mode, prompts, None
+        self.mode, self.prompts, self.means, self.output = mode, prompts, None, None
 
-    def prepare(self, model, tokenizer, spec, chat: bool, name: str) -> None:
+    def prepare(self, model, tokenizer, site, processor, chat: bool, name: str) -> None:
         from llm_heatmap.analyses.importance.ablation import mean_head_outputs
         from llm_heatmap.probes.capture import encode_prompt
 
+        spec = site.spec
+        if site.through_sites:
+            from llm_heatmap.analyses.importance.site_ablation import record_inputs, site_mean_head_outputs, site_output
+
+            self.output = site_output(model)
+            if self.mode == "mean":
+                self.means = site_mean_head_outputs(
+                    model, [record_inputs(model, tokenizer, processor, p) for p in self.prompts], spec)
+            return
         if not spec.causal or model.get_output_embeddings() is None:
             raise InputError(f"ablation needs decoders with an LM head, and {name} has none; leave it out of this atlas "
                              "or drop the ablation.")
@@ -198,11 +209,18 @@ class Ablation:
             self.means = mean_head_outputs(model, [encode_prompt(tokenizer, p.text, chat=chat)[0] for p in self.prompts],
                                            spec)
 
-    def columns(self, model, tokenizer, spec, text: str, chat: bool) -> pd.DataFrame:
+    def columns(self, model, tokenizer, site, processor, prompt: Prompt, chat: bool) -> pd.DataFrame:
         from llm_heatmap.analyses.importance.ablation import head_ablation_rows
         from llm_heatmap.probes.capture import encode_prompt
 
-        rows = head_ablation_rows(model, encode_prompt(tokenizer, text, chat=chat)[0], spec=spec, means=self.means)
+        if site.through_sites:
+            from llm_heatmap.analyses.importance.site_ablation import record_inputs, site_head_ablation_rows
+
+            rows = site_head_ablation_rows(model, record_inputs(model, tokenizer, processor, prompt), spec=site.spec,
+                                           output=self.output, means=self.means)
+        else:
+            rows = head_ablation_rows(model, encode_prompt(tokenizer, prompt.text, chat=chat)[0], spec=site.spec,
+                                      means=self.means)
         return rows[["layer", "head", "delta_log_prob", "delta_loss"]].rename(
             columns={"delta_log_prob": "ablation_delta_log_prob", "delta_loss": "ablation_delta_loss"})
 
@@ -322,7 +340,8 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     retrieval probe's needle prompts (`retrieval_head_scores`, five depths each; empty skips it).
     `ablation` ("zero" or "mean"; None skips it): every head ablated alone on every prompt
     (`importance.ablation.head_ablation_rows`), its change in log p of the prediction and in the loss as the
-    per-prompt columns `ablation_delta_log_prob` and `ablation_delta_loss` (decoders with an LM head only).
+    per-prompt columns `ablation_delta_log_prob` and `ablation_delta_loss` (a decoder LLM's prediction; on a site of an
+    encoder-decoder or an image classifier, its target or its predicted class: `importance.site_ablation`).
     `shard`, `resume`, `force`, `ranks`: as in `run_batch`. `on_prompt(model_name, prompt)` runs after each finished prompt. The options come
     in three groups, `options` (`AtlasOptions`), `bootstrap` (`stats.Bootstrap`: n_resamples, confidence,
     seed) and `run` (`RunOptions`: shard, resume, force, quiet, ranks), and each also as a keyword.
@@ -334,9 +353,6 @@ def run_atlas(models, prompts: list[Prompt], out_dir: str | Path, options: Atlas
     pseudo_group_size, probe_length, max_bytes = options.pseudo_group_size, options.probe_length, options.max_bytes
     retrieval_lengths = tuple(int(n) for n in options.retrieval_lengths)
     atlas_site(options.site)
-    if options.ablation and options.site not in (None, SELF):
-        raise InputError(f"ablation measures a decoder LLM's prediction through its one stack, and site={options.site!r} "
-                         "is not it; drop the ablation or the site.")
     n_resamples, confidence, seed = bootstrap.n_resamples, bootstrap.confidence, bootstrap.seed
     shard, resume, force, ranks = run.shard, run.resume, run.force, run.ranks
     _check_options(measure, thumbnail_size, top_k, n_resamples, confidence, n_permutations, max_rows,

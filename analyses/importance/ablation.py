@@ -57,22 +57,29 @@ def mean_head_outputs(model: nn.Module, prompts: list[torch.Tensor], spec) -> to
     """float32 `"l h d"`: every head's output row averaged over all tokens of `prompts` (each `[1, T]` ids)."""
     if not prompts:
         raise InputError("mean ablation needs at least one prompt to average head outputs over.")
+    device = next(model.parameters()).device
+    return mean_outputs_of_forwards(model, [{"input_ids": ids.to(device), "use_cache": False} for ids in prompts], spec)
+
+
+def mean_outputs_of_forwards(model: nn.Module, forwards: list[dict], spec) -> torch.Tensor:
+    """float32 `"l h d"`: the output row of every head of `spec`'s layers averaged over all positions that its
+    output projection sees in the forwards `model(**kwargs)` of `forwards` (each one sequence)."""
     sums = torch.zeros(spec.num_layers, spec.num_heads, spec.head_dim, dtype=torch.float64)
-    count = 0
+    counts = torch.zeros(spec.num_layers, dtype=torch.float64)
 
     def add(layer: int):
         def hook(module, args):
-            sums[layer] += rearrange(args[0][0].double().cpu(), "t (h d) -> t h d", h=spec.num_heads).sum(0)
+            rows = rearrange(args[0][0].double().cpu(), "t (h d) -> t h d", h=spec.num_heads)
+            sums[layer] += rows.sum(0)
+            counts[layer] += len(rows)
         return hook
 
     with contextlib.ExitStack() as stack:
         for layer, path in enumerate(spec.output_projections):
             stack.callback(model.get_submodule(path).register_forward_pre_hook(add(layer)).remove)
-        device = next(model.parameters()).device
-        for ids in prompts:
-            model(input_ids=ids.to(device), use_cache=False)
-            count += ids.shape[-1]
-    return (sums / count).float()
+        for kwargs in forwards:
+            model(**kwargs)
+    return (sums / rearrange(counts, "l -> l 1 1")).float()
 
 
 @dataclass
@@ -124,7 +131,7 @@ def _checked_means(model, spec, means):
 
 
 @contextlib.contextmanager
-def _one_head_per_copy(model: nn.Module, spec, units: list[tuple[int, int]], means: torch.Tensor | None):
+def one_head_per_copy(model: nn.Module, spec, units: list[tuple[int, int]], means: torch.Tensor | None):
     """Inside the block, batch element b of a forward has head `units[b]` = (layer, head) zeroed (or set to its mean)."""
     by_layer: dict[int, list[tuple[int, int]]] = {}
     for copy, (layer, head) in enumerate(units):
@@ -177,7 +184,7 @@ def head_ablation_rows(model: nn.Module, input_ids: torch.Tensor, *, spec, means
     log_probs, losses = [], []
     for start in range(0, len(units), size):
         chunk = units[start:start + size]
-        with _one_head_per_copy(model, spec, chunk, means):
+        with one_head_per_copy(model, spec, chunk, means):
             logits = model(input_ids=input_ids.expand(len(chunk), -1), use_cache=False).logits
         log_prob, loss = _scores(logits, input_ids, target)
         log_probs.append(log_prob.cpu())
@@ -194,10 +201,12 @@ def head_ablation_rows(model: nn.Module, input_ids: torch.Tensor, *, spec, means
 class HeadAblation:
     """A head ablation over a prompt set: `rows` (one per prompt x head, `head_ablation_rows` behind the run's
     prompt columns) and `importance` (one per head: the mean `delta_log_prob` and `delta_loss` over the prompts,
-    each with a bootstrap interval)."""
+    each with a bootstrap interval); `scored`: what the log-probability is of ("next token", or on a site
+    `site_ablation.TARGET` or `site_ablation.CLASS`)."""
 
     rows: pd.DataFrame
     importance: pd.DataFrame
+    scored: str = "next token"
 
     def _repr_html_(self) -> str:
         from llm_heatmap.notebook import tables_html
@@ -224,11 +233,16 @@ def ablation_importance(rows: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
 
 
 def run_head_ablation(model: nn.Module, tokenizer, prompts, out_dir: str | Path, *, spec=None, source: str | None = None,
-                      chat: bool = False, mode: str = "zero", bootstrap=None, run=None) -> HeadAblation | None:
+                      chat: bool = False, mode: str = "zero", bootstrap=None, run=None, site: str | None = None,
+                      processor=None) -> HeadAblation | None:
     """Every head of `model` ablated alone on every prompt (`runs.prompts.Prompt`s), on the run engine into
     `out_dir` (`parts/`, `ablation.json`, `ablation.parquet`; `run`: `runs.engine.RunOptions`), and each head's
     mean effect over the prompts (`ablation_importance`). mode="mean" replaces a head's output by its mean over
-    every token of the prompt set (`mean_head_outputs`, computed first). None on ranks other than rank 0."""
+    every token of the prompt set (`mean_head_outputs`, computed first). None on ranks other than rank 0.
+
+    An encoder-decoder or an image classifier is ablated on one attention `site` (needed where the model has
+    several; records give their `image`, prepared by `processor`, and `target`), and scored by its own output
+    (`site_ablation`: the target's teacher-forced log-probability, or the predicted class's)."""
     from llm_heatmap.analyses.runs.engine import RunOptions, run_per_prompt
     from llm_heatmap.analyses.runs.prompts import check_length
     from llm_heatmap.models import spec_from_model
@@ -237,8 +251,15 @@ def run_head_ablation(model: nn.Module, tokenizer, prompts, out_dir: str | Path,
     if mode not in ABLATION_MODES:
         raise InputError(f"mode={mode!r} is not an ablation mode; use one of {', '.join(ABLATION_MODES)}.")
     spec = spec or spec_from_model(model)
-    _checked_means(model, spec, None)
     prompts = list(prompts)
+    if _through_sites(model):
+        return _run_site_ablation(model, tokenizer, prompts, out_dir, spec=spec, source=source, chat=chat, mode=mode,
+                                  bootstrap=bootstrap, run=run, site=site, processor=processor)
+    if site is not None:
+        from llm_heatmap.analyses.runs.sites import resolve_site
+
+        resolve_site(model, spec, site, source or spec.architecture, "a head ablation reads one")
+    _checked_means(model, spec, None)
     if not prompts:
         raise InputError("head ablation needs at least one prompt; pass prompts, e.g. read_prompts('prompts.txt').")
     for prompt in prompts:
@@ -256,3 +277,44 @@ def run_head_ablation(model: nn.Module, tokenizer, prompts, out_dir: str | Path,
         return None
     rows = record.tables(record.sections[0])
     return HeadAblation(rows=rows, importance=ablation_importance(rows, bootstrap))
+
+
+def _through_sites(model: nn.Module) -> bool:
+    """Whether `model` is ablated on one of its sites: it has sites other than one self-attention stack, or reads
+    images (a decoder-only LM and a BERT have one stack, read from the prompt's tokens)."""
+    from llm_heatmap.models.loading import reads_images
+    from llm_heatmap.models.sites import SELF, find_sites
+
+    return not set(find_sites(model)) <= {SELF} or reads_images(getattr(model, "config", None))
+
+
+def _run_site_ablation(model, tokenizer, prompts, out_dir, *, spec, source, chat, mode, bootstrap, run, site,
+                       processor) -> HeadAblation | None:
+    from llm_heatmap.analyses.runs.engine import RunOptions, run_per_prompt
+    from llm_heatmap.analyses.runs.sites import check_site_run, record_lengths, resolve_site
+
+    from .site_ablation import record_inputs, site_head_ablation_rows, site_mean_head_outputs, site_output
+
+    name = source or type(model).__name__
+    output = site_output(model)
+    resolved = resolve_site(model, spec, site, name, "a head ablation reads one")
+    if not prompts:
+        raise InputError("head ablation needs at least one prompt; pass prompts, e.g. read_prompts('prompts.txt').")
+    check_site_run(model, processor, resolved, prompts, chat=chat, name=name)
+    record_lengths(tokenizer, resolved.spec, prompts)
+    means = None
+    if mode == "mean":
+        means = site_mean_head_outputs(model, [record_inputs(model, tokenizer, processor, p) for p in prompts],
+                                       resolved.spec)
+
+    def measure(prompt):
+        return site_head_ablation_rows(model, record_inputs(model, tokenizer, processor, prompt), spec=resolved.spec,
+                                       output=output, means=means)
+
+    record = run_per_prompt(measure, prompts, out_dir, kind="ablation", options=run or RunOptions(),
+                            settings={"model": name, "spec": resolved.spec.summary, "chat": chat, "mode": mode,
+                                      "site": resolved.name})
+    if not record.ranks.is_main:
+        return None
+    rows = record.tables(record.sections[0])
+    return HeadAblation(rows=rows, importance=ablation_importance(rows, bootstrap), scored=output)

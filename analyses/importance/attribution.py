@@ -138,6 +138,9 @@ def _final_norm(model: nn.Module, layer_paths: list[str]) -> nn.Module:
 
 def _refuse_unsupported(model: nn.Module, spec) -> nn.Module:
     """The unembedding module, or one sentence saying why this model has no direct logit attribution."""
+    from .outputs import check_one_stack_language_model
+
+    check_one_stack_language_model(model, "direct logit attribution splits a logit of")
     unembedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not spec.causal or unembedding is None:
         raise InputError(f"{spec.architecture} is an encoder without an LM head (post-norm: every layer renormalises "

@@ -197,6 +197,9 @@ def _encoded(model, tokenizer, prompt, input_ids, spec):
     from llm_heatmap.models import spec_from_model
     from llm_heatmap.probes.capture import encode_prompt
 
+    from .outputs import check_one_stack_language_model
+
+    check_one_stack_language_model(model, "a knockout cuts attention edges and scores")
     spec = spec or spec_from_model(model)
     if not spec.causal or model.get_output_embeddings() is None:
         raise InputError(f"{spec.architecture} has no LM head, so a knockout has no next-token probability to "
