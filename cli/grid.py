@@ -81,7 +81,7 @@ def run(args) -> int:
     name = options.plain_name(args.name) or options.base_name(args, prompt) + options.drawing_suffix(args)
     if args.site or args.image or args.target is not None:  # the files are named per site
         sites.check_single_site_flags(args)
-        if args.site:  # one site named: its files are known, and claimed, before the model loads
+        if args.site and sites.planned_before_loading(args):  # one site named: its files claimed before the load
             outputs = site_outputs(args, prompt, name, [args.site])
             with claim_outputs(outputs.files(), force=args.force):
                 return _run(args, prompt, None, name, outputs)
@@ -104,8 +104,8 @@ class SiteOutputs:
         return [p for group in self.paths.values() for p in group.values()] + list(self.pages.values())
 
 
-def site_outputs(args, prompt: str | None, name: str, chosen: list[str]) -> SiteOutputs:
-    planned = sites.runs(args, prompt, name)
+def site_outputs(args, prompt: str | None, name: str, chosen: list[str], *, one_pass: bool = False) -> SiteOutputs:
+    planned = sites.runs(args, prompt, name, one_pass=one_pass)
     paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
     for site_paths in paths.values():
         site_paths.pop("html", None)  # one page per run, with a site switch
@@ -190,25 +190,27 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
     from llm_heatmap.models.files import atomic_output, claim_outputs
     from llm_heatmap.viz import save_grid, sites_view
 
-    sites.multiple_images_check(args, specs)
     chosen = sites.chosen_sites(args, model, specs)
     style, layers, heads = options.grid_style(args)
     claimed = outputs is not None
-    outputs = outputs or site_outputs(args, prompt, name, chosen)
+    outputs = outputs or site_outputs(args, prompt, name, chosen, one_pass=sites.one_pass(model))
     planned, paths, pages = outputs.planned, outputs.paths, outputs.pages
     image_sites = overlays.image_sites(args, model, chosen) if args.overlay is not None else []
-    overlay_paths = {(run_name, site): overlays.output_paths(args, run_name, site)
-                     for run_name, _ in planned for site in image_sites}
+    # the overlays of each pass: per image (and tile) of the pictures its processor makes, named before the capture
+    overlay_plans = {run_name: overlays.plan(args, model, specs, prompt, run_name, image, image_sites)
+                     for run_name, image in planned if image_sites}
     sites.check_single_site_flags(args)
     lines, files = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
     # the site files may be claimed before the load (--site); the overlays' names need the model's sites
-    unclaimed = [p for group in overlay_paths.values() for p in group.values()] + ([] if claimed else outputs.files())
+    unclaimed = [p for _, drawn in overlay_plans.values() for pairs in drawn.values() for _, group in pairs
+                 for p in group.values()] + ([] if claimed else outputs.files())
     with claim_outputs(unclaimed, force=args.force):
         for run_name, image in planned:
             step("capturing")
             cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)
-            drawn = overlays.drawn_sites(args, cubes, image_sites) if image_sites else []
-            pictures = sites.processed(args, image) if drawn else None
+            pictures, drawings = overlay_plans.get(run_name, (None, {}))
+            drawn = overlays.drawn_sites(args, cubes, image_sites, {site: [drawing for drawing, _ in pairs]
+                                                                    for site, pairs in drawings.items()}) if image_sites else []
             step("drawing grid")
             tables = {}
             for site, cube in cubes.items():
@@ -223,9 +225,10 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                 shape = "x".join(str(n) for n in cube.pattern.shape[-2:])
                 lines.append(f"{site}: {shape} per head; wrote " + ", ".join(str(p) for p in site_paths.values()))
                 files[f"{run_name}.{site}"] = {k: str(v) for k, v in site_paths.items()}
-                if site in drawn:
-                    lines += overlays.write_overlays(args, cubes, site, pictures, overlay_paths[(run_name, site)])
-                    files[f"{run_name}.{site}"].update({k: str(v) for k, v in overlay_paths[(run_name, site)].items()})
+                for drawing, drawing_paths in drawings.get(site, []) if site in drawn else []:
+                    lines += overlays.write_overlays(args, cubes, site, pictures, drawing, drawing_paths)
+                    part = f".{drawing.part}" if drawing.part else ""
+                    files[f"{run_name}.{site}"].update({k + part: str(v) for k, v in drawing_paths.items()})
             if run_name in pages:
                 step("writing HTML")
                 with atomic_output(pages[run_name], force=args.force) as temp:

@@ -52,7 +52,7 @@ def run(args) -> int:
     if args.out is not None and not per_site:
         args.out = options.table_or_folder(args.out, options.base_name(args, prompt), "metrics")
         table_format(args.out)
-    if per_site and args.site:  # one site named: its tables are known, and claimed, before the model loads
+    if per_site and args.site and sites.planned_before_loading(args):  # one site named: its tables claimed first
         claimed = site_table_paths(args, sites.runs(args, prompt, options.base_name(args, prompt)), [args.site])
         with claim_outputs(claimed.values(), force=args.force):
             return _run(args, prompt, metrics, claimed)
@@ -130,10 +130,9 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics, claimed: di
 
 
     check_per_site(args, metrics)
-    sites.multiple_images_check(args, specs)
     chosen = sites.chosen_sites(args, model, specs)
     out = args.out_given
-    planned = sites.runs(args, prompt, options.base_name(args, prompt))
+    planned = sites.runs(args, prompt, options.base_name(args, prompt), one_pass=sites.one_pass(model))
     paths = site_table_paths(args, planned, chosen) if claimed is None else claimed
     lines, payload = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
     with claim_outputs(paths.values() if claimed is None else [], force=args.force):
