@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from llm_heatmap.errors import InputError
 
@@ -185,8 +186,9 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                outputs: SiteOutputs | None) -> int:
     """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ...
     (`outputs`: already claimed for the one site of --site)."""
-    from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import write_table
+    from contextlib import ExitStack
+
     from llm_heatmap.models.files import atomic_output, claim_outputs
     from llm_heatmap.viz import save_grid, sites_view
 
@@ -204,7 +206,8 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
     # the site files may be claimed before the load (--site); the overlays' names need the model's sites
     unclaimed = [p for _, drawn in overlay_plans.values() for pairs in drawn.values() for _, group in pairs
                  for p in group.values()] + ([] if claimed else outputs.files())
-    with claim_outputs(unclaimed, force=args.force):
+    with ExitStack() as held:
+        held.enter_context(claim_outputs(unclaimed, force=args.force))
         for run_name, image in planned:
             step("capturing")
             cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)
@@ -215,9 +218,14 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
             tables = {}
             for site, cube in cubes.items():
                 site_paths = paths[(run_name, site)]
-                with atomic_output(site_paths["grid"], force=args.force) as temp:
-                    save_grid(cube, temp, style, layers=layers, heads=heads)
-                metrics = site_metrics(cube)
+                if cube.batched and len(cube) > 1:  # a tower that ran the pass's pictures as a batch: a grid each
+                    site_paths = paths[(run_name, site)] = {
+                        **sequence_grids(args, model, specs, prompt, run_name, site, image, cube, held),
+                        **{k: v for k, v in site_paths.items() if k != "grid"}}
+                for key, drawn_cube in _grids(cube, site_paths):
+                    with atomic_output(site_paths[key], force=args.force) as temp:
+                        save_grid(drawn_cube, temp, style, layers=layers, heads=heads)
+                metrics = sites.site_table(cube)
                 write_table(metrics, site_paths["metrics"], force=args.force)
                 with atomic_output(site_paths["cube"], force=args.force) as temp:
                     cube.save(temp)
@@ -232,9 +240,48 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
             if run_name in pages:
                 step("writing HTML")
                 with atomic_output(pages[run_name], force=args.force) as temp:
-                    sites_view(cubes, image=image, metrics=tables, style=style).save(temp)
+                    views, view_tables = _page_views(cubes, tables, {site: paths[(run_name, site)] for site in cubes})
+                    sites_view(views, image=image, metrics=view_tables, style=style).save(temp)
                 lines.append(f"wrote {pages[run_name]} (the sites' views, one page with a site switch)")
                 files[f"{run_name}.html"] = str(pages[run_name])
     step.close()
     emit(args, lines, {"sites": {site: specs[site].summary for site in chosen}, "files": files})
     return 0
+
+
+def sequence_grids(args, model, specs: dict, prompt, run_name: str, site: str, image, cube, held) -> dict:
+    """grid.PART -> RUN.SITE.PART.png for each sequence of a tower that ran the pictures of the pass as a batch
+    (LLaVA's images, Idefics3's tiles: PART names its picture as the overlays do), claimed in `held`."""
+    from llm_heatmap.models.files import claim_outputs
+
+    pictures = sites.processed(args, model, specs, prompt, image)
+    files = [Path(path).name for path in args.image] if isinstance(image, list) else [""]
+    parts = [drawing.part for drawing in overlays.drawings(site, pictures, files)]
+    if len(parts) != len(cube):
+        raise InputError(f"site {site} ran {len(cube)} sequences, but the processor made {len(parts)} pictures, so "
+                         "they cannot be named; draw another site with --site.")
+    paths = {f"grid.{part}": args.out / f"{run_name}.{site}.{part}.{args.format}" for part in parts}
+    held.enter_context(claim_outputs(paths.values(), force=args.force))
+    return paths
+
+
+def _grids(cube, site_paths: dict):
+    """(path key, cube) of each grid of a site: its one sequence, or each sequence of a batch (`sequence_grids`)."""
+    keys = [key for key in site_paths if key.startswith("grid")]
+    return [(key, cube.item(index) if cube.batched else cube) for index, key in enumerate(keys)]
+
+
+def _page_views(cubes, tables: dict, site_paths: dict) -> tuple[dict, dict]:
+    """(view name -> cube, view name -> table) of a pass's page: each site, a tower that ran the pictures as a batch
+    one view per sequence ("vision image0", named as its grid)."""
+    views, view_tables = {}, {}
+    for site, cube in cubes.items():
+        if not (cube.batched and len(cube) > 1):
+            views[site], view_tables[site] = cube, tables[site]
+            continue
+        parts = [key.removeprefix("grid.") for key in site_paths[site] if key.startswith("grid.")]
+        for index, part in enumerate(parts):
+            table = tables[site]
+            views[f"{site} {part}"] = cube.item(index)
+            view_tables[f"{site} {part}"] = table[table["sequence"] == index].drop(columns="sequence")
+    return views, view_tables

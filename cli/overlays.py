@@ -8,7 +8,7 @@ model); a position must be a row of every image site."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llm_heatmap.errors import InputError
 
@@ -187,6 +187,8 @@ def write_overlays(args, cubes, site: str, pictures: list[list], drawing: Drawin
     chosen = cube.select(layers=layers, heads=heads) if layers or heads else cube
     maps = head_image_maps(chosen, args.overlay, image=image, tile=tile)
     mean, rolled = layer_image_maps(cube, args.overlay, image=image, tile=tile)
+    if cubes[site].batched:  # the sequence's one picture is image `drawing.image` of the pass
+        maps, mean, rolled = (replace(one, image=drawing.image) for one in (maps, mean, rolled))
     for key, figure in (("overlay", plot_overlays(maps, picture, **drawing_options)),
                         ("rollout", plot_layer_overlays(mean, rolled, picture, **drawing_options))):
         with atomic_output(paths[key], force=args.force) as temp:

@@ -46,7 +46,7 @@ def reads_images_in_text(model) -> bool:
     """Whether `model` is a VLM: a language model that reads its images as tokens of the text (its config names
     an image token), not a vision model alone or a dual encoder."""
     config = model.config
-    return reads_images(config) and any(getattr(config, name, None) is not None
+    return getattr(config, "vision_config", None) is not None and any(getattr(config, name, None) is not None
                                         for name in ("image_token_id", "image_token_index"))
 
 
