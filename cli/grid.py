@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from llm_heatmap.errors import InputError
 
@@ -81,7 +82,7 @@ def run(args) -> int:
     name = options.plain_name(args.name) or options.base_name(args, prompt) + options.drawing_suffix(args)
     if args.site or args.image or args.audio or args.target is not None:  # the files are named per site
         sites.check_single_site_flags(args)
-        if args.site:  # one site named: its files are known, and claimed, before the model loads
+        if args.site and sites.planned_before_loading(args):  # one site named: its files claimed before the load
             outputs = site_outputs(args, prompt, name, [args.site])
             with claim_outputs(outputs.files(), force=args.force):
                 return _run(args, prompt, None, name, outputs)
@@ -104,8 +105,8 @@ class SiteOutputs:
         return [p for group in self.paths.values() for p in group.values()] + list(self.pages.values())
 
 
-def site_outputs(args, prompt: str | None, name: str, chosen: list[str]) -> SiteOutputs:
-    planned = sites.runs(args, prompt, name)
+def site_outputs(args, prompt: str | None, name: str, chosen: list[str], *, one_pass: bool = False) -> SiteOutputs:
+    planned = sites.runs(args, prompt, name, one_pass=one_pass)
     paths = {(run_name, site): output_paths(args, f"{run_name}.{site}") for run_name, _ in planned for site in chosen}
     for site_paths in paths.values():
         site_paths.pop("html", None)  # one page per run, with a site switch
@@ -185,37 +186,46 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                outputs: SiteOutputs | None) -> int:
     """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ...
     (`outputs`: already claimed for the one site of --site)."""
-    from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import write_table
+    from contextlib import ExitStack
+
     from llm_heatmap.models.files import atomic_output, claim_outputs
     from llm_heatmap.viz import save_grid, sites_view
 
-    sites.multiple_images_check(args, specs)
     chosen = sites.chosen_sites(args, model, specs)
     style, layers, heads = options.grid_style(args)
     claimed = outputs is not None
-    outputs = outputs or site_outputs(args, prompt, name, chosen)
+    outputs = outputs or site_outputs(args, prompt, name, chosen, one_pass=sites.one_pass(model))
     planned, paths, pages = outputs.planned, outputs.paths, outputs.pages
     image_sites = overlays.image_sites(args, model, chosen) if args.overlay is not None else []
-    overlay_paths = {(run_name, site): overlays.output_paths(args, run_name, site)
-                     for run_name, _ in planned for site in image_sites}
+    # the overlays of each pass: per image (and tile) of the pictures its processor makes, named before the capture
+    overlay_plans = {run_name: overlays.plan(args, model, specs, prompt, run_name, image, image_sites)
+                     for run_name, image in planned if image_sites}
     sites.check_single_site_flags(args)
     lines, files = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
     # the site files may be claimed before the load (--site); the overlays' names need the model's sites
-    unclaimed = [p for group in overlay_paths.values() for p in group.values()] + ([] if claimed else outputs.files())
-    with claim_outputs(unclaimed, force=args.force):
+    unclaimed = [p for _, drawn in overlay_plans.values() for pairs in drawn.values() for _, group in pairs
+                 for p in group.values()] + ([] if claimed else outputs.files())
+    with ExitStack() as held:
+        held.enter_context(claim_outputs(unclaimed, force=args.force))
         for run_name, image in planned:
             step("capturing")
             cubes = sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image)
-            drawn = overlays.drawn_sites(args, cubes, image_sites) if image_sites else []
-            pictures = sites.processed(args, image) if drawn else None
+            pictures, drawings = overlay_plans.get(run_name, (None, {}))
+            drawn = overlays.drawn_sites(args, cubes, image_sites, {site: [drawing for drawing, _ in pairs]
+                                                                    for site, pairs in drawings.items()}) if image_sites else []
             step("drawing grid")
             tables = {}
             for site, cube in cubes.items():
                 site_paths = paths[(run_name, site)]
-                with atomic_output(site_paths["grid"], force=args.force) as temp:
-                    save_grid(cube, temp, style, layers=layers, heads=heads)
-                metrics = site_metrics(cube)
+                if cube.batched and len(cube) > 1:  # a tower that ran the pass's pictures as a batch: a grid each
+                    site_paths = paths[(run_name, site)] = {
+                        **sequence_grids(args, model, specs, prompt, run_name, site, image, cube, held),
+                        **{k: v for k, v in site_paths.items() if k != "grid"}}
+                for key, drawn_cube in _grids(cube, site_paths):
+                    with atomic_output(site_paths[key], force=args.force) as temp:
+                        save_grid(drawn_cube, temp, style, layers=layers, heads=heads)
+                metrics = sites.site_table(cube)
                 write_table(metrics, site_paths["metrics"], force=args.force)
                 with atomic_output(site_paths["cube"], force=args.force) as temp:
                     cube.save(temp)
@@ -223,15 +233,55 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                 shape = "x".join(str(n) for n in cube.pattern.shape[-2:])
                 lines.append(f"{site}: {shape} per head; wrote " + ", ".join(str(p) for p in site_paths.values()))
                 files[f"{run_name}.{site}"] = {k: str(v) for k, v in site_paths.items()}
-                if site in drawn:
-                    lines += overlays.write_overlays(args, cubes, site, pictures, overlay_paths[(run_name, site)])
-                    files[f"{run_name}.{site}"].update({k: str(v) for k, v in overlay_paths[(run_name, site)].items()})
+                for drawing, drawing_paths in drawings.get(site, []) if site in drawn else []:
+                    lines += overlays.write_overlays(args, cubes, site, pictures, drawing, drawing_paths)
+                    part = f".{drawing.part}" if drawing.part else ""
+                    files[f"{run_name}.{site}"].update({k + part: str(v) for k, v in drawing_paths.items()})
             if run_name in pages:
                 step("writing HTML")
                 with atomic_output(pages[run_name], force=args.force) as temp:
-                    sites_view(cubes, image=image, metrics=tables, style=style).save(temp)
+                    views, view_tables = _page_views(cubes, tables, {site: paths[(run_name, site)] for site in cubes})
+                    sites_view(views, image=image, metrics=view_tables, style=style).save(temp)
                 lines.append(f"wrote {pages[run_name]} (the sites' views, one page with a site switch)")
                 files[f"{run_name}.html"] = str(pages[run_name])
     step.close()
     emit(args, lines, {"sites": {site: specs[site].summary for site in chosen}, "files": files})
     return 0
+
+
+def sequence_grids(args, model, specs: dict, prompt, run_name: str, site: str, image, cube, held) -> dict:
+    """grid.PART -> RUN.SITE.PART.png for each sequence of a tower that ran the pictures of the pass as a batch
+    (LLaVA's images, Idefics3's tiles: PART names its picture as the overlays do), claimed in `held`."""
+    from llm_heatmap.models.files import claim_outputs
+
+    pictures = sites.processed(args, model, specs, prompt, image)
+    files = [Path(path).name for path in args.image] if isinstance(image, list) else [""]
+    parts = [drawing.part for drawing in overlays.drawings(site, pictures, files)]
+    if len(parts) != len(cube):
+        raise InputError(f"site {site} ran {len(cube)} sequences, but the processor made {len(parts)} pictures, so "
+                         "they cannot be named; draw another site with --site.")
+    paths = {f"grid.{part}": args.out / f"{run_name}.{site}.{part}.{args.format}" for part in parts}
+    held.enter_context(claim_outputs(paths.values(), force=args.force))
+    return paths
+
+
+def _grids(cube, site_paths: dict):
+    """(path key, cube) of each grid of a site: its one sequence, or each sequence of a batch (`sequence_grids`)."""
+    keys = [key for key in site_paths if key.startswith("grid")]
+    return [(key, cube.item(index) if cube.batched else cube) for index, key in enumerate(keys)]
+
+
+def _page_views(cubes, tables: dict, site_paths: dict) -> tuple[dict, dict]:
+    """(view name -> cube, view name -> table) of a pass's page: each site, a tower that ran the pictures as a batch
+    one view per sequence ("vision image0", named as its grid)."""
+    views, view_tables = {}, {}
+    for site, cube in cubes.items():
+        if not (cube.batched and len(cube) > 1):
+            views[site], view_tables[site] = cube, tables[site]
+            continue
+        parts = [key.removeprefix("grid.") for key in site_paths[site] if key.startswith("grid.")]
+        for index, part in enumerate(parts):
+            table = tables[site]
+            views[f"{site} {part}"] = cube.item(index)
+            view_tables[f"{site} {part}"] = table[table["sequence"] == index].drop(columns="sequence")
+    return views, view_tables

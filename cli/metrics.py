@@ -52,7 +52,7 @@ def run(args) -> int:
     if args.out is not None and not per_site:
         args.out = options.table_or_folder(args.out, options.base_name(args, prompt), "metrics")
         table_format(args.out)
-    if per_site and args.site:  # one site named: its tables are known, and claimed, before the model loads
+    if per_site and args.site and sites.planned_before_loading(args):  # one site named: its tables claimed first
         claimed = site_table_paths(args, sites.runs(args, prompt, options.base_name(args, prompt)), [args.site])
         with claim_outputs(claimed.values(), force=args.force):
             return _run(args, prompt, metrics, claimed)
@@ -124,22 +124,20 @@ def _run(args, prompt: str, metrics, claimed: dict | None = None) -> int:
 def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics, claimed: dict | None) -> int:
     """One table per site (and per image): NAME.SITE.metrics.csv in --out, or printed one after another
     (`claimed`: the paths of the one site of --site, already claimed)."""
-    from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
     from llm_heatmap.models.files import claim_outputs
 
 
     check_per_site(args, metrics)
-    sites.multiple_images_check(args, specs)
     chosen = sites.chosen_sites(args, model, specs)
     out = args.out_given
-    planned = sites.runs(args, prompt, options.base_name(args, prompt))
+    planned = sites.runs(args, prompt, options.base_name(args, prompt), one_pass=sites.one_pass(model))
     paths = site_table_paths(args, planned, chosen) if claimed is None else claimed
     lines, payload = [f"{args.model}: " + "; ".join(f"{site} {specs[site].summary}" for site in chosen)], {}
     with claim_outputs(paths.values() if claimed is None else [], force=args.force):
         for run_name, image in planned:
             for site, cube in sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image).items():
-                table = site_metrics(cube)
+                table = sites.site_table(cube)
                 key = f"{run_name}.{site}"
                 if out is not None:
                     write_table(table, paths[(run_name, site)], force=args.force)

@@ -36,9 +36,10 @@ def chosen_sites(args, model, specs: dict) -> list[str]:
     return [args.site]
 
 
-def runs(args, prompt: str | None, name: str = "") -> list[tuple[str, object]]:
-    """(run name: `name` and a suffix, image) of each forward pass: one per --image (named after the image where
-    there are several), or one without an image (named after --audio's file where there is no prompt)."""
+def runs(args, prompt: str | None, name: str = "", *, one_pass: bool = False) -> list[tuple[str, object]]:
+    """(run name: `name` and a suffix, image) of each forward pass: without --image one (named after --audio's file
+    where there is no prompt); with one --image one; with several, one pass over all of them (`one_pass`: a VLM
+    reads them in one sequence; the image is then the list) or one per --image, named after the image."""
     images = args.image or []
     if getattr(args, "audio", None) is not None and not prompt:
         return [(name + f"_{options.slug(Path(args.audio).stem, 24)}", None)]
@@ -47,7 +48,22 @@ def runs(args, prompt: str | None, name: str = "") -> list[tuple[str, object]]:
     pictures = [options.read_image(path) for path in images]
     if len(images) == 1:
         return [(name + ("" if prompt else f"_{options.slug(Path(images[0]).stem, 24)}"), pictures[0])]
+    if one_pass:
+        return [(name, pictures)]
     return [(f"{name}_{options.slug(Path(path).stem, 24)}", picture) for path, picture in zip(images, pictures)]
+
+
+def planned_before_loading(args) -> bool:
+    """Whether the forward passes are known before the model loads: at most one --image (several are one pass of
+    a VLM but one pass each of a vision model or a dual encoder, `one_pass`)."""
+    return len(args.image or []) <= 1
+
+
+def one_pass(model) -> bool:
+    """Whether several --image go into one forward pass: a VLM reads its images as tokens of one sequence."""
+    from llm_heatmap.models.inputs import reads_images_in_text
+
+    return reads_images_in_text(model)
 
 
 def one_picture(args, command: str):
@@ -58,7 +74,8 @@ def one_picture(args, command: str):
 
 
 def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt: str | None, image, **capture_options):
-    """The `SiteCubes` of one forward pass over `prompt`, `image` and --target (`capture_options`: `capture`'s)."""
+    """The `SiteCubes` of one forward pass over `prompt`, `image` (a picture, or a VLM's list of them) and --target
+    (`capture_options`: `capture`'s)."""
     import torch
 
     from llm_heatmap.models.audio import load_feature_extractor, read_wav, reads_audio
@@ -74,24 +91,37 @@ def capture_cubes(args, model, tokenizer, specs: dict, sites: list[str], prompt:
     inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
     with torch.no_grad(), capture_sites(model, sites=sites, **capture_options) as probe:
         model(**inputs)
-    return probe.cubes(inputs.get("input_ids"), decoder_input_ids=inputs.get("decoder_input_ids"),
-                       attention_mask=inputs.get("attention_mask"), tokenizer=tokenizer, prompt=prompt,
-                       source=str(args.model))
+    cubes = probe.cubes(inputs.get("input_ids"), decoder_input_ids=inputs.get("decoder_input_ids"),
+                        attention_mask=inputs.get("attention_mask"), tokenizer=tokenizer,
+                        prompt=prompt, source=str(args.model))
+    if isinstance(image, list):
+        check_images_apart(cubes, len(image), getattr(processor, "image_token", None))
+    return cubes
 
 
-def processed(args, image) -> list:
-    """The pictures the model's processor makes of `image`, as the model sees them (resized, cropped)."""
+def check_images_apart(cubes, count: int, image_token: str | None) -> None:
+    """Each of `count` images is one image on the language model's axis, or one sentence: images whose tokens
+    follow each other with nothing between them run together."""
+    for site, cube in cubes.items():
+        axis = cube.key_axis
+        if axis is not None and axis.kind == "mixed" and len(axis.grids) != count:
+            between = f" (e.g. \"{image_token} a cat {image_token} a dog\")" if image_token else ""
+            raise InputError(f"{count} images were given, but the image tokens on site {site}'s axis form "
+                             f"{len(axis.grids)} runs, so its images cannot be told apart; put text between the "
+                             f"images' tokens in the prompt{between}.")
+
+
+def processed(args, model, specs: dict, prompt: str | None, image) -> list[list]:
+    """The pictures the model's processor makes of `image` (a picture or a list), as the model sees them (resized,
+    cropped), per image: `[image][tile]` (`models.processed_images.pictures_per_image`); the inputs are checked
+    first, as `capture_cubes` checks them."""
+    from llm_heatmap.models.inputs import check_site_inputs
     from llm_heatmap.models.loading import load_processor
-    from llm_heatmap.models.processed_images import processed_pictures
+    from llm_heatmap.models.processed_images import pictures_per_image
 
-    return processed_pictures(load_processor(args.model, trust_remote_code=args.trust_remote_code), image)
-
-
-def multiple_images_check(args, specs: dict) -> None:
-    """A VLM's capture holds one sequence, so one image; a vision model or a dual encoder runs once per image."""
-    if args.image and len(args.image) > 1 and "vision" in specs and len(set(specs) - {"vision", "text"}):
-        raise InputError(f"--image is given {len(args.image)} times, but {args.model} reads its image inside one "
-                         "sequence of text, and a capture holds one sequence; give one --image per run.")
+    processor = load_processor(args.model, trust_remote_code=args.trust_remote_code)
+    check_site_inputs(model, processor, specs, prompt=prompt, image=image, target=args.target)
+    return pictures_per_image(processor, image if isinstance(image, list) else [image])
 
 
 def check_single_site_flags(args) -> None:
@@ -99,3 +129,18 @@ def check_single_site_flags(args) -> None:
     if getattr(args, "stream", None) or getattr(args, "qk", False) or getattr(args, "chat", False):
         raise InputError("--stream, --qk and --chat work on the one site of a text model; drop them with --site, "
                          "--image, --target or a model with several sites.")
+
+
+def site_table(cube):
+    """The per-head table of a site's cube (`site_metrics`); a tower that ran the pass's pictures as a batch (LLaVA's
+    images, Idefics3's tiles) gets a table per sequence, a `sequence` column first (the picture's place in the
+    processor's order)."""
+    import pandas as pd
+
+    from llm_heatmap.analyses.heads.measure import site_metrics
+
+    if not cube.batched or len(cube) == 1:
+        return site_metrics(cube.one_sequence())
+    tables = [site_metrics(cube.item(index)) for index in range(len(cube))]
+    return pd.concat([table.assign(sequence=index) for index, table in enumerate(tables)], ignore_index=True)[
+        ["sequence", *tables[0].columns]]

@@ -176,7 +176,7 @@ def _fill(template: str, values: dict[str, str]) -> str:
 def sites_view(cubes, *, image=None, metrics=None, title: str | None = None, **options) -> HtmlView:
     """The cubes of one capture's sites (`probes.SiteCubes`, or any mapping site -> cube) as one page: a
     selector switching between each site's interactive view (`html_view`, hover naming the query and key
-    tokens or patches), with `image` (a PIL image) shown above a vision site. `metrics` maps site -> table;
+    tokens or patches), with `image` (a PIL image, or a list: the images of one pass) shown above a vision site. `metrics` maps site -> table;
     `options` go to every site's `html_view`."""
     if not len(cubes):
         raise InputError("cubes holds no site; capture at least one (capture_sites).")
@@ -191,12 +191,13 @@ def sites_view(cubes, *, image=None, metrics=None, title: str | None = None, **o
         if site == "vision" or (cube.key_axis is not None and cube.key_axis.kind == "patches"):
             vision.append(site)
     picture = ""
-    if image is not None:
+    for number, one in enumerate([] if image is None else image if isinstance(image, list) else [image]):
         import io
 
         buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-        picture = f'<img alt="the input image" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+        one.convert("RGB").save(buffer, format="PNG")
+        alt = "the input image" if not isinstance(image, list) else f"input image {number}"
+        picture += f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
     first = next(iter(cubes.values()))
     heading = title or f"{model_name(first.source)} · {len(cubes)} attention site" + ("s" if len(cubes) > 1 else "")
     page = _page(heading, "sites", HEADING=html.escape(heading), OPTIONS="".join(choices), FRAMES="".join(frames),
