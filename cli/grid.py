@@ -186,9 +186,9 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                outputs: SiteOutputs | None) -> int:
     """One grid, table, cube (and HTML) per site and per image: NAME.SITE.png, NAME.SITE.metrics.csv, ...
     (`outputs`: already claimed for the one site of --site)."""
-    from llm_heatmap.analyses.runs.table_files import write_table
     from contextlib import ExitStack
 
+    from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models.files import atomic_output, claim_outputs
     from llm_heatmap.viz import save_grid, sites_view
 

@@ -139,8 +139,23 @@ class _Steps:
             consumer.finish()
 
 
+class Generated:
+    """The steps of one generated `sequence` after its `prompt_tokens` (a decode capture's result)."""
+
+    sequence: torch.Tensor
+    prompt_tokens: int
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sequence) - self.prompt_tokens
+
+    @property
+    def generated(self) -> torch.Tensor:
+        return self.sequence[self.prompt_tokens:]
+
+
 @dataclass
-class DecodeSteps:
+class DecodeSteps(Generated):
     """The decode steps of one generation (module docstring): `sequence` (prompt then generated ids),
     `prompt_tokens`, per step `rows` ("l h k" over positions 0..p), the captured `layers` and `heads`."""
 
@@ -154,14 +169,6 @@ class DecodeSteps:
     prompt: str | None = None
     source: str | None = None
     metadata: dict = field(default_factory=dict)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.sequence) - self.prompt_tokens
-
-    @property
-    def generated(self) -> torch.Tensor:
-        return self.sequence[self.prompt_tokens:]
 
     def __repr__(self) -> str:
         return (f"DecodeSteps({self.num_steps} steps after {self.prompt_tokens} prompt tokens, "

@@ -34,7 +34,7 @@ from llm_heatmap.models.sites import CROSS, DECODER
 from .axes import Axis, text_axis
 from .capture import token_strings
 from .cube import AttentionCube
-from .decode import DecodeSteps, _Steps, check_generation, placed_rows
+from .decode import DecodeSteps, Generated, _Steps, check_generation, placed_rows
 from .sites import SiteCubes, axis_labels, capture_sites, position_axis, token_axis
 
 
@@ -62,7 +62,7 @@ class _SiteRouter:
 
 
 @dataclass
-class SiteDecodeSteps:
+class SiteDecodeSteps(Generated):
     """The decode steps of one generation of an encoder-decoder (module docstring): the decoder's `sequence`
     (its start tokens, `prompt_tokens` of them, then the generated ids) and `tokens`; per site the `rows` of
     each step (decoder: `"l h k"` over positions 0..p; cross: `"l h S"` over the source) and the `specs`; the
@@ -82,14 +82,6 @@ class SiteDecodeSteps:
     prompt: str | None = None
     source: str | None = None
     metadata: dict = field(default_factory=dict)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.sequence) - self.prompt_tokens
-
-    @property
-    def generated(self) -> torch.Tensor:
-        return self.sequence[self.prompt_tokens:]
 
     @property
     def sites(self) -> tuple[str, ...]:

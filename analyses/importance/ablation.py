@@ -121,6 +121,12 @@ def _checked_means(model, spec, means):
     if not spec.causal or model.get_output_embeddings() is None:
         raise InputError(f"{spec.architecture} has no LM head, so an ablation has no next-token probability to "
                          "change; pass a decoder with an LM head.")
+    check_ablatable(spec, means)
+
+
+def check_ablatable(spec, means) -> None:
+    """`means` (None, or one mean output per layer, head and head dimension) fits `spec`, and every layer has an
+    output projection whose input holds the heads' rows."""
     if means is not None and tuple(means.shape) != (spec.num_layers, spec.num_heads, spec.head_dim):
         raise InputError(f"means has shape {tuple(means.shape)}; pass one mean output per layer, head and head "
                          f"dimension, shape {(spec.num_layers, spec.num_heads, spec.head_dim)}.")

@@ -24,7 +24,7 @@ from torch import nn
 
 from llm_heatmap.errors import InputError
 
-from .ablation import LOGITS_BUDGET, mean_outputs_of_forwards, one_head_per_copy
+from .ablation import LOGITS_BUDGET, check_ablatable, mean_outputs_of_forwards, one_head_per_copy
 
 TARGET, CLASS = "target", "class"
 
@@ -90,7 +90,7 @@ def site_head_ablation_rows(model: nn.Module, inputs: dict, *, spec, output: str
     a target sequence), `n_target_tokens`, `log_prob` and `ablated_log_prob` of the scored output,
     `delta_log_prob` (ablated - clean), `loss`, `ablated_loss` and `delta_loss` (module docstring)."""
     output = output or site_output(model)
-    _check_site_spec(spec, means)
+    check_ablatable(spec, means)
     inputs = _on_device(model, inputs)
     clean_logits = _forward(model, inputs)
     target = int(clean_logits[0].argmax()) if output == CLASS else None
@@ -117,15 +117,6 @@ def site_head_ablation_rows(model: nn.Module, inputs: dict, *, spec, output: str
                          "delta_log_prob": ablated_log_prob - clean_log_prob, "loss": clean_loss,
                          "ablated_loss": ablated_loss, "delta_loss": ablated_loss - clean_loss})
 
-
-def _check_site_spec(spec, means) -> None:
-    if means is not None and tuple(means.shape) != (spec.num_layers, spec.num_heads, spec.head_dim):
-        raise InputError(f"means has shape {tuple(means.shape)}; pass one mean output per layer, head and head "
-                         f"dimension, shape {(spec.num_layers, spec.num_heads, spec.head_dim)}.")
-    missing = [layer for layer, path in enumerate(spec.output_projections) if not path]
-    if missing:
-        raise InputError(f"layer {missing[0]} of {spec.architecture} has no output projection llm-heatmap can find, "
-                         "so its heads cannot be ablated.")
 
 
 def record_inputs(model: nn.Module, tokenizer, processor, prompt) -> dict:
