@@ -33,7 +33,8 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     """(float32 samples in [-1, 1], mixed to mono; sample rate) of a PCM WAV file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--audio {path} does not exist; give the path of a WAV file.")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"--audio {path} {what}; give the path of a WAV file.")
     try:
         with wave.open(str(path), "rb") as file:
             width, channels, rate = file.getsampwidth(), file.getnchannels(), file.getframerate()

@@ -31,6 +31,15 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = RATE, width: int = 2,
     return path
 
 
+def write_wav_bytes(path: Path, frames: bytes, width: int) -> Path:
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(width)
+        file.setframerate(RATE)
+        file.writeframes(frames)
+    return path
+
+
 def tone(seconds: float = 0.5, rate: int = RATE) -> np.ndarray:
     """A 440 Hz tone with a seeded hiss, 16-bit."""
     t = np.arange(int(seconds * rate)) / rate
@@ -75,6 +84,12 @@ def test_audio_that_is_not_what_the_extractor_reads_is_refused(tmp_path, whisper
         read_wav(tmp_path / "notes.wav")
     with pytest.raises(InputError, match="does not exist"):
         read_wav(tmp_path / "missing.wav")
+    with pytest.raises(InputError, match="is a folder"):
+        read_wav(tmp_path)
+    with pytest.raises(InputError, match="holds 24-bit samples; convert it to 16-bit PCM"):
+        read_wav(write_wav_bytes(tmp_path / "deep.wav", b"\0" * 30, width=3))
+    with pytest.raises(InputError, match="holds no samples"):
+        read_wav(write_wav_bytes(tmp_path / "empty.wav", b"", width=2))
     samples, rate = read_wav(write_wav(tmp_path / "slow.wav", tone(rate=8000), rate=8000))
     with pytest.raises(InputError, match="sampled at 8000 Hz, and the model's feature extractor reads 16000 Hz"):
         audio_features(extractor, samples, rate)
