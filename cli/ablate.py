@@ -78,10 +78,10 @@ def _run(args, prompts, shard) -> int:
                                        run=RunOptions(shard=shard, resume=args.resume, force=args.force,
                                                       quiet=progress_off(args), ranks=ranks),
                                        site=args.site, processor=processor)
-        if args.site not in (None, "self", "vision"):  # an encoder-decoder's site has its own spec
-            from llm_heatmap.models import spec_from_model
+        if args.site is not None:  # the site's own spec, as the ablation read it
+            from llm_heatmap.analyses.runs.sites import resolve_site
 
-            spec = spec_from_model(model, args.site)
+            spec = resolve_site(model, spec, args.site, str(args.model)).spec
     finally:
         ranks.close()
     if result is None:

@@ -188,6 +188,7 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
     (`outputs`: already claimed for the one site of --site)."""
     from contextlib import ExitStack
 
+    from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import write_table
     from llm_heatmap.models.files import atomic_output, claim_outputs
     from llm_heatmap.viz import save_grid, sites_view
@@ -225,7 +226,7 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt: str | None, name: st
                 for key, drawn_cube in _grids(cube, site_paths):
                     with atomic_output(site_paths[key], force=args.force) as temp:
                         save_grid(drawn_cube, temp, style, layers=layers, heads=heads)
-                metrics = sites.site_table(cube)
+                metrics = site_metrics(cube)
                 write_table(metrics, site_paths["metrics"], force=args.force)
                 with atomic_output(site_paths["cube"], force=args.force) as temp:
                     cube.save(temp)

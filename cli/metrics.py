@@ -124,6 +124,7 @@ def _run(args, prompt: str, metrics, claimed: dict | None = None) -> int:
 def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics, claimed: dict | None) -> int:
     """One table per site (and per image): NAME.SITE.metrics.csv in --out, or printed one after another
     (`claimed`: the paths of the one site of --site, already claimed)."""
+    from llm_heatmap.analyses.heads.measure import site_metrics
     from llm_heatmap.analyses.runs.table_files import to_markdown, write_table
     from llm_heatmap.models.files import claim_outputs
 
@@ -137,7 +138,7 @@ def _run_sites(args, model, tokenizer, specs: dict, prompt, metrics, claimed: di
     with claim_outputs(paths.values() if claimed is None else [], force=args.force):
         for run_name, image in planned:
             for site, cube in sites.capture_cubes(args, model, tokenizer, specs, chosen, prompt, image).items():
-                table = sites.site_table(cube)
+                table = site_metrics(cube)
                 key = f"{run_name}.{site}"
                 if out is not None:
                     write_table(table, paths[(run_name, site)], force=args.force)

@@ -128,19 +128,4 @@ def check_single_site_flags(args) -> None:
     """--stream, --qk and --chat keep to the one-site capture of a text model."""
     if getattr(args, "stream", None) or getattr(args, "qk", False) or getattr(args, "chat", False):
         raise InputError("--stream, --qk and --chat work on the one site of a text model; drop them with --site, "
-                         "--image, --target or a model with several sites.")
-
-
-def site_table(cube):
-    """The per-head table of a site's cube (`site_metrics`); a tower that ran the pass's pictures as a batch (LLaVA's
-    images, Idefics3's tiles) gets a table per sequence, a `sequence` column first (the picture's place in the
-    processor's order)."""
-    import pandas as pd
-
-    from llm_heatmap.analyses.heads.measure import site_metrics
-
-    if not cube.batched or len(cube) == 1:
-        return site_metrics(cube.one_sequence())
-    tables = [site_metrics(cube.item(index)) for index in range(len(cube))]
-    return pd.concat([table.assign(sequence=index) for index, table in enumerate(tables)], ignore_index=True)[
-        ["sequence", *tables[0].columns]]
+                         "--image, --audio, --target or a model with several sites.")

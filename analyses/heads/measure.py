@@ -115,11 +115,17 @@ def site_metrics(cube) -> pd.DataFrame:
     """The per-head table of one site's cube: alignment, monotonicity, coverage and source entropy for
     cross-attention (`cross_metrics`), the head metrics for every other site, with the vision metrics
     (`vision_metrics`) where the keys are image patches and the image share of text rows (`image_share`)
-    where a language model's keys mix text and image tokens."""
+    where a language model's keys mix text and image tokens. A batch of sequences (a tower that ran a pass's
+    pictures as a batch: LLaVA's images, Idefics3's tiles) gets a table per sequence, a `sequence` column first."""
     from .cross_metrics import cross_metrics
     from .image_share import image_share
     from .vision_metrics import vision_metrics
 
+    if cube.batched and len(cube) > 1:
+        tables = [site_metrics(cube.item(index)) for index in range(len(cube))]
+        return pd.concat([table.assign(sequence=index) for index, table in enumerate(tables)],
+                         ignore_index=True)[["sequence", *tables[0].columns]]
+    cube = cube.one_sequence()
     if cube.spec.site == "cross":
         return cross_metrics(cube)
     table = head_metrics(cube)
