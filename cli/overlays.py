@@ -95,7 +95,7 @@ def drawings(site: str, pictures: list[list], files: list[str]) -> list[Drawing]
                               image, tile, flat + tile) for tile in range(len(tiles))]
         else:
             found += [Drawing(part, _words(words, "its tiles side by side"), image, None, flat),
-                      Drawing(_part(part, "global"), words, image, last, flat + last)]
+                      Drawing(_part(part, "global"), _words(words, "its global view"), image, last, flat + last)]
         flat += len(tiles)
     return found
 

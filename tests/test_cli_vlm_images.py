@@ -245,6 +245,7 @@ def test_idefics3_grid_and_overlays_per_tile(idefics3_dir, tmp_path, capsys):
     expected |= {f"s.vision.tile{t}.{kind}.png" for t in range(7) for kind in ("overlay", "rollout")}
     assert names == expected
     assert "text: overlays of query" in summary and "its tiles side by side; wrote" in summary
+    assert "its global view; wrote" in summary  # the second figure of the language model says what it is drawn over
     assert "vision: overlays of query" in summary and "tile 6 (global); wrote" in summary
 
 
