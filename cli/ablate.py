@@ -66,12 +66,11 @@ def _run(args, prompts, shard) -> int:
 
     ranks = launched(args)
     try:
-        model, tokenizer, spec = load(args, device=ranks.device())
-        processor = None
-        if any(p.image is not None for p in prompts):
-            from llm_heatmap.models.loading import load_processor
+        from llm_heatmap.analyses.runs.sites import loaded_with_processor
 
-            processor = load_processor(args.model, trust_remote_code=args.trust_remote_code)
+        model, tokenizer, spec, processor = loaded_with_processor(
+            args.model, lambda source: load(args, source, device=ranks.device()), prompts,
+            trust_remote_code=args.trust_remote_code)
         with torch.no_grad():
             result = run_head_ablation(model, tokenizer, prompts, args.out, spec=spec, source=str(args.model),
                                        chat=args.chat, mode=args.mode, bootstrap=Bootstrap(args.resamples, args.confidence),

@@ -209,7 +209,7 @@ def _run_sets(args, metrics, paths: dict, run_folder) -> tuple[list[str], dict]:
 
     set_a, set_b, pairs, names = read_sets(args)
     model, tokenizer, spec, processor = loaded_with_processor(args.model, lambda source: load(args, source),
-                                                              [*set_a, *set_b])
+                                                              [*set_a, *set_b], trust_remote_code=args.trust_remote_code)
     with torch.no_grad():
         result = run_set_comparison(model, tokenizer, set_a, set_b, run_folder, spec=spec, source=str(args.model),
                                     chat=args.chat, pairs=pairs, metrics=metrics, site=args.site, processor=processor,

@@ -56,10 +56,10 @@ def resolve_site(model, spec, site: str | None, name: str, reads: str = "a run r
     return ResolvedSite(site, site, site_spec, images or site in (DECODER, CROSS, TEXT))
 
 
-def loaded_with_processor(source, loader, prompts) -> tuple:
+def loaded_with_processor(source, loader, prompts, *, trust_remote_code: bool = False) -> tuple:
     """(model, tokenizer, spec, processor) of a loaded entry or a source; an entry or a loader gives
     (model, tokenizer, spec) or those and the processor; a source's own processor is loaded when a prompt names
-    an image."""
+    an image (running code shipped with it only with `trust_remote_code`)."""
     if isinstance(source, tuple):
         loaded = source
     elif loader is not None:
@@ -74,7 +74,7 @@ def loaded_with_processor(source, loader, prompts) -> tuple:
     if not isinstance(source, tuple) and any(p.image is not None for p in prompts):
         from llm_heatmap.models.loading import load_processor
 
-        processor = load_processor(source)
+        processor = load_processor(source, trust_remote_code=trust_remote_code)
     return (*loaded, processor)
 
 
