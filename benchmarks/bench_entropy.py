@@ -1,18 +1,20 @@
-"""Row entropy of a captured block: -sum p ln p (what the metrics reducer does) against the entropy from the scores.
+"""Row entropy and largest weight of a captured block: the log per entry against the capture's entropy terms.
 
     .venv/bin/python benchmarks/bench_entropy.py [--lengths 2048 8192] [--threads 1 2]
 
-Issue 26 asked for H = ln Z - sum_j p_j s_j, computed from the scores the capture already holds,
-in place of the log per entry. This times both on row blocks shaped as the capture streams them
-for SmolLM2 (9 heads, the rows `stream.auto_chunk_rows` gives at that length, every key), with the
-block's own softmax as the baseline measured in the same run:
+The metrics reducer needs, per row of a block, the entropy -sum p ln p and the largest weight. It
+computes them with a log per entry and a row maximum of the weights, or, where the capture hands
+it the block's entropy terms (`probes/entropy_terms.py`, issue 26's "entropy from the scores"),
+from p (s - max s) and the weight at the largest score. Timed on row blocks shaped as the capture
+streams them for SmolLM2 (9 heads, the rows `stream.auto_chunk_rows` gives at that length, every
+key), with the block's own softmax as the baseline measured in the same run:
 
-  softmax                the capture's softmax of the block (the baseline)
-  p ln p                 the reducer's pass: clamp, log, multiply, row sum
-  from scores (shifted)  `score_entropy.entropy_from_scores`: row max, shift, multiply, row sum, gather
-  from scores (unshifted) ln Z sum p - sum p s with ln Z = s_max - ln p_max: one row max of the scores
-                         and one dot product, no shift (the two terms cancel in float32 when the
-                         scores are large; shown for its speed only)
+  softmax                 the capture's softmax of the block (the baseline)
+  p ln p + row max        the reducer's pass without terms: clamp, log, multiply, row sum; row maximum
+  entropy terms           row maxima of the scores and of the weights, subtract, multiply (in place of the
+                          scores), then the row sum: what the capture and the reducer now do
+  copy of the scores      part of the line above here only: the timed call overwrites the scores, so
+                          every repetition first copies them back; the last line leaves it out
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 
 import torch
 
-from llm_heatmap.probes.score_entropy import entropy_from_scores
+from llm_heatmap.probes.entropy_terms import EntropyTerms
 from llm_heatmap.probes.stream import auto_chunk_rows
 
 HEADS = 9
@@ -35,13 +37,14 @@ def block(length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, torch.softmax(scores, -1)
 
 
-def p_ln_p(probs: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    return torch.clamp_min(probs, torch.finfo(probs.dtype).tiny, out=scratch).log_().mul_(probs).sum(-1).neg_()
+def p_ln_p(probs: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    entropy = torch.clamp_min(probs, torch.finfo(probs.dtype).tiny, out=scratch).log_().mul_(probs).sum(-1).neg_()
+    return entropy, probs.amax(-1)
 
 
-def unshifted(scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    log_z = scores.amax(-1) - probs.amax(-1).log()  # ln Z = s_max - ln p_max
-    return log_z * probs.sum(-1) - torch.linalg.vecdot(probs, scores)
+def from_terms(scores: torch.Tensor, probs: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    terms = EntropyTerms.from_scores(scratch.copy_(scores), probs)
+    return terms.entropy(probs.new_ones(probs.shape[:-1])), terms.peak
 
 
 def median_ms(run, reps: int) -> float:
@@ -61,23 +64,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
-    print(f"{'threads':>7} {'keys':>6} {'rows':>5} {'path':<24} {'ms/block':>9} {'x softmax':>9}")
+    print(f"{'threads':>7} {'keys':>6} {'rows':>5} {'path':<29} {'ms/block':>9} {'x softmax':>9}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for length in args.lengths:
             scores, probs = block(length)
             scratch = torch.empty_like(probs)
-            reference = p_ln_p(probs, scratch).double()
-            torch.testing.assert_close(entropy_from_scores(scores, probs).double(), reference, atol=1e-5, rtol=1e-5)
+            reference, peak = p_ln_p(probs, scratch)
+            entropy, terms_peak = from_terms(scores, probs, scratch)
+            torch.testing.assert_close(entropy.double(), reference.double(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(terms_peak, peak)
             paths = {
                 "softmax": lambda: torch.softmax(scores, -1),
-                "p ln p": lambda: p_ln_p(probs, scratch),
-                "from scores (shifted)": lambda: entropy_from_scores(scores, probs),
-                "from scores (unshifted)": lambda: unshifted(scores, probs),
+                "p ln p + row max": lambda: p_ln_p(probs, scratch),
+                "entropy terms": lambda: from_terms(scores, probs, scratch),
+                "copy of the scores": lambda: scratch.copy_(scores),
             }
             times = {name: median_ms(run, args.reps) for name, run in paths.items()}
+            times["entropy terms, less the copy"] = times["entropy terms"] - times["copy of the scores"]
             for name, ms in times.items():
-                print(f"{threads:>7} {length:>6} {scores.shape[1]:>5} {name:<24} {ms:>9.3f} {ms / times['softmax']:>8.2f}x",
+                print(f"{threads:>7} {length:>6} {scores.shape[1]:>5} {name:<29} {ms:>9.3f} {ms / times['softmax']:>8.2f}x",
                       flush=True)
 
 

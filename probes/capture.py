@@ -129,6 +129,7 @@ class Probe:
         self.dtype = dtype
         self.consumers = list(consumers or [])
         self._trimmed_parts = all(getattr(consumer, "takes_trimmed_parts", False) for consumer in self.consumers)
+        self._entropy_terms = any(getattr(consumer, "takes_entropy_terms", False) for consumer in self.consumers)
         self.keep = keep
         self.chunk_rows = options.chunk_rows
         self.max_bytes = options.max_bytes
@@ -301,12 +302,14 @@ class Probe:
                 into = rows if rows is not None and len(heads) == len(self.heads) and rows.device == query.device \
                     else None
                 block = call.pattern(heads, start, stop, pad=False, out=into)
+                terms = call.entropy_terms(block) if self._entropy_terms and delivered else None
                 if computed is not None:
                     kernel_output.write_block(computed, block, value.detach(), start, stop)
                     if not delivered:
                         continue
                     if len(self.heads) != len(heads):
                         block = block.index_select(1, self._head_index.to(block.device))
+                        terms = terms.select(1, self._head_index.to(block.device)) if terms else None
                     if layer in self._writers:
                         self._block_output_norms(layer, side, computed, start - first_row, start, stop, len(positions))
                 width = block.shape[-1]
@@ -322,7 +325,8 @@ class Probe:
                     else:
                         pattern = torch.nn.functional.pad(block, (0, keys - width)).to(self.dtype)
                     stream = StreamPart(pass_index=self._pass, row_start=start - first_row, row_stop=stop - first_row,
-                                        num_queries=len(positions), key_stop=width)
+                                        num_queries=len(positions), key_stop=width,
+                                        entropy_terms=terms if pattern.dtype == torch.float32 else None)
                     part = self._part(layer, pattern, positions[start - first_row : stop - first_row], stream, keys,
                                       _part_side(side, start - first_row, stop - first_row))
                     for consumer in self.consumers:

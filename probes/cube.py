@@ -17,6 +17,7 @@ from llm_heatmap.models import ModelSpec
 from . import geometry
 from .axes import Axis, text_axis
 from .cube_schema import FORMAT, FORMAT_VERSION, SIDE_TENSORS, read_cube_file
+from .entropy_terms import EntropyTerms
 
 
 
@@ -71,6 +72,13 @@ class StreamPart:
     row_stop: int
     num_queries: int
     key_stop: int | None = None
+    # p ln p of the part's pattern in two factors (`entropy_terms.py`), from the capture's scores, for the consumers
+    # that take them (`takes_entropy_terms`); valid while the part is consumed (the capture reuses the memory)
+    entropy_terms: EntropyTerms | None = field(default=None, repr=False, compare=False)
+
+    def header(self) -> dict:
+        """Where the part sits, as saved with it (its entropy terms are not saved)."""
+        return {name: getattr(self, name) for name in ("pass_index", "row_start", "row_stop", "num_queries", "key_stop")}
 
 
 @dataclass
@@ -361,7 +369,7 @@ class AttentionCube:
             "weighting": self.weighting,
             "difference": self.difference,
             "pooling": None if self.pooling is None else asdict(self.pooling),
-            "stream": None if self.stream is None else asdict(self.stream),
+            "stream": None if self.stream is None else self.stream.header(),
         }
         if self.query_tokens is not None:
             header["query_tokens"] = self.query_tokens

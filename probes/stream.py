@@ -11,6 +11,7 @@ gets the pattern cut there instead of padded with zeros to every key.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Iterable, Protocol, runtime_checkable
 
@@ -23,8 +24,13 @@ from . import geometry
 from .cube import AttentionCube, Pooling, StreamPart
 from .cube_schema import SIDE_TENSORS
 
-# Past this many bytes of fp32 pattern per layer, rows are computed in chunks.
+# Past this many bytes of fp32 pattern per layer, rows are computed in chunks, of at least MIN_CHUNK_ROWS rows
+# while a chunk stays within MAX_CHUNK_BYTES: below that many rows the fixed work of every block (the consumers'
+# small steps) costs more than the cache saves (SmolLM2, 8,192 tokens, streaming Downsampler + metrics: 28 rows,
+# 8 MiB, 2.22x the plain forward; 56 rows 1.96x; README "Benchmarks").
 CHUNK_BYTES = 8 * 2**20
+MIN_CHUNK_ROWS = 56
+MAX_CHUNK_BYTES = 64 * 2**20
 
 
 @runtime_checkable
@@ -34,7 +40,8 @@ class CubeConsumer(Protocol):
     The probe calls `finish()` (when the consumer has one) once, when its `with` block exits
     without an error, after every part of every forward pass run inside the block. A consumer with
     `takes_trimmed_parts = True` accepts parts whose pattern holds only the keys before
-    `part.stream.key_stop` (module doc).
+    `part.stream.key_stop` (module doc); one with `takes_entropy_terms = True` gets the fp32 pattern's
+    `part.stream.entropy_terms` (`entropy_terms.py`) where the capture computed it, valid during `consume`.
     """
 
     def consume(self, part: AttentionCube) -> None: ...
@@ -43,13 +50,20 @@ class CubeConsumer(Protocol):
 
 
 def auto_chunk_rows(batch: int, heads: int, keys: int, rows: int, chunk_rows: int | None = None) -> int:
-    """Query rows per chunk: `chunk_rows` if given, else as many as fit `CHUNK_BYTES` of fp32."""
+    """Query rows per chunk: `chunk_rows` if given, else as many as fit `CHUNK_BYTES` of fp32, and at least
+    `MIN_CHUNK_ROWS` where they fit `MAX_CHUNK_BYTES`."""
     if chunk_rows is not None:
         if chunk_rows < 1:
             raise InputError(f"chunk_rows={chunk_rows} is not a positive number of query rows; pass 1 or more.")
         return chunk_rows
     per_row = max(1, batch * heads * keys * 4)
-    return max(1, min(rows, CHUNK_BYTES // per_row))
+    return max(1, min(rows, max(CHUNK_BYTES // per_row, min(MIN_CHUNK_ROWS, MAX_CHUNK_BYTES // per_row))))
+
+
+def chunk_bytes(batch: int, heads: int, keys: int) -> int:
+    """The fp32 bytes of one automatic chunk of rows over `keys` keys (the most a streaming capture computes at once)."""
+    per_row = batch * heads * keys * 4
+    return auto_chunk_rows(batch, heads, keys, sys.maxsize) * per_row
 
 
 def iter_parts(cube: AttentionCube, chunk_rows: int | None = None):

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from llm_heatmap.errors import InputError
 
+from .entropy_terms import EntropyTerms
+
 _MISSING = object()
 
 
@@ -309,6 +311,7 @@ class KernelCall:
         if blocked is not None:
             first, blocked = blocked
             scores[..., first:].masked_fill_(blocked, floor)
+        self._softmax_input = scores
         if self.sinks is not None:
             sinks = self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
             sinks = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
@@ -326,6 +329,11 @@ class KernelCall:
         full[..., :keys] = probs
         full[..., keys:] = 0
         return full
+
+    def entropy_terms(self, probs: torch.Tensor) -> EntropyTerms:
+        """The entropy terms of the block `pattern` just returned as `probs` (called before the next block: they
+        are computed in place of its scores, in memory the next block reuses)."""
+        return EntropyTerms.from_scores(self._softmax_input, probs[..., :self._softmax_input.shape[-1]])
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
         return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())

@@ -40,8 +40,9 @@ def test_refusal_offers_only_what_would_fit(tiny_gguf, monkeypatch):
     from llm_heatmap.analyses.runs.prompts import check_length
     from llm_heatmap.probes.capture import estimate_cube_bytes
 
-    cube = estimate_cube_bytes(spec, check_length(tokenizer, spec, PROMPT))
-    working = measure.METRIC_BLOCKS * measure.CHUNK_BYTES
+    tokens = check_length(tokenizer, spec, PROMPT)
+    cube = estimate_cube_bytes(spec, tokens)
+    working = measure.METRIC_BLOCKS * measure.chunk_bytes(1, spec.num_heads, tokens)
     assert spec.num_layers == 2
     sizes["limit"] = working + cube // 2 - 1  # neither half precision nor one of the two layers would fit
     with pytest.raises(InputError) as refused:

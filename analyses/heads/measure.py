@@ -13,13 +13,13 @@ from llm_heatmap.models.offline import source_name
 from llm_heatmap.probes import Downsampler, capture_prompt
 from llm_heatmap.probes.capture import CaptureOptions, estimate_cube_bytes
 from llm_heatmap.probes.memory import check_fits, fits, size_text
-from llm_heatmap.probes.stream import CHUNK_BYTES
+from llm_heatmap.probes.stream import chunk_bytes
 
 from llm_heatmap.analyses.heads.metrics import COLUMNS, HeadMetricsReducer, head_metrics
 from llm_heatmap.analyses.runs.progress import LayerProgress
 from llm_heatmap.analyses.runs.prompts import MIN_TOKENS, check_length
 
-METRIC_BLOCKS = 4  # the metrics reducer holds a few row blocks of the streaming size (CHUNK_BYTES) at once
+METRIC_BLOCKS = 4  # the metrics reducer holds a few row blocks of the streaming size (`stream.chunk_bytes`) at once
 # stream=None streams a cube above this size even where it would fit: drawing and measuring a multi-GiB cube
 # takes minutes for a grid that equals the streamed one (pooled to max_tokens either way)
 AUTO_STREAM_BYTES = 1 << 30
@@ -56,7 +56,7 @@ def measure_prompt(model, tokenizer, spec, prompt: str, *, stream: bool | None =
     source = source or source_name(model)
     num_layers, num_heads = len(layers) if layers else spec.num_layers, len(heads) if heads else spec.num_heads
     size = estimate_cube_bytes(spec, num_tokens, num_layers=num_layers, num_heads=num_heads, dtype=dtype)
-    working = {"metrics": METRIC_BLOCKS * CHUNK_BYTES}
+    working = {"metrics": METRIC_BLOCKS * chunk_bytes(1, num_heads, num_tokens)}
     full = {"cube": size, **working, **(also_needs(num_tokens) if also_needs else {})}
     if num_tokens < MIN_TOKENS:
         stream = False  # one token: nothing to stream, nothing to measure

@@ -62,6 +62,7 @@ import pandas as pd
 import torch
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.probes.entropy_terms import EntropyTerms
 from llm_heatmap.probes.stream import replay
 
 from llm_heatmap.analyses.bounds import METRIC_NORM_COLUMNS, METRIC_TABLE_COLUMNS
@@ -107,6 +108,7 @@ class HeadMetricsReducer:
     """
 
     takes_trimmed_parts = True
+    takes_entropy_terms = True
 
     def __init__(self, *, sink_threshold: float = SINK_THRESHOLD, exclude_bos: bool = False,
                  exclude_current_token: bool = False, thresholds: dict | None = None):
@@ -144,7 +146,11 @@ class HeadMetricsReducer:
             if part.value_norms is not None and part.output_norms is not None:
                 outputs = part.output_norms[index]
                 norms = (part.value_norms[index], outputs if rows is None else outputs.index_select(1, rows.to(device)))
-            self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms)
+            terms = info.entropy_terms if info is not None and len(part.layers) == 1 else None
+            if terms is not None:  # the capture's, "1 h q k"
+                terms = EntropyTerms(terms.shifted[0], terms.peak[0])
+                terms = terms if rows is None else terms.select(1, rows.to(device))
+            self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms, terms)
 
     def finish(self) -> None:
         """Nothing to flush; present so the reducer fits the consumer protocol."""
@@ -181,12 +187,17 @@ class HeadMetricsReducer:
                 exclude_bos=self.exclude_bos, exclude_current_token=self.exclude_current_token)
         return block
 
-    def _accumulate(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock, norms=None) -> None:
+    def _accumulate(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock, norms=None,
+                    terms: EntropyTerms | None = None) -> None:
         """Add one layer's block of rows, `weights` `"h q k"`, to the layer's sums; `norms` is (value norms
-        `"h k"`, output norms `"h q"`) where the capture recorded them."""
+        `"h k"`, output norms `"h q"`) where the capture recorded them, `terms` the weights' entropy terms
+        where it computed them."""
         weights = weights[..., block.key_start:block.key_stop].float()
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
+            terms = None  # they are the terms of the weights before masking
+        elif terms is not None:
+            terms = EntropyTerms(terms.shifted[..., block.key_start:block.key_stop], terms.peak)
         heads = weights.shape[0]
         near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         key_features = block.features  # "k f"
@@ -196,23 +207,21 @@ class HeadMetricsReducer:
                                            self._key_columns(value_norms, weights.device))
             key_features = torch.cat([key_features.expand(heads, -1, -1), by_weight], -1)
         by_features = torch.matmul(weights, key_features)  # "h q k, (h) k f -> h q f"
-        # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
-        plogp = torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=self._scratch(weights))
-        plogp = plogp.log_().mul_(weights)
+        mass = by_features[..., :1]  # sum_j A_ij (FEATURES' "all")
         if norms is None:
-            entropy = plogp.sum(-1, keepdim=True).neg_()
+            entropy = self._plogp_sums(weights, terms, None, mass).neg_()
         else:
-            by_plogp = torch.matmul(plogp, by_plogp_columns)  # "h q k, h k 2 -> h q 2"
+            # sum_j (A ln A)_j [1, n_j], beside sum_j A_j [1, n_j]
+            by_plogp = self._plogp_sums(weights, terms, by_plogp_columns, torch.cat([mass, by_features[..., -2:-1]], -1))
             entropy = by_plogp[..., :1].neg()
             self._accumulate_norms(sums, weights, block, value_norms, output_norms,
                                    *by_features[..., -2:].unbind(-1), by_plogp[..., 1])
             by_features = by_features[..., :-2]
-        del plogp
         statistics = torch.cat([
             by_features,
             weights.gather(-1, block.picks.expand(heads, -1, -1)),
             torch.matmul(near, block.near_features).transpose(0, 1),  # "q h k, q k n -> h q n"
-            weights.amax(-1, keepdim=True),
+            weights.amax(-1, keepdim=True) if terms is None else terms.peak[..., None],
             entropy,
         ], -1).double()
         statistics = torch.cat([statistics, statistics[..., -1:].exp()], -1)  # "h q s", columns STATISTICS
@@ -223,6 +232,21 @@ class HeadMetricsReducer:
         pair_weights = weights[:, block.pair_rows, block.pair_keys]
         sums.pairs[0] += pair_weights[:, :block.duplicates].sum(-1)
         sums.pairs[1] += pair_weights[:, block.duplicates:].sum(-1)
+
+    def _plogp_sums(self, weights: torch.Tensor, terms: EntropyTerms | None, columns: torch.Tensor | None,
+                    masses: torch.Tensor) -> torch.Tensor:
+        """`"h q c"`: sum_j A_ij ln A_ij c_j for each key column c of `columns` (`"h k c"`; None: the one column
+        c = 1), given `masses` = sum_j A_ij c_j. From the entropy terms where the capture gave them (no log
+        per entry) and they are finite; else with the log of every weight."""
+        if terms is not None:
+            shifted = terms.shifted.sum(-1, keepdim=True) if columns is None else torch.matmul(terms.shifted, columns)
+            sums = shifted + terms.log_peak_times(masses)
+            if bool(torch.isfinite(sums).all()):
+                return sums
+        # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
+        plogp = torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=self._scratch(weights))
+        plogp = plogp.log_().mul_(weights)
+        return plogp.sum(-1, keepdim=True) if columns is None else torch.matmul(plogp, columns)
 
     def _accumulate_norms(self, sums: _LayerSums, weights, block: RowBlock, value_norms, output_norms,
                           total, n_log_n, plogp_n) -> None:

@@ -1,0 +1,174 @@
+"""EntropyTerms (p ln p from the softmax's scores) against the direct -sum p ln p, on rows built to break it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_heatmap.probes.entropy_terms import EntropyTerms
+
+FLOOR = torch.finfo(torch.float32).min
+
+
+def _direct(probs: torch.Tensor) -> torch.Tensor:
+    probs = probs.double()
+    return -torch.xlogy(probs, probs).sum(-1)
+
+
+def _terms(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> tuple[EntropyTerms, torch.Tensor]:
+    if sinks is None:
+        probs = torch.softmax(scores, -1)
+    else:
+        probs = torch.softmax(torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1]
+    return EntropyTerms.from_scores(scores.clone(), probs), probs
+
+
+def _check(scores: torch.Tensor, sinks: torch.Tensor | None = None, atol: float = 2e-6) -> torch.Tensor:
+    terms, probs = _terms(scores, sinks)
+    mine = terms.entropy(probs.sum(-1))
+    assert mine.dtype == torch.float32
+    torch.testing.assert_close(mine.double(), _direct(probs), atol=atol, rtol=1e-5)
+    # entry by entry: p ln p = shifted + p ln(peak)
+    plogp = terms.shifted + terms.log_peak_times(probs.new_ones(probs.shape[:-1]))[..., None] * probs
+    torch.testing.assert_close(plogp.double(), torch.xlogy(probs.double(), probs.double()), atol=atol, rtol=1e-5)
+    return mine
+
+
+def test_random_rows_with_large_offsets():
+    """Scores of a few hundred: ln Z and sum p s are each ~300 and would cancel without the shift."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 6, 64, generator=generator) * 3 + torch.linspace(-300, 300, 6)[None, :, None]
+    _check(scores)
+
+
+def test_peaked_rows():
+    scores = torch.full((3, 50), -10.0)
+    scores[0, 7] = 40.0  # one key has essentially all the mass
+    scores[1, :2] = 25.0  # two keys split it
+    scores[2, 3] = 12.0  # a peak with a visible tail
+    entropy = _check(scores, atol=1e-6)
+    assert entropy[0] >= 0 and entropy[1] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
+
+
+def test_keys_masked_at_the_float32_minimum_and_fully_masked_rows():
+    scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(1)) * 5
+    scores[0, 3:] = FLOOR  # causal-style mask at float32's minimum (what the capture writes)
+    scores[1, :] = FLOOR  # fully masked row: softmax is uniform, entropy ln 10
+    scores[2, 1:] = FLOOR  # one key left: entropy 0
+    entropy = _check(scores)
+    assert entropy[1] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-6)
+    assert entropy[2] == 0
+
+
+def test_a_score_of_minus_infinity_reads_as_not_finite():
+    """A model's own -inf mask: 0 x -inf is NaN, which tells the caller to fall back to the log per entry."""
+    scores = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
+    scores[0, ::2] = float("-inf")
+    terms, probs = _terms(scores)
+    entropy = terms.entropy(probs.sum(-1))
+    assert not entropy[0].isfinite() and entropy[1].isfinite()
+
+
+def test_softcapped_scores():
+    raw = torch.randn(8, 32, generator=torch.Generator().manual_seed(2)) * 40
+    softcap = 5.0
+    _check(torch.tanh(raw / softcap) * softcap)
+
+
+def test_sinks_take_mass_outside_the_keys():
+    scores = torch.randn(4, 20, generator=torch.Generator().manual_seed(3)) * 4
+    sinks = torch.tensor([[3.0], [-2.0], [30.0], [0.0]])
+    _check(scores, sinks)
+
+
+def test_a_row_whose_weights_are_all_zero_reads_as_not_finite():
+    """Everything on a sink: the largest weight is 0, so ln of it is -inf; the caller falls back."""
+    scores = torch.full((1, 20), FLOOR)
+    terms, probs = _terms(scores, torch.tensor([[1.0]]))
+    assert (probs == 0).all() and not terms.entropy(probs.sum(-1)).isfinite().any()
+
+
+def test_select_keeps_rows_and_peaks_together():
+    scores = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(5)) * 6
+    terms, probs = _terms(scores)
+    rows = torch.tensor([0, 2])
+    chosen = terms.select(1, rows)
+    torch.testing.assert_close(chosen.entropy(probs[:, rows].sum(-1)), terms.entropy(probs.sum(-1))[:, rows])
+
+
+# ---- through the capture: the reducer's table with the capture's terms equals the one from the weights alone ----
+
+from llm_heatmap.analyses import HeadMetricsReducer, head_metrics  # noqa: E402
+from llm_heatmap.probes import capture  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from tiny_models import VOCAB, tiny_model  # noqa: E402
+
+
+def _gpt_oss():
+    """gpt-oss with sinks that matter (as in test_computed_output)."""
+    config = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2)
+    return model
+
+
+class _TermsRecorder:
+    takes_trimmed_parts = True
+    takes_entropy_terms = True
+
+    def __init__(self):
+        self.with_terms = 0
+
+    def consume(self, part):
+        terms = part.stream.entropy_terms
+        if terms is not None:
+            self.with_terms += 1
+            assert terms.shifted.shape == (*part.pattern.shape[:-1], part.stream.key_stop)
+            assert terms.peak.shape == part.pattern.shape[:-1]
+
+
+def _streamed_and_kept(model, ids, **options):
+    recorder, reducer = _TermsRecorder(), HeadMetricsReducer()
+    with torch.no_grad(), capture(model, consumers=[recorder, reducer], chunk_rows=5, **options) as probe:
+        model(input_ids=ids)
+    return recorder, reducer.table(), head_metrics(probe.cube(ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_oss"])
+@pytest.mark.parametrize("computed", [False, True])
+def test_streamed_tables_from_terms_equal_the_tables_from_the_weights(family, computed):
+    """Sliding windows (gemma3), sinks (gpt-oss), value norms, a head subset; the kept cube's table is computed
+    from its weights alone (replayed parts carry no terms)."""
+    model = _gpt_oss() if family == "gpt_oss" else tiny_model(family)
+    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(7))
+    recorder, streamed, kept = _streamed_and_kept(model, ids, compute_output=computed, value_norms=True, heads=(0, 2, 3))
+    assert recorder.with_terms == len(streamed) // 3 * 5  # every part of every layer
+    numeric = [c for c in kept.columns if kept[c].dtype.kind in "fi"]
+    assert "norm_weighted_entropy" in numeric
+    torch.testing.assert_close(torch.tensor(streamed[numeric].to_numpy(float)), torch.tensor(kept[numeric].to_numpy(float)),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_a_pattern_kept_in_another_dtype_gets_no_terms():
+    """The terms are those of the fp32 weights; a part holding float16 weights is measured from them alone."""
+    model = tiny_model("llama")
+    recorder = _TermsRecorder()
+    with torch.no_grad(), capture(model, consumers=[recorder], keep=False, dtype=torch.float16):
+        model(input_ids=torch.randint(0, VOCAB, (1, 9)))
+    assert recorder.with_terms == 0
+
+
+def test_terms_that_are_not_finite_fall_back_to_the_log_of_every_weight():
+    probs = torch.softmax(torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(8)), -1)
+    broken = EntropyTerms(shifted=torch.full_like(probs, float("nan")), peak=probs.amax(-1))
+    reducer = HeadMetricsReducer()
+    mass = probs.sum(-1, keepdim=True)
+    torch.testing.assert_close(reducer._plogp_sums(probs, broken, None, mass),
+                               torch.xlogy(probs, probs).sum(-1, keepdim=True))
