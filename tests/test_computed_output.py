@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llm_heatmap import InputError
 from llm_heatmap.probes import capture
 
-from tiny_models import EXTRA_FAMILIES, FAMILIES, SDPA_UNSUPPORTED, tiny_model
+from tiny_models import EXTRA_FAMILIES, FAMILIES, SDPA_UNSUPPORTED, tiny_gpt_oss, tiny_model
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 FAMILY_KERNELS = [(family, kernel) for family in [*FAMILIES, *EXTRA_FAMILIES] for kernel in ("sdpa", "eager")
@@ -100,15 +100,7 @@ def test_streaming_subset_and_last_rows_equal_the_untouched_mode(family):
 
 def test_attention_sinks_gpt_oss():
     """gpt-oss adds a learned sink logit per head (s_aux) to every softmax."""
-    config = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
-                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-                                  max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(0, 2)  # sinks that matter
+    model = tiny_gpt_oss()
     ids = _ids(12)
     plain, _ = _outputs(model, ids)
     computed, _ = _outputs(model, ids, compute_output=True)

@@ -1,11 +1,15 @@
-"""EntropyTerms (p ln p from the softmax's scores) against the direct -sum p ln p, on rows built to break it."""
+"""EntropyTerms (p ln p from the softmax's scores) against the direct -sum p ln p, on rows built to break it, and
+the metrics table of a capture that hands them to the reducer against the table from the weights alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
+from llm_heatmap.probes import capture
 from llm_heatmap.probes.entropy_terms import EntropyTerms
+from tiny_models import VOCAB, tiny_gpt_oss, tiny_model
 
 FLOOR = torch.finfo(torch.float32).min
 
@@ -98,27 +102,6 @@ def test_select_keeps_rows_and_peaks_together():
 
 # ---- through the capture: the reducer's table with the capture's terms equals the one from the weights alone ----
 
-from llm_heatmap.analyses import HeadMetricsReducer, head_metrics  # noqa: E402
-from llm_heatmap.probes import capture  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-from tiny_models import VOCAB, tiny_model  # noqa: E402
-
-
-def _gpt_oss():
-    """gpt-oss with sinks that matter (as in test_computed_output)."""
-    config = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
-                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-                                  max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(0, 2)
-    return model
-
-
 class _TermsRecorder:
     takes_trimmed_parts = True
     takes_entropy_terms = True
@@ -146,8 +129,8 @@ def _streamed_and_kept(model, ids, **options):
 def test_streamed_tables_from_terms_equal_the_tables_from_the_weights(family, computed):
     """Sliding windows (gemma3), sinks (gpt-oss), value norms, a head subset; the kept cube's table is computed
     from its weights alone (replayed parts carry no terms)."""
-    model = _gpt_oss() if family == "gpt_oss" else tiny_model(family)
-    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(7))
+    model = tiny_gpt_oss() if family == "gpt_oss" else tiny_model(family)
+    ids = torch.randint(0, VOCAB, (1, 23), generator=torch.Generator().manual_seed(7))
     recorder, streamed, kept = _streamed_and_kept(model, ids, compute_output=computed, value_norms=True, heads=(0, 2, 3))
     assert recorder.with_terms == len(streamed) // 3 * 5  # every part of every layer
     numeric = [c for c in kept.columns if kept[c].dtype.kind in "fi"]

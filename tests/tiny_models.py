@@ -62,6 +62,20 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", dtype=torch.float
     return model.eval()
 
 
+def tiny_gpt_oss(seed: int = 0):
+    """A seeded random gpt-oss (eager) whose learned sink logits per head (s_aux) are large enough to matter."""
+    config = AutoConfig.for_model("gpt_oss", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                  max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2)
+    return model
+
+
 def _byte_level_alphabet() -> list[str]:
     """GPT-2's byte-to-unicode table: the 256 single-byte tokens of a byte-level BPE vocabulary."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
