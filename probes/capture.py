@@ -309,7 +309,7 @@ class Probe:
                         continue
                     if len(self.heads) != len(heads):
                         block = block.index_select(1, self._head_index.to(block.device))
-                        terms = terms.select(1, self._head_index.to(block.device)) if terms else None
+                        terms = None if terms is None else terms.select(1, self._head_index.to(block.device))
                     if layer in self._writers:
                         self._block_output_norms(layer, side, computed, start - first_row, start, stop, len(positions))
                 width = block.shape[-1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
-from llm_heatmap.probes import capture
+from llm_heatmap.probes import AttentionCube, capture
 from llm_heatmap.probes.entropy_terms import EntropyTerms
 from tiny_models import VOCAB, tiny_gpt_oss, tiny_model
 
@@ -155,3 +155,18 @@ def test_terms_that_are_not_finite_fall_back_to_the_log_of_every_weight():
     mass = probs.sum(-1, keepdim=True)
     torch.testing.assert_close(reducer._plogp_sums(probs, broken, None, mass),
                                torch.xlogy(probs, probs).sum(-1, keepdim=True))
+
+
+def test_a_part_with_terms_saves_where_it_sits_without_them(tmp_path):
+    class Keep(_TermsRecorder):
+        def consume(self, part):
+            super().consume(part)
+            self.part = part
+
+    keeper, model = Keep(), tiny_model("llama")
+    with torch.no_grad(), capture(model, consumers=[keeper], keep=False, chunk_rows=4):
+        model(input_ids=torch.randint(0, VOCAB, (1, 10)))
+    assert keeper.part.stream.entropy_terms is not None
+    loaded = AttentionCube.load(keeper.part.save(tmp_path / "part.safetensors"))
+    assert loaded.stream.entropy_terms is None
+    assert loaded.stream.header() == keeper.part.stream.header() and loaded.stream.row_start == 8
