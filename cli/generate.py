@@ -68,9 +68,8 @@ def run(args) -> int:
 
 
 def check_step_site(site: str) -> None:
-    """--site names a site the decode steps run through: an encoder-decoder's decoder or cross."""
-    if site not in options.SITES:
-        raise InputError(f"--site {site!r} is not an attention site; the sites are {', '.join(options.SITES)}.")
+    """--site (an attention site, `options.check_site_options`) names a site the decode steps run through: an
+    encoder-decoder's decoder or cross."""
     if site not in STEP_SITES:
         raise InputError(f"--site {site} does not step while the model generates (an encoder reads the source once, "
                          "before the first step); generate follows an encoder-decoder's --site decoder or --site cross.")
@@ -103,8 +102,7 @@ def _run(args, prompt: str, layers, heads, paths: dict[str, Path] | None, name: 
         raise InputError(f"--site picks the decoder or cross site of an encoder-decoder, and {args.model} "
                          f"({type(model).__name__}) is a decoder-only model with one site; drop --site.")
     step("generating")
-    sampling = {"do_sample": True, **({"temperature": args.temperature} if args.temperature else {})} \
-        if args.do_sample else {"do_sample": False}
+    sampling = _sampling(args)
     torch.manual_seed(args.seed)
     with torch.no_grad():
         steps = capture_decode(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
@@ -148,8 +146,7 @@ def _run_sites(args, model, tokenizer, prompt: str | None, layers, heads, name: 
     source = {"input_features": _audio_features(args, model, prompt)} if args.audio is not None or reads_audio(model) \
         else prompt
     paths = claimed or site_paths(args, name, list(STEP_SITES))
-    sampling = {"do_sample": True, **({"temperature": args.temperature} if args.temperature else {})} \
-        if args.do_sample else {"do_sample": False}
+    sampling = _sampling(args)
     with claim_outputs([] if claimed else [p for group in paths.values() for p in group.values()], force=args.force):
         step("generating")
         torch.manual_seed(args.seed)
@@ -180,6 +177,13 @@ def _run_sites(args, model, tokenizer, prompt: str | None, layers, heads, name: 
     emit(args, lines, {"model": str(args.model), "generated": text, "steps": steps.num_steps,
                        "files": {site: {k: str(v) for k, v in group.items()} for site, group in paths.items()}})
     return 0
+
+
+def _sampling(args) -> dict:
+    """generate()'s sampling options from --do-sample and --temperature."""
+    if not args.do_sample:
+        return {"do_sample": False}
+    return {"do_sample": True, **({"temperature": args.temperature} if args.temperature else {})}
 
 
 def _audio_features(args, model, prompt: str | None):
