@@ -1,4 +1,5 @@
-"""Row entropy and largest weight of a captured block: the log per entry against the capture's entropy terms.
+"""Row entropy and largest weight of a captured block: the log per entry, the entropy terms in torch, and the native
+softmax that gives them in its own pass.
 
     .venv/bin/python benchmarks/bench_entropy.py [--lengths 2048 8192] [--threads 1 2]
 
@@ -14,7 +15,10 @@ key), with the block's own softmax as the baseline measured in the same run:
   entropy terms           row maxima of the scores and of the weights, subtract, multiply (in place of the
                           scores), then the row sum: what the capture and the reducer now do
   copy of the scores      part of the line above here only: the timed call overwrites the scores, so
-                          every repetition first copies them back; the last line leaves it out
+                          every repetition first copies them back; "less the copy" leaves it out
+  native softmax + terms  `probes/native_softmax.py`: the softmax, the terms' row sums and the largest
+                          weight in one pass per row; in place of the softmax and the line above together
+                          (the "softmax + terms in torch" line)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 
 import torch
 
+from llm_heatmap.probes import native_softmax
 from llm_heatmap.probes.entropy_terms import EntropyTerms
 from llm_heatmap.probes.stream import auto_chunk_rows
 
@@ -47,6 +52,11 @@ def from_terms(scores: torch.Tensor, probs: torch.Tensor, scratch: torch.Tensor)
     return terms.entropy(probs.new_ones(probs.shape[:-1])), terms.peak
 
 
+def native(scores: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _, sums, peak = native_softmax.softmax(scores[None], probs[None])
+    return -(sums[0, ..., 0] + peak[0].log()), peak[0]
+
+
 def median_ms(run, reps: int) -> float:
     for _ in range(3):
         run()
@@ -64,6 +74,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
+    if not native_softmax.available():
+        raise SystemExit("the native softmax could not be built here (no C compiler?); see probes/native_softmax.py")
     print(f"{'threads':>7} {'keys':>6} {'rows':>5} {'path':<29} {'ms/block':>9} {'x softmax':>9}")
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -74,14 +86,20 @@ def main() -> None:
             entropy, terms_peak = from_terms(scores, probs, scratch)
             torch.testing.assert_close(entropy.double(), reference.double(), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(terms_peak, peak)
+            native_entropy, native_peak = native(scores, torch.empty_like(probs))
+            torch.testing.assert_close(native_entropy.double(), reference.double(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(native_peak, peak, atol=1e-6, rtol=1e-5)
+            native_probs = torch.empty_like(probs)
             paths = {
                 "softmax": lambda: torch.softmax(scores, -1),
                 "p ln p + row max": lambda: p_ln_p(probs, scratch),
                 "entropy terms": lambda: from_terms(scores, probs, scratch),
                 "copy of the scores": lambda: scratch.copy_(scores),
+                "native softmax + terms": lambda: native(scores, native_probs),
             }
             times = {name: median_ms(run, args.reps) for name, run in paths.items()}
             times["entropy terms, less the copy"] = times["entropy terms"] - times["copy of the scores"]
+            times["softmax + terms in torch"] = times["softmax"] + times["entropy terms, less the copy"]
             for name, ms in times.items():
                 print(f"{threads:>7} {length:>6} {scores.shape[1]:>5} {name:<29} {ms:>9.3f} {ms / times['softmax']:>8.2f}x",
                       flush=True)

@@ -6,11 +6,11 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
 
+from llm_heatmap.cache import cache_root
 from llm_heatmap.errors import InputError
 
 from .files import atomic_output
@@ -20,11 +20,6 @@ MARKER = "llm_heatmap_gguf.json"
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
-
-
-def cache_root() -> Path:
-    root = os.environ.get("LLM_HEATMAP_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "llm-heatmap"
 
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}

@@ -296,12 +296,13 @@ class Probe:
             blocks = [(start, min(first_row, start + step), False) for start in range(0, first_row, step)] \
                 if computed is not None else []
             blocks += [(start, min(queries, start + step), True) for start in range(first_row, queries, step)]
+            norms = self._entropy_weights(side, heads) if self._entropy_terms else None
             for start, stop, delivered in blocks:
                 rows = buffer[:, slot, :, start - first_row : stop - first_row] if self.keep and delivered else None
                 # the softmax goes straight into the cube's rows where both are on one device and hold every head
                 into = rows if rows is not None and len(heads) == len(self.heads) and rows.device == query.device \
                     else None
-                block = call.pattern(heads, start, stop, pad=False, out=into)
+                block = call.pattern(heads, start, stop, pad=False, out=into, value_norms=norms if delivered else None)
                 terms = call.entropy_terms(block) if self._entropy_terms and delivered else None
                 if computed is not None:
                     kernel_output.write_block(computed, block, value.detach(), start, stop)
@@ -334,6 +335,16 @@ class Probe:
                 del block
             if self.keep:
                 self._keep_side(batch, layer, side)
+
+    def _entropy_weights(self, side: dict, heads: torch.Tensor) -> torch.Tensor | None:
+        """The value norms of a block's heads (`"h k"`; 0 for heads not captured), which weight the second column of
+        its entropy terms, or None where none are recorded."""
+        norms = side.get("value_norms")
+        if norms is None or norms.shape[0] != 1:
+            return None
+        if len(heads) == len(self.heads):
+            return norms[0]
+        return norms.new_zeros(len(heads), norms.shape[-1]).index_copy_(0, self._head_index.to(norms.device), norms[0])
 
     def _begin_call(self, module, layer: int, kernel, query, key, mask, arguments, *,
                     first_of_layer: bool) -> tap.KernelCall:

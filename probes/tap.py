@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from llm_heatmap.errors import InputError
 
+from . import native_softmax
 from .entropy_terms import EntropyTerms
 
 _MISSING = object()
@@ -270,14 +271,15 @@ class KernelCall:
         return self.key.shape[2]
 
     def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, value_norms: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
         softmax((q * scaling) k^T, softcapped, + position bias, + mask) with each query head
         reading its KV head (for a head subset the KV heads are indexed, `"b g k d -> b (g r) k d"`).
         With `pad=False` the keys past the last one the kernel's causal rule lets these rows see
         are left out (they are 0); the caller fills them. `out` (fp32 `"b h q k"`, with pad=False): where
-        the probabilities are written, returned as its first keys.
+        the probabilities are written, returned as its first keys. `value_norms` (`"h k"`, for `heads`): the
+        second column of this block's `entropy_terms`.
         """
         all_heads = self._all_heads(heads)
         heads = heads.to(self.query.device)
@@ -311,14 +313,19 @@ class KernelCall:
         if blocked is not None:
             first, blocked = blocked
             scores[..., first:].masked_fill_(blocked, floor)
-        self._softmax_input = scores
-        if self.sinks is not None:
-            sinks = self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
+        self._softmax_input, self._value_norms = scores, value_norms
+        sinks = None if self.sinks is None else self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
+        into = out[..., :keys] if out is not None and out.dtype == torch.float32 and out.shape[-1] >= keys and not pad \
+            else None  # straight into the caller's buffer (its rows of the cube): no second copy of the block
+        native = native_softmax.softmax(scores, into, sinks, value_norms)
+        self._native_terms = None if native is None else EntropyTerms(sums=native[1], peak=native[2])
+        if native is not None:
+            probs = native[0]
+        elif sinks is not None:
             sinks = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
             probs = torch.softmax(torch.cat([scores, sinks], -1), dim=-1, dtype=torch.float32)[..., :-1]
-        elif out is not None and out.dtype == torch.float32 and out.shape[-1] >= keys and not pad:
-            # straight into the caller's buffer (its rows of the cube): no second copy of the block
-            probs = out[..., :keys]
+        elif into is not None:
+            probs = into
             torch.softmax(scores, dim=-1, dtype=torch.float32, out=probs)
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
@@ -330,10 +337,16 @@ class KernelCall:
         full[..., keys:] = 0
         return full
 
-    def entropy_terms(self, probs: torch.Tensor) -> EntropyTerms:
-        """The entropy terms of the block `pattern` just returned as `probs` (called before the next block: they
-        are computed in place of its scores, in memory the next block reuses)."""
-        return EntropyTerms.from_scores(self._softmax_input, probs[..., :self._softmax_input.shape[-1]])
+    def entropy_terms(self, probs: torch.Tensor) -> EntropyTerms | None:
+        """The entropy terms of the block `pattern` just returned as `probs`, or None where its scores are not float32
+        (called before the next block: the torch path computes them in place of its scores, in memory the next
+        block reuses)."""
+        if self._native_terms is not None:
+            return self._native_terms
+        if self._softmax_input.dtype != torch.float32:
+            return None
+        return EntropyTerms.from_scores(self._softmax_input, probs[..., :self._softmax_input.shape[-1]],
+                                        self._value_norms)
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
         return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())

@@ -1,17 +1,35 @@
-"""EntropyTerms (p ln p from the softmax's scores) against the direct -sum p ln p, on rows built to break it, and
-the metrics table of a capture that hands them to the reducer against the table from the weights alone."""
+"""EntropyTerms (p ln p from the softmax's scores), from torch and from the native softmax, against the direct
+-sum p ln p, on rows built to break it; the native softmax against torch's; and the metrics table of a capture that
+hands the terms to the reducer against the table from the weights alone."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 import torch
 
 from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
 from llm_heatmap.probes import AttentionCube, capture
+from llm_heatmap.probes import native_softmax
 from llm_heatmap.probes.entropy_terms import EntropyTerms
 from tiny_models import VOCAB, tiny_gpt_oss, tiny_model
 
 FLOOR = torch.finfo(torch.float32).min
+PATHS = ["torch", "native"]
+
+
+@pytest.fixture
+def softmax_path(request, monkeypatch):
+    """Which softmax the capture and `_terms` use: "native" (the compiled kernel, required) or "torch"."""
+    if request.param == "native" and shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine: the torch softmax is used")
+    monkeypatch.setenv("LLM_HEATMAP_NATIVE", "1" if request.param == "native" else "0")
+    native_softmax._kernel.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    native_softmax._kernel.cache_clear()
 
 
 def _direct(probs: torch.Tensor) -> torch.Tensor:
@@ -19,82 +37,110 @@ def _direct(probs: torch.Tensor) -> torch.Tensor:
     return -torch.xlogy(probs, probs).sum(-1)
 
 
-def _terms(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> tuple[EntropyTerms, torch.Tensor]:
+def _reference(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
     if sinks is None:
-        probs = torch.softmax(scores, -1)
-    else:
-        probs = torch.softmax(torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1]
-    return EntropyTerms.from_scores(scores.clone(), probs), probs
+        return torch.softmax(scores, -1)
+    return torch.softmax(torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1]
 
 
-def _check(scores: torch.Tensor, sinks: torch.Tensor | None = None, atol: float = 2e-6) -> torch.Tensor:
-    terms, probs = _terms(scores, sinks)
+def _terms(scores: torch.Tensor, path: str, sinks: torch.Tensor | None = None,
+           key_weights: torch.Tensor | None = None) -> tuple[EntropyTerms, torch.Tensor]:
+    """Terms and probabilities of rows `"... k"` (`sinks` `"... 1"`: one per row; `key_weights` `"... k"`)."""
+    if path == "torch":
+        probs = _reference(scores, sinks)
+        weights = None if key_weights is None else key_weights.reshape(-1, scores.shape[-1])
+        flat = EntropyTerms.from_scores(scores.reshape(1, -1, 1, scores.shape[-1]).clone(),
+                                        probs.reshape(1, -1, 1, scores.shape[-1]), weights)
+    else:  # every row its own head, so that a sink and key weights can differ per row
+        block = scores.reshape(1, -1, 1, scores.shape[-1])
+        probs, sums, peak = native_softmax.softmax(
+            block, sinks=None if sinks is None else sinks.reshape(-1),
+            key_weights=None if key_weights is None else key_weights.reshape(-1, scores.shape[-1]))
+        flat = EntropyTerms(sums, peak)
+        torch.testing.assert_close(probs.reshape(scores.shape), _reference(scores, sinks), atol=1e-6, rtol=2e-6)
+        probs = probs.reshape(scores.shape)
+    return EntropyTerms(flat.sums.reshape(*scores.shape[:-1], -1), flat.peak.reshape(scores.shape[:-1])), probs
+
+
+def _check(scores: torch.Tensor, path: str, sinks: torch.Tensor | None = None, atol: float = 2e-6) -> torch.Tensor:
+    key_weights = torch.rand(scores.shape, generator=torch.Generator().manual_seed(11)) * 3
+    terms, probs = _terms(scores, path, sinks, key_weights)
     mine = terms.entropy(probs.sum(-1))
     assert mine.dtype == torch.float32
     torch.testing.assert_close(mine.double(), _direct(probs), atol=atol, rtol=1e-5)
-    # entry by entry: p ln p = shifted + p ln(peak)
-    plogp = terms.shifted + terms.log_peak_times(probs.new_ones(probs.shape[:-1]))[..., None] * probs
-    torch.testing.assert_close(plogp.double(), torch.xlogy(probs.double(), probs.double()), atol=atol, rtol=1e-5)
+    torch.testing.assert_close(terms.peak, probs.amax(-1), atol=1e-7, rtol=1e-6)
+    # weighted by the value norms: sum_j p_j ln p_j w_j
+    weighted = terms.plogp_sums(torch.stack([probs.sum(-1), (probs * key_weights).sum(-1)], -1))[..., 1]
+    direct = (torch.xlogy(probs.double(), probs.double()) * key_weights).sum(-1)
+    torch.testing.assert_close(weighted.double(), direct, atol=3 * atol, rtol=1e-5)
     return mine
 
 
-def test_random_rows_with_large_offsets():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_random_rows_with_large_offsets(softmax_path):
     """Scores of a few hundred: ln Z and sum p s are each ~300 and would cancel without the shift."""
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(4, 6, 64, generator=generator) * 3 + torch.linspace(-300, 300, 6)[None, :, None]
-    _check(scores)
+    _check(scores, softmax_path)
 
 
-def test_peaked_rows():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_peaked_rows(softmax_path):
     scores = torch.full((3, 50), -10.0)
     scores[0, 7] = 40.0  # one key has essentially all the mass
     scores[1, :2] = 25.0  # two keys split it
     scores[2, 3] = 12.0  # a peak with a visible tail
-    entropy = _check(scores, atol=1e-6)
+    entropy = _check(scores, softmax_path, atol=1e-6)
     assert entropy[0] >= 0 and entropy[1] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
 
 
-def test_keys_masked_at_the_float32_minimum_and_fully_masked_rows():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_keys_masked_at_the_float32_minimum_and_fully_masked_rows(softmax_path):
     scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(1)) * 5
     scores[0, 3:] = FLOOR  # causal-style mask at float32's minimum (what the capture writes)
     scores[1, :] = FLOOR  # fully masked row: softmax is uniform, entropy ln 10
     scores[2, 1:] = FLOOR  # one key left: entropy 0
-    entropy = _check(scores)
+    entropy = _check(scores, softmax_path)
     assert entropy[1] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-6)
     assert entropy[2] == 0
 
 
-def test_a_score_of_minus_infinity_reads_as_not_finite():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_a_score_of_minus_infinity_reads_as_not_finite(softmax_path):
     """A model's own -inf mask: 0 x -inf is NaN, which tells the caller to fall back to the log per entry."""
     scores = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
     scores[0, ::2] = float("-inf")
-    terms, probs = _terms(scores)
+    terms, probs = _terms(scores, softmax_path)
     entropy = terms.entropy(probs.sum(-1))
     assert not entropy[0].isfinite() and entropy[1].isfinite()
 
 
-def test_softcapped_scores():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_softcapped_scores(softmax_path):
     raw = torch.randn(8, 32, generator=torch.Generator().manual_seed(2)) * 40
     softcap = 5.0
-    _check(torch.tanh(raw / softcap) * softcap)
+    _check(torch.tanh(raw / softcap) * softcap, softmax_path)
 
 
-def test_sinks_take_mass_outside_the_keys():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_sinks_take_mass_outside_the_keys(softmax_path):
     scores = torch.randn(4, 20, generator=torch.Generator().manual_seed(3)) * 4
     sinks = torch.tensor([[3.0], [-2.0], [30.0], [0.0]])
-    _check(scores, sinks)
+    _check(scores, softmax_path, sinks)
 
 
-def test_a_row_whose_weights_are_all_zero_reads_as_not_finite():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_a_row_whose_weights_are_all_zero_reads_as_not_finite(softmax_path):
     """Everything on a sink: the largest weight is 0, so ln of it is -inf; the caller falls back."""
     scores = torch.full((1, 20), FLOOR)
-    terms, probs = _terms(scores, torch.tensor([[1.0]]))
+    terms, probs = _terms(scores, softmax_path, torch.tensor([[1.0]]))
     assert (probs == 0).all() and not terms.entropy(probs.sum(-1)).isfinite().any()
 
 
-def test_select_keeps_rows_and_peaks_together():
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
+def test_select_keeps_rows_and_peaks_together(softmax_path):
     scores = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(5)) * 6
-    terms, probs = _terms(scores)
+    terms, probs = _terms(scores, softmax_path)
     rows = torch.tensor([0, 2])
     chosen = terms.select(1, rows)
     torch.testing.assert_close(chosen.entropy(probs[:, rows].sum(-1)), terms.entropy(probs.sum(-1))[:, rows])
@@ -113,7 +159,8 @@ class _TermsRecorder:
         terms = part.stream.entropy_terms
         if terms is not None:
             self.with_terms += 1
-            assert terms.shifted.shape == (*part.pattern.shape[:-1], part.stream.key_stop)
+            columns = 1 if part.value_norms is None else 2
+            assert terms.sums.shape == (*part.pattern.shape[:-1], columns)
             assert terms.peak.shape == part.pattern.shape[:-1]
 
 
@@ -124,9 +171,10 @@ def _streamed_and_kept(model, ids, **options):
     return recorder, reducer.table(), head_metrics(probe.cube(ids))
 
 
+@pytest.mark.parametrize("softmax_path", PATHS, indirect=True)
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_oss"])
 @pytest.mark.parametrize("computed", [False, True])
-def test_streamed_tables_from_terms_equal_the_tables_from_the_weights(family, computed):
+def test_streamed_tables_from_terms_equal_the_tables_from_the_weights(family, computed, softmax_path):
     """Sliding windows (gemma3), sinks (gpt-oss), value norms, a head subset; the kept cube's table is computed
     from its weights alone (replayed parts carry no terms)."""
     model = tiny_gpt_oss() if family == "gpt_oss" else tiny_model(family)
@@ -150,7 +198,7 @@ def test_a_pattern_kept_in_another_dtype_gets_no_terms():
 
 def test_terms_that_are_not_finite_fall_back_to_the_log_of_every_weight():
     probs = torch.softmax(torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(8)), -1)
-    broken = EntropyTerms(shifted=torch.full_like(probs, float("nan")), peak=probs.amax(-1))
+    broken = EntropyTerms(sums=torch.full_like(probs[..., :1], float("nan")), peak=probs.amax(-1))
     reducer = HeadMetricsReducer()
     mass = probs.sum(-1, keepdim=True)
     torch.testing.assert_close(reducer._plogp_sums(probs, broken, None, mass),
@@ -170,3 +218,74 @@ def test_a_part_with_terms_saves_where_it_sits_without_them(tmp_path):
     loaded = AttentionCube.load(keeper.part.save(tmp_path / "part.safetensors"))
     assert loaded.stream.entropy_terms is None
     assert loaded.stream.header() == keeper.part.stream.header() and loaded.stream.row_start == 8
+
+
+# ---- the native softmax itself ----
+
+@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
+def test_native_block_with_heads_sinks_value_norms_and_strided_rows(softmax_path):
+    """A "b h q k" block written into the rows of a wider cube buffer, as the kept capture does: probabilities,
+    sums and peaks per head against torch, and nothing outside those rows touched."""
+    generator = torch.Generator().manual_seed(12)
+    heads, rows, keys = 4, 7, 37
+    scores = torch.randn(1, heads, rows, keys, generator=generator) * 5
+    scores[..., 30:] = FLOOR
+    sinks, norms = torch.randn(heads, generator=generator) * 4, torch.rand(heads, keys, generator=generator)
+    cube = torch.full((1, 3, heads, 20, 40), 7.0)
+    into = cube[:, 1, :, 5:12, :keys]
+    probs, sums, peak = native_softmax.softmax(scores, into, sinks, norms)
+    assert probs.data_ptr() == into.data_ptr()
+    expected = _reference(scores, sinks[None, :, None, None])
+    torch.testing.assert_close(into, expected, atol=1e-6, rtol=2e-6)
+    untouched = cube.clone()
+    untouched[:, 1, :, 5:12, :keys] = 7.0
+    assert (untouched == 7.0).all()
+    reference = EntropyTerms.from_scores(scores.clone(), expected, norms)
+    torch.testing.assert_close(sums, reference.sums, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(peak, reference.peak, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
+def test_native_softmax_splits_rows_over_threads_and_batches(softmax_path):
+    scores = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(13)) * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        probs, sums, _ = native_softmax.softmax(scores)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(probs, scores.softmax(-1), atol=1e-6, rtol=2e-6)
+    torch.testing.assert_close(sums, EntropyTerms.from_scores(scores.clone(), scores.softmax(-1)).sums, atol=2e-6, rtol=1e-5)
+
+
+def test_the_native_softmax_leaves_what_it_does_not_take_to_torch():
+    scores = torch.randn(1, 2, 3, 8)
+    assert native_softmax.softmax(scores.half()) is None
+    assert native_softmax.softmax(scores.transpose(-1, -2)) is None  # keys not contiguous
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine: the torch softmax is used")
+def test_the_native_softmax_builds_on_a_machine_with_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLM_HEATMAP_NATIVE", raising=False)
+    native_softmax._kernel.cache_clear()
+    try:
+        assert native_softmax.available()
+        assert len(list((tmp_path / "native").glob("softmax_rows-*.so"))) == 1
+    finally:
+        native_softmax._kernel.cache_clear()
+
+
+def test_a_required_native_softmax_that_cannot_be_built_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "llm-heatmap-no-such-compiler")
+    native_softmax._kernel.cache_clear()
+    try:
+        monkeypatch.setenv("LLM_HEATMAP_NATIVE", "auto")
+        assert not native_softmax.available()  # falls back to torch
+        native_softmax._kernel.cache_clear()
+        monkeypatch.setenv("LLM_HEATMAP_NATIVE", "1")
+        with pytest.raises(native_softmax.NativeUnavailable, match="no C compiler"):
+            native_softmax.available()
+    finally:
+        native_softmax._kernel.cache_clear()

@@ -148,7 +148,7 @@ class HeadMetricsReducer:
                 norms = (part.value_norms[index], outputs if rows is None else outputs.index_select(1, rows.to(device)))
             terms = info.entropy_terms if info is not None and len(part.layers) == 1 else None
             if terms is not None:  # the capture's, "1 h q k"
-                terms = EntropyTerms(terms.shifted[0], terms.peak[0])
+                terms = EntropyTerms(terms.sums[0], terms.peak[0])
                 terms = terms if rows is None else terms.select(1, rows.to(device))
             self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms, terms)
 
@@ -196,8 +196,6 @@ class HeadMetricsReducer:
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
             terms = None  # they are the terms of the weights before masking
-        elif terms is not None:
-            terms = EntropyTerms(terms.shifted[..., block.key_start:block.key_stop], terms.peak)
         heads = weights.shape[0]
         near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         key_features = block.features  # "k f"
@@ -235,12 +233,11 @@ class HeadMetricsReducer:
 
     def _plogp_sums(self, weights: torch.Tensor, terms: EntropyTerms | None, columns: torch.Tensor | None,
                     masses: torch.Tensor) -> torch.Tensor:
-        """`"h q c"`: sum_j A_ij ln A_ij c_j for each key column c of `columns` (`"h k c"`; None: the one column
-        c = 1), given `masses` = sum_j A_ij c_j. From the entropy terms where the capture gave them (no log
-        per entry) and they are finite; else with the log of every weight."""
-        if terms is not None:
-            shifted = terms.shifted.sum(-1, keepdim=True) if columns is None else torch.matmul(terms.shifted, columns)
-            sums = shifted + terms.log_peak_times(masses)
+        """`"h q c"`: sum_j A_ij ln A_ij c_j for each key column c of `columns` (`"h k c"`: [1, value norms]; None: the
+        one column c = 1), given `masses` = sum_j A_ij c_j. From the entropy terms where the capture gave them (no
+        log per entry) and they are finite; else with the log of every weight."""
+        if terms is not None and terms.sums.shape[-1] >= masses.shape[-1]:
+            sums = terms.plogp_sums(masses)
             if bool(torch.isfinite(sums).all()):
                 return sums
         # p ln p with 0 ln 0 = 0: the clamp keeps log finite, 0 x finite = 0
