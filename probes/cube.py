@@ -75,9 +75,11 @@ class StreamPart:
     # p ln p of the part's pattern in two factors (`entropy_terms.py`), from the capture's scores, for the consumers
     # that take them (`takes_entropy_terms`); valid while the part is consumed (the capture reuses the memory)
     entropy_terms: EntropyTerms | None = field(default=None, repr=False, compare=False)
+    # by consumer, the part's weights times what it asked for (`stream.CubeConsumer`); valid during `consume`
+    products: dict | None = field(default=None, repr=False, compare=False)
 
     def header(self) -> dict:
-        """Where the part sits, as saved with it (its entropy terms are not saved)."""
+        """Where the part sits, as saved with it (its entropy terms and products are not saved)."""
         return {name: getattr(self, name) for name in ("pass_index", "row_start", "row_stop", "num_queries", "key_stop")}
 
 

@@ -177,7 +177,12 @@ def pool_sums(values: torch.Tensor, row_bins: torch.Tensor, num_row_bins: int, k
     """
     shape = values.shape[:-2]
     rows = values.new_zeros(*shape, num_row_bins, values.shape[-1]).index_add_(-2, row_bins.to(values.device), values)
-    return rows.new_zeros(*shape, num_row_bins, num_key_bins).index_add_(-1, key_bins.to(values.device), rows)
+    return pool_keys(rows, key_bins, num_key_bins)
+
+
+def pool_keys(values: torch.Tensor, key_bins: torch.Tensor, num_key_bins: int) -> torch.Tensor:
+    """`"... k -> ... b"`: the sum over the keys of each key bin (`key_bins`: each key's bin)."""
+    return values.new_zeros(*values.shape[:-1], num_key_bins).index_add_(-1, key_bins.to(values.device), values)
 
 
 def area_pool(values: torch.Tensor, row_edges, key_edges, row_weights: torch.Tensor | None = None) -> torch.Tensor:

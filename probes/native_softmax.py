@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -76,6 +77,19 @@ def _build(compiler: str) -> Path:
     raise NativeUnavailable(f"{compiler} could not build {SOURCE.name}: {error}")
 
 
+class _Block(ctypes.Structure):
+    """`Block` of softmax_rows.c."""
+
+    _fields_ = [("scores", _pointer), ("scores_head_stride", _size), ("scores_row_stride", _size),
+                ("probs", _pointer), ("probs_head_stride", _size), ("probs_row_stride", _size),
+                ("keys", _size), ("rows_per_head", _size), ("sinks", _pointer), ("key_weights", _pointer),
+                ("weights_stride", _size), ("sums", _pointer), ("peaks", _pointer),
+                ("column_groups", _size), ("columns", _pointer), ("columns_head_stride", _pointer),
+                ("columns_row_stride", _pointer), ("columns_count", _pointer), ("column_sums", _pointer),
+                ("row_groups", _size), ("row_weights", _pointer), ("row_weights_count", _pointer),
+                ("row_sums", _pointer)]
+
+
 @functools.cache
 def _kernel():
     """The loaded `softmax_rows` function, or None where it cannot be had (and is not required)."""
@@ -90,8 +104,7 @@ def _kernel():
         if _mode() == "1":
             raise NativeUnavailable(f"LLM_HEATMAP_NATIVE=1 but the native softmax is unavailable: {error}") from error
         return None
-    function.argtypes = [_pointer, _size, _size, _pointer, _size, _size, _size, _size, _size, _size, _pointer, _pointer,
-                         _size, _pointer, _pointer]
+    function.argtypes = [ctypes.POINTER(_Block), _size, _size]
     function.restype = None
     return function
 
@@ -106,40 +119,80 @@ def _pool(threads: int, process: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="llm-heatmap-softmax")
 
 
+class Products(NamedTuple):
+    """What a consumer asks the pass to multiply a block by (`stream.CubeConsumer`)."""
+
+    key_columns: tuple[torch.Tensor, ...] = ()  # "h f k" each (h may be expanded): sum_j p_ij c_fj
+    row_weights: tuple[torch.Tensor, ...] = ()  # "g q" each: sum_i u_gi p_ij, per head
+
+
+class NativeSoftmax(NamedTuple):
+    probs: torch.Tensor  # "b h q k"
+    sums: torch.Tensor  # "b h q c": the entropy terms' row sums (c = 2 with key weights)
+    peaks: torch.Tensor  # "b h q"
+    key_sums: tuple[torch.Tensor, ...]  # "b h q f" per key column group
+    row_sums: tuple[torch.Tensor, ...]  # "b h g k" per row weight group
+
+
+def _addresses(kind, values) -> ctypes.Array:
+    return (kind * max(1, len(values)))(*values)
+
+
 def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-            key_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(probs `"b h q k"`, sums `"b h q c"`, peaks `"b h q"`) of float32 CPU `scores` (see `softmax_rows.c`), or
-    None where the kernel is unavailable or does not apply (then use torch).
+            key_weights: torch.Tensor | None = None, products: Products = Products()) -> NativeSoftmax | None:
+    """The softmax of float32 CPU `scores` `"b h q k"` and what `softmax_rows.c` gives with it, or None where the
+    kernel is unavailable or does not apply (then use torch).
 
     `out`: where the probabilities go (`"b h q k"`, float32, keys contiguous: a cube's rows); `sinks`: a logit
-    per head (`"h"`) that joins each row's normaliser; `key_weights`: `"h k"`, a second column of sums weighted
-    by them (one sequence only).
+    per head (`"h"`) that joins each row's normaliser; `key_weights`: `"h k"`, a second column of entropy sums
+    weighted by them; `products`: key columns and row weights to multiply the block by (these two for one
+    sequence only).
     """
     kernel = _kernel()
     if kernel is None or scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.ndim != 4:
         return None
     probs = torch.empty_like(scores) if out is None else out
+    one_sequence = (key_weights is None and not any(products)) or scores.shape[0] == 1
     if probs.shape != scores.shape or probs.dtype != torch.float32 or probs.device.type != "cpu" \
-            or scores.stride(-1) != 1 or probs.stride(-1) != 1 or (key_weights is not None and scores.shape[0] != 1):
+            or scores.stride(-1) != 1 or probs.stride(-1) != 1 or not one_sequence:
         return None
     batch, heads, rows, keys = scores.shape
     sinks = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
     weights = None if key_weights is None else key_weights.detach().to("cpu", torch.float32)[:, :keys].contiguous()
+    columns = [c.detach().to("cpu", torch.float32)[..., :keys] for c in products.key_columns]
+    columns = [c if c.stride(-1) == 1 else c.contiguous() for c in columns]
+    row_weights = [u.detach().to("cpu", torch.float32).contiguous() for u in products.row_weights]
     sums = scores.new_empty(batch, heads, rows, 1 if weights is None else 2)
     peaks = scores.new_empty(batch, heads, rows)
+    key_sums = scores.new_empty(batch, heads, rows, sum(c.shape[1] for c in columns))
+    row_sums = [scores.new_zeros(batch, heads, u.shape[0], keys) for u in row_weights]
+    block = _Block(keys=keys, rows_per_head=rows,
+                   sinks=None if sinks is None else sinks.data_ptr(), key_weights=None if weights is None else weights.data_ptr(),
+                   weights_stride=0 if weights is None else weights.stride(0),
+                   scores_head_stride=scores.stride(1), scores_row_stride=scores.stride(2),
+                   probs_head_stride=probs.stride(1), probs_row_stride=probs.stride(2),
+                   column_groups=len(columns), row_groups=len(row_weights))
+    arrays = [_addresses(_pointer, [c.data_ptr() for c in columns]), _addresses(_size, [c.stride(0) for c in columns]),
+              _addresses(_size, [c.stride(1) for c in columns]), _addresses(_size, [c.shape[1] for c in columns]),
+              _addresses(_pointer, [u.data_ptr() for u in row_weights]), _addresses(_size, [u.shape[0] for u in row_weights])]
+    for name, array in zip(("columns", "columns_head_stride", "columns_row_stride", "columns_count", "row_weights",
+                            "row_weights_count"), arrays):
+        setattr(block, name, ctypes.cast(array, _pointer))
     total = heads * rows
-    threads = max(1, min(torch.get_num_threads(), total // MIN_ROWS_PER_THREAD))
-    bounds = [total * i // threads for i in range(threads + 1)]
+    # rows that add into one head's row sums stay in one thread
+    unit = rows if row_weights else 1
+    threads = max(1, min(torch.get_num_threads(), total // max(unit, MIN_ROWS_PER_THREAD)))
+    bounds = [total * i // threads // unit * unit for i in range(threads + 1)]
     for item in range(batch):
-        def run(start: int, stop: int, item=item) -> None:
-            kernel(scores[item].data_ptr(), scores.stride(1), scores.stride(2), probs[item].data_ptr(),
-                   probs.stride(1), probs.stride(2), start, stop, keys, rows,
-                   None if sinks is None else sinks.data_ptr(), None if weights is None else weights.data_ptr(),
-                   0 if weights is None else weights.stride(0), sums[item].data_ptr(), peaks[item].data_ptr())
-
+        item_sums = _addresses(_pointer, [r[item].data_ptr() for r in row_sums])
+        block.scores, block.probs = scores[item].data_ptr(), probs[item].data_ptr()
+        block.sums, block.peaks, block.column_sums = sums[item].data_ptr(), peaks[item].data_ptr(), key_sums[item].data_ptr()
+        block.row_sums = ctypes.cast(item_sums, _pointer)
         if threads == 1:
-            run(0, total)
+            kernel(ctypes.byref(block), 0, total)
         else:
-            for future in [_pool(threads, os.getpid()).submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
+            pool = _pool(threads, os.getpid())
+            for future in [pool.submit(kernel, ctypes.byref(block), a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
                 future.result()
-    return probs, sums, peaks
+    key_sums = tuple(key_sums.split([c.shape[1] for c in columns], -1)) if columns else ()
+    return NativeSoftmax(probs, sums, peaks, key_sums, tuple(row_sums))

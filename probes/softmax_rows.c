@@ -9,6 +9,11 @@
  *   sums[r][0] = sum_j p_j (s_j - m)               (<= 0)
  *   sums[r][1] = sum_j p_j (s_j - m) w_j           (only with key weights, w: "h k")
  *   peaks[r]   = exp(m - M) / Z                    (the row's largest weight)
+ *   column_sums[r][f] = sum_j p_j c_fj            (key columns c, group by group: "h f k" each)
+ *   row_sums[h][g][j] += u_gi p_j                   (row weights u, group by group: "g q" each, into
+ *                                                    "h g k"; a call's rows must hold whole heads)
+ * Key columns and row weights are what consumers would otherwise multiply the whole block by
+ * afterwards, one more pass over it from memory each; here each row is still in the cache.
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,16 +38,60 @@ static inline float exp_poly(float x) {
     return x < -87.3f ? 0.0f : p * scale.f;
 }
 
-void softmax_rows(const float *scores, int64_t scores_head_stride, int64_t scores_row_stride, float *probs,
-                  int64_t probs_head_stride, int64_t probs_row_stride, int64_t row_start, int64_t row_stop,
-                  int64_t keys, int64_t rows_per_head, const float *sinks, const float *key_weights,
-                  int64_t weights_stride, float *sums, float *peaks) {
-    int64_t columns = key_weights ? 2 : 1;
+typedef struct {
+    const float *scores;
+    int64_t scores_head_stride, scores_row_stride;
+    float *probs;
+    int64_t probs_head_stride, probs_row_stride;
+    int64_t keys, rows_per_head;
+    const float *sinks;       /* "h", or NULL */
+    const float *key_weights; /* "h k", or NULL */
+    int64_t weights_stride;
+    float *sums, *peaks;      /* "(h q) c", "(h q)" */
+    int64_t column_groups;
+    const float *const *columns;
+    const int64_t *columns_head_stride, *columns_row_stride, *columns_count;
+    float *column_sums;       /* "(h q) f": every group's columns */
+    int64_t row_groups;
+    const float *const *row_weights;
+    const int64_t *row_weights_count;
+    float *const *row_sums;
+} Block;
+
+static void products(const Block *b, const float *p, int64_t row, int64_t head, int64_t within) {
+    int64_t total = 0;
+    for (int64_t group = 0; group < b->column_groups; group++) total += b->columns_count[group];
+    float *out = b->column_sums + row * total;
+    for (int64_t group = 0; group < b->column_groups; group++) {
+        for (int64_t f = 0; f < b->columns_count[group]; f++) {
+            const float *c = b->columns[group] + head * b->columns_head_stride[group] + f * b->columns_row_stride[group];
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < b->keys; j++) sum += p[j] * c[j];
+            *out++ = sum;
+        }
+    }
+    for (int64_t group = 0; group < b->row_groups; group++) {
+        int64_t count = b->row_weights_count[group];
+        for (int64_t g = 0; g < count; g++) {
+            float u = b->row_weights[group][g * b->rows_per_head + within];
+            if (u == 0.0f) continue;
+            float *into = b->row_sums[group] + (head * count + g) * b->keys;
+#pragma omp simd
+            for (int64_t j = 0; j < b->keys; j++) into[j] += u * p[j];
+        }
+    }
+}
+
+void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
+    int64_t columns = b->key_weights ? 2 : 1, keys = b->keys;
     for (int64_t row = row_start; row < row_stop; row++) {
-        int64_t head = row / rows_per_head, within = row % rows_per_head;
-        const float *s = scores + head * scores_head_stride + within * scores_row_stride;
-        float *p = probs + head * probs_head_stride + within * probs_row_stride;
-        const float *w = key_weights ? key_weights + head * weights_stride : 0;
+        int64_t head = row / b->rows_per_head, within = row % b->rows_per_head;
+        const float *s = b->scores + head * b->scores_head_stride + within * b->scores_row_stride;
+        float *p = b->probs + head * b->probs_head_stride + within * b->probs_row_stride;
+        const float *w = b->key_weights ? b->key_weights + head * b->weights_stride : 0;
+        const float *sinks = b->sinks;
+        float *sums = b->sums, *peaks = b->peaks;
         float m = -INFINITY;
 #pragma omp simd reduction(max : m)
         for (int64_t j = 0; j < keys; j++) m = s[j] > m ? s[j] : m;
@@ -83,5 +132,6 @@ void softmax_rows(const float *scores, int64_t scores_head_stride, int64_t score
             sums[row * columns + 1] = edw * inverse + shift * ew;
         }
         peaks[row] = exp_poly(m - top) * inverse;
+        products(b, p, row, head, within);
     }
 }

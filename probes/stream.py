@@ -20,7 +20,7 @@ import torch
 from llm_heatmap.choices import WEIGHTINGS
 from llm_heatmap.errors import InputError
 
-from . import geometry
+from . import geometry, native_softmax
 from .cube import AttentionCube, Pooling, StreamPart
 from .cube_schema import SIDE_TENSORS
 
@@ -42,6 +42,14 @@ class CubeConsumer(Protocol):
     `takes_trimmed_parts = True` accepts parts whose pattern holds only the keys before
     `part.stream.key_stop` (module doc); one with `takes_entropy_terms = True` gets the fp32 pattern's
     `part.stream.entropy_terms` (`entropy_terms.py`) where the capture computed it, valid during `consume`.
+
+    A consumer with `products(part)` may ask, per part, for the part's weights A (`"h q k"`) times key
+    columns (`native_softmax.Products.key_columns`, `"h f k"` over the keys before `key_stop`: A C^T) and
+    times row weights (`row_weights`, `"g q"`: U A, per head). Where the native softmax computes the
+    part (`native_softmax.py`) it multiplies each row while the row is in the cache, and
+    `part.stream.products[consumer]` holds the results in the same shape (`"l h q f"` and `"l h g k"`);
+    elsewhere there is no entry and the consumer multiplies. `products` is called before the part's
+    weights exist: it reads the part's sequence, rows and side tensors, never its pattern's values.
     """
 
     def consume(self, part: AttentionCube) -> None: ...
@@ -160,23 +168,34 @@ class Downsampler:
         self._row_edges = self._key_edges = None
         self._positions = self._query_mask = None
 
-    def consume(self, part: AttentionCube) -> None:
+    def products(self, part: AttentionCube) -> native_softmax.Products:
+        """The part's rows summed per row bin, for the capture to do in the softmax's pass (`CubeConsumer`)."""
+        start, stop = self._bins(part)
+        row_bins = self._row_bins[start:stop] - int(self._row_bins[start])
+        return native_softmax.Products(row_weights=(torch.nn.functional.one_hot(row_bins).T.float(),))
+
+    def _bins(self, part: AttentionCube) -> tuple[int, int]:
+        """The part's rows (`row_start`, `row_stop`), once the bins of its pass are set."""
         info = part.stream
         if info is None:
             raise InputError("this cube is not a streamed part; feed a kept cube with replay(cube, consumers).")
         if info.pass_index != self._pass:
             self._reset(info.pass_index)
-        device = part.pattern.device
         if self._first is None:
             self._first = replace(part, pattern=part.pattern.new_empty(0), stream=None)  # the sequence, not its rows
             self._row_edges = geometry.bin_edges(info.num_queries, self.max_size)
             self._key_edges = geometry.bin_edges(part.num_keys, self.max_size)
             self._row_bins = geometry.edges_index(self._row_edges)
             self._key_bins = geometry.edges_index(self._key_edges)
-            self._bins_on_device = (self._row_bins.to(device), self._key_bins.to(device))
+            self._bins_on_device = (self._row_bins.to(part.pattern.device), self._key_bins.to(part.pattern.device))
             self._positions = torch.zeros(info.num_queries, dtype=torch.long)
             self._query_mask = torch.zeros(info.num_queries, dtype=torch.bool)
-        start, stop = info.row_start, info.row_stop
+        return info.row_start, info.row_stop
+
+    def consume(self, part: AttentionCube) -> None:
+        info = part.stream
+        start, stop = self._bins(part)
+        device = part.pattern.device
         self._positions[start:stop] = part.query_positions.cpu()
         self._query_mask[start:stop] = part.query_mask.cpu().bool()
         if self._result is not None:  # more parts after cube(): turn the result back into running sums
@@ -193,13 +212,21 @@ class Downsampler:
         first_bin, last_bin = int(self._row_bins[start]), int(self._row_bins[stop - 1])
         key_bin_count = int(self._key_bins[keys - 1]) + 1
         row_bins, key_bins = self._bins_on_device
-        values = part.pattern[0, ..., :keys].detach().float()
+        norms = None
         if self.weighting == "norms":
             if part.value_norms is None:
                 raise InputError("weighting='norms' needs parts with value norms; capture with value_norms=True.")
-            values = values * part.value_norms[0, :, None, :keys].float().to(values.device)
-        block = geometry.pool_sums(values, row_bins[start:stop] - first_bin, last_bin - first_bin + 1,
-                                   key_bins[:keys], key_bin_count)
+            norms = part.value_norms[0, :, None, :keys].float().to(device)  # "h 1 k"
+        pooled = (info.products or {}).get(self)
+        if pooled is not None:  # the rows summed per bin in the softmax's pass; n_j is per key, so it comes after
+            rows = pooled.row_weights[0][0, ..., :keys]
+            rows = rows if norms is None else rows * norms
+            block = geometry.pool_keys(rows, key_bins[:keys], key_bin_count)
+        else:
+            values = part.pattern[0, ..., :keys].detach().float()
+            values = values if norms is None else values * norms
+            block = geometry.pool_sums(values, row_bins[start:stop] - first_bin, last_bin - first_bin + 1,
+                                       key_bins[:keys], key_bin_count)
         sums[:, first_bin:last_bin + 1, :key_bin_count] += block
 
     def finish(self) -> None:

@@ -271,7 +271,8 @@ class KernelCall:
         return self.key.shape[2]
 
     def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True,
-                out: torch.Tensor | None = None, value_norms: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, value_norms: torch.Tensor | None = None,
+                products: native_softmax.Products = native_softmax.Products()) -> torch.Tensor:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
         softmax((q * scaling) k^T, softcapped, + position bias, + mask) with each query head
@@ -279,14 +280,13 @@ class KernelCall:
         With `pad=False` the keys past the last one the kernel's causal rule lets these rows see
         are left out (they are 0); the caller fills them. `out` (fp32 `"b h q k"`, with pad=False): where
         the probabilities are written, returned as its first keys. `value_norms` (`"h k"`, for `heads`): the
-        second column of this block's `entropy_terms`.
+        second column of this block's `entropy_terms`; `products`: what the native softmax multiplies the block
+        by in its pass (`products()`).
         """
         all_heads = self._all_heads(heads)
         heads = heads.to(self.query.device)
         q = self.query[:, :, start:stop] * self.scaling
-        keys = self.num_keys
-        if self.causal is not None:
-            keys = min(keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
+        keys = self.block_keys(stop)
         batch, rows = q.shape[0], q.shape[2]
         scores = self._scores_buffer(batch, len(heads), rows, keys)
         if all_heads:
@@ -317,10 +317,10 @@ class KernelCall:
         sinks = None if self.sinks is None else self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
         into = out[..., :keys] if out is not None and out.dtype == torch.float32 and out.shape[-1] >= keys and not pad \
             else None  # straight into the caller's buffer (its rows of the cube): no second copy of the block
-        native = native_softmax.softmax(scores, into, sinks, value_norms)
-        self._native_terms = None if native is None else EntropyTerms(sums=native[1], peak=native[2])
+        native = native_softmax.softmax(scores, into, sinks, value_norms, products)
+        self._native = native
         if native is not None:
-            probs = native[0]
+            probs = native.probs
         elif sinks is not None:
             sinks = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
             probs = torch.softmax(torch.cat([scores, sinks], -1), dim=-1, dtype=torch.float32)[..., :-1]
@@ -341,12 +341,24 @@ class KernelCall:
         """The entropy terms of the block `pattern` just returned as `probs`, or None where its scores are not float32
         (called before the next block: the torch path computes them in place of its scores, in memory the next
         block reuses)."""
-        if self._native_terms is not None:
-            return self._native_terms
+        if self._native is not None:
+            return EntropyTerms(sums=self._native.sums, peak=self._native.peaks)
         if self._softmax_input.dtype != torch.float32:
             return None
         return EntropyTerms.from_scores(self._softmax_input, probs[..., :self._softmax_input.shape[-1]],
                                         self._value_norms)
+
+    def block_keys(self, stop: int) -> int:
+        """How many keys `pattern(..., pad=False)` computes for rows before `stop`: the kernel's causal rule
+        gives every later key weight 0."""
+        if self.causal is None:
+            return self.num_keys
+        return min(self.num_keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
+
+    def products(self) -> native_softmax.NativeSoftmax | None:
+        """The last block's native softmax, with the `products` `pattern` got (None: torch computed the block,
+        and the caller multiplies)."""
+        return self._native
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
         return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())

@@ -46,6 +46,20 @@ def seeded_random():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def softmax_path(request, monkeypatch):
+    """Which softmax captures use, by parameter: "native" (the compiled kernel, required) or "torch"."""
+    from llm_heatmap.probes import native_softmax
+
+    if request.param == "native" and shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine: the torch softmax is used")
+    monkeypatch.setenv("LLM_HEATMAP_NATIVE", "1" if request.param == "native" else "0")
+    native_softmax._kernel.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    native_softmax._kernel.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer, spec) of SmolLM2-135M-Instruct, default (sdpa) kernel."""

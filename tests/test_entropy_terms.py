@@ -1,11 +1,8 @@
 """EntropyTerms (p ln p from the softmax's scores), from torch and from the native softmax, against the direct
--sum p ln p, on rows built to break it; the native softmax against torch's; and the metrics table of a capture that
-hands the terms to the reducer against the table from the weights alone."""
+-sum p ln p, on rows built to break it, and the metrics table of a capture that hands the terms to the reducer
+against the table from the weights alone (both softmaxes)."""
 
 from __future__ import annotations
-
-import os
-import shutil
 
 import pytest
 import torch
@@ -18,18 +15,6 @@ from tiny_models import VOCAB, tiny_gpt_oss, tiny_model
 
 FLOOR = torch.finfo(torch.float32).min
 PATHS = ["torch", "native"]
-
-
-@pytest.fixture
-def softmax_path(request, monkeypatch):
-    """Which softmax the capture and `_terms` use: "native" (the compiled kernel, required) or "torch"."""
-    if request.param == "native" and shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler on this machine: the torch softmax is used")
-    monkeypatch.setenv("LLM_HEATMAP_NATIVE", "1" if request.param == "native" else "0")
-    native_softmax._kernel.cache_clear()
-    yield request.param
-    monkeypatch.undo()
-    native_softmax._kernel.cache_clear()
 
 
 def _direct(probs: torch.Tensor) -> torch.Tensor:
@@ -53,7 +38,7 @@ def _terms(scores: torch.Tensor, path: str, sinks: torch.Tensor | None = None,
                                         probs.reshape(1, -1, 1, scores.shape[-1]), weights)
     else:  # every row its own head, so that a sink and key weights can differ per row
         block = scores.reshape(1, -1, 1, scores.shape[-1])
-        probs, sums, peak = native_softmax.softmax(
+        probs, sums, peak, _, _ = native_softmax.softmax(
             block, sinks=None if sinks is None else sinks.reshape(-1),
             key_weights=None if key_weights is None else key_weights.reshape(-1, scores.shape[-1]))
         flat = EntropyTerms(sums, peak)
@@ -218,74 +203,3 @@ def test_a_part_with_terms_saves_where_it_sits_without_them(tmp_path):
     loaded = AttentionCube.load(keeper.part.save(tmp_path / "part.safetensors"))
     assert loaded.stream.entropy_terms is None
     assert loaded.stream.header() == keeper.part.stream.header() and loaded.stream.row_start == 8
-
-
-# ---- the native softmax itself ----
-
-@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
-def test_native_block_with_heads_sinks_value_norms_and_strided_rows(softmax_path):
-    """A "b h q k" block written into the rows of a wider cube buffer, as the kept capture does: probabilities,
-    sums and peaks per head against torch, and nothing outside those rows touched."""
-    generator = torch.Generator().manual_seed(12)
-    heads, rows, keys = 4, 7, 37
-    scores = torch.randn(1, heads, rows, keys, generator=generator) * 5
-    scores[..., 30:] = FLOOR
-    sinks, norms = torch.randn(heads, generator=generator) * 4, torch.rand(heads, keys, generator=generator)
-    cube = torch.full((1, 3, heads, 20, 40), 7.0)
-    into = cube[:, 1, :, 5:12, :keys]
-    probs, sums, peak = native_softmax.softmax(scores, into, sinks, norms)
-    assert probs.data_ptr() == into.data_ptr()
-    expected = _reference(scores, sinks[None, :, None, None])
-    torch.testing.assert_close(into, expected, atol=1e-6, rtol=2e-6)
-    untouched = cube.clone()
-    untouched[:, 1, :, 5:12, :keys] = 7.0
-    assert (untouched == 7.0).all()
-    reference = EntropyTerms.from_scores(scores.clone(), expected, norms)
-    torch.testing.assert_close(sums, reference.sums, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(peak, reference.peak, atol=1e-7, rtol=1e-6)
-
-
-@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
-def test_native_softmax_splits_rows_over_threads_and_batches(softmax_path):
-    scores = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(13)) * 3
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        probs, sums, _ = native_softmax.softmax(scores)
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(probs, scores.softmax(-1), atol=1e-6, rtol=2e-6)
-    torch.testing.assert_close(sums, EntropyTerms.from_scores(scores.clone(), scores.softmax(-1)).sums, atol=2e-6, rtol=1e-5)
-
-
-def test_the_native_softmax_leaves_what_it_does_not_take_to_torch():
-    scores = torch.randn(1, 2, 3, 8)
-    assert native_softmax.softmax(scores.half()) is None
-    assert native_softmax.softmax(scores.transpose(-1, -2)) is None  # keys not contiguous
-
-
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine: the torch softmax is used")
-def test_the_native_softmax_builds_on_a_machine_with_a_compiler(monkeypatch, tmp_path):
-    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path))
-    monkeypatch.delenv("LLM_HEATMAP_NATIVE", raising=False)
-    native_softmax._kernel.cache_clear()
-    try:
-        assert native_softmax.available()
-        assert len(list((tmp_path / "native").glob("softmax_rows-*.so"))) == 1
-    finally:
-        native_softmax._kernel.cache_clear()
-
-
-def test_a_required_native_softmax_that_cannot_be_built_says_why(monkeypatch, tmp_path):
-    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "llm-heatmap-no-such-compiler")
-    native_softmax._kernel.cache_clear()
-    try:
-        monkeypatch.setenv("LLM_HEATMAP_NATIVE", "auto")
-        assert not native_softmax.available()  # falls back to torch
-        native_softmax._kernel.cache_clear()
-        monkeypatch.setenv("LLM_HEATMAP_NATIVE", "1")
-        with pytest.raises(native_softmax.NativeUnavailable, match="no C compiler"):
-            native_softmax.available()
-    finally:
-        native_softmax._kernel.cache_clear()

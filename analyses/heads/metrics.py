@@ -62,6 +62,7 @@ import pandas as pd
 import torch
 
 from llm_heatmap.errors import InputError
+from llm_heatmap.probes import native_softmax
 from llm_heatmap.probes.entropy_terms import EntropyTerms
 from llm_heatmap.probes.stream import replay
 
@@ -133,7 +134,7 @@ class HeadMetricsReducer:
         positions = part.query_positions.long().cpu()
         positions = positions if rows is None else positions[rows]
         info = part.stream
-        width = part.pattern.shape[-1] if info is None or info.key_stop is None else min(part.pattern.shape[-1], info.key_stop)
+        width = _computed_keys(part)
         device = part.pattern.device
         for index, layer in enumerate(part.layers):
             sums = self._layers.get(layer)
@@ -147,10 +148,28 @@ class HeadMetricsReducer:
                 outputs = part.output_norms[index]
                 norms = (part.value_norms[index], outputs if rows is None else outputs.index_select(1, rows.to(device)))
             terms = info.entropy_terms if info is not None and len(part.layers) == 1 else None
-            if terms is not None:  # the capture's, "1 h q k"
+            if terms is not None:  # the capture's, "1 h q c"
                 terms = EntropyTerms(terms.sums[0], terms.peak[0])
                 terms = terms if rows is None else terms.select(1, rows.to(device))
-            self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms, terms)
+            products = (info.products or {}).get(self) if info is not None and rows is None else None
+            self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms, terms,
+                             None if products is None else native_softmax.Products(
+                                 *[tuple(t[index] for t in group) for group in products]))
+
+    def products(self, part) -> native_softmax.Products | None:
+        """What `_accumulate` multiplies a part's weights by, for the capture to do it in the softmax's pass
+        (`stream.CubeConsumer`): the key columns `FEATURES` (then with value norms n: n and n ln n) and the
+        rows' weights of the column sums. None for a part with padding rows."""
+        part = part.one_sequence()
+        if part.pooling is not None or len(part.layers) != 1 or not bool(part.query_mask.bool().all()):
+            return None
+        width = _computed_keys(part)
+        block = self._block(part, part.layers[0], part.query_positions.long().cpu(), width, self._prepare(part))
+        columns = [block.key_columns(width).expand(part.num_heads, -1, -1)]  # "h f k", one for every head
+        if part.value_norms is not None:
+            by_weight, _ = self._key_columns(part.value_norms[0], block.features.device)
+            columns.append(by_weight.transpose(-1, -2))  # "h 2 k"
+        return native_softmax.Products(key_columns=tuple(columns), row_weights=(block.spread[None],))
 
     def finish(self) -> None:
         """Nothing to flush; present so the reducer fits the consumer protocol."""
@@ -188,14 +207,14 @@ class HeadMetricsReducer:
         return block
 
     def _accumulate(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock, norms=None,
-                    terms: EntropyTerms | None = None) -> None:
+                    terms: EntropyTerms | None = None, products: native_softmax.Products | None = None) -> None:
         """Add one layer's block of rows, `weights` `"h q k"`, to the layer's sums; `norms` is (value norms
         `"h k"`, output norms `"h q"`) where the capture recorded them, `terms` the weights' entropy terms
-        where it computed them."""
+        and `products` (key sums `"h q f"`, row sums `"h g k"`) what `products` asked for where it computed them."""
         weights = weights[..., block.key_start:block.key_stop].float()
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
-            terms = None  # they are the terms of the weights before masking
+            terms = products = None  # they are those of the weights before masking
         heads = weights.shape[0]
         near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         key_features = block.features  # "k f"
@@ -203,8 +222,12 @@ class HeadMetricsReducer:
             value_norms, output_norms = norms
             by_weight, by_plogp_columns = (c[:, block.key_start:block.key_stop] for c in
                                            self._key_columns(value_norms, weights.device))
-            key_features = torch.cat([key_features.expand(heads, -1, -1), by_weight], -1)
-        by_features = torch.matmul(weights, key_features)  # "h q k, (h) k f -> h q f"
+        if products is not None and len(products.key_columns) == (1 if norms is None else 2):
+            by_features = torch.cat(products.key_columns, -1)  # the capture's, in the softmax's pass
+        else:
+            if norms is not None:
+                key_features = torch.cat([key_features.expand(heads, -1, -1), by_weight], -1)
+            by_features = torch.matmul(weights, key_features)  # "h q k, (h) k f -> h q f"
         mass = by_features[..., :1]  # sum_j A_ij (FEATURES' "all")
         if norms is None:
             entropy = self._plogp_sums(weights, terms, None, mass).neg_()
@@ -225,7 +248,11 @@ class HeadMetricsReducer:
         statistics = torch.cat([statistics, statistics[..., -1:].exp()], -1)  # "h q s", columns STATISTICS
         sums.row_sums += torch.matmul(statistics.reshape(heads, -1), block.row_weights.reshape(-1, len(ROW_SUMS))).T
         sums.totals += block.totals
-        sums.column[:, block.key_start:block.key_stop] += torch.matmul(block.spread, weights).double()  # "q, h q k -> h k"
+        if products is not None:
+            column = products.row_weights[0][:, 0, block.key_start:block.key_stop]
+        else:
+            column = torch.matmul(block.spread, weights)  # "q, h q k -> h k"
+        sums.column[:, block.key_start:block.key_stop] += column.double()
         sums.column_steps.index_add_(1, block.column_index, block.column_steps)
         pair_weights = weights[:, block.pair_rows, block.pair_keys]
         sums.pairs[0] += pair_weights[:, :block.duplicates].sum(-1)
@@ -270,7 +297,8 @@ class HeadMetricsReducer:
         if cached is None or cached[0].data_ptr() != value_norms.data_ptr() or cached[0].shape != value_norms.shape \
                 or cached[1].device != torch.device(device):
             n = value_norms.float().to(device)
-            cached = self._norm_columns = (value_norms, torch.stack([n, torch.xlogy(n, n)], -1),
+            # [n, n ln n] key-contiguous ("h 2 k" in memory), as the native softmax reads key columns
+            cached = self._norm_columns = (value_norms, torch.stack([n, torch.xlogy(n, n)], -2).transpose(-1, -2),
                                            torch.stack([torch.ones_like(n), n], -1))
         return cached[1], cached[2]
 
@@ -324,6 +352,12 @@ class HeadMetricsReducer:
             columns["noop_sink"] = columns["sink_head"] & (norm_sink[1] < self.sink_threshold)
             columns["norm_weighted_entropy"], columns["output_norm"] = s.norm_means / rows
         return columns
+
+
+def _computed_keys(part) -> int:
+    """How many keys of the part the capture computed (the rest have weight 0)."""
+    info, width = part.stream, part.pattern.shape[-1]
+    return width if info is None or info.key_stop is None else min(width, info.key_stop)
 
 
 def _same(kept: torch.Tensor, new: torch.Tensor) -> bool:

@@ -120,7 +120,7 @@ class RowBlock:
     totals: torch.Tensor  # float64 [5]: the sums over R that need no weight (`UNIFORM_TOTALS`)
     column_index: torch.Tensor  # long: lo and hi + 1 of the rows of R, where they start and stop seeing keys
     column_steps: torch.Tensor  # float64 [2, len(column_index)]: +-1 and +-1/n_i at those keys
-    features: torch.Tensor  # float32 "k f" over the slice, columns `FEATURES`
+    features: torch.Tensor  # float32 "k f" over the slice, columns `FEATURES`; each column contiguous ("f k" in memory)
     near_features: torch.Tensor  # float32 "q k n" on keys near_start:key_stop, 0 off the row's keys: |q_i - j|, and
     # whether j is in the row's segment
     picks: torch.Tensor  # long "q p": slice index of the keys `PICKED` (weighted 0 where not attendable)
@@ -189,12 +189,20 @@ class RowBlock:
             spread=_on(spread.float(), device), row_weights=_on(row_weights, device), totals=_on(totals, device),
             column_index=_on(torch.cat([lo[spread], hi[spread] + 1]), device),
             column_steps=_on(torch.cat([steps, -steps], -1), device),
-            features=_on(features, device), near_features=_on(near_features, device),
+            features=_on(features.T.contiguous(), device).T, near_features=_on(near_features, device),
             picks=_on((targets - key_start).clamp(0, key_stop - key_start - 1), device),
             pair_rows=_on(torch.cat([rows[duplicate_kept], rows[induction_kept]]), device),
             pair_keys=_on(torch.cat([duplicate[duplicate_kept], inductive[induction_kept]]) - key_start, device),
             duplicates=int(duplicate_kept.sum()),
         )
+
+    def key_columns(self, width: int) -> torch.Tensor:
+        """`"f k"` over keys 0..width-1: `features` with 0 on the keys outside the slice."""
+        if self.key_start == 0 and self.key_stop == width:
+            return self.features.T
+        columns = self.features.new_zeros(len(FEATURES), width)
+        columns[:, self.key_start:self.key_stop] = self.features.T
+        return columns
 
     def inside(self, device) -> torch.Tensor:
         """bool `"q k"` over the slice: the keys each row may attend (a dense mask, for the rare cube

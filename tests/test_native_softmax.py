@@ -1,0 +1,160 @@
+"""The native softmax (`probes/native_softmax.py`) against torch: probabilities, entropy terms, largest weights and key
+column products, on blocks laid out as the capture writes them; its build and its fallback; and the metrics table of
+a capture whose reducer takes the key column products from it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
+from llm_heatmap.probes import Downsampler, capture, downsample
+from llm_heatmap.probes import native_softmax
+from llm_heatmap.probes.entropy_terms import EntropyTerms
+from tiny_models import VOCAB, tiny_model
+
+FLOOR = torch.finfo(torch.float32).min
+
+
+def _reference(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    if sinks is None:
+        return torch.softmax(scores, -1)
+    return torch.softmax(torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1]
+
+
+@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
+def test_native_block_with_heads_sinks_value_norms_and_strided_rows(softmax_path):
+    """A "b h q k" block written into the rows of a wider cube buffer, as the kept capture does: probabilities,
+    sums and peaks per head against torch, and nothing outside those rows touched."""
+    generator = torch.Generator().manual_seed(12)
+    heads, rows, keys = 4, 7, 37
+    scores = torch.randn(1, heads, rows, keys, generator=generator) * 5
+    scores[..., 30:] = FLOOR
+    sinks, norms = torch.randn(heads, generator=generator) * 4, torch.rand(heads, keys, generator=generator)
+    cube = torch.full((1, 3, heads, 20, 40), 7.0)
+    into = cube[:, 1, :, 5:12, :keys]
+    probs, sums, peak, _, _ = native_softmax.softmax(scores, into, sinks, norms)
+    assert probs.data_ptr() == into.data_ptr()
+    expected = _reference(scores, sinks[None, :, None, None])
+    torch.testing.assert_close(into, expected, atol=1e-6, rtol=2e-6)
+    untouched = cube.clone()
+    untouched[:, 1, :, 5:12, :keys] = 7.0
+    assert (untouched == 7.0).all()
+    reference = EntropyTerms.from_scores(scores.clone(), expected, norms)
+    torch.testing.assert_close(sums, reference.sums, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(peak, reference.peak, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
+def test_native_softmax_splits_rows_over_threads_and_batches(softmax_path):
+    scores = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(13)) * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        probs, sums, _, _, _ = native_softmax.softmax(scores)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(probs, scores.softmax(-1), atol=1e-6, rtol=2e-6)
+    torch.testing.assert_close(sums, EntropyTerms.from_scores(scores.clone(), scores.softmax(-1)).sums, atol=2e-6, rtol=1e-5)
+
+
+def test_the_native_softmax_leaves_what_it_does_not_take_to_torch():
+    scores = torch.randn(1, 2, 3, 8)
+    assert native_softmax.softmax(scores.half()) is None
+    assert native_softmax.softmax(scores.transpose(-1, -2)) is None  # keys not contiguous
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine: the torch softmax is used")
+def test_the_native_softmax_builds_on_a_machine_with_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLM_HEATMAP_NATIVE", raising=False)
+    native_softmax._kernel.cache_clear()
+    try:
+        assert native_softmax.available()
+        assert len(list((tmp_path / "native").glob("softmax_rows-*.so"))) == 1
+    finally:
+        native_softmax._kernel.cache_clear()
+
+
+def test_a_required_native_softmax_that_cannot_be_built_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "llm-heatmap-no-such-compiler")
+    native_softmax._kernel.cache_clear()
+    try:
+        monkeypatch.setenv("LLM_HEATMAP_NATIVE", "auto")
+        assert not native_softmax.available()  # falls back to torch
+        native_softmax._kernel.cache_clear()
+        monkeypatch.setenv("LLM_HEATMAP_NATIVE", "1")
+        with pytest.raises(native_softmax.NativeUnavailable, match="no C compiler"):
+            native_softmax.available()
+    finally:
+        native_softmax._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, threads):
+    """Key columns shared by every head (an expanded "f k") and per head, and two groups of row weights (rows may
+    count in several groups, or none), against einsum; with two threads each head's rows stay in one thread."""
+    generator = torch.Generator().manual_seed(14)
+    heads, rows, keys = 3, 9, 40
+    scores = torch.randn(1, heads, rows, keys, generator=generator) * 4
+    scores[..., 33:] = FLOOR
+    shared = torch.randn(2, keys, generator=generator) * torch.arange(keys)
+    per_head = torch.randn(heads, 3, keys, generator=generator)
+    bins = torch.nn.functional.one_hot(torch.arange(rows) // 4).T.float()  # "g q": 3 bins of rows
+    spread = (torch.rand(1, rows, generator=generator) > 0.3).float() * 0.5
+    products = native_softmax.Products(key_columns=(shared.expand(heads, -1, -1), per_head), row_weights=(bins, spread))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        result = native_softmax.softmax(scores, products=products)
+    finally:
+        torch.set_num_threads(saved)
+    probs = _reference(scores)
+    torch.testing.assert_close(result.key_sums[0], torch.einsum("bhqk,fk->bhqf", probs, shared), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(result.key_sums[1], torch.einsum("bhqk,hfk->bhqf", probs, per_head), atol=1e-5, rtol=1e-5)
+    for sums, weights in zip(result.row_sums, (bins, spread)):
+        torch.testing.assert_close(sums, torch.einsum("gq,bhqk->bhgk", weights, probs), atol=1e-6, rtol=1e-5)
+
+
+class _ProductsRecorder:
+    takes_trimmed_parts = True
+
+    def __init__(self, *consumers):
+        self.consumers, self.given, self.parts = consumers, 0, 0
+
+    def consume(self, part):
+        self.parts += 1
+        self.given += all((part.stream.products or {}).get(consumer) is not None for consumer in self.consumers)
+
+
+@pytest.mark.parametrize("softmax_path", ["native", "torch"], indirect=True)
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("computed", [False, True])
+@pytest.mark.parametrize("value_norms", [False, True])
+def test_consumers_take_their_products_from_the_pass_and_their_results_stay_the_same(softmax_path, keep, computed,
+                                                                                     value_norms):
+    """Every part of a capture of every head carries the reducer's and the Downsampler's products where the native
+    softmax runs (none with torch); the streamed table and pooled grid equal those of the kept cube, which they
+    measure with their own matmuls and index sums."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 23), generator=torch.Generator().manual_seed(15))
+    reducer, sampler = HeadMetricsReducer(), Downsampler(6, weighting="norms" if value_norms else "weights")
+    recorder = _ProductsRecorder(reducer, sampler)
+    with torch.no_grad(), capture(model, consumers=[reducer, sampler, recorder], chunk_rows=5, compute_output=computed,
+                                  value_norms=value_norms, keep=keep):
+        model(input_ids=ids)
+    with torch.no_grad(), capture(model, value_norms=value_norms) as probe:
+        model(input_ids=ids)
+    cube = probe.cube(ids)
+    assert recorder.given == (recorder.parts if softmax_path == "native" else 0) and recorder.parts > 0
+    kept, streamed = head_metrics(cube), reducer.table()
+    assert ("norm_weighted_entropy" in streamed.columns) == value_norms
+    numeric = [c for c in kept.columns if kept[c].dtype.kind in "fi"]
+    torch.testing.assert_close(torch.tensor(streamed[numeric].to_numpy(float)), torch.tensor(kept[numeric].to_numpy(float)),
+                               atol=2e-6, rtol=1e-5)
+    pooled = downsample(cube.norm_weighted() if value_norms else cube, 6)
+    torch.testing.assert_close(sampler.cube().pattern, pooled.pattern, atol=1e-6, rtol=1e-5)
