@@ -53,7 +53,7 @@ def from_terms(scores: torch.Tensor, probs: torch.Tensor, scratch: torch.Tensor)
 
 
 def native(scores: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _, sums, peak, _, _ = native_softmax.softmax(scores[None], probs[None])
+    _, sums, peak, _ = native_softmax.softmax(scores[None], probs[None])
     return -(sums[0, ..., 0] + peak[0].log()), peak[0]
 
 

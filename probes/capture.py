@@ -303,11 +303,11 @@ class Probe:
                 # the softmax goes straight into the cube's rows where both are on one device and hold every head
                 into = rows if rows is not None and len(heads) == len(self.heads) and rows.device == query.device \
                     else None
-                request = self._products(call, layer, heads, start, stop, first_row, positions, keys, side, rows, into) \
+                request = self._factors(call, layer, heads, start, stop, first_row, positions, keys, side, rows, into) \
                     if delivered else None
                 block = call.pattern(heads, start, stop, pad=False, out=into if request is None else request.out,
                                      value_norms=norms if delivered else None,
-                                     products=native_softmax.Products() if request is None else request.products())
+                                     factors=native_softmax.Factors() if request is None else request.factors())
                 terms = call.entropy_terms(block) if self._entropy_terms and delivered else None
                 if computed is not None:
                     kernel_output.write_block(computed, block, value.detach(), start, stop)
@@ -342,12 +342,12 @@ class Probe:
             if self.keep:
                 self._keep_side(batch, layer, side)
 
-    def _products(self, call, layer: int, heads, start: int, stop: int, first_row: int, positions, keys: int,
-                  side: dict, rows, into) -> "_ProductRequest | None":
-        """What the consumers that have `products` (`stream.CubeConsumer`) ask the native softmax to multiply a block
+    def _factors(self, call, layer: int, heads, start: int, stop: int, first_row: int, positions, keys: int,
+                 side: dict, rows, into) -> "_FactorRequest | None":
+        """What the consumers that have `factors` (`stream.CubeConsumer`) ask the native softmax to multiply a block
         by in its pass, where it runs and the part will be its output as it is (float32, every head, one sequence;
         the rows of the kept cube or, streaming, the block trimmed to its keys)."""
-        owners = [consumer for consumer in self.consumers if hasattr(consumer, "products")]
+        owners = [consumer for consumer in self.consumers if callable(getattr(consumer, "factors", None))]
         usable = owners and call.batch_size == 1 and len(heads) == len(self.heads) and self.dtype == torch.float32 \
             and call.query.device.type == "cpu" and (into is not None if self.keep else self._trimmed_parts)
         if not usable or not native_softmax.available():
@@ -359,9 +359,9 @@ class Probe:
                             key_stop=width)
         part = self._part(layer, rows if self.keep else out, positions[row_start:row_stop], stream, keys,
                           _part_side(side, row_start, row_stop))
-        asked = {consumer: consumer.products(part) for consumer in owners}
-        asked = {consumer: products for consumer, products in asked.items() if products is not None and any(products)}
-        return _ProductRequest(out=out, asked=asked) if asked else None
+        asked = {consumer: consumer.factors(part) for consumer in owners}
+        asked = {consumer: factors for consumer, factors in asked.items() if factors is not None and any(factors)}
+        return _FactorRequest(out=out, asked=asked) if asked else None
 
     def _entropy_weights(self, side: dict, heads: torch.Tensor) -> torch.Tensor | None:
         """The value norms of a block's heads (`"h k"`; 0 for heads not captured), which weight the second column of
@@ -609,26 +609,26 @@ class Probe:
 
 
 @dataclass
-class _ProductRequest:
+class _FactorRequest:
     """What the consumers asked one block's native softmax to multiply it by, and where it writes the block."""
 
     out: torch.Tensor
-    asked: dict  # consumer -> native_softmax.Products
+    asked: dict  # consumer -> native_softmax.Factors
 
-    def products(self) -> native_softmax.Products:
+    def factors(self) -> native_softmax.Factors:
         """Every consumer's key columns and row weights, one consumer after another."""
-        return native_softmax.Products(key_columns=tuple(c for p in self.asked.values() for c in p.key_columns),
-                                       row_weights=tuple(u for p in self.asked.values() for u in p.row_weights))
+        return native_softmax.Factors(key_columns=tuple(c for f in self.asked.values() for c in f.key_columns),
+                                      row_weights=tuple(u for f in self.asked.values() for u in f.row_weights))
 
-    def split(self, native: native_softmax.NativeSoftmax | None) -> dict | None:
-        """Each consumer's products (`native_softmax.Products` of `"1 h q f"` key sums and `"1 h g k"` row sums) from
-        the block's native softmax (None: it did not run)."""
-        if native is None:
+    def split(self, products: native_softmax.Products | None) -> dict | None:
+        """Each consumer's `native_softmax.Products` (`"1 h q f"` key sums, `"1 h g k"` row sums), from the block's
+        (None: the native softmax did not run)."""
+        if products is None:
             return None
-        key_sums, row_sums, given = list(native.key_sums), list(native.row_sums), {}
+        key_sums, row_sums, given = list(products.key_sums), list(products.row_sums), {}
         for consumer, asked in self.asked.items():
-            given[consumer] = native_softmax.Products(key_columns=tuple(key_sums.pop(0) for _ in asked.key_columns),
-                                                      row_weights=tuple(row_sums.pop(0) for _ in asked.row_weights))
+            given[consumer] = native_softmax.Products(key_sums=tuple(key_sums.pop(0) for _ in asked.key_columns),
+                                                      row_sums=tuple(row_sums.pop(0) for _ in asked.row_weights))
         return given
 
 

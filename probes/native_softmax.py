@@ -2,8 +2,10 @@
 
 `torch.softmax` and the entropy terms (`entropy_terms.py`) are six passes over a block of scores
 (the softmax's three, a row maximum, a subtraction and a product) and the metrics' row maximum of
-the weights a seventh: on a CPU they cost as much as the attention itself. The C loop does all of it
-while a row sits in the cache, a quarter of their time (`benchmarks/bench_entropy.py`).
+the weights a seventh; the consumers' products with key columns and row weights (`Factors`: the
+metrics' key features and column sums, the Downsampler's row bins) are more passes, each reading the
+whole block from memory again. On a CPU they cost as much as the attention itself. The C loop does
+all of it while a row sits in the cache (`benchmarks/bench_entropy.py`, README "Benchmarks").
 
 It is built with the machine's C compiler (`$CC`, else `cc`) for the machine's own CPU into the
 cache folder (`LLM_HEATMAP_CACHE`, default `~/.cache/llm-heatmap`), once per source, compiler
@@ -119,19 +121,25 @@ def _pool(threads: int, process: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="llm-heatmap-softmax")
 
 
-class Products(NamedTuple):
+class Factors(NamedTuple):
     """What a consumer asks the pass to multiply a block by (`stream.CubeConsumer`)."""
 
     key_columns: tuple[torch.Tensor, ...] = ()  # "h f k" each (h may be expanded): sum_j p_ij c_fj
     row_weights: tuple[torch.Tensor, ...] = ()  # "g q" each: sum_i u_gi p_ij, per head
 
 
+class Products(NamedTuple):
+    """What the pass gives for `Factors`, in their order."""
+
+    key_sums: tuple[torch.Tensor, ...]  # "b h q f" per key column group
+    row_sums: tuple[torch.Tensor, ...]  # "b h g k" per row weight group
+
+
 class NativeSoftmax(NamedTuple):
     probs: torch.Tensor  # "b h q k"
     sums: torch.Tensor  # "b h q c": the entropy terms' row sums (c = 2 with key weights)
     peaks: torch.Tensor  # "b h q"
-    key_sums: tuple[torch.Tensor, ...]  # "b h q f" per key column group
-    row_sums: tuple[torch.Tensor, ...]  # "b h g k" per row weight group
+    products: Products
 
 
 def _addresses(kind, values) -> ctypes.Array:
@@ -139,29 +147,29 @@ def _addresses(kind, values) -> ctypes.Array:
 
 
 def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-            key_weights: torch.Tensor | None = None, products: Products = Products()) -> NativeSoftmax | None:
+            key_weights: torch.Tensor | None = None, factors: Factors = Factors()) -> NativeSoftmax | None:
     """The softmax of float32 CPU `scores` `"b h q k"` and what `softmax_rows.c` gives with it, or None where the
     kernel is unavailable or does not apply (then use torch).
 
     `out`: where the probabilities go (`"b h q k"`, float32, keys contiguous: a cube's rows); `sinks`: a logit
     per head (`"h"`) that joins each row's normaliser; `key_weights`: `"h k"`, a second column of entropy sums
-    weighted by them; `products`: key columns and row weights to multiply the block by (these two for one
+    weighted by them; `factors`: key columns and row weights to multiply the block by (these two for one
     sequence only).
     """
     kernel = _kernel()
     if kernel is None or scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.ndim != 4:
         return None
     probs = torch.empty_like(scores) if out is None else out
-    one_sequence = (key_weights is None and not any(products)) or scores.shape[0] == 1
+    one_sequence = (key_weights is None and not any(factors)) or scores.shape[0] == 1
     if probs.shape != scores.shape or probs.dtype != torch.float32 or probs.device.type != "cpu" \
             or scores.stride(-1) != 1 or probs.stride(-1) != 1 or not one_sequence:
         return None
     batch, heads, rows, keys = scores.shape
     sinks = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
     weights = None if key_weights is None else key_weights.detach().to("cpu", torch.float32)[:, :keys].contiguous()
-    columns = [c.detach().to("cpu", torch.float32)[..., :keys] for c in products.key_columns]
+    columns = [c.detach().to("cpu", torch.float32)[..., :keys] for c in factors.key_columns]
     columns = [c if c.stride(-1) == 1 else c.contiguous() for c in columns]
-    row_weights = [u.detach().to("cpu", torch.float32).contiguous() for u in products.row_weights]
+    row_weights = [u.detach().to("cpu", torch.float32).contiguous() for u in factors.row_weights]
     sums = scores.new_empty(batch, heads, rows, 1 if weights is None else 2)
     peaks = scores.new_empty(batch, heads, rows)
     key_sums = scores.new_empty(batch, heads, rows, sum(c.shape[1] for c in columns))
@@ -195,4 +203,4 @@ def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.
             for future in [pool.submit(kernel, ctypes.byref(block), a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
                 future.result()
     key_sums = tuple(key_sums.split([c.shape[1] for c in columns], -1)) if columns else ()
-    return NativeSoftmax(probs, sums, peaks, key_sums, tuple(row_sums))
+    return NativeSoftmax(probs, sums, peaks, Products(key_sums, tuple(row_sums)))

@@ -43,13 +43,14 @@ class CubeConsumer(Protocol):
     `part.stream.key_stop` (module doc); one with `takes_entropy_terms = True` gets the fp32 pattern's
     `part.stream.entropy_terms` (`entropy_terms.py`) where the capture computed it, valid during `consume`.
 
-    A consumer with `products(part)` may ask, per part, for the part's weights A (`"h q k"`) times key
-    columns (`native_softmax.Products.key_columns`, `"h f k"` over the keys before `key_stop`: A C^T) and
+    A consumer with `factors(part)` may ask, per part, for the part's weights A (`"h q k"`) times key
+    columns (`native_softmax.Factors.key_columns`, `"h f k"` over the keys before `key_stop`: A C^T) and
     times row weights (`row_weights`, `"g q"`: U A, per head). Where the native softmax computes the
     part (`native_softmax.py`) it multiplies each row while the row is in the cache, and
-    `part.stream.products[consumer]` holds the results in the same shape (`"l h q f"` and `"l h g k"`);
-    elsewhere there is no entry and the consumer multiplies. `products` is called before the part's
-    weights exist: it reads the part's sequence, rows and side tensors, never its pattern's values.
+    `part.stream.products[consumer]` holds the results (`native_softmax.Products`: `"l h q f"` key sums,
+    `"l h g k"` row sums); elsewhere there is no entry and the consumer multiplies. `factors` is called
+    before the part's weights exist: it reads the part's sequence, rows and side tensors, never its
+    pattern's values.
     """
 
     def consume(self, part: AttentionCube) -> None: ...
@@ -168,11 +169,11 @@ class Downsampler:
         self._row_edges = self._key_edges = None
         self._positions = self._query_mask = None
 
-    def products(self, part: AttentionCube) -> native_softmax.Products:
+    def factors(self, part: AttentionCube) -> native_softmax.Factors:
         """The part's rows summed per row bin, for the capture to do in the softmax's pass (`CubeConsumer`)."""
         start, stop = self._bins(part)
         row_bins = self._row_bins[start:stop] - int(self._row_bins[start])
-        return native_softmax.Products(row_weights=(torch.nn.functional.one_hot(row_bins).T.float(),))
+        return native_softmax.Factors(row_weights=(torch.nn.functional.one_hot(row_bins).T.float(),))
 
     def _bins(self, part: AttentionCube) -> tuple[int, int]:
         """The part's rows (`row_start`, `row_stop`), once the bins of its pass are set."""
@@ -219,7 +220,7 @@ class Downsampler:
             norms = part.value_norms[0, :, None, :keys].float().to(device)  # "h 1 k"
         pooled = (info.products or {}).get(self)
         if pooled is not None:  # the rows summed per bin in the softmax's pass; n_j is per key, so it comes after
-            rows = pooled.row_weights[0][0, ..., :keys]
+            rows = pooled.row_sums[0][0, ..., :keys]
             rows = rows if norms is None else rows * norms
             block = geometry.pool_keys(rows, key_bins[:keys], key_bin_count)
         else:

@@ -272,7 +272,7 @@ class KernelCall:
 
     def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True,
                 out: torch.Tensor | None = None, value_norms: torch.Tensor | None = None,
-                products: native_softmax.Products = native_softmax.Products()) -> torch.Tensor:
+                factors: native_softmax.Factors = native_softmax.Factors()) -> torch.Tensor:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
         softmax((q * scaling) k^T, softcapped, + position bias, + mask) with each query head
@@ -280,7 +280,7 @@ class KernelCall:
         With `pad=False` the keys past the last one the kernel's causal rule lets these rows see
         are left out (they are 0); the caller fills them. `out` (fp32 `"b h q k"`, with pad=False): where
         the probabilities are written, returned as its first keys. `value_norms` (`"h k"`, for `heads`): the
-        second column of this block's `entropy_terms`; `products`: what the native softmax multiplies the block
+        second column of this block's `entropy_terms`; `factors`: what the native softmax multiplies the block
         by in its pass (`products()`).
         """
         all_heads = self._all_heads(heads)
@@ -317,7 +317,7 @@ class KernelCall:
         sinks = None if self.sinks is None else self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
         into = out[..., :keys] if out is not None and out.dtype == torch.float32 and out.shape[-1] >= keys and not pad \
             else None  # straight into the caller's buffer (its rows of the cube): no second copy of the block
-        native = native_softmax.softmax(scores, into, sinks, value_norms, products)
+        native = native_softmax.softmax(scores, into, sinks, value_norms, factors)
         self._native = native
         if native is not None:
             probs = native.probs
@@ -355,10 +355,10 @@ class KernelCall:
             return self.num_keys
         return min(self.num_keys, stop + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0))
 
-    def products(self) -> native_softmax.NativeSoftmax | None:
-        """The last block's native softmax, with the `products` `pattern` got (None: torch computed the block,
-        and the caller multiplies)."""
-        return self._native
+    def products(self) -> native_softmax.Products | None:
+        """The last block times the `factors` `pattern` got, where the native softmax computed it (None: torch
+        did, and the caller multiplies)."""
+        return None if self._native is None else self._native.products
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
         return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())

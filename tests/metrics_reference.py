@@ -37,6 +37,8 @@ class ReferenceHeadMetrics(HeadMetricsReducer):
     the options are `HeadMetricsReducer`'s, everything else is its own."""
 
     takes_trimmed_parts = False
+    takes_entropy_terms = False
+    factors = None  # the reference measures every part from its weights alone
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:

@@ -38,7 +38,7 @@ def _terms(scores: torch.Tensor, path: str, sinks: torch.Tensor | None = None,
                                         probs.reshape(1, -1, 1, scores.shape[-1]), weights)
     else:  # every row its own head, so that a sink and key weights can differ per row
         block = scores.reshape(1, -1, 1, scores.shape[-1])
-        probs, sums, peak, _, _ = native_softmax.softmax(
+        probs, sums, peak, _ = native_softmax.softmax(
             block, sinks=None if sinks is None else sinks.reshape(-1),
             key_weights=None if key_weights is None else key_weights.reshape(-1, scores.shape[-1]))
         flat = EntropyTerms(sums, peak)

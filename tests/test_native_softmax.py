@@ -35,7 +35,7 @@ def test_native_block_with_heads_sinks_value_norms_and_strided_rows(softmax_path
     sinks, norms = torch.randn(heads, generator=generator) * 4, torch.rand(heads, keys, generator=generator)
     cube = torch.full((1, 3, heads, 20, 40), 7.0)
     into = cube[:, 1, :, 5:12, :keys]
-    probs, sums, peak, _, _ = native_softmax.softmax(scores, into, sinks, norms)
+    probs, sums, peak, _ = native_softmax.softmax(scores, into, sinks, norms)
     assert probs.data_ptr() == into.data_ptr()
     expected = _reference(scores, sinks[None, :, None, None])
     torch.testing.assert_close(into, expected, atol=1e-6, rtol=2e-6)
@@ -53,7 +53,7 @@ def test_native_softmax_splits_rows_over_threads_and_batches(softmax_path):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        probs, sums, _, _, _ = native_softmax.softmax(scores)
+        probs, sums, _, _ = native_softmax.softmax(scores)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(probs, scores.softmax(-1), atol=1e-6, rtol=2e-6)
@@ -106,11 +106,11 @@ def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, th
     per_head = torch.randn(heads, 3, keys, generator=generator)
     bins = torch.nn.functional.one_hot(torch.arange(rows) // 4).T.float()  # "g q": 3 bins of rows
     spread = (torch.rand(1, rows, generator=generator) > 0.3).float() * 0.5
-    products = native_softmax.Products(key_columns=(shared.expand(heads, -1, -1), per_head), row_weights=(bins, spread))
+    factors = native_softmax.Factors(key_columns=(shared.expand(heads, -1, -1), per_head), row_weights=(bins, spread))
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        result = native_softmax.softmax(scores, products=products)
+        result = native_softmax.softmax(scores, factors=factors).products
     finally:
         torch.set_num_threads(saved)
     probs = _reference(scores)

@@ -154,9 +154,9 @@ class HeadMetricsReducer:
             products = (info.products or {}).get(self) if info is not None and rows is None else None
             self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms, terms,
                              None if products is None else native_softmax.Products(
-                                 *[tuple(t[index] for t in group) for group in products]))
+                                 *[tuple(layers[index] for layers in group) for group in products]))
 
-    def products(self, part) -> native_softmax.Products | None:
+    def factors(self, part) -> native_softmax.Factors | None:
         """What `_accumulate` multiplies a part's weights by, for the capture to do it in the softmax's pass
         (`stream.CubeConsumer`): the key columns `FEATURES` (then with value norms n: n and n ln n) and the
         rows' weights of the column sums. None for a part with padding rows."""
@@ -169,7 +169,7 @@ class HeadMetricsReducer:
         if part.value_norms is not None:
             by_weight, _ = self._key_columns(part.value_norms[0], block.features.device)
             columns.append(by_weight.transpose(-1, -2))  # "h 2 k"
-        return native_softmax.Products(key_columns=tuple(columns), row_weights=(block.spread[None],))
+        return native_softmax.Factors(key_columns=tuple(columns), row_weights=(block.spread[None],))
 
     def finish(self) -> None:
         """Nothing to flush; present so the reducer fits the consumer protocol."""
@@ -210,7 +210,7 @@ class HeadMetricsReducer:
                     terms: EntropyTerms | None = None, products: native_softmax.Products | None = None) -> None:
         """Add one layer's block of rows, `weights` `"h q k"`, to the layer's sums; `norms` is (value norms
         `"h k"`, output norms `"h q"`) where the capture recorded them, `terms` the weights' entropy terms
-        and `products` (key sums `"h q f"`, row sums `"h g k"`) what `products` asked for where it computed them."""
+        and `products` (key sums `"h q f"`, row sums `"h g k"`) those of `factors` where it computed them."""
         weights = weights[..., block.key_start:block.key_stop].float()
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
@@ -222,8 +222,8 @@ class HeadMetricsReducer:
             value_norms, output_norms = norms
             by_weight, by_plogp_columns = (c[:, block.key_start:block.key_stop] for c in
                                            self._key_columns(value_norms, weights.device))
-        if products is not None and len(products.key_columns) == (1 if norms is None else 2):
-            by_features = torch.cat(products.key_columns, -1)  # the capture's, in the softmax's pass
+        if products is not None and len(products.key_sums) == (1 if norms is None else 2):
+            by_features = torch.cat(products.key_sums, -1)  # the capture's, in the softmax's pass
         else:
             if norms is not None:
                 key_features = torch.cat([key_features.expand(heads, -1, -1), by_weight], -1)
@@ -249,7 +249,7 @@ class HeadMetricsReducer:
         sums.row_sums += torch.matmul(statistics.reshape(heads, -1), block.row_weights.reshape(-1, len(ROW_SUMS))).T
         sums.totals += block.totals
         if products is not None:
-            column = products.row_weights[0][:, 0, block.key_start:block.key_stop]
+            column = products.row_sums[0][:, 0, block.key_start:block.key_stop]
         else:
             column = torch.matmul(block.spread, weights)  # "q, h q k -> h k"
         sums.column[:, block.key_start:block.key_stop] += column.double()
