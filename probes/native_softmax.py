@@ -12,7 +12,8 @@ cache folder (`LLM_HEATMAP_CACHE`, default `~/.cache/llm-heatmap`), once per sou
 options and CPU, and loaded with ctypes: no Python headers, nothing downloaded. Where it cannot be
 built (no compiler), or with `LLM_HEATMAP_NATIVE=0`, `softmax` returns None and the caller uses
 torch; `LLM_HEATMAP_NATIVE=1` makes a failed build an error instead. It runs on float32 CPU blocks
-only, split over torch's intra-op threads (ctypes lets go of the GIL during the call).
+only, its rows split over OpenMP threads: built with `-fopenmp`, it takes the libgomp torch has loaded, so
+they are torch's own intra-op threads, as many as `torch.get_num_threads()`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +34,7 @@ import torch
 from llm_heatmap.cache import cache_root
 
 SOURCE = Path(__file__).with_name("softmax_rows.c")
-FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 CPU_FLAGS = (("-march=native", "-mprefer-vector-width=512"), ("-march=native",), ())  # the first the compiler takes
 MIN_ROWS_PER_THREAD = 16
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
@@ -94,31 +94,25 @@ class _Block(ctypes.Structure):
 
 @functools.cache
 def _kernel():
-    """The loaded `softmax_rows` function, or None where it cannot be had (and is not required)."""
+    """The loaded `softmax_block` function, or None where it cannot be had (and is not required)."""
     if _mode() == "0":
         return None
     try:
         compiler = shutil.which(os.environ.get("CC", "cc"))
         if compiler is None:
             raise NativeUnavailable(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH to build {SOURCE.name}")
-        function = ctypes.CDLL(str(_build(compiler))).softmax_rows
+        function = ctypes.CDLL(str(_build(compiler))).softmax_block
     except (OSError, NativeUnavailable) as error:
         if _mode() == "1":
             raise NativeUnavailable(f"LLM_HEATMAP_NATIVE=1 but the native softmax is unavailable: {error}") from error
         return None
-    function.argtypes = [ctypes.POINTER(_Block), _size, _size]
+    function.argtypes = [ctypes.POINTER(_Block), _size, _size, _size]
     function.restype = None
     return function
 
 
 def available() -> bool:
     return _kernel() is not None
-
-
-@functools.cache
-def _pool(threads: int, process: int) -> ThreadPoolExecutor:
-    """Threads of this process (a forked child gets a pool of its own: its parent's threads are not in it)."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="llm-heatmap-softmax")
 
 
 class Factors(NamedTuple):
@@ -187,20 +181,13 @@ def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.
                             "row_weights_count"), arrays):
         setattr(block, name, ctypes.cast(array, _pointer))
     total = heads * rows
-    # rows that add into one head's row sums stay in one thread
-    unit = rows if row_weights else 1
+    unit = rows if row_weights else 1  # rows that add into one head's row sums stay in one thread
     threads = max(1, min(torch.get_num_threads(), total // max(unit, MIN_ROWS_PER_THREAD)))
-    bounds = [total * i // threads // unit * unit for i in range(threads + 1)]
     for item in range(batch):
         item_sums = _addresses(_pointer, [r[item].data_ptr() for r in row_sums])
         block.scores, block.probs = scores[item].data_ptr(), probs[item].data_ptr()
         block.sums, block.peaks, block.column_sums = sums[item].data_ptr(), peaks[item].data_ptr(), key_sums[item].data_ptr()
         block.row_sums = ctypes.cast(item_sums, _pointer)
-        if threads == 1:
-            kernel(ctypes.byref(block), 0, total)
-        else:
-            pool = _pool(threads, os.getpid())
-            for future in [pool.submit(kernel, ctypes.byref(block), a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
-                future.result()
+        kernel(ctypes.byref(block), total, unit, threads)
     key_sums = tuple(key_sums.split([c.shape[1] for c in columns], -1)) if columns else ()
     return NativeSoftmax(probs, sums, peaks, Products(key_sums, tuple(row_sums)))

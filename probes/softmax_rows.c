@@ -153,3 +153,12 @@ void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
         products(b, p, row, head, within);
     }
 }
+
+/* Every row of a block, over OpenMP's threads: built with -fopenmp, the library takes the libgomp that
+ * torch has already loaded (same soname), so these are torch's own intra-op threads. A unit of rows
+ * stays in one thread (a head's rows where they add into row sums). */
+void softmax_block(const Block *b, int64_t rows, int64_t unit, int64_t threads) {
+    int64_t units = rows / unit;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && units > 1)
+    for (int64_t u = 0; u < units; u++) softmax_rows(b, u * unit, (u + 1) * unit);
+}
