@@ -13,7 +13,8 @@ options and CPU, and loaded with ctypes: no Python headers, nothing downloaded. 
 built (no compiler), or with `LLM_HEATMAP_NATIVE=0`, `softmax` returns None and the caller uses
 torch; `LLM_HEATMAP_NATIVE=1` makes a failed build an error instead. It runs on float32 CPU blocks
 only, its rows split over OpenMP threads: built with `-fopenmp`, it takes the libgomp torch has loaded, so
-they are torch's own intra-op threads, as many as `torch.get_num_threads()`.
+they are torch's own intra-op threads, as many as `torch.get_num_threads()` (a compiler without OpenMP
+builds it for one thread).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ from typing import NamedTuple
 import torch
 
 from llm_heatmap.cache import cache_root
+from llm_heatmap.errors import InputError
 
 SOURCE = Path(__file__).with_name("softmax_rows.c")
-FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
-CPU_FLAGS = (("-march=native", "-mprefer-vector-width=512"), ("-march=native",), ())  # the first the compiler takes
+FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
+# the first set the compiler takes: OpenMP threads and this CPU's vector width, down to one thread and generic code
+VARIANTS = (("-fopenmp", "-march=native", "-mprefer-vector-width=512"), ("-fopenmp", "-march=native"), ("-fopenmp",),
+            ("-fopenmp-simd", "-march=native"), ("-fopenmp-simd",))
 MIN_ROWS_PER_THREAD = 16
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
@@ -60,8 +64,8 @@ def _cpu_identity() -> str:
 
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
-    for cpu_flags in CPU_FLAGS:
-        flags = (*FLAGS, *cpu_flags)
+    for variant in VARIANTS:
+        flags = (*FLAGS, *variant)
         digest = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                             _cpu_identity().encode()])).hexdigest()[:20]
         library = cache_root() / "native" / f"softmax_rows-{digest}.so"
@@ -136,6 +140,24 @@ class NativeSoftmax(NamedTuple):
     products: Products
 
 
+def _check_shapes(heads: int, rows: int, keys: int, sinks, key_weights, factors: Factors) -> None:
+    """Refuse what the C loop would read past the end of: every tensor must cover the block's heads, rows and keys."""
+    wrong = []
+    if sinks is not None and tuple(sinks.shape) != (heads,):
+        wrong.append(f"sinks {tuple(sinks.shape)} (needs ({heads},))")
+    if key_weights is not None and (key_weights.ndim != 2 or key_weights.shape[0] != heads or key_weights.shape[1] < keys):
+        wrong.append(f"key weights {tuple(key_weights.shape)} (needs ({heads}, >= {keys}))")
+    for columns in factors.key_columns:
+        if columns.ndim != 3 or columns.shape[0] != heads or columns.shape[2] < keys:
+            wrong.append(f"key columns {tuple(columns.shape)} (needs ({heads}, f, >= {keys}))")
+    for weights in factors.row_weights:
+        if weights.ndim != 2 or weights.shape[1] != rows:
+            wrong.append(f"row weights {tuple(weights.shape)} (needs (g, {rows}))")
+    if wrong:
+        raise InputError(f"the native softmax got a block of {heads} heads x {rows} rows x {keys} keys and "
+                         f"{'; '.join(wrong)}; a consumer's factors must cover the part it was given.")
+
+
 def _addresses(kind, values) -> ctypes.Array:
     return (kind * max(1, len(values)))(*values)
 
@@ -159,6 +181,7 @@ def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.
             or scores.stride(-1) != 1 or probs.stride(-1) != 1 or not one_sequence:
         return None
     batch, heads, rows, keys = scores.shape
+    _check_shapes(heads, rows, keys, sinks, key_weights, factors)
     sinks = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
     weights = None if key_weights is None else key_weights.detach().to("cpu", torch.float32)[:, :keys].contiguous()
     columns = [c.detach().to("cpu", torch.float32)[..., :keys] for c in factors.key_columns]

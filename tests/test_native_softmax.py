@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
+from llm_heatmap.errors import InputError
 from llm_heatmap.probes import Downsampler, capture, downsample
 from llm_heatmap.probes import native_softmax
 from llm_heatmap.probes.entropy_terms import EntropyTerms
@@ -158,3 +159,32 @@ def test_consumers_take_their_products_from_the_pass_and_their_results_stay_the_
                                atol=2e-6, rtol=1e-5)
     pooled = downsample(cube.norm_weighted() if value_norms else cube, 6)
     torch.testing.assert_close(sampler.cube().pattern, pooled.pattern, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
+def test_factors_that_do_not_cover_the_block_are_refused_before_the_loop_reads_them(softmax_path):
+    scores = torch.randn(1, 3, 4, 10)
+    for factors in (native_softmax.Factors(key_columns=(torch.ones(3, 2, 9),)),
+                    native_softmax.Factors(key_columns=(torch.ones(2, 2, 10),)),
+                    native_softmax.Factors(row_weights=(torch.ones(1, 5),))):
+        with pytest.raises(InputError, match="must cover the part"):
+            native_softmax.softmax(scores, factors=factors)
+    with pytest.raises(InputError, match=r"key weights \(3, 9\)"):
+        native_softmax.softmax(scores, key_weights=torch.ones(3, 9))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine: the torch softmax is used")
+def test_a_compiler_without_openmp_builds_it_for_one_thread(monkeypatch, tmp_path):
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported option -fopenmp" >&2; '
+                        f'exit 1; }}; done\nexec {shutil.which("cc")} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("LLM_HEATMAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLM_HEATMAP_NATIVE", "1")
+    native_softmax._kernel.cache_clear()
+    try:
+        scores = torch.randn(1, 4, 30, 50, generator=torch.Generator().manual_seed(16))
+        torch.testing.assert_close(native_softmax.softmax(scores).probs, scores.softmax(-1), atol=1e-6, rtol=2e-6)
+    finally:
+        native_softmax._kernel.cache_clear()
