@@ -41,6 +41,7 @@ FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 VARIANTS = (("-fopenmp", "-march=native", "-mprefer-vector-width=512"), ("-fopenmp", "-march=native"), ("-fopenmp",),
             ("-fopenmp-simd", "-march=native"), ("-fopenmp-simd",))
 MIN_ROWS_PER_THREAD = 16
+MAX_KEY_COLUMNS = 64  # softmax_rows.c's MAX_COLUMNS: key columns of all groups together
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -150,6 +151,8 @@ def _check_shapes(heads: int, rows: int, keys: int, sinks, key_weights, factors:
     for columns in factors.key_columns:
         if columns.ndim != 3 or columns.shape[0] != heads or columns.shape[2] < keys:
             wrong.append(f"key columns {tuple(columns.shape)} (needs ({heads}, f, >= {keys}))")
+    if sum(columns.shape[1] for columns in factors.key_columns if columns.ndim == 3) > MAX_KEY_COLUMNS:
+        wrong.append(f"more than {MAX_KEY_COLUMNS} key columns in all")
     for weights in factors.row_weights:
         if weights.ndim != 2 or weights.shape[1] != rows:
             wrong.append(f"row weights {tuple(weights.shape)} (needs (g, {rows}))")

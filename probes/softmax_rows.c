@@ -58,37 +58,42 @@ typedef struct {
     float *const *row_sums;
 } Block;
 
-/* sum_j p_j c_j for up to four columns at once, so that p is read once for them (a column past `count`
- * repeats the last one and its sum is dropped) */
-static void four_dots(const float *p, const float *const *c, int64_t count, int64_t keys, float *out) {
+/* sum_j p_j c_j for up to eight columns at once, so that p is read once for them (a column past `count`
+ * repeats the first one and its sum is dropped) */
+static void eight_dots(const float *p, const float *const *c, int64_t count, int64_t keys, float *out) {
     const float *c0 = c[0], *c1 = c[count > 1 ? 1 : 0], *c2 = c[count > 2 ? 2 : 0], *c3 = c[count > 3 ? 3 : 0];
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    const float *c4 = c[count > 4 ? 4 : 0], *c5 = c[count > 5 ? 5 : 0], *c6 = c[count > 6 ? 6 : 0];
+    const float *c7 = c[count > 7 ? 7 : 0];
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
     for (int64_t j = 0; j < keys; j++) {
         float v = p[j];
         s0 += v * c0[j];
         s1 += v * c1[j];
         s2 += v * c2[j];
         s3 += v * c3[j];
+        s4 += v * c4[j];
+        s5 += v * c5[j];
+        s6 += v * c6[j];
+        s7 += v * c7[j];
     }
-    float sums[4] = {s0, s1, s2, s3};
+    float sums[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
     for (int64_t f = 0; f < count; f++) out[f] = sums[f];
 }
 
+#define MAX_COLUMNS 64
+
 static void products(const Block *b, const float *p, int64_t row, int64_t head, int64_t within) {
+    /* every group's columns for this row's head, then eight at a time */
+    const float *columns[MAX_COLUMNS];
     int64_t total = 0;
-    for (int64_t group = 0; group < b->column_groups; group++) total += b->columns_count[group];
-    float *out = b->column_sums + row * total;
-    const float *chunk[4];
     for (int64_t group = 0; group < b->column_groups; group++) {
         const float *first = b->columns[group] + head * b->columns_head_stride[group];
-        for (int64_t f = 0; f < b->columns_count[group]; f += 4) {
-            int64_t count = b->columns_count[group] - f < 4 ? b->columns_count[group] - f : 4;
-            for (int64_t i = 0; i < count; i++) chunk[i] = first + (f + i) * b->columns_row_stride[group];
-            four_dots(p, chunk, count, b->keys, out);
-            out += count;
-        }
+        for (int64_t f = 0; f < b->columns_count[group] && total < MAX_COLUMNS; f++)
+            columns[total++] = first + f * b->columns_row_stride[group];
     }
+    float *out = b->column_sums + row * total;
+    for (int64_t f = 0; f < total; f += 8) eight_dots(p, columns + f, total - f < 8 ? total - f : 8, b->keys, out + f);
     for (int64_t group = 0; group < b->row_groups; group++) {
         int64_t count = b->row_weights_count[group];
         for (int64_t g = 0; g < count; g++) {
