@@ -45,12 +45,19 @@ MAX_KEY_COLUMNS = 64  # softmax_rows.c's MAX_COLUMNS: key columns of all groups 
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
 
-class NativeUnavailable(RuntimeError):
-    """The kernel was required (`LLM_HEATMAP_NATIVE=1`) and could not be built or loaded."""
+class NativeUnavailable(InputError):
+    """The kernel could not be built or loaded (an error where `LLM_HEATMAP_NATIVE=1` requires it)."""
+
+
+MODES = ("auto", "0", "1")
 
 
 def _mode() -> str:
-    return os.environ.get("LLM_HEATMAP_NATIVE", "auto").strip().lower() or "auto"
+    mode = os.environ.get("LLM_HEATMAP_NATIVE", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise InputError(f"LLM_HEATMAP_NATIVE={mode!r} is not one of {', '.join(MODES)}; unset it, or set 0 (torch's "
+                         "softmax) or 1 (the native softmax, an error where it cannot be built).")
+    return mode
 
 
 def _cpu_identity() -> str:
@@ -109,7 +116,8 @@ def _kernel():
         function = ctypes.CDLL(str(_build(compiler))).softmax_block
     except (OSError, NativeUnavailable) as error:
         if _mode() == "1":
-            raise NativeUnavailable(f"LLM_HEATMAP_NATIVE=1 but the native softmax is unavailable: {error}") from error
+            raise NativeUnavailable(f"LLM_HEATMAP_NATIVE=1 but the native softmax is unavailable ({error}); install a C "
+                                    "compiler (cc, or set CC) or unset LLM_HEATMAP_NATIVE to use torch's softmax.") from error
         return None
     function.argtypes = [ctypes.POINTER(_Block), _size, _size, _size]
     function.restype = None

@@ -189,3 +189,14 @@ def test_a_compiler_without_openmp_builds_it_for_one_thread(monkeypatch, tmp_pat
         torch.testing.assert_close(native_softmax.softmax(scores).probs, scores.softmax(-1), atol=1e-6, rtol=2e-6)
     finally:
         native_softmax._kernel.cache_clear()
+
+
+def test_an_unknown_native_setting_is_refused_in_one_sentence(monkeypatch):
+    monkeypatch.setenv("LLM_HEATMAP_NATIVE", "yes")
+    native_softmax._kernel.cache_clear()
+    try:
+        with pytest.raises(InputError, match="LLM_HEATMAP_NATIVE='yes' is not one of auto, 0, 1"):
+            native_softmax.available()
+    finally:
+        monkeypatch.delenv("LLM_HEATMAP_NATIVE")
+        native_softmax._kernel.cache_clear()
