@@ -115,11 +115,37 @@ def gguf_file_type(path: Path) -> str:
     return "/".join(sorted(kinds))
 
 
-def cache_dir_for(path: Path) -> Path:
+def content_digest(path: Path) -> str:
+    """The sha256 of the file's bytes, hashed once per (path, size, mtime) and remembered in the cache.
+
+    The conversion is keyed by content, not by where the file lies: the same GGUF installed in a second
+    environment (a fresh virtual environment, a clean clone) reuses the first conversion instead of adding
+    another copy of the dequantized weights.
+    """
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{path.stem}-{digest}"
+    seen = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    record = cache_root() / "gguf" / "digests" / hashlib.sha256(seen.encode()).hexdigest()[:32]
+    try:
+        digest = record.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    with contextlib.suppress(OSError, InputError):  # a read-only or full cache only means hashing again next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(record, force=True) as staging:
+            staging.write_text(digest)
+    return digest
+
+
+def cache_dir_for(path: Path) -> Path:
+    """The entry for `path`'s content as converted by this transformers (its GGUF reader makes the weights)."""
+    import transformers
+
+    key = f"{content_digest(path)}|transformers {transformers.__version__}"
+    return cache_root() / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def converted_dir(path: Path, *, progress=None) -> Path:

@@ -277,6 +277,11 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))} if root.exists() else {}
 
 
+def _entries(cache: Path) -> list[Path]:
+    """The files of conversions in the cache, leaving out the remembered digests of the GGUF files read."""
+    return [p for p in cache.rglob("*") if p.is_file() and p.parent.name != "digests"]
+
+
 def _forbid_conversion(monkeypatch):
     from transformers import PreTrainedModel
 
@@ -315,6 +320,27 @@ def test_tiny_gguf_converts_once(cache, tmp_path, monkeypatch):
     _forbid_conversion(monkeypatch)
     _, _, again = load_model(path)
     assert again == spec and _files(cache) == before
+
+
+def test_the_same_gguf_elsewhere_reuses_the_conversion_and_a_changed_one_does_not(cache, tmp_path, monkeypatch):
+    """The entry is keyed by the file's content: a copy in another folder (the same package in a second
+    virtual environment) loads from the first conversion; a file of the same name with other bytes converts."""
+    import shutil
+
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
+    first = write_tiny_gguf(tmp_path / "a" / "tiny.gguf")
+    load_model(first)
+    copy = shutil.copyfile(first, tmp_path / "b" / "tiny.gguf")
+    assert gguf_cache.cache_dir_for(copy) == gguf_cache.cache_dir_for(first)
+    entries = sorted((cache / "gguf").glob("tiny-*"))
+    with monkeypatch.context() as forbidden:
+        _forbid_conversion(forbidden)
+        load_model(copy)
+    other = write_tiny_gguf(tmp_path / "c" / "tiny.gguf", kv_heads=4)
+    assert gguf_cache.cache_dir_for(other) != gguf_cache.cache_dir_for(first)
+    assert load_model(other)[2].summary.startswith("dense decoder, MHA")
+    assert len(sorted((cache / "gguf").glob("tiny-*"))) == len(entries) + 1
 
 
 def _waiting_for_a_lock_on(path: Path) -> bool:
@@ -366,8 +392,7 @@ def test_interrupted_conversion_leaves_nothing(cache, tmp_path, monkeypatch, fai
     with pytest.raises(InputError if isinstance(failure, OSError) else type(failure)) as raised:
         load_model(path)
     assert not isinstance(failure, OSError) or "the disk is full" in str(raised.value)
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
-    assert list((cache / "gguf").iterdir()) == []
+    assert _entries(cache) == [] and [p.name for p in (cache / "gguf").iterdir()] == ["digests"]  # no temporary
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", original)
     _, _, spec = load_model(path)  # the next try converts from scratch
@@ -415,14 +440,14 @@ def test_corrupt_gguf_is_one_sentence(cache, tmp_path, make):
     message = str(caught.value)
     assert str(path) in message and "GGUF" in message
     assert "\n" not in message and message.endswith(".")
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert _entries(cache) == []
 
 
 def test_unsupported_gguf_architecture(cache, tmp_path):
     path = write_tiny_gguf(tmp_path / "alien.gguf", arch="llmheatmapalien")
     with pytest.raises(InputError, match=r"llmheatmapalien is not supported.*a GGUF of a supported architecture"):
         load_model(path)
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert _entries(cache) == []
 
 
 # ----------------------------------------------------------------------------- quantization
