@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -153,6 +154,7 @@ class Probe:
             not keep and not model.training and not any(tap.is_computed(module) for module in self._modules)
         self._all_heads = torch.arange(self.spec.num_heads)
         self._packed: dict[nn.Module, _Packed] = {}
+        self._streamed: torch.Tensor | None = None
 
     def _head_writers(self, value_norms: bool | None) -> dict[int, HeadWriters]:
         """What each layer's heads write, for value and output norms ({} when not recorded)."""
@@ -205,6 +207,7 @@ class Probe:
     def __exit__(self, exc_type, exc, traceback) -> None:
         stack, self._stack = self._stack, None
         self._pending.clear()
+        self._streamed = None
         if stack is not None:
             stack.close()
         if exc_type is None:
@@ -300,9 +303,13 @@ class Probe:
             norms = self._entropy_weights(side, heads) if self._entropy_terms else None
             for start, stop, delivered in blocks:
                 rows = buffer[:, slot, :, start - first_row : stop - first_row] if self.keep and delivered else None
-                # the softmax goes straight into the cube's rows where both are on one device and hold every head
-                into = rows if rows is not None and len(heads) == len(self.heads) and rows.device == query.device \
-                    else None
+                # the softmax goes straight into the cube's rows where both are on one device and hold every head;
+                # streaming, into memory every block reuses
+                if self.keep:
+                    into = rows if rows is not None and len(heads) == len(self.heads) and rows.device == query.device \
+                        else None
+                else:
+                    into = self._block_memory(call, len(heads), start, stop)
                 request = self._factors(call, layer, heads, start, stop, first_row, positions, keys, side, rows, into) \
                     if delivered else None
                 block = call.pattern(heads, start, stop, pad=False, out=into if request is None else request.out,
@@ -352,16 +359,25 @@ class Probe:
             and call.query.device.type == "cpu" and (into is not None if self.keep else self._trimmed_parts)
         if not usable or not native_softmax.available():
             return None
-        width = call.block_keys(stop)
-        out = into if self.keep else torch.empty(1, len(heads), stop - start, width)
         row_start, row_stop = start - first_row, stop - first_row
         stream = StreamPart(pass_index=self._pass, row_start=row_start, row_stop=row_stop, num_queries=len(positions),
-                            key_stop=width)
-        part = self._part(layer, rows if self.keep else out, positions[row_start:row_stop], stream, keys,
+                            key_stop=call.block_keys(stop))
+        part = self._part(layer, rows if self.keep else into, positions[row_start:row_stop], stream, keys,
                           _part_side(side, row_start, row_stop))
         asked = {consumer: consumer.factors(part) for consumer in owners}
         asked = {consumer: factors for consumer, factors in asked.items() if factors is not None and any(factors)}
-        return _FactorRequest(out=out, asked=asked) if asked else None
+        return _FactorRequest(out=into, asked=asked) if asked else None
+
+    def _block_memory(self, call, heads: int, start: int, stop: int) -> torch.Tensor:
+        """Where a streamed block's fp32 weights are written (`"b h q k"`, its keys trimmed): one allocation every
+        block of the probe reuses. A fresh tensor per block is returned to the system and faulted in again each
+        time (glibc maps blocks this large), which cost a third of the forward at 16,384 tokens."""
+        shape = (call.batch_size, heads, stop - start, call.block_keys(stop))
+        size = math.prod(shape)
+        memory = self._streamed
+        if memory is None or memory.numel() < size or memory.device != call.query.device:
+            memory = self._streamed = torch.empty(size, device=call.query.device)
+        return memory[:size].view(shape)
 
     def _entropy_weights(self, side: dict, heads: torch.Tensor) -> torch.Tensor | None:
         """The value norms of a block's heads (`"h k"`; 0 for heads not captured), which weight the second column of

@@ -13,7 +13,8 @@
  *   row_sums[h][g][j] += u_gi p_j                   (row weights u, group by group: "g q" each, into
  *                                                    "h g k"; a call's rows must hold whole heads)
  * Key columns and row weights are what consumers would otherwise multiply the whole block by
- * afterwards, one more pass over it from memory each; here each row is still in the cache.
+ * afterwards, one more pass over it from memory each; here each row is still in the cache, and four
+ * rows of a head are multiplied together, so that a column or a row sum is read once for the four.
  */
 #include <math.h>
 #include <stdint.h>
@@ -58,58 +59,70 @@ typedef struct {
     float *const *row_sums;
 } Block;
 
-/* sum_j p_j c_j for up to eight columns at once, so that p is read once for them (a column past `count`
- * repeats the first one and its sum is dropped) */
-static void eight_dots(const float *p, const float *const *c, int64_t count, int64_t keys, float *out) {
+#define MAX_COLUMNS 64
+#define ROWS 4 /* rows of one head multiplied together: each column and row sum is read once for all of them */
+
+/* sum_j p_i[j] c_f[j] for up to four rows i and four columns f, each read once for all sixteen sums (a row
+ * past `rows` or a column past `count` repeats the first one, and its sums are dropped); row i's sums go to
+ * out[i * stride + f] */
+static void four_by_four(const float *const *p, int64_t rows, const float *const *c, int64_t count, int64_t keys,
+                         float *out, int64_t stride) {
+    const float *p0 = p[0], *p1 = p[rows > 1 ? 1 : 0], *p2 = p[rows > 2 ? 2 : 0], *p3 = p[rows > 3 ? 3 : 0];
     const float *c0 = c[0], *c1 = c[count > 1 ? 1 : 0], *c2 = c[count > 2 ? 2 : 0], *c3 = c[count > 3 ? 3 : 0];
-    const float *c4 = c[count > 4 ? 4 : 0], *c5 = c[count > 5 ? 5 : 0], *c6 = c[count > 6 ? 6 : 0];
-    const float *c7 = c[count > 7 ? 7 : 0];
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, s4 = 0.0f, s5 = 0.0f, s6 = 0.0f, s7 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+    float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+    float s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
     for (int64_t j = 0; j < keys; j++) {
-        float v = p[j];
-        s0 += v * c0[j];
-        s1 += v * c1[j];
-        s2 += v * c2[j];
-        s3 += v * c3[j];
-        s4 += v * c4[j];
-        s5 += v * c5[j];
-        s6 += v * c6[j];
-        s7 += v * c7[j];
+        float a0 = p0[j], a1 = p1[j], a2 = p2[j], a3 = p3[j];
+        float d0 = c0[j], d1 = c1[j], d2 = c2[j], d3 = c3[j];
+        s00 += a0 * d0; s01 += a0 * d1; s02 += a0 * d2; s03 += a0 * d3;
+        s10 += a1 * d0; s11 += a1 * d1; s12 += a1 * d2; s13 += a1 * d3;
+        s20 += a2 * d0; s21 += a2 * d1; s22 += a2 * d2; s23 += a2 * d3;
+        s30 += a3 * d0; s31 += a3 * d1; s32 += a3 * d2; s33 += a3 * d3;
     }
-    float sums[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
-    for (int64_t f = 0; f < count; f++) out[f] = sums[f];
+    float sums[ROWS][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t f = 0; f < count; f++) out[i * stride + f] = sums[i][f];
 }
 
-#define MAX_COLUMNS 64
-
-static void products(const Block *b, const float *p, int64_t row, int64_t head, int64_t within) {
-    /* every group's columns for this row's head, then eight at a time */
+/* the products of `rows` consecutive rows of one head, the first of them `first` (their probabilities p) */
+static void products(const Block *b, const float *const *p, int64_t rows, int64_t first) {
+    int64_t head = first / b->rows_per_head, within = first % b->rows_per_head;
     const float *columns[MAX_COLUMNS];
     int64_t total = 0;
     for (int64_t group = 0; group < b->column_groups; group++) {
-        const float *first = b->columns[group] + head * b->columns_head_stride[group];
+        const float *start = b->columns[group] + head * b->columns_head_stride[group];
         for (int64_t f = 0; f < b->columns_count[group] && total < MAX_COLUMNS; f++)
-            columns[total++] = first + f * b->columns_row_stride[group];
+            columns[total++] = start + f * b->columns_row_stride[group];
     }
-    float *out = b->column_sums + row * total;
-    for (int64_t f = 0; f < total; f += 8) eight_dots(p, columns + f, total - f < 8 ? total - f : 8, b->keys, out + f);
+    float *out = b->column_sums + first * total;
+    for (int64_t f = 0; f < total; f += 4)
+        four_by_four(p, rows, columns + f, total - f < 4 ? total - f : 4, b->keys, out + f, total);
+    const float *p0 = p[0], *p1 = p[rows > 1 ? 1 : 0], *p2 = p[rows > 2 ? 2 : 0], *p3 = p[rows > 3 ? 3 : 0];
     for (int64_t group = 0; group < b->row_groups; group++) {
         int64_t count = b->row_weights_count[group];
         for (int64_t g = 0; g < count; g++) {
-            float u = b->row_weights[group][g * b->rows_per_head + within];
-            if (u == 0.0f) continue;
+            const float *u = b->row_weights[group] + g * b->rows_per_head + within;
+            float u0 = u[0], u1 = rows > 1 ? u[1] : 0.0f, u2 = rows > 2 ? u[2] : 0.0f, u3 = rows > 3 ? u[3] : 0.0f;
+            if (u0 == 0.0f && u1 == 0.0f && u2 == 0.0f && u3 == 0.0f) continue;
             float *into = b->row_sums[group] + (head * count + g) * b->keys;
 #pragma omp simd
-            for (int64_t j = 0; j < b->keys; j++) into[j] += u * p[j];
+            for (int64_t j = 0; j < b->keys; j++) into[j] += u0 * p0[j] + u1 * p1[j] + u2 * p2[j] + u3 * p3[j];
         }
     }
 }
 
 void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
     int64_t columns = b->key_weights ? 2 : 1, keys = b->keys;
+    int products_asked = b->column_groups > 0 || b->row_groups > 0;
+    const float *waiting[ROWS]; /* rows of one head whose products are not done yet, from `first` on */
+    int64_t first = row_start, count = 0;
     for (int64_t row = row_start; row < row_stop; row++) {
         int64_t head = row / b->rows_per_head, within = row % b->rows_per_head;
+        if (count && within == 0) { /* a new head */
+            products(b, waiting, count, first);
+            count = 0;
+        }
         const float *s = b->scores + head * b->scores_head_stride + within * b->scores_row_stride;
         float *p = b->probs + head * b->probs_head_stride + within * b->probs_row_stride;
         const float *w = b->key_weights ? b->key_weights + head * b->weights_stride : 0;
@@ -155,15 +168,23 @@ void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
             sums[row * columns + 1] = edw * inverse + shift * ew;
         }
         peaks[row] = exp_poly(m - top) * inverse;
-        products(b, p, row, head, within);
+        if (!products_asked) continue;
+        if (!count) first = row;
+        waiting[count++] = p;
+        if (count == ROWS) {
+            products(b, waiting, count, first);
+            count = 0;
+        }
     }
+    if (count) products(b, waiting, count, first);
 }
 
 /* Every row of a block, over OpenMP's threads: built with -fopenmp, the library takes the libgomp that
  * torch has already loaded (same soname), so these are torch's own intra-op threads. A unit of rows
  * stays in one thread (a head's rows where they add into row sums). */
 void softmax_block(const Block *b, int64_t rows, int64_t unit, int64_t threads) {
-    int64_t units = rows / unit;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && units > 1)
-    for (int64_t u = 0; u < units; u++) softmax_rows(b, u * unit, (u + 1) * unit);
+    int64_t units = rows / unit, parts = threads < units ? threads : units;
+    /* one contiguous range of units per thread, so that its rows of one head are multiplied together */
+#pragma omp parallel for schedule(static) num_threads(threads) if (parts > 1)
+    for (int64_t t = 0; t < parts; t++) softmax_rows(b, units * t / parts * unit, units * (t + 1) / parts * unit);
 }

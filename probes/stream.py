@@ -42,6 +42,8 @@ class CubeConsumer(Protocol):
     `takes_trimmed_parts = True` accepts parts whose pattern holds only the keys before
     `part.stream.key_stop` (module doc); one with `takes_entropy_terms = True` gets the fp32 pattern's
     `part.stream.entropy_terms` (`entropy_terms.py`) where the capture computed it, valid during `consume`.
+    A streamed part's tensors are valid during `consume` only: the capture writes the next block into the
+    same memory, so a consumer that keeps values copies them (`part.pattern.clone()`).
 
     A consumer with `factors(part)` may ask, per part, for the part's weights A (`"h q k"`) times key
     columns (`native_softmax.Factors.key_columns`, `"h f k"` over the keys before `key_stop`: A C^T) and

@@ -96,18 +96,22 @@ def test_a_required_native_softmax_that_cannot_be_built_says_why(monkeypatch, tm
 
 @pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, threads):
+@pytest.mark.parametrize("with_row_weights", [True, False])
+def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, threads, with_row_weights):
     """Key columns shared by every head (an expanded "f k") and per head, and two groups of row weights (rows may
-    count in several groups, or none), against einsum; with two threads each head's rows stay in one thread."""
+    count in several groups, or none), against einsum; with two threads each head's rows stay in one thread where
+    they add into row sums, and without row weights a thread's rows begin inside a head. 11 rows a head: the C
+    loop multiplies four rows of a head at a time, so heads end on a partial four."""
     generator = torch.Generator().manual_seed(14)
-    heads, rows, keys = 3, 9, 40
+    heads, rows, keys = 3, 11, 40
     scores = torch.randn(1, heads, rows, keys, generator=generator) * 4
     scores[..., 33:] = FLOOR
     shared = torch.randn(2, keys, generator=generator) * torch.arange(keys)
     per_head = torch.randn(heads, 3, keys, generator=generator)
     bins = torch.nn.functional.one_hot(torch.arange(rows) // 4).T.float()  # "g q": 3 bins of rows
     spread = (torch.rand(1, rows, generator=generator) > 0.3).float() * 0.5
-    factors = native_softmax.Factors(key_columns=(shared.expand(heads, -1, -1), per_head), row_weights=(bins, spread))
+    factors = native_softmax.Factors(key_columns=(shared.expand(heads, -1, -1), per_head),
+                                     row_weights=(bins, spread) if with_row_weights else ())
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -117,6 +121,7 @@ def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, th
     probs = _reference(scores)
     torch.testing.assert_close(result.key_sums[0], torch.einsum("bhqk,fk->bhqf", probs, shared), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(result.key_sums[1], torch.einsum("bhqk,hfk->bhqf", probs, per_head), atol=1e-5, rtol=1e-5)
+    assert len(result.row_sums) == (2 if with_row_weights else 0)
     for sums, weights in zip(result.row_sums, (bins, spread)):
         torch.testing.assert_close(sums, torch.einsum("gq,bhqk->bhgk", weights, probs), atol=1e-6, rtol=1e-5)
 

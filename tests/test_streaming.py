@@ -84,6 +84,36 @@ def test_streaming_without_keeping(gemma3):
         probe.cube(ids)
 
 
+class _TrimmedCopier:
+    """Takes trimmed parts and copies each, as the protocol asks of a consumer that keeps values."""
+
+    takes_trimmed_parts = True
+
+    def __init__(self):
+        self.patterns, self.addresses = [], set()
+
+    def consume(self, part):
+        self.patterns.append(part.pattern.clone())
+        self.addresses.add(part.pattern.data_ptr())
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_streamed_blocks_are_written_into_one_reused_memory(gemma3, computed):
+    """Every trimmed part of a streaming capture is a view of the same allocation (a fresh block per part is
+    returned to the system and faulted in again, a third of the forward at 16,384 tokens), and the copies the
+    consumer took are still the kept cube's rows."""
+    ids = torch.randint(0, VOCAB, (1, 12))
+    kept = captured(gemma3, ids).cube(ids)
+    copier = _TrimmedCopier()
+    captured(gemma3, ids, consumers=[copier], keep=False, chunk_rows=5, compute_output=computed)
+    assert len(copier.patterns) == 9 and len(copier.addresses) == 1
+    for index, pattern in enumerate(copier.patterns):
+        layer, start = divmod(index, 3)
+        rows = kept.pattern[layer, :, start * 5 : start * 5 + 5]
+        torch.testing.assert_close(pattern[0], rows[..., : pattern.shape[-1]], atol=1e-6, rtol=0)
+        assert not rows[..., pattern.shape[-1]:].any()
+
+
 def test_streaming_needs_one_sequence(gemma3):
     with pytest.raises(InputError, match="one sequence"), torch.no_grad(), capture(gemma3, consumers=[Recorder()]):
         gemma3(input_ids=torch.randint(0, VOCAB, (2, 6)))
