@@ -303,16 +303,15 @@ class Probe:
             norms = self._entropy_weights(side, heads) if self._entropy_terms else None
             for start, stop, delivered in blocks:
                 rows = buffer[:, slot, :, start - first_row : stop - first_row] if self.keep and delivered else None
-                # the softmax goes straight into the cube's rows where both are on one device and hold every head;
-                # streaming, into memory every block reuses
-                if self.keep:
-                    into = rows if rows is not None and len(heads) == len(self.heads) and rows.device == query.device \
-                        else None
+                # the softmax goes straight into the cube's rows where both are on one device and hold every head,
+                # else into memory every block reuses
+                if rows is not None and len(heads) == len(self.heads) and rows.device == query.device:
+                    into = rows
                 else:
                     into = self._block_memory(call, len(heads), start, stop)
                 request = self._factors(call, layer, heads, start, stop, first_row, positions, keys, side, rows, into) \
                     if delivered else None
-                block = call.pattern(heads, start, stop, pad=False, out=into if request is None else request.out,
+                block = call.pattern(heads, start, stop, pad=False, out=into,
                                      value_norms=norms if delivered else None,
                                      factors=native_softmax.Factors() if request is None else request.factors())
                 terms = call.entropy_terms(block) if self._entropy_terms and delivered else None
@@ -327,7 +326,7 @@ class Probe:
                         self._block_output_norms(layer, side, computed, start - first_row, start, stop, len(positions))
                 width = block.shape[-1]
                 if self.keep:
-                    if into is None or block.data_ptr() != rows.data_ptr():
+                    if block.data_ptr() != rows.data_ptr():  # the path that adds sinks does not write into `out`
                         rows[..., :width] = block
                     rows[..., width:] = 0
                 if self.consumers:
@@ -356,7 +355,7 @@ class Probe:
         the rows of the kept cube or, streaming, the block trimmed to its keys)."""
         owners = [consumer for consumer in self.consumers if callable(getattr(consumer, "factors", None))]
         usable = owners and call.batch_size == 1 and len(heads) == len(self.heads) and self.dtype == torch.float32 \
-            and call.query.device.type == "cpu" and (into is not None if self.keep else self._trimmed_parts)
+            and call.query.device.type == "cpu" and (into is rows if self.keep else self._trimmed_parts)
         if not usable or not native_softmax.available():
             return None
         row_start, row_stop = start - first_row, stop - first_row
@@ -366,12 +365,12 @@ class Probe:
                           _part_side(side, row_start, row_stop))
         asked = {consumer: consumer.factors(part) for consumer in owners}
         asked = {consumer: factors for consumer, factors in asked.items() if factors is not None and any(factors)}
-        return _FactorRequest(out=into, asked=asked) if asked else None
+        return _FactorRequest(asked) if asked else None
 
     def _block_memory(self, call, heads: int, start: int, stop: int) -> torch.Tensor:
-        """Where a streamed block's fp32 weights are written (`"b h q k"`, its keys trimmed): one allocation every
-        block of the probe reuses. A fresh tensor per block is returned to the system and faulted in again each
-        time (glibc maps blocks this large), which cost a third of the forward at 16,384 tokens."""
+        """Where a block's fp32 weights are written when not into the kept cube (`"b h q k"`, its keys trimmed): one
+        allocation every block of the probe reuses. A fresh tensor per block is returned to the system and faulted
+        in again each time (glibc maps blocks this large)."""
         shape = (call.batch_size, heads, stop - start, call.block_keys(stop))
         size = math.prod(shape)
         memory = self._streamed
@@ -626,9 +625,8 @@ class Probe:
 
 @dataclass
 class _FactorRequest:
-    """What the consumers asked one block's native softmax to multiply it by, and where it writes the block."""
+    """What the consumers asked one block's native softmax to multiply it by."""
 
-    out: torch.Tensor
     asked: dict  # consumer -> native_softmax.Factors
 
     def factors(self) -> native_softmax.Factors:
