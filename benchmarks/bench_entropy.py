@@ -19,6 +19,11 @@ key), with the block's own softmax as the baseline measured in the same run:
   native softmax + terms  `probes/native_softmax.py`: the softmax, the terms' row sums and the largest
                           weight in one pass per row; in place of the softmax and the line above together
                           (the "softmax + terms in torch" line)
+  products in torch       what the streaming grid and metrics multiply each block by (`Factors`: the
+                          metrics' five key features and two value-norm columns, its column sums' row
+                          weights and the Downsampler's row bins), as matrix products after the softmax
+  native + products       the native softmax with those factors, in its pass: in place of the native
+                          line and the products in torch together
 """
 
 from __future__ import annotations
@@ -57,6 +62,22 @@ def native(scores: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, tor
     return -(sums[0, ..., 0] + peak[0].log()), peak[0]
 
 
+def factors(scores: torch.Tensor) -> native_softmax.Factors:
+    """The factors HeadMetricsReducer and Downsampler(256) ask for a block of the first rows (`CubeConsumer`)."""
+    heads, rows, keys = scores.shape
+    generator = torch.Generator().manual_seed(keys)
+    features = torch.rand(5, keys, generator=generator)
+    norms = torch.rand(heads, 2, keys, generator=generator)
+    bins = torch.nn.functional.one_hot(torch.arange(rows) * 256 // keys).T.float()
+    spread = torch.rand(1, rows, generator=generator)
+    return native_softmax.Factors(key_columns=(features.expand(heads, -1, -1), norms), row_weights=(bins, spread))
+
+
+def torch_products(probs: torch.Tensor, asked: native_softmax.Factors) -> list[torch.Tensor]:
+    return [torch.matmul(probs, columns.transpose(-1, -2)) for columns in asked.key_columns] + \
+        [torch.einsum("gq,hqk->hgk", weights, probs) for weights in asked.row_weights]
+
+
 def median_ms(run, reps: int) -> float:
     for _ in range(3):
         run()
@@ -90,16 +111,23 @@ def main() -> None:
             torch.testing.assert_close(native_entropy.double(), reference.double(), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(native_peak, peak, atol=1e-6, rtol=1e-5)
             native_probs = torch.empty_like(probs)
+            asked = factors(scores)
+            products = native_softmax.softmax(scores[None], native_probs[None], factors=asked).products
+            for given, expected in zip((*products.key_sums, *products.row_sums), torch_products(probs, asked)):
+                torch.testing.assert_close(given[0], expected, atol=1e-4, rtol=1e-4)
             paths = {
                 "softmax": lambda: torch.softmax(scores, -1),
                 "p ln p + row max": lambda: p_ln_p(probs, scratch),
                 "entropy terms": lambda: from_terms(scores, probs, scratch),
                 "copy of the scores": lambda: scratch.copy_(scores),
                 "native softmax + terms": lambda: native(scores, native_probs),
+                "products in torch": lambda: torch_products(probs, asked),
+                "native + products": lambda: native_softmax.softmax(scores[None], native_probs[None], factors=asked),
             }
             times = {name: median_ms(run, args.reps) for name, run in paths.items()}
             times["entropy terms, less the copy"] = times["entropy terms"] - times["copy of the scores"]
             times["softmax + terms in torch"] = times["softmax"] + times["entropy terms, less the copy"]
+            times["native, then products in torch"] = times["native softmax + terms"] + times["products in torch"]
             for name, ms in times.items():
                 print(f"{threads:>7} {length:>6} {scores.shape[1]:>5} {name:<29} {ms:>9.3f} {ms / times['softmax']:>8.2f}x",
                       flush=True)
