@@ -116,14 +116,15 @@ def gguf_file_type(path: Path) -> str:
 
 
 def content_digest(path: Path) -> str:
-    """The sha256 of the file's bytes, hashed once per (path, size, mtime) and remembered in the cache.
+    """The sha256 of the file's bytes, hashed once per (path, inode, size, mtime, ctime) and remembered in the cache
+    (ctime, which no program sets, changes whenever the file is rewritten, even under a restored mtime).
 
     The conversion is keyed by content, not by where the file lies: the same GGUF installed in a second
     environment (a fresh virtual environment, a clean clone) reuses the first conversion instead of adding
     another copy of the dequantized weights.
     """
     stat = path.stat()
-    seen = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    seen = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     record = cache_root() / "gguf" / "digests" / hashlib.sha256(seen.encode()).hexdigest()[:32]
     try:
         digest = record.read_text().strip()

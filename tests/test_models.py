@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import socket
 import sys
 import time
@@ -341,6 +342,11 @@ def test_the_same_gguf_elsewhere_reuses_the_conversion_and_a_changed_one_does_no
     assert gguf_cache.cache_dir_for(other) != gguf_cache.cache_dir_for(first)
     assert load_model(other)[2].summary.startswith("dense decoder, MHA")
     assert len(sorted((cache / "gguf").glob("tiny-*"))) == len(entries) + 1
+    # rewritten in place with other weights of the same size, its old mtime put back: still another entry
+    before, stat = gguf_cache.cache_dir_for(copy), copy.stat()
+    write_tiny_gguf(copy, seed=1)
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert copy.stat().st_size == stat.st_size and gguf_cache.cache_dir_for(copy) != before
 
 
 def _waiting_for_a_lock_on(path: Path) -> bool:
