@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,6 +27,7 @@ from . import tap
 from .cube import AttentionCube, StreamPart
 from .geometry import kernel_causality
 from .memory import check_cube_fits
+from .reused_memory import ReusedMemory
 from . import kernel_output
 from . import native_softmax
 from .value_norms import HeadWriters
@@ -132,6 +132,7 @@ class Probe:
         self.consumers = list(consumers or [])
         self._trimmed_parts = all(getattr(consumer, "takes_trimmed_parts", False) for consumer in self.consumers)
         self._entropy_terms = any(getattr(consumer, "takes_entropy_terms", False) for consumer in self.consumers)
+        self._factor_owners = [consumer for consumer in self.consumers if callable(getattr(consumer, "factors", None))]
         self.keep = keep
         self.chunk_rows = options.chunk_rows
         self.max_bytes = options.max_bytes
@@ -154,7 +155,7 @@ class Probe:
             not keep and not model.training and not any(tap.is_computed(module) for module in self._modules)
         self._all_heads = torch.arange(self.spec.num_heads)
         self._packed: dict[nn.Module, _Packed] = {}
-        self._streamed: torch.Tensor | None = None
+        self._streamed = ReusedMemory()  # a block's weights where they are not written into the kept cube
 
     def _head_writers(self, value_norms: bool | None) -> dict[int, HeadWriters]:
         """What each layer's heads write, for value and output norms ({} when not recorded)."""
@@ -207,7 +208,7 @@ class Probe:
     def __exit__(self, exc_type, exc, traceback) -> None:
         stack, self._stack = self._stack, None
         self._pending.clear()
-        self._streamed = None
+        self._streamed = ReusedMemory()
         if stack is not None:
             stack.close()
         if exc_type is None:
@@ -308,7 +309,8 @@ class Probe:
                 if rows is not None and len(heads) == len(self.heads) and rows.device == query.device:
                     into = rows
                 else:
-                    into = self._block_memory(call, len(heads), start, stop)
+                    into = self._streamed.view((batch, len(heads), stop - start, call.block_keys(stop)), torch.float32,
+                                               query.device)
                 request = self._factors(call, layer, heads, start, stop, first_row, positions, keys, side, rows, into) \
                     if delivered else None
                 block = call.pattern(heads, start, stop, pad=False, out=into,
@@ -353,7 +355,7 @@ class Probe:
         """What the consumers that have `factors` (`stream.CubeConsumer`) ask the native softmax to multiply a block
         by in its pass, where it runs and the part will be its output as it is (float32, every head, one sequence;
         the rows of the kept cube or, streaming, the block trimmed to its keys)."""
-        owners = [consumer for consumer in self.consumers if callable(getattr(consumer, "factors", None))]
+        owners = self._factor_owners
         usable = owners and call.batch_size == 1 and len(heads) == len(self.heads) and self.dtype == torch.float32 \
             and call.query.device.type == "cpu" and (into is rows if self.keep else self._trimmed_parts)
         if not usable or not native_softmax.available():
@@ -366,17 +368,6 @@ class Probe:
         asked = {consumer: consumer.factors(part) for consumer in owners}
         asked = {consumer: factors for consumer, factors in asked.items() if factors is not None and any(factors)}
         return _FactorRequest(asked) if asked else None
-
-    def _block_memory(self, call, heads: int, start: int, stop: int) -> torch.Tensor:
-        """Where a block's fp32 weights are written when not into the kept cube (`"b h q k"`, its keys trimmed): one
-        allocation every block of the probe reuses. A fresh tensor per block is returned to the system and faulted
-        in again each time (glibc maps blocks this large)."""
-        shape = (call.batch_size, heads, stop - start, call.block_keys(stop))
-        size = math.prod(shape)
-        memory = self._streamed
-        if memory is None or memory.numel() < size or memory.device != call.query.device:
-            memory = self._streamed = torch.empty(size, device=call.query.device)
-        return memory[:size].view(shape)
 
     def _entropy_weights(self, side: dict, heads: torch.Tensor) -> torch.Tensor | None:
         """The value norms of a block's heads (`"h k"`; 0 for heads not captured), which weight the second column of

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,6 +29,7 @@ from llm_heatmap.errors import InputError
 
 from . import native_softmax
 from .entropy_terms import EntropyTerms
+from .reused_memory import ReusedMemory
 
 _MISSING = object()
 
@@ -228,6 +229,7 @@ class KernelCall:
     sinks: torch.Tensor | None = None
     causal: str | None = None
     window: int | None = None
+    _scores: ReusedMemory = field(default_factory=ReusedMemory, init=False, repr=False, compare=False)
 
     @classmethod
     def from_arguments(cls, module, kernel: str, query, key, mask, arguments: dict) -> "KernelCall":
@@ -364,13 +366,10 @@ class KernelCall:
         return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())
 
     def _scores_buffer(self, batch: int, heads: int, rows: int, keys: int) -> torch.Tensor:
-        """An uninitialised `"b h q k"` tensor over memory every row chunk of this call reuses: a fresh
-        block per chunk would have the allocator return pages to the system and fault them in again."""
-        size = batch * heads * rows * keys
-        buffer = getattr(self, "_scores", None)
-        if buffer is None or buffer.numel() < size:
-            buffer = self._scores = self.query.new_empty(max(size, batch * heads * rows * self.num_keys))
-        return buffer[:size].view(batch, heads, rows, keys)
+        """An uninitialised `"b h q k"` tensor over memory every row chunk of this call reuses, first sized for
+        every key (the widest chunk)."""
+        return self._scores.view((batch, heads, rows, keys), self.query.dtype, self.query.device,
+                                 reserve=batch * heads * rows * self.num_keys)
 
     def _keys(self, heads: torch.Tensor) -> torch.Tensor:
         """Keys repeated to a subset of query heads, built once per call and reused by every row chunk."""

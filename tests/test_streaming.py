@@ -97,6 +97,18 @@ class _TrimmedCopier:
         self.addresses.add(part.pattern.data_ptr())
 
 
+def test_reused_memory_views_one_allocation_until_a_larger_or_other_one_is_asked():
+    from llm_heatmap.probes.reused_memory import ReusedMemory
+
+    memory = ReusedMemory()
+    first = memory.view((2, 3), torch.float32, "cpu", reserve=10)
+    assert memory.view((1, 10), torch.float32, "cpu").data_ptr() == first.data_ptr()  # within the reserve
+    larger = memory.view((4, 4), torch.float32, "cpu")
+    assert larger.shape == (4, 4) and larger.data_ptr() != first.data_ptr()
+    assert memory.view((2, 2), torch.float32, "cpu").data_ptr() == larger.data_ptr()
+    assert memory.view((2, 2), torch.float64, "cpu").dtype == torch.float64
+
+
 @pytest.mark.parametrize("computed", [False, True])
 def test_streamed_blocks_are_written_into_one_reused_memory(gemma3, computed):
     """Every trimmed part of a streaming capture is a view of the same allocation (a fresh block per part is

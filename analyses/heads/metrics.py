@@ -64,6 +64,7 @@ import torch
 from llm_heatmap.errors import InputError
 from llm_heatmap.probes import native_softmax
 from llm_heatmap.probes.entropy_terms import EntropyTerms
+from llm_heatmap.probes.reused_memory import ReusedMemory
 from llm_heatmap.probes.stream import replay
 
 from llm_heatmap.analyses.bounds import METRIC_NORM_COLUMNS, METRIC_TABLE_COLUMNS
@@ -120,7 +121,7 @@ class HeadMetricsReducer:
         self._layers: dict[int, _LayerSums] = {}
         self._context = None
         self._blocks: dict[tuple, RowBlock] = {}
-        self._scratch_memory: torch.Tensor | None = None
+        self._scratch_memory = ReusedMemory()
         self._norm_columns: tuple | None = None  # (value norms, their key columns): see _key_columns
 
     # ---- streaming ---------------------------------------------------------------------
@@ -303,12 +304,8 @@ class HeadMetricsReducer:
         return cached[1], cached[2]
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor shaped like `like` over memory every block reuses (a fresh block-sized
-        temporary per part would have the allocator return pages to the system and fault them in again)."""
-        size = like.numel()
-        if self._scratch_memory is None or self._scratch_memory.numel() < size or self._scratch_memory.device != like.device:
-            self._scratch_memory = like.new_empty(size * 2)
-        return self._scratch_memory[:size].view(like.shape)
+        """An uninitialised tensor shaped like `like` over memory every block reuses (`ReusedMemory`)."""
+        return self._scratch_memory.view(like.shape, like.dtype, like.device, reserve=2 * like.numel())
 
     # ---- result ------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
