@@ -69,14 +69,19 @@ DEFAULT_MODEL = "smollm2-135m"
 def source_name(model) -> str | None:
     """How to name where a loaded model came from: its offline name, the .gguf file it was converted from,
     or the directory / hub id transformers loaded it from."""
-    from .gguf_cache import gguf_source_of
+    from .gguf_cache import cache_dir_for, gguf_source_of
 
     loaded_from = getattr(getattr(model, "config", None), "name_or_path", None) or None
     if loaded_from is None:
         return None
-    origin = Path(gguf_source_of(loaded_from) or loaded_from)
+    converted_from = gguf_source_of(loaded_from)
+    loaded = Path(loaded_from).resolve()
     for name, offline in OFFLINE_MODELS.items():
         path = offline.path()
-        if path is not None and origin.exists() and path.resolve() == origin.resolve():
+        if path is None:
+            continue
+        # a conversion is shared by every copy of the same bytes, so its marker may name another copy's path
+        where_it_loads = cache_dir_for(path) if converted_from and path.suffix == ".gguf" else path
+        if where_it_loads.resolve() == loaded:
             return name
-    return str(origin)
+    return converted_from or loaded_from

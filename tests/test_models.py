@@ -349,6 +349,25 @@ def test_the_same_gguf_elsewhere_reuses_the_conversion_and_a_changed_one_does_no
     assert copy.stat().st_size == stat.st_size and gguf_cache.cache_dir_for(copy) != before
 
 
+def test_an_offline_gguf_is_named_by_its_name_when_a_copy_elsewhere_converted_it(cache, tmp_path, monkeypatch):
+    """The shared conversion's marker names the copy that made it (another virtual environment, maybe gone);
+    a model loaded from the offline package's own file is still called by the offline name."""
+    import shutil
+
+    from llm_heatmap.models import offline
+
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
+    installed = write_tiny_gguf(tmp_path / "a" / "tiny.gguf")
+    load_model(shutil.copyfile(installed, tmp_path / "b" / "tiny.gguf"))
+    package = offline.OfflineModel("tiny-offline", "tiny-package", "tiny_package", "tiny.gguf", "a tiny GGUF")
+    monkeypatch.setattr(offline.OfflineModel, "path", lambda self: installed if self is package else None)
+    monkeypatch.setitem(offline.OFFLINE_MODELS, package.name, package)
+    model, _, _ = load_model(installed)
+    assert offline.source_name(model) == "tiny-offline"
+    assert offline.source_name(load_model(write_tiny_gguf(tmp_path / "other.gguf", kv_heads=4))[0]).endswith("other.gguf")
+
+
 def _waiting_for_a_lock_on(path: Path) -> bool:
     """Whether some process waits for a lock on `path`'s inode (Linux lists waiters in /proc/locks with "->")."""
     inode = f":{path.stat().st_ino} "
