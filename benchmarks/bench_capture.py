@@ -1,13 +1,15 @@
 """Capture and per-head metrics cost on SmolLM2-135M, each path against the plain SDPA forward of the same tokens.
 
-    .venv/bin/python benchmarks/bench_capture.py [--lengths 512 2048 8192] [--reps 3] [--threads 1]
+    .venv/bin/python benchmarks/bench_capture.py [--lengths 512 2048 8192] [--reps 3] [--long-reps 1] [--threads 1]
 
 Prompt: random vocabulary tokens (seeded), as in issue 11. Every forward uses use_cache=False and
 logits_to_keep=1 so the LM head's [T, vocab] logits do not dominate any row.
 
 Time: one process, interleaved repetitions of every path, median wall-clock and CPU seconds, and
 each path's ratio to the plain forward of the same repetitions (one torch thread by default, so
-process CPU seconds measure the work even on a busy shared machine where wall time is noise):
+process CPU seconds measure the work even on a busy shared machine where wall time is noise), and the
+range of the ratios of single rounds (each path against the plain forward of its own round), which says
+how far one round can be from the median on the machine of the day:
 
   plain                 the model's own SDPA forward
   eager attentions      eager forward with output_attentions=True (not at 8192: the weights alone are 72 GiB)
@@ -76,6 +78,7 @@ class Discard:
     """A consumer that drops every part: capture with it costs the recomputed attention alone."""
 
     takes_trimmed_parts = True
+    takes_value_norms = False
 
     def consume(self, part) -> None:
         pass
@@ -127,8 +130,9 @@ def run_child(mode: str, length: int, threads: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def time_paths(sdpa_model, eager_model, ids, reps: int, only=None) -> dict[str, tuple[float, float]]:
-    """Median (wall, cpu) seconds of every path, repetitions interleaved."""
+def time_paths(sdpa_model, eager_model, ids, reps: int, only=None) -> tuple[dict, dict]:
+    """Median (wall, cpu) seconds of every path, repetitions interleaved, and each path's (lowest, highest)
+    wall ratio to the plain forward of the same round."""
     from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
     from llm_heatmap.probes import Downsampler, capture
 
@@ -172,14 +176,17 @@ def time_paths(sdpa_model, eager_model, ids, reps: int, only=None) -> dict[str, 
     times = {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in paths}
     if "kept cube" in times and "head_metrics alone" in times:
         times["kept cube + metrics"] = tuple(a + b for a, b in zip(times["kept cube"], times["head_metrics alone"]))
-    return times
+        wall["kept cube + metrics"] = [a + b for a, b in zip(wall["kept cube"], wall["head_metrics alone"])]
+    ratios = {name: [w / p for w, p in zip(wall[name], wall["plain"])] for name in times}
+    return times, {name: (min(r), max(r)) for name, r in ratios.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192],
                         help="token counts of the time table (none: memory table only)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions at 512 tokens (one less at 2048, one at 8192)")
+    parser.add_argument("--reps", type=int, default=3, help="rounds at every length up to 2,048 tokens")
+    parser.add_argument("--long-reps", type=int, default=1, help="rounds above 2,048 tokens")
     parser.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: CPU seconds then measure work, not spin-waiting)")
@@ -199,14 +206,15 @@ def main() -> None:
     print(f"SmolLM2-135M fp32 on CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("\ntime: median of interleaved repetitions; x = ratio to the plain forward of the same run (wall, cpu)")
-    print(f"{'tokens':>7} {'path':<22} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7}")
+    print(f"{'tokens':>7} {'path':<22} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7} {'rounds x wall':>14}")
     for length in args.lengths:
-        reps = args.reps if length <= 512 else max(1, args.reps - 1) if length <= 2048 else 1
-        times = time_paths(sdpa_model, eager_model, prompt_ids(tokenizer, length), reps, args.paths)
+        reps = args.reps if length <= KEPT_MAX_TOKENS else args.long_reps
+        times, ranges = time_paths(sdpa_model, eager_model, prompt_ids(tokenizer, length), reps, args.paths)
         plain_wall, plain_cpu = times["plain"]
         for name, (wall, cpu) in times.items():
-            print(f"{length:>7} {name:<22} {wall:>8.2f} {cpu:>8.2f} {wall / plain_wall:>6.2f}x {cpu / plain_cpu:>6.2f}x",
-                  flush=True)
+            low, high = ranges[name]
+            print(f"{length:>7} {name:<22} {wall:>8.2f} {cpu:>8.2f} {wall / plain_wall:>6.2f}x {cpu / plain_cpu:>6.2f}x "
+                  f"{f'{low:.2f}-{high:.2f}x':>14}", flush=True)
     del sdpa_model, eager_model
 
     print("\npeak resident memory (MiB, fresh process per mode; 'loaded' = peak after loading the model) "

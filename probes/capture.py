@@ -80,7 +80,8 @@ class CaptureOptions:
     (default: automatic, past `stream.CHUNK_BYTES` per layer); max_bytes: refuse a kept cube above this
     size (default: 80% of the available memory); value_norms: also record what every head writes
     (`value_norms` "l h k" and `output_norms` "l h q", see `value_norms.py`): None (the default) where the
-    model's output projections are known, True to require it, False for neither; queries_and_keys: also
+    model's output projections are known and a kept cube or a consumer reads them (`stream.CubeConsumer`),
+    True to require it, False for neither; queries_and_keys: also
     keep the post-RoPE queries ("l h q d") and keys ("l g k d") the kernel received, for query-key maps;
     compute_output: True has the probe compute each tapped layer's attention output from the pattern
     blocks it captures instead of running the model's kernel (attention computed once; equal to the kernel
@@ -149,7 +150,8 @@ class Probe:
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._sequence: dict[int, dict] = {}
         self.queries_and_keys = bool(options.queries_and_keys)
-        self._writers = self._head_writers(value_norms)
+        norms_read = keep or any(getattr(consumer, "takes_value_norms", True) for consumer in self.consumers)
+        self._writers = self._head_writers(value_norms if norms_read or value_norms else False)
         self._side: dict[str, torch.Tensor] = {}
         self.compute_output = bool(compute_output) if compute_output is not None else \
             not keep and not model.training and not any(tap.is_computed(module) for module in self._modules)

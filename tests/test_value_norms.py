@@ -163,6 +163,40 @@ def test_streamed_parts_carry_the_norms_of_their_layer_and_rows():
         torch.testing.assert_close(part.keys[0].cpu(), cube.keys[slot])
 
 
+@pytest.mark.parametrize("compute_output", [False, True])
+def test_a_stream_that_no_consumer_reads_norms_from_computes_none(compute_output):
+    """Norms are computed for a kept cube or a consumer that may read them (no `takes_value_norms = False`),
+    and for value_norms=True; a stream only to consumers that never read them leaves them out."""
+    from llm_heatmap.probes import Downsampler
+
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(7))
+
+    class Parts:
+        def __init__(self, reads_norms: bool):
+            self.takes_value_norms, self.norms = reads_norms, []
+
+        def consume(self, part):
+            self.norms.append((part.value_norms, part.output_norms))
+
+    def streamed(*consumers, **options):
+        with torch.no_grad(), capture(model, consumers=list(consumers), keep=False, compute_output=compute_output,
+                                      **options):
+            model(input_ids=ids)
+
+    blind, reader = Parts(False), Parts(True)
+    streamed(blind, Downsampler(4))
+    assert blind.norms and all(v is None and o is None for v, o in blind.norms)
+    blind, required = Parts(False), Parts(False)
+    streamed(blind, reader)
+    streamed(required, value_norms=True)
+    for parts in (blind, reader, required):
+        assert parts.norms and all(v is not None and o is not None for v, o in parts.norms)
+    weighted = Downsampler(4, weighting="norms")
+    streamed(Parts(False), weighted)
+    assert weighted.cube().weighting == "norms"
+
+
 def test_norms_travel_through_select_item_and_files(tmp_path):
     from llm_heatmap.probes import AttentionCube
 

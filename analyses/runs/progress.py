@@ -59,6 +59,7 @@ class LayerProgress:
     """A streaming consumer that ticks a `progress_bar` once per captured layer (it reads no weights)."""
 
     takes_trimmed_parts = True
+    takes_value_norms = False
 
     def __init__(self, num_layers: int, desc: str = "capturing"):
         self.bar = progress_bar(num_layers, desc, unit="layer")
