@@ -158,6 +158,7 @@ class Probe:
         self._all_heads = torch.arange(self.spec.num_heads)
         self._packed: dict[nn.Module, _Packed] = {}
         self._streamed = ReusedMemory()  # a block's weights where they are not written into the kept cube
+        self._scores = ReusedMemory()  # a block's scores, for every kernel call
 
     def _head_writers(self, value_norms: bool | None) -> dict[int, HeadWriters]:
         """What each layer's heads write, for value and output norms ({} when not recorded)."""
@@ -210,7 +211,7 @@ class Probe:
     def __exit__(self, exc_type, exc, traceback) -> None:
         stack, self._stack = self._stack, None
         self._pending.clear()
-        self._streamed = ReusedMemory()
+        self._streamed, self._scores = ReusedMemory(), ReusedMemory()  # the memory goes back with the block
         if stack is not None:
             stack.close()
         if exc_type is None:
@@ -391,7 +392,7 @@ class Probe:
                 self._new_pass()
         first_call = not self._seen
         self._seen.add(layer)
-        call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments)
+        call = tap.KernelCall.from_arguments(module, kernel, query, key, mask, arguments, self._scores)
         if first_call:
             self._read_causality(module, kernel, mask, arguments, call)
         return call

@@ -27,11 +27,13 @@ from .cube_schema import SIDE_TENSORS
 # Past this many bytes of fp32 pattern per layer, rows are computed in chunks, of at least MIN_CHUNK_ROWS rows
 # while a chunk stays within MAX_CHUNK_BYTES: below that many rows the fixed work of every block (the consumers'
 # small steps, a thread's share of the products) costs more than the cache saves; above that many bytes the
-# cache loses more (SmolLM2, streaming Downsampler + metrics computed, two threads, 56 / 112 rows: 1.68x / 1.42x
-# the plain forward at 4,096 tokens, 1.73x / 1.58x at 8,192; at 16,384, 8 layers, 56 rows (32 MiB) 1.80x,
-# 112 (64 MiB) 1.89x; README "Benchmarks").
+# cache loses more. The consumers' steps cost about the same per block (1-2 ms) plus a little per cell of the
+# block's diagonal square, so their sum over a layer is least near 250 rows whatever the length (SmolLM2,
+# streaming Downsampler + metrics computed, two threads: 56 / 112 rows 1.68x / 1.42x the plain forward at 4,096
+# tokens, 1.73x / 1.58x at 8,192; 113 / 224 rows at 2,048 1.51x / 1.43x over 8 rounds; at 16,384, 8 layers,
+# 56 rows (32 MiB) 1.80x, 112 (64 MiB) 1.89x; README "Benchmarks").
 CHUNK_BYTES = 8 * 2**20
-MIN_CHUNK_ROWS = 112
+MIN_CHUNK_ROWS = 224
 MAX_CHUNK_BYTES = 32 * 2**20
 
 
@@ -44,6 +46,9 @@ class CubeConsumer(Protocol):
     `takes_trimmed_parts = True` accepts parts whose pattern holds only the keys before
     `part.stream.key_stop` (module doc); one with `takes_entropy_terms = True` gets the fp32 pattern's
     `part.stream.entropy_terms` (`entropy_terms.py`) where the capture computed it, valid during `consume`.
+    Parts carry the heads' value and output norms where the capture records them (`capture(value_norms=...)`);
+    a consumer that never reads them says `takes_value_norms = False`, and a capture that keeps no cube and
+    streams only to such consumers does not compute them (unless `value_norms=True` asks for them).
     A streamed part's tensors are valid during `consume` only: the capture writes the next block into the
     same memory, so a consumer that keeps values copies them (`part.pattern.clone()`).
 
@@ -155,6 +160,10 @@ class Downsampler:
     """
 
     takes_trimmed_parts = True
+
+    @property
+    def takes_value_norms(self) -> bool:
+        return self.weighting == "norms"
 
     def __init__(self, max_size: int, weighting: str = "weights"):
         if int(max_size) < 1:

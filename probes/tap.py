@@ -217,7 +217,8 @@ class KernelCall:
     `causal` is how the kernel applies causality when it gets no mask: "top_left" (SDPA's
     `is_causal`, row i sees keys <= i), "bottom_right" (flash kernels: row i sees keys
     <= i + keys - queries) or None. `window` is the sliding window flash kernels apply
-    themselves (sdpa/eager get it inside the mask).
+    themselves (sdpa/eager get it inside the mask). `scores_memory`: where `pattern` computes a block's scores
+    (a capture passes one for all its calls, so that a layer does not fault in fresh memory).
     """
 
     query: torch.Tensor
@@ -229,10 +230,11 @@ class KernelCall:
     sinks: torch.Tensor | None = None
     causal: str | None = None
     window: int | None = None
-    _scores: ReusedMemory = field(default_factory=ReusedMemory, init=False, repr=False, compare=False)
+    scores_memory: ReusedMemory = field(default_factory=ReusedMemory, repr=False, compare=False)
 
     @classmethod
-    def from_arguments(cls, module, kernel: str, query, key, mask, arguments: dict) -> "KernelCall":
+    def from_arguments(cls, module, kernel: str, query, key, mask, arguments: dict,
+                       scores_memory: ReusedMemory | None = None) -> "KernelCall":
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise InputError(
                 f"attention kernel '{kernel}' got a {type(mask).__name__} mask, which llm-heatmap cannot read; "
@@ -258,6 +260,7 @@ class KernelCall:
             sinks=arguments.get("s_aux"),
             causal=causal,
             window=window,
+            scores_memory=scores_memory or ReusedMemory(),
         )
 
     @property
@@ -366,10 +369,10 @@ class KernelCall:
         return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())
 
     def _scores_buffer(self, batch: int, heads: int, rows: int, keys: int) -> torch.Tensor:
-        """An uninitialised `"b h q k"` tensor over memory every row chunk of this call reuses, first sized for
-        every key (the widest chunk)."""
-        return self._scores.view((batch, heads, rows, keys), self.query.dtype, self.query.device,
-                                 reserve=batch * heads * rows * self.num_keys)
+        """An uninitialised `"b h q k"` tensor over `scores_memory`, which every row chunk of this call reuses (and
+        every call of a capture: the probe passes its own), first sized for every key (the widest chunk)."""
+        return self.scores_memory.view((batch, heads, rows, keys), self.query.dtype, self.query.device,
+                                       reserve=batch * heads * rows * self.num_keys)
 
     def _keys(self, heads: torch.Tensor) -> torch.Tensor:
         """Keys repeated to a subset of query heads, built once per call and reused by every row chunk."""

@@ -63,16 +63,37 @@ def test_automatic_chunking_past_the_threshold(gemma3, monkeypatch):
 
 
 def test_long_rows_are_chunked_at_least_min_rows_at_a_time_within_the_bound(monkeypatch):
-    """SmolLM2's shape: 8 MiB is 113 rows at 2,048 keys, 28 at 8,192 (then MIN_CHUNK_ROWS, 31.5 MiB), 14 at
-    16,384 (then the 32 MiB bound: 56 rows)."""
+    """SmolLM2's shape: 8 MiB is 227 rows at 1,024 keys, 113 at 2,048 (then MIN_CHUNK_ROWS, 15.8 MiB), 28 at
+    8,192 (then the 32 MiB bound: 113 rows), 14 at 16,384 (56)."""
     per_row = lambda keys: 9 * keys * 4
-    assert stream.auto_chunk_rows(1, 9, 2048, 2048) == stream.CHUNK_BYTES // per_row(2048) == 113
-    assert stream.auto_chunk_rows(1, 9, 8192, 8192) == stream.MIN_CHUNK_ROWS == 112
+    assert stream.auto_chunk_rows(1, 9, 1024, 1024) == stream.CHUNK_BYTES // per_row(1024) == 227
+    assert stream.auto_chunk_rows(1, 9, 2048, 2048) == stream.MIN_CHUNK_ROWS == 224
+    assert stream.auto_chunk_rows(1, 9, 8192, 8192) == stream.MAX_CHUNK_BYTES // per_row(8192) == 113
     assert stream.auto_chunk_rows(1, 9, 16384, 16384) == stream.MAX_CHUNK_BYTES // per_row(16384) == 56
     assert stream.auto_chunk_rows(1, 9, 8192, 40) == 40  # never more rows than there are
-    assert stream.chunk_bytes(1, 9, 8192) == 112 * per_row(8192)
+    assert stream.chunk_bytes(1, 9, 2048) == 224 * per_row(2048)
     monkeypatch.setattr(stream, "MIN_CHUNK_ROWS", 1000)
-    assert stream.auto_chunk_rows(1, 9, 8192, 8192) == stream.MAX_CHUNK_BYTES // per_row(8192) == 113
+    assert stream.auto_chunk_rows(1, 9, 2048, 2048) == stream.MAX_CHUNK_BYTES // per_row(2048) == 455
+
+
+@pytest.mark.parametrize("compute_output", [False, True])
+def test_every_kernel_call_of_a_capture_computes_its_scores_in_one_allocation(monkeypatch, compute_output):
+    """A fresh block-sized buffer per layer would be faulted in again at every layer (`reused_memory.py`)."""
+    from llm_heatmap.probes import tap
+
+    model = tiny_model("llama", "sdpa")
+    made = []
+    original = tap.KernelCall.from_arguments.__func__
+
+    def recorded(cls, *args, **kwargs):
+        made.append(original(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tap.KernelCall, "from_arguments", classmethod(recorded))
+    captured(model, torch.randint(0, VOCAB, (1, 12)), consumers=[Recorder()], keep=False, chunk_rows=5,
+             compute_output=compute_output)
+    assert len(made) == model.config.num_hidden_layers >= 2
+    assert len({id(call.scores_memory) for call in made}) == 1
 
 
 def test_streaming_without_keeping(gemma3):
