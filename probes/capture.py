@@ -211,7 +211,7 @@ class Probe:
     def __exit__(self, exc_type, exc, traceback) -> None:
         stack, self._stack = self._stack, None
         self._pending.clear()
-        self._streamed, self._scores = ReusedMemory(), ReusedMemory()  # the memory goes back with the block
+        self._streamed, self._scores = ReusedMemory(), ReusedMemory()  # their memory is freed with the with block
         if stack is not None:
             stack.close()
         if exc_type is None:
