@@ -27,13 +27,11 @@ from .cube_schema import SIDE_TENSORS
 # Past this many bytes of fp32 pattern per layer, rows are computed in chunks, of at least MIN_CHUNK_ROWS rows
 # while a chunk stays within MAX_CHUNK_BYTES: below that many rows the fixed work of every block (the consumers'
 # small steps, a thread's share of the products) costs more than the cache saves; above that many bytes the
-# cache loses more. The consumers' steps cost about the same per block (1-2 ms) plus a little per cell of the
-# block's diagonal square, so their sum over a layer is least near 250 rows whatever the length (SmolLM2,
-# streaming Downsampler + metrics computed, two threads: 56 / 112 rows 1.68x / 1.42x the plain forward at 4,096
-# tokens, 1.73x / 1.58x at 8,192; 113 / 224 rows at 2,048 1.51x / 1.43x over 8 rounds; at 16,384, 8 layers,
-# 56 rows (32 MiB) 1.80x, 112 (64 MiB) 1.89x; README "Benchmarks").
+# cache loses more (SmolLM2, streaming Downsampler + metrics computed, two threads, 56 / 112 rows: 1.68x / 1.42x
+# the plain forward at 4,096 tokens, 1.73x / 1.58x at 8,192; at 16,384, 8 layers, 56 rows (32 MiB) 1.80x,
+# 112 (64 MiB) 1.89x; README "Benchmarks").
 CHUNK_BYTES = 8 * 2**20
-MIN_CHUNK_ROWS = 224
+MIN_CHUNK_ROWS = 112
 MAX_CHUNK_BYTES = 32 * 2**20
 
 
