@@ -150,8 +150,9 @@ class Probe:
         self._inputs: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._sequence: dict[int, dict] = {}
         self.queries_and_keys = bool(options.queries_and_keys)
-        norms_read = keep or any(getattr(consumer, "takes_value_norms", True) for consumer in self.consumers)
-        self._writers = self._head_writers(value_norms if norms_read or value_norms else False)
+        if value_norms is None and not keep and not any(getattr(c, "takes_value_norms", True) for c in self.consumers):
+            value_norms = False  # nothing would read them
+        self._writers = self._head_writers(value_norms)
         self._side: dict[str, torch.Tensor] = {}
         self.compute_output = bool(compute_output) if compute_output is not None else \
             not keep and not model.training and not any(tap.is_computed(module) for module in self._modules)
