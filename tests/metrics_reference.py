@@ -51,6 +51,9 @@ class ReferenceHeadMetrics(HeadMetricsReducer):
             sums = self._layers.setdefault(layer, _LayerSums(part.num_heads, part.num_keys))
             self._accumulate(sums, part.pattern[index], attendable[index], part, context)
 
+    def finish(self) -> None:
+        """Nothing pends: every part is added to the sums as it comes."""
+
     def _prepare(self, part):
         key_mask = part.key_mask.bool()
         if len(part.tokens) != part.num_keys or len(part.token_ids) != part.num_keys:

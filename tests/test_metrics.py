@@ -199,12 +199,14 @@ def test_streaming_parts_split_by_hand_equal_in_memory():
                        ids=[0, 1, 2, 3, 4, 1, 2, 3, 4, 5, 6])
     whole = head_metrics(cube, row_block=cube.num_queries)
     reducer = HeadMetricsReducer()
-    # layers out of order, uneven row blocks
-    for layer, cuts in ((2, (0, 7, 11)), (0, (0, 1, 2, 11)), (1, (0, 5, 6, 11))):
-        for start, stop in zip(cuts[:-1], cuts[1:]):
-            part = replace(cube, pattern=cube.pattern[layer:layer + 1, :, start:stop], layers=(layer,),
-                           query_positions=cube.query_positions[start:stop], query_mask=cube.query_mask[start:stop])
-            reducer.consume(part)
+    # layers out of order and interleaved, uneven row blocks, a table read half way
+    blocks = ((2, 0, 7), (0, 0, 1), (2, 7, 11), (0, 1, 2), (1, 0, 5), (0, 2, 11), (1, 5, 6), (1, 6, 11))
+    for index, (layer, start, stop) in enumerate(blocks):
+        part = replace(cube, pattern=cube.pattern[layer:layer + 1, :, start:stop], layers=(layer,),
+                       query_positions=cube.query_positions[start:stop], query_mask=cube.query_mask[start:stop])
+        reducer.consume(part)
+        if index == 3:
+            assert len(reducer.table()) == 2 * 4
     reducer.finish()
     streamed = reducer.table()
     numeric = whole.select_dtypes("number").columns

@@ -51,12 +51,17 @@ block never reads the keys after its last row): -sum A ln A, the row maxima, one
 few key features shared by all rows (mass, distance and segment of the keys before the block's
 first row, special tokens), the distance and segment of the keys from the first row on (a
 square for a causal block), one gather for the previous / current / next / sink / 0th key, the
-duplicate-token and induction pairs, and the column sums. The resulting per-row statistics meet
-the rows' geometry (which rows count, ln n_i, the uniform distance, ...) in one float64 matmul.
-Everything stays on the device of the parts until `table()`.
+duplicate-token and induction pairs, and the column sums (where the capture's softmax pass gave
+the entropy terms, row maxima, feature sums and column sums, they are taken from it). The resulting
+per-row statistics of all a layer's blocks meet the rows' geometry (which rows count, ln n_i, the
+uniform distance, ...) in one float64 matmul (`_reduce`), once the stream moves on to another layer
+or the table is read, so that a block costs a handful of operations. Everything stays on the device
+of the parts until `table()`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -70,7 +75,7 @@ from llm_heatmap.probes.stream import replay
 from llm_heatmap.analyses.bounds import METRIC_NORM_COLUMNS, METRIC_TABLE_COLUMNS
 from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS
 from llm_heatmap.analyses.heads.patterns import classify_heads
-from llm_heatmap.analyses.heads.row_blocks import ROW_SUMS, UNIFORM_TOTALS, RowBlock, SequenceIndex
+from llm_heatmap.analyses.heads.row_blocks import ROW_SUMS, STATISTICS, UNIFORM_TOTALS, RowBlock, SequenceIndex
 from llm_heatmap.analyses.sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
@@ -78,6 +83,9 @@ SINK_THRESHOLD = 0.3
 _ROW_MEANS = ROW_SUMS[:ROW_SUMS.index("local_mass") + 1]
 COLUMNS = METRIC_TABLE_COLUMNS
 NORM_COLUMNS = METRIC_NORM_COLUMNS
+# a row's statistics for the norm columns, after `STATISTICS` but exp_entropy: T = sum_j A_j n_j, sum_j A_j n_j ln n_j,
+# sum_j (A ln A)_j n_j and its output norm
+NORM_TERMS = ("norm_total", "norm_n_log_n", "norm_plogp", "output_norm")
 
 
 def _above_uniform(mass: torch.Tensor, uniform, rows) -> torch.Tensor:
@@ -100,6 +108,38 @@ class _LayerSums:
         self.norm_sink = zeros(2, heads)
         self.norm_means = zeros(2, heads)  # row sums of norm_weighted_entropy and output_norm
         self.has_norms = False
+        self.pending: list[_BlockRows] = []  # blocks whose rows are not in the sums yet (`_reduce`)
+
+
+@dataclass
+class _BlockRows:
+    """What a layer's block of rows leaves once its weights are gone: per-row statistics `"h q c"` (float32,
+    columns `STATISTICS` without exp_entropy, then with value norms `NORM_TERMS`) and its pair masses `"h 2"`."""
+
+    block: RowBlock
+    statistics: torch.Tensor
+    pairs: torch.Tensor
+    value_norms: torch.Tensor | None
+
+
+@dataclass
+class _RowsGeometry:
+    """The geometry of a run of row blocks, their rows one after another (`_BlockRows` of one layer)."""
+
+    row_weights: torch.Tensor  # float64 "(q s) o"
+    spread: torch.Tensor  # float64 [q]
+    sink_rows: torch.Tensor  # float64 [2, q]
+    totals: torch.Tensor  # float64 [len(UNIFORM_TOTALS)]
+    column_index: torch.Tensor
+    column_steps: torch.Tensor
+
+    @classmethod
+    def of(cls, blocks: list[RowBlock]) -> "_RowsGeometry":
+        cat = lambda tensors, dim=0: tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+        return cls(row_weights=cat([b.row_weights for b in blocks]).reshape(-1, len(ROW_SUMS)),
+                   spread=cat([b.spread for b in blocks]).double(), sink_rows=cat([b.sink_rows() for b in blocks], 1),
+                   totals=torch.stack([b.totals for b in blocks]).sum(0),
+                   column_index=cat([b.column_index for b in blocks]), column_steps=cat([b.column_steps for b in blocks], 1))
 
 
 class HeadMetricsReducer:
@@ -123,6 +163,8 @@ class HeadMetricsReducer:
         self._blocks: dict[tuple, RowBlock] = {}
         self._scratch_memory = ReusedMemory()
         self._norm_columns: tuple | None = None  # (value norms, their key columns): see _key_columns
+        self._geometries: dict[tuple, _RowsGeometry] = {}  # by the ids of a layer's row blocks, in order
+        self._open_layer: int | None = None  # the layer whose blocks may be pending
 
     # ---- streaming ---------------------------------------------------------------------
     def consume(self, part) -> None:
@@ -141,6 +183,9 @@ class HeadMetricsReducer:
             sums = self._layers.get(layer)
             if sums is None:
                 sums = self._layers[layer] = _LayerSums(part.num_heads, part.num_keys, device)
+            if self._open_layer not in (None, layer):  # a capture streams layer by layer: one layer pends at a time
+                self._reduce(self._layers[self._open_layer])
+            self._open_layer = layer
             if not len(positions):
                 continue
             weights = part.pattern[index] if rows is None else part.pattern[index].index_select(1, rows.to(device))
@@ -153,7 +198,7 @@ class HeadMetricsReducer:
                 terms = EntropyTerms(terms.sums[0], terms.peak[0])
                 terms = terms if rows is None else terms.select(1, rows.to(device))
             products = (info.products or {}).get(self) if info is not None and rows is None else None
-            self._accumulate(sums, weights, self._block(part, layer, positions, width, context), norms, terms,
+            self._collect(sums, weights, self._block(part, layer, positions, width, context), norms, terms,
                              None if products is None else native_softmax.Products(
                                  *[tuple(layers[index] for layers in group) for group in products]))
 
@@ -173,7 +218,9 @@ class HeadMetricsReducer:
         return native_softmax.Factors(key_columns=tuple(columns), row_weights=(block.spread[None],))
 
     def finish(self) -> None:
-        """Nothing to flush; present so the reducer fits the consumer protocol."""
+        """Add every layer's pending blocks to its sums."""
+        for sums in self._layers.values():
+            self._reduce(sums)
 
     def _prepare(self, part) -> dict:
         context = self._context
@@ -207,57 +254,74 @@ class HeadMetricsReducer:
                 exclude_bos=self.exclude_bos, exclude_current_token=self.exclude_current_token)
         return block
 
-    def _accumulate(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock, norms=None,
-                    terms: EntropyTerms | None = None, products: native_softmax.Products | None = None) -> None:
-        """Add one layer's block of rows, `weights` `"h q k"`, to the layer's sums; `norms` is (value norms
-        `"h k"`, output norms `"h q"`) where the capture recorded them, `terms` the weights' entropy terms
-        and `products` (key sums `"h q f"`, row sums `"h g k"`) those of `factors` where it computed them."""
+    def _collect(self, sums: _LayerSums, weights: torch.Tensor, block: RowBlock, norms=None,
+                 terms: EntropyTerms | None = None, products: native_softmax.Products | None = None) -> None:
+        """Reduce one layer's block of rows, `weights` `"h q k"`, to its per-row statistics (`_BlockRows`), which
+        `_reduce` adds to the layer's sums with its other blocks; `norms` is (value norms `"h k"`, output norms
+        `"h q"`) where the capture recorded them, `terms` the weights' entropy terms and `products` (key sums
+        `"h q f"`, row sums `"h g k"`) those of `factors` where it computed them."""
         weights = weights[..., block.key_start:block.key_stop].float()
         if not block.outside_is_zero(weights):
             weights = weights * block.inside(weights.device)
             terms = products = None  # they are those of the weights before masking
         heads = weights.shape[0]
         near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
-        key_features = block.features  # "k f"
         if norms is not None:  # the norm-weighted sums ride on the same two passes over the block (h k f+2)
             value_norms, output_norms = norms
             by_weight, by_plogp_columns = (c[:, block.key_start:block.key_stop] for c in
                                            self._key_columns(value_norms, weights.device))
         if products is not None and len(products.key_sums) == (1 if norms is None else 2):
-            by_features = torch.cat(products.key_sums, -1)  # the capture's, in the softmax's pass
+            by_features, *by_norm = products.key_sums  # the capture's, in the softmax's pass
         else:
-            if norms is not None:
-                key_features = torch.cat([key_features.expand(heads, -1, -1), by_weight], -1)
+            key_features = block.features if norms is None else \
+                torch.cat([block.features.expand(heads, -1, -1), by_weight], -1)
             by_features = torch.matmul(weights, key_features)  # "h q k, (h) k f -> h q f"
+            by_features, by_norm = (by_features, []) if norms is None else (by_features[..., :-2], [by_features[..., -2:]])
         mass = by_features[..., :1]  # sum_j A_ij (FEATURES' "all")
-        if norms is None:
-            entropy = self._plogp_sums(weights, terms, None, mass).neg_()
-        else:
-            # sum_j (A ln A)_j [1, n_j], beside sum_j A_j [1, n_j]
-            by_plogp = self._plogp_sums(weights, terms, by_plogp_columns, torch.cat([mass, by_features[..., -2:-1]], -1))
-            entropy = by_plogp[..., :1].neg()
-            self._accumulate_norms(sums, weights, block, value_norms, output_norms,
-                                   *by_features[..., -2:].unbind(-1), by_plogp[..., 1])
-            by_features = by_features[..., :-2]
-        statistics = torch.cat([
+        columns = [
             by_features,
             weights.gather(-1, block.picks.expand(heads, -1, -1)),
             torch.matmul(near, block.near_features).transpose(0, 1),  # "q h k, q k n -> h q n"
             weights.amax(-1, keepdim=True) if terms is None else terms.peak[..., None],
-            entropy,
-        ], -1).double()
-        statistics = torch.cat([statistics, statistics[..., -1:].exp()], -1)  # "h q s", columns STATISTICS
-        sums.row_sums += torch.matmul(statistics.reshape(heads, -1), block.row_weights.reshape(-1, len(ROW_SUMS))).T
-        sums.totals += block.totals
+        ]
+        if norms is None:
+            columns.append(self._plogp_sums(weights, terms, None, mass).neg_())
+        else:
+            by_norm = by_norm[0]  # sum_j A_j [n_j, n_j ln n_j]
+            # sum_j (A ln A)_j [1, n_j], beside sum_j A_j [1, n_j]
+            by_plogp = self._plogp_sums(weights, terms, by_plogp_columns, torch.cat([mass, by_norm[..., :1]], -1))
+            columns += [by_plogp[..., :1].neg(), by_norm, by_plogp[..., 1:],
+                        output_norms.to(weights.device, torch.float32)[..., None]]  # NORM_TERMS
         if products is not None:
             column = products.row_sums[0][:, 0, block.key_start:block.key_stop]
         else:
             column = torch.matmul(block.spread, weights)  # "q, h q k -> h k"
         sums.column[:, block.key_start:block.key_stop] += column.double()
-        sums.column_steps.index_add_(1, block.column_index, block.column_steps)
-        pair_weights = weights[:, block.pair_rows, block.pair_keys]
-        sums.pairs[0] += pair_weights[:, :block.duplicates].sum(-1)
-        sums.pairs[1] += pair_weights[:, block.duplicates:].sum(-1)
+        rows = _BlockRows(block, torch.cat(columns, -1), weights[:, block.pair_rows, block.pair_keys] @ block.pair_kinds,
+                          None if norms is None else value_norms)
+        if sums.pending and sums.pending[-1].statistics.shape[-1] != rows.statistics.shape[-1]:
+            self._reduce(sums)  # blocks with and without value norms are reduced apart
+        sums.pending.append(rows)
+
+    def _reduce(self, sums: _LayerSums) -> None:
+        """Add the layer's pending blocks to its sums: their per-row statistics meet the rows' geometry in one
+        float64 matmul for all of them."""
+        pending, sums.pending = sums.pending, []
+        if not pending:
+            return
+        key = tuple(id(rows.block) for rows in pending)
+        geometry = self._geometries.get(key)
+        if geometry is None:
+            geometry = self._geometries[key] = _RowsGeometry.of([rows.block for rows in pending])
+        statistics = torch.cat([rows.statistics for rows in pending], 1).double()  # "h q c"
+        count = len(STATISTICS) - 1
+        weighted = torch.cat([statistics[..., :count], statistics[..., count - 1:count].exp()], -1)  # STATISTICS
+        sums.row_sums += torch.matmul(weighted.reshape(weighted.shape[0], -1), geometry.row_weights).T
+        sums.totals += geometry.totals
+        sums.column_steps.index_add_(1, geometry.column_index, geometry.column_steps)
+        sums.pairs += torch.stack([rows.pairs for rows in pending]).double().sum(0).T
+        if statistics.shape[-1] > count:
+            self._reduce_norms(sums, statistics, geometry, pending[-1].value_norms)
 
     def _plogp_sums(self, weights: torch.Tensor, terms: EntropyTerms | None, columns: torch.Tensor | None,
                     masses: torch.Tensor) -> torch.Tensor:
@@ -273,21 +337,18 @@ class HeadMetricsReducer:
         plogp = plogp.log_().mul_(weights)
         return plogp.sum(-1, keepdim=True) if columns is None else torch.matmul(plogp, columns)
 
-    def _accumulate_norms(self, sums: _LayerSums, weights, block: RowBlock, value_norms, output_norms,
-                          total, n_log_n, plogp_n) -> None:
-        """The norm-weighted columns (module docstring) from sums over one block's keys, each `"h q"`:
-        T = sum_j A_j n_j, sum_j A_j n_j ln n_j and sum_j (A ln A)_j n_j; with W = A n,
-        -sum P' ln P' = ln T - (sum_j (A ln A)_j n_j + sum_j A_j n_j ln n_j) / T."""
-        safe = total.double().clamp_min(1e-30)
-        logs = plogp_n.double() + n_log_n.double()
-        spread = block.spread.double()
-        sums.norm_means[0] += (safe.log() - logs / safe) @ spread
-        sums.norm_means[1] += output_norms.double().to(weights.device) @ spread
-        first = self._context["sequence"].first
-        first_weight = weights[..., first - block.key_start] if block.key_start <= first < block.key_stop \
-            else weights.new_zeros(weights.shape[:2])
-        first_norm = value_norms[:, first].double().to(weights.device)
-        sums.norm_sink += block.sink_rows() @ (first_weight.double() * first_norm[:, None] / safe).T
+    def _reduce_norms(self, sums: _LayerSums, statistics: torch.Tensor, geometry: _RowsGeometry,
+                      value_norms: torch.Tensor) -> None:
+        """The norm-weighted columns (module docstring) from the rows' statistics (float64 `"h q c"`, `NORM_TERMS`
+        last); with W = A n, -sum P' ln P' = ln T - (sum_j (A ln A)_j n_j + sum_j A_j n_j ln n_j) / T. The weight on
+        the sink column is its pick, which counts only in the rows that see it (`RowBlock.sink_rows`)."""
+        total, n_log_n, plogp_n, output_norms = statistics[..., -len(NORM_TERMS):].unbind(-1)
+        first_weight = statistics[..., STATISTICS.index("first")]
+        safe = total.clamp_min(1e-30)
+        sums.norm_means[0] += (safe.log() - (plogp_n + n_log_n) / safe) @ geometry.spread
+        sums.norm_means[1] += output_norms @ geometry.spread
+        first_norm = value_norms[:, self._context["sequence"].first].double().to(statistics.device)
+        sums.norm_sink += geometry.sink_rows @ (first_weight * first_norm[:, None] / safe).T
         sums.has_norms = True
 
     def _key_columns(self, value_norms: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,6 +373,7 @@ class HeadMetricsReducer:
         """One row per layer x head, columns `COLUMNS` (definitions in the module docstring)."""
         if not self._layers:
             raise InputError("no attention was fed to the metrics reducer; run a capture with it as consumer first.")
+        self.finish()
         spec, heads = self._context["spec"], self._context["heads"]
         frames = []
         for layer in sorted(self._layers):

@@ -10,7 +10,7 @@ block) need a per-row `"q k"` matrix (distance and segment); every key before it
 every row of the block, so a `"k f"` matrix shared by all rows carries it (`features`).
 
 What the weights give per row and head is a few statistics (`"h q s"`, columns `STATISTICS`); every
-per-head sum over rows the metrics need is then one matmul of them with per-row weights that hold
+per-head sum over rows the metrics need is then one matmul of them (of every block of a layer) with per-row weights that hold
 the row's geometry (`RowBlock.row_weights`, `"q s o"`, outputs `ROW_SUMS`): which rows count, 1 / ln n_i,
 the uniform distance, the detector's exclusions.
 """
@@ -126,7 +126,7 @@ class RowBlock:
     picks: torch.Tensor  # long "q p": slice index of the keys `PICKED` (weighted 0 where not attendable)
     pair_rows: torch.Tensor  # long: the (row, slice index) cells of the duplicate-token pattern, then those
     pair_keys: torch.Tensor  # of the induction pattern, all attendable and counted by the head detector
-    duplicates: int  # how many of the pairs are duplicate-token pairs
+    pair_kinds: torch.Tensor  # float32 "n 2": which sum each pair adds to, [1, 0] duplicate-token, [0, 1] induction
 
     def sink_rows(self) -> torch.Tensor:
         """float64 `[2, q]`: the rows that see the sink column, and of those the ones that are not it (the
@@ -193,7 +193,8 @@ class RowBlock:
             picks=_on((targets - key_start).clamp(0, key_stop - key_start - 1), device),
             pair_rows=_on(torch.cat([rows[duplicate_kept], rows[induction_kept]]), device),
             pair_keys=_on(torch.cat([duplicate[duplicate_kept], inductive[induction_kept]]) - key_start, device),
-            duplicates=int(duplicate_kept.sum()),
+            pair_kinds=_on(torch.eye(2)[torch.cat([torch.zeros(int(duplicate_kept.sum()), dtype=torch.long),
+                                                    torch.ones(int(induction_kept.sum()), dtype=torch.long)])], device),
         )
 
     def key_columns(self, width: int) -> torch.Tensor:
