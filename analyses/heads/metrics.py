@@ -54,7 +54,7 @@ square for a causal block), one gather for the previous / current / next / sink 
 duplicate-token and induction pairs, and the column sums (where the capture's softmax pass gave
 the entropy terms, row maxima, feature sums and column sums, they are taken from it). The resulting
 per-row statistics of all a layer's blocks meet the rows' geometry (which rows count, ln n_i, the
-uniform distance, ...) in one float64 matmul (`_reduce`), once the stream moves on to another layer
+uniform distance, ...) in float64 (`_reduce`), once the stream moves on to another layer
 or the table is read, so that a block costs a handful of operations. Everything stays on the device
 of the parts until `table()`.
 """
@@ -75,7 +75,8 @@ from llm_heatmap.probes.stream import replay
 from llm_heatmap.analyses.bounds import METRIC_NORM_COLUMNS, METRIC_TABLE_COLUMNS
 from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS
 from llm_heatmap.analyses.heads.patterns import classify_heads
-from llm_heatmap.analyses.heads.row_blocks import ROW_SUMS, STATISTICS, UNIFORM_TOTALS, RowBlock, SequenceIndex
+from llm_heatmap.analyses.heads.row_blocks import (ROW_SUMS, ROW_WEIGHT_PAIRS, STATISTICS, UNIFORM_TOTALS, RowBlock,
+                                                   SequenceIndex)
 from llm_heatmap.analyses.sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
@@ -86,6 +87,9 @@ NORM_COLUMNS = METRIC_NORM_COLUMNS
 # a row's statistics for the norm columns, after `STATISTICS` but exp_entropy: T = sum_j A_j n_j, sum_j A_j n_j ln n_j,
 # sum_j (A ln A)_j n_j and its output norm
 NORM_TERMS = ("norm_total", "norm_n_log_n", "norm_plogp", "output_norm")
+# the statistic and the row sum of each of `ROW_WEIGHT_PAIRS`, as indices
+_PAIR_INDEX = tuple(torch.tensor([names.index(pair[side]) for pair in ROW_WEIGHT_PAIRS])
+                    for side, names in enumerate((STATISTICS, ROW_SUMS)))
 
 
 def _above_uniform(mass: torch.Tensor, uniform, rows) -> torch.Tensor:
@@ -126,7 +130,7 @@ class _BlockRows:
 class _RowsGeometry:
     """The geometry of a run of row blocks, their rows one after another (`_BlockRows` of one layer)."""
 
-    row_weights: torch.Tensor  # float64 "(q s) o"
+    row_weights: torch.Tensor  # float64 "q p"
     spread: torch.Tensor  # float64 [q]
     sink_rows: torch.Tensor  # float64 [2, q]
     totals: torch.Tensor  # float64 [len(UNIFORM_TOTALS)]
@@ -136,8 +140,8 @@ class _RowsGeometry:
     @classmethod
     def of(cls, blocks: list[RowBlock]) -> "_RowsGeometry":
         cat = lambda tensors, dim=0: tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-        return cls(row_weights=cat([b.row_weights for b in blocks]).reshape(-1, len(ROW_SUMS)),
-                   spread=cat([b.spread for b in blocks]).double(), sink_rows=cat([b.sink_rows() for b in blocks], 1),
+        return cls(row_weights=cat([b.row_weights for b in blocks]), spread=cat([b.spread for b in blocks]).double(),
+                   sink_rows=cat([b.sink_rows() for b in blocks], 1),
                    totals=torch.stack([b.totals for b in blocks]).sum(0),
                    column_index=cat([b.column_index for b in blocks]), column_steps=cat([b.column_steps for b in blocks], 1))
 
@@ -304,8 +308,7 @@ class HeadMetricsReducer:
         sums.pending.append(rows)
 
     def _reduce(self, sums: _LayerSums) -> None:
-        """Add the layer's pending blocks to its sums: their per-row statistics meet the rows' geometry in one
-        float64 matmul for all of them."""
+        """Add the layer's pending blocks to its sums: their per-row statistics, in float64, meet the rows' geometry."""
         pending, sums.pending = sums.pending, []
         if not pending:
             return
@@ -316,7 +319,9 @@ class HeadMetricsReducer:
         statistics = torch.cat([rows.statistics for rows in pending], 1).double()  # "h q c"
         count = len(STATISTICS) - 1
         weighted = torch.cat([statistics[..., :count], statistics[..., count - 1:count].exp()], -1)  # STATISTICS
-        sums.row_sums += torch.matmul(weighted.reshape(weighted.shape[0], -1), geometry.row_weights).T
+        pair_statistics, pair_sums = (index.to(statistics.device) for index in _PAIR_INDEX)
+        by_statistic = torch.matmul(weighted.transpose(1, 2), geometry.row_weights)  # "h s q, q p -> h s p"
+        sums.row_sums.index_add_(0, pair_sums, by_statistic[:, pair_statistics, range(len(pair_statistics))].T)
         sums.totals += geometry.totals
         sums.column_steps.index_add_(1, geometry.column_index, geometry.column_steps)
         sums.pairs += torch.stack([rows.pairs for rows in pending]).double().sum(0).T

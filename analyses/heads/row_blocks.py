@@ -10,9 +10,9 @@ block) need a per-row `"q k"` matrix (distance and segment); every key before it
 every row of the block, so a `"k f"` matrix shared by all rows carries it (`features`).
 
 What the weights give per row and head is a few statistics (`"h q s"`, columns `STATISTICS`); every
-per-head sum over rows the metrics need is then one matmul of them (of every block of a layer) with per-row weights that hold
-the row's geometry (`RowBlock.row_weights`, `"q s o"`, outputs `ROW_SUMS`): which rows count, 1 / ln n_i,
-the uniform distance, the detector's exclusions.
+per-head sum over rows the metrics need (`ROW_SUMS`) is then a sum over rows of some of them, each times a
+weight per row that holds the row's geometry (`RowBlock.row_weights`, `"q p"` for the pairs of statistic and
+sum `ROW_WEIGHT_PAIRS`): which rows count, 1 / ln n_i, the uniform distance, the detector's exclusions.
 """
 
 from __future__ import annotations
@@ -42,6 +42,19 @@ ROW_SUMS = ("entropy", "norm_entropy", "effective_keys", "effective_keys_frac", 
             "segment_mass", "sink", "sink_no_first", "previous_token", "detector_total")
 # the sums over rows that need no weight (`RowBlock.totals`)
 UNIFORM_TOTALS = ("rows", "uniform_local", "uniform_block", "sink_rows", "sink_rows_no_first")
+# which statistic counts in which row sum, each with a weight per row (`RowBlock.row_weights`, `_row_weights`)
+ROW_WEIGHT_PAIRS = (
+    ("entropy", "entropy"), ("entropy", "norm_entropy"), ("exp_entropy", "effective_keys"),
+    ("exp_entropy", "effective_keys_frac"), ("peak", "max_weight"),
+    ("previous", "prev_token_mass"), ("previous", "local_mass"), ("current", "current_token_mass"),
+    ("current", "local_mass"), ("next", "next_token_mass"), ("next", "local_mass"),
+    ("far", "mean_distance"), ("far_distance", "mean_distance"), ("near_distance", "mean_distance"),
+    ("far", "distance_ratio"), ("far_distance", "distance_ratio"), ("near_distance", "distance_ratio"),
+    ("special", "special_mass"), ("far_segment", "segment_mass"), ("near_segment", "segment_mass"),
+    ("first", "sink"), ("first", "sink_no_first"),
+    ("previous", "previous_token"), ("all", "detector_total"), ("current", "detector_total"),
+    ("key_zero", "detector_total"),
+)
 
 
 def _on(values, device) -> torch.Tensor:
@@ -116,7 +129,7 @@ class RowBlock:
     right_corner: torch.Tensor  # float32 "q k" on the slice's last keys: 1 on cells after the row's range, else 0
     padding: torch.Tensor  # long: slice index of each padding key in the slice
     spread: torch.Tensor  # float32 [q]: rows with two or more keys (R), 1 or 0
-    row_weights: torch.Tensor  # float64 "q s o": statistic s of row i counts this much in sum o (`ROW_SUMS`)
+    row_weights: torch.Tensor  # float64 "q p": statistic s of row i counts this much in sum o, (s, o) = ROW_WEIGHT_PAIRS[p]
     totals: torch.Tensor  # float64 [5]: the sums over R that need no weight (`UNIFORM_TOTALS`)
     column_index: torch.Tensor  # long: lo and hi + 1 of the rows of R, where they start and stop seeing keys
     column_steps: torch.Tensor  # float64 [2, len(column_index)]: +-1 and +-1/n_i at those keys
@@ -131,8 +144,8 @@ class RowBlock:
     def sink_rows(self) -> torch.Tensor:
         """float64 `[2, q]`: the rows that see the sink column, and of those the ones that are not it (the
         row weights of the sink sums)."""
-        first = STATISTICS.index("first")
-        return self.row_weights[:, first, [ROW_SUMS.index("sink"), ROW_SUMS.index("sink_no_first")]].T
+        return self.row_weights[:, [ROW_WEIGHT_PAIRS.index(("first", "sink")),
+                                    ROW_WEIGHT_PAIRS.index(("first", "sink_no_first"))]].T
 
     @classmethod
     def build(cls, spec, layer: int, positions: torch.Tensor, sequence: SequenceIndex, width: int, device, *,
@@ -253,12 +266,12 @@ def _counted(rows, keys, lo, hi, key_stop: int, real, excluded) -> torch.Tensor:
 
 def _row_weights(spread, keys, uniform_distance, offset, in_first_segment, readable: dict, not_first, positions,
                  exclude_bos: bool, exclude_current_token: bool) -> torch.Tensor:
-    """float64 `"q s o"`: how much statistic s of each row counts in each sum o of `ROW_SUMS` (vectors over
+    """float64 `"q p"`: how much statistic s of each row counts in sum o, (s, o) = `ROW_WEIGHT_PAIRS[p]` (vectors over
     the rows in; `readable`: by name, 1 where a picked key is one of the row's keys and held)."""
-    weights = torch.zeros(len(spread), len(STATISTICS), len(ROW_SUMS), dtype=torch.float64)
+    weights = torch.zeros(len(spread), len(ROW_WEIGHT_PAIRS), dtype=torch.float64)
 
     def add(statistic: str, row_sum: str, weight: torch.Tensor) -> None:
-        weights[:, STATISTICS.index(statistic), ROW_SUMS.index(row_sum)] += weight
+        weights[:, ROW_WEIGHT_PAIRS.index((statistic, row_sum))] += weight
 
     add("entropy", "entropy", spread)
     add("entropy", "norm_entropy", spread / keys.log())
