@@ -16,6 +16,8 @@ from llm_heatmap.probes.stream import iter_parts
 from llm_heatmap.errors import InputError
 from llm_heatmap.models import ModelSpec
 from llm_heatmap.probes import AttentionCube, attendable_mask
+from llm_heatmap.probes.cube import StreamPart
+from llm_heatmap.probes.native_softmax import Products
 from eager_reference import eager_cube
 
 
@@ -228,6 +230,24 @@ def test_reducer_rejects_mixed_sequences_and_empty_input():
         HeadMetricsReducer().table()
     with pytest.raises(InputError, match="two"):
         head_metrics(make_cube(torch.ones(1, 2, 1, 1), make_spec()))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_stray_cell_counts_no_more_in_a_part_with_the_softmax_pass_products(window):
+    """A part from the capture's softmax pass carries its products (`part.stream.products`); the check then reads
+    the weights' mass on the cells no row may attend among the near keys (`RowBlock.near_holds_outside`). A
+    stray weight there must still be masked out, and the products, which counted it, left aside."""
+    cube = random_cube(make_spec(layers=1, heads=2, window=window), 12, seed=3)
+    clean = head_metrics(cube)
+    stray = cube.pattern.clone()
+    stray[0, 1, 8, 10] = 0.25
+    reducer = HeadMetricsReducer()
+    part = replace(cube, pattern=stray, stream=StreamPart(pass_index=0, row_start=0, row_stop=12, num_queries=12))
+    factors, weights = reducer.factors(part), stray[0]
+    products = Products(key_sums=tuple(torch.einsum("hqk,hfk->hqf", weights, c)[None] for c in factors.key_columns),
+                        row_sums=tuple(torch.einsum("gq,hqk->hgk", u, weights)[None] for u in factors.row_weights))
+    reducer.consume(replace(part, stream=replace(part.stream, products={reducer: products})))
+    pd.testing.assert_frame_equal(reducer.table(), clean)
 
 
 def _pattern_from_rows(rows):

@@ -75,8 +75,8 @@ from llm_heatmap.probes.stream import replay
 from llm_heatmap.analyses.bounds import METRIC_NORM_COLUMNS, METRIC_TABLE_COLUMNS
 from llm_heatmap.analyses.heads.head_detector import SCORE_COLUMNS
 from llm_heatmap.analyses.heads.patterns import classify_heads
-from llm_heatmap.analyses.heads.row_blocks import (ROW_SUMS, ROW_WEIGHT_PAIRS, STATISTICS, UNIFORM_TOTALS, RowBlock,
-                                                   SequenceIndex)
+from llm_heatmap.analyses.heads.row_blocks import (NEAR, ROW_SUMS, ROW_WEIGHT_PAIRS, STATISTICS, UNIFORM_TOTALS,
+                                                   RowBlock, SequenceIndex)
 from llm_heatmap.analyses.sequences import per_sequence
 
 SINK_THRESHOLD = 0.3
@@ -265,11 +265,13 @@ class HeadMetricsReducer:
         `"h q"`) where the capture recorded them, `terms` the weights' entropy terms and `products` (key sums
         `"h q f"`, row sums `"h g k"`) those of `factors` where it computed them."""
         weights = weights[..., block.key_start:block.key_stop].float()
-        if not block.outside_is_zero(weights):
+        near = self._near_sums(weights, block)
+        # with products, the weights are the capture's softmax: not negative
+        if not block.outside_is_zero(weights, near if products is not None else None):
             weights = weights * block.inside(weights.device)
             terms = products = None  # they are those of the weights before masking
+            near = self._near_sums(weights, block)
         heads = weights.shape[0]
-        near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
         if norms is not None:  # the norm-weighted sums ride on the same two passes over the block (h k f+2)
             value_norms, output_norms = norms
             by_weight, by_plogp_columns = (c[:, block.key_start:block.key_stop] for c in
@@ -285,7 +287,7 @@ class HeadMetricsReducer:
         columns = [
             by_features,
             weights.gather(-1, block.picks.expand(heads, -1, -1)),
-            torch.matmul(near, block.near_features).transpose(0, 1),  # "q h k, q k n -> h q n"
+            near[..., :NEAR.index("outside")],
             weights.amax(-1, keepdim=True) if terms is None else terms.peak[..., None],
         ]
         if norms is None:
@@ -306,6 +308,12 @@ class HeadMetricsReducer:
         if sums.pending and sums.pending[-1].statistics.shape[-1] != rows.statistics.shape[-1]:
             self._reduce(sums)  # blocks with and without value norms are reduced apart
         sums.pending.append(rows)
+
+    @staticmethod
+    def _near_sums(weights: torch.Tensor, block: RowBlock) -> torch.Tensor:
+        """`"h q n"`: the weights of the keys from the block's first row on times `block.near_features`."""
+        near = weights[..., block.near_start - block.key_start:].transpose(0, 1)  # q h k
+        return torch.matmul(near, block.near_features).transpose(0, 1)  # "q h k, q k n -> h q n"
 
     def _reduce(self, sums: _LayerSums) -> None:
         """Add the layer's pending blocks to its sums: their per-row statistics, in float64, meet the rows' geometry."""

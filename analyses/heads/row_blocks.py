@@ -28,6 +28,9 @@ from llm_heatmap.analyses.heads.patterns import segment_ids, special_token_mask
 # columns of `RowBlock.features`: every key, the keys before the block's first row, their distance to it,
 # those of them in its segment, special tokens
 FEATURES = ("all", "far", "far_distance", "far_segment", "special")
+# columns of `RowBlock.near_features`, over the keys from the block's first row on: |q_i - j| on the row's keys,
+# 1 on its keys in its segment, 1 on the cells it may not attend
+NEAR = ("distance", "segment", "outside")
 # columns of `RowBlock.picks`: the keys at q_i - 1, q_i, q_i + 1, the sink column, key 0
 PICKED = ("previous", "current", "next", "first", "key_zero")
 # per-row statistics of a block, `"h q s"`: the mass on each feature, the weight of each picked key, the
@@ -134,8 +137,8 @@ class RowBlock:
     column_index: torch.Tensor  # long: lo and hi + 1 of the rows of R, where they start and stop seeing keys
     column_steps: torch.Tensor  # float64 [2, len(column_index)]: +-1 and +-1/n_i at those keys
     features: torch.Tensor  # float32 "k f" over the slice, columns `FEATURES`; each column contiguous ("f k" in memory)
-    near_features: torch.Tensor  # float32 "q k n" on keys near_start:key_stop, 0 off the row's keys: |q_i - j|, and
-    # whether j is in the row's segment
+    near_features: torch.Tensor  # float32 "q k n" on keys near_start:key_stop, columns `NEAR`
+    near_holds_outside: bool  # every cell no row may attend is a near key (no left corner, no padding before them)
     picks: torch.Tensor  # long "q p": slice index of the keys `PICKED` (weighted 0 where not attendable)
     pair_rows: torch.Tensor  # long: the (row, slice index) cells of the duplicate-token pattern, then those
     pair_keys: torch.Tensor  # of the induction pattern, all attendable and counted by the head detector
@@ -170,7 +173,8 @@ class RowBlock:
         segment_first, segment_last = sequence.segment_first[positions], sequence.segment_last[positions]
         inside = (near[None, :] >= lo[:, None]) & (near[None, :] <= hi[:, None]) & sequence.real[near][None, :]
         near_segment = inside & (near[None, :] >= segment_first[:, None]) & (near[None, :] <= segment_last[:, None])
-        near_features = torch.stack([(positions[:, None] - near[None, :]).abs() * inside, near_segment], -1).float()
+        near_features = torch.stack([(positions[:, None] - near[None, :]).abs() * inside, near_segment, ~inside],
+                                    -1).float()
 
         targets = torch.stack([positions - 1, positions, positions + 1, torch.full_like(positions, sequence.first),
                                torch.zeros_like(positions)], -1)  # "q p", columns PICKED
@@ -194,6 +198,7 @@ class RowBlock:
                               (sees_first * not_first).sum()]).double()
         steps = torch.stack([torch.ones(len(lo)), 1 / n_safe])[:, spread]
         left, right = int(lo.max()), max(int(lo.max()), int(hi.min()) + 1)  # every row's range holds left..right-1
+        near_holds_outside = left <= key_start and right >= near_start and bool(sequence.real[key_start:near_start].all())
         return cls(
             lo=_on(lo, device), hi=_on(hi, device), key_start=key_start, key_stop=key_stop, near_start=near_start,
             left_corner=_on((keys[None, :left - key_start] < lo[:, None]).float(), device),
@@ -203,6 +208,7 @@ class RowBlock:
             column_index=_on(torch.cat([lo[spread], hi[spread] + 1]), device),
             column_steps=_on(torch.cat([steps, -steps], -1), device),
             features=_on(features.T.contiguous(), device).T, near_features=_on(near_features, device),
+            near_holds_outside=near_holds_outside,
             picks=_on((targets - key_start).clamp(0, key_stop - key_start - 1), device),
             pair_rows=_on(torch.cat([rows[duplicate_kept], rows[induction_kept]]), device),
             pair_keys=_on(torch.cat([duplicate[duplicate_kept], inductive[induction_kept]]) - key_start, device),
@@ -225,14 +231,18 @@ class RowBlock:
         inside = (keys[None, :] >= self.lo[:, None]) & (keys[None, :] <= self.hi[:, None])
         return inside.index_fill_(1, self.padding, False)
 
-    def outside_is_zero(self, weights: torch.Tensor) -> bool:
+    def outside_is_zero(self, weights: torch.Tensor, near_sums: torch.Tensor | None = None) -> bool:
         """Whether `weights` (`"h q k"` over the slice) are 0 on every cell no row may attend, checked
         only where such cells can be: the corners the ranges leave out and the padding keys.
 
         A corner is multiplied by its 0/1 mask, one pass instead of compare, and, any (the corner of a
         causal block is the square's upper triangle, a tenth of its cells). A NaN or infinite weight on a
         row's own keys also reads as not zero there (x 0 = NaN); the caller then masks, which leaves such
-        weights as they are."""
+        weights as they are. `near_sums`, the weights times `near_features` (`"h q n"`), may be given for
+        weights that cannot be negative (a softmax's): where every such cell is a near key, a row's mass on
+        them is then 0 only if each of them is."""
+        if near_sums is not None and self.near_holds_outside:
+            return not bool(near_sums[..., NEAR.index("outside")].any())
         left, right = self.left_corner.shape[1], self.right_corner.shape[1]
         found = []
         if left:
