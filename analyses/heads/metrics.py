@@ -87,9 +87,9 @@ NORM_COLUMNS = METRIC_NORM_COLUMNS
 # a row's statistics for the norm columns, after `STATISTICS` but exp_entropy: T = sum_j A_j n_j, sum_j A_j n_j ln n_j,
 # sum_j (A ln A)_j n_j and its output norm
 NORM_TERMS = ("norm_total", "norm_n_log_n", "norm_plogp", "output_norm")
-# the statistic and the row sum of each of `ROW_WEIGHT_PAIRS`, as indices
-_PAIR_INDEX = tuple(torch.tensor([names.index(pair[side]) for pair in ROW_WEIGHT_PAIRS])
-                    for side, names in enumerate((STATISTICS, ROW_SUMS)))
+# the statistic and the row sum of each of `ROW_WEIGHT_PAIRS`, and the pairs themselves, as indices
+_PAIR_INDEX = (*(torch.tensor([names.index(pair[side]) for pair in ROW_WEIGHT_PAIRS])
+                 for side, names in enumerate((STATISTICS, ROW_SUMS))), torch.arange(len(ROW_WEIGHT_PAIRS)))
 
 
 def _above_uniform(mass: torch.Tensor, uniform, rows) -> torch.Tensor:
@@ -327,9 +327,9 @@ class HeadMetricsReducer:
         statistics = torch.cat([rows.statistics for rows in pending], 1).double()  # "h q c"
         count = len(STATISTICS) - 1
         weighted = torch.cat([statistics[..., :count], statistics[..., count - 1:count].exp()], -1)  # STATISTICS
-        pair_statistics, pair_sums = (index.to(statistics.device) for index in _PAIR_INDEX)
+        pair_statistics, pair_sums, pairs = (index.to(statistics.device) for index in _PAIR_INDEX)
         by_statistic = torch.matmul(weighted.transpose(1, 2), geometry.row_weights)  # "h s q, q p -> h s p"
-        sums.row_sums.index_add_(0, pair_sums, by_statistic[:, pair_statistics, range(len(pair_statistics))].T)
+        sums.row_sums.index_add_(0, pair_sums, by_statistic[:, pair_statistics, pairs].T)
         sums.totals += geometry.totals
         sums.column_steps.index_add_(1, geometry.column_index, geometry.column_steps)
         sums.pairs += torch.stack([rows.pairs for rows in pending]).double().sum(0).T
