@@ -159,10 +159,6 @@ class Downsampler:
 
     takes_trimmed_parts = True
 
-    @property
-    def takes_value_norms(self) -> bool:
-        return self.weighting == "norms"
-
     def __init__(self, max_size: int, weighting: str = "weights"):
         if int(max_size) < 1:
             raise InputError(f"Downsampler max_size={max_size} must be at least 1.")
@@ -171,6 +167,10 @@ class Downsampler:
         self.max_size = int(max_size)
         self.weighting = weighting
         self._reset(None)
+
+    @property
+    def takes_value_norms(self) -> bool:
+        return self.weighting == "norms"
 
     def _reset(self, stream_pass) -> None:
         self._pass = stream_pass

@@ -234,7 +234,7 @@ class KernelCall:
 
     @classmethod
     def from_arguments(cls, module, kernel: str, query, key, mask, arguments: dict,
-                       scores_memory: ReusedMemory | None = None) -> "KernelCall":
+                       scores_memory: ReusedMemory) -> "KernelCall":
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise InputError(
                 f"attention kernel '{kernel}' got a {type(mask).__name__} mask, which llm-heatmap cannot read; "
@@ -260,7 +260,7 @@ class KernelCall:
             sinks=arguments.get("s_aux"),
             causal=causal,
             window=window,
-            scores_memory=scores_memory or ReusedMemory(),
+            scores_memory=scores_memory,
         )
 
     @property
