@@ -101,7 +101,7 @@ class _Block(ctypes.Structure):
                 ("column_groups", _size), ("columns", _pointer), ("columns_head_stride", _pointer),
                 ("columns_row_stride", _pointer), ("columns_count", _pointer), ("column_sums", _pointer),
                 ("row_groups", _size), ("row_weights", _pointer), ("row_weights_count", _pointer),
-                ("row_sums", _pointer)]
+                ("row_sums", _pointer), ("ruled", _size), ("diagonal", _size), ("causal", _size), ("window", _size)]
 
 
 @functools.cache
@@ -133,6 +133,16 @@ class Factors(NamedTuple):
 
     key_columns: tuple[torch.Tensor, ...] = ()  # "h f k" each (h may be expanded): sum_j p_ij c_fj
     row_weights: tuple[torch.Tensor, ...] = ()  # "g q" each: sum_i u_gi p_ij, per head
+
+
+class KeyRule(NamedTuple):
+    """The kernel's own causal and sliding-window rule over a block's keys, which the pass applies itself (no mask
+    filled into the scores): row i's own key is `diagonal + i`; causal rows see no later key, a window of w keys
+    only those less than w from it. Every row must see at least one key."""
+
+    diagonal: int
+    causal: bool
+    window: int | None = None
 
 
 class Products(NamedTuple):
@@ -174,14 +184,15 @@ def _addresses(kind, values) -> ctypes.Array:
 
 
 def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-            key_weights: torch.Tensor | None = None, factors: Factors = Factors()) -> NativeSoftmax | None:
+            key_weights: torch.Tensor | None = None, factors: Factors = Factors(),
+            rule: KeyRule | None = None) -> NativeSoftmax | None:
     """The softmax of float32 CPU `scores` `"b h q k"` and what `softmax_rows.c` gives with it, or None where the
     kernel is unavailable or does not apply (then use torch).
 
     `out`: where the probabilities go (`"b h q k"`, float32, keys contiguous: a cube's rows); `sinks`: a logit
     per head (`"h"`) that joins each row's normaliser; `key_weights`: `"h k"`, a second column of entropy sums
     weighted by them; `factors`: key columns and row weights to multiply the block by (these two for one
-    sequence only).
+    sequence only); `rule`: the keys each row may see, the rest weighted 0 whatever their scores.
     """
     kernel = _kernel()
     if kernel is None or scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.ndim != 4:
@@ -194,20 +205,23 @@ def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.
     batch, heads, rows, keys = scores.shape
     _check_shapes(heads, rows, keys, sinks, key_weights, factors)
     sinks = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
-    weights = None if key_weights is None else key_weights.detach().to("cpu", torch.float32)[:, :keys].contiguous()
+    weights = None if key_weights is None else key_weights.detach().to("cpu", torch.float32)[:, :keys]
+    weights = weights if weights is None or weights.stride(-1) == 1 else weights.contiguous()
     columns = [c.detach().to("cpu", torch.float32)[..., :keys] for c in factors.key_columns]
     columns = [c if c.stride(-1) == 1 else c.contiguous() for c in columns]
     row_weights = [u.detach().to("cpu", torch.float32).contiguous() for u in factors.row_weights]
     sums = scores.new_empty(batch, heads, rows, 1 if weights is None else 2)
     peaks = scores.new_empty(batch, heads, rows)
     key_sums = scores.new_empty(batch, heads, rows, sum(c.shape[1] for c in columns))
-    row_sums = [scores.new_zeros(batch, heads, u.shape[0], keys) for u in row_weights]
+    row_sums = [scores.new_empty(batch, heads, u.shape[0], keys) for u in row_weights]  # the pass zeroes them
     block = _Block(keys=keys, rows_per_head=rows,
                    sinks=None if sinks is None else sinks.data_ptr(), key_weights=None if weights is None else weights.data_ptr(),
                    weights_stride=0 if weights is None else weights.stride(0),
                    scores_head_stride=scores.stride(1), scores_row_stride=scores.stride(2),
                    probs_head_stride=probs.stride(1), probs_row_stride=probs.stride(2),
                    column_groups=len(columns), row_groups=len(row_weights))
+    if rule is not None:
+        block.ruled, block.diagonal, block.causal, block.window = 1, rule.diagonal, int(rule.causal), rule.window or 0
     arrays = [_addresses(_pointer, [c.data_ptr() for c in columns]), _addresses(_size, [c.stride(0) for c in columns]),
               _addresses(_size, [c.stride(1) for c in columns]), _addresses(_size, [c.shape[1] for c in columns]),
               _addresses(_pointer, [u.data_ptr() for u in row_weights]), _addresses(_size, [u.shape[0] for u in row_weights])]

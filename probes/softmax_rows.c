@@ -10,14 +10,19 @@
  *   sums[r][1] = sum_j p_j (s_j - m) w_j           (only with key weights, w: "h k")
  *   peaks[r]   = exp(m - M) / Z                    (the row's largest weight)
  *   column_sums[r][f] = sum_j p_j c_fj            (key columns c, group by group: "h f k" each)
- *   row_sums[h][g][j] += u_gi p_j                   (row weights u, group by group: "g q" each, into
+ *   row_sums[h][g][j] = sum_i u_gi p_ij             (row weights u, group by group: "g q" each, into
  *                                                    "h g k"; a call's rows must hold whole heads)
+ * With a key rule (the kernel's own causal and sliding-window rule, applied here instead of a mask
+ * filled into the scores), row i sees only keys first_i..stop_i - 1 around its diagonal key
+ * d_i = diagonal + i (its own position): causal, d_i - window < j <= d_i; without causality,
+ * d_i - window < j < d_i + window; every other key gets p_j = 0 and no score of it is read.
  * Key columns and row weights are what consumers would otherwise multiply the whole block by
  * afterwards, one more pass over it from memory each; here each row is still in the cache, and four
  * rows of a head are multiplied together, so that a column or a row sum is read once for the four.
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* exp(x) to about 1 ulp on [-87.3, 88.7] (Cephes' expf polynomial), 0 below: in plain C so that the
  * compiler vectorises the loops that call it without a vector math library. */
@@ -57,6 +62,7 @@ typedef struct {
     const float *const *row_weights;
     const int64_t *row_weights_count;
     float *const *row_sums;
+    int64_t ruled, diagonal, causal, window; /* the key rule, where `ruled` (window 0: none) */
 } Block;
 
 #define MAX_COLUMNS 64
@@ -112,6 +118,18 @@ static void products(const Block *b, const float *const *p, int64_t rows, int64_
     }
 }
 
+/* the keys first..stop - 1 a row of a head may see (every key without a rule) */
+static void key_range(const Block *b, int64_t within, int64_t *first, int64_t *stop) {
+    *first = 0, *stop = b->keys;
+    if (!b->ruled) return;
+    int64_t d = b->diagonal + within;
+    if (b->window) *first = d - b->window + 1 > 0 ? d - b->window + 1 : 0;
+    if (b->causal) *stop = d + 1;
+    else if (b->window) *stop = d + b->window;
+    if (*stop > b->keys) *stop = b->keys;
+    if (*first > *stop) *first = *stop;
+}
+
 void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
     int64_t columns = b->key_weights ? 2 : 1, keys = b->keys;
     int products_asked = b->column_groups > 0 || b->row_groups > 0;
@@ -123,6 +141,13 @@ void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
             products(b, waiting, count, first);
             count = 0;
         }
+        if (within == 0) /* its row sums start from 0 (its rows are all in this thread) */
+            for (int64_t group = 0; group < b->row_groups; group++) {
+                int64_t size = b->row_weights_count[group] * keys;
+                memset(b->row_sums[group] + head * size, 0, (size_t)size * sizeof(float));
+            }
+        int64_t lo, hi;
+        key_range(b, within, &lo, &hi);
         const float *s = b->scores + head * b->scores_head_stride + within * b->scores_row_stride;
         float *p = b->probs + head * b->probs_head_stride + within * b->probs_row_stride;
         const float *w = b->key_weights ? b->key_weights + head * b->weights_stride : 0;
@@ -130,13 +155,13 @@ void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
         float *sums = b->sums, *peaks = b->peaks;
         float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < keys; j++) m = s[j] > m ? s[j] : m;
+        for (int64_t j = lo; j < hi; j++) m = s[j] > m ? s[j] : m;
         float top = m;
         if (sinks && sinks[head] > top) top = sinks[head];
         float z = 0.0f, ed = 0.0f, edw = 0.0f;
         if (w) {
 #pragma omp simd reduction(+ : z, ed, edw)
-            for (int64_t j = 0; j < keys; j++) {
+            for (int64_t j = lo; j < hi; j++) {
                 float d = s[j] - top, e = exp_poly(d);
                 p[j] = e;
                 z += e;
@@ -145,7 +170,7 @@ void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
             }
         } else {
 #pragma omp simd reduction(+ : z, ed)
-            for (int64_t j = 0; j < keys; j++) {
+            for (int64_t j = lo; j < hi; j++) {
                 float d = s[j] - top, e = exp_poly(d);
                 p[j] = e;
                 z += e;
@@ -157,13 +182,15 @@ void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
         if (sinks) z += exp_poly(sinks[head] - top);
         float inverse = 1.0f / z;
 #pragma omp simd
-        for (int64_t j = 0; j < keys; j++) p[j] *= inverse;
+        for (int64_t j = lo; j < hi; j++) p[j] *= inverse;
+        if (lo > 0) memset(p, 0, (size_t)lo * sizeof(float));
+        if (hi < keys) memset(p + hi, 0, (size_t)(keys - hi) * sizeof(float));
         sums[row * columns] = (ed + shift * key_mass) * inverse;
         if (w) {
             float ew = 0.0f;
             if (shift != 0.0f) {
 #pragma omp simd reduction(+ : ew)
-                for (int64_t j = 0; j < keys; j++) ew += p[j] * w[j];
+                for (int64_t j = lo; j < hi; j++) ew += p[j] * w[j];
             }
             sums[row * columns + 1] = edw * inverse + shift * ew;
         }

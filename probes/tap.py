@@ -201,6 +201,11 @@ def stop_computing(module: nn.Module, computer: Callable) -> None:
         del _computers[module]
 
 
+def _floor(scores: torch.Tensor) -> float:
+    """The score a masked key gets: the lowest finite value, so that a row with every key masked stays finite."""
+    return torch.finfo(scores.dtype).min
+
+
 def _slice_mask(mask: torch.Tensor, heads: torch.Tensor, start: int, stop: int, num_keys: int) -> torch.Tensor:
     """A `"b h q k"` mask or bias (any of b, h, q may be 1 for broadcasting) cut to heads, rows and keys."""
     if mask.shape[1] > 1:
@@ -306,7 +311,7 @@ class KernelCall:
             scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if self.position_bias is not None:
             scores.add_(_slice_mask(self.position_bias, heads, start, stop, keys))
-        floor = torch.finfo(scores.dtype).min
+        floor = _floor(scores)
         mask = self.mask
         if mask is not None and mask.ndim == 2:  # flash kernels get the 2-D padding mask
             scores.masked_fill_(~mask[:, None, None, :keys].bool(), floor)
@@ -314,16 +319,16 @@ class KernelCall:
             scores.masked_fill_(~_slice_mask(mask, heads, start, stop, keys), floor)
         elif mask is not None:
             scores.add_(_slice_mask(mask, heads, start, stop, keys))
-        blocked = self._rule_mask(start, stop, keys, scores.device)
-        if blocked is not None:
-            first, blocked = blocked
-            scores[..., first:].masked_fill_(blocked, floor)
-        self._softmax_input, self._value_norms = scores, value_norms
+        rule = self._key_rule(start, rows, keys)
+        if rule is None:
+            self._fill_rule_mask(scores, start, stop, keys)
         sinks = None if self.sinks is None else self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
         into = out[..., :keys] if out is not None and out.dtype == torch.float32 and out.shape[-1] >= keys and not pad \
             else None  # straight into the caller's buffer (its rows of the cube): no second copy of the block
-        native = native_softmax.softmax(scores, into, sinks, value_norms, factors)
-        self._native = native
+        native = native_softmax.softmax(scores, into, sinks, value_norms, factors, rule)
+        if native is None and rule is not None:
+            self._fill_rule_mask(scores, start, stop, keys)
+        self._native, self._softmax_input, self._value_norms = native, scores, value_norms
         if native is not None:
             probs = native.probs
         elif sinks is not None:
@@ -366,7 +371,12 @@ class KernelCall:
         return None if self._native is None else self._native.products
 
     def _all_heads(self, heads: torch.Tensor) -> bool:
-        return len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())
+        """Whether `heads` are all the query heads in order, checked once per call for the tensor every row chunk passes."""
+        cached = getattr(self, "_all_heads_cache", None)
+        if cached is None or cached[0] is not heads:
+            every = len(heads) == self.query.shape[1] and bool((heads.cpu() == torch.arange(len(heads))).all())
+            cached = self._all_heads_cache = (heads, every)
+        return cached[1]
 
     def _scores_buffer(self, batch: int, heads: int, rows: int, keys: int) -> torch.Tensor:
         """An uninitialised `"b h q k"` tensor over `scores_memory`, which every row chunk of this call reuses (and
@@ -382,17 +392,41 @@ class KernelCall:
             cached = self._key_cache = (heads, self.key.index_select(1, torch.div(heads, group, rounding_mode="floor")))
         return cached[1]
 
+    def _window(self) -> int | None:
+        """The sliding window the kernel applies itself, where it leaves out any key."""
+        return self.window if self.window and self.num_keys > self.window else None
+
+    def _diagonal(self, start: int) -> int:
+        """The key index of row `start`'s own position."""
+        return start + (self.num_keys - self.num_queries if self.causal == "bottom_right" else 0)
+
+    def _key_rule(self, start: int, rows: int, keys: int) -> native_softmax.KeyRule | None:
+        """The kernel's causal/window rule for the native softmax to apply to rows start.. over `keys` keys, or None:
+        no rule, or one where a row could see no key at all (a mask, or a row whose own key is outside the block),
+        which the rule's mask filled into the scores handles as torch does."""
+        window = self._window()
+        diagonal = self._diagonal(start)
+        if (self.causal is None and window is None) or self.mask is not None or not 0 <= diagonal <= keys - rows:
+            return None
+        return native_softmax.KeyRule(diagonal, self.causal is not None, window)
+
+    def _fill_rule_mask(self, scores: torch.Tensor, start: int, stop: int, keys: int) -> None:
+        """Give the keys the kernel's own causal/window rule blocks the lowest score."""
+        blocked = self._rule_mask(start, stop, keys, scores.device)
+        if blocked is not None:
+            first, blocked = blocked
+            scores[..., first:].masked_fill_(blocked, _floor(scores))
+
     def _rule_mask(self, start: int, stop: int, keys: int, device) -> tuple[int, torch.Tensor] | None:
         """(first key, bool `"q k"` over keys first..keys-1): True where the kernel's own causal/window rule blocks a key.
 
         Keys before `first` are all allowed (without a window, a causal chunk only blocks keys
         after its first row's position), so the mask covers only the rest.
         """
-        window = self.window if self.window and self.num_keys > self.window else None
+        window = self._window()
         if self.causal is None and window is None:
             return None
-        offset = self.num_keys - self.num_queries if self.causal == "bottom_right" else 0
-        diagonal = start + offset  # key index of row `start`'s own position
+        diagonal = self._diagonal(start)
         first = min(keys, diagonal + 1) if self.causal is not None and window is None else 0
         ones = torch.ones(stop - start, keys - first, dtype=torch.bool, device=device)
         blocked = ones.triu(diagonal - first + 1 if self.causal is not None else diagonal - first + window)

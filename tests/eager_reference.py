@@ -1,4 +1,5 @@
-"""Cubes from eager `output_attentions=True` of a real model: the independent reference for captured patterns."""
+"""Cubes from eager `output_attentions=True` of a real model, and torch's softmax with sinks: the independent
+references for captured patterns."""
 
 from __future__ import annotations
 
@@ -24,3 +25,11 @@ def to_eager(model):
         if hasattr(module, "config"):
             module.config._attn_implementation = "eager"
     return model
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's softmax over the last axis, with `sinks` (broadcast to `"... 1"`) as one more logit per row that
+    joins the normaliser and is then dropped, as the kernels of families with attention sinks do."""
+    if sinks is None:
+        return torch.softmax(scores, -1)
+    return torch.softmax(torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1]

@@ -11,6 +11,7 @@ from llm_heatmap.analyses import HeadMetricsReducer, head_metrics
 from llm_heatmap.probes import AttentionCube, capture
 from llm_heatmap.probes import native_softmax
 from llm_heatmap.probes.entropy_terms import EntropyTerms
+from eager_reference import softmax_with_sinks
 from tiny_models import VOCAB, tiny_gpt_oss, tiny_model
 
 FLOOR = torch.finfo(torch.float32).min
@@ -22,17 +23,11 @@ def _direct(probs: torch.Tensor) -> torch.Tensor:
     return -torch.xlogy(probs, probs).sum(-1)
 
 
-def _reference(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    if sinks is None:
-        return torch.softmax(scores, -1)
-    return torch.softmax(torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1]
-
-
 def _terms(scores: torch.Tensor, path: str, sinks: torch.Tensor | None = None,
            key_weights: torch.Tensor | None = None) -> tuple[EntropyTerms, torch.Tensor]:
     """Terms and probabilities of rows `"... k"` (`sinks` `"... 1"`: one per row; `key_weights` `"... k"`)."""
     if path == "torch":
-        probs = _reference(scores, sinks)
+        probs = softmax_with_sinks(scores, sinks)
         weights = None if key_weights is None else key_weights.reshape(-1, scores.shape[-1])
         flat = EntropyTerms.from_scores(scores.reshape(1, -1, 1, scores.shape[-1]).clone(),
                                         probs.reshape(1, -1, 1, scores.shape[-1]), weights)
@@ -42,7 +37,7 @@ def _terms(scores: torch.Tensor, path: str, sinks: torch.Tensor | None = None,
             block, sinks=None if sinks is None else sinks.reshape(-1),
             key_weights=None if key_weights is None else key_weights.reshape(-1, scores.shape[-1]))
         flat = EntropyTerms(sums, peak)
-        torch.testing.assert_close(probs.reshape(scores.shape), _reference(scores, sinks), atol=1e-6, rtol=2e-6)
+        torch.testing.assert_close(probs.reshape(scores.shape), softmax_with_sinks(scores, sinks), atol=1e-6, rtol=2e-6)
         probs = probs.reshape(scores.shape)
     return EntropyTerms(flat.sums.reshape(*scores.shape[:-1], -1), flat.peak.reshape(scores.shape[:-1])), probs
 

@@ -14,15 +14,10 @@ from llm_heatmap.errors import InputError
 from llm_heatmap.probes import Downsampler, capture, downsample
 from llm_heatmap.probes import native_softmax
 from llm_heatmap.probes.entropy_terms import EntropyTerms
+from eager_reference import softmax_with_sinks
 from tiny_models import VOCAB, tiny_model
 
 FLOOR = torch.finfo(torch.float32).min
-
-
-def _reference(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    if sinks is None:
-        return torch.softmax(scores, -1)
-    return torch.softmax(torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], -1), -1)[..., :-1]
 
 
 @pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
@@ -38,7 +33,7 @@ def test_native_block_with_heads_sinks_value_norms_and_strided_rows(softmax_path
     into = cube[:, 1, :, 5:12, :keys]
     probs, sums, peak, _ = native_softmax.softmax(scores, into, sinks, norms)
     assert probs.data_ptr() == into.data_ptr()
-    expected = _reference(scores, sinks[None, :, None, None])
+    expected = softmax_with_sinks(scores, sinks[None, :, None, None])
     torch.testing.assert_close(into, expected, atol=1e-6, rtol=2e-6)
     untouched = cube.clone()
     untouched[:, 1, :, 5:12, :keys] = 7.0
@@ -118,12 +113,60 @@ def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, th
         result = native_softmax.softmax(scores, factors=factors).products
     finally:
         torch.set_num_threads(saved)
-    probs = _reference(scores)
+    probs = softmax_with_sinks(scores)
     torch.testing.assert_close(result.key_sums[0], torch.einsum("bhqk,fk->bhqf", probs, shared), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(result.key_sums[1], torch.einsum("bhqk,hfk->bhqf", probs, per_head), atol=1e-5, rtol=1e-5)
     assert len(result.row_sums) == (2 if with_row_weights else 0)
     for sums, weights in zip(result.row_sums, (bins, spread)):
         torch.testing.assert_close(sums, torch.einsum("gq,bhqk->bhgk", weights, probs), atol=1e-6, rtol=1e-5)
+
+
+def _rule_allowed(rows: int, keys: int, rule: native_softmax.KeyRule) -> torch.Tensor:
+    """bool "q k", written out from the kernels' rule: row i's own key is d = diagonal + i; causal rows see j <= d,
+    a window of w keys only |j - d| < w."""
+    d = torch.arange(rows)[:, None] + rule.diagonal
+    j = torch.arange(keys)[None, :]
+    allowed = j <= d if rule.causal else torch.ones(rows, keys, dtype=torch.bool)
+    return allowed & ((d - j).abs() < rule.window) if rule.window else allowed
+
+
+@pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
+@pytest.mark.parametrize("rule", [native_softmax.KeyRule(29, True), native_softmax.KeyRule(0, True),
+                                  native_softmax.KeyRule(25, True, 6), native_softmax.KeyRule(10, False, 7)],
+                         ids=["causal", "causal-first-block", "causal-window", "bidirectional-window"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_key_rule_applied_in_the_pass_equals_the_rule_filled_into_the_scores(softmax_path, rule, threads):
+    """The kernel's causal / window rule applied by the pass (no score of a blocked key read: they hold NaN here)
+    against the same pass over scores with the rule filled in as the lowest score, as `KernelCall` does without
+    it: probabilities (also against torch), entropy sums with value norms, largest weights and the products,
+    with a sink; twice, so that the second call's row sums land in memory the first one's left behind."""
+    generator = torch.Generator().manual_seed(21)
+    heads, rows, keys = 3, 11, 40
+    scores = torch.randn(1, heads, rows, keys, generator=generator) * 4
+    allowed = _rule_allowed(rows, keys, rule)
+    sinks, norms = torch.randn(heads, generator=generator), torch.rand(heads, keys, generator=generator)
+    bins = torch.nn.functional.one_hot(torch.arange(rows) // 4).T.float()
+    factors = native_softmax.Factors(key_columns=(torch.randn(heads, 3, keys, generator=generator),),
+                                     row_weights=(bins,))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(2):
+            ruled = native_softmax.softmax(scores.masked_fill(~allowed, float("nan")), sinks=sinks, key_weights=norms,
+                                           factors=factors, rule=rule)
+            filled = native_softmax.softmax(scores.masked_fill(~allowed, FLOOR), sinks=sinks, key_weights=norms,
+                                            factors=factors)
+            torch.testing.assert_close(ruled.probs, filled.probs, atol=1e-7, rtol=1e-6)
+            assert (ruled.probs[..., ~allowed] == 0).all()
+            torch.testing.assert_close(ruled.probs, softmax_with_sinks(scores.masked_fill(~allowed, float("-inf")),
+                                                                       sinks[None, :, None, None]), atol=1e-6, rtol=2e-6)
+            for got, expected in [(ruled.sums, filled.sums), (ruled.peaks, filled.peaks),
+                                  *zip(ruled.products.key_sums, filled.products.key_sums),
+                                  *zip(ruled.products.row_sums, filled.products.row_sums)]:
+                torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+            del ruled, filled
+    finally:
+        torch.set_num_threads(saved)
 
 
 class _ProductsRecorder:
