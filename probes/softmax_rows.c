@@ -14,8 +14,8 @@
  *                                                    "h g k"; a call's rows must hold whole heads)
  * With a key rule (the kernel's own causal and sliding-window rule, applied here instead of a mask
  * filled into the scores), row i sees only keys first_i..stop_i - 1 around its diagonal key
- * d_i = diagonal + i (its own position): causal, d_i - window < j <= d_i; without causality,
- * d_i - window < j < d_i + window; every other key gets p_j = 0 and no score of it is read.
+ * d_i = diagonal + i (its own position): causal, j <= d_i (and j > d_i - window with a window);
+ * without causality, |j - d_i| < window; every other key gets p_j = 0 and no score of it is read.
  * Key columns and row weights are what consumers would otherwise multiply the whole block by
  * afterwards, one more pass over it from memory each; here each row is still in the cache, and four
  * rows of a head are multiplied together, so that a column or a row sum is read once for the four.
