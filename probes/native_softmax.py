@@ -179,6 +179,13 @@ def _check_shapes(heads: int, rows: int, keys: int, sinks, key_weights, factors:
                          f"{'; '.join(wrong)}; a consumer's factors must cover the part it was given.")
 
 
+def _over_keys(tensor: torch.Tensor, keys: int) -> torch.Tensor:
+    """`tensor`'s first `keys` keys (last axis) as float32 on the CPU, keys contiguous, as the C loop reads them: a
+    copy only where they are not already (its other axes keep their strides)."""
+    tensor = tensor.detach().to("cpu", torch.float32)[..., :keys]
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def _addresses(kind, values) -> ctypes.Array:
     return (kind * max(1, len(values)))(*values)
 
@@ -205,10 +212,8 @@ def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.
     batch, heads, rows, keys = scores.shape
     _check_shapes(heads, rows, keys, sinks, key_weights, factors)
     sinks = None if sinks is None else sinks.detach().to("cpu", torch.float32).contiguous()
-    weights = None if key_weights is None else key_weights.detach().to("cpu", torch.float32)[:, :keys]
-    weights = weights if weights is None or weights.stride(-1) == 1 else weights.contiguous()
-    columns = [c.detach().to("cpu", torch.float32)[..., :keys] for c in factors.key_columns]
-    columns = [c if c.stride(-1) == 1 else c.contiguous() for c in columns]
+    weights = None if key_weights is None else _over_keys(key_weights, keys)
+    columns = [_over_keys(c, keys) for c in factors.key_columns]
     row_weights = [u.detach().to("cpu", torch.float32).contiguous() for u in factors.row_weights]
     sums = scores.new_empty(batch, heads, rows, 1 if weights is None else 2)
     peaks = scores.new_empty(batch, heads, rows)
