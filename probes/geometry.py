@@ -167,22 +167,36 @@ def edges_index(edges) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(edges) - 1), edges.diff())
 
 
+def bin_width(edges) -> int | None:
+    """The width of every bin, where all are equally wide (`n` a multiple of the bin count), else None."""
+    widths = {stop - start for start, stop in zip(edges[:-1], edges[1:])}
+    return widths.pop() if len(widths) == 1 else None
+
+
 def pool_sums(values: torch.Tensor, row_bins: torch.Tensor, num_row_bins: int, key_bins: torch.Tensor,
-              num_key_bins: int) -> torch.Tensor:
+              num_key_bins: int, key_width: int | None = None) -> torch.Tensor:
     """`"... q k -> ... a b"`: the sum of every (row bin, key bin) block; `row_bins`/`key_bins` give
     each row's and key's bin (rows may be a block of the axis, with their bins).
 
     Whole rows are added into their bins first (contiguous, fast), so the key axis, whose bins are
-    gathered column by column, is pooled on the already pooled rows only.
+    gathered column by column, is pooled on the already pooled rows only (`pool_keys`, `key_width`).
     """
     shape = values.shape[:-2]
     rows = values.new_zeros(*shape, num_row_bins, values.shape[-1]).index_add_(-2, row_bins.to(values.device), values)
-    return pool_keys(rows, key_bins, num_key_bins)
+    return pool_keys(rows, key_bins, num_key_bins, key_width)
 
 
-def pool_keys(values: torch.Tensor, key_bins: torch.Tensor, num_key_bins: int) -> torch.Tensor:
-    """`"... k -> ... b"`: the sum over the keys of each key bin (`key_bins`: each key's bin)."""
-    return values.new_zeros(*values.shape[:-1], num_key_bins).index_add_(-1, key_bins.to(values.device), values)
+def pool_keys(values: torch.Tensor, key_bins: torch.Tensor, num_key_bins: int, width: int | None = None) -> torch.Tensor:
+    """`"... k -> ... b"`: the sum over the keys of each key bin (`key_bins`: each key's bin); `width`: the width of
+    every bin where all are equal (`bin_width`), which sums the bins as one matrix product (twice as fast as the
+    scatter), the last one possibly cut short."""
+    if width is None:
+        return values.new_zeros(*values.shape[:-1], num_key_bins).index_add_(-1, key_bins.to(values.device), values)
+    whole = values.shape[-1] // width
+    pooled = values[..., :whole * width].unflatten(-1, (whole, width)) @ values.new_ones(width)  # "... (b w), w -> ... b"
+    if whole < num_key_bins:
+        pooled = torch.cat([pooled, values[..., whole * width:].sum(-1, keepdim=True)], -1)
+    return pooled
 
 
 def area_pool(values: torch.Tensor, row_edges, key_edges, row_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,7 +207,7 @@ def area_pool(values: torch.Tensor, row_edges, key_edges, row_weights: torch.Ten
     # unweighted float32 values are pooled as they are: no copy of a cube that may fill most of the memory
     weighted = values if row_weights is None and values.dtype == torch.float32 else \
         values.float() * weights.to(values.device)[:, None]
-    sums = pool_sums(weighted, row_bins, len(row_edges) - 1, key_bins, len(key_edges) - 1)
+    sums = pool_sums(weighted, row_bins, len(row_edges) - 1, key_bins, len(key_edges) - 1, bin_width(key_edges))
     totals = torch.zeros(len(row_edges) - 1).index_add_(0, row_bins, weights)
     return sums / totals.clamp(min=1e-30).to(sums.device)[:, None]
 

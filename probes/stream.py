@@ -183,8 +183,11 @@ class Downsampler:
     def factors(self, part: AttentionCube) -> native_softmax.Factors:
         """The part's rows summed per row bin, for the capture to do in the softmax's pass (`CubeConsumer`)."""
         start, stop = self._bins(part)
-        row_bins = self._row_bins[start:stop] - int(self._row_bins[start])
-        return native_softmax.Factors(row_weights=(torch.nn.functional.one_hot(row_bins).T.float(),))
+        one_hot = self._row_bin_weights.get((start, stop))
+        if one_hot is None:  # every layer's block of these rows asks for the same
+            row_bins = self._row_bins[start:stop] - int(self._row_bins[start])
+            one_hot = self._row_bin_weights[start, stop] = torch.nn.functional.one_hot(row_bins).T.float()
+        return native_softmax.Factors(row_weights=(one_hot,))
 
     def _bins(self, part: AttentionCube) -> tuple[int, int]:
         """The part's rows (`row_start`, `row_stop`), once the bins of its pass are set."""
@@ -199,6 +202,8 @@ class Downsampler:
             self._key_edges = geometry.bin_edges(part.num_keys, self.max_size)
             self._row_bins = geometry.edges_index(self._row_edges)
             self._key_bins = geometry.edges_index(self._key_edges)
+            self._row_bin_list, self._key_width = self._row_bins.tolist(), geometry.bin_width(self._key_edges)
+            self._row_bin_weights = {}
             self._bins_on_device = (self._row_bins.to(part.pattern.device), self._key_bins.to(part.pattern.device))
             self._positions = torch.zeros(info.num_queries, dtype=torch.long)
             self._query_mask = torch.zeros(info.num_queries, dtype=torch.bool)
@@ -221,7 +226,7 @@ class Downsampler:
                                                    device=device)
         keys = min(part.pattern.shape[-1], part.num_keys if info.key_stop is None else info.key_stop)
         # only the bins this block of rows and its computed keys fall into
-        first_bin, last_bin = int(self._row_bins[start]), int(self._row_bins[stop - 1])
+        first_bin, last_bin = self._row_bin_list[start], self._row_bin_list[stop - 1]
         key_bin_count = int(self._key_bins[keys - 1]) + 1
         row_bins, key_bins = self._bins_on_device
         norms = None
@@ -233,12 +238,12 @@ class Downsampler:
         if pooled is not None:  # the rows summed per bin in the softmax's pass; n_j is per key, so it comes after
             rows = pooled.row_sums[0][0, ..., :keys]
             rows = rows if norms is None else rows * norms
-            block = geometry.pool_keys(rows, key_bins[:keys], key_bin_count)
+            block = geometry.pool_keys(rows, key_bins[:keys], key_bin_count, self._key_width)
         else:
             values = part.pattern[0, ..., :keys].detach().float()
             values = values if norms is None else values * norms
             block = geometry.pool_sums(values, row_bins[start:stop] - first_bin, last_bin - first_bin + 1,
-                                       key_bins[:keys], key_bin_count)
+                                       key_bins[:keys], key_bin_count, self._key_width)
         sums[:, first_bin:last_bin + 1, :key_bin_count] += block
 
     def finish(self) -> None:

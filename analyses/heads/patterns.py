@@ -38,6 +38,9 @@ block_score >= 0.25; otherwise `heterogeneous`. The checks run in that order.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
 import re
 import unicodedata
 
@@ -67,11 +70,13 @@ def _core(token: str) -> str:
     return text.strip(" \t")
 
 
+@functools.lru_cache(maxsize=2**16)  # a prompt repeats its tokens, and a capture asks once per prompt
 def is_control_token(token: str) -> bool:
     core = _core(token)
     return core in KNOWN_SPECIAL_TOKENS or bool(_CONTROL.match(core))
 
 
+@functools.lru_cache(maxsize=2**16)
 def is_special_token(token: str) -> bool:
     """True for control tokens ([CLS], <s>, ...) and pure-punctuation tokens (see module doc)."""
     core = _core(token)
@@ -85,6 +90,7 @@ def special_token_mask(tokens) -> torch.Tensor:
     return torch.tensor([is_special_token(t) for t in tokens], dtype=torch.bool)
 
 
+@functools.lru_cache(maxsize=2**16)
 def _is_separator(token: str, after_content: bool) -> bool:
     raw = str(token)
     core = _core(token)
@@ -98,7 +104,8 @@ def _is_separator(token: str, after_content: bool) -> bool:
 def segment_ids(tokens) -> torch.Tensor:
     """long `[k]`: sentence/[SEP] segment of each token (module docstring)."""
     control = [is_control_token(t) for t in tokens]
-    after_content = [not all(control[:i]) for i in range(len(tokens))]
+    # whether some token before each one is not a control token
+    after_content = list(itertools.accumulate((not c for c in control), operator.or_, initial=False))
     separator = torch.tensor([_is_separator(t, c) for t, c in zip(tokens, after_content)], dtype=torch.bool)
     if len(separator) == 0:
         return torch.zeros(0, dtype=torch.long)
