@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -42,6 +43,7 @@ VARIANTS = (("-fopenmp", "-march=native", "-mprefer-vector-width=512"), ("-fopen
             ("-fopenmp-simd", "-march=native"), ("-fopenmp-simd",))
 MIN_ROWS_PER_THREAD = 16
 MAX_KEY_COLUMNS = 64  # softmax_rows.c's MAX_COLUMNS: key columns of all groups together
+MAX_ROW_GROUPS = 64  # softmax_rows.c's MAX_GROUPS
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -119,7 +121,7 @@ def _kernel():
             raise NativeUnavailable(f"LLM_HEATMAP_NATIVE=1 but the native softmax is unavailable ({error}); install a C "
                                     "compiler (cc, or set CC) or unset LLM_HEATMAP_NATIVE to use torch's softmax.") from error
         return None
-    function.argtypes = [ctypes.POINTER(_Block), _size, _size, _size]
+    function.argtypes = [ctypes.POINTER(_Block), _size, _size]
     function.restype = None
     return function
 
@@ -171,6 +173,8 @@ def _check_shapes(heads: int, rows: int, keys: int, sinks, key_weights, factors:
             wrong.append(f"key columns {tuple(columns.shape)} (needs ({heads}, f, >= {keys}))")
     if sum(columns.shape[1] for columns in factors.key_columns if columns.ndim == 3) > MAX_KEY_COLUMNS:
         wrong.append(f"more than {MAX_KEY_COLUMNS} key columns in all")
+    if len(factors.row_weights) > MAX_ROW_GROUPS:
+        wrong.append(f"more than {MAX_ROW_GROUPS} groups of row weights")
     for weights in factors.row_weights:
         if weights.ndim != 2 or weights.shape[1] != rows:
             wrong.append(f"row weights {tuple(weights.shape)} (needs (g, {rows}))")
@@ -234,13 +238,13 @@ def softmax(scores: torch.Tensor, out: torch.Tensor | None = None, sinks: torch.
                             "row_weights_count"), arrays):
         setattr(block, name, ctypes.cast(array, _pointer))
     total = heads * rows
-    unit = rows if row_weights else 1  # rows that add into one head's row sums stay in one thread
-    threads = max(1, min(torch.get_num_threads(), total // max(unit, MIN_ROWS_PER_THREAD)))
+    threads = max(1, min(torch.get_num_threads(), total // MIN_ROWS_PER_THREAD))
     for item in range(batch):
         item_sums = _addresses(_pointer, [r[item].data_ptr() for r in row_sums])
         block.scores, block.probs = scores[item].data_ptr(), probs[item].data_ptr()
         block.sums, block.peaks, block.column_sums = sums[item].data_ptr(), peaks[item].data_ptr(), key_sums[item].data_ptr()
         block.row_sums = ctypes.cast(item_sums, _pointer)
-        kernel(ctypes.byref(block), total, unit, threads)
-    key_sums = tuple(key_sums.split([c.shape[1] for c in columns], -1)) if columns else ()
+        kernel(ctypes.byref(block), total, threads)
+    starts = [0, *itertools.accumulate(c.shape[1] for c in columns)]
+    key_sums = tuple(key_sums[..., start:stop] for start, stop in zip(starts, starts[1:]))
     return NativeSoftmax(probs, sums, peaks, Products(key_sums, tuple(row_sums)))

@@ -22,6 +22,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* exp(x) to about 1 ulp on [-87.3, 88.7] (Cephes' expf polynomial), 0 below: in plain C so that the
@@ -66,6 +67,7 @@ typedef struct {
 } Block;
 
 #define MAX_COLUMNS 64
+#define MAX_GROUPS 64 /* row weight groups */
 #define ROWS 4 /* rows of one head multiplied together: each column and row sum is read once for all of them */
 
 /* sum_j p_i[j] c_f[j] for up to four rows i and four columns f, each read once for all sixteen sums (a row
@@ -91,8 +93,9 @@ static void four_by_four(const float *const *p, int64_t rows, const float *const
         for (int64_t f = 0; f < count; f++) out[i * stride + f] = sums[i][f];
 }
 
-/* the products of `rows` consecutive rows of one head, the first of them `first` (their probabilities p) */
-static void products(const Block *b, const float *const *p, int64_t rows, int64_t first) {
+/* the products of `rows` consecutive rows of one head, the first of them `first` (their probabilities p); row sums
+ * are added into `head_sums`, the head's "g k" of each row weight group */
+static void products(const Block *b, const float *const *p, int64_t rows, int64_t first, float *const *head_sums) {
     int64_t head = first / b->rows_per_head, within = first % b->rows_per_head;
     const float *columns[MAX_COLUMNS];
     int64_t total = 0;
@@ -111,7 +114,7 @@ static void products(const Block *b, const float *const *p, int64_t rows, int64_
             const float *u = b->row_weights[group] + g * b->rows_per_head + within;
             float u0 = u[0], u1 = rows > 1 ? u[1] : 0.0f, u2 = rows > 2 ? u[2] : 0.0f, u3 = rows > 3 ? u[3] : 0.0f;
             if (u0 == 0.0f && u1 == 0.0f && u2 == 0.0f && u3 == 0.0f) continue;
-            float *into = b->row_sums[group] + (head * count + g) * b->keys;
+            float *into = head_sums[group] + g * b->keys;
 #pragma omp simd
             for (int64_t j = 0; j < b->keys; j++) into[j] += u0 * p0[j] + u1 * p1[j] + u2 * p2[j] + u3 * p3[j];
         }
@@ -130,21 +133,27 @@ static void key_range(const Block *b, int64_t within, int64_t *first, int64_t *s
     if (*first > *stop) *first = *stop;
 }
 
-void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
+/* Rows row_start..row_stop - 1. Where the first of them is not its head's first row, another range holds the head's
+ * first rows and fills its row sums: this range's share of them goes to `shared` ("g k" of each group, one after
+ * another) for the caller to add. */
+static void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop, float *shared) {
     int64_t columns = b->key_weights ? 2 : 1, keys = b->keys;
     int products_asked = b->column_groups > 0 || b->row_groups > 0;
     const float *waiting[ROWS]; /* rows of one head whose products are not done yet, from `first` on */
+    float *head_sums[MAX_GROUPS]; /* where the current head's row sums go */
     int64_t first = row_start, count = 0;
     for (int64_t row = row_start; row < row_stop; row++) {
         int64_t head = row / b->rows_per_head, within = row % b->rows_per_head;
         if (count && within == 0) { /* a new head */
-            products(b, waiting, count, first);
+            products(b, waiting, count, first, head_sums);
             count = 0;
         }
-        if (within == 0) /* its row sums start from 0 (its rows are all in this thread) */
-            for (int64_t group = 0; group < b->row_groups; group++) {
+        if (within == 0 || row == row_start) /* the head's row sums in this range start from 0 */
+            for (int64_t group = 0, offset = 0; group < b->row_groups; group++) {
                 int64_t size = b->row_weights_count[group] * keys;
-                memset(b->row_sums[group] + head * size, 0, (size_t)size * sizeof(float));
+                head_sums[group] = within == 0 ? b->row_sums[group] + head * size : shared + offset;
+                memset(head_sums[group], 0, (size_t)size * sizeof(float));
+                offset += size;
             }
         int64_t lo, hi;
         key_range(b, within, &lo, &hi);
@@ -199,19 +208,36 @@ void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop) {
         if (!count) first = row;
         waiting[count++] = p;
         if (count == ROWS) {
-            products(b, waiting, count, first);
+            products(b, waiting, count, first, head_sums);
             count = 0;
         }
     }
-    if (count) products(b, waiting, count, first);
+    if (count) products(b, waiting, count, first, head_sums);
 }
 
 /* Every row of a block, over OpenMP's threads: built with -fopenmp, the library takes the libgomp that
- * torch has already loaded (same soname), so these are torch's own intra-op threads. A unit of rows
- * stays in one thread (a head's rows where they add into row sums). */
-void softmax_block(const Block *b, int64_t rows, int64_t unit, int64_t threads) {
-    int64_t units = rows / unit, parts = threads < units ? threads : units;
-    /* one contiguous range of units per thread, so that its rows of one head are multiplied together */
-#pragma omp parallel for schedule(static) num_threads(threads) if (parts > 1)
-    for (int64_t t = 0; t < parts; t++) softmax_rows(b, units * t / parts * unit, units * (t + 1) / parts * unit);
+ * torch has already loaded (same soname), so these are torch's own intra-op threads. The rows are cut into
+ * `threads` equal ranges, whatever the heads (9 heads on 2 threads as 4 and 5 left one thread idle a ninth
+ * of the time); a head cut in two adds the later range's share of its row sums after the others. */
+void softmax_block(const Block *b, int64_t rows, int64_t threads) {
+    int64_t per_head = 0; /* floats of a head's row sums, all groups */
+    for (int64_t group = 0; group < b->row_groups; group++) per_head += b->row_weights_count[group] * b->keys;
+    float *shared = per_head && threads > 1 ? malloc((size_t)(threads * per_head) * sizeof(float)) : 0;
+    if (per_head && threads > 1 && !shared) threads = 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t t = 0; t < threads; t++)
+        softmax_rows(b, rows * t / threads, rows * (t + 1) / threads, shared ? shared + t * per_head : 0);
+    for (int64_t t = 1; t < threads && shared; t++) {
+        int64_t start = rows * t / threads;
+        if (start % b->rows_per_head == 0 || start >= rows) continue;
+        const float *from = shared + t * per_head;
+        for (int64_t group = 0; group < b->row_groups; group++) {
+            int64_t size = b->row_weights_count[group] * b->keys;
+            float *into = b->row_sums[group] + start / b->rows_per_head * size;
+#pragma omp simd
+            for (int64_t j = 0; j < size; j++) into[j] += from[j];
+            from += size;
+        }
+    }
+    free(shared);
 }

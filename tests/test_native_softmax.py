@@ -90,15 +90,17 @@ def test_a_required_native_softmax_that_cannot_be_built_says_why(monkeypatch, tm
 
 
 @pytest.mark.parametrize("softmax_path", ["native"], indirect=True)
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("heads, rows", [(3, 11), (1, 50)])
 @pytest.mark.parametrize("with_row_weights", [True, False])
-def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, threads, with_row_weights):
+def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, threads, heads, rows, with_row_weights):
     """Key columns shared by every head (an expanded "f k") and per head, and two groups of row weights (rows may
-    count in several groups, or none), against einsum; with two threads each head's rows stay in one thread where
-    they add into row sums, and without row weights a thread's rows begin inside a head. 11 rows a head: the C
-    loop multiplies four rows of a head at a time, so heads end on a partial four."""
+    count in several groups, or none), against einsum. The rows are cut into equal ranges, one a thread (at least
+    16 rows each): with two or three threads a range begins inside a head (3 x 11 rows: head 1 at its sixth row;
+    1 x 50: the head is cut in three), which adds its share of the head's row sums after the others. 11 rows a head:
+    the C loop multiplies four rows of a head at a time, so heads end on a partial four."""
     generator = torch.Generator().manual_seed(14)
-    heads, rows, keys = 3, 11, 40
+    keys = 40
     scores = torch.randn(1, heads, rows, keys, generator=generator) * 4
     scores[..., 33:] = FLOOR
     shared = torch.randn(2, keys, generator=generator) * torch.arange(keys)
