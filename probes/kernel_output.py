@@ -13,6 +13,8 @@ from torch import nn
 
 from llm_heatmap.errors import InputError
 
+from .group_matmul import group_matmul
+
 
 def check_computable(module: nn.Module, arguments: dict) -> None:
     """Refuse a kernel call whose output the pattern alone does not give (dropout while training)."""
@@ -40,6 +42,6 @@ def write_block(output: torch.Tensor, probs: torch.Tensor, value: torch.Tensor, 
     batch, heads, rows, keys = probs.shape
     groups = value.shape[1]
     values = value[:, :, :keys].float()
-    block = torch.matmul(probs.reshape(batch, groups, -1, keys), values)  # "b g (r q) d"
+    block = group_matmul(probs.reshape(batch, groups, -1, keys), values)  # "b g (r q) d"
     block = block.view(batch, heads, rows, -1).transpose(1, 2)  # "b q h d"
     output[:, start:stop] = block.to(output.dtype)

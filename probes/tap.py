@@ -29,6 +29,7 @@ from llm_heatmap.errors import InputError
 
 from . import native_softmax
 from .entropy_terms import EntropyTerms
+from .group_matmul import group_matmul
 from .reused_memory import ReusedMemory
 
 _MISSING = object()
@@ -303,7 +304,7 @@ class KernelCall:
             # the query heads of a KV group share its keys: one matmul per KV head with the group's rows
             # stacked ("b (g r) q d -> b g (r q) d"), which a small block of rows needs to keep the matmul fast
             kv = self.key[:, :, :keys]
-            torch.matmul(q.reshape(batch, kv.shape[1], -1, q.shape[-1]), kv.transpose(-1, -2),
+            group_matmul(q.reshape(batch, kv.shape[1], -1, q.shape[-1]), kv.transpose(-1, -2),
                          out=scores.view(batch, kv.shape[1], -1, keys))
         else:
             torch.matmul(q.index_select(1, heads), self._keys(heads)[:, :, :keys].transpose(-1, -2), out=scores)

@@ -106,6 +106,21 @@ def test_bins_are_the_one_rule():
     assert len(sizes) == 256 and set(sizes) <= {3, 4}
 
 
+@pytest.mark.parametrize("keys", [48, 45, 5])
+def test_equal_bins_are_summed_as_the_scatter_sums_them(keys):
+    """`pool_keys` with the bins' one width (a product with ones) against the scatter over each key's bin, on the
+    first `keys` of 48 keys in 12 bins of 4: every bin, the last one cut short, one bin and a part."""
+    from llm_heatmap.probes.geometry import bin_width, edges_index, pool_keys
+
+    edges = bin_edges(48, 12)
+    assert bin_width(edges) == 4 and bin_width(bin_edges(50, 12)) is None
+    values = torch.rand(2, 3, 48, generator=torch.Generator().manual_seed(5))[..., :keys]
+    bins, count = edges_index(edges)[:keys], -(-keys // 4)
+    scattered = torch.zeros(2, 3, count).index_add_(-1, bins, values)
+    torch.testing.assert_close(pool_keys(values, bins, count, bin_width(edges)), scattered)
+    torch.testing.assert_close(pool_keys(values, bins, count), scattered)
+
+
 def random_cube(tokens: int, layers: int, heads: int, window: int | None) -> AttentionCube:
     model = ModelSpec(model_type="toy", architecture="Toy", num_layers=layers, num_heads=heads, num_kv_heads=heads,
                       head_dim=4, causal=True, layer_types=("sliding_attention",) * layers, sliding_window=window)
