@@ -309,15 +309,13 @@ class Probe:
             for start, stop, delivered in blocks:
                 rows = buffer[:, slot, :, start - first_row : stop - first_row] if self.keep and delivered else None
                 # the softmax goes straight into the cube's rows where both are on one device and hold every head,
-                # else into memory every block reuses
-                if rows is not None and len(heads) == len(self.heads) and rows.device == query.device:
-                    into = rows
-                else:
-                    into = self._streamed.view((batch, len(heads), stop - start, call.block_keys(stop)), torch.float32,
-                                               query.device)
+                # else over the block's scores (the native softmax) or into memory every block reuses (torch's)
+                direct = rows is not None and len(heads) == len(self.heads) and rows.device == query.device
+                into = rows if direct else self._streamed.view(
+                    (batch, len(heads), stop - start, call.block_keys(stop)), torch.float32, query.device)
                 request = self._factors(call, layer, heads, start, stop, first_row, positions, keys, side, rows, into) \
                     if delivered else None
-                block = call.pattern(heads, start, stop, pad=False, out=into,
+                block = call.pattern(heads, start, stop, pad=False, out=into, in_place=not direct,
                                      value_norms=norms if delivered else None,
                                      factors=native_softmax.Factors() if request is None else request.factors())
                 terms = call.entropy_terms(block) if self._entropy_terms and delivered else None

@@ -283,7 +283,7 @@ class KernelCall:
 
     def pattern(self, heads: torch.Tensor, start: int, stop: int, pad: bool = True,
                 out: torch.Tensor | None = None, value_norms: torch.Tensor | None = None,
-                factors: native_softmax.Factors = native_softmax.Factors()) -> torch.Tensor:
+                factors: native_softmax.Factors = native_softmax.Factors(), in_place: bool = False) -> torch.Tensor:
         """fp32 attention probabilities `"b h q k"` of query rows `start:stop` for the given heads.
 
         softmax((q * scaling) k^T, softcapped, + position bias, + mask) with each query head
@@ -292,7 +292,9 @@ class KernelCall:
         are left out (they are 0); the caller fills them. `out` (fp32 `"b h q k"`, with pad=False): where
         the probabilities are written, returned as its first keys. `value_norms` (`"h k"`, for `heads`): the
         second column of this block's `entropy_terms`; `factors`: what the native softmax multiplies the block
-        by in its pass (`products()`).
+        by in its pass (`products()`). `in_place`: the native softmax writes the probabilities over the block's
+        scores (`scores_memory`, which the next block reuses), and `out` is for torch's softmax only: a block then
+        takes one buffer instead of two (pages of `out` that nothing writes are never faulted in).
         """
         all_heads = self._all_heads(heads)
         heads = heads.to(self.query.device)
@@ -326,7 +328,7 @@ class KernelCall:
         sinks = None if self.sinks is None else self.sinks.to(scores.device).index_select(0, heads).to(scores.dtype)
         into = out[..., :keys] if out is not None and out.dtype == torch.float32 and out.shape[-1] >= keys and not pad \
             else None  # straight into the caller's buffer (its rows of the cube): no second copy of the block
-        native = native_softmax.softmax(scores, into, sinks, value_norms, factors, rule)
+        native = native_softmax.softmax(scores, scores if in_place else into, sinks, value_norms, factors, rule)
         if native is None and rule is not None:
             self._fill_rule_mask(scores, start, stop, keys)
         self._native, self._softmax_input, self._value_norms = native, scores, value_norms

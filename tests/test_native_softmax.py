@@ -123,6 +123,28 @@ def test_key_columns_and_row_weights_are_multiplied_in_the_pass(softmax_path, th
         torch.testing.assert_close(sums, torch.einsum("gq,bhqk->bhgk", weights, probs), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("softmax_path", ["native", "torch"], indirect=True)
+def test_a_block_in_place_is_written_over_its_scores_and_leaves_out_untouched(softmax_path):
+    """`KernelCall.pattern(in_place=True)`, as a streaming capture calls it: the native softmax writes the block over
+    its scores (the call's scores memory) and never touches `out`; torch's writes into `out`. Both equal the
+    block computed out of place."""
+    from llm_heatmap.probes.tap import KernelCall
+
+    generator = torch.Generator().manual_seed(8)
+    query, key = torch.randn(1, 4, 9, 8, generator=generator), torch.randn(1, 2, 9, 8, generator=generator)
+    call = KernelCall(query=query, key=key, mask=None, scaling=0.3, causal="top_left")
+    heads = torch.arange(4)
+    expected = call.pattern(heads, 3, 7, pad=False).clone()
+    out = torch.full((1, 4, 4, 7), float("nan"))
+    got = call.pattern(heads, 3, 7, pad=False, out=out, in_place=True)
+    torch.testing.assert_close(got, expected)
+    scores = call.scores_memory.view((1, 4, 4, 7), torch.float32, "cpu")
+    if softmax_path == "native":
+        assert got.data_ptr() == scores.data_ptr() and out.isnan().all()
+    else:
+        assert got.data_ptr() == out.data_ptr()
+
+
 def _rule_allowed(rows: int, keys: int, rule: native_softmax.KeyRule) -> torch.Tensor:
     """bool "q k", written out from the kernels' rule: row i's own key is d = diagonal + i; causal rows see j <= d,
     a window of w keys only |j - d| < w."""
