@@ -3,7 +3,8 @@
  * the largest weight. Built at first use by probes/native_softmax.py; it links nothing.
  *
  * Rows are those of one sequence's "(h q) k" block: row r is row r % rows_per_head of head
- * r / rows_per_head, at head * head_stride + (r % rows_per_head) * row_stride floats. With
+ * r / rows_per_head, at head * head_stride + (r % rows_per_head) * row_stride floats; the
+ * probabilities may be written over the scores (each score is read before its weight is written). With
  * m the row's largest score, M = max(m, the head's sink logit) and e_j = exp(s_j - M):
  *   p_j = e_j / Z,  Z = sum_j e_j (+ exp(sink - M))
  *   sums[r][0] = sum_j p_j (s_j - m)               (<= 0)
@@ -11,7 +12,7 @@
  *   peaks[r]   = exp(m - M) / Z                    (the row's largest weight)
  *   column_sums[r][f] = sum_j p_j c_fj            (key columns c, group by group: "h f k" each)
  *   row_sums[h][g][j] = sum_i u_gi p_ij             (row weights u, group by group: "g q" each, into
- *                                                    "h g k"; a call's rows must hold whole heads)
+ *                                                    "h g k"; softmax_block's rows hold whole heads)
  * With a key rule (the kernel's own causal and sliding-window rule, applied here instead of a mask
  * filled into the scores), row i sees only keys first_i..stop_i - 1 around its diagonal key
  * d_i = diagonal + i (its own position): causal, j <= d_i (and j > d_i - window with a window);

@@ -239,7 +239,8 @@ def test_factors_that_do_not_cover_the_block_are_refused_before_the_loop_reads_t
     for factors in (native_softmax.Factors(key_columns=(torch.ones(3, 2, 9),)),
                     native_softmax.Factors(key_columns=(torch.ones(2, 2, 10),)),
                     native_softmax.Factors(row_weights=(torch.ones(1, 5),)),
-                    native_softmax.Factors(key_columns=(torch.ones(3, 40, 10), torch.ones(3, 25, 10)))):
+                    native_softmax.Factors(key_columns=(torch.ones(3, 40, 10), torch.ones(3, 25, 10))),
+                    native_softmax.Factors(row_weights=(torch.ones(1, 4),) * 65)):
         with pytest.raises(InputError, match="must cover the part"):
             native_softmax.softmax(scores, factors=factors)
     with pytest.raises(InputError, match=r"key weights \(3, 9\)"):

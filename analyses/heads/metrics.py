@@ -302,7 +302,7 @@ class HeadMetricsReducer:
             column = products.row_sums[0][:, 0, block.key_start:block.key_stop]
         else:
             column = torch.matmul(block.spread, weights)  # "q, h q k -> h k"
-        sums.column[:, block.key_start:block.key_stop] += column.double()
+        sums.column[:, block.key_start:block.key_stop].add_(column)  # float32 added into float64
         rows = _BlockRows(block, torch.cat(columns, -1), weights[:, block.pair_rows, block.pair_keys] @ block.pair_kinds,
                           None if norms is None else value_norms)
         if sums.pending and sums.pending[-1].statistics.shape[-1] != rows.statistics.shape[-1]:
