@@ -1,3 +1,6 @@
+"""`group_matmul`: one matrix product per KV group with several threads, the batched call with one; both equal
+torch.matmul."""
+
 import pytest
 import torch
 
