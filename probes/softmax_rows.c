@@ -122,6 +122,9 @@ static void products(const Block *b, const float *const *p, int64_t rows, int64_
     }
 }
 
+/* floats of one head's row sums of a row weight group ("g k") */
+static int64_t group_floats(const Block *b, int64_t group) { return b->row_weights_count[group] * b->keys; }
+
 /* the keys first..stop - 1 a row of a head may see (every key without a rule) */
 static void key_range(const Block *b, int64_t within, int64_t *first, int64_t *stop) {
     *first = 0, *stop = b->keys;
@@ -151,7 +154,7 @@ static void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop, fl
         }
         if (within == 0 || row == row_start) /* the head's row sums in this range start from 0 */
             for (int64_t group = 0, offset = 0; group < b->row_groups; group++) {
-                int64_t size = b->row_weights_count[group] * keys;
+                int64_t size = group_floats(b, group);
                 head_sums[group] = within == 0 ? b->row_sums[group] + head * size : shared + offset;
                 memset(head_sums[group], 0, (size_t)size * sizeof(float));
                 offset += size;
@@ -222,7 +225,7 @@ static void softmax_rows(const Block *b, int64_t row_start, int64_t row_stop, fl
  * of the time); a head cut in two adds the later range's share of its row sums after the others. */
 void softmax_block(const Block *b, int64_t rows, int64_t threads) {
     int64_t per_head = 0; /* floats of a head's row sums, all groups */
-    for (int64_t group = 0; group < b->row_groups; group++) per_head += b->row_weights_count[group] * b->keys;
+    for (int64_t group = 0; group < b->row_groups; group++) per_head += group_floats(b, group);
     float *shared = per_head && threads > 1 ? malloc((size_t)(threads * per_head) * sizeof(float)) : 0;
     if (per_head && threads > 1 && !shared) threads = 1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
@@ -233,7 +236,7 @@ void softmax_block(const Block *b, int64_t rows, int64_t threads) {
         if (start % b->rows_per_head == 0 || start >= rows) continue;
         const float *from = shared + t * per_head;
         for (int64_t group = 0; group < b->row_groups; group++) {
-            int64_t size = b->row_weights_count[group] * b->keys;
+            int64_t size = group_floats(b, group);
             float *into = b->row_sums[group] + start / b->rows_per_head * size;
 #pragma omp simd
             for (int64_t j = 0; j < size; j++) into[j] += from[j];

@@ -185,7 +185,7 @@ class Downsampler:
         start, stop = self._bins(part)
         one_hot = self._row_bin_weights.get((start, stop))
         if one_hot is None:  # every layer's block of these rows asks for the same
-            row_bins = self._row_bins[start:stop] - int(self._row_bins[start])
+            row_bins = self._row_bins[start:stop] - self._row_bin_list[start]
             one_hot = self._row_bin_weights[start, stop] = torch.nn.functional.one_hot(row_bins).T.float()
         return native_softmax.Factors(row_weights=(one_hot,))
 
