@@ -63,10 +63,10 @@ def test_automatic_chunking_past_the_threshold(gemma3, monkeypatch):
 
 
 def test_long_rows_are_chunked_at_least_min_rows_at_a_time_within_the_bound(monkeypatch):
-    """SmolLM2's shape: 8 MiB is 113 rows at 2,048 keys, 28 at 8,192 (then MIN_CHUNK_ROWS, 31.5 MiB), 14 at
+    """SmolLM2's shape: 16 MiB is 227 rows at 2,048 keys, 56 at 8,192 (then MIN_CHUNK_ROWS, 31.5 MiB), 28 at
     16,384 (then the 32 MiB bound: 56 rows)."""
     per_row = lambda keys: 9 * keys * 4
-    assert stream.auto_chunk_rows(1, 9, 2048, 2048) == stream.CHUNK_BYTES // per_row(2048) == 113
+    assert stream.auto_chunk_rows(1, 9, 2048, 2048) == stream.CHUNK_BYTES // per_row(2048) == 227
     assert stream.auto_chunk_rows(1, 9, 8192, 8192) == stream.MIN_CHUNK_ROWS == 112
     assert stream.auto_chunk_rows(1, 9, 16384, 16384) == stream.MAX_CHUNK_BYTES // per_row(16384) == 56
     assert stream.auto_chunk_rows(1, 9, 8192, 40) == 40  # never more rows than there are
