@@ -29,9 +29,9 @@ from .cube_schema import SIDE_TENSORS
 # small steps, a thread's share of the products) costs more than the cache saves; above that many bytes the
 # cache loses more (SmolLM2, streaming Downsampler + metrics computed, two threads, 56 / 112 rows: 1.68x / 1.42x
 # the plain forward at 4,096 tokens, 1.73x / 1.58x at 8,192; at 16,384, 8 layers, 56 rows (32 MiB) 1.80x,
-# 112 (64 MiB) 1.89x; at 2,048 tokens, two threads, 227 rows (16 MiB) 1.33x against 113 rows (8 MiB) 1.55x, the
-# same at one thread: the consumers' steps per block are halved while q k^T, softmax and P V cost the same;
-# README "Benchmarks").
+# 112 (64 MiB) 1.89x; at 2,048 tokens, two threads, 227 rows (16 MiB) 1.33x against 113 rows (8 MiB) 1.55x, one
+# thread 1.36x against 1.38x: half as many blocks halve the consumers' steps around them, while q k^T, softmax and
+# P V of a layer cost the same; README "Benchmarks").
 CHUNK_BYTES = 16 * 2**20
 MIN_CHUNK_ROWS = 112
 MAX_CHUNK_BYTES = 32 * 2**20
